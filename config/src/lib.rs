@@ -1,0 +1,18 @@
+//! Typed iotgw configuration, loaded with figment: defaults -> TOML file -> `IOTGW_*`
+//! environment (`__` between levels, e.g. `IOTGW_API__LISTEN=0.0.0.0:8080`).
+//!
+//! # Layout
+//! - [`model`]: the config structs (the public contract: every field documented,
+//!   unknown keys refused).
+//! - [`load`]: loading, every problem collected at once with its key path, its source and
+//!   a fix.
+//! - [`validate`]: the checks that serde cannot express (references, addresses, templates).
+//!
+//! This crate knows the shape of each provider's settings but nothing of how they run.
+
+pub mod load;
+pub mod model;
+pub mod validate;
+
+pub use load::{load, ConfigError, LoadOptions, Problem};
+pub use model::*;

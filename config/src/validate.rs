@@ -1,0 +1,472 @@
+//! Checks serde cannot express: cross references, addresses, templates, limits.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::load::Problem;
+use crate::model::*;
+
+fn p(path: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Problem {
+    Problem {
+        path: path.into(),
+        message: message.into(),
+        fix: fix.into(),
+        source: None,
+    }
+}
+
+/// Whether `listen` is a loopback address (or `localhost:PORT`).
+pub fn is_loopback_listen(listen: &str) -> bool {
+    if let Ok(addr) = listen.parse::<SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    listen
+        .strip_prefix("localhost:")
+        .is_some_and(|port| port.parse::<u16>().is_ok())
+}
+
+/// Every problem serde could not see. `built_kinds` are the provider kinds compiled in.
+pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
+    let mut out = Vec::new();
+
+    // api
+    let listen_ok = c.api.listen.parse::<SocketAddr>().is_ok() || is_loopback_listen(&c.api.listen);
+    if !listen_ok {
+        out.push(p(
+            "api.listen",
+            format!("`{}` is not an address with a port", c.api.listen),
+            "write HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
+        ));
+    } else if !is_loopback_listen(&c.api.listen) && c.api.token.is_none() {
+        out.push(p(
+            "api.token",
+            format!(
+                "the API listens on non-loopback `{}` without a bearer token",
+                c.api.listen
+            ),
+            "set api.token (or IOTGW_API__TOKEN), or listen on 127.0.0.1",
+        ));
+    }
+    if let Some(t) = &c.api.token {
+        if t.expose().len() < 16 {
+            out.push(p(
+                "api.token",
+                "the bearer token is shorter than 16 characters",
+                "use a random token of at least 16 characters (e.g. `openssl rand -hex 24`)",
+            ));
+        }
+    }
+
+    // store
+    if c.store.path.trim().is_empty() {
+        out.push(p(
+            "store.path",
+            "the SQLite path is empty",
+            "give a file path, e.g. data/iotgw.db",
+        ));
+    }
+
+    // pipeline
+    if c.pipeline.debounce_window_secs == 0 || c.pipeline.debounce_window_secs > 86_400 {
+        out.push(p(
+            "pipeline.debounce_window_secs",
+            format!("{} is outside 1..=86400", c.pipeline.debounce_window_secs),
+            "use a window in seconds; Field Service uses 60 (60..180 in its action)",
+        ));
+    }
+    for (i, f) in c.pipeline.debounce_fields.iter().enumerate() {
+        if !(f == "rule" || f == "alert_type" || f.starts_with('/')) {
+            out.push(p(
+                format!("pipeline.debounce_fields[{i}]"),
+                format!("`{f}` is not a debounce field"),
+                "use `rule`, `alert_type` or a JSON pointer such as `/sensor`",
+            ));
+        }
+    }
+    if c.pipeline.queue_capacity == 0 {
+        out.push(p(
+            "pipeline.queue_capacity",
+            "0 would stall every provider",
+            "use at least 1 (default 1024)",
+        ));
+    }
+
+    // providers
+    for (name, prov) in &c.providers {
+        let base = format!("providers.{name}");
+        if !valid_name(name) {
+            out.push(p(
+                &base,
+                format!("instance name `{name}` is not valid"),
+                "use 1-64 characters from a-z 0-9 _ -",
+            ));
+        }
+        if !built_kinds.contains(&prov.kind()) {
+            out.push(p(
+                format!("{base}.kind"),
+                format!("provider kind `{}` is not built in this binary (built: {})", prov.kind(), built_kinds.join(", ")),
+                format!("rebuild with `--features {}` once that provider is available, or use one of: {}", prov.kind(), built_kinds.join(", ")),
+            ));
+        }
+        if let ProviderConfig::Mqtt(m) = prov {
+            validate_mqtt(&base, m, &mut out);
+        }
+    }
+
+    // routing
+    let known = |n: &str| c.providers.contains_key(n);
+    let names = c.providers.keys().cloned().collect::<Vec<_>>().join(", ");
+    match &c.routing.default {
+        Some(d) if !known(d) => out.push(p(
+            "routing.default",
+            format!("provider `{d}` is not configured"),
+            format!("name one of: {names}"),
+        )),
+        None if c.providers.len() > 1 && c.routing.rules.is_empty() => out.push(p(
+            "routing.default",
+            "several providers and no routing: new devices would have nowhere to go",
+            format!("set routing.default to one of: {names}"),
+        )),
+        _ => {}
+    }
+    for (i, r) in c.routing.rules.iter().enumerate() {
+        let base = format!("routing.rules[{i}]");
+        if !known(&r.provider) {
+            out.push(p(
+                format!("{base}.provider"),
+                format!("provider `{}` is not configured", r.provider),
+                format!("name one of: {names}"),
+            ));
+        }
+        if r.category.is_none() && r.tag.is_none() && r.id_pattern.is_none() {
+            out.push(p(
+                &base,
+                "the rule has no matcher and would take every device",
+                "add category, tag or id_pattern, or use routing.default",
+            ));
+        }
+        if let Some(pat) = &r.id_pattern {
+            if pat.is_empty()
+                || pat.chars().any(|ch| {
+                    !(ch.is_ascii_alphanumeric() || matches!(ch, ':' | '_' | '-' | '*' | '?'))
+                })
+            {
+                out.push(p(
+                    format!("{base}.id_pattern"),
+                    format!("`{pat}` is not a device id glob"),
+                    "use device id characters (A-Z a-z 0-9 : _ -) with * and ?",
+                ));
+            }
+        }
+        if r.tag
+            .as_deref()
+            .is_some_and(|t| t.is_empty() || t.starts_with('='))
+        {
+            out.push(p(
+                format!("{base}.tag"),
+                "empty tag key",
+                "write `key` or `key=value`",
+            ));
+        }
+    }
+
+    // rules
+    for (name, r) in &c.rules {
+        let base = format!("rules.{name}");
+        if !r.pointer.is_empty() && !r.pointer.starts_with('/') {
+            out.push(p(
+                format!("{base}.pointer"),
+                format!("`{}` is not a JSON pointer", r.pointer),
+                format!("start it with `/`, e.g. `/{}`", r.pointer),
+            ));
+        }
+        if r.op != CompareOp::Exists && r.value.is_none() {
+            out.push(p(
+                format!("{base}.value"),
+                format!("`{:?}` needs a value to compare with", r.op).to_lowercase(),
+                "add value = <number, string or boolean>",
+            ));
+        }
+        if matches!(
+            r.op,
+            CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le
+        ) && r.value.as_ref().is_some_and(|v| !v.is_number())
+        {
+            out.push(p(
+                format!("{base}.value"),
+                "ordering comparisons need a number",
+                "give a number, or use eq/ne for strings",
+            ));
+        }
+        if ![
+            "anomaly",
+            "info",
+            "preventive maintenance",
+            "preventivemaintenance",
+            "preventive_maintenance",
+            "test",
+        ]
+        .contains(&r.alert_type.to_ascii_lowercase().as_str())
+        {
+            out.push(p(
+                format!("{base}.alert_type"),
+                format!("`{}` is not a Field Service alert type", r.alert_type),
+                "use Anomaly, Info, Preventive Maintenance or Test",
+            ));
+        }
+        if r.description.trim().is_empty() {
+            out.push(p(
+                format!("{base}.description"),
+                "empty description",
+                "describe the alert; {device_id}, {value} and {rule} are filled in",
+            ));
+        }
+        if r.priority.is_some_and(|x| x > 100) {
+            out.push(p(
+                format!("{base}.priority"),
+                "priority score above 100",
+                "use 0..=100",
+            ));
+        }
+        if let Some(cmd) = &r.command {
+            if cmd.name.trim().is_empty() {
+                out.push(p(
+                    format!("{base}.command.name"),
+                    "empty command name",
+                    "name the command the device expects",
+                ));
+            }
+            let size = serde_json::to_string(&cmd.parameters)
+                .map(|s| s.len())
+                .unwrap_or(0);
+            if size > 8000 {
+                out.push(p(
+                    format!("{base}.command.parameters"),
+                    format!("{size} bytes of parameters would not fit msdyn_message (8192)"),
+                    "send less",
+                ));
+            }
+        }
+    }
+
+    // sinks
+    for (name, s) in &c.sinks {
+        let base = format!("sinks.{name}");
+        if !valid_name(name) {
+            out.push(p(
+                &base,
+                format!("sink name `{name}` is not valid"),
+                "use 1-64 characters from a-z 0-9 _ -",
+            ));
+        }
+        match s {
+            SinkConfig::Stdout(_) => {}
+            SinkConfig::File(f) if f.path.trim().is_empty() => out.push(p(
+                format!("{base}.path"),
+                "empty path",
+                "give a file to append JSON lines to",
+            )),
+            SinkConfig::File(_) => {}
+            SinkConfig::Webhook(w) => {
+                if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+                    || w.url.len() < 10
+                {
+                    out.push(p(
+                        format!("{base}.url"),
+                        format!("`{}` is not an http(s) URL", w.url),
+                        "give e.g. https://app.example.com/iot/alerts",
+                    ));
+                }
+                if w.backoff_min_ms == 0 || w.backoff_min_ms > w.backoff_max_ms {
+                    out.push(p(
+                        format!("{base}.backoff_min_ms"),
+                        "backoff_min_ms must be above 0 and not above backoff_max_ms",
+                        "e.g. backoff_min_ms = 200, backoff_max_ms = 30000",
+                    ));
+                }
+                if w.timeout_ms == 0 {
+                    out.push(p(
+                        format!("{base}.timeout_ms"),
+                        "a zero timeout fails every request",
+                        "use e.g. 5000",
+                    ));
+                }
+            }
+        }
+    }
+
+    // embedded broker
+    if c.embedded_broker.enabled {
+        match c.embedded_broker.host.parse::<IpAddr>() {
+            Ok(ip) if ip.is_loopback() => {}
+            _ => out.push(p(
+                "embedded_broker.host",
+                format!("`{}` is not a loopback address", c.embedded_broker.host),
+                "the embedded broker has no authentication: keep it on 127.0.0.1",
+            )),
+        }
+    }
+    if c.simulate.devices > 0 && c.routing.default.is_none() {
+        out.push(p(
+            "simulate.devices",
+            "simulated devices need routing.default to register on",
+            "set routing.default",
+        ));
+    }
+    if c.simulate.devices > 10_000 {
+        out.push(p(
+            "simulate.devices",
+            "more than 10000 simulated devices",
+            "use at most 10000",
+        ));
+    }
+    out
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-')
+}
+
+fn validate_mqtt(base: &str, m: &MqttConfig, out: &mut Vec<Problem>) {
+    if m.host.trim().is_empty() {
+        out.push(p(
+            format!("{base}.host"),
+            "empty broker host",
+            "give the broker's host name or address",
+        ));
+    }
+    if m.port == 0 {
+        out.push(p(
+            format!("{base}.port"),
+            "port 0",
+            "give the broker's port, usually 1883 (8883 with TLS)",
+        ));
+    }
+    for (key, t) in [
+        ("telemetry_topic", &m.telemetry_topic),
+        ("status_topic", &m.status_topic),
+        ("command_topic", &m.command_topic),
+        ("reply_topic", &m.reply_topic),
+        ("reported_topic", &m.reported_topic),
+    ] {
+        let levels: Vec<&str> = t.split('/').collect();
+        let whole = levels.iter().filter(|l| **l == "{device_id}").count();
+        if whole != 1 || t.matches("{device_id}").count() != 1 {
+            out.push(p(
+                format!("{base}.{key}"),
+                format!("`{t}` must contain `{{device_id}}` exactly once, as a whole topic level"),
+                "e.g. devices/{device_id}/telemetry",
+            ));
+        }
+        if t.contains('+') || t.contains('#') || t.starts_with('$') {
+            out.push(p(
+                format!("{base}.{key}"),
+                format!("`{t}` holds a wildcard or a `$` prefix"),
+                "use a plain topic with {device_id} as one level",
+            ));
+        }
+    }
+    if m.shared_group.contains(['/', '+', '#']) {
+        out.push(p(
+            format!("{base}.shared_group"),
+            "a shared group name cannot hold / + #",
+            "use a plain name such as iotgw, or empty to disable sharing",
+        ));
+    }
+    if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms {
+        out.push(p(
+            format!("{base}.reconnect_min_ms"),
+            "must be above 0 and not above reconnect_max_ms",
+            "e.g. 100 and 10000",
+        ));
+    }
+    if m.keep_alive_secs < 5 {
+        out.push(p(
+            format!("{base}.keep_alive_secs"),
+            "keep-alive below 5 s",
+            "use 5 or more (default 30)",
+        ));
+    }
+    if m.password.is_some() && m.username.is_none() {
+        out.push(p(
+            format!("{base}.username"),
+            "a password without a user name",
+            "set username too",
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_api_without_token_is_refused() {
+        let mut c = Config::embedded_default();
+        c.api.listen = "0.0.0.0:8080".into();
+        let probs = validate(&c, &["mqtt"]);
+        assert!(probs.iter().any(|x| x.path == "api.token"), "{probs:?}");
+        c.api.token = Some(Secret::new("0123456789abcdef0123"));
+        assert!(validate(&c, &["mqtt"]).is_empty());
+    }
+
+    #[test]
+    fn loopback_detection_accepts_ipv4_ipv6_and_localhost() {
+        assert!(is_loopback_listen("127.0.0.1:1"));
+        assert!(is_loopback_listen("[::1]:8080"));
+        assert!(is_loopback_listen("localhost:8080"));
+        assert!(!is_loopback_listen("0.0.0.0:8080"));
+    }
+
+    #[test]
+    fn topic_templates_need_device_id_as_a_whole_level() {
+        let mut c = Config::embedded_default();
+        if let Some(ProviderConfig::Mqtt(m)) = c.providers.get_mut("local") {
+            m.telemetry_topic = "devices/x{device_id}/t".into();
+            m.command_topic = "devices/+/{device_id}".into();
+        }
+        let probs = validate(&c, &["mqtt"]);
+        assert!(
+            probs
+                .iter()
+                .any(|x| x.path == "providers.local.telemetry_topic"),
+            "{probs:?}"
+        );
+        assert!(
+            probs
+                .iter()
+                .any(|x| x.path == "providers.local.command_topic"),
+            "{probs:?}"
+        );
+    }
+
+    #[test]
+    fn routing_must_name_configured_providers_and_have_matchers() {
+        let mut c = Config::embedded_default();
+        c.routing.rules.push(RouteRule {
+            provider: "ghost".into(),
+            ..RouteRule::default()
+        });
+        let probs = validate(&c, &["mqtt"]);
+        assert!(probs.iter().any(|x| x.path == "routing.rules[0].provider"));
+        assert!(probs.iter().any(|x| x.path == "routing.rules[0]"));
+    }
+
+    #[test]
+    fn rules_need_values_of_the_right_type() {
+        let mut c = Config::embedded_default();
+        let r = c.rules.get_mut("high_temperature").expect("sample rule");
+        r.value = Some(serde_json::json!("hot"));
+        r.pointer = "temperature".into();
+        let probs = validate(&c, &["mqtt"]);
+        assert!(probs
+            .iter()
+            .any(|x| x.path == "rules.high_temperature.value"));
+        assert!(probs
+            .iter()
+            .any(|x| x.path == "rules.high_temperature.pointer" && x.fix.contains("/temperature")));
+    }
+}

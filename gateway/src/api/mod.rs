@@ -1,0 +1,167 @@
+//! The HTTP API (axum): Field Service-shaped JSON for devices, categories, commands, alerts
+//! and dead letters; provider health; `/live`, `/ready`, `/metrics`.
+//!
+//! Every route but `/live` and `/ready` requires `Authorization: Bearer <api.token>` when a
+//! token is configured (always, when listening beyond loopback). Errors are JSON:
+//! `{"error": {"code": "...", "message": "..."}}`.
+
+mod handlers;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use iotgw_providers::ProviderError;
+
+use crate::core::{Core, GatewayError};
+use crate::health::Readiness;
+
+/// State shared by the handlers.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// The gateway.
+    pub core: Arc<Core>,
+    /// Readiness tracking.
+    pub readiness: Arc<Readiness>,
+}
+
+/// An API error: status, code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// A 400 naming the field.
+    pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_input",
+            message: format!("invalid {field}: {message}"),
+        }
+    }
+    /// A 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<GatewayError> for ApiError {
+    fn from(e: GatewayError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            GatewayError::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_input"),
+            GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            GatewayError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            GatewayError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            GatewayError::Provider(p) => match p {
+                ProviderError::InvalidInput { .. } => (StatusCode::BAD_REQUEST, "invalid_input"),
+                ProviderError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+                ProviderError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+                ProviderError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "throttled"),
+                ProviderError::Unauthorized { .. } => {
+                    (StatusCode::BAD_GATEWAY, "provider_unauthorized")
+                }
+                ProviderError::Unsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+                ProviderError::Transient { .. } => {
+                    (StatusCode::BAD_GATEWAY, "provider_unavailable")
+                }
+            },
+        };
+        Self {
+            status,
+            code,
+            message,
+        }
+    }
+}
+
+impl From<iotgw_registry::StoreError> for ApiError {
+    fn from(e: iotgw_registry::StoreError) -> Self {
+        GatewayError::from(e).into()
+    }
+}
+
+async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let Some(token) = state.core.config.api.token.as_ref() else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
+        next.run(req).await
+    } else {
+        state.core.metrics.api_auth_failure();
+        let mut resp = ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: "missing or wrong bearer token: send `Authorization: Bearer <api.token>`"
+                .into(),
+        }
+        .into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        resp
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The API router.
+pub fn router(state: ApiState) -> Router {
+    use handlers::*;
+    let api = Router::new()
+        .route("/api/v1/devices", post(register_device).get(list_devices))
+        .route(
+            "/api/v1/devices/{id}",
+            get(get_device).delete(unregister_device),
+        )
+        .route("/api/v1/devices/{id}/history", get(device_history))
+        .route("/api/v1/devices/{id}/state", get(device_state))
+        .route(
+            "/api/v1/categories",
+            get(list_categories).post(upsert_category),
+        )
+        .route("/api/v1/commands", post(send_command).get(list_commands))
+        .route("/api/v1/commands/{id}", get(get_command))
+        .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/alerts/{id}", get(get_alert))
+        .route("/api/v1/alerts/{id}/close", post(close_alert))
+        .route("/api/v1/dead-letters", get(list_dead_letters))
+        .route("/api/v1/providers", get(providers))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("no such route; see the README's API summary") })
+        .with_state(state)
+}

@@ -1,0 +1,283 @@
+//! Composition: store, embedded broker, providers, pipeline, outbox workers, API and the
+//! simulated fleet, started in that order and stopped in reverse with a drain.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use iotgw_config::{Config, ProviderConfig};
+use iotgw_providers::{Provider, ProviderEvent};
+use iotgw_registry::{SqliteStore, Store};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::core::{Core, RegisterRequest};
+use crate::health::Readiness;
+use crate::metrics::Metrics;
+use crate::pipeline;
+use crate::router::Router;
+use crate::rules::RuleSet;
+use crate::sinks;
+
+/// Provider kinds compiled into this binary.
+pub fn built_kinds() -> Vec<&'static str> {
+    let mut k = Vec::new();
+    if cfg!(feature = "mqtt") {
+        k.push("mqtt");
+    }
+    k
+}
+
+/// Builds the provider for one configured instance.
+pub fn build_provider(name: &str, cfg: &ProviderConfig) -> anyhow::Result<Arc<dyn Provider>> {
+    match cfg {
+        #[cfg(feature = "mqtt")]
+        ProviderConfig::Mqtt(m) => Ok(Arc::new(iotgw_providers::mqtt::MqttProvider::new(name, m)?)),
+        other => anyhow::bail!(
+            "provider `{name}`: kind `{}` is not built in this binary",
+            other.kind()
+        ),
+    }
+}
+
+/// Options that are not part of the config file.
+#[derive(Debug, Default)]
+pub struct StartOptions {
+    /// A listener for the API (tests pass one bound to port 0); None binds `api.listen`.
+    pub api_listener: Option<TcpListener>,
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct RunningGateway {
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    /// The shared state.
+    pub core: Arc<Core>,
+    providers_stop: CancellationToken,
+    outbox_stop: CancellationToken,
+    api_stop: CancellationToken,
+    drain_until: watch::Sender<Option<tokio::time::Instant>>,
+    provider_tasks: Vec<JoinHandle<()>>,
+    pipeline: pipeline::Pipeline,
+    outbox: sinks::OutboxWorkers,
+    api_task: JoinHandle<()>,
+    fleet: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+/// Opens the configured store.
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let path = Path::new(&cfg.store.path);
+    let store = SqliteStore::open(path).await.with_context(|| {
+        format!(
+            "opening the SQLite store at {} (store.path)",
+            path.display()
+        )
+    })?;
+    tracing::info!(path = %path.display(), "store open (SQLite, WAL)");
+    Ok(Arc::new(store))
+}
+
+/// Starts every part. Returns once the API listens.
+pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<RunningGateway> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let store = open_store(&config).await?;
+
+    if config.embedded_broker.enabled {
+        let addr: SocketAddr = format!(
+            "{}:{}",
+            config.embedded_broker.host, config.embedded_broker.port
+        )
+        .parse()
+        .context("embedded_broker.host/port do not form an address")?;
+        let max_payload = config
+            .providers
+            .values()
+            .filter_map(|p| match p {
+                ProviderConfig::Mqtt(m) => Some(m.max_payload_bytes),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+            .max(256 * 1024)
+            + 1024;
+        tokio::task::spawn_blocking(move || crate::broker::start(addr, max_payload)).await??;
+    }
+
+    let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+    for (name, pc) in &config.providers {
+        providers.insert(name.clone(), build_provider(name, pc)?);
+    }
+    let mut sink_list = Vec::new();
+    for (name, sc) in &config.sinks {
+        sink_list.push(sinks::build(name, sc).with_context(|| format!("building sink `{name}`"))?);
+    }
+    let core = Arc::new(Core {
+        store: store.clone(),
+        router: Router::new(&config.routing),
+        rules: RuleSet::new(&config),
+        metrics: metrics.clone(),
+        outbox_wake: Arc::new(Notify::new()),
+        sinks: config.sinks.keys().cloned().collect(),
+        providers: providers.clone(),
+        config: config.clone(),
+    });
+
+    // Providers -> pipeline.
+    let (tx, rx) = mpsc::channel::<ProviderEvent>(config.pipeline.queue_capacity);
+    let providers_stop = CancellationToken::new();
+    let mut provider_tasks = Vec::new();
+    for (name, p) in &providers {
+        let (p, tx, stop, name) = (p.clone(), tx.clone(), providers_stop.clone(), name.clone());
+        provider_tasks.push(tokio::spawn(async move {
+            tracing::info!(provider = %name, kind = %p.kind(), "provider starting");
+            if let Err(e) = p.run(tx, stop).await {
+                tracing::error!(provider = %name, error = %e, "provider stopped with an error it cannot recover from; fix the configuration and restart");
+            }
+        }));
+    }
+    drop(tx);
+    let pipeline = pipeline::spawn(core.clone(), rx, 4);
+
+    // Outbox -> sinks.
+    let outbox_stop = CancellationToken::new();
+    let (drain_until, drain_rx) = watch::channel(None);
+    let outbox = sinks::spawn_workers(
+        store.clone(),
+        sink_list,
+        core.outbox_wake.clone(),
+        metrics.clone(),
+        outbox_stop.clone(),
+        drain_rx,
+    );
+
+    // API.
+    let listener = match opts.api_listener {
+        Some(l) => l,
+        None => TcpListener::bind(&config.api.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "the API cannot listen on {} (api.listen): is the port in use?",
+                    config.api.listen
+                )
+            })?,
+    };
+    let api_addr = listener.local_addr()?;
+    let readiness = Arc::new(Readiness::new(Duration::from_secs(30)));
+    let app = api::router(ApiState {
+        core: core.clone(),
+        readiness,
+    });
+    let api_stop = CancellationToken::new();
+    let stop = api_stop.clone();
+    let api_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    tracing::info!(addr = %api_addr, auth = config.api.token.is_some(), "HTTP API listening");
+
+    let fleet = start_fleet(&core, &config).await;
+    Ok(RunningGateway {
+        api_addr,
+        core,
+        providers_stop,
+        outbox_stop,
+        api_stop,
+        drain_until,
+        provider_tasks,
+        pipeline,
+        outbox,
+        api_task,
+        fleet,
+    })
+}
+
+async fn start_fleet(
+    core: &Arc<Core>,
+    config: &Config,
+) -> Option<(CancellationToken, JoinHandle<()>)> {
+    if config.simulate.devices == 0 {
+        return None;
+    }
+    let instance = config.routing.default.clone()?;
+    let Some(ProviderConfig::Mqtt(m)) = config.providers.get(&instance) else {
+        tracing::warn!(provider = %instance, "simulated devices need an mqtt default provider; none started");
+        return None;
+    };
+    let ids = crate::simulate::device_ids("sim", config.simulate.devices);
+    for id in &ids {
+        let req = RegisterRequest {
+            msdyn_deviceid: id.clone(),
+            msdyn_category: Some("simulated-chiller".into()),
+            msdyn_issimulated: true,
+            ..Default::default()
+        };
+        match core.register(req).await {
+            Ok(_) => {
+                tracing::info!(device = %id, provider = %instance, "simulated device registered")
+            }
+            Err(crate::core::GatewayError::Conflict(_)) => {
+                tracing::info!(device = %id, "simulated device already registered")
+            }
+            Err(e) => tracing::warn!(device = %id, error = %e, "simulated device not registered"),
+        }
+    }
+    let fleet = crate::simulate::FleetConfig {
+        host: m.host.clone(),
+        port: m.port,
+        topics: m.clone(),
+        device_ids: ids,
+        interval: Duration::from_millis(config.simulate.interval_ms),
+        credentials: None,
+    };
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    Some((stop, tokio::spawn(crate::simulate::run_fleet(fleet, s))))
+}
+
+impl RunningGateway {
+    /// Stops gracefully: simulated devices and providers first, then the pipeline drains
+    /// what it received, the outbox gets until `grace` to deliver, then the API stops.
+    pub async fn stop(self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        if let Some((stop, task)) = self.fleet {
+            stop.cancel();
+            let _ = task.await;
+        }
+        self.providers_stop.cancel();
+        for t in self.provider_tasks {
+            let _ = tokio::time::timeout_at(deadline, t).await;
+        }
+        let _ = tokio::time::timeout_at(deadline, self.pipeline.join()).await;
+        let _ = self.drain_until.send(Some(deadline));
+        self.outbox_stop.cancel();
+        let _ = tokio::time::timeout_at(deadline + Duration::from_millis(100), self.outbox.join())
+            .await;
+        self.api_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.api_task).await;
+        let depth: u64 = self
+            .core
+            .store
+            .outbox_depth()
+            .await
+            .map(|d| d.iter().map(|(_, n)| n).sum())
+            .unwrap_or(0);
+        if depth > 0 {
+            tracing::warn!(waiting = depth, "stopped with undelivered outbox items; they are kept and delivered on the next start");
+        } else {
+            tracing::info!("stopped; outbox drained");
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The command line: `run`, `check-config`, `config show`, `simulate`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use iotgw_config::{Config, LoadOptions, ProviderConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::app;
+
+/// Exit code for a configuration the gateway cannot use (EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+const ABOUT: &str = "One registry and one alert pipeline for IoT devices, whichever cloud hosts them \
+(Azure IoT Hub, AWS IoT Core, GCP Pub/Sub, plain MQTT), with records shaped like Dynamics 365 Field Service's.";
+
+const AFTER: &str = "\
+Quick start:
+  iotgw run                          embedded broker + SQLite + 3 simulated devices; alerts on stdout
+  iotgw check-config gateway.toml    every problem in a config file, with its key and a fix
+  iotgw config show -c gateway.toml  the effective config (file + IOTGW_* env), secrets redacted
+
+Configuration layers: built-in defaults, then the TOML file, then IOTGW_* environment variables
+with `__` between levels (IOTGW_API__LISTEN=0.0.0.0:8080, IOTGW_PROVIDERS__LOCAL__PORT=1884).
+See gateway.example.toml for every key.";
+
+/// iotgw command line.
+#[derive(Debug, Parser)]
+#[command(name = "iotgw", version, about = ABOUT, after_help = AFTER)]
+pub struct Cli {
+    /// Log filter (tracing syntax), e.g. `info`, `debug`, `info,iotgw_providers=debug`.
+    /// The embedded broker (rumqttd) logs only warnings unless named.
+    #[arg(
+        long,
+        global = true,
+        env = "IOTGW_LOG",
+        default_value = "info,rumqttd=warn"
+    )]
+    pub log: String,
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "IOTGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway until SIGTERM or Ctrl-C, then drain and stop.
+    ///
+    /// Without --config it runs the embedded default: an in-process MQTT broker on
+    /// 127.0.0.1:1883, the mqtt provider on it, SQLite in ./data, the API on
+    /// 127.0.0.1:8080, a sample rule (temperature over 75 C) and three simulated devices.
+    /// Alerts are printed on stdout as JSON lines, logs go to stderr.
+    Run(RunArgs),
+    /// Check a config file: every problem at once, each with its key path and a fix.
+    /// Exit 0 when valid, 64 when not.
+    CheckConfig(CheckArgs),
+    /// Inspect configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run simulated devices against an MQTT broker (telemetry that sometimes crosses the
+    /// sample rule, retained status with a last will, replies to commands).
+    Simulate(SimulateArgs),
+}
+
+/// `run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file; omit for the embedded default.
+    #[arg(short, long, env = "IOTGW_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `check-config` options.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The TOML file to check.
+    pub file: PathBuf,
+    /// Ignore IOTGW_* environment variables (check the file alone).
+    #[arg(long)]
+    pub no_env: bool,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (defaults + file + environment), secrets redacted.
+    Show {
+        /// TOML config file; omit for the embedded default.
+        #[arg(short, long, env = "IOTGW_CONFIG")]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ShowFormat::Toml)]
+        format: ShowFormat,
+    },
+}
+
+/// `config show` formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ShowFormat {
+    /// TOML, like the config file.
+    Toml,
+    /// JSON.
+    Json,
+}
+
+/// `simulate` options.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// Number of devices.
+    #[arg(short = 'n', long, default_value_t = 3)]
+    pub devices: u32,
+    /// Milliseconds between readings of one device.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Device id prefix (ids are PREFIX-001, PREFIX-002, ...).
+    #[arg(long, default_value = "sim")]
+    pub prefix: String,
+    /// Take topic templates from the first mqtt provider of this config file.
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+    /// Register the devices first through this gateway API base URL (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    pub register: Option<String>,
+    /// Bearer token for --register.
+    #[arg(long, env = "IOTGW_API_TOKEN")]
+    pub token: Option<String>,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration_secs: Option<u64>,
+}
+
+fn load(file: Option<PathBuf>, env: bool) -> Result<Config, iotgw_config::ConfigError> {
+    iotgw_config::load(&LoadOptions {
+        file,
+        env,
+        built_kinds: app::built_kinds(),
+    })
+}
+
+fn init_logs(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+        eprintln!(
+            "iotgw: --log {:?} is not a valid filter ({e}); using `info`",
+            cli.log
+        );
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Parses arguments and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("iotgw: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(cmd: Command) -> ExitCode {
+    match cmd {
+        Command::CheckConfig(a) => match load(Some(a.file.clone()), !a.no_env) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} provider instance(s), {} rule(s), {} sink(s))",
+                    a.file.display(),
+                    c.providers.len(),
+                    c.rules.len(),
+                    c.sinks.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{}: {e}", a.file.display());
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Config(ConfigCommand::Show { config, format }) => match load(config, true) {
+            Ok(c) => {
+                let text = match format {
+                    ShowFormat::Toml => toml::to_string_pretty(&c).map_err(|e| e.to_string()),
+                    ShowFormat::Json => serde_json::to_string_pretty(&c).map_err(|e| e.to_string()),
+                };
+                match text {
+                    Ok(t) => {
+                        println!("{t}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("iotgw: cannot print the config: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Run(a) => run(a).await,
+        Command::Simulate(a) => simulate(a).await,
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM; Ctrl-C still works");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("Ctrl-C received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run(a: RunArgs) -> ExitCode {
+    let embedded = a.config.is_none();
+    let config = match load(a.config, true) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if embedded {
+        tracing::info!("no --config given: running the embedded default (broker on 127.0.0.1:{}, SQLite at {}, {} simulated devices)", config.embedded_broker.port, config.store.path, config.simulate.devices);
+    }
+    let grace = Duration::from_secs(config.shutdown.grace_secs);
+    let gw = match app::start(config, app::StartOptions::default()).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("iotgw: cannot start: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(api = %format!("http://{}", gw.api_addr), "iotgw running; try: curl http://{}/api/v1/alerts", gw.api_addr);
+    shutdown_signal().await;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "stopping: draining in-flight events and the outbox"
+    );
+    gw.stop(grace).await;
+    ExitCode::SUCCESS
+}
+
+async fn simulate(a: SimulateArgs) -> ExitCode {
+    let topics = match &a.config {
+        None => iotgw_config::MqttConfig::default(),
+        Some(path) => match load(Some(path.clone()), true) {
+            Ok(c) => match c.providers.values().find_map(|p| match p {
+                ProviderConfig::Mqtt(m) => Some(m.clone()),
+                _ => None,
+            }) {
+                Some(m) => m,
+                None => {
+                    eprintln!(
+                        "iotgw: {} has no mqtt provider to take topics from",
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            },
+            Err(e) => {
+                eprint!("{e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
+    };
+    let ids = crate::simulate::device_ids(&a.prefix, a.devices);
+    if let Some(base) = &a.register {
+        let client = reqwest::Client::new();
+        for id in &ids {
+            let mut req = client.post(format!("{}/api/v1/devices", base.trim_end_matches('/'))).json(&serde_json::json!({"msdyn_deviceid": id, "msdyn_issimulated": true, "msdyn_category": "simulated-chiller"}));
+            if let Some(t) = &a.token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT => {
+                    eprintln!("registered {id} ({})", r.status())
+                }
+                Ok(r) => eprintln!(
+                    "registering {id} failed: {} {}",
+                    r.status(),
+                    r.text().await.unwrap_or_default()
+                ),
+                Err(e) => {
+                    eprintln!("iotgw: cannot reach {base}: {e}; is the gateway running?");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    eprintln!(
+        "simulating {} device(s) against {}:{} every {} ms; Ctrl-C stops",
+        ids.len(),
+        a.host,
+        a.port,
+        a.interval_ms
+    );
+    let stop = CancellationToken::new();
+    let fleet = crate::simulate::FleetConfig {
+        host: a.host,
+        port: a.port,
+        topics,
+        device_ids: ids,
+        interval: Duration::from_millis(a.interval_ms.max(10)),
+        credentials: None,
+    };
+    let task = tokio::spawn(crate::simulate::run_fleet(fleet, stop.clone()));
+    match a.duration_secs {
+        Some(s) => tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(s)) => {}
+            () = shutdown_signal() => {}
+        },
+        None => shutdown_signal().await,
+    }
+    stop.cancel();
+    let _ = task.await;
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,29 @@
+//! iotgw: one registry and one alert pipeline in front of several IoT clouds.
+//!
+//! # Layout
+//! - [`cli`]: the command line (thin; `main.rs` only calls it).
+//! - [`app`]: composition and graceful shutdown.
+//! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
+//! - [`router`]: which provider instance hosts a new device.
+//! - [`rules`]: alert rules over JSON telemetry.
+//! - [`pipeline`]: provider events -> committed effects -> ack.
+//! - [`sinks`]: outbox workers and the stdout, file and webhook sinks.
+//! - [`api`]: the HTTP API, `/live`, `/ready`, `/metrics`.
+//! - [`health`], [`metrics`]: readiness and Prometheus metrics.
+//! - [`broker`]: the embedded MQTT broker; [`simulate`]: simulated devices.
+//!
+//! Providers never touch the store and the store never knows a cloud: they meet in [`core`]
+//! and [`pipeline`].
+
+pub mod api;
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod core;
+pub mod health;
+pub mod metrics;
+pub mod pipeline;
+pub mod router;
+pub mod rules;
+pub mod simulate;
+pub mod sinks;

@@ -1,0 +1,4 @@
+//! `iotgw`: see `iotgw --help`.
+fn main() -> std::process::ExitCode {
+    iotgw::cli::main()
+}

@@ -1,0 +1,358 @@
+//! Alert rules over JSON telemetry, compiled once from the config.
+//!
+//! A rule looks up a JSON pointer, compares it with a value and, when it matches, raises an
+//! alert whose token is the provider's message id (the first matching rule gets the bare
+//! id, later ones `id:rule`), so a redelivered message always yields the same tokens and the
+//! store can refuse a second alert.
+
+use chrono::{DateTime, Utc};
+use iotgw_config::{CompareOp, RuleCommandConfig, RuleConfig};
+use iotgw_registry::{AlertType, DeviceId, NewAlert, NewAlertCommand};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Longest alert token Field Service stores (`msdyn_alerttoken`).
+pub const MAX_TOKEN_LEN: usize = 100;
+/// Longest description (`msdyn_description`).
+pub const MAX_DESCRIPTION_LEN: usize = 100;
+/// Longest alert data (`msdyn_alertdata`).
+pub const MAX_ALERT_DATA_LEN: usize = 8192;
+
+/// One compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    name: String,
+    pointer: Vec<String>,
+    op: CompareOp,
+    number: Option<f64>,
+    value: Option<Value>,
+    alert_type: AlertType,
+    description: String,
+    priority: Option<u8>,
+    command: Option<RuleCommandConfig>,
+}
+
+/// What makes two alerts "the same" for debounce, besides the device.
+#[derive(Debug, Clone, PartialEq)]
+enum DebounceField {
+    Rule,
+    AlertType,
+    Pointer(Vec<String>),
+}
+
+/// All rules plus the debounce key recipe.
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    debounce: Vec<DebounceField>,
+    command_name_property: String,
+    command_parameters_property: String,
+}
+
+fn split_pointer(p: &str) -> Vec<String> {
+    if p.is_empty() {
+        return Vec::new();
+    }
+    p.trim_start_matches('/')
+        .split('/')
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+fn lookup<'a>(mut v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    for seg in path {
+        v = match v {
+            Value::Object(m) => m.get(seg.as_str())?,
+            Value::Array(a) => a.get(seg.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+/// Cuts `s` to at most `max` characters.
+pub fn truncate_chars(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => s[..i].to_string(),
+        None => s.to_string(),
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Rule {
+    fn compile(name: &str, c: &RuleConfig) -> Self {
+        Self {
+            name: name.to_string(),
+            pointer: split_pointer(&c.pointer),
+            op: c.op,
+            number: c.value.as_ref().and_then(Value::as_f64),
+            value: c.value.clone(),
+            alert_type: AlertType::from_label(&c.alert_type).unwrap_or(AlertType::Anomaly),
+            description: c.description.clone(),
+            priority: c.priority,
+            command: c.command.clone(),
+        }
+    }
+
+    /// The rule's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The matched value if the rule fires on `doc`.
+    pub fn matches<'a>(&self, doc: &'a Value) -> Option<&'a Value> {
+        let got = lookup(doc, &self.pointer)?;
+        let hit = match self.op {
+            CompareOp::Exists => true,
+            CompareOp::Eq => self.equal(got),
+            CompareOp::Ne => !self.equal(got),
+            CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le => {
+                let (Some(x), Some(limit)) = (got.as_f64(), self.number) else {
+                    return None;
+                };
+                match self.op {
+                    CompareOp::Gt => x > limit,
+                    CompareOp::Ge => x >= limit,
+                    CompareOp::Lt => x < limit,
+                    _ => x <= limit,
+                }
+            }
+        };
+        hit.then_some(got)
+    }
+
+    fn equal(&self, got: &Value) -> bool {
+        match (got.as_f64(), self.number) {
+            (Some(x), Some(y)) => x == y,
+            _ => self.value.as_ref() == Some(got),
+        }
+    }
+
+    fn describe(&self, device_id: &DeviceId, value: &Value) -> String {
+        let text = self
+            .description
+            .replace("{device_id}", device_id.as_str())
+            .replace("{value}", &scalar_text(value))
+            .replace("{rule}", &self.name);
+        truncate_chars(&text, MAX_DESCRIPTION_LEN)
+    }
+}
+
+/// Makes a token fit `msdyn_alerttoken`: ids longer than 100 characters are replaced by
+/// `sha256:` and 64 hex digits of their hash (still deterministic, still unique).
+pub fn fit_token(raw: String) -> String {
+    if raw.chars().count() <= MAX_TOKEN_LEN {
+        raw
+    } else {
+        format!("sha256:{}", hex::encode(Sha256::digest(raw.as_bytes())))
+    }
+}
+
+impl RuleSet {
+    /// Compiles the configured rules (in name order) and debounce fields. The config was
+    /// validated, so this cannot fail.
+    pub fn new(cfg: &iotgw_config::Config) -> Self {
+        let rules = cfg.rules.iter().map(|(n, c)| Rule::compile(n, c)).collect();
+        let debounce = cfg
+            .pipeline
+            .debounce_fields
+            .iter()
+            .map(|f| match f.as_str() {
+                "rule" => DebounceField::Rule,
+                "alert_type" => DebounceField::AlertType,
+                p => DebounceField::Pointer(split_pointer(p)),
+            })
+            .collect();
+        Self {
+            rules,
+            debounce,
+            command_name_property: cfg.pipeline.command_name_property.clone(),
+            command_parameters_property: cfg.pipeline.command_parameters_property.clone(),
+        }
+    }
+
+    /// The number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The command message Field Service's default shape gives:
+    /// `{"CommandName": name, "Parameters": parameters}` (property names configurable).
+    pub fn command_message(&self, name: &str, parameters: &Value) -> String {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            self.command_name_property.clone(),
+            Value::String(name.to_string()),
+        );
+        m.insert(self.command_parameters_property.clone(), parameters.clone());
+        Value::Object(m).to_string()
+    }
+
+    /// Evaluates every rule on a parsed message and returns the alerts to commit.
+    pub fn evaluate(
+        &self,
+        device_id: &DeviceId,
+        message_id: &str,
+        raw: &str,
+        doc: &Value,
+        at: DateTime<Utc>,
+    ) -> Vec<NewAlert> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            let Some(value) = rule.matches(doc) else {
+                continue;
+            };
+            let token = if out.is_empty() {
+                message_id.to_string()
+            } else {
+                format!("{message_id}:{}", rule.name)
+            };
+            let alert_token = fit_token(token);
+            let command = rule.command.as_ref().map(|c| NewAlertCommand {
+                name: c.name.clone(),
+                message: self.command_message(&c.name, &c.parameters),
+                correlation_id: format!("{alert_token}/{}", c.name),
+            });
+            out.push(NewAlert {
+                description: rule.describe(device_id, value),
+                alert_data: truncate_chars(raw, MAX_ALERT_DATA_LEN),
+                alert_time: at,
+                alert_token,
+                alert_type: rule.alert_type,
+                priority_score: rule.priority,
+                rule: rule.name.clone(),
+                debounce_key: self.debounce_key(device_id, rule, doc),
+                command,
+            });
+        }
+        out
+    }
+
+    fn debounce_key(&self, device_id: &DeviceId, rule: &Rule, doc: &Value) -> String {
+        let mut key = String::with_capacity(64);
+        key.push_str(device_id.as_str());
+        for f in &self.debounce {
+            key.push('\u{1f}');
+            match f {
+                DebounceField::Rule => key.push_str(&rule.name),
+                DebounceField::AlertType => key.push_str(&rule.alert_type.value().to_string()),
+                DebounceField::Pointer(p) => {
+                    if let Some(v) = lookup(doc, p) {
+                        key.push_str(&scalar_text(v));
+                    }
+                }
+            }
+        }
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iotgw_config::Config;
+
+    fn set(extra: &str) -> RuleSet {
+        let cfg: Config = toml::from_str(extra).expect("config");
+        RuleSet::new(&cfg)
+    }
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).expect("id")
+    }
+
+    const TWO_RULES: &str = r#"
+        [pipeline]
+        debounce_fields = ["rule", "/sensor"]
+        [rules.a_hot]
+        pointer = "/temperature"
+        op = "gt"
+        value = 75
+        description = "{device_id} at {value}"
+        [rules.b_door]
+        pointer = "/door"
+        op = "eq"
+        value = "open"
+        alert_type = "Info"
+        description = "door {value} ({rule})"
+        [rules.b_door.command]
+        name = "lock"
+        parameters = { force = true }
+    "#;
+
+    #[test]
+    fn first_matching_rule_takes_the_message_id_as_token_later_ones_add_their_name() {
+        let rs = set(TWO_RULES);
+        let doc = serde_json::json!({"temperature": 80.5, "door": "open", "sensor": "s1"});
+        let alerts = rs.evaluate(&id("d1"), "m-1", "{}", &doc, Utc::now());
+        let tokens: Vec<_> = alerts.iter().map(|a| a.alert_token.as_str()).collect();
+        assert_eq!(tokens, ["m-1", "m-1:b_door"]);
+        assert_eq!(alerts[0].description, "d1 at 80.5");
+        assert_eq!(alerts[1].description, "door open (b_door)");
+        assert_eq!(alerts[1].alert_type, AlertType::Info);
+        assert_eq!(alerts[0].debounce_key, "d1\u{1f}a_hot\u{1f}s1");
+        let cmd = alerts[1].command.as_ref().expect("command");
+        assert_eq!(
+            cmd.message,
+            r#"{"CommandName":"lock","Parameters":{"force":true}}"#
+        );
+    }
+
+    #[test]
+    fn comparisons_need_the_right_type_and_missing_values_never_match() {
+        let rs = set(TWO_RULES);
+        for doc in [
+            serde_json::json!({"temperature": "hot"}),
+            serde_json::json!({"temperature": 75}),
+            serde_json::json!({"humidity": 99}),
+            serde_json::json!([1, 2]),
+        ] {
+            assert!(
+                rs.evaluate(&id("d1"), "m", "{}", &doc, Utc::now())
+                    .is_empty(),
+                "{doc}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_descriptions_tokens_and_data_are_cut_to_field_service_sizes() {
+        let rs = set(r#"
+            [rules.x]
+            pointer = "/v"
+            op = "exists"
+            description = "{value}"
+        "#);
+        let long = "é".repeat(300);
+        let raw = format!("{{\"v\":\"{long}\"}}").repeat(40);
+        let doc = serde_json::json!({"v": long});
+        let a = &rs.evaluate(&id("d"), &"m".repeat(150), &raw, &doc, Utc::now())[0];
+        assert_eq!(a.description.chars().count(), 100);
+        assert!(a.alert_token.starts_with("sha256:") && a.alert_token.len() <= 100);
+        assert_eq!(a.alert_data.chars().count(), 8192);
+    }
+
+    #[test]
+    fn pointers_walk_arrays_and_escaped_keys() {
+        let rs = set(r#"
+            [rules.x]
+            pointer = "/a~1b/1/c"
+            op = "le"
+            value = 0
+            description = "x"
+        "#);
+        let doc = serde_json::json!({"a/b": [{}, {"c": -1}]});
+        assert_eq!(rs.evaluate(&id("d"), "m", "{}", &doc, Utc::now()).len(), 1);
+    }
+}

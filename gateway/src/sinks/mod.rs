@@ -1,0 +1,71 @@
+//! Alert sinks and the outbox workers that feed them.
+//!
+//! Items are written to the outbox in the same transaction as their alert; a worker per
+//! sink leases due items, delivers them and removes them only after the sink accepted. A
+//! sink that is down delays delivery (retries with backoff, forever); an item the sink can
+//! never accept goes to the dead letters with the reason.
+
+mod file;
+mod outbox;
+mod stdout;
+mod webhook;
+
+pub use file::FileSink;
+pub use outbox::{spawn_workers, OutboxWorkers};
+pub use stdout::StdoutSink;
+pub use webhook::{signature, WebhookSink, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use iotgw_config::SinkConfig;
+use iotgw_registry::OutboxItem;
+
+/// Why a delivery failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Try again later (after at least the given delay, if the receiver announced one).
+    #[error("temporary: {message}")]
+    Retry {
+        /// What failed.
+        message: String,
+        /// The receiver's `Retry-After`, if any.
+        after: Option<Duration>,
+    },
+    /// The receiver will never accept it.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// A place alerts are delivered to.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// The configured name.
+    fn name(&self) -> &str;
+    /// Delivers one item; Ok only once the receiver has it.
+    async fn deliver(&self, item: &OutboxItem) -> Result<(), DeliveryError>;
+    /// Retry backoff bounds (min, max).
+    fn backoff(&self) -> (Duration, Duration) {
+        (Duration::from_millis(200), Duration::from_secs(30))
+    }
+}
+
+/// Builds a sink from its config.
+pub fn build(name: &str, cfg: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+    Ok(match cfg {
+        SinkConfig::Stdout(_) => Arc::new(StdoutSink::new(name)),
+        SinkConfig::File(f) => Arc::new(FileSink::new(name, f.path.as_ref())),
+        SinkConfig::Webhook(w) => Arc::new(WebhookSink::new(name, w)?),
+    })
+}
+
+/// The line a JSON-lines sink writes for an item: the payload with the idempotency key.
+pub(crate) fn json_line(item: &OutboxItem) -> String {
+    serde_json::json!({
+        "type": "msdyn_iotalert",
+        "idempotency_key": item.idempotency_key,
+        "data": item.payload,
+    })
+    .to_string()
+}

@@ -1,0 +1,410 @@
+//! The provider contract: one trait in front of every cloud, and one module per cloud.
+//!
+//! # Layout
+//! - this file: [`Provider`], its request/response types, [`ProviderEvent`] with its
+//!   [`AckHandle`], [`ProviderError`].
+//! - [`mqtt`]: plain MQTT 5 on rumqttc (feature `mqtt`).
+//!
+//! A provider owns its connections and reconnects on its own. It never touches the store:
+//! it yields normalized events and the gateway acks each one only after its effects are
+//! committed, so a crash between receive and commit redelivers instead of losing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use iotgw_registry::DeviceId;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
+
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// The kinds of provider iotgw knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Plain MQTT 5 broker.
+    Mqtt,
+    /// AWS IoT Core.
+    AwsIotCore,
+    /// Google Cloud Pub/Sub.
+    GcpPubSub,
+    /// Azure IoT Hub.
+    AzureIotHub,
+}
+
+impl ProviderKind {
+    /// The config spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Mqtt => "mqtt",
+            Self::AwsIotCore => "aws_iot_core",
+            Self::GcpPubSub => "gcp_pubsub",
+            Self::AzureIotHub => "azure_iot_hub",
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a provider accepts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProviderLimits {
+    /// Largest telemetry payload processed; larger ones are dead-lettered.
+    pub max_telemetry_bytes: usize,
+    /// Largest command payload sent (Field Service's `msdyn_message` holds 8192).
+    pub max_command_bytes: usize,
+}
+
+/// Field Service's `msdyn_message` column size: no command may be larger.
+pub const CFS_MAX_COMMAND_BYTES: usize = 8192;
+
+/// A device to register with a provider.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceSpec {
+    /// The canonical id.
+    pub device_id: DeviceId,
+    /// Display name.
+    pub name: String,
+    /// Category (AWS maps it to a thing type).
+    pub category: Option<String>,
+    /// Tags (AWS thing attributes, Azure twin tags).
+    pub tags: BTreeMap<String, String>,
+    /// Desired settings.
+    pub settings: Option<serde_json::Value>,
+}
+
+/// What registration produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Registration {
+    /// A note for `msdyn_registrationmessage`.
+    pub message: Option<String>,
+    /// Credentials for the device, handed out once in the registration response and never
+    /// stored or logged (a password, a certificate and key, a connection string).
+    pub credentials: Option<serde_json::Value>,
+}
+
+/// A command to deliver.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandRequest {
+    /// The command record id.
+    pub id: Uuid,
+    /// Target.
+    pub device_id: DeviceId,
+    /// Command name.
+    pub name: String,
+    /// JSON text to send.
+    pub message: String,
+    /// Ties the device's reply to the command.
+    pub correlation_id: String,
+}
+
+/// How far a command got.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CommandOutcome {
+    /// Handed to the cloud; the device's reply will decide Sent or Error.
+    Published,
+    /// The device confirmed synchronously (e.g. a direct method): Sent.
+    Delivered {
+        /// The device's answer, if any.
+        response: Option<serde_json::Value>,
+    },
+}
+
+/// What the provider knows of a device right now.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DeviceState {
+    /// Connected, if the provider knows.
+    pub connected: Option<bool>,
+    /// Reported properties, if the provider keeps them.
+    pub reported_properties: Option<serde_json::Value>,
+    /// Last activity, if known.
+    pub last_activity: Option<DateTime<Utc>>,
+}
+
+/// How a provider failed, classified so the gateway acts the same on every cloud.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// May succeed if retried with backoff.
+    #[error("{instance}: temporary failure: {message}")]
+    Transient {
+        /// Provider instance.
+        instance: String,
+        /// What failed.
+        message: String,
+    },
+    /// The cloud asks us to slow down.
+    #[error("{instance}: throttled, retry after {retry_after:?}: {message}")]
+    Throttled {
+        /// Provider instance.
+        instance: String,
+        /// Announced delay.
+        retry_after: Duration,
+        /// What failed.
+        message: String,
+    },
+    /// The device or resource does not exist at the provider.
+    #[error("{instance}: not found: {what}")]
+    NotFound {
+        /// Provider instance.
+        instance: String,
+        /// What was missing.
+        what: String,
+    },
+    /// It exists already, differently.
+    #[error("{instance}: conflict: {message}")]
+    Conflict {
+        /// Provider instance.
+        instance: String,
+        /// What conflicts.
+        message: String,
+    },
+    /// The input breaks a provider rule.
+    #[error("{instance}: invalid {field}: {message}")]
+    InvalidInput {
+        /// Provider instance.
+        instance: String,
+        /// The offending field.
+        field: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Credentials refused.
+    #[error("{instance}: unauthorized: {message}")]
+    Unauthorized {
+        /// Provider instance.
+        instance: String,
+        /// What was refused.
+        message: String,
+    },
+    /// This provider cannot do it.
+    #[error("{instance}: not supported: {what}")]
+    Unsupported {
+        /// Provider instance.
+        instance: String,
+        /// What is not supported.
+        what: String,
+    },
+}
+
+impl ProviderError {
+    /// Whether retrying can help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Transient { .. } | Self::Throttled { .. })
+    }
+
+    /// A short machine-readable class name.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Transient { .. } => "transient",
+            Self::Throttled { .. } => "throttled",
+            Self::NotFound { .. } => "not_found",
+            Self::Conflict { .. } => "conflict",
+            Self::InvalidInput { .. } => "invalid_input",
+            Self::Unauthorized { .. } => "unauthorized",
+            Self::Unsupported { .. } => "unsupported",
+        }
+    }
+}
+
+/// Telemetry as the provider received it. The device id is raw: the gateway validates it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Telemetry {
+    /// Device id as received.
+    pub device_id: String,
+    /// The provider's unique id of this message (becomes the alert token).
+    pub message_id: String,
+    /// Raw payload.
+    pub payload: Bytes,
+    /// When it was received.
+    pub received_at: DateTime<Utc>,
+}
+
+/// What a provider reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventKind {
+    /// A device message.
+    Telemetry(Telemetry),
+    /// A device connected or disconnected at `at` (event time, which orders states).
+    Connection {
+        /// Device id as received.
+        device_id: String,
+        /// New state.
+        connected: bool,
+        /// Event time.
+        at: DateTime<Utc>,
+    },
+    /// A device answered a command.
+    CommandReply {
+        /// Device id as received.
+        device_id: String,
+        /// The command's correlation id.
+        correlation_id: String,
+        /// True for success.
+        ok: bool,
+        /// The device's reason, if any.
+        reason: Option<String>,
+    },
+    /// A device reported its properties.
+    ReportedProperties {
+        /// Device id as received.
+        device_id: String,
+        /// The reported JSON.
+        properties: serde_json::Value,
+        /// Event time.
+        at: DateTime<Utc>,
+    },
+}
+
+/// The verdict on an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// Effects committed: the cloud may forget it.
+    Ack,
+    /// Not processed: let the cloud redeliver.
+    Nack(String),
+}
+
+/// Handed out with every event; the gateway calls [`AckHandle::ack`] once the event's
+/// effects are committed. Dropping it unanswered counts as a nack.
+pub struct AckHandle {
+    inner: Option<Box<dyn FnOnce(Ack) + Send>>,
+}
+
+impl fmt::Debug for AckHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AckHandle")
+            .field("pending", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl AckHandle {
+    /// A handle that runs `f` with the verdict (exactly once).
+    pub fn new(f: impl FnOnce(Ack) + Send + 'static) -> Self {
+        Self {
+            inner: Some(Box::new(f)),
+        }
+    }
+
+    /// A handle for events that need no acknowledgement.
+    pub fn none() -> Self {
+        Self { inner: None }
+    }
+
+    /// Effects committed.
+    pub fn ack(mut self) {
+        if let Some(f) = self.inner.take() {
+            f(Ack::Ack);
+        }
+    }
+
+    /// Not processed; the provider should let it be redelivered.
+    pub fn nack(mut self, reason: impl Into<String>) {
+        if let Some(f) = self.inner.take() {
+            f(Ack::Nack(reason.into()));
+        }
+    }
+}
+
+impl Drop for AckHandle {
+    fn drop(&mut self) {
+        if let Some(f) = self.inner.take() {
+            f(Ack::Nack("dropped without a verdict".into()));
+        }
+    }
+}
+
+/// An event and the handle to acknowledge it.
+#[derive(Debug)]
+pub struct ProviderEvent {
+    /// The provider instance it came from.
+    pub instance: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// Ack after commit.
+    pub ack: AckHandle,
+}
+
+/// Where providers send their events (bounded: a slow pipeline slows the provider down).
+pub type EventSender = tokio::sync::mpsc::Sender<ProviderEvent>;
+
+/// Health as `/ready` and the providers endpoint report it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProviderHealth {
+    /// Connected to the cloud or broker.
+    pub connected: bool,
+    /// Since when the state holds.
+    pub since: DateTime<Utc>,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// One cloud (or broker) behind one interface.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// The instance name from the config file.
+    fn instance(&self) -> &str;
+    /// Which cloud.
+    fn kind(&self) -> ProviderKind;
+    /// Payload limits.
+    fn limits(&self) -> &ProviderLimits;
+    /// Current connection health.
+    fn health(&self) -> ProviderHealth;
+    /// Creates the device at the provider (credentials, ACLs, things...). Idempotent for an
+    /// identical spec.
+    async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError>;
+    /// Removes the device and everything register created.
+    async fn unregister(&self, id: &DeviceId) -> Result<(), ProviderError>;
+    /// Sends a command.
+    async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError>;
+    /// What the provider knows of the device.
+    async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError>;
+    /// Receives until `shutdown` fires, sending events; reconnects on its own. Returns an
+    /// error only for failures retrying cannot fix (bad credentials, bad config).
+    async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn ack_handle_reports_exactly_one_verdict_and_drop_is_a_nack() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        AckHandle::new(move |a| s.lock().expect("lock").push(a)).ack();
+        let s = seen.clone();
+        drop(AckHandle::new(move |a| s.lock().expect("lock").push(a)));
+        let got = seen.lock().expect("lock").clone();
+        assert_eq!(
+            got,
+            vec![Ack::Ack, Ack::Nack("dropped without a verdict".into())]
+        );
+    }
+
+    #[test]
+    fn only_transient_and_throttled_errors_are_retryable() {
+        let t = ProviderError::Transient {
+            instance: "a".into(),
+            message: "m".into(),
+        };
+        let n = ProviderError::NotFound {
+            instance: "a".into(),
+            what: "d".into(),
+        };
+        assert!(t.is_retryable() && !n.is_retryable());
+        assert_eq!(n.class(), "not_found");
+    }
+}

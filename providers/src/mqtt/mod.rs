@@ -1,0 +1,23 @@
+//! Plain MQTT 5 provider (feature `mqtt`), on rumqttc's v5 client.
+//!
+//! # Layout
+//! - [`topics`]: topic templates (`{device_id}` is one whole level): device topics,
+//!   subscription filters, device id extraction, validation.
+//! - [`inbound`]: payload formats of the inbound topics, telemetry message ids.
+//! - [`provider`]: [`MqttProvider`], the [`crate::Provider`] implementation.
+//! - [`session`]: the receive loop (persistent session, manual acks, reconnects).
+//! - [`dynsec`]: Mosquitto dynamic-security administration (per-device credentials).
+//! - `integration` (tests only): scenarios against a real Mosquitto process.
+
+pub mod dynsec;
+pub mod inbound;
+pub mod provider;
+pub mod session;
+pub mod topics;
+
+#[cfg(test)]
+mod integration;
+
+pub use dynsec::DynsecAdmin;
+pub use provider::{MqttProvider, RECEIVE_MAXIMUM, SESSION_EXPIRY_SECS};
+pub use topics::{TopicError, TopicKind, TopicTemplate, Topics};

@@ -1,0 +1,513 @@
+//! [`MqttProvider`]: the [`Provider`] of a plain MQTT 5 broker.
+//!
+//! This file holds the provider's state and the request/response side of the trait
+//! (commands, device state, registration). The receive loop lives in
+//! [`super::session`], broker credentials in [`super::dynsec`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use iotgw_config::MqttConfig;
+use iotgw_registry::DeviceId;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, MqttOptions};
+
+use super::dynsec::DynsecAdmin;
+use super::topics::Topics;
+use crate::{
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventKind, EventSender, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
+};
+
+/// Session expiry asked of the broker: queued QoS 1 messages survive a gateway outage of
+/// up to one day.
+pub const SESSION_EXPIRY_SECS: u32 = 24 * 60 * 60;
+
+/// Unacknowledged QoS 1 messages the broker may have in flight to the gateway (MQTT 5
+/// Receive Maximum). Bounds how many events wait for the gateway's ack at once.
+pub const RECEIVE_MAXIMUM: u16 = 128;
+
+/// Capacity of rumqttc's request channel (publishes, acks, subscribes).
+pub(super) const REQUEST_CAPACITY: usize = 256;
+
+/// How long `send_command` waits for room in the request queue before giving up.
+const COMMAND_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Headroom above `max_payload_bytes` for the topic and properties of a packet.
+const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// The plain MQTT 5 provider: one persistent session on one broker.
+///
+/// Built with [`MqttProvider::new`]; [`Provider::run`] owns the connection (one at a
+/// time per instance) and every other method works from the state it maintains.
+pub struct MqttProvider {
+    pub(super) shared: Arc<Shared>,
+    limits: ProviderLimits,
+    dynsec: Option<DynsecAdmin>,
+}
+
+/// State shared by the provider handle and its receive loop.
+pub(super) struct Shared {
+    pub(super) instance: String,
+    pub(super) config: MqttConfig,
+    pub(super) topics: Topics,
+    health: Mutex<ProviderHealth>,
+    devices: Mutex<HashMap<String, DeviceEntry>>,
+    /// The client of the running loop; `None` while `run` is not active.
+    client: Mutex<Option<AsyncClient>>,
+    running: AtomicBool,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct DeviceEntry {
+    connected: Option<(bool, DateTime<Utc>)>,
+    reported: Option<serde_json::Value>,
+    last_activity: Option<DateTime<Utc>>,
+}
+
+impl MqttProvider {
+    /// Validates `config` and builds the provider of instance `instance`. Connects
+    /// nothing: [`Provider::run`] does.
+    ///
+    /// Errors are [`ProviderError::InvalidInput`] naming the config key: a topic template
+    /// without a whole-level `{device_id}`, an empty `client_id`, a keep-alive below 5 s.
+    pub fn new(instance: &str, config: &MqttConfig) -> Result<Self, ProviderError> {
+        let invalid = |field: &str, message: String| ProviderError::InvalidInput {
+            instance: instance.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let topics =
+            Topics::from_config(config).map_err(|e| invalid(e.setting(), e.to_string()))?;
+        if config.client_id.is_empty() {
+            return Err(invalid(
+                "client_id",
+                "is empty: give the gateway a client id unique on the broker".into(),
+            ));
+        }
+        if config.keep_alive_secs < 5 {
+            return Err(invalid(
+                "keep_alive_secs",
+                format!(
+                    "is {}: the MQTT client needs at least 5 seconds",
+                    config.keep_alive_secs
+                ),
+            ));
+        }
+        if config.reconnect_min_ms == 0 || config.reconnect_max_ms < config.reconnect_min_ms {
+            return Err(invalid(
+                "reconnect_min_ms",
+                format!(
+                    "reconnect_min_ms {} must be above 0 and at most reconnect_max_ms {}",
+                    config.reconnect_min_ms, config.reconnect_max_ms
+                ),
+            ));
+        }
+        if config.shared_group.contains(['/', '+', '#']) {
+            return Err(invalid(
+                "shared_group",
+                format!("{:?} may not hold '/', '+' or '#'", config.shared_group),
+            ));
+        }
+        let dynsec = config
+            .dynsec
+            .as_ref()
+            .map(|d| DynsecAdmin::new(instance, config, d, topics.clone()));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                instance: instance.to_owned(),
+                config: config.clone(),
+                topics,
+                health: Mutex::new(ProviderHealth {
+                    connected: false,
+                    since: Utc::now(),
+                    last_error: None,
+                }),
+                devices: Mutex::new(HashMap::new()),
+                client: Mutex::new(None),
+                running: AtomicBool::new(false),
+                dropped: AtomicU64::new(0),
+            }),
+            limits: ProviderLimits {
+                max_telemetry_bytes: config.max_payload_bytes,
+                max_command_bytes: CFS_MAX_COMMAND_BYTES,
+            },
+            dynsec,
+        })
+    }
+
+    /// Messages acked without an event because their payload did not follow their topic's
+    /// format (an unparsable status, reply or reported message) or their topic matched no
+    /// template. Each one is also logged with the reason.
+    pub fn dropped_messages(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Locks `m`, recovering the data if a panicking thread poisoned it (the state is plain
+/// data that stays consistent between statements).
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
+        ProviderError::Transient {
+            instance: self.instance.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// The rumqttc options of the gateway's session.
+    pub(super) fn mqtt_options(&self) -> MqttOptions {
+        let c = &self.config;
+        let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
+        o.set_keep_alive(Duration::from_secs(c.keep_alive_secs))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(RECEIVE_MAXIMUM))
+            .set_request_channel_capacity(REQUEST_CAPACITY)
+            // Oversize telemetry must still arrive so the gateway can dead-letter it with a
+            // reason; only packets beyond twice the limit are discarded by the broker.
+            .set_max_packet_size(Some(
+                u32::try_from(
+                    c.max_payload_bytes
+                        .saturating_mul(2)
+                        .saturating_add(PACKET_OVERHEAD),
+                )
+                .unwrap_or(u32::MAX),
+            ));
+        if let Some(user) = &c.username {
+            o.set_credentials(
+                user.clone(),
+                c.password
+                    .as_ref()
+                    .map(|p| p.expose().to_owned())
+                    .unwrap_or_default(),
+            );
+        }
+        o
+    }
+
+    pub(super) fn set_client(&self, client: Option<AsyncClient>) {
+        *lock(&self.client) = client;
+    }
+
+    pub(super) fn try_start(&self) -> bool {
+        self.running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub(super) fn stopped(&self) {
+        self.set_client(None);
+        self.set_connected(false);
+        self.running.store(false, Ordering::Release);
+    }
+
+    pub(super) fn set_connected(&self, connected: bool) {
+        let mut h = lock(&self.health);
+        if h.connected != connected {
+            h.connected = connected;
+            h.since = Utc::now();
+        }
+        if connected {
+            h.last_error = None;
+        }
+    }
+
+    pub(super) fn set_error(&self, error: String) {
+        let mut h = lock(&self.health);
+        if h.connected {
+            h.connected = false;
+            h.since = Utc::now();
+        }
+        h.last_error = Some(error);
+    }
+
+    /// Records an error without changing the connection state (e.g. a refused subscription).
+    pub(super) fn note_error(&self, error: String) {
+        lock(&self.health).last_error = Some(error);
+    }
+
+    pub(super) fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Folds an event into the device map: connection state ordered by event time (a late
+    /// older status never overrides a newer one), reported properties, last activity.
+    pub(super) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
+        let mut devices = lock(&self.devices);
+        let (id, activity) = match kind {
+            EventKind::Telemetry(t) => (&t.device_id, t.received_at),
+            EventKind::Connection {
+                device_id,
+                connected,
+                at,
+            } => {
+                let e = devices.entry(device_id.clone()).or_default();
+                if e.connected.is_none_or(|(_, prev)| *at >= prev) {
+                    e.connected = Some((*connected, *at));
+                }
+                (device_id, *at)
+            }
+            EventKind::CommandReply { device_id, .. } => (device_id, received_at),
+            EventKind::ReportedProperties {
+                device_id,
+                properties,
+                at,
+            } => {
+                devices.entry(device_id.clone()).or_default().reported = Some(properties.clone());
+                (device_id, *at)
+            }
+        };
+        let e = devices.entry(id.clone()).or_default();
+        if e.last_activity.is_none_or(|prev| activity > prev) {
+            e.last_activity = Some(activity);
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for MqttProvider {
+    fn instance(&self) -> &str {
+        &self.shared.instance
+    }
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Mqtt
+    }
+
+    fn limits(&self) -> &ProviderLimits {
+        &self.limits
+    }
+
+    fn health(&self) -> ProviderHealth {
+        lock(&self.shared.health).clone()
+    }
+
+    /// Without `dynsec` the broker has no per-device credentials: the device is only
+    /// recorded by the gateway. With `dynsec`, creates (or refreshes) the device's broker
+    /// client and role and returns its credentials once.
+    async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError> {
+        match &self.dynsec {
+            Some(admin) => admin.register(spec).await,
+            None => Ok(Registration {
+                message: Some(
+                    "registry only: this broker has no per-device credentials (configure dynsec to create them)"
+                        .into(),
+                ),
+                credentials: None,
+            }),
+        }
+    }
+
+    /// With `dynsec`, deletes the device's broker client and role; otherwise nothing to do.
+    async fn unregister(&self, id: &DeviceId) -> Result<(), ProviderError> {
+        match &self.dynsec {
+            Some(admin) => admin.unregister(id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes the command at QoS 1 to the device's command topic with MQTT 5
+    /// correlation data, response topic and user properties `command_name`,
+    /// `correlation_id` and `command_id`. While the broker is away rumqttc queues it in
+    /// memory and sends it after reconnecting (lost if the process stops first).
+    async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
+        let limit = self.limits.max_command_bytes;
+        if cmd.message.len() > limit {
+            return Err(ProviderError::InvalidInput {
+                instance: self.shared.instance.clone(),
+                field: "msdyn_message".into(),
+                message: format!(
+                    "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
+                    cmd.name,
+                    cmd.message.len()
+                ),
+            });
+        }
+        let client = lock(&self.shared.client).clone().ok_or_else(|| {
+            self.shared.transient(
+                "the receive loop is not running (run not started or stopped): command not sent",
+            )
+        })?;
+        let topics = &self.shared.topics;
+        let device = cmd.device_id.as_str();
+        let properties = PublishProperties {
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            response_topic: Some(topics.reply.topic_for(device)),
+            correlation_data: Some(cmd.correlation_id.clone().into()),
+            user_properties: vec![
+                ("command_name".into(), cmd.name.clone()),
+                ("correlation_id".into(), cmd.correlation_id.clone()),
+                ("command_id".into(), cmd.id.to_string()),
+            ],
+            ..PublishProperties::default()
+        };
+        let publish = client.publish_with_properties(
+            topics.command.topic_for(device),
+            QoS::AtLeastOnce,
+            false,
+            cmd.message.clone(),
+            properties,
+        );
+        match tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish).await {
+            Ok(Ok(())) => Ok(CommandOutcome::Published),
+            Ok(Err(e)) => Err(self.shared.transient(format!("command {} to {device} not queued: {e}", cmd.id))),
+            Err(_) => Err(self.shared.transient(format!(
+                "command {} to {device} not queued within {COMMAND_QUEUE_TIMEOUT:?}: the broker connection is backed up; retry later",
+                cmd.id
+            ))),
+        }
+    }
+
+    /// What the receive loop has seen of the device since it started: connection state
+    /// (from the status topic, ordered by event time), last reported properties, last
+    /// activity. Unknown devices get an empty state.
+    async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError> {
+        let devices = lock(&self.shared.devices);
+        Ok(devices
+            .get(id.as_str())
+            .map(|e| DeviceState {
+                connected: e.connected.map(|(c, _)| c),
+                reported_properties: e.reported.clone(),
+                last_activity: e.last_activity,
+            })
+            .unwrap_or_default())
+    }
+
+    /// See [`super::session`] for the loop: persistent session, manual acks, reconnects
+    /// with backoff. Returns `Err` only when the broker refuses the gateway's credentials
+    /// or client id (retrying cannot fix that), or when `run` is already active for this
+    /// instance.
+    async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
+        if !self.shared.try_start() {
+            return Err(ProviderError::Conflict {
+                instance: self.shared.instance.clone(),
+                message: "run is already active for this instance; call it once".into(),
+            });
+        }
+        let result = super::session::run(self.shared.clone(), events, shutdown).await;
+        self.shared.stopped();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(config: MqttConfig) -> (String, String) {
+        match MqttProvider::new("edge", &config) {
+            Err(ProviderError::InvalidInput { field, message, .. }) => (field, message),
+            Err(other) => panic!("expected InvalidInput, got {other}"),
+            Ok(_) => panic!("expected the config to be refused"),
+        }
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_naming_the_config_key() {
+        let (field, message) = refused(MqttConfig {
+            command_topic: "devices/commands".into(),
+            ..MqttConfig::default()
+        });
+        assert_eq!(field, "command_topic");
+        assert!(message.contains("devices/commands"), "{message}");
+        assert_eq!(
+            refused(MqttConfig {
+                client_id: String::new(),
+                ..MqttConfig::default()
+            })
+            .0,
+            "client_id"
+        );
+        assert_eq!(
+            refused(MqttConfig {
+                keep_alive_secs: 2,
+                ..MqttConfig::default()
+            })
+            .0,
+            "keep_alive_secs"
+        );
+        assert_eq!(
+            refused(MqttConfig {
+                shared_group: "a/b".into(),
+                ..MqttConfig::default()
+            })
+            .0,
+            "shared_group"
+        );
+    }
+
+    #[test]
+    fn limits_follow_the_config_and_the_field_service_command_size() {
+        let p = MqttProvider::new(
+            "edge",
+            &MqttConfig {
+                max_payload_bytes: 1000,
+                ..MqttConfig::default()
+            },
+        )
+        .expect("valid config");
+        assert_eq!(
+            p.limits(),
+            &ProviderLimits {
+                max_telemetry_bytes: 1000,
+                max_command_bytes: CFS_MAX_COMMAND_BYTES
+            }
+        );
+        assert_eq!(p.kind(), ProviderKind::Mqtt);
+        assert!(!p.health().connected);
+    }
+
+    #[tokio::test]
+    async fn without_dynsec_registration_is_registry_only() {
+        let p = MqttProvider::new("edge", &MqttConfig::default()).expect("valid config");
+        let spec = DeviceSpec {
+            device_id: DeviceId::parse("pump-1").expect("valid id"),
+            name: "Pump 1".into(),
+            category: None,
+            tags: Default::default(),
+            settings: None,
+        };
+        let reg = p.register(&spec).await.expect("registry only");
+        assert!(reg.credentials.is_none());
+        assert!(reg.message.is_some_and(|m| m.starts_with("registry only")));
+        p.unregister(&spec.device_id)
+            .await
+            .expect("nothing to remove");
+    }
+
+    #[test]
+    fn a_late_older_status_does_not_override_a_newer_one() {
+        let p = MqttProvider::new("edge", &MqttConfig::default()).expect("valid config");
+        let t = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .expect("time")
+                .with_timezone(&Utc)
+        };
+        let conn = |connected, at| EventKind::Connection {
+            device_id: "d1".into(),
+            connected,
+            at,
+        };
+        p.shared
+            .observe(&conn(true, t("2024-05-01T12:00:10Z")), Utc::now());
+        p.shared
+            .observe(&conn(false, t("2024-05-01T12:00:05Z")), Utc::now());
+        let devices = lock(&p.shared.devices);
+        let e = devices.get("d1").expect("known device");
+        assert_eq!(e.connected.map(|(c, _)| c), Some(true));
+        assert_eq!(e.last_activity, Some(t("2024-05-01T12:00:10Z")));
+    }
+}

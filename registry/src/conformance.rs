@@ -1,0 +1,1955 @@
+//! Scenarios every [`Store`] backend must pass.
+//!
+//! Each scenario is a `pub async fn(&dyn Store)` that starts from an empty store, exercises
+//! one behaviour of the trait and panics (with a message saying what broke) when the backend
+//! gets it wrong. A backend runs them all, one test per scenario, with
+//! [`conformance_tests!`](crate::conformance_tests):
+//!
+//! ```ignore
+//! mod conformance {
+//!     iotgw_registry::conformance_tests!(async {
+//!         iotgw_registry::SqliteStore::memory().await.expect("in-memory store")
+//!     });
+//! }
+//! ```
+//!
+//! The expression is evaluated once per test and must give a fresh, empty store (or a
+//! [`WithGuard`] that also keeps, say, a temporary directory alive). The calling crate needs
+//! `tokio` (the tests are `#[tokio::test]`).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use uuid::Uuid;
+
+use crate::model::*;
+use crate::store::{Store, StoreError, StoreResult};
+use crate::DeviceId;
+
+/// What a conformance test gets from its setup expression: something that holds a store.
+pub trait Fixture: Send + Sync {
+    /// The store under test.
+    fn store(&self) -> &dyn Store;
+}
+
+impl<S: Store> Fixture for S {
+    fn store(&self) -> &dyn Store {
+        self
+    }
+}
+
+/// A store together with something that must live as long as it (a temporary directory,
+/// a container handle, ...).
+#[derive(Debug)]
+pub struct WithGuard<S, G> {
+    /// The store under test.
+    pub store: S,
+    /// Dropped after the test.
+    pub guard: G,
+}
+
+impl<S: Store, G: Send + Sync> Fixture for WithGuard<S, G> {
+    fn store(&self) -> &dyn Store {
+        &self.store
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance scenario, each calling the scenario on a
+/// fresh fixture from `$make` (an expression giving a future whose output is a [`Fixture`]).
+/// Invoke it inside a module of its own so several backends (or set-ups) can coexist.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            ping_answers,
+            registration_lifecycle_writes_history,
+            duplicate_registration_is_a_conflict,
+            failed_registration_sets_error_without_history,
+            unknown_device_is_created_once_and_registered_in_place,
+            unregistering_unknown_or_unregistered_device_fails,
+            late_disconnect_never_overrides_newer_connect,
+            reported_properties_replace_and_bump_activity,
+            categories_upsert_by_name,
+            commit_writes_alert_activity_and_outbox,
+            commit_creates_command_for_alert,
+            commit_for_unknown_device_is_not_found,
+            telemetry_commit_is_all_or_nothing,
+            redelivered_token_makes_no_second_alert,
+            concurrent_redelivery_stores_one_alert,
+            alert_inside_window_becomes_child_of_first,
+            match_on_child_links_to_its_parent,
+            alert_outside_window_is_a_new_primary,
+            long_description_and_data_are_cut_on_char_boundaries,
+            outbox_claim_retry_deliver_and_dead_letter,
+            paging_walks_every_device_once,
+            device_filters_select_matching_devices,
+            alerts_page_newest_first_with_filters,
+            commands_page_newest_first_with_filters,
+            status_updates_return_the_updated_record,
+            insert_command_checks_device_alert_and_correlation,
+            dead_letters_page_newest_first,
+        );
+    };
+    (@each $make:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test]
+            async fn $name() {
+                let fixture = $make.await;
+                $crate::conformance::$name($crate::conformance::Fixture::store(&fixture)).await;
+            }
+        )+
+    };
+}
+
+// --- helpers -------------------------------------------------------------------------------
+
+/// A fixed base time for event times, so scenarios are deterministic.
+fn base() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0)
+        .single()
+        .expect("a valid fixed time")
+}
+
+/// `base()` plus `secs` seconds.
+fn at(secs: i64) -> DateTime<Utc> {
+    base() + Duration::seconds(secs)
+}
+
+fn did(raw: &str) -> DeviceId {
+    DeviceId::parse(raw).expect("scenario device ids are valid")
+}
+
+fn new_device(id: &str, provider: &str) -> NewDevice {
+    NewDevice {
+        name: format!("{id} display"),
+        device_id: did(id),
+        provider_instance: provider.to_owned(),
+        category: Some("pumps".to_owned()),
+        account: Some("contoso".to_owned()),
+        settings: Some(serde_json::json!({"interval": 30})),
+        tags: BTreeMap::from([("site".to_owned(), "north".to_owned())]),
+        is_simulated: IsSimulated::Yes,
+    }
+}
+
+async fn registered(store: &dyn Store, id: &str, provider: &str) -> Device {
+    store
+        .begin_registration(&new_device(id, provider))
+        .await
+        .expect("begin_registration of a new device");
+    store
+        .finish_registration(&did(id), Ok(None))
+        .await
+        .expect("finish_registration")
+}
+
+fn new_alert(token: &str, key: &str, time: DateTime<Utc>) -> NewAlert {
+    NewAlert {
+        description: format!("alert {token}"),
+        alert_data: format!("{{\"token\":\"{token}\",\"temp\":99}}"),
+        alert_time: time,
+        alert_token: token.to_owned(),
+        alert_type: AlertType::Anomaly,
+        priority_score: Some(80),
+        rule: "overheat".to_owned(),
+        debounce_key: key.to_owned(),
+        command: None,
+    }
+}
+
+fn commit(
+    device: &str,
+    alerts: Vec<NewAlert>,
+    window_secs: i64,
+    sinks: &[&str],
+) -> TelemetryCommit {
+    TelemetryCommit {
+        device_id: did(device),
+        received_at: at(1),
+        alerts,
+        debounce_window: Duration::seconds(window_secs),
+        sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+/// Commits one alert and returns it (asserting it is new).
+async fn one(store: &dyn Store, c: TelemetryCommit) -> Alert {
+    let mut out = store.commit_telemetry(&c).await.expect("commit_telemetry");
+    assert_eq!(out.len(), 1, "one alert in, one result out");
+    let first = out.remove(0);
+    assert!(
+        !first.duplicate,
+        "a fresh token must not be reported as duplicate"
+    );
+    first.alert
+}
+
+fn conflict<T: std::fmt::Debug>(r: StoreResult<T>, what: &str) -> String {
+    match r {
+        Err(StoreError::Conflict(m)) => m,
+        other => panic!("{what}: expected Conflict, got {other:?}"),
+    }
+}
+
+fn not_found<T: std::fmt::Debug>(r: StoreResult<T>, entity: &str, what: &str) {
+    match r {
+        Err(StoreError::NotFound { entity: e, .. }) if e == entity => {}
+        other => panic!("{what}: expected NotFound {entity}, got {other:?}"),
+    }
+}
+
+fn invalid<T: std::fmt::Debug>(r: StoreResult<T>, what: &str) {
+    match r {
+        Err(StoreError::Invalid { .. }) => {}
+        other => panic!("{what}: expected Invalid, got {other:?}"),
+    }
+}
+
+fn page(after: Option<String>, limit: u32) -> PageRequest {
+    PageRequest { after, limit }
+}
+
+async fn depth(store: &dyn Store) -> Vec<(String, u64)> {
+    store.outbox_depth().await.expect("outbox_depth")
+}
+
+async fn all_alerts(store: &dyn Store, filter: &AlertFilter) -> Vec<Alert> {
+    store
+        .list_alerts(filter, &page(None, 1000))
+        .await
+        .expect("list_alerts")
+        .items
+}
+
+// --- scenarios -----------------------------------------------------------------------------
+
+/// `ping` answers on a fresh store.
+pub async fn ping_answers(store: &dyn Store) {
+    store.ping().await.expect("ping on a fresh store");
+}
+
+/// Begin -> In Progress, finish -> Registered + Register history, unregister -> Unregistered
+/// + Unregister history, register again -> the same record, history oldest first.
+pub async fn registration_lifecycle_writes_history(store: &dyn Store) {
+    let new = new_device("pump-01", "aws-east");
+    let begun = store.begin_registration(&new).await.expect("begin");
+    assert_eq!(begun.registration_status, RegistrationStatus::InProgress);
+    assert_eq!(begun.device_id, new.device_id);
+    assert_eq!(begun.name, new.name);
+    assert_eq!(begun.provider_instance, "aws-east");
+    assert_eq!(begun.category, new.category);
+    assert_eq!(begun.account, new.account);
+    assert_eq!(begun.settings, new.settings);
+    assert_eq!(begun.tags, new.tags);
+    assert_eq!(begun.is_simulated, IsSimulated::Yes);
+    assert!(!begun.connection_state, "a new device starts disconnected");
+    assert_eq!(begun.registration_message, None);
+    assert!(
+        store
+            .history(&new.device_id)
+            .await
+            .expect("history")
+            .is_empty(),
+        "no history before finishing"
+    );
+
+    let done = store
+        .finish_registration(&new.device_id, Ok(Some("thing created".into())))
+        .await
+        .expect("finish");
+    assert_eq!(done.id, begun.id);
+    assert_eq!(done.registration_status, RegistrationStatus::Registered);
+    assert_eq!(done.registration_message.as_deref(), Some("thing created"));
+    assert_eq!(
+        store.get_device(&new.device_id).await.expect("get"),
+        Some(done.clone())
+    );
+
+    let history = store.history(&new.device_id).await.expect("history");
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].action, RegistrationAction::Register);
+    assert_eq!(history[0].name, "Register pump-01");
+    assert_eq!(history[0].device, begun.id);
+    assert_eq!(history[0].device_id, new.device_id);
+    assert_eq!(history[0].provider_instance, "aws-east");
+
+    let gone = store
+        .mark_unregistered(&new.device_id, Some("removed by operator".into()))
+        .await
+        .expect("unregister");
+    assert_eq!(gone.id, begun.id);
+    assert_eq!(gone.registration_status, RegistrationStatus::Unregistered);
+    assert_eq!(
+        gone.registration_message.as_deref(),
+        Some("removed by operator")
+    );
+
+    let mut again = new_device("pump-01", "azure-west");
+    again.name = "Pump one".into();
+    again.tags = BTreeMap::new();
+    again.category = None;
+    let rebegun = store.begin_registration(&again).await.expect("begin again");
+    assert_eq!(rebegun.id, begun.id, "re-registering keeps the record id");
+    assert_eq!(rebegun.registration_status, RegistrationStatus::InProgress);
+    assert_eq!(rebegun.provider_instance, "azure-west");
+    assert_eq!(rebegun.name, "Pump one");
+    assert_eq!(rebegun.category, None);
+    assert!(rebegun.tags.is_empty());
+    assert_eq!(
+        rebegun.registration_message, None,
+        "the old message is cleared"
+    );
+    assert_eq!(rebegun.created_at, begun.created_at);
+
+    let redone = store
+        .finish_registration(&new.device_id, Ok(None))
+        .await
+        .expect("finish again");
+    assert_eq!(redone.registration_status, RegistrationStatus::Registered);
+    assert_eq!(redone.registration_message, None);
+
+    let history = store.history(&new.device_id).await.expect("history");
+    let actions: Vec<_> = history
+        .iter()
+        .map(|h| (h.action, h.name.as_str(), h.provider_instance.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            (RegistrationAction::Register, "Register pump-01", "aws-east"),
+            (
+                RegistrationAction::Unregister,
+                "Unregister pump-01",
+                "aws-east"
+            ),
+            (
+                RegistrationAction::Register,
+                "Register pump-01",
+                "azure-west"
+            ),
+        ],
+        "history is oldest first"
+    );
+}
+
+/// Registering a device that is In Progress or Registered is a Conflict that names the
+/// device, its status, its provider instance and the fix; the device is left alone.
+pub async fn duplicate_registration_is_a_conflict(store: &dyn Store) {
+    store
+        .begin_registration(&new_device("pump-02", "aws-east"))
+        .await
+        .expect("begin");
+    let msg = conflict(
+        store
+            .begin_registration(&new_device("pump-02", "gcp-eu"))
+            .await,
+        "registering a device that is In Progress",
+    );
+    for part in ["pump-02", "In Progress", "aws-east", "unregister it first"] {
+        assert!(
+            msg.contains(part),
+            "conflict message {msg:?} should mention {part:?}"
+        );
+    }
+
+    store
+        .finish_registration(&did("pump-02"), Ok(None))
+        .await
+        .expect("finish");
+    let msg = conflict(
+        store
+            .begin_registration(&new_device("pump-02", "gcp-eu"))
+            .await,
+        "registering a Registered device",
+    );
+    for part in ["pump-02", "Registered", "aws-east", "unregister it first"] {
+        assert!(
+            msg.contains(part),
+            "conflict message {msg:?} should mention {part:?}"
+        );
+    }
+    let device = store
+        .get_device(&did("pump-02"))
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(
+        device.provider_instance, "aws-east",
+        "a refused registration changes nothing"
+    );
+    assert_eq!(device.registration_status, RegistrationStatus::Registered);
+    assert_eq!(
+        store.history(&did("pump-02")).await.expect("history").len(),
+        1
+    );
+}
+
+/// `finish_registration(Err)` sets Error with the message and writes no history; the device
+/// can then be registered again in place.
+pub async fn failed_registration_sets_error_without_history(store: &dyn Store) {
+    let begun = store
+        .begin_registration(&new_device("pump-03", "aws-east"))
+        .await
+        .expect("begin");
+    let failed = store
+        .finish_registration(&did("pump-03"), Err("thing name already taken".into()))
+        .await
+        .expect("finish with error");
+    assert_eq!(failed.registration_status, RegistrationStatus::Error);
+    assert_eq!(
+        failed.registration_message.as_deref(),
+        Some("thing name already taken")
+    );
+    assert!(
+        store
+            .history(&did("pump-03"))
+            .await
+            .expect("history")
+            .is_empty(),
+        "no history for a failure"
+    );
+
+    let retried = store
+        .begin_registration(&new_device("pump-03", "azure-west"))
+        .await
+        .expect("an Error device can be registered again");
+    assert_eq!(retried.id, begun.id);
+    assert_eq!(retried.registration_status, RegistrationStatus::InProgress);
+    assert_eq!(retried.provider_instance, "azure-west");
+    assert_eq!(retried.registration_message, None);
+    not_found(
+        store.finish_registration(&did("nobody"), Ok(None)).await,
+        "device",
+        "finishing an unknown device",
+    );
+}
+
+/// `ensure_unknown_device` creates an Unknown device named after its id once, then returns
+/// it unchanged; registering it keeps the record.
+pub async fn unknown_device_is_created_once_and_registered_in_place(store: &dyn Store) {
+    let first = store
+        .ensure_unknown_device(&did("meter-9"), "mqtt-local")
+        .await
+        .expect("ensure");
+    assert_eq!(first.registration_status, RegistrationStatus::Unknown);
+    assert_eq!(first.name, "meter-9");
+    assert_eq!(first.provider_instance, "mqtt-local");
+    assert_eq!(first.is_simulated, IsSimulated::No);
+    assert!(first.tags.is_empty());
+    assert_eq!(first.category, None);
+
+    let second = store
+        .ensure_unknown_device(&did("meter-9"), "another-provider")
+        .await
+        .expect("ensure again");
+    assert_eq!(second, first, "an existing device is returned unchanged");
+
+    let registered = store
+        .begin_registration(&new_device("meter-9", "aws-east"))
+        .await
+        .expect("an Unknown device can be registered");
+    assert_eq!(registered.id, first.id);
+    assert_eq!(
+        registered.registration_status,
+        RegistrationStatus::InProgress
+    );
+
+    let after = store
+        .ensure_unknown_device(&did("meter-9"), "mqtt-local")
+        .await
+        .expect("ensure on a known device");
+    assert_eq!(after, registered, "ensure never touches a known device");
+}
+
+/// Unregistering an unknown device is NotFound; unregistering twice is a Conflict and
+/// writes no second history row.
+pub async fn unregistering_unknown_or_unregistered_device_fails(store: &dyn Store) {
+    not_found(
+        store.mark_unregistered(&did("ghost"), None).await,
+        "device",
+        "unregistering an unknown device",
+    );
+    not_found(
+        store.history(&did("ghost")).await,
+        "device",
+        "history of an unknown device",
+    );
+    registered(store, "pump-04", "aws-east").await;
+    store
+        .mark_unregistered(&did("pump-04"), None)
+        .await
+        .expect("unregister");
+    let msg = conflict(
+        store.mark_unregistered(&did("pump-04"), None).await,
+        "unregistering twice",
+    );
+    assert!(
+        msg.contains("pump-04") && msg.contains("Unregistered"),
+        "{msg}"
+    );
+    let actions: Vec<_> = store
+        .history(&did("pump-04"))
+        .await
+        .expect("history")
+        .iter()
+        .map(|h| h.action)
+        .collect();
+    assert_eq!(
+        actions,
+        vec![RegistrationAction::Register, RegistrationAction::Unregister]
+    );
+}
+
+/// Connection states are ordered by event time: an older event never overrides a newer one,
+/// an equal time is applied, and last activity only moves forward.
+pub async fn late_disconnect_never_overrides_newer_connect(store: &dyn Store) {
+    let id = did("pump-05");
+    store
+        .ensure_unknown_device(&id, "mqtt-local")
+        .await
+        .expect("ensure");
+    assert!(
+        store
+            .set_connection_state(&id, true, at(10))
+            .await
+            .expect("connect"),
+        "first state applies"
+    );
+    assert!(
+        !store
+            .set_connection_state(&id, false, at(5))
+            .await
+            .expect("late disconnect"),
+        "an older disconnect must not apply"
+    );
+    let d = store.get_device(&id).await.expect("get").expect("exists");
+    assert!(
+        d.connection_state,
+        "still connected after a late disconnect"
+    );
+    assert_eq!(d.connection_state_updated_at, Some(at(10)));
+    assert_eq!(d.last_activity_time, Some(at(10)));
+
+    assert!(
+        store
+            .set_connection_state(&id, false, at(10))
+            .await
+            .expect("same time"),
+        "an equal time applies"
+    );
+    assert!(
+        !store
+            .get_device(&id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .connection_state
+    );
+    assert!(store
+        .set_connection_state(&id, true, at(20))
+        .await
+        .expect("reconnect"));
+    assert!(!store
+        .set_connection_state(&id, false, at(1))
+        .await
+        .expect("very late"));
+    let d = store.get_device(&id).await.expect("get").expect("exists");
+    assert!(d.connection_state);
+    assert_eq!(d.connection_state_updated_at, Some(at(20)));
+    assert_eq!(
+        d.last_activity_time,
+        Some(at(20)),
+        "last activity never moves back"
+    );
+    not_found(
+        store.set_connection_state(&did("ghost"), true, at(1)).await,
+        "device",
+        "connection state of an unknown device",
+    );
+}
+
+/// Reported properties are replaced; last activity is the later of the stored one and `at`.
+pub async fn reported_properties_replace_and_bump_activity(store: &dyn Store) {
+    let id = did("pump-06");
+    store
+        .ensure_unknown_device(&id, "mqtt-local")
+        .await
+        .expect("ensure");
+    let first = serde_json::json!({"fw": "1.0", "temp": {"max": 90}});
+    store
+        .set_reported_properties(&id, &first, at(30))
+        .await
+        .expect("report");
+    let d = store.get_device(&id).await.expect("get").expect("exists");
+    assert_eq!(d.reported_properties, Some(first));
+    assert_eq!(d.last_activity_time, Some(at(30)));
+
+    let second = serde_json::json!({"fw": "1.1"});
+    store
+        .set_reported_properties(&id, &second, at(10))
+        .await
+        .expect("report again");
+    let d = store.get_device(&id).await.expect("get").expect("exists");
+    assert_eq!(
+        d.reported_properties,
+        Some(second),
+        "properties are replaced, not merged"
+    );
+    assert_eq!(
+        d.last_activity_time,
+        Some(at(30)),
+        "last activity never moves back"
+    );
+    not_found(
+        store
+            .set_reported_properties(&did("ghost"), &serde_json::json!({}), at(1))
+            .await,
+        "device",
+        "reported properties of an unknown device",
+    );
+}
+
+/// Categories are unique by name; upserting updates the description (a missing one keeps
+/// the stored description); the list is by name.
+pub async fn categories_upsert_by_name(store: &dyn Store) {
+    let pumps = store
+        .upsert_category("pumps", Some("Water pumps"))
+        .await
+        .expect("create");
+    assert_eq!(pumps.name, "pumps");
+    assert_eq!(pumps.description.as_deref(), Some("Water pumps"));
+    let updated = store
+        .upsert_category("pumps", Some("All pumps"))
+        .await
+        .expect("update");
+    assert_eq!(updated.id, pumps.id, "same name, same record");
+    assert_eq!(updated.description.as_deref(), Some("All pumps"));
+    assert_eq!(updated.created_at, pumps.created_at);
+    let kept = store
+        .upsert_category("pumps", None)
+        .await
+        .expect("upsert without description");
+    assert_eq!(kept.description.as_deref(), Some("All pumps"));
+    store
+        .upsert_category("meters", None)
+        .await
+        .expect("create meters");
+    let names: Vec<_> = store
+        .list_categories()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec!["meters", "pumps"]);
+}
+
+/// A new alert is stored Active with the device's provider instance, bumps last activity and
+/// queues one outbox item per sink whose payload is the alert JSON and whose idempotency key
+/// is the alert id.
+pub async fn commit_writes_alert_activity_and_outbox(store: &dyn Store) {
+    let device = registered(store, "pump-07", "aws-east").await;
+    let mut c = commit(
+        "pump-07",
+        vec![new_alert("evt-1", "pump-07/overheat", at(0))],
+        60,
+        &["dataverse", "webhook"],
+    );
+    c.received_at = at(2);
+    let out = store.commit_telemetry(&c).await.expect("commit");
+    assert_eq!(out.len(), 1);
+    assert!(!out[0].duplicate);
+    assert!(out[0].command.is_none());
+    let alert = &out[0].alert;
+    assert_eq!(alert.status(), Some(AlertStatus::Active));
+    assert_eq!((alert.statecode, alert.statuscode), (0, 1));
+    assert_eq!(alert.device, device.id);
+    assert_eq!(alert.device_id, device.device_id);
+    assert_eq!(alert.provider_instance, "aws-east");
+    assert_eq!(alert.alert_token, "evt-1");
+    assert_eq!(alert.alert_time, at(0));
+    assert_eq!(alert.alert_type, AlertType::Anomaly);
+    assert_eq!(alert.priority_score, Some(80));
+    assert_eq!(alert.rule, "overheat");
+    assert_eq!(alert.description, "alert evt-1");
+    assert_eq!(alert.parent_alert, None);
+    assert_eq!(alert.parent_alert_token, None);
+    assert_eq!(alert.last_command_sent, None);
+    assert_eq!(
+        store.get_alert(alert.id).await.expect("get_alert").as_ref(),
+        Some(alert)
+    );
+
+    let d = store
+        .get_device(&device.device_id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(
+        d.last_activity_time,
+        Some(at(2)),
+        "telemetry bumps last activity"
+    );
+
+    assert_eq!(
+        depth(store).await,
+        vec![("dataverse".to_owned(), 1), ("webhook".to_owned(), 1)]
+    );
+    let expected = serde_json::to_value(alert).expect("alert JSON");
+    for sink in ["dataverse", "webhook"] {
+        let now = Utc::now();
+        let items = store
+            .claim_outbox(sink, now, now + Duration::seconds(30), 10)
+            .await
+            .expect("claim");
+        assert_eq!(items.len(), 1, "{sink}");
+        assert_eq!(items[0].sink, sink);
+        assert_eq!(
+            items[0].payload, expected,
+            "the payload is the stored alert's JSON"
+        );
+        assert_eq!(items[0].idempotency_key, alert.id.to_string());
+        assert_eq!(items[0].attempts, 0);
+        assert_eq!(items[0].last_error, None);
+    }
+}
+
+/// A NewAlert with a command creates that command In Progress, parented to the alert, through
+/// the device's provider instance.
+pub async fn commit_creates_command_for_alert(store: &dyn Store) {
+    let device = registered(store, "pump-08", "aws-east").await;
+    let mut a = new_alert("evt-8", "pump-08/overheat", at(0));
+    a.command = Some(NewAlertCommand {
+        name: "reset".into(),
+        message: r#"{"CommandName":"reset","Parameters":{}}"#.into(),
+        correlation_id: "corr-8".into(),
+    });
+    let out = store
+        .commit_telemetry(&commit("pump-08", vec![a], 60, &[]))
+        .await
+        .expect("commit");
+    let alert = &out[0].alert;
+    let command = out[0].command.clone().expect("a command was asked for");
+    assert_eq!(command.status, CommandStatus::InProgress);
+    assert_eq!(command.status_reason, None);
+    assert_eq!(command.parent_alert, Some(alert.id));
+    assert_eq!(command.name, "reset");
+    assert_eq!(
+        command.message,
+        r#"{"CommandName":"reset","Parameters":{}}"#
+    );
+    assert_eq!(command.correlation_id, "corr-8");
+    assert_eq!(command.provider_instance, "aws-east");
+    assert_eq!(command.device, device.id);
+    assert_eq!(command.device_id, device.device_id);
+    assert_eq!(
+        store.get_command(command.id).await.expect("get"),
+        Some(command.clone())
+    );
+    assert_eq!(
+        store
+            .get_command_by_correlation("corr-8")
+            .await
+            .expect("by correlation"),
+        Some(command.clone())
+    );
+    assert_eq!(
+        store
+            .get_command_by_correlation("corr-none")
+            .await
+            .expect("by correlation"),
+        None
+    );
+    let listed = store
+        .list_commands(
+            &CommandFilter {
+                parent_alert: Some(alert.id),
+                ..Default::default()
+            },
+            &PageRequest::default(),
+        )
+        .await
+        .expect("list");
+    assert_eq!(listed.items, vec![command.clone()]);
+    assert!(depth(store).await.is_empty(), "no sinks, no outbox items");
+
+    let sent_at = at(5);
+    let updated = store
+        .set_alert_status(
+            alert.id,
+            AlertStatus::CommandSent,
+            Some((command.id, sent_at)),
+        )
+        .await
+        .expect("set status");
+    assert_eq!((updated.statecode, updated.statuscode), (2, 5));
+    assert_eq!(updated.last_command_sent, Some(command.id));
+    assert_eq!(updated.last_command_sent_time, Some(sent_at));
+
+    // A debounced child of that alert does not send the command again.
+    let mut child = new_alert("evt-8b", "pump-08/overheat", at(10));
+    child.command = Some(NewAlertCommand {
+        name: "reset".into(),
+        message: r#"{"CommandName":"reset","Parameters":{}}"#.into(),
+        correlation_id: "corr-8b".into(),
+    });
+    let out = store
+        .commit_telemetry(&commit("pump-08", vec![child], 60, &[]))
+        .await
+        .expect("commit child");
+    assert_eq!(out[0].alert.parent_alert, Some(alert.id));
+    assert_eq!(out[0].command, None, "a child repeats no command");
+    assert_eq!(
+        store
+            .get_command_by_correlation("corr-8b")
+            .await
+            .expect("by correlation"),
+        None
+    );
+}
+
+/// Telemetry for a device the store does not know is NotFound and writes nothing.
+pub async fn commit_for_unknown_device_is_not_found(store: &dyn Store) {
+    not_found(
+        store
+            .commit_telemetry(&commit(
+                "ghost",
+                vec![new_alert("evt-g", "k", at(0))],
+                60,
+                &["hook"],
+            ))
+            .await,
+        "device",
+        "telemetry for an unknown device",
+    );
+    assert!(all_alerts(store, &AlertFilter::default()).await.is_empty());
+    assert!(depth(store).await.is_empty());
+}
+
+/// One commit is one transaction: when its second alert fails (a command correlation id that
+/// is taken), its first alert, outbox items and activity bump are not kept either.
+pub async fn telemetry_commit_is_all_or_nothing(store: &dyn Store) {
+    let device = registered(store, "pump-09", "aws-east").await;
+    store
+        .insert_command(&NewCommand {
+            name: "ping".into(),
+            message: "{}".into(),
+            device_id: device.device_id.clone(),
+            parent_alert: None,
+            correlation_id: "taken".into(),
+        })
+        .await
+        .expect("insert command");
+    let first = new_alert("evt-9a", "k-a", at(0));
+    let mut second = new_alert("evt-9b", "k-b", at(0));
+    second.command = Some(NewAlertCommand {
+        name: "reset".into(),
+        message: "{}".into(),
+        correlation_id: "taken".into(),
+    });
+    let result = store
+        .commit_telemetry(&commit("pump-09", vec![first, second], 60, &["hook"]))
+        .await;
+    assert!(
+        result.is_err(),
+        "a taken correlation id fails the commit: {result:?}"
+    );
+    assert!(
+        all_alerts(store, &AlertFilter::default()).await.is_empty(),
+        "no alert of a failed commit is kept"
+    );
+    assert!(
+        depth(store).await.is_empty(),
+        "no outbox item of a failed commit is kept"
+    );
+    let d = store
+        .get_device(&device.device_id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(
+        d.last_activity_time, None,
+        "the activity bump of a failed commit is rolled back"
+    );
+}
+
+/// A redelivered message (same alert token) returns the stored alert marked duplicate and
+/// writes nothing: no second alert, no outbox item, no command.
+pub async fn redelivered_token_makes_no_second_alert(store: &dyn Store) {
+    registered(store, "pump-10", "aws-east").await;
+    let mut a = new_alert("evt-10", "pump-10/overheat", at(0));
+    a.command = Some(NewAlertCommand {
+        name: "reset".into(),
+        message: "{}".into(),
+        correlation_id: "corr-10".into(),
+    });
+    let c = commit("pump-10", vec![a.clone()], 60, &["hook"]);
+    let first = store.commit_telemetry(&c).await.expect("first delivery");
+    assert!(!first[0].duplicate);
+
+    let mut redelivered = c.clone();
+    // Even a redelivery that would now carry another command id writes nothing.
+    if let Some(cmd) = redelivered.alerts[0].command.as_mut() {
+        cmd.correlation_id = "corr-10-again".into();
+    }
+    let again = store
+        .commit_telemetry(&redelivered)
+        .await
+        .expect("redelivery");
+    assert_eq!(again.len(), 1);
+    assert!(again[0].duplicate, "a stored token is a duplicate");
+    assert_eq!(
+        again[0].alert, first[0].alert,
+        "the stored alert is returned"
+    );
+    assert!(again[0].command.is_none());
+
+    // Twice in the same message: the second is a duplicate of the first.
+    let twice = commit(
+        "pump-10",
+        vec![
+            new_alert("evt-11", "other", at(3)),
+            new_alert("evt-11", "other", at(3)),
+        ],
+        60,
+        &["hook"],
+    );
+    let out = store
+        .commit_telemetry(&twice)
+        .await
+        .expect("same token twice");
+    assert_eq!(
+        out.iter().map(|c| c.duplicate).collect::<Vec<_>>(),
+        vec![false, true]
+    );
+    assert_eq!(out[0].alert, out[1].alert);
+
+    let alerts = all_alerts(store, &AlertFilter::default()).await;
+    assert_eq!(alerts.len(), 2, "one alert per token: {alerts:?}");
+    assert_eq!(depth(store).await, vec![("hook".to_owned(), 2)]);
+    let commands = store
+        .list_commands(&CommandFilter::default(), &PageRequest::default())
+        .await
+        .expect("list commands")
+        .items;
+    assert_eq!(commands.len(), 1);
+    assert_eq!(
+        store
+            .get_command_by_correlation("corr-10-again")
+            .await
+            .expect("lookup"),
+        None
+    );
+}
+
+/// Two deliveries of the same token committed at the same moment store one alert.
+pub async fn concurrent_redelivery_stores_one_alert(store: &dyn Store) {
+    registered(store, "pump-11", "aws-east").await;
+    let c = commit(
+        "pump-11",
+        vec![new_alert("evt-race", "pump-11/overheat", at(0))],
+        60,
+        &["hook"],
+    );
+    let (a, b) = tokio::join!(store.commit_telemetry(&c), store.commit_telemetry(&c));
+    let (a, b) = (a.expect("first racer"), b.expect("second racer"));
+    let mut flags = vec![a[0].duplicate, b[0].duplicate];
+    flags.sort();
+    assert_eq!(
+        flags,
+        vec![false, true],
+        "exactly one racer stores the alert"
+    );
+    assert_eq!(a[0].alert, b[0].alert);
+    assert_eq!(all_alerts(store, &AlertFilter::default()).await.len(), 1);
+    assert_eq!(depth(store).await, vec![("hook".to_owned(), 1)]);
+}
+
+/// An alert with the same debounce key inside the window becomes a child of the first.
+pub async fn alert_inside_window_becomes_child_of_first(store: &dyn Store) {
+    registered(store, "pump-12", "aws-east").await;
+    let key = "pump-12/overheat";
+    let primary = one(
+        store,
+        commit(
+            "pump-12",
+            vec![new_alert("evt-12a", key, at(0))],
+            60,
+            &["hook"],
+        ),
+    )
+    .await;
+    assert_eq!(primary.parent_alert, None);
+    let child = one(
+        store,
+        commit(
+            "pump-12",
+            vec![new_alert("evt-12b", key, at(30))],
+            60,
+            &["hook"],
+        ),
+    )
+    .await;
+    assert_eq!(child.parent_alert, Some(primary.id));
+    assert_eq!(child.parent_alert_token.as_deref(), Some("evt-12a"));
+    // Exactly at the window's edge still folds.
+    let edge = one(
+        store,
+        commit("pump-12", vec![new_alert("evt-12c", key, at(90))], 60, &[]),
+    )
+    .await;
+    assert_eq!(edge.parent_alert, Some(primary.id));
+
+    let primaries = all_alerts(
+        store,
+        &AlertFilter {
+            primary: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        primaries.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![primary.id]
+    );
+    let children = all_alerts(
+        store,
+        &AlertFilter {
+            primary: Some(false),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        children.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![edge.id, child.id]
+    );
+    let by_parent = all_alerts(
+        store,
+        &AlertFilter {
+            parent_alert: Some(primary.id),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(by_parent.len(), 2);
+    // A child is queued to sinks like any alert, carrying its parent.
+    let now = Utc::now();
+    let items = store
+        .claim_outbox("hook", now, now + Duration::seconds(30), 10)
+        .await
+        .expect("claim");
+    assert_eq!(items.len(), 2);
+    assert_eq!(
+        items[1].payload["msdyn_parentalert"],
+        serde_json::json!(primary.id.to_string())
+    );
+}
+
+/// A match on a child links to that child's parent: the hierarchy stays flat.
+pub async fn match_on_child_links_to_its_parent(store: &dyn Store) {
+    registered(store, "pump-13", "aws-east").await;
+    let key = "pump-13/overheat";
+    let a = one(
+        store,
+        commit("pump-13", vec![new_alert("evt-13a", key, at(0))], 60, &[]),
+    )
+    .await;
+    let b = one(
+        store,
+        commit("pump-13", vec![new_alert("evt-13b", key, at(50))], 60, &[]),
+    )
+    .await;
+    assert_eq!(b.parent_alert, Some(a.id));
+    // 100 s is outside the window of A but inside the window of B, A's child.
+    let c = one(
+        store,
+        commit("pump-13", vec![new_alert("evt-13c", key, at(100))], 60, &[]),
+    )
+    .await;
+    assert_eq!(
+        c.parent_alert,
+        Some(a.id),
+        "a match on a child links to its parent, not to the child"
+    );
+    assert_eq!(c.parent_alert_token.as_deref(), Some("evt-13a"));
+    // Alerts of one message fold into each other too.
+    let out = store
+        .commit_telemetry(&commit(
+            "pump-13",
+            vec![
+                new_alert("evt-13d", "fresh", at(0)),
+                new_alert("evt-13e", "fresh", at(1)),
+            ],
+            60,
+            &[],
+        ))
+        .await
+        .expect("commit two");
+    assert_eq!(out[0].alert.parent_alert, None);
+    assert_eq!(out[1].alert.parent_alert, Some(out[0].alert.id));
+}
+
+/// Outside the window, with another debounce key, or with a zero window, an alert is a new
+/// primary. The window is measured on alert times and reaches both ways, so an alert
+/// delivered late folds into the burst around it; the latest alert in the window decides.
+pub async fn alert_outside_window_is_a_new_primary(store: &dyn Store) {
+    registered(store, "pump-14", "aws-east").await;
+    let key = "pump-14/overheat";
+    let a = one(
+        store,
+        commit("pump-14", vec![new_alert("evt-14a", key, at(0))], 60, &[]),
+    )
+    .await;
+    let b = one(
+        store,
+        commit("pump-14", vec![new_alert("evt-14b", key, at(61))], 60, &[]),
+    )
+    .await;
+    assert_eq!(
+        b.parent_alert, None,
+        "61 s after the last match, outside a 60 s window"
+    );
+    let c = one(
+        store,
+        commit(
+            "pump-14",
+            vec![new_alert("evt-14c", "pump-14/leak", at(62))],
+            60,
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!(c.parent_alert, None, "another debounce key never folds");
+    let d = one(
+        store,
+        commit("pump-14", vec![new_alert("evt-14d", key, at(63))], 0, &[]),
+    )
+    .await;
+    assert_eq!(d.parent_alert, None, "a zero window turns debounce off");
+    let e = one(
+        store,
+        commit("pump-14", vec![new_alert("evt-14e", key, at(65))], 60, &[]),
+    )
+    .await;
+    assert_eq!(
+        e.parent_alert,
+        Some(d.id),
+        "the latest match in the window (by alert time) wins"
+    );
+    assert_ne!(e.parent_alert, Some(a.id));
+    assert_ne!(e.parent_alert, Some(b.id));
+    // A late alert far before every stored one is a new primary ...
+    let lonely = one(
+        store,
+        commit(
+            "pump-14",
+            vec![new_alert("evt-14f", key, at(-100))],
+            60,
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!(lonely.parent_alert, None, "nothing within 60 s of -100 s");
+    // ... but one delivered late inside a burst folds into that burst: the latest alert
+    // within the window either side (e at 65 s, a child of d) gives the parent.
+    let late = one(
+        store,
+        commit("pump-14", vec![new_alert("evt-14g", key, at(20))], 60, &[]),
+    )
+    .await;
+    assert_eq!(
+        late.parent_alert,
+        Some(d.id),
+        "a late alert folds into the alerts around it"
+    );
+}
+
+/// Description is cut to 100 characters and alert data to 8192, on character boundaries.
+pub async fn long_description_and_data_are_cut_on_char_boundaries(store: &dyn Store) {
+    registered(store, "pump-15", "aws-east").await;
+    let mut a = new_alert("evt-15", "k", at(0));
+    a.description = "é".repeat(150);
+    a.alert_data = format!("{}{}", "x".repeat(8190), "€".repeat(10));
+    let alert = one(store, commit("pump-15", vec![a], 60, &["hook"])).await;
+    assert_eq!(alert.description, "é".repeat(100));
+    assert_eq!(alert.alert_data.chars().count(), 8192);
+    assert!(alert.alert_data.ends_with("€€"));
+    assert_eq!(
+        store.get_alert(alert.id).await.expect("get"),
+        Some(alert.clone())
+    );
+
+    let mut short = new_alert("evt-15b", "k2", at(0));
+    short.description = "ß".repeat(100);
+    let kept = one(store, commit("pump-15", vec![short], 60, &[])).await;
+    assert_eq!(
+        kept.description,
+        "ß".repeat(100),
+        "exactly 100 characters is kept whole"
+    );
+}
+
+/// Claim leases due items of one sink oldest first; leased items are not claimed again until
+/// the lease runs out; retry counts the attempt, records the error and waits; delivered
+/// removes; dead-lettering moves the item with its key, payload and reason, atomically.
+pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
+    registered(store, "pump-16", "aws-east").await;
+    let mut alerts = Vec::new();
+    for n in 0..3 {
+        alerts.push(
+            one(
+                store,
+                commit(
+                    "pump-16",
+                    vec![new_alert(&format!("evt-16-{n}"), &format!("k{n}"), at(n))],
+                    60,
+                    &["hook", "other"],
+                ),
+            )
+            .await,
+        );
+    }
+    assert_eq!(
+        depth(store).await,
+        vec![("hook".to_owned(), 3), ("other".to_owned(), 3)]
+    );
+
+    let now = Utc::now();
+    let first = store
+        .claim_outbox("hook", now, now + Duration::seconds(30), 2)
+        .await
+        .expect("claim 2");
+    assert_eq!(first.len(), 2, "the limit is honoured");
+    assert!(first[0].id < first[1].id, "oldest first");
+    assert_eq!(
+        first
+            .iter()
+            .map(|i| i.idempotency_key.clone())
+            .collect::<Vec<_>>(),
+        vec![alerts[0].id.to_string(), alerts[1].id.to_string()]
+    );
+    let rest = store
+        .claim_outbox("hook", now, now + Duration::seconds(30), 10)
+        .await
+        .expect("claim rest");
+    assert_eq!(rest.len(), 1, "leased items are not handed out twice");
+    assert_eq!(rest[0].idempotency_key, alerts[2].id.to_string());
+    assert!(store
+        .claim_outbox("hook", now, now + Duration::seconds(30), 10)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert!(store
+        .claim_outbox("hook", now, now, 0)
+        .await
+        .expect("limit 0")
+        .is_empty());
+
+    // The leases run out: everything is due again.
+    let later = now + Duration::seconds(31);
+    let all = store
+        .claim_outbox("hook", later, later + Duration::seconds(30), 10)
+        .await
+        .expect("after lease");
+    assert_eq!(all.len(), 3);
+    let (a, b, c) = (all[0].clone(), all[1].clone(), all[2].clone());
+
+    store
+        .outbox_retry(a.id, now + Duration::seconds(300), "HTTP 503")
+        .await
+        .expect("retry");
+    let after_lease = now + Duration::seconds(62);
+    let due = store
+        .claim_outbox("hook", after_lease, after_lease + Duration::seconds(30), 10)
+        .await
+        .expect("claim while waiting");
+    assert_eq!(
+        due.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![b.id, c.id],
+        "a retried item waits for its time"
+    );
+    let retry_time = now + Duration::seconds(300);
+    let retried = store
+        .claim_outbox("hook", retry_time, retry_time + Duration::seconds(30), 10)
+        .await
+        .expect("claim at retry time");
+    let retried_a = retried
+        .iter()
+        .find(|i| i.id == a.id)
+        .expect("due again at its time");
+    assert_eq!(retried_a.attempts, 1);
+    assert_eq!(retried_a.last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(retried_a.payload, a.payload);
+
+    store.outbox_delivered(b.id).await.expect("delivered");
+    store
+        .outbox_delivered(b.id)
+        .await
+        .expect("delivered twice is harmless");
+    store
+        .outbox_dead_letter(c.id, "HTTP 400: schema rejected")
+        .await
+        .expect("dead letter");
+    assert_eq!(
+        depth(store).await,
+        vec![("hook".to_owned(), 1), ("other".to_owned(), 3)]
+    );
+
+    let letters = store
+        .list_dead_letters(&PageRequest::default())
+        .await
+        .expect("dead letters")
+        .items;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.source, "sink:hook");
+    assert_eq!(letter.reason, "HTTP 400: schema rejected");
+    assert_eq!(
+        letter.message_id.as_deref(),
+        Some(c.idempotency_key.as_str())
+    );
+    assert_eq!(letter.device_id.as_deref(), Some("pump-16"));
+    let payload: serde_json::Value =
+        serde_json::from_str(&letter.payload).expect("the dead letter keeps the JSON");
+    assert_eq!(payload, c.payload);
+
+    let far = now + Duration::seconds(3600);
+    let left = store
+        .claim_outbox("hook", far, far, 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        left.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![a.id],
+        "delivered and dead items are gone"
+    );
+    not_found(
+        store.outbox_retry(c.id, now, "x").await,
+        "outbox item",
+        "retrying a dead item",
+    );
+    not_found(
+        store.outbox_dead_letter(b.id, "x").await,
+        "outbox item",
+        "dead-lettering a delivered item",
+    );
+    let other = store
+        .claim_outbox("other", far, far, 10)
+        .await
+        .expect("claim other");
+    assert_eq!(other.len(), 3, "sinks are independent");
+}
+
+/// Keyset paging over devices visits every device exactly once, in device id order;
+/// the limit is clamped to 1..=1000 and a bad cursor is Invalid.
+pub async fn paging_walks_every_device_once(store: &dyn Store) {
+    let mut ids: Vec<String> = (0..23)
+        .map(|n| format!("dev-{:02}", (n * 7) % 23))
+        .collect();
+    for id in &ids {
+        store
+            .ensure_unknown_device(&did(id), "mqtt-local")
+            .await
+            .expect("ensure");
+    }
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let p = store
+            .list_devices(&DeviceFilter::default(), &page(after.clone(), 5))
+            .await
+            .expect("page");
+        pages += 1;
+        assert!(p.items.len() <= 5);
+        seen.extend(p.items.iter().map(|d| d.device_id.to_string()));
+        match p.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+        assert!(pages < 50, "paging does not end");
+    }
+    assert_eq!(seen, ids, "every device once, by device id");
+    assert_eq!(pages, 5);
+
+    let one_item = store
+        .list_devices(&DeviceFilter::default(), &page(None, 0))
+        .await
+        .expect("limit 0");
+    assert_eq!(one_item.items.len(), 1, "limit 0 is clamped to 1");
+    assert!(one_item.next.is_some());
+    let everything = store
+        .list_devices(&DeviceFilter::default(), &page(None, 5000))
+        .await
+        .expect("limit 5000");
+    assert_eq!(everything.items.len(), 23);
+    assert_eq!(everything.next, None);
+    let exact = store
+        .list_devices(&DeviceFilter::default(), &page(None, 23))
+        .await
+        .expect("limit 23");
+    assert_eq!(
+        exact.next, None,
+        "no next cursor when the last page is exactly full"
+    );
+    invalid(
+        store
+            .list_devices(
+                &DeviceFilter::default(),
+                &page(Some("not a cursor!".into()), 5),
+            )
+            .await,
+        "a bad device cursor",
+    );
+}
+
+/// Device filters: provider instance, category, registration status, connection state.
+pub async fn device_filters_select_matching_devices(store: &dyn Store) {
+    registered(store, "a-1", "aws-east").await;
+    registered(store, "a-2", "aws-east").await;
+    store
+        .begin_registration(&new_device("z-1", "azure-west"))
+        .await
+        .expect("begin");
+    let mut uncategorized = new_device("z-2", "azure-west");
+    uncategorized.category = Some("meters".into());
+    store
+        .begin_registration(&uncategorized)
+        .await
+        .expect("begin");
+    store
+        .set_connection_state(&did("a-2"), true, at(0))
+        .await
+        .expect("connect");
+    store
+        .set_connection_state(&did("z-1"), true, at(0))
+        .await
+        .expect("connect");
+
+    async fn ids(store: &dyn Store, f: DeviceFilter) -> Vec<String> {
+        store
+            .list_devices(&f, &PageRequest::default())
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .map(|d| d.device_id.to_string())
+            .collect()
+    }
+    assert_eq!(
+        ids(
+            store,
+            DeviceFilter {
+                provider_instance: Some("aws-east".into()),
+                ..Default::default()
+            }
+        )
+        .await,
+        vec!["a-1", "a-2"]
+    );
+    assert_eq!(
+        ids(
+            store,
+            DeviceFilter {
+                category: Some("meters".into()),
+                ..Default::default()
+            }
+        )
+        .await,
+        vec!["z-2"]
+    );
+    assert_eq!(
+        ids(
+            store,
+            DeviceFilter {
+                registration_status: Some(RegistrationStatus::InProgress),
+                ..Default::default()
+            }
+        )
+        .await,
+        vec!["z-1", "z-2"]
+    );
+    assert_eq!(
+        ids(
+            store,
+            DeviceFilter {
+                connected: Some(true),
+                ..Default::default()
+            }
+        )
+        .await,
+        vec!["a-2", "z-1"]
+    );
+    assert_eq!(
+        ids(
+            store,
+            DeviceFilter {
+                connected: Some(false),
+                ..Default::default()
+            }
+        )
+        .await,
+        vec!["a-1", "z-2"]
+    );
+    assert_eq!(
+        ids(
+            store,
+            DeviceFilter {
+                provider_instance: Some("azure-west".into()),
+                connected: Some(true),
+                ..Default::default()
+            }
+        )
+        .await,
+        vec!["z-1"],
+        "filters combine"
+    );
+    // Paging with a filter stays inside the filter.
+    let p = store
+        .list_devices(
+            &DeviceFilter {
+                provider_instance: Some("aws-east".into()),
+                ..Default::default()
+            },
+            &page(None, 1),
+        )
+        .await
+        .expect("page 1");
+    let p2 = store
+        .list_devices(
+            &DeviceFilter {
+                provider_instance: Some("aws-east".into()),
+                ..Default::default()
+            },
+            &page(p.next, 1),
+        )
+        .await
+        .expect("page 2");
+    assert_eq!(p2.items.len(), 1);
+    assert_eq!(p2.items[0].device_id.as_str(), "a-2");
+    assert_eq!(p2.next, None);
+}
+
+/// Alerts list newest first, page without gaps or repeats, and filter by device, statecode,
+/// parent, primary and type.
+pub async fn alerts_page_newest_first_with_filters(store: &dyn Store) {
+    registered(store, "pump-17", "aws-east").await;
+    registered(store, "pump-18", "aws-east").await;
+    let mut tokens = Vec::new();
+    for n in 0..7 {
+        let mut a = new_alert(&format!("evt-17-{n}"), &format!("k{n}"), at(n));
+        if n % 3 == 0 {
+            a.alert_type = AlertType::Info;
+        }
+        one(store, commit("pump-17", vec![a], 60, &[])).await;
+        tokens.push(format!("evt-17-{n}"));
+    }
+    let other = one(
+        store,
+        commit("pump-18", vec![new_alert("evt-18", "k18", at(0))], 60, &[]),
+    )
+    .await;
+    tokens.push("evt-18".into());
+    tokens.reverse();
+
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let p = store
+            .list_alerts(&AlertFilter::default(), &page(after, 3))
+            .await
+            .expect("page");
+        seen.extend(p.items.iter().map(|a| a.alert_token.clone()));
+        after = p.next;
+        if after.is_none() {
+            break;
+        }
+        assert!(seen.len() < 100, "paging does not end");
+    }
+    assert_eq!(seen, tokens, "newest first, every alert once");
+
+    let device = all_alerts(
+        store,
+        &AlertFilter {
+            device_id: Some(did("pump-18")),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        device.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![other.id]
+    );
+    let info = all_alerts(
+        store,
+        &AlertFilter {
+            alert_type: Some(AlertType::Info),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        info.iter()
+            .map(|a| a.alert_token.as_str())
+            .collect::<Vec<_>>(),
+        vec!["evt-17-6", "evt-17-3", "evt-17-0"]
+    );
+    store
+        .set_alert_status(other.id, AlertStatus::Closed, None)
+        .await
+        .expect("close");
+    let closed = all_alerts(
+        store,
+        &AlertFilter {
+            statecode: Some(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        closed.iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![other.id]
+    );
+    let active = all_alerts(
+        store,
+        &AlertFilter {
+            statecode: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(active.len(), 7);
+    let filtered_page = store
+        .list_alerts(
+            &AlertFilter {
+                device_id: Some(did("pump-17")),
+                ..Default::default()
+            },
+            &page(None, 4),
+        )
+        .await
+        .expect("filtered page");
+    let rest = store
+        .list_alerts(
+            &AlertFilter {
+                device_id: Some(did("pump-17")),
+                ..Default::default()
+            },
+            &page(filtered_page.next, 4),
+        )
+        .await
+        .expect("filtered page 2");
+    assert_eq!(filtered_page.items.len() + rest.items.len(), 7);
+    assert_eq!(rest.next, None);
+    invalid(
+        store
+            .list_alerts(&AlertFilter::default(), &page(Some("garbage".into()), 3))
+            .await,
+        "a bad alert cursor",
+    );
+}
+
+/// Commands list newest first, page, and filter by device, status and parent alert.
+pub async fn commands_page_newest_first_with_filters(store: &dyn Store) {
+    registered(store, "pump-19", "aws-east").await;
+    registered(store, "pump-20", "azure-west").await;
+    let mut made = Vec::new();
+    for n in 0..5 {
+        let device = if n == 2 { "pump-20" } else { "pump-19" };
+        made.push(
+            store
+                .insert_command(&NewCommand {
+                    name: format!("cmd-{n}"),
+                    message: "{}".into(),
+                    device_id: did(device),
+                    parent_alert: None,
+                    correlation_id: format!("corr-19-{n}"),
+                })
+                .await
+                .expect("insert"),
+        );
+    }
+    assert_eq!(
+        made[2].provider_instance, "azure-west",
+        "the command goes through its device's provider"
+    );
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let p = store
+            .list_commands(&CommandFilter::default(), &page(after, 2))
+            .await
+            .expect("page");
+        seen.extend(p.items.iter().map(|c| c.name.clone()));
+        after = p.next;
+        if after.is_none() {
+            break;
+        }
+        assert!(seen.len() < 100, "paging does not end");
+    }
+    assert_eq!(seen, vec!["cmd-4", "cmd-3", "cmd-2", "cmd-1", "cmd-0"]);
+
+    store
+        .set_command_status(made[1].id, CommandStatus::Sent, None)
+        .await
+        .expect("sent");
+    let list = |f: CommandFilter| async move {
+        store
+            .list_commands(&f, &PageRequest::default())
+            .await
+            .expect("list")
+            .items
+            .into_iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(CommandFilter {
+            status: Some(CommandStatus::Sent),
+            ..Default::default()
+        })
+        .await,
+        vec!["cmd-1"]
+    );
+    assert_eq!(
+        list(CommandFilter {
+            device_id: Some(did("pump-20")),
+            ..Default::default()
+        })
+        .await,
+        vec!["cmd-2"]
+    );
+    assert_eq!(
+        list(CommandFilter {
+            device_id: Some(did("pump-19")),
+            status: Some(CommandStatus::InProgress),
+            ..Default::default()
+        })
+        .await,
+        vec!["cmd-4", "cmd-3", "cmd-0"]
+    );
+    assert!(list(CommandFilter {
+        parent_alert: Some(Uuid::now_v7()),
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+    invalid(
+        store
+            .list_commands(&CommandFilter::default(), &page(Some("garbage".into()), 2))
+            .await,
+        "a bad command cursor",
+    );
+}
+
+/// Status setters return the updated record and are NotFound for unknown ids; setting an
+/// alert status without a command keeps the last command.
+pub async fn status_updates_return_the_updated_record(store: &dyn Store) {
+    registered(store, "pump-21", "aws-east").await;
+    let alert = one(
+        store,
+        commit("pump-21", vec![new_alert("evt-21", "k", at(0))], 60, &[]),
+    )
+    .await;
+    let command = store
+        .insert_command(&NewCommand {
+            name: "reset".into(),
+            message: "{}".into(),
+            device_id: did("pump-21"),
+            parent_alert: Some(alert.id),
+            correlation_id: "corr-21".into(),
+        })
+        .await
+        .expect("insert");
+    assert_eq!(command.parent_alert, Some(alert.id));
+
+    let failed = store
+        .set_command_status(
+            command.id,
+            CommandStatus::Error,
+            Some("device offline".into()),
+        )
+        .await
+        .expect("set command status");
+    assert_eq!(failed.id, command.id);
+    assert_eq!(failed.status, CommandStatus::Error);
+    assert_eq!(failed.status_reason.as_deref(), Some("device offline"));
+    assert_eq!(
+        store.get_command(command.id).await.expect("get"),
+        Some(failed.clone())
+    );
+
+    let sent = store
+        .set_alert_status(
+            alert.id,
+            AlertStatus::CommandFailed,
+            Some((command.id, at(9))),
+        )
+        .await
+        .expect("set alert status");
+    assert_eq!(sent.status(), Some(AlertStatus::CommandFailed));
+    assert_eq!((sent.statecode, sent.statuscode), (2, 7));
+    let closed = store
+        .set_alert_status(alert.id, AlertStatus::Closed, None)
+        .await
+        .expect("close");
+    assert_eq!((closed.statecode, closed.statuscode), (3, 6));
+    assert_eq!(
+        closed.last_command_sent,
+        Some(command.id),
+        "no command given keeps the last one"
+    );
+    assert_eq!(closed.last_command_sent_time, Some(at(9)));
+    assert_eq!(store.get_alert(alert.id).await.expect("get"), Some(closed));
+
+    not_found(
+        store
+            .set_alert_status(Uuid::now_v7(), AlertStatus::Closed, None)
+            .await,
+        "alert",
+        "status of an unknown alert",
+    );
+    not_found(
+        store
+            .set_command_status(Uuid::now_v7(), CommandStatus::Sent, None)
+            .await,
+        "command",
+        "status of an unknown command",
+    );
+    assert_eq!(store.get_alert(Uuid::now_v7()).await.expect("get"), None);
+    assert_eq!(store.get_command(Uuid::now_v7()).await.expect("get"), None);
+}
+
+/// `insert_command`: NotFound for an unknown device or parent alert, Conflict for a taken
+/// correlation id, Invalid for a message longer than 8192 characters.
+pub async fn insert_command_checks_device_alert_and_correlation(store: &dyn Store) {
+    registered(store, "pump-22", "aws-east").await;
+    let base_cmd = NewCommand {
+        name: "reset".into(),
+        message: "{}".into(),
+        device_id: did("pump-22"),
+        parent_alert: None,
+        correlation_id: "corr-22".into(),
+    };
+    not_found(
+        store
+            .insert_command(&NewCommand {
+                device_id: did("ghost"),
+                ..base_cmd.clone()
+            })
+            .await,
+        "device",
+        "a command for an unknown device",
+    );
+    not_found(
+        store
+            .insert_command(&NewCommand {
+                parent_alert: Some(Uuid::now_v7()),
+                ..base_cmd.clone()
+            })
+            .await,
+        "alert",
+        "a command for an unknown alert",
+    );
+    invalid(
+        store
+            .insert_command(&NewCommand {
+                message: "x".repeat(8193),
+                ..base_cmd.clone()
+            })
+            .await,
+        "a command message over 8192 characters",
+    );
+    let made = store.insert_command(&base_cmd).await.expect("insert");
+    assert_eq!(made.status, CommandStatus::InProgress);
+    assert_eq!(made.provider_instance, "aws-east");
+    let msg = conflict(
+        store.insert_command(&base_cmd).await,
+        "a taken correlation id",
+    );
+    assert!(msg.contains("corr-22"), "{msg}");
+}
+
+/// Dead letters list newest first and page.
+pub async fn dead_letters_page_newest_first(store: &dyn Store) {
+    for n in 0..5 {
+        let letter = store
+            .insert_dead_letter(&NewDeadLetter {
+                source: "telemetry:aws-east".into(),
+                reason: format!("bad JSON {n}"),
+                device_id: if n == 0 {
+                    Some("not/valid".into())
+                } else {
+                    None
+                },
+                message_id: Some(format!("msg-{n}")),
+                payload: format!("payload {n}"),
+            })
+            .await
+            .expect("insert dead letter");
+        assert_eq!(letter.reason, format!("bad JSON {n}"));
+        if n == 0 {
+            assert_eq!(
+                letter.device_id.as_deref(),
+                Some("not/valid"),
+                "invalid ids are kept as received"
+            );
+        }
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let p = store
+            .list_dead_letters(&page(after, 2))
+            .await
+            .expect("page");
+        seen.extend(
+            p.items
+                .iter()
+                .map(|d| d.message_id.clone().unwrap_or_default()),
+        );
+        after = p.next;
+        if after.is_none() {
+            break;
+        }
+        assert!(seen.len() < 100, "paging does not end");
+    }
+    assert_eq!(seen, vec!["msg-4", "msg-3", "msg-2", "msg-1", "msg-0"]);
+    invalid(
+        store
+            .list_dead_letters(&page(Some("garbage".into()), 2))
+            .await,
+        "a bad dead-letter cursor",
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    /// A scenario left out of `conformance_tests!` would silently never run.
+    #[test]
+    fn every_scenario_is_in_the_macro() {
+        let src = include_str!("conformance.rs");
+        let macro_body = &src[src
+            .find("macro_rules! conformance_tests")
+            .expect("the macro")..];
+        let macro_body =
+            &macro_body[..macro_body.find("(@each $make:expr").expect("the @each arm")];
+        let listed: Vec<&str> = macro_body
+            .lines()
+            .map(|l| l.trim().trim_end_matches(','))
+            .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let defined: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub async fn "))
+            .map(|l| &l[..l.find('(').expect("a parameter list")])
+            .collect();
+        assert!(!defined.is_empty());
+        assert_eq!(
+            listed, defined,
+            "list every scenario in conformance_tests!, in file order"
+        );
+    }
+}

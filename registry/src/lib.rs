@@ -1,0 +1,21 @@
+//! The Field Service IoT entity model and the [`Store`] that keeps it.
+//!
+//! # Layout
+//! - [`id`]: the canonical device id, valid on every provider.
+//! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
+//! - [`store`]: the [`Store`] trait every backend implements.
+//! - [`sqlite`]: the embedded backend (sqlx, WAL, migrations).
+//! - [`conformance`]: scenarios every backend must pass.
+//!
+//! This crate knows nothing of clouds or providers: a provider instance is just a name.
+
+pub mod conformance;
+pub mod id;
+pub mod model;
+pub mod sqlite;
+pub mod store;
+
+pub use id::{DeviceId, DeviceIdError, MAX_DEVICE_ID_LEN};
+pub use model::*;
+pub use sqlite::SqliteStore;
+pub use store::{Store, StoreError, StoreResult};

@@ -1,0 +1,674 @@
+//! The Field Service IoT entities (`msdyn_iot*` tables) as Rust types.
+//!
+//! Field names serialize as Dataverse's logical names and option sets as Dataverse's
+//! option values, so a record the HTTP API or a sink hands out can be written to
+//! Dataverse as it is, whatever cloud hosts the device.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::DeviceId;
+
+macro_rules! option_set {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal => $label:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in option-set order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// The Dataverse option value.
+            pub const fn value(self) -> i32 {
+                match self { $(Self::$variant => $value),+ }
+            }
+
+            /// The Dataverse label.
+            pub const fn label(self) -> &'static str {
+                match self { $(Self::$variant => $label),+ }
+            }
+
+            /// The variant for a Dataverse option value.
+            pub fn from_value(v: i64) -> Option<Self> {
+                match v { $($value => Some(Self::$variant),)+ _ => None }
+            }
+
+            /// The variant for a label, case-insensitively, spaces and underscores ignored.
+            pub fn from_label(s: &str) -> Option<Self> {
+                let norm = |x: &str| x.chars().filter(|c| c.is_alphanumeric()).collect::<String>().to_ascii_lowercase();
+                let want = norm(s);
+                Self::ALL.iter().copied().find(|v| norm(v.label()) == want)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_i32(self.value())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                #[serde(untagged)]
+                enum Raw { Num(i64), Text(String) }
+                match Raw::deserialize(d)? {
+                    Raw::Num(n) => Self::from_value(n).ok_or_else(|| serde::de::Error::custom(format!(
+                        "{n} is not a {} option value; use one of {}", stringify!($name),
+                        Self::ALL.iter().map(|v| format!("{} ({})", v.value(), v.label())).collect::<Vec<_>>().join(", ")))),
+                    Raw::Text(t) => t.trim().parse::<i64>().ok().and_then(Self::from_value).or_else(|| Self::from_label(&t)).ok_or_else(|| serde::de::Error::custom(format!(
+                        "{t:?} is not a {} label; use one of {}", stringify!($name),
+                        Self::ALL.iter().map(|v| v.label()).collect::<Vec<_>>().join(", ")))),
+                }
+            }
+        }
+    };
+}
+
+option_set! {
+    /// `msdyn_registrationstatus` of `msdyn_iotdevice`.
+    RegistrationStatus {
+        /// Known only from its telemetry; never registered through iotgw.
+        Unknown = 192350000 => "Unknown",
+        /// Removed from its provider.
+        Unregistered = 192350001 => "Unregistered",
+        /// The provider call is under way.
+        InProgress = 192350002 => "In Progress",
+        /// Registered with its provider.
+        Registered = 192350003 => "Registered",
+        /// The provider refused; see the registration message.
+        Error = 192350004 => "Error",
+    }
+}
+
+option_set! {
+    /// `msdyn_action` of `msdyn_iotdeviceregistrationhistory`.
+    RegistrationAction {
+        /// The device was registered.
+        Register = 192350000 => "Register",
+        /// The device was unregistered.
+        Unregister = 192350001 => "Unregister",
+        /// The device was enabled.
+        Activate = 192350002 => "Activate",
+        /// The device was disabled.
+        Deactivate = 192350003 => "Deactivate",
+    }
+}
+
+option_set! {
+    /// `msdyn_commandstatus` of `msdyn_iotdevicecommand`.
+    CommandStatus {
+        /// Created, not yet confirmed by the device.
+        InProgress = 192350000 => "In Progress",
+        /// The device confirmed it.
+        Sent = 192350001 => "Sent",
+        /// The provider or the device refused it; see the status reason.
+        Error = 192350002 => "Error",
+    }
+}
+
+option_set! {
+    /// `msdyn_alerttype` of `msdyn_iotalert`.
+    AlertType {
+        /// Something is wrong (the default).
+        Anomaly = 192350000 => "Anomaly",
+        /// For information.
+        Info = 192350001 => "Info",
+        /// Maintenance is due.
+        PreventiveMaintenance = 192350002 => "Preventive Maintenance",
+        /// A test alert.
+        Test = 192350003 => "Test",
+    }
+}
+
+option_set! {
+    /// `msdyn_issimulated` of `msdyn_iotdevice`.
+    IsSimulated {
+        /// A simulated device.
+        Yes = 192350000 => "Yes",
+        /// A real device.
+        No = 192350001 => "No",
+    }
+}
+
+/// The `statecode`/`statuscode` pair of an `msdyn_iotalert`, as Field Service combines them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AlertStatus {
+    /// statecode 0 Active, statuscode 1 Active.
+    Active,
+    /// statecode 1 Inactive, statuscode 2 Inactive.
+    Inactive,
+    /// statecode 2 In Progress, statuscode 3 Case Created.
+    CaseCreated,
+    /// statecode 2 In Progress, statuscode 4 Work Order Created.
+    WorkOrderCreated,
+    /// statecode 2 In Progress, statuscode 5 Command Sent.
+    CommandSent,
+    /// statecode 3 Closed, statuscode 6 Closed.
+    Closed,
+    /// statecode 2 In Progress, statuscode 7 Command Failed.
+    CommandFailed,
+}
+
+impl AlertStatus {
+    /// Every status.
+    pub const ALL: &'static [Self] = &[
+        Self::Active,
+        Self::Inactive,
+        Self::CaseCreated,
+        Self::WorkOrderCreated,
+        Self::CommandSent,
+        Self::Closed,
+        Self::CommandFailed,
+    ];
+
+    /// `statecode`.
+    pub const fn statecode(self) -> i32 {
+        match self {
+            Self::Active => 0,
+            Self::Inactive => 1,
+            Self::CaseCreated
+            | Self::WorkOrderCreated
+            | Self::CommandSent
+            | Self::CommandFailed => 2,
+            Self::Closed => 3,
+        }
+    }
+
+    /// `statuscode`.
+    pub const fn statuscode(self) -> i32 {
+        match self {
+            Self::Active => 1,
+            Self::Inactive => 2,
+            Self::CaseCreated => 3,
+            Self::WorkOrderCreated => 4,
+            Self::CommandSent => 5,
+            Self::Closed => 6,
+            Self::CommandFailed => 7,
+        }
+    }
+
+    /// The status for a `statuscode` (which determines the `statecode`).
+    pub fn from_statuscode(code: i64) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|s| i64::from(s.statuscode()) == code)
+    }
+}
+
+/// `msdyn_iotdevice`: a device and where it is registered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// Primary key.
+    #[serde(rename = "msdyn_iotdeviceid")]
+    pub id: Uuid,
+    /// Display name.
+    #[serde(rename = "msdyn_name")]
+    pub name: String,
+    /// The id used with the provider.
+    #[serde(rename = "msdyn_deviceid")]
+    pub device_id: DeviceId,
+    /// The provider instance (config name) that hosts the device.
+    #[serde(rename = "msdyn_iotproviderinstance")]
+    pub provider_instance: String,
+    /// Category name.
+    #[serde(rename = "msdyn_category")]
+    pub category: Option<String>,
+    /// Owning customer account.
+    #[serde(rename = "msdyn_account")]
+    pub account: Option<String>,
+    /// True when connected.
+    #[serde(rename = "msdyn_connectionstate")]
+    pub connection_state: bool,
+    /// Event time of the connection state (what orders lifecycle events).
+    #[serde(rename = "msdyn_connectionstateupdatedtime")]
+    pub connection_state_updated_at: Option<DateTime<Utc>>,
+    /// Last telemetry or lifecycle event.
+    #[serde(rename = "msdyn_lastactivitytime")]
+    pub last_activity_time: Option<DateTime<Utc>>,
+    /// Reported state (JSON).
+    #[serde(rename = "msdyn_devicereportedproperties")]
+    pub reported_properties: Option<serde_json::Value>,
+    /// Desired settings (JSON).
+    #[serde(rename = "msdyn_devicesettings")]
+    pub settings: Option<serde_json::Value>,
+    /// Tags, key to value.
+    #[serde(rename = "msdyn_tags")]
+    pub tags: BTreeMap<String, String>,
+    /// Registration status.
+    #[serde(rename = "msdyn_registrationstatus")]
+    pub registration_status: RegistrationStatus,
+    /// Why the status is what it is.
+    #[serde(rename = "msdyn_registrationmessage")]
+    pub registration_message: Option<String>,
+    /// Simulated or real.
+    #[serde(rename = "msdyn_issimulated")]
+    pub is_simulated: IsSimulated,
+    /// Created on.
+    #[serde(rename = "createdon")]
+    pub created_at: DateTime<Utc>,
+    /// Modified on.
+    #[serde(rename = "modifiedon")]
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a caller gives to register (or re-register) a device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewDevice {
+    /// Display name (defaults to the device id upstream).
+    pub name: String,
+    /// The device id.
+    pub device_id: DeviceId,
+    /// The provider instance chosen by the router.
+    pub provider_instance: String,
+    /// Category name.
+    pub category: Option<String>,
+    /// Customer account.
+    pub account: Option<String>,
+    /// Desired settings.
+    pub settings: Option<serde_json::Value>,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Simulated or real.
+    pub is_simulated: IsSimulated,
+}
+
+/// `msdyn_iotdeviceregistrationhistory`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegistrationHistory {
+    /// Primary key.
+    #[serde(rename = "msdyn_iotdeviceregistrationhistoryid")]
+    pub id: Uuid,
+    /// The device record.
+    #[serde(rename = "msdyn_device")]
+    pub device: Uuid,
+    /// The device id.
+    #[serde(rename = "msdyn_deviceid")]
+    pub device_id: DeviceId,
+    /// A readable name, e.g. "Register pump-01".
+    #[serde(rename = "msdyn_name")]
+    pub name: String,
+    /// What happened.
+    #[serde(rename = "msdyn_action")]
+    pub action: RegistrationAction,
+    /// Provider instance at the time.
+    #[serde(rename = "msdyn_iotproviderinstance")]
+    pub provider_instance: String,
+    /// When.
+    #[serde(rename = "createdon")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// `msdyn_iotdevicecategory`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Category {
+    /// Primary key.
+    #[serde(rename = "msdyn_iotdevicecategoryid")]
+    pub id: Uuid,
+    /// Unique name.
+    #[serde(rename = "msdyn_name")]
+    pub name: String,
+    /// Free text.
+    #[serde(rename = "msdyn_description")]
+    pub description: Option<String>,
+    /// Created on.
+    #[serde(rename = "createdon")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// `msdyn_iotdevicecommand`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Primary key.
+    #[serde(rename = "msdyn_iotdevicecommandid")]
+    pub id: Uuid,
+    /// Name (the command name).
+    #[serde(rename = "msdyn_name")]
+    pub name: String,
+    /// The message sent, JSON text, at most 8192 characters.
+    #[serde(rename = "msdyn_message")]
+    pub message: String,
+    /// Status.
+    #[serde(rename = "msdyn_commandstatus")]
+    pub status: CommandStatus,
+    /// Why the status is what it is.
+    #[serde(rename = "msdyn_commandstatusreason")]
+    pub status_reason: Option<String>,
+    /// The device record.
+    #[serde(rename = "msdyn_device")]
+    pub device: Uuid,
+    /// The device id.
+    #[serde(rename = "msdyn_deviceid")]
+    pub device_id: DeviceId,
+    /// The alert that caused it, if any.
+    #[serde(rename = "msdyn_parentalert")]
+    pub parent_alert: Option<Uuid>,
+    /// The id that ties the device's reply to this command.
+    #[serde(rename = "iotgw_correlationid")]
+    pub correlation_id: String,
+    /// Provider instance it went through.
+    #[serde(rename = "msdyn_iotproviderinstance")]
+    pub provider_instance: String,
+    /// Created on.
+    #[serde(rename = "createdon")]
+    pub created_at: DateTime<Utc>,
+    /// Modified on.
+    #[serde(rename = "modifiedon")]
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A command to create.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewCommand {
+    /// Command name.
+    pub name: String,
+    /// JSON text to send.
+    pub message: String,
+    /// Target device.
+    pub device_id: DeviceId,
+    /// Causing alert.
+    pub parent_alert: Option<Uuid>,
+    /// Correlation id (unique).
+    pub correlation_id: String,
+}
+
+/// `msdyn_iotalert`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Primary key.
+    #[serde(rename = "msdyn_iotalertid")]
+    pub id: Uuid,
+    /// Description, at most 100 characters.
+    #[serde(rename = "msdyn_description")]
+    pub description: String,
+    /// The data the device sent, at most 8192 characters.
+    #[serde(rename = "msdyn_alertdata")]
+    pub alert_data: String,
+    /// When the alert was raised (the telemetry's time).
+    #[serde(rename = "msdyn_alerttime")]
+    pub alert_time: DateTime<Utc>,
+    /// The provider's unique event id: the idempotency key.
+    #[serde(rename = "msdyn_alerttoken")]
+    pub alert_token: String,
+    /// Type.
+    #[serde(rename = "msdyn_alerttype")]
+    pub alert_type: AlertType,
+    /// 0..=100.
+    #[serde(rename = "msdyn_alertpriorityscore")]
+    pub priority_score: Option<u8>,
+    /// The device record.
+    #[serde(rename = "msdyn_device")]
+    pub device: Uuid,
+    /// The device id.
+    #[serde(rename = "msdyn_deviceid")]
+    pub device_id: DeviceId,
+    /// The primary alert this one was folded into.
+    #[serde(rename = "msdyn_parentalert")]
+    pub parent_alert: Option<Uuid>,
+    /// Its token.
+    #[serde(rename = "msdyn_parentalerttoken")]
+    pub parent_alert_token: Option<String>,
+    /// Last command sent in response.
+    #[serde(rename = "msdyn_lastcommandsent")]
+    pub last_command_sent: Option<Uuid>,
+    /// When it was sent.
+    #[serde(rename = "msdyn_lastcommandsenttime")]
+    pub last_command_sent_time: Option<DateTime<Utc>>,
+    /// `statecode`.
+    pub statecode: i32,
+    /// `statuscode`.
+    pub statuscode: i32,
+    /// The rule that raised it.
+    #[serde(rename = "iotgw_rule")]
+    pub rule: String,
+    /// Provider instance the telemetry came through.
+    #[serde(rename = "msdyn_iotproviderinstance")]
+    pub provider_instance: String,
+    /// Created on.
+    #[serde(rename = "createdon")]
+    pub created_at: DateTime<Utc>,
+}
+
+impl Alert {
+    /// The combined state/status.
+    pub fn status(&self) -> Option<AlertStatus> {
+        AlertStatus::from_statuscode(i64::from(self.statuscode))
+    }
+}
+
+/// An alert a rule raised, before debounce and storage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewAlert {
+    /// Description (cut to 100 characters by the store if longer).
+    pub description: String,
+    /// The telemetry (cut to 8192 characters by the store if longer).
+    pub alert_data: String,
+    /// Telemetry time.
+    pub alert_time: DateTime<Utc>,
+    /// Unique token.
+    pub alert_token: String,
+    /// Type.
+    pub alert_type: AlertType,
+    /// Priority.
+    pub priority_score: Option<u8>,
+    /// Rule name.
+    pub rule: String,
+    /// Alerts with the same key inside the window fold into one parent.
+    pub debounce_key: String,
+    /// A command to create with this alert as parent, if the rule asks for one.
+    pub command: Option<NewAlertCommand>,
+}
+
+/// A command a rule sends in response to its alert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewAlertCommand {
+    /// Command name.
+    pub name: String,
+    /// JSON text.
+    pub message: String,
+    /// Correlation id.
+    pub correlation_id: String,
+}
+
+/// Everything one telemetry message changes, committed in one transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryCommit {
+    /// The device (must exist).
+    pub device_id: DeviceId,
+    /// When the message was received.
+    pub received_at: DateTime<Utc>,
+    /// Alerts raised by rules.
+    pub alerts: Vec<NewAlert>,
+    /// Debounce window.
+    pub debounce_window: chrono::Duration,
+    /// Sinks that get an outbox item per new alert.
+    pub sinks: Vec<String>,
+}
+
+/// One alert after commit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommittedAlert {
+    /// The stored alert.
+    pub alert: Alert,
+    /// True when the token was already stored: nothing was written for it.
+    pub duplicate: bool,
+    /// The command created with it, if any (None for duplicates).
+    pub command: Option<Command>,
+}
+
+/// An item waiting for delivery to a sink.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OutboxItem {
+    /// Sequence number (delivery order per sink).
+    pub id: i64,
+    /// Sink name.
+    pub sink: String,
+    /// The JSON to deliver.
+    pub payload: serde_json::Value,
+    /// Stable key for the receiver to drop duplicates.
+    pub idempotency_key: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Last error.
+    pub last_error: Option<String>,
+    /// Created on.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A message or delivery that can never succeed, kept with the reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Sequence number.
+    pub id: i64,
+    /// Where it came from: `telemetry:<provider>` or `sink:<name>`.
+    pub source: String,
+    /// Why it cannot be processed.
+    pub reason: String,
+    /// Device id as received (may be invalid).
+    pub device_id: Option<String>,
+    /// Provider message id or outbox idempotency key.
+    pub message_id: Option<String>,
+    /// The payload, lossily decoded as UTF-8.
+    pub payload: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A dead letter to record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewDeadLetter {
+    /// See [`DeadLetter::source`].
+    pub source: String,
+    /// See [`DeadLetter::reason`].
+    pub reason: String,
+    /// See [`DeadLetter::device_id`].
+    pub device_id: Option<String>,
+    /// See [`DeadLetter::message_id`].
+    pub message_id: Option<String>,
+    /// See [`DeadLetter::payload`].
+    pub payload: String,
+}
+
+/// Filters for listing devices.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct DeviceFilter {
+    /// Only this provider instance.
+    pub provider_instance: Option<String>,
+    /// Only this category.
+    pub category: Option<String>,
+    /// Only this registration status.
+    pub registration_status: Option<RegistrationStatus>,
+    /// Only connected (true) or disconnected (false).
+    pub connected: Option<bool>,
+}
+
+/// Filters for listing alerts.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct AlertFilter {
+    /// Only this device.
+    pub device_id: Option<DeviceId>,
+    /// Only this statecode.
+    pub statecode: Option<i32>,
+    /// Only alerts with this parent.
+    pub parent_alert: Option<Uuid>,
+    /// Only primary alerts (no parent) when true; only children when false.
+    pub primary: Option<bool>,
+    /// Only this type.
+    pub alert_type: Option<AlertType>,
+}
+
+/// Filters for listing commands.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct CommandFilter {
+    /// Only this device.
+    pub device_id: Option<DeviceId>,
+    /// Only this status.
+    pub status: Option<CommandStatus>,
+    /// Only commands caused by this alert.
+    pub parent_alert: Option<Uuid>,
+}
+
+/// Keyset paging: items after `after` (an opaque cursor from the previous page), at most `limit`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct PageRequest {
+    /// Cursor from the previous page's `next`.
+    pub after: Option<String>,
+    /// Page size, 1..=1000.
+    pub limit: u32,
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self {
+            after: None,
+            limit: 100,
+        }
+    }
+}
+
+/// A page of results.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Cursor for the next page; None on the last page.
+    pub next: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_sets_carry_dataverse_values_and_labels() {
+        assert_eq!(RegistrationStatus::Registered.value(), 192350003);
+        assert_eq!(
+            RegistrationStatus::from_label("in progress"),
+            Some(RegistrationStatus::InProgress)
+        );
+        assert_eq!(
+            CommandStatus::from_value(192350002),
+            Some(CommandStatus::Error)
+        );
+        assert_eq!(
+            AlertType::from_label("Preventive_Maintenance"),
+            Some(AlertType::PreventiveMaintenance)
+        );
+        assert_eq!(
+            serde_json::to_string(&AlertType::Test).expect("json"),
+            "192350003"
+        );
+        assert_eq!(
+            serde_json::from_str::<AlertType>("\"Info\"").expect("label"),
+            AlertType::Info
+        );
+        let err = serde_json::from_str::<AlertType>("7")
+            .expect_err("bad")
+            .to_string();
+        assert!(err.contains("192350000 (Anomaly)"), "{err}");
+    }
+
+    #[test]
+    fn alert_status_pairs_match_field_service() {
+        let pairs: Vec<(i32, i32)> = AlertStatus::ALL
+            .iter()
+            .map(|s| (s.statecode(), s.statuscode()))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![(0, 1), (1, 2), (2, 3), (2, 4), (2, 5), (3, 6), (2, 7)]
+        );
+        assert_eq!(
+            AlertStatus::from_statuscode(7),
+            Some(AlertStatus::CommandFailed)
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! The `Store` trait: the one source of truth for devices, history, commands, alerts, the
+//! outbox and dead letters. Backends (SQLite now, PostgreSQL for scale-out) implement it and
+//! pass the same conformance suite (`crate::conformance`).
+//!
+//! Debounce lives here, inside the telemetry transaction, so several gateway replicas on one
+//! database fold alerts the same way a single one does.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::model::*;
+use crate::DeviceId;
+
+/// What went wrong in the store, classified so the gateway and the API can answer well.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record does not exist.
+    #[error("{entity} {key} not found")]
+    NotFound {
+        /// Entity name, e.g. "device".
+        entity: &'static str,
+        /// The key looked up.
+        key: String,
+    },
+    /// The change conflicts with the record's current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The input cannot be stored as given.
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// The database failed; retrying may help.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// Result alias for store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Persistence for the Field Service entities and the delivery machinery.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap check that the database answers (for `/ready`).
+    async fn ping(&self) -> StoreResult<()>;
+
+    // --- devices -------------------------------------------------------------------------
+
+    /// Starts a registration: inserts the device as In Progress, or moves an Unregistered,
+    /// Unknown or Error device back to In Progress with the new fields. A device that is
+    /// Registered or In Progress gives `Conflict` naming its provider instance.
+    async fn begin_registration(&self, device: &NewDevice) -> StoreResult<Device>;
+
+    /// Ends a registration: `Ok(message)` sets Registered and writes a Register history row;
+    /// `Err(message)` sets Error with the message (no history row).
+    async fn finish_registration(
+        &self,
+        id: &DeviceId,
+        outcome: Result<Option<String>, String>,
+    ) -> StoreResult<Device>;
+
+    /// Marks the device Unregistered and writes an Unregister history row. `NotFound` when
+    /// unknown; `Conflict` when it is already Unregistered.
+    async fn mark_unregistered(
+        &self,
+        id: &DeviceId,
+        message: Option<String>,
+    ) -> StoreResult<Device>;
+
+    /// Inserts a device seen only in telemetry, with status Unknown. Returns the existing
+    /// device unchanged if there is one.
+    async fn ensure_unknown_device(
+        &self,
+        id: &DeviceId,
+        provider_instance: &str,
+    ) -> StoreResult<Device>;
+
+    /// One device.
+    async fn get_device(&self, id: &DeviceId) -> StoreResult<Option<Device>>;
+
+    /// Devices matching the filter, ordered by device id.
+    async fn list_devices(
+        &self,
+        filter: &DeviceFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Device>>;
+
+    /// Registration history of a device, oldest first.
+    async fn history(&self, id: &DeviceId) -> StoreResult<Vec<RegistrationHistory>>;
+
+    /// Applies a connection state if `at` is not older than the stored state's time (events
+    /// are ordered by event time, never by arrival). Returns whether it was applied.
+    /// `NotFound` for an unknown device.
+    async fn set_connection_state(
+        &self,
+        id: &DeviceId,
+        connected: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Replaces the reported properties and bumps last activity.
+    async fn set_reported_properties(
+        &self,
+        id: &DeviceId,
+        reported: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    // --- categories ----------------------------------------------------------------------
+
+    /// Creates the category or updates its description.
+    async fn upsert_category(&self, name: &str, description: Option<&str>)
+        -> StoreResult<Category>;
+
+    /// All categories by name.
+    async fn list_categories(&self) -> StoreResult<Vec<Category>>;
+
+    // --- telemetry and alerts ------------------------------------------------------------
+
+    /// Commits one telemetry message in one transaction: bumps the device's last activity,
+    /// inserts each alert unless its token is already stored (then it is reported as a
+    /// duplicate and nothing is written for it), folds it into the first alert with the
+    /// same debounce key inside the window (a match on a child links to that child's
+    /// parent: the hierarchy stays flat), creates the command of a primary alert (In
+    /// Progress; a debounced child does not repeat its parent's command) and
+    /// queues one outbox item per sink carrying the alert JSON.
+    async fn commit_telemetry(&self, commit: &TelemetryCommit) -> StoreResult<Vec<CommittedAlert>>;
+
+    /// One alert.
+    async fn get_alert(&self, id: Uuid) -> StoreResult<Option<Alert>>;
+
+    /// Alerts matching the filter, newest first.
+    async fn list_alerts(
+        &self,
+        filter: &AlertFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Alert>>;
+
+    /// Sets an alert's state/status and, when given, its last command and time.
+    async fn set_alert_status(
+        &self,
+        id: Uuid,
+        status: AlertStatus,
+        last_command: Option<(Uuid, DateTime<Utc>)>,
+    ) -> StoreResult<Alert>;
+
+    // --- commands ------------------------------------------------------------------------
+
+    /// Creates a command, In Progress. `NotFound` for an unknown device.
+    async fn insert_command(&self, command: &NewCommand) -> StoreResult<Command>;
+
+    /// Sets a command's status and reason.
+    async fn set_command_status(
+        &self,
+        id: Uuid,
+        status: CommandStatus,
+        reason: Option<String>,
+    ) -> StoreResult<Command>;
+
+    /// One command.
+    async fn get_command(&self, id: Uuid) -> StoreResult<Option<Command>>;
+
+    /// The command with this correlation id.
+    async fn get_command_by_correlation(
+        &self,
+        correlation_id: &str,
+    ) -> StoreResult<Option<Command>>;
+
+    /// Commands matching the filter, newest first.
+    async fn list_commands(
+        &self,
+        filter: &CommandFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Command>>;
+
+    // --- outbox and dead letters ---------------------------------------------------------
+
+    /// Leases up to `limit` due items of one sink, oldest first, until `lease_until`, so
+    /// another replica does not take them meanwhile.
+    async fn claim_outbox(
+        &self,
+        sink: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxItem>>;
+
+    /// Removes a delivered item.
+    async fn outbox_delivered(&self, id: i64) -> StoreResult<()>;
+
+    /// Records a failed attempt and when to try again.
+    async fn outbox_retry(
+        &self,
+        id: i64,
+        next_attempt_at: DateTime<Utc>,
+        error: &str,
+    ) -> StoreResult<()>;
+
+    /// Moves an item that can never be delivered to the dead letters with the reason.
+    async fn outbox_dead_letter(&self, id: i64, reason: &str) -> StoreResult<()>;
+
+    /// Items waiting per sink.
+    async fn outbox_depth(&self) -> StoreResult<Vec<(String, u64)>>;
+
+    /// Records a dead letter.
+    async fn insert_dead_letter(&self, letter: &NewDeadLetter) -> StoreResult<DeadLetter>;
+
+    /// Dead letters, newest first.
+    async fn list_dead_letters(&self, page: &PageRequest) -> StoreResult<Page<DeadLetter>>;
+}

@@ -1,0 +1,481 @@
+//! End-to-end behaviour through the real boundaries, in-process: the gateway with its
+//! embedded MQTT broker (rumqttd), SQLite in a temp dir, the real HTTP API, a real webhook
+//! receiver and MQTT 5 device clients.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_telemetry_alert_child_webhook_command_reply_unregister() {
+    let hook = Webhook::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        webhook: Some(hook.url()),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+
+    let reg = api.post("/api/v1/devices", json!({"msdyn_deviceid": "pump-1", "msdyn_category": "chiller", "msdyn_tags": {"site": "north"}})).await;
+    assert_eq!(reg.0, 201, "{}", reg.1);
+    assert_eq!(reg.1["device"]["msdyn_registrationstatus"], 192350003);
+    assert_eq!(reg.1["device"]["msdyn_iotproviderinstance"], "local");
+
+    let mut dev = Device::connect(gw.broker_port, "pump-1").await;
+    dev.publish_telemetry(json!({"message_id": "m-1", "temperature": 80.5}))
+        .await;
+    dev.publish_telemetry(json!({"message_id": "m-2", "temperature": 82.0}))
+        .await;
+
+    let alerts = wait_for("two alerts for pump-1", || async {
+        let (_, body) = api.get("/api/v1/alerts?device_id=pump-1").await;
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        (items.len() == 2).then_some(items)
+    })
+    .await;
+    let primary = alerts
+        .iter()
+        .find(|a| a["msdyn_parentalert"].is_null())
+        .expect("a primary alert");
+    let child = alerts
+        .iter()
+        .find(|a| !a["msdyn_parentalert"].is_null())
+        .expect("a child alert");
+    assert_eq!(child["msdyn_parentalert"], primary["msdyn_iotalertid"]);
+    assert_eq!(child["msdyn_parentalerttoken"], "pump-1:m-1");
+    assert_eq!(primary["msdyn_alerttoken"], "pump-1:m-1");
+    assert_eq!(primary["msdyn_alerttype"], 192350000);
+
+    // The webhook receives both alerts exactly once, signed.
+    let posts = wait_for("two webhook deliveries", || async {
+        let p = hook.accepted();
+        (p.len() >= 2).then_some(p)
+    })
+    .await;
+    assert_eq!(posts.len(), 2, "{posts:?}");
+    let mut keys: Vec<_> = posts.iter().map(|p| p.idempotency_key.clone()).collect();
+    keys.dedup();
+    assert_eq!(keys.len(), 2);
+    assert!(
+        posts.iter().all(|p| p.signature_valid),
+        "every body is signed with the shared secret"
+    );
+
+    // The rule's command reaches the device; its reply marks it Sent and the alert Command Sent.
+    let cmd = dev.next_command().await;
+    assert_eq!(cmd.body["CommandName"], "cool_down");
+    dev.reply(&cmd, true).await;
+    let sent = wait_for("the rule's command to be Sent", || async {
+        let (_, body) = api.get("/api/v1/commands?device_id=pump-1").await;
+        body["items"].as_array().and_then(|i| {
+            i.iter()
+                .find(|c| c["msdyn_commandstatus"] == 192350001)
+                .cloned()
+        })
+    })
+    .await;
+    assert_eq!(sent["msdyn_parentalert"], primary["msdyn_iotalertid"]);
+    let (_, a) = api
+        .get(&format!(
+            "/api/v1/alerts/{}",
+            primary["msdyn_iotalertid"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(
+        (a["statecode"].as_i64(), a["statuscode"].as_i64()),
+        (Some(2), Some(5)),
+        "{a}"
+    );
+    assert_eq!(a["msdyn_lastcommandsent"], sent["msdyn_iotdevicecommandid"]);
+
+    // A command through the API that the device refuses ends in Error with its reason.
+    let (status, manual) = api.post("/api/v1/commands", json!({"msdyn_deviceid": "pump-1", "msdyn_name": "reboot", "parameters": {"delay_s": 5}})).await;
+    assert_eq!(status, 202, "{manual}");
+    let cmd = dev.next_command().await;
+    assert_eq!(
+        cmd.body,
+        json!({"CommandName": "reboot", "Parameters": {"delay_s": 5}})
+    );
+    dev.reply(&cmd, false).await;
+    let id = manual["msdyn_iotdevicecommandid"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let failed = wait_for("the manual command to be Error", || async {
+        let (_, c) = api.get(&format!("/api/v1/commands/{id}")).await;
+        (c["msdyn_commandstatus"] == 192350002).then_some(c)
+    })
+    .await;
+    assert_eq!(
+        failed["msdyn_commandstatusreason"],
+        "refused by test device"
+    );
+
+    // Unregister writes history.
+    let (status, d) = api.delete("/api/v1/devices/pump-1").await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["msdyn_registrationstatus"], 192350001);
+    let (_, h) = api.get("/api/v1/devices/pump-1/history").await;
+    let actions: Vec<_> = h["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| r["msdyn_action"].clone())
+        .collect();
+    assert_eq!(actions, vec![json!(192350000), json!(192350001)]);
+
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_makes_one_alert() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    api.register("dup-1").await;
+    let mut dev = Device::connect(gw.broker_port, "dup-1").await;
+    for _ in 0..3 {
+        dev.publish_telemetry(json!({"message_id": "same-id", "temperature": 90}))
+            .await;
+    }
+    dev.publish_telemetry(json!({"message_id": "marker", "temperature": 10}))
+        .await;
+    wait_for("three duplicates counted", || async {
+        let m = api.metrics().await;
+        (metric(&m, "iotgw_alerts_total", &["kind=\"duplicate\""]) >= 2.0).then_some(())
+    })
+    .await;
+    let (_, body) = api.get("/api/v1/alerts?device_id=dup-1").await;
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(1), "{body}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_telemetry_is_dead_lettered_with_a_reason_and_counted_while_good_data_flows() {
+    let gw = Gateway::start(GatewayOptions {
+        max_payload_bytes: Some(2048),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+    api.register("good-1").await;
+    let mut raw = Device::connect(gw.broker_port, "raw-client").await;
+    raw.publish_raw("devices/good-1/telemetry", b"{not json".to_vec())
+        .await;
+    raw.publish_raw(
+        "devices/stranger-9/telemetry",
+        br#"{"temperature": 99}"#.to_vec(),
+    )
+    .await;
+    raw.publish_raw(
+        "devices/bad.id/telemetry",
+        br#"{"temperature": 99}"#.to_vec(),
+    )
+    .await;
+    let big = format!(r#"{{"temperature": 99, "blob": "{}"}}"#, "x".repeat(4096));
+    raw.publish_raw("devices/good-1/telemetry", big.into_bytes())
+        .await;
+    raw.publish_raw(
+        "devices/good-1/telemetry",
+        br#"{"message_id": "ok-1", "temperature": 99}"#.to_vec(),
+    )
+    .await;
+
+    let letters = wait_for("four dead letters", || async {
+        let (_, body) = api.get("/api/v1/dead-letters").await;
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        (items.len() >= 4).then_some(items)
+    })
+    .await;
+    let reasons: Vec<String> = letters
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+    assert!(has("not JSON"), "{reasons:?}");
+    assert!(
+        has("not in the registry") && has("auto_register"),
+        "{reasons:?}"
+    );
+    assert!(
+        has("'.'") || has("\".\"") || has("'.'"),
+        "invalid id reason names the character: {reasons:?}"
+    );
+    assert!(has("accepts at most 2048"), "{reasons:?}");
+
+    // The good message after the bad ones still makes its alert.
+    wait_for("the good message's alert", || async {
+        let (_, body) = api.get("/api/v1/alerts?device_id=good-1").await;
+        (body["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    let m = api.metrics().await;
+    for reason in [
+        "malformed_json",
+        "unknown_device",
+        "invalid_device_id",
+        "oversize",
+    ] {
+        assert!(
+            metric(
+                &m,
+                "iotgw_events_rejected_total",
+                &[&format!("reason=\"{reason}\"")]
+            ) >= 1.0,
+            "{reason} not counted:\n{m}"
+        );
+    }
+    assert!(metric(&m, "iotgw_dead_letters_total", &[]) >= 4.0);
+    let (live, _) = api.get("/live").await;
+    assert_eq!(live, 200, "still running");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refuses_bad_requests_with_the_field_and_the_fix() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+
+    let (s, b) = api
+        .post("/api/v1/devices", json!({"msdyn_deviceid": "has space"}))
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"]["code"], "invalid_input");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("msdyn_deviceid"),
+        "{b}"
+    );
+
+    let (s, b) = api
+        .post(
+            "/api/v1/devices",
+            json!({"msdyn_deviceid": "x".repeat(101)}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("at most 100"),
+        "{b}"
+    );
+
+    let (s, b) = api
+        .post(
+            "/api/v1/devices",
+            json!({"msdyn_deviceid": "ok-1", "msdyn_colour": "red"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("msdyn_colour"),
+        "{b}"
+    );
+
+    api.register("twice").await;
+    let (s, b) = api
+        .post("/api/v1/devices", json!({"msdyn_deviceid": "twice"}))
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unregister"),
+        "{b}"
+    );
+
+    let (s, b) = api.delete("/api/v1/devices/never-seen").await;
+    assert_eq!(s, 404, "{b}");
+
+    let (s, b) = api.post("/api/v1/commands", json!({"msdyn_deviceid": "twice", "msdyn_name": "big", "parameters": {"blob": "x".repeat(9000)}})).await;
+    assert_eq!(s, 400, "{b}");
+    let msg = b["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("msdyn_message") && msg.contains("8192"), "{b}");
+
+    let (s, b) = api
+        .post(
+            "/api/v1/devices",
+            json!({"msdyn_deviceid": "r1", "msdyn_iotproviderinstance": "nowhere"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("local"),
+        "names the configured instances: {b}"
+    );
+
+    let (s, _) = api.get("/api/v1/nothing-here").await;
+    assert_eq!(s, 404);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_pending_when_the_gateway_stops_is_delivered_once_after_restart() {
+    let hook = Webhook::start().await;
+    hook.set_down(true);
+    let dir = tempfile::tempdir().expect("tmp");
+    let opts = || GatewayOptions {
+        webhook: Some(hook.url()),
+        data_dir: Some(dir.path().to_owned()),
+        ..Default::default()
+    };
+    let gw = Gateway::start(opts()).await;
+    let api = gw.api();
+    api.register("restart-1").await;
+    let mut dev = Device::connect(gw.broker_port, "restart-1").await;
+    dev.publish_telemetry(json!({"message_id": "r-1", "temperature": 95}))
+        .await;
+    wait_for("the webhook to refuse at least once", || async {
+        (hook.refused() >= 1).then_some(())
+    })
+    .await;
+    let m = api.metrics().await;
+    assert!(
+        metric(&m, "iotgw_outbox_depth", &["sink=\"hook\""]) >= 1.0,
+        "{m}"
+    );
+    drop(dev);
+    gw.stop_with_grace(Duration::ZERO).await;
+    assert!(hook.accepted().is_empty());
+
+    hook.set_down(false);
+    let gw = Gateway::start(opts()).await;
+    let posts = wait_for("the pending alert to be delivered", || async {
+        let p = hook.accepted();
+        (!p.is_empty()).then_some(p)
+    })
+    .await;
+    // Give a wrong second delivery every chance to show up before counting.
+    let api = gw.api();
+    wait_for("the outbox to be empty", || async {
+        let m = api.metrics().await;
+        (metric(&m, "iotgw_outbox_depth", &["sink=\"hook\""]) == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(hook.accepted().len(), 1, "{posts:?}");
+    assert_eq!(posts[0].body["data"]["msdyn_alerttoken"], "restart-1:r-1");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_guards_the_api_but_not_the_probes() {
+    let token = "0123456789abcdef-test-token";
+    let gw = Gateway::start(GatewayOptions {
+        token: Some(token.into()),
+        ..Default::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", gw.api_addr());
+    let r = client
+        .get(url("/api/v1/devices"))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    let r = client
+        .get(url("/api/v1/devices"))
+        .bearer_auth("wrong-token-wrong-token")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 401);
+    let r = client
+        .get(url("/api/v1/devices"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        client
+            .get(url("/live"))
+            .send()
+            .await
+            .expect("http")
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(url("/ready"))
+            .send()
+            .await
+            .expect("http")
+            .status(),
+        200
+    );
+    let m = client
+        .get(url("/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("http")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metric(&m, "iotgw_api_auth_failures_total", &[]) >= 2.0,
+        "{m}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_state_follows_event_time_not_arrival() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    api.register("conn-1").await;
+    let mut raw = Device::connect(gw.broker_port, "raw-conn").await;
+    raw.publish_raw(
+        "devices/conn-1/status",
+        br#"{"connected": true, "at": "2026-01-01T10:00:05Z"}"#.to_vec(),
+    )
+    .await;
+    raw.publish_raw(
+        "devices/conn-1/status",
+        br#"{"connected": false, "at": "2026-01-01T10:00:01Z"}"#.to_vec(),
+    )
+    .await;
+    raw.publish_raw(
+        "devices/conn-1/telemetry",
+        br#"{"message_id": "c-1", "temperature": 1}"#.to_vec(),
+    )
+    .await;
+    let d = wait_for("the device's connection time", || async {
+        let (_, d) = api.get("/api/v1/devices/conn-1").await;
+        (d["msdyn_connectionstateupdatedtime"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("2026-01-01T10:00:05")))
+        .then_some(d)
+    })
+    .await;
+    // Both status events and the telemetry went through; the late "disconnected" lost.
+    wait_for("the telemetry processed", || async {
+        let m = api.metrics().await;
+        (metric(&m, "iotgw_events_acked_total", &[]) >= 3.0).then_some(())
+    })
+    .await;
+    let (_, d2) = api.get("/api/v1/devices/conn-1").await;
+    assert_eq!(d2["msdyn_connectionstate"], Value::Bool(true), "{d} / {d2}");
+    gw.stop().await;
+}

@@ -1,0 +1,471 @@
+//! Test support: an in-process gateway on its embedded broker, an API client, a recording
+//! webhook receiver and MQTT 5 device clients. Waits are conditions with deadlines.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use iotgw::app::{self, RunningGateway, StartOptions};
+use iotgw_config::{
+    Config, MqttConfig, ProviderConfig, RuleCommandConfig, RuleConfig, Secret, SinkConfig,
+    WebhookSinkConfig,
+};
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// The shared secret the test webhook checks signatures with.
+pub const HOOK_SECRET: &str = "s3cret-for-tests";
+
+/// How long any wait may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` until it returns Some, failing the test after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sum of the samples of `name` whose label set contains every filter.
+pub fn metric(text: &str, name: &str, filters: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What a test gateway looks like.
+#[derive(Default)]
+pub struct GatewayOptions {
+    /// Webhook sink URL (sink name `hook`).
+    pub webhook: Option<String>,
+    /// Keep the SQLite file here (to restart on it).
+    pub data_dir: Option<PathBuf>,
+    /// API bearer token.
+    pub token: Option<String>,
+    /// The mqtt provider's payload limit.
+    pub max_payload_bytes: Option<usize>,
+}
+
+/// A running in-process gateway.
+pub struct Gateway {
+    running: Option<RunningGateway>,
+    /// The embedded broker's port.
+    pub broker_port: u16,
+    token: Option<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// The test config: embedded broker on a free port, mqtt provider `local`, a
+/// temperature rule with a `cool_down` command, optional webhook sink `hook`.
+pub fn test_config(opts: &GatewayOptions, data_dir: &std::path::Path, broker_port: u16) -> Config {
+    let mut c = Config::default();
+    c.store.path = data_dir.join("iotgw.db").display().to_string();
+    c.embedded_broker.enabled = true;
+    c.embedded_broker.port = broker_port;
+    // As in the embedded default: no shared subscription on rumqttd (see Config::embedded_default).
+    let mut mqtt = MqttConfig {
+        port: broker_port,
+        client_id: format!("iotgw-test-{broker_port}"),
+        shared_group: String::new(),
+        ..MqttConfig::default()
+    };
+    if let Some(max) = opts.max_payload_bytes {
+        mqtt.max_payload_bytes = max;
+    }
+    c.providers
+        .insert("local".into(), ProviderConfig::Mqtt(mqtt));
+    c.routing.default = Some("local".into());
+    c.rules.insert(
+        "high_temperature".into(),
+        RuleConfig {
+            pointer: "/temperature".into(),
+            op: iotgw_config::CompareOp::Gt,
+            value: Some(serde_json::json!(75)),
+            alert_type: "Anomaly".into(),
+            description: "Temperature {value} on {device_id}".into(),
+            priority: Some(70),
+            command: Some(RuleCommandConfig {
+                name: "cool_down".into(),
+                parameters: serde_json::json!({"target_celsius": 60}),
+            }),
+        },
+    );
+    if let Some(url) = &opts.webhook {
+        c.sinks.insert(
+            "hook".into(),
+            SinkConfig::Webhook(WebhookSinkConfig {
+                url: url.clone(),
+                secret: Some(Secret::new(HOOK_SECRET)),
+                timeout_ms: 2_000,
+                backoff_min_ms: 50,
+                backoff_max_ms: 300,
+            }),
+        );
+    }
+    c.api.token = opts.token.clone().map(Secret::new);
+    c
+}
+
+impl Gateway {
+    /// Starts a gateway and waits until `/ready` says so.
+    pub async fn start(opts: GatewayOptions) -> Self {
+        let tmp = if opts.data_dir.is_none() {
+            Some(tempfile::tempdir().expect("temp dir"))
+        } else {
+            None
+        };
+        let dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| tmp.as_ref().expect("tmp").path().to_owned());
+        let broker_port = free_port();
+        let config = test_config(&opts, &dir, broker_port);
+        let problems = iotgw_config::validate::validate(&config, &app::built_kinds());
+        assert!(problems.is_empty(), "test config invalid: {problems:?}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let running = app::start(
+            config,
+            StartOptions {
+                api_listener: Some(listener),
+            },
+        )
+        .await
+        .expect("gateway starts");
+        let gw = Self {
+            running: Some(running),
+            broker_port,
+            token: opts.token,
+            _tmp: tmp,
+        };
+        let api = gw.api();
+        wait_for("the gateway to be ready", || async {
+            (api.get("/ready").await.0 == 200).then_some(())
+        })
+        .await;
+        gw
+    }
+
+    /// The API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.running.as_ref().expect("running").api_addr
+    }
+
+    /// An API client.
+    pub fn api(&self) -> Api {
+        Api {
+            base: format!("http://{}", self.api_addr()),
+            token: self.token.clone(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// Graceful stop with a 5 s grace.
+    pub async fn stop(self) {
+        self.stop_with_grace(Duration::from_secs(5)).await;
+    }
+
+    /// Graceful stop with the given grace.
+    pub async fn stop_with_grace(mut self, grace: Duration) {
+        if let Some(r) = self.running.take() {
+            r.stop(grace).await;
+        }
+    }
+}
+
+/// A small API client.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    token: Option<String>,
+    client: reqwest::Client,
+}
+
+impl Api {
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().await.expect("API reachable");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// GET.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(self.client.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// POST JSON.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(self.client.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    /// DELETE.
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.send(self.client.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// Registers a device, asserting success.
+    pub async fn register(&self, id: &str) -> Value {
+        let (s, b) = self
+            .post("/api/v1/devices", serde_json::json!({"msdyn_deviceid": id}))
+            .await;
+        assert_eq!(s, 201, "registering {id}: {b}");
+        b
+    }
+
+    /// The metrics text.
+    pub async fn metrics(&self) -> String {
+        match self.get("/metrics").await.1 {
+            Value::String(s) => s,
+            other => panic!("metrics: {other}"),
+        }
+    }
+}
+
+/// One request the webhook accepted.
+#[derive(Debug, Clone)]
+pub struct Post {
+    /// Idempotency-Key header.
+    pub idempotency_key: String,
+    /// Whether X-Iotgw-Signature matched HMAC-SHA256(secret, body).
+    pub signature_valid: bool,
+    /// The JSON body.
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct HookState {
+    down: bool,
+    accepted: Vec<Post>,
+    refused: usize,
+}
+
+/// A recording webhook receiver on loopback; can be switched "down" (503).
+pub struct Webhook {
+    addr: SocketAddr,
+    state: Arc<Mutex<HookState>>,
+}
+
+async fn receive(
+    State(state): State<Arc<Mutex<HookState>>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    let mut s = state.lock().expect("lock");
+    if s.down {
+        s.refused += 1;
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let expected = iotgw::sinks::signature(HOOK_SECRET.as_bytes(), &body);
+    s.accepted.push(Post {
+        idempotency_key: header("idempotency-key"),
+        signature_valid: header("x-iotgw-signature") == expected,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+    });
+    StatusCode::OK
+}
+
+impl Webhook {
+    /// Starts the receiver.
+    pub async fn start() -> Self {
+        let state = Arc::new(Mutex::new(HookState::default()));
+        let app = axum::Router::new()
+            .route("/hook", post(receive))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("webhook server") });
+        Self { addr, state }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Switches 503 answers on or off.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().expect("lock").down = down;
+    }
+
+    /// Requests accepted so far.
+    pub fn accepted(&self) -> Vec<Post> {
+        self.state.lock().expect("lock").accepted.clone()
+    }
+
+    /// Requests refused so far.
+    pub fn refused(&self) -> usize {
+        self.state.lock().expect("lock").refused
+    }
+}
+
+/// A command as a device received it.
+#[derive(Debug, Clone)]
+pub struct ReceivedCommand {
+    /// The JSON message.
+    pub body: Value,
+    /// Correlation data.
+    pub correlation: String,
+}
+
+/// An MQTT 5 device client on the default topic scheme.
+pub struct Device {
+    id: String,
+    client: AsyncClient,
+    commands: mpsc::Receiver<ReceivedCommand>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    /// Connects as `id` and subscribes to its command topic; returns once subscribed.
+    pub async fn connect(port: u16, id: &str) -> Self {
+        let mut opts = MqttOptions::new(format!("{id}-dev-{}", free_port()), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(10));
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let (tx, commands) = mpsc::channel(16);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        client
+            .subscribe(format!("devices/{id}/commands"), QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let correlation = p
+                            .properties
+                            .as_ref()
+                            .and_then(|pr| pr.correlation_data.clone())
+                            .map(|b| String::from_utf8_lossy(&b).into_owned())
+                            .unwrap_or_default();
+                        let body = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        if tx
+                            .send(ReceivedCommand { body, correlation })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, ready_rx)
+            .await
+            .expect("device subscribed in time")
+            .expect("device task alive");
+        Self {
+            id: id.to_string(),
+            client,
+            commands,
+            _task: task,
+        }
+    }
+
+    /// Publishes JSON telemetry on the device's telemetry topic (QoS 1).
+    pub async fn publish_telemetry(&mut self, body: Value) {
+        let topic = format!("devices/{}/telemetry", self.id);
+        self.publish_raw(&topic, body.to_string().into_bytes())
+            .await;
+    }
+
+    /// Publishes raw bytes on any topic (QoS 1).
+    pub async fn publish_raw(&mut self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish queued");
+    }
+
+    /// The next command, failing the test after [`DEADLINE`].
+    pub async fn next_command(&mut self) -> ReceivedCommand {
+        tokio::time::timeout(DEADLINE, self.commands.recv())
+            .await
+            .expect("a command in time")
+            .expect("device task alive")
+    }
+
+    /// Answers a command on the reply topic.
+    pub async fn reply(&mut self, cmd: &ReceivedCommand, ok: bool) {
+        let body = if ok {
+            serde_json::json!({"correlation_id": cmd.correlation, "status": "ok"})
+        } else {
+            serde_json::json!({"correlation_id": cmd.correlation, "status": "error", "reason": "refused by test device"})
+        };
+        let props = PublishProperties {
+            correlation_data: Some(cmd.correlation.clone().into_bytes().into()),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(
+                format!("devices/{}/replies", self.id),
+                QoS::AtLeastOnce,
+                false,
+                body.to_string(),
+                props,
+            )
+            .await
+            .expect("reply queued");
+    }
+}
