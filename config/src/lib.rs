@@ -10,9 +10,15 @@
 //!
 //! This crate knows the shape of each provider's settings but nothing of how they run.
 
+pub mod aws_iot_core;
+pub mod azure_iot_hub;
+pub mod gcp_pubsub;
 pub mod load;
 pub mod model;
 pub mod validate;
 
+pub use aws_iot_core::AwsIotCoreConfig;
+pub use azure_iot_hub::AzureIotHubConfig;
+pub use gcp_pubsub::GcpPubSubConfig;
 pub use load::{load, ConfigError, LoadOptions, Problem};
 pub use model::*;

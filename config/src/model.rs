@@ -220,12 +220,12 @@ pub struct RouteRule {
 pub enum ProviderConfig {
     /// Plain MQTT 5 broker.
     Mqtt(MqttConfig),
-    /// AWS IoT Core (not built in this binary yet).
-    AwsIotCore(UnbuiltProviderConfig),
-    /// GCP Pub/Sub (not built in this binary yet).
-    GcpPubsub(UnbuiltProviderConfig),
-    /// Azure IoT Hub (not built in this binary yet).
-    AzureIotHub(UnbuiltProviderConfig),
+    /// AWS IoT Core.
+    AwsIotCore(crate::aws_iot_core::AwsIotCoreConfig),
+    /// GCP Pub/Sub.
+    GcpPubsub(crate::gcp_pubsub::GcpPubSubConfig),
+    /// Azure IoT Hub.
+    AzureIotHub(crate::azure_iot_hub::AzureIotHubConfig),
 }
 
 impl ProviderConfig {
@@ -238,14 +238,6 @@ impl ProviderConfig {
             Self::AzureIotHub(_) => "azure_iot_hub",
         }
     }
-}
-
-/// Settings of a provider kind this binary does not contain; kept only to report it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct UnbuiltProviderConfig {
-    /// Whatever was given.
-    #[serde(flatten)]
-    pub settings: BTreeMap<String, serde_json::Value>,
 }
 
 /// Plain MQTT 5 provider.

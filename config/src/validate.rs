@@ -107,8 +107,11 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
                 format!("rebuild with `--features {}` once that provider is available, or use one of: {}", prov.kind(), built_kinds.join(", ")),
             ));
         }
-        if let ProviderConfig::Mqtt(m) = prov {
-            validate_mqtt(&base, m, &mut out);
+        match prov {
+            ProviderConfig::Mqtt(m) => validate_mqtt(&base, m, &mut out),
+            ProviderConfig::AwsIotCore(c) => crate::aws_iot_core::validate(&base, c, &mut out),
+            ProviderConfig::GcpPubsub(c) => crate::gcp_pubsub::validate(&base, c, &mut out),
+            ProviderConfig::AzureIotHub(c) => crate::azure_iot_hub::validate(&base, c, &mut out),
         }
     }
 

@@ -31,14 +31,30 @@ pub fn built_kinds() -> Vec<&'static str> {
     if cfg!(feature = "mqtt") {
         k.push("mqtt");
     }
+    if cfg!(feature = "aws_iot_core") {
+        k.push("aws_iot_core");
+    }
+    if cfg!(feature = "gcp_pubsub") {
+        k.push("gcp_pubsub");
+    }
+    if cfg!(feature = "azure_iot_hub") {
+        k.push("azure_iot_hub");
+    }
     k
 }
 
 /// Builds the provider for one configured instance.
-pub fn build_provider(name: &str, cfg: &ProviderConfig) -> anyhow::Result<Arc<dyn Provider>> {
+pub async fn build_provider(name: &str, cfg: &ProviderConfig) -> anyhow::Result<Arc<dyn Provider>> {
     match cfg {
         #[cfg(feature = "mqtt")]
         ProviderConfig::Mqtt(m) => Ok(Arc::new(iotgw_providers::mqtt::MqttProvider::new(name, m)?)),
+        #[cfg(feature = "aws_iot_core")]
+        ProviderConfig::AwsIotCore(c) => Ok(iotgw_providers::aws_iot_core::build(name, c).await?),
+        #[cfg(feature = "gcp_pubsub")]
+        ProviderConfig::GcpPubsub(c) => Ok(iotgw_providers::gcp_pubsub::build(name, c).await?),
+        #[cfg(feature = "azure_iot_hub")]
+        ProviderConfig::AzureIotHub(c) => Ok(iotgw_providers::azure_iot_hub::build(name, c).await?),
+        #[allow(unreachable_patterns)]
         other => anyhow::bail!(
             "provider `{name}`: kind `{}` is not built in this binary",
             other.kind()
@@ -113,7 +129,12 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
 
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
     for (name, pc) in &config.providers {
-        providers.insert(name.clone(), build_provider(name, pc)?);
+        providers.insert(
+            name.clone(),
+            build_provider(name, pc)
+                .await
+                .with_context(|| format!("starting provider `{name}`"))?,
+        );
     }
     let mut sink_list = Vec::new();
     for (name, sc) in &config.sinks {

@@ -3,7 +3,10 @@
 //! # Layout
 //! - this file: [`Provider`], its request/response types, [`ProviderEvent`] with its
 //!   [`AckHandle`], [`ProviderError`].
-//! - [`mqtt`]: plain MQTT 5 on rumqttc (feature `mqtt`).
+//! - `mqtt`: plain MQTT 5 on rumqttc (feature `mqtt`).
+//! - `aws_iot_core`, `gcp_pubsub`, `azure_iot_hub`: one module per cloud, each behind the
+//!   Cargo feature of the same name, each exposing
+//!   `pub async fn build(instance: &str, config: &<Kind>Config) -> Result<Arc<dyn Provider>, ProviderError>`.
 //!
 //! A provider owns its connections and reconnects on its own. It never touches the store:
 //! it yields normalized events and the gateway acks each one only after its effects are
@@ -20,6 +23,12 @@ use iotgw_registry::DeviceId;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+#[cfg(feature = "aws_iot_core")]
+pub mod aws_iot_core;
+#[cfg(feature = "azure_iot_hub")]
+pub mod azure_iot_hub;
+#[cfg(feature = "gcp_pubsub")]
+pub mod gcp_pubsub;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 
