@@ -133,6 +133,8 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
             }
             Err(errs) => {
                 let mut progressed = false;
+                let errs: Vec<figment::Error> =
+                    errs.into_iter().flat_map(|e| refine(&tree, e)).collect();
                 for err in errs {
                     let p = problem_from(&fig, &err);
                     let key = removal_path(&err);
@@ -161,6 +163,60 @@ pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
         problems.sort_by(|a, b| a.path.cmp(&b.path));
         Err(ConfigError { problems })
     }
+}
+
+/// Errors inside a `kind`-tagged table (`providers.NAME`, `sinks.NAME`) come back from
+/// serde without the key that is wrong; deserializing that table as its concrete type
+/// recovers the full path. Other errors pass through.
+fn refine(tree: &Dict, err: figment::Error) -> Vec<figment::Error> {
+    let [section, name] = err.path.as_slice() else {
+        return vec![err];
+    };
+    if !matches!(section.as_str(), "providers" | "sinks")
+        || matches!(err.kind, Kind::UnknownVariant(..))
+    {
+        return vec![err];
+    }
+    let Some(Value::Dict(_, table)) = tree
+        .get(section)
+        .and_then(|v| v.as_dict())
+        .and_then(|d| d.get(name))
+    else {
+        return vec![err];
+    };
+    let mut table = table.clone();
+    let kind = match table.remove("kind") {
+        Some(Value::String(_, k)) => k,
+        _ => return vec![err],
+    };
+    fn errors_of<T: serde::de::DeserializeOwned>(t: &Dict) -> Vec<figment::Error> {
+        match Figment::from(Serialized::defaults(t)).extract::<T>() {
+            Ok(_) => Vec::new(),
+            Err(e) => e.into_iter().collect(),
+        }
+    }
+    let precise = match (section.as_str(), kind.as_str()) {
+        ("providers", "mqtt") => errors_of::<crate::MqttConfig>(&table),
+        ("providers", "aws_iot_core") => errors_of::<crate::AwsIotCoreConfig>(&table),
+        ("providers", "gcp_pubsub") => errors_of::<crate::GcpPubSubConfig>(&table),
+        ("providers", "azure_iot_hub") => errors_of::<crate::AzureIotHubConfig>(&table),
+        ("sinks", "stdout") => errors_of::<crate::StdoutSinkConfig>(&table),
+        ("sinks", "file") => errors_of::<crate::FileSinkConfig>(&table),
+        ("sinks", "webhook") => errors_of::<crate::WebhookSinkConfig>(&table),
+        _ => Vec::new(),
+    };
+    if precise.is_empty() {
+        return vec![err];
+    }
+    precise
+        .into_iter()
+        .map(|mut e| {
+            let mut path = vec![section.clone(), name.clone()];
+            path.append(&mut e.path);
+            e.path = path;
+            e
+        })
+        .collect()
 }
 
 /// The key to drop so the next attempt gets past this error.
@@ -212,10 +268,13 @@ fn problem_from(fig: &Figment, err: &figment::Error) -> Problem {
             format!("`{got}` is not a valid choice"),
             format!("use one of: {}", expected.join(", ")),
         ),
-        Kind::InvalidType(actual, expected) => (
-            format!("expected {expected}, found {actual}"),
-            format!("give {expected}"),
-        ),
+        Kind::InvalidType(actual, expected) => {
+            let expected = plain_type(expected);
+            (
+                format!("expected {expected}, found {actual}"),
+                format!("give {expected}"),
+            )
+        }
         Kind::InvalidValue(actual, expected) => (
             format!("invalid value {actual}, expected {expected}"),
             format!("give {expected}"),
@@ -242,6 +301,18 @@ fn problem_from(fig: &Figment, err: &figment::Error) -> Problem {
         message,
         fix,
         source,
+    }
+}
+
+/// Serde's type names in words a config author knows.
+fn plain_type(expected: &str) -> String {
+    match expected {
+        "u8" => "a whole number from 0 to 255".into(),
+        "u16" => "a whole number from 0 to 65535 (e.g. a port)".into(),
+        "u32" | "u64" | "usize" => "a whole number, 0 or more".into(),
+        "i32" | "i64" => "a whole number".into(),
+        "f32" | "f64" => "a number".into(),
+        other => other.to_string(),
     }
 }
 
@@ -365,7 +436,7 @@ mod tests {
             let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
             assert!(paths.contains(&"api.lisen"), "{err}");
             assert!(paths.contains(&"pipeline.debounce_window_secs"), "{err}");
-            assert!(paths.iter().any(|p| p.ends_with("hots")), "{err}");
+            assert!(paths.contains(&"providers.edge.hots"), "{err}");
             assert!(paths.contains(&"routing.default"), "{err}");
             let typo = err
                 .problems
