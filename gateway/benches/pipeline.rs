@@ -36,7 +36,7 @@ description = "Door open on {device_id}"
 
 fn message(temp: f64) -> Bytes {
     let body = format!(
-        r#"{{"message_id":"5f0c1a9e-2b7d-4c1e-9a3f-0d2e4b6c8a10","sensor":"s-17","temperature":{temp:.1},"humidity":41.2,"pressure":{{"value":1.02,"unit":"bar"}},"door":"closed","ts":"2026-11-22T20:00:00Z"}}"#
+        r#"{{"message_id":"5f0c1a9e-2b7d-4c1e-9a3f-0d2e4b6c8a10","sensor":"s-17","temperature":{temp:.1},"humidity":41.2,"pressure":{{"value":1.02,"unit":"bar"}},"door":"closed","fw":"2.4.1","ts":"2026-11-22T20:00:00Z"}}"#
     );
     Bytes::from(body)
 }
@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
     let quiet = message(61.5);
     let alerting = message(80.5);
     assert!(
-        (190..=230).contains(&quiet.len()),
+        (195..=210).contains(&quiet.len()),
         "message is {} bytes",
         quiet.len()
     );

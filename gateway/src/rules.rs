@@ -27,9 +27,50 @@ pub struct Rule {
     number: Option<f64>,
     value: Option<Value>,
     alert_type: AlertType,
-    description: String,
+    description: Vec<Part>,
     priority: Option<u8>,
     command: Option<RuleCommandConfig>,
+}
+
+/// A piece of a description template, split once at start-up.
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    DeviceId,
+    Value,
+    Rule,
+}
+
+fn compile_template(t: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
+    let mut rest = t;
+    while let Some(start) = rest.find('{') {
+        let (before, after) = rest.split_at(start);
+        let field = [
+            ("{device_id}", Part::DeviceId),
+            ("{value}", Part::Value),
+            ("{rule}", Part::Rule),
+        ]
+        .into_iter()
+        .find(|(name, _)| after.starts_with(name));
+        match field {
+            Some((name, part)) => {
+                if !before.is_empty() {
+                    parts.push(Part::Text(before.to_string()));
+                }
+                parts.push(part);
+                rest = &after[name.len()..];
+            }
+            None => {
+                parts.push(Part::Text(format!("{before}{{")));
+                rest = &after[1..];
+            }
+        }
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest.to_string()));
+    }
+    parts
 }
 
 /// What makes two alerts "the same" for debounce, besides the device.
@@ -94,7 +135,7 @@ impl Rule {
             number: c.value.as_ref().and_then(Value::as_f64),
             value: c.value.clone(),
             alert_type: AlertType::from_label(&c.alert_type).unwrap_or(AlertType::Anomaly),
-            description: c.description.clone(),
+            description: compile_template(&c.description),
             priority: c.priority,
             command: c.command.clone(),
         }
@@ -135,19 +176,29 @@ impl Rule {
     }
 
     fn describe(&self, device_id: &DeviceId, value: &Value) -> String {
-        let text = self
-            .description
-            .replace("{device_id}", device_id.as_str())
-            .replace("{value}", &scalar_text(value))
-            .replace("{rule}", &self.name);
-        truncate_chars(&text, MAX_DESCRIPTION_LEN)
+        let mut text = String::with_capacity(64);
+        for part in &self.description {
+            match part {
+                Part::Text(t) => text.push_str(t),
+                Part::DeviceId => text.push_str(device_id.as_str()),
+                Part::Value => match value {
+                    Value::String(s) => text.push_str(s),
+                    other => text.push_str(&other.to_string()),
+                },
+                Part::Rule => text.push_str(&self.name),
+            }
+        }
+        if text.len() > MAX_DESCRIPTION_LEN {
+            text = truncate_chars(&text, MAX_DESCRIPTION_LEN);
+        }
+        text
     }
 }
 
 /// Makes a token fit `msdyn_alerttoken`: ids longer than 100 characters are replaced by
 /// `sha256:` and 64 hex digits of their hash (still deterministic, still unique).
 pub fn fit_token(raw: String) -> String {
-    if raw.chars().count() <= MAX_TOKEN_LEN {
+    if raw.len() <= MAX_TOKEN_LEN || raw.chars().count() <= MAX_TOKEN_LEN {
         raw
     } else {
         format!("sha256:{}", hex::encode(Sha256::digest(raw.as_bytes())))
@@ -219,6 +270,11 @@ impl RuleSet {
                 format!("{message_id}:{}", rule.name)
             };
             let alert_token = fit_token(token);
+            let alert_data = if raw.len() > MAX_ALERT_DATA_LEN {
+                truncate_chars(raw, MAX_ALERT_DATA_LEN)
+            } else {
+                raw.to_string()
+            };
             let command = rule.command.as_ref().map(|c| NewAlertCommand {
                 name: c.name.clone(),
                 message: self.command_message(&c.name, &c.parameters),
@@ -226,7 +282,7 @@ impl RuleSet {
             });
             out.push(NewAlert {
                 description: rule.describe(device_id, value),
-                alert_data: truncate_chars(raw, MAX_ALERT_DATA_LEN),
+                alert_data,
                 alert_time: at,
                 alert_token,
                 alert_type: rule.alert_type,
@@ -341,6 +397,23 @@ mod tests {
         assert_eq!(a.description.chars().count(), 100);
         assert!(a.alert_token.starts_with("sha256:") && a.alert_token.len() <= 100);
         assert_eq!(a.alert_data.chars().count(), 8192);
+    }
+
+    #[test]
+    fn templates_fill_every_field_and_keep_unknown_braces() {
+        let parts = compile_template("{rule}: {device_id} at {value} {x}");
+        assert_eq!(parts.len(), 7, "{parts:?}");
+        let rs = set(r#"
+            [rules.t]
+            pointer = "/v"
+            op = "exists"
+            description = "{rule}: {device_id} at {value} {x}"
+        "#);
+        let doc = serde_json::json!({"v": 3});
+        assert_eq!(
+            rs.evaluate(&id("d"), "m", "{}", &doc, Utc::now())[0].description,
+            "t: d at 3 {x}"
+        );
     }
 
     #[test]
