@@ -57,6 +57,8 @@ pub struct Config {
     pub simulate: SimulateConfig,
     /// Shutdown behaviour.
     pub shutdown: ShutdownConfig,
+    /// Readiness (`/ready`) policy.
+    pub health: HealthConfig,
 }
 
 impl Config {
@@ -266,8 +268,12 @@ pub struct MqttConfig {
     pub reply_topic: String,
     /// Topic devices publish reported properties to (JSON object).
     pub reported_topic: String,
-    /// Shared-subscription group (`$share/<group>/...`) so replicas split the load; empty
-    /// subscribes without sharing.
+    /// Shared-subscription group (`$share/<group>/...`) so several gateway replicas split
+    /// the telemetry. Empty (the default) subscribes without sharing: the broker keeps the
+    /// subscription in the gateway's persistent session, so nothing published while the
+    /// gateway or the broker restarts is lost. Mosquitto 2.0 does not keep shared
+    /// subscriptions across a broker restart: with a group, messages published between the
+    /// broker's restart and the gateway's re-subscription are not delivered.
     pub shared_group: String,
     /// Largest telemetry payload processed; larger ones are dead-lettered.
     pub max_payload_bytes: usize,
@@ -299,7 +305,7 @@ impl Default for MqttConfig {
             command_topic: "devices/{device_id}/commands".into(),
             reply_topic: "devices/{device_id}/replies".into(),
             reported_topic: "devices/{device_id}/reported".into(),
-            shared_group: "iotgw".into(),
+            shared_group: String::new(),
             max_payload_bytes: 256 * 1024,
             keep_alive_secs: 30,
             reconnect_min_ms: 100,
@@ -489,5 +495,25 @@ pub struct ShutdownConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self { grace_secs: 10 }
+    }
+}
+
+/// Readiness (`/ready`) policy. `/ready` is false until the store answers and every
+/// configured provider has connected; these settings say how long a lost connection is
+/// tolerated afterwards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds a provider may stay disconnected, after having been connected, before
+    /// `/ready` turns false, so a short broker restart does not take the pod out of
+    /// service. 0 turns `/ready` false as soon as a connection drops.
+    pub provider_grace_secs: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            provider_grace_secs: 30,
+        }
     }
 }

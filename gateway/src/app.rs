@@ -192,7 +192,9 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
             })?,
     };
     let api_addr = listener.local_addr()?;
-    let readiness = Arc::new(Readiness::new(Duration::from_secs(30)));
+    let readiness = Arc::new(Readiness::new(Duration::from_secs(
+        config.health.provider_grace_secs,
+    )));
     let app = api::router(ApiState {
         core: core.clone(),
         readiness,

@@ -1,4 +1,4 @@
-//! The command line: `run`, `check-config`, `config show`, `simulate`.
+//! The command line: `run`, `check-config`, `config show`, `simulate`, `healthcheck`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +75,11 @@ pub enum Command {
     /// Run simulated devices against an MQTT broker (telemetry that sometimes crosses the
     /// sample rule, retained status with a last will, replies to commands).
     Simulate(SimulateArgs),
+    /// Probe a running gateway's `/live` (or `/ready`) endpoint: exit 0 when it answers
+    /// 200, 1 otherwise. For container HEALTHCHECKs and Kubernetes exec probes, where there
+    /// is no curl. Without --url it probes `api.listen` of the effective config (IOTGW_CONFIG
+    /// and IOTGW_* env), a wildcard address replaced by loopback.
+    Healthcheck(HealthcheckArgs),
 }
 
 /// `run` options.
@@ -83,6 +88,24 @@ pub struct RunArgs {
     /// TOML config file; omit for the embedded default.
     #[arg(short, long, env = "IOTGW_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// `healthcheck` options.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// Full URL to probe, e.g. http://127.0.0.1:8080/ready; overrides --config and --path.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Path probed on the configured API address: `/live` (the process serves) or `/ready`
+    /// (store open and every provider connected).
+    #[arg(long, default_value = "/live")]
+    pub path: String,
+    /// TOML config file whose `api.listen` is probed; omit for the embedded default.
+    #[arg(short, long, env = "IOTGW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Give up after this many milliseconds (connect and answer).
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
 }
 
 /// `check-config` options.
@@ -166,8 +189,10 @@ fn init_logs(cli: &Cli) {
         );
         tracing_subscriber::EnvFilter::new("info")
     });
+    // Colours only on a terminal: container logs (docker logs, kubectl logs) stay plain.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
@@ -231,6 +256,87 @@ async fn dispatch(cmd: Command) -> ExitCode {
         },
         Command::Run(a) => run(a).await,
         Command::Simulate(a) => simulate(a).await,
+        Command::Healthcheck(a) => healthcheck(a).await,
+    }
+}
+
+/// The URL that reaches an API listening on `listen` from the same network namespace:
+/// a wildcard address (`0.0.0.0`, `[::]`) becomes loopback.
+pub fn probe_url(listen: &str, path: &str) -> String {
+    let authority = match listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, addr.port()).to_string()
+        }
+        Ok(addr) => addr.to_string(),
+        Err(_) => listen.to_string(),
+    };
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    format!("http://{authority}{path}")
+}
+
+async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
+    let url = match a.url {
+        Some(u) => u,
+        None => {
+            let listen = match load(a.config, true) {
+                Ok(c) => c.api.listen,
+                Err(e) => {
+                    let fallback = iotgw_config::ApiConfig::default().listen;
+                    eprintln!("iotgw healthcheck: the config does not load ({} problem(s)); probing the default {fallback}", e.problems.len());
+                    fallback
+                }
+            };
+            probe_url(&listen, &a.path)
+        }
+    };
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_millis(a.timeout_ms.max(1)))
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("iotgw healthcheck: cannot build an HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(r) if r.status() == reqwest::StatusCode::OK => {
+            println!("healthy: {url} answered 200");
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            println!(
+                "unhealthy: {url} answered {status}: {}",
+                body.chars().take(500).collect::<String>()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) if e.is_timeout() => {
+            println!("unhealthy: {url} did not answer within {} ms", a.timeout_ms);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            let mut cause = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                cause = format!("{cause}: {s}");
+                source = s.source();
+            }
+            println!("unhealthy: cannot reach {url} ({cause}); is the gateway running and is api.listen right?");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -371,5 +477,22 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn probe_url_replaces_a_wildcard_listen_address_with_loopback() {
+        assert_eq!(
+            probe_url("0.0.0.0:9090", "/live"),
+            "http://127.0.0.1:9090/live"
+        );
+        assert_eq!(probe_url("[::]:8080", "ready"), "http://[::1]:8080/ready");
+        assert_eq!(
+            probe_url("127.0.0.1:8080", "/ready"),
+            "http://127.0.0.1:8080/ready"
+        );
+        assert_eq!(
+            probe_url("localhost:8080", "/live"),
+            "http://localhost:8080/live"
+        );
     }
 }

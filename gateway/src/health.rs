@@ -29,9 +29,20 @@ pub struct ReadyReport {
     pub reasons: Vec<String>,
 }
 
+/// Whether one provider counts as ready: connected now, or connected before and down for
+/// less than `grace`. A provider that never connected is not ready, whatever the grace.
+pub fn provider_ready(
+    connected: bool,
+    ever_connected: bool,
+    down_for: Duration,
+    grace: Duration,
+) -> bool {
+    connected || (ever_connected && down_for < grace)
+}
+
 impl Readiness {
     /// A provider may be disconnected for `grace` (after having been connected once) before
-    /// the gateway reports not ready.
+    /// the gateway reports not ready (`health.provider_grace_secs`).
     pub fn new(grace: Duration) -> Self {
         Self {
             grace,
@@ -61,7 +72,7 @@ impl Readiness {
             if h.connected {
                 seen.insert(name.clone());
             }
-            let ok = h.connected || (seen.contains(name) && down_for < self.grace);
+            let ok = provider_ready(h.connected, seen.contains(name), down_for, self.grace);
             drop(seen);
             if !ok {
                 reasons.push(format!(
@@ -77,5 +88,41 @@ impl Readiness {
             providers,
             reasons,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn provider_that_never_connected_is_not_ready_even_within_the_grace() {
+        assert!(!provider_ready(false, false, Duration::ZERO, GRACE));
+        assert!(!provider_ready(false, false, Duration::from_secs(1), GRACE));
+    }
+
+    #[test]
+    fn connected_provider_is_ready() {
+        assert!(provider_ready(true, true, Duration::ZERO, GRACE));
+        assert!(provider_ready(
+            true,
+            false,
+            Duration::from_secs(999),
+            Duration::ZERO
+        ));
+    }
+
+    #[test]
+    fn provider_that_lost_its_connection_stays_ready_until_the_grace_runs_out() {
+        assert!(provider_ready(false, true, Duration::from_secs(29), GRACE));
+        assert!(!provider_ready(false, true, GRACE, GRACE));
+        assert!(!provider_ready(false, true, Duration::from_secs(31), GRACE));
+    }
+
+    #[test]
+    fn zero_grace_turns_not_ready_as_soon_as_the_connection_drops() {
+        assert!(!provider_ready(false, true, Duration::ZERO, Duration::ZERO));
     }
 }

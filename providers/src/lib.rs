@@ -359,6 +359,58 @@ pub struct ProviderHealth {
     pub last_error: Option<String>,
 }
 
+/// An HTTP request a cloud pushed to the gateway for a provider (a webhook such as Azure
+/// Event Grid's), without the HTTP framework's types.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PushRequest {
+    /// `POST`, `OPTIONS`, ...
+    pub method: String,
+    /// Header names in lower case, with their values.
+    pub headers: Vec<(String, String)>,
+    /// Query parameters, percent-decoded.
+    pub query: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl PushRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The first value of query parameter `name`.
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The answer to a [`PushRequest`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PushResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers to send.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// A provider's webhook: the gateway forwards `POST|OPTIONS /hooks/{instance}` to it
+/// (outside the API's bearer token; the endpoint checks its own secret).
+#[async_trait]
+pub trait PushEndpoint: Send + Sync {
+    /// Handles one pushed request. A success status must mean every event in it was
+    /// committed (acked), so the cloud may forget them.
+    async fn handle(&self, request: PushRequest) -> PushResponse;
+}
+
 /// One cloud (or broker) behind one interface.
 #[async_trait]
 pub trait Provider: Send + Sync {
@@ -382,6 +434,11 @@ pub trait Provider: Send + Sync {
     /// Receives until `shutdown` fires, sending events; reconnects on its own. Returns an
     /// error only for failures retrying cannot fix (bad credentials, bad config).
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError>;
+    /// The provider's webhook, if the cloud pushes events to the gateway (Azure Event
+    /// Grid). Events pushed there go to the sender of the active [`Provider::run`].
+    fn push_endpoint(&self) -> Option<std::sync::Arc<dyn PushEndpoint>> {
+        None
+    }
 }
 
 #[cfg(test)]

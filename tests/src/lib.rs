@@ -1,1 +1,18 @@
-//! Behaviour tests live in tests/tests.
+//! Test support for iotgw's behaviour tests (`tests/tests/`): nothing here ships.
+//!
+//! # Layout
+//! - [`harness`]: the emulators (Mosquitto, moto, the Pub/Sub emulator, PostgreSQL) in
+//!   Docker through testcontainers, one shared container per test binary, dedicated ones
+//!   for restart tests; skip or fail when Docker is missing.
+//! - [`conformance`]: the provider conformance suite: the [`conformance::ProviderFixture`]
+//!   trait (one file per provider under `conformance/fixtures/`), the scenarios, the
+//!   record normalisation and golden files, and the scenario x provider matrix.
+//! - [`api`]: a small client of the gateway's HTTP API.
+//! - [`wait`]: waiting on conditions with deadlines (never bare sleeps).
+//! - [`runner`]: the tiny runner of the `harness = false` test binaries.
+
+pub mod api;
+pub mod conformance;
+pub mod harness;
+pub mod runner;
+pub mod wait;

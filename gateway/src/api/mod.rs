@@ -127,6 +127,51 @@ async fn require_token(State(state): State<ApiState>, req: Request, next: Next) 
     }
 }
 
+/// Forwards `POST|OPTIONS /hooks/{instance}` to the provider's push endpoint (404 when
+/// the instance has none).
+async fn push_hook(
+    State(state): State<ApiState>,
+    axum::extract::Path(instance): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+    method: axum::http::Method,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> Response {
+    let Some(endpoint) = state
+        .core
+        .providers
+        .get(&instance)
+        .and_then(|p| p.push_endpoint())
+    else {
+        return ApiError::not_found(format!(
+            "provider instance `{instance}` has no webhook (configure its event_grid section)"
+        ))
+        .into_response();
+    };
+    let request = iotgw_providers::PushRequest {
+        method: method.to_string(),
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        query,
+        body,
+    };
+    let answer = endpoint.handle(request).await;
+    let mut resp = Response::new(axum::body::Body::from(answer.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (k, v) in answer.headers {
+        if let (Ok(k), Ok(v)) = (
+            header::HeaderName::try_from(k),
+            header::HeaderValue::try_from(v),
+        ) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    resp
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -161,6 +206,9 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/live", get(live))
         .route("/ready", get(ready))
+        // Cloud webhooks (Azure Event Grid): outside the bearer token; each provider's
+        // endpoint checks its own shared secret.
+        .route("/hooks/{instance}", post(push_hook).options(push_hook))
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such route; see the README's API summary") })
         .with_state(state)

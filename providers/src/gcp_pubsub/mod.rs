@@ -1,1 +1,45 @@
-//! The `gcp_pubsub` provider (being built; see its issue). Must expose `pub async fn build(instance, config) -> Result<Arc<dyn Provider>, ProviderError>`.
+//! Google Cloud Pub/Sub provider (feature `gcp_pubsub`), on the official
+//! `google-cloud-pubsub` crate (googleapis/google-cloud-rust).
+//!
+//! Google retired Cloud IoT Core in 2023; devices reach Pub/Sub through a bridge the
+//! operator chooses, so this provider speaks topics, subscriptions and attributes. The
+//! device id travels in a message attribute, never in a topic name. The settings and their
+//! defaults are documented on [`iotgw_config::GcpPubSubConfig`].
+//!
+//! # Layout
+//! - [`names`]: the resource names of an instance (topics, subscriptions, the per-device
+//!   command subscription and its filter) and the attribute names.
+//! - [`inbound`]: payload and attribute formats of telemetry, replies and lifecycle
+//!   messages; pure decoding.
+//! - [`client`]: the crate's clients (emulator or service, credentials) and the
+//!   classification of its errors into [`crate::ProviderError`].
+//! - `admin`: topic and subscription checks and creation, per-device command
+//!   subscriptions.
+//! - [`provider`]: [`GcpPubSubProvider`], the [`crate::Provider`] implementation
+//!   (registration, commands, device state).
+//! - [`receive`]: the streaming pulls (flow control, ack after commit, reopen with backoff).
+//! - `integration` (tests only): scenarios against the official Pub/Sub emulator in Docker.
+
+mod admin;
+pub mod client;
+pub mod inbound;
+pub mod names;
+pub mod provider;
+pub mod receive;
+
+#[cfg(test)]
+mod integration;
+
+use std::sync::Arc;
+
+pub use provider::GcpPubSubProvider;
+
+/// Builds the provider of instance `instance` (what the gateway calls for each
+/// `kind = "gcp_pubsub"` instance). Validates the settings and builds the clients; the
+/// resources are checked, or created with `create_if_missing`, when `run` starts.
+pub async fn build(
+    instance: &str,
+    config: &iotgw_config::GcpPubSubConfig,
+) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
+    Ok(Arc::new(GcpPubSubProvider::new(instance, config).await?))
+}

@@ -1,9 +1,9 @@
-//! Test support: an in-process gateway on its embedded broker, an API client, a recording
-//! webhook receiver and MQTT 5 device clients. Waits are conditions with deadlines.
+//! Test support of the end-to-end tests: an in-process gateway on its embedded broker, a
+//! recording webhook receiver and MQTT 5 device clients. The API client and the waits
+//! (conditions with deadlines) come from the `iotgw-tests` library.
 
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -23,48 +23,11 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+pub use iotgw_tests::api::{metric, Api};
+pub use iotgw_tests::wait::{free_port, wait_for, DEADLINE};
+
 /// The shared secret the test webhook checks signatures with.
 pub const HOOK_SECRET: &str = "s3cret-for-tests";
-
-/// How long any wait may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Polls `f` until it returns Some, failing the test after [`DEADLINE`].
-pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Sum of the samples of `name` whose label set contains every filter.
-pub fn metric(text: &str, name: &str, filters: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// What a test gateway looks like.
 #[derive(Default)]
@@ -187,11 +150,7 @@ impl Gateway {
 
     /// An API client.
     pub fn api(&self) -> Api {
-        Api {
-            base: format!("http://{}", self.api_addr()),
-            token: self.token.clone(),
-            client: reqwest::Client::new(),
-        }
+        Api::new(format!("http://{}", self.api_addr()), self.token.clone())
     }
 
     /// Graceful stop with a 5 s grace.
@@ -203,65 +162,6 @@ impl Gateway {
     pub async fn stop_with_grace(mut self, grace: Duration) {
         if let Some(r) = self.running.take() {
             r.stop(grace).await;
-        }
-    }
-}
-
-/// A small API client.
-#[derive(Clone)]
-pub struct Api {
-    base: String,
-    token: Option<String>,
-    client: reqwest::Client,
-}
-
-impl Api {
-    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let req = match &self.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        };
-        let resp = req.send().await.expect("API reachable");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// GET.
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        self.send(self.client.get(format!("{}{path}", self.base)))
-            .await
-    }
-
-    /// POST JSON.
-    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.send(self.client.post(format!("{}{path}", self.base)).json(&body))
-            .await
-    }
-
-    /// DELETE.
-    pub async fn delete(&self, path: &str) -> (u16, Value) {
-        self.send(self.client.delete(format!("{}{path}", self.base)))
-            .await
-    }
-
-    /// Registers a device, asserting success.
-    pub async fn register(&self, id: &str) -> Value {
-        let (s, b) = self
-            .post("/api/v1/devices", serde_json::json!({"msdyn_deviceid": id}))
-            .await;
-        assert_eq!(s, 201, "registering {id}: {b}");
-        b
-    }
-
-    /// The metrics text.
-    pub async fn metrics(&self) -> String {
-        match self.get("/metrics").await.1 {
-            Value::String(s) => s,
-            other => panic!("metrics: {other}"),
         }
     }
 }

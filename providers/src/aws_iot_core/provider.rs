@@ -1,0 +1,454 @@
+//! [`AwsIotCoreProvider`]: the [`Provider`] of AWS IoT Core.
+//!
+//! This file holds the provider's state and the request/response side of the trait:
+//! commands through the `iot-data` API, device state from the shadow and the presence
+//! events seen, registration through [`super::registry`]. The MQTT receive loop lives in
+//! [`super::session`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use aws_sdk_iotdataplane::primitives::Blob;
+use aws_sdk_iotdataplane::types::PayloadFormatIndicator;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use iotgw_config::AwsIotCoreConfig;
+use iotgw_registry::DeviceId;
+
+use super::clients::Clients;
+use super::errors::Call;
+use super::inbound::reported_of;
+use super::registry::Registrar;
+use super::topics::AwsTopics;
+use crate::{
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventKind, EventSender, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
+};
+
+/// AWS IoT Core's largest MQTT payload (publish, and the `iot-data` Publish API).
+pub const AWS_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// The AWS IoT Core provider: AWS APIs for the registry and commands, one MQTT session on
+/// the account endpoint for telemetry, replies and presence.
+///
+/// Built with [`AwsIotCoreProvider::new`]; [`Provider::run`] owns the MQTT connection (one
+/// at a time per instance).
+pub struct AwsIotCoreProvider {
+    pub(super) shared: Arc<Shared>,
+    limits: ProviderLimits,
+}
+
+/// State shared by the provider handle and its receive loop.
+pub(super) struct Shared {
+    pub(super) instance: String,
+    pub(super) config: AwsIotCoreConfig,
+    pub(super) topics: AwsTopics,
+    pub(super) clients: Clients,
+    /// TLS of the MQTT connection; `None` when no client certificate is configured.
+    pub(super) tls: Option<Arc<rustls::ClientConfig>>,
+    health: Mutex<ProviderHealth>,
+    devices: Mutex<HashMap<String, DeviceEntry>>,
+    running: AtomicBool,
+    dropped: AtomicU64,
+}
+
+#[derive(Default, Clone)]
+struct DeviceEntry {
+    connected: Option<(bool, DateTime<Utc>)>,
+    reported: Option<serde_json::Value>,
+    last_activity: Option<DateTime<Utc>>,
+}
+
+/// Locks `m`, recovering the data if a panicking thread poisoned it (plain data that
+/// stays consistent between statements).
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl AwsIotCoreProvider {
+    /// Validates `config`, reads the gateway's certificate files and loads the AWS SDK
+    /// configuration. Connects nothing: [`Provider::run`] does, and the API calls do.
+    ///
+    /// Errors are [`ProviderError::InvalidInput`] naming the config key: a bad topic
+    /// template, an unreadable certificate or key, no region.
+    pub async fn new(instance: &str, config: &AwsIotCoreConfig) -> Result<Self, ProviderError> {
+        let invalid = |field: &str, message: String| ProviderError::InvalidInput {
+            instance: instance.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let topics =
+            AwsTopics::from_config(config).map_err(|e| invalid(e.setting(), e.to_string()))?;
+        if config.client_id.is_empty() {
+            return Err(invalid(
+                "client_id",
+                "is empty: give the gateway an MQTT client id its policy allows".into(),
+            ));
+        }
+        if config.reconnect_min_ms == 0 || config.reconnect_max_ms < config.reconnect_min_ms {
+            return Err(invalid(
+                "reconnect_min_ms",
+                format!(
+                    "reconnect_min_ms {} must be above 0 and at most reconnect_max_ms {}",
+                    config.reconnect_min_ms, config.reconnect_max_ms
+                ),
+            ));
+        }
+        let tls = super::tls::client_config(instance, config)?;
+        let clients = Clients::new(instance, config).await?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                instance: instance.to_owned(),
+                config: config.clone(),
+                topics,
+                clients,
+                tls,
+                health: Mutex::new(ProviderHealth {
+                    connected: false,
+                    since: Utc::now(),
+                    last_error: None,
+                }),
+                devices: Mutex::new(HashMap::new()),
+                running: AtomicBool::new(false),
+                dropped: AtomicU64::new(0),
+            }),
+            limits: ProviderLimits {
+                max_telemetry_bytes: AWS_MAX_PAYLOAD_BYTES,
+                max_command_bytes: CFS_MAX_COMMAND_BYTES.min(AWS_MAX_PAYLOAD_BYTES),
+            },
+        })
+    }
+
+    /// Messages acked without an event: unparsable presence events, replies or shadow
+    /// documents, and topics matching no template. Each one is also logged with the reason.
+    pub fn dropped_messages(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    fn registrar(&self) -> Registrar<'_> {
+        Registrar {
+            instance: &self.shared.instance,
+            clients: &self.shared.clients,
+            topics: &self.shared.topics,
+            config: &self.shared.config,
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn try_start(&self) -> bool {
+        self.running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub(super) fn stopped(&self) {
+        self.set_connected(false);
+        self.running.store(false, Ordering::Release);
+    }
+
+    pub(super) fn set_connected(&self, connected: bool) {
+        let mut h = lock(&self.health);
+        if h.connected != connected {
+            h.connected = connected;
+            h.since = Utc::now();
+        }
+        if connected {
+            h.last_error = None;
+        }
+    }
+
+    pub(super) fn set_error(&self, error: String) {
+        let mut h = lock(&self.health);
+        if h.connected {
+            h.connected = false;
+            h.since = Utc::now();
+        }
+        h.last_error = Some(error);
+    }
+
+    /// Records an error without changing the connection state (a refused subscription).
+    pub(super) fn note_error(&self, error: String) {
+        lock(&self.health).last_error = Some(error);
+    }
+
+    pub(super) fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Folds an event into the device map: connection state ordered by event time (a late
+    /// older presence event never overrides a newer one), reported properties, activity.
+    pub(super) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
+        let mut devices = lock(&self.devices);
+        let (id, activity) = match kind {
+            EventKind::Telemetry(t) => (&t.device_id, t.received_at),
+            EventKind::Connection {
+                device_id,
+                connected,
+                at,
+            } => {
+                let e = devices.entry(device_id.clone()).or_default();
+                if e.connected.is_none_or(|(_, prev)| *at >= prev) {
+                    e.connected = Some((*connected, *at));
+                }
+                (device_id, *at)
+            }
+            EventKind::CommandReply { device_id, .. } => (device_id, received_at),
+            EventKind::ReportedProperties {
+                device_id,
+                properties,
+                at,
+            } => {
+                devices.entry(device_id.clone()).or_default().reported = Some(properties.clone());
+                (device_id, *at)
+            }
+        };
+        let e = devices.entry(id.clone()).or_default();
+        if e.last_activity.is_none_or(|prev| activity > prev) {
+            e.last_activity = Some(activity);
+        }
+    }
+
+    /// The MQTT host: `mqtt_host`, else the data endpoint.
+    pub(super) async fn mqtt_host(&self) -> Result<String, ProviderError> {
+        match &self.config.mqtt_host {
+            Some(h) => Ok(h.clone()),
+            None => self.clients.data_endpoint().await.map(str::to_owned),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for AwsIotCoreProvider {
+    fn instance(&self) -> &str {
+        &self.shared.instance
+    }
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::AwsIotCore
+    }
+
+    fn limits(&self) -> &ProviderLimits {
+        &self.limits
+    }
+
+    fn health(&self) -> ProviderHealth {
+        lock(&self.shared.health).clone()
+    }
+
+    /// Thing, certificate and key, device policy, attachments, desired shadow state; see
+    /// [`super::registry`] for rollback and idempotency. The credentials (certificate
+    /// PEM, private key, endpoint, topics) are in the answer only.
+    async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError> {
+        self.registrar().register(spec).await
+    }
+
+    /// Detaches, deactivates and deletes the certificate, then deletes the policy, the
+    /// shadow and the thing. [`ProviderError::NotFound`] when the thing does not exist.
+    async fn unregister(&self, id: &DeviceId) -> Result<(), ProviderError> {
+        self.registrar().unregister(id.as_str()).await
+    }
+
+    /// Publishes the command at QoS 1 through the `iot-data` API to the device's command
+    /// topic, with MQTT 5 properties: correlation data (the correlation id), response
+    /// topic (the device's reply topic), content type, and user properties
+    /// `command_name`, `correlation_id`, `command_id`. `Published`: the device's reply
+    /// decides Sent or Error.
+    async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
+        let limit = self.limits.max_command_bytes;
+        if cmd.message.len() > limit {
+            return Err(ProviderError::InvalidInput {
+                instance: self.shared.instance.clone(),
+                field: "msdyn_message".into(),
+                message: format!(
+                    "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message; AWS allows 128 KB): shorten its parameters",
+                    cmd.name,
+                    cmd.message.len()
+                ),
+            });
+        }
+        let device = cmd.device_id.as_str();
+        let topics = &self.shared.topics;
+        let topic = topics.command_topic(device);
+        let user_properties = serde_json::json!([
+            {"command_name": cmd.name},
+            {"correlation_id": cmd.correlation_id},
+            {"command_id": cmd.id.to_string()},
+        ])
+        .to_string();
+        let resource = format!("command {} to {device} on {topic}", cmd.name);
+        self.shared
+            .clients
+            .data()
+            .await?
+            .publish()
+            .topic(&topic)
+            .qos(1)
+            .payload(Blob::new(cmd.message.as_bytes().to_vec()))
+            .content_type("application/json")
+            .payload_format_indicator(PayloadFormatIndicator::Utf8Data)
+            .response_topic(topics.reply_topic(device))
+            .correlation_data(base64::engine::general_purpose::STANDARD.encode(&cmd.correlation_id))
+            .user_properties(user_properties)
+            .send()
+            .await
+            .map_err(|e| {
+                self.shared.clients.error(
+                    &Call {
+                        op: "Publish",
+                        resource: &resource,
+                        field: "msdyn_message",
+                    },
+                    &e,
+                )
+            })?;
+        Ok(CommandOutcome::Published)
+    }
+
+    /// Reported properties from the device's shadow (`GetThingShadow`, with the time of
+    /// their latest update), connection state from the presence events seen since `run`
+    /// started (ordered by their AWS timestamp). A thing without a shadow has no reported
+    /// properties; a missing thing is [`ProviderError::NotFound`].
+    async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError> {
+        let thing = id.as_str();
+        let seen = lock(&self.shared.devices)
+            .get(thing)
+            .cloned()
+            .unwrap_or_default();
+        let resource = format!("the shadow of {thing}");
+        let call = Call {
+            op: "GetThingShadow",
+            resource: &resource,
+            field: "msdyn_deviceid",
+        };
+        let data = self.shared.clients.data().await?;
+        let reported = match data.get_thing_shadow().thing_name(thing).send().await {
+            Ok(out) => out
+                .payload()
+                .and_then(|p| serde_json::from_slice::<serde_json::Value>(p.as_ref()).ok())
+                .as_ref()
+                .and_then(reported_of),
+            Err(e) => {
+                let e = self.shared.clients.error(&call, &e);
+                if !matches!(e, ProviderError::NotFound { .. }) {
+                    return Err(e);
+                }
+                self.shared
+                    .clients
+                    .iot
+                    .describe_thing()
+                    .thing_name(thing)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        self.shared.clients.error(
+                            &Call {
+                                op: "DescribeThing",
+                                resource: &format!("thing {thing}"),
+                                field: "msdyn_deviceid",
+                            },
+                            &e,
+                        )
+                    })?;
+                None
+            }
+        };
+        let last_activity = match (seen.last_activity, reported.as_ref().and_then(|r| r.at)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(DeviceState {
+            connected: seen.connected.map(|(c, _)| c),
+            reported_properties: reported.map(|r| r.properties).or(seen.reported),
+            last_activity,
+        })
+    }
+
+    /// See [`super::session`]: persistent session, manual acks, reconnects with backoff.
+    /// Without a client certificate it only waits for `shutdown` (health says why).
+    /// Returns `Err` when the broker refuses the gateway's certificate or client id, when
+    /// the data endpoint cannot be looked up for a reason retrying cannot fix, or when
+    /// `run` is already active for this instance.
+    async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
+        if !self.shared.try_start() {
+            return Err(ProviderError::Conflict {
+                instance: self.shared.instance.clone(),
+                message: "run is already active for this instance; call it once".into(),
+            });
+        }
+        let result = super::session::run(self.shared.clone(), events, shutdown).await;
+        self.shared.stopped();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AwsIotCoreConfig {
+        AwsIotCoreConfig {
+            region: Some("eu-west-1".into()),
+            access_key_id: Some("AKIDEXAMPLE".into()),
+            secret_access_key: Some(iotgw_config::Secret::new("secret")),
+            endpoint_url: Some("http://127.0.0.1:9".into()),
+            ..AwsIotCoreConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_topic_template_is_refused_naming_its_key() {
+        let c = AwsIotCoreConfig {
+            command_topic: "cmd/{device_id}/{device_id}".into(),
+            ..config()
+        };
+        match AwsIotCoreProvider::new("aws", &c).await {
+            Err(ProviderError::InvalidInput { field, .. }) => assert_eq!(field, "command_topic"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_above_the_field_service_limit_are_refused_before_any_call() {
+        let p = AwsIotCoreProvider::new("aws", &config())
+            .await
+            .expect("valid config");
+        assert_eq!(p.limits().max_command_bytes, CFS_MAX_COMMAND_BYTES);
+        assert_eq!(p.limits().max_telemetry_bytes, 128 * 1024);
+        let cmd = CommandRequest {
+            id: uuid::Uuid::new_v4(),
+            device_id: DeviceId::parse("pump-1").expect("valid id"),
+            name: "flash".into(),
+            message: "x".repeat(CFS_MAX_COMMAND_BYTES + 1),
+            correlation_id: "c1".into(),
+        };
+        match p.send_command(&cmd).await {
+            Err(ProviderError::InvalidInput { field, .. }) => assert_eq!(field, "msdyn_message"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_older_presence_event_does_not_override_a_newer_one() {
+        let p = AwsIotCoreProvider::new("aws", &config())
+            .await
+            .expect("valid config");
+        let t = |ms: i64| DateTime::from_timestamp_millis(ms).expect("time");
+        let conn = |connected, at| EventKind::Connection {
+            device_id: "d1".into(),
+            connected,
+            at,
+        };
+        p.shared.observe(&conn(true, t(2_000)), Utc::now());
+        p.shared.observe(&conn(false, t(1_000)), Utc::now());
+        let e = lock(&p.shared.devices).get("d1").cloned().expect("known");
+        assert_eq!(e.connected, Some((true, t(2_000))));
+        p.shared.observe(&conn(false, t(3_000)), Utc::now());
+        let e = lock(&p.shared.devices).get("d1").cloned().expect("known");
+        assert_eq!(e.connected, Some((false, t(3_000))));
+    }
+}

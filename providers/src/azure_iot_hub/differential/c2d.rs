@@ -1,0 +1,199 @@
+//! Cloud-to-device messages: iotgw and the Python SDK's `send_c2d_message` (uamqp) against
+//! the same recording AMQP fake, compared; the CBS token verified with the policy key.
+
+use std::collections::BTreeMap;
+
+use iotgw_config::azure_iot_hub::AzureCommandDelivery;
+use iotgw_registry::DeviceId;
+use serde_json::json;
+
+use super::fake_amqp::{AmqpLog, FakeAmqp};
+use super::fake_hub::FakeHub;
+use super::registry::config;
+use super::sdk::Sdk;
+use crate::azure_iot_hub::AzureIotHubProvider;
+use crate::{CommandOutcome, CommandRequest, Provider};
+
+/// A link address without the `amqps://host[:port]` prefix uamqp puts in front.
+fn node(address: &str) -> String {
+    match address.strip_prefix("amqps://") {
+        Some(rest) => rest
+            .find('/')
+            .map_or(String::new(), |i| rest[i..].to_owned()),
+        None => address.to_owned(),
+    }
+}
+
+fn nodes(v: &[String]) -> Vec<String> {
+    let mut n: Vec<String> = v.iter().map(|a| node(a)).collect();
+    n.sort();
+    n
+}
+
+#[tokio::test]
+async fn c2d_messages_match_what_the_python_sdk_sends_over_amqp() {
+    let hub = FakeHub::start().await;
+    let amqp = FakeAmqp::start().await;
+    let mut cfg = config(&hub);
+    cfg.command_delivery = AzureCommandDelivery::C2d;
+    cfg.c2d.amqp_port = amqp.port;
+    cfg.c2d.ttl_secs = 600;
+    let p = AzureIotHubProvider::new("hub", &cfg).expect("provider");
+    let cmd = CommandRequest {
+        id: uuid::Uuid::new_v4(),
+        device_id: DeviceId::parse("valve-3").expect("id"),
+        name: "close".into(),
+        message: r#"{"CommandName":"close","Parameters":{"percent":100}}"#.into(),
+        correlation_id: "corr-c2d-1".into(),
+    };
+    let sent_at = chrono::Utc::now().timestamp_millis();
+    assert_eq!(
+        p.send_command(&cmd).await.expect("queued by the hub"),
+        CommandOutcome::Published
+    );
+    let second = CommandRequest {
+        id: uuid::Uuid::new_v4(),
+        ..cmd.clone()
+    };
+    p.send_command(&second)
+        .await
+        .expect("the open link is reused");
+    let ours = amqp.take();
+    assert_eq!(
+        ours.sasl_mechanisms,
+        ["MSSBCBS"],
+        "one connection, SASL MSSBCBS: {ours:?}"
+    );
+    assert_eq!(
+        ours.put_tokens.len(),
+        1,
+        "one CBS token for both messages: {ours:?}"
+    );
+    let put = &ours.put_tokens[0];
+    assert!(
+        put.valid,
+        "the CBS token verifies with the policy key: {put:?}"
+    );
+    assert_eq!(
+        put.properties.get("operation").map(String::as_str),
+        Some("put-token")
+    );
+    assert_eq!(
+        put.properties.get("type").map(String::as_str),
+        Some("servicebus.windows.net:sastoken")
+    );
+    assert_eq!(
+        put.properties.get("name"),
+        Some(&format!("https://{}", hub.host()))
+    );
+    assert_eq!(ours.messages.len(), 2);
+    let m = &ours.messages[0];
+    assert_eq!(
+        m.to.as_deref(),
+        Some("/devices/valve-3/messages/devicebound")
+    );
+    assert_eq!(m.message_id.as_deref(), Some(cmd.id.to_string().as_str()));
+    assert_eq!(m.correlation_id.as_deref(), Some("corr-c2d-1"));
+    assert_eq!(
+        m.application_properties
+            .get("iothub-ack")
+            .map(String::as_str),
+        Some("full"),
+        "delivery feedback requested"
+    );
+    assert_eq!(m.body, cmd.message.as_bytes());
+    let expiry = m.absolute_expiry_time.expect("an expiry");
+    assert!(
+        (expiry - sent_at - 600_000).abs() < 5_000,
+        "expires c2d.ttl_secs after sending"
+    );
+
+    let Some(sdk) = Sdk::find("c2d_messages_match_what_the_python_sdk_sends") else {
+        return;
+    };
+    if !sdk.has_uamqp() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true and uamqp (the SDK's AMQP stack) does not import: the C2D comparison cannot run");
+        }
+        println!("SKIPPED: uamqp does not import in the SDK's venv; the C2D request was checked against the documented properties only");
+        return;
+    }
+    let cs = hub.connection_string();
+    let ops = [json!({
+        "op": "send_c2d_message",
+        "device_id": "valve-3",
+        "message": cmd.message,
+        "properties": {
+            "messageId": cmd.id.to_string(),
+            "correlationId": "corr-c2d-1",
+            "contentType": "application/json",
+            "contentEncoding": "utf-8",
+            "expiryTimeUtc": expiry,
+            "iothub-ack": "full",
+            "command_name": "close",
+        },
+    })];
+    let sdk_run = sdk.run(Some(&cs), Some(amqp.port), &ops);
+    let Ok(results) = tokio::time::timeout(std::time::Duration::from_secs(30), sdk_run).await
+    else {
+        panic!(
+            "the SDK's send_c2d_message hung; the fake saw {:?}",
+            amqp.peek()
+        );
+    };
+    assert!(
+        results[0].is_ok(),
+        "the SDK's send_c2d_message failed against the fake: {results:?}; the fake saw {:?}",
+        amqp.peek()
+    );
+    let theirs: AmqpLog = amqp.take();
+    assert_eq!(
+        theirs.sasl_mechanisms, ours.sasl_mechanisms,
+        "SASL mechanism"
+    );
+    assert_eq!(
+        nodes(&theirs.sender_targets),
+        nodes(&ours.sender_targets),
+        "sender links (CBS request node and /messages/devicebound)"
+    );
+    assert_eq!(
+        nodes(&theirs.receiver_sources),
+        nodes(&ours.receiver_sources),
+        "receiver links (CBS answers)"
+    );
+    assert_eq!(theirs.put_tokens.len(), 1);
+    let their_put = &theirs.put_tokens[0];
+    assert!(
+        their_put.valid,
+        "the SDK's CBS token verifies too: {their_put:?}"
+    );
+    let keys = |p: &BTreeMap<String, String>| p.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        keys(&their_put.properties),
+        keys(&put.properties),
+        "put-token application properties"
+    );
+    for k in ["operation", "type", "name"] {
+        assert_eq!(
+            their_put.properties.get(k),
+            put.properties.get(k),
+            "put-token {k}"
+        );
+    }
+    assert_eq!(theirs.messages.len(), 1);
+    let t = &theirs.messages[0];
+    assert_eq!(t.to, m.to, "to");
+    assert_eq!(t.message_id, m.message_id, "message-id");
+    assert_eq!(t.correlation_id, m.correlation_id, "correlation-id");
+    assert_eq!(t.content_type, m.content_type, "content-type");
+    assert_eq!(t.content_encoding, m.content_encoding, "content-encoding");
+    assert_eq!(
+        t.absolute_expiry_time, m.absolute_expiry_time,
+        "absolute-expiry-time"
+    );
+    assert_eq!(
+        t.application_properties, m.application_properties,
+        "application properties"
+    );
+    assert_eq!(t.body, m.body, "body");
+}

@@ -1,0 +1,849 @@
+//! The hub's Event Hubs-compatible built-in endpoint: telemetry and the non-telemetry
+//! events IoT Hub routes there (connection state, lifecycle, twin changes), one receiver
+//! per partition, checkpoints so a restart resumes where it stopped.
+//!
+//! The reading side is behind [`EventSource`] / [`PartitionReceiver`] so the consumer
+//! logic (mapping, ordering, ack-then-checkpoint, redelivery after a nack) is tested with
+//! injected events; where checkpoints live is behind [`Checkpoints`] (the gateway can keep
+//! them in its store; [`MemoryCheckpoints`] keeps them for the life of the process).
+//!
+//! Mapping (system property `iothub-message-source`, application property `opType`, as in
+//! IoT Hub's "non-telemetry event schemas"):
+//! - `Telemetry` (or no source): telemetry from `iothub-connection-device-id`; the alert
+//!   token is `{device}:{message-id}` when the device set a message id, else
+//!   `eh:{partition}:{sequence number}` (stable across redeliveries);
+//! - `deviceConnectionStateEvents`: `deviceConnected`/`deviceDisconnected`, ordered by the
+//!   body's `sequenceNumber` (shared with the Event Grid path), at `operationTimestamp`;
+//! - `twinChangeEvents`: the reported properties in the body (desired-only changes skip);
+//! - `deviceLifecycleEvents`: `createDeviceIdentity` gives the twin's reported properties,
+//!   `deleteDeviceIdentity` a disconnected state;
+//! - events of modules (`iothub-connection-module-id` or `moduleId`) are skipped: the
+//!   documentation says an event without `moduleId` is the device's own.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, TimeZone as _, Utc};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::event_grid::{compare_sequence, SharedConnectionSeqs};
+use super::models::{parse_time, without_metadata};
+use crate::{
+    Ack, AckHandle, EventKind, EventSender, ProviderError, ProviderEvent, Shutdown, Telemetry,
+};
+
+/// How many events of one partition may wait for the gateway's ack at once.
+pub const IN_FLIGHT: usize = 64;
+
+/// One event read from a partition.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HubEvent {
+    /// The partition.
+    pub partition: String,
+    /// The event's offset (what a checkpoint records).
+    pub offset: String,
+    /// The event's sequence number in the partition.
+    pub sequence_number: i64,
+    /// When Event Hubs enqueued it.
+    pub enqueued_time: Option<DateTime<Utc>>,
+    /// The AMQP message id (`message-id`), if the device set one.
+    pub message_id: Option<String>,
+    /// System properties / annotations (`iothub-connection-device-id`,
+    /// `iothub-message-source`, `iothub-enqueuedtime`, ...), as text.
+    pub system: BTreeMap<String, String>,
+    /// Application properties, as text.
+    pub application: BTreeMap<String, String>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Where a partition starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Position {
+    /// Everything retained.
+    Earliest,
+    /// New events only.
+    Latest,
+    /// The events after this offset (a checkpoint).
+    After(String),
+}
+
+/// Reads the endpoint (the real one: `azure_messaging_eventhubs`; tests: injected events).
+#[async_trait]
+pub trait EventSource: Send + Sync {
+    /// The partition ids.
+    async fn partitions(&self) -> Result<Vec<String>, ProviderError>;
+    /// Opens a receiver on `partition` from `from`.
+    async fn open(
+        &self,
+        partition: &str,
+        from: Position,
+    ) -> Result<Box<dyn PartitionReceiver>, ProviderError>;
+}
+
+/// One partition's receiver.
+#[async_trait]
+pub trait PartitionReceiver: Send {
+    /// The next event; `Ok(None)` when the receiver closed (it is reopened from the last
+    /// checkpoint).
+    async fn next(&mut self) -> Result<Option<HubEvent>, ProviderError>;
+}
+
+/// Where checkpoints live (the gateway's store, or memory).
+#[async_trait]
+pub trait Checkpoints: Send + Sync {
+    /// The value saved under `key`.
+    async fn load(&self, key: &str) -> Result<Option<String>, ProviderError>;
+    /// Saves `value` under `key`.
+    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError>;
+}
+
+/// Checkpoints kept in memory (lost on restart: the configured start position applies).
+#[derive(Debug, Default)]
+pub struct MemoryCheckpoints(Mutex<HashMap<String, String>>);
+
+#[async_trait]
+impl Checkpoints for MemoryCheckpoints {
+    async fn load(&self, key: &str) -> Result<Option<String>, ProviderError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned())
+    }
+
+    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+}
+
+/// What one event becomes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mapped {
+    /// An event for the pipeline (with the connection sequence to record once committed).
+    Event {
+        /// The event.
+        kind: EventKind,
+        /// `(device, sequenceNumber, emitted time)` of a connection event.
+        seq: Option<(String, String, DateTime<Utc>)>,
+    },
+    /// Nothing to send (why).
+    Skip(String),
+}
+
+fn op_time(e: &HubEvent) -> DateTime<Utc> {
+    e.application
+        .get("operationTimestamp")
+        .and_then(|t| parse_time(t))
+        .or_else(|| {
+            e.system
+                .get("iothub-enqueuedtime")
+                .and_then(|t| t.parse::<i64>().ok())
+                .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        })
+        .or(e.enqueued_time)
+        .unwrap_or_else(Utc::now)
+}
+
+/// Maps one event; `newest` gives the newest connection sequence (and its emitted time)
+/// already committed or in flight for a device.
+pub fn map_event(e: &HubEvent, newest: impl Fn(&str) -> Option<(String, DateTime<Utc>)>) -> Mapped {
+    let Some(device) = e
+        .system
+        .get("iothub-connection-device-id")
+        .or_else(|| e.application.get("deviceId"))
+        .filter(|d| !d.is_empty())
+        .cloned()
+    else {
+        return Mapped::Skip(format!(
+            "event {}:{} names no device",
+            e.partition, e.offset
+        ));
+    };
+    let source = e
+        .system
+        .get("iothub-message-source")
+        .map(String::as_str)
+        .unwrap_or("Telemetry");
+    let module = e
+        .system
+        .get("iothub-connection-module-id")
+        .or_else(|| e.application.get("moduleId"))
+        .is_some_and(|m| !m.is_empty());
+    if source == "Telemetry" {
+        let message_id = match &e.message_id {
+            Some(m) if !m.is_empty() => format!("{device}:{m}"),
+            _ => format!("eh:{}:{}", e.partition, e.sequence_number),
+        };
+        return Mapped::Event {
+            kind: EventKind::Telemetry(Telemetry {
+                device_id: device,
+                message_id,
+                payload: e.body.clone(),
+                received_at: e.enqueued_time.unwrap_or_else(Utc::now),
+            }),
+            seq: None,
+        };
+    }
+    if module {
+        return Mapped::Skip(format!("{source} of a module of {device}"));
+    }
+    let body: Value = serde_json::from_slice(&e.body).unwrap_or(Value::Null);
+    let op = e
+        .application
+        .get("opType")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let at = op_time(e);
+    match (source, op) {
+        ("deviceConnectionStateEvents", "deviceConnected" | "deviceDisconnected") => {
+            let Some(seq) = body.get("sequenceNumber").and_then(Value::as_str) else {
+                return Mapped::Skip(format!("{op} of {device} without a sequenceNumber"));
+            };
+            let mut at = at;
+            if let Some((prev, prev_at)) = newest(&device) {
+                if compare_sequence(seq, &prev) != std::cmp::Ordering::Greater {
+                    return Mapped::Skip(format!(
+                        "{op} of {device} with sequence {seq} is not newer than {prev}"
+                    ));
+                }
+                if at <= prev_at {
+                    at = prev_at + chrono::Duration::microseconds(1);
+                }
+            }
+            Mapped::Event {
+                kind: EventKind::Connection {
+                    device_id: device.clone(),
+                    connected: op == "deviceConnected",
+                    at,
+                },
+                seq: Some((device, seq.to_owned(), at)),
+            }
+        }
+        ("twinChangeEvents", _) => match body
+            .pointer("/properties/reported")
+            .and_then(Value::as_object)
+        {
+            Some(reported) => Mapped::Event {
+                kind: EventKind::ReportedProperties {
+                    device_id: device,
+                    properties: Value::Object(without_metadata(reported)),
+                    at,
+                },
+                seq: None,
+            },
+            None => Mapped::Skip(format!(
+                "twin change of {device} without reported properties"
+            )),
+        },
+        ("deviceLifecycleEvents", "createDeviceIdentity") => Mapped::Event {
+            kind: EventKind::ReportedProperties {
+                device_id: device,
+                properties: Value::Object(
+                    body.pointer("/properties/reported")
+                        .and_then(Value::as_object)
+                        .map(without_metadata)
+                        .unwrap_or_default(),
+                ),
+                at,
+            },
+            seq: None,
+        },
+        ("deviceLifecycleEvents", "deleteDeviceIdentity") => Mapped::Event {
+            kind: EventKind::Connection {
+                device_id: device,
+                connected: false,
+                at,
+            },
+            seq: None,
+        },
+        _ => Mapped::Skip(format!("{source}/{op} of {device} is not handled")),
+    }
+}
+
+/// Consumes every partition of `source` until `shutdown`: maps events, sends them, and
+/// saves a partition's checkpoint (the offset) once every event up to it was acked. A
+/// nack, a closed receiver or an error reopens the partition after the last checkpoint, so
+/// uncommitted events are delivered again.
+pub struct Consumer {
+    /// Provider instance.
+    pub instance: String,
+    /// Checkpoint key prefix (`{instance}/{consumer group}`).
+    pub key_prefix: String,
+    /// Start of a partition without a checkpoint.
+    pub start: Position,
+    /// Where checkpoints live.
+    pub checkpoints: Arc<dyn Checkpoints>,
+    /// Newest committed connection sequence per device (shared with Event Grid).
+    pub connection_seq: SharedConnectionSeqs,
+    /// Pause before reopening a partition after an error.
+    pub retry: Duration,
+}
+
+impl Consumer {
+    /// The checkpoint key of `partition`.
+    pub fn key(&self, partition: &str) -> String {
+        format!("{}/{partition}", self.key_prefix)
+    }
+
+    /// Runs every partition until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        source: Arc<dyn EventSource>,
+        events: EventSender,
+        shutdown: Shutdown,
+    ) -> Result<(), ProviderError> {
+        let partitions = source.partitions().await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in partitions {
+            let (me, source, events, shutdown) = (
+                self.clone(),
+                source.clone(),
+                events.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move { me.partition(source, &p, events, shutdown).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Err(e)) = r {
+                shutdown.cancel();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn partition(
+        &self,
+        source: Arc<dyn EventSource>,
+        partition: &str,
+        events: EventSender,
+        shutdown: Shutdown,
+    ) -> Result<(), ProviderError> {
+        let key = self.key(partition);
+        while !shutdown.is_cancelled() {
+            let from = match self.checkpoints.load(&key).await {
+                Ok(Some(offset)) => Position::After(offset),
+                Ok(None) => self.start.clone(),
+                Err(e) => {
+                    tracing::warn!(provider = %self.instance, partition, error = %e, "loading the checkpoint failed; retrying");
+                    self.pause(&shutdown).await;
+                    continue;
+                }
+            };
+            match self
+                .drain(source.as_ref(), partition, from, &key, &events, &shutdown)
+                .await
+            {
+                Ok(()) => {}
+                Err(e @ ProviderError::Unauthorized { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(provider = %self.instance, partition, error = %e, "partition receiver stopped; reopening after the last checkpoint");
+                    self.pause(&shutdown).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn pause(&self, shutdown: &Shutdown) {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(self.retry) => {}
+        }
+    }
+
+    /// Reads one receiver until it closes, fails, a nack arrives, or shutdown.
+    async fn drain(
+        &self,
+        source: &dyn EventSource,
+        partition: &str,
+        from: Position,
+        key: &str,
+        events: &EventSender,
+        shutdown: &Shutdown,
+    ) -> Result<(), ProviderError> {
+        let mut rx = source.open(partition, from).await?;
+        // Events sent and not yet acked, oldest first: (offset, verdict, connection seq).
+        type Pending = (
+            String,
+            Option<oneshot::Receiver<Ack>>,
+            Option<(String, String, DateTime<Utc>)>,
+        );
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        // Newest connection sequence sent on this receiver (committed or not yet).
+        let mut in_flight: HashMap<String, (String, DateTime<Utc>)> = HashMap::new();
+        loop {
+            // Settle what is acked, in order, and checkpoint the newest settled offset.
+            let mut settled = None;
+            loop {
+                let full = pending.len() >= IN_FLIGHT;
+                let Some((_, verdict, _)) = pending.front_mut() else {
+                    break;
+                };
+                let ready = match verdict {
+                    None => Some(Ack::Ack),
+                    Some(v) => match v.try_recv() {
+                        Ok(a) => Some(a),
+                        Err(oneshot::error::TryRecvError::Empty) if full => {
+                            // Window full: wait for the oldest.
+                            let v = verdict.take().expect("checked Some");
+                            Some(
+                                v.await
+                                    .unwrap_or(Ack::Nack("dropped without a verdict".into())),
+                            )
+                        }
+                        Err(oneshot::error::TryRecvError::Empty) => None,
+                        Err(oneshot::error::TryRecvError::Closed) => {
+                            Some(Ack::Nack("dropped without a verdict".into()))
+                        }
+                    },
+                };
+                match ready {
+                    None => break,
+                    Some(Ack::Ack) => {
+                        let (offset, _, seq) = pending.pop_front().expect("front exists");
+                        if let Some((device, s, at)) = seq {
+                            let mut map = self
+                                .connection_seq
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            let newer = map.get(&device).is_none_or(|(prev, _)| {
+                                compare_sequence(&s, prev) == std::cmp::Ordering::Greater
+                            });
+                            if newer {
+                                map.insert(device, (s, at));
+                            }
+                        }
+                        settled = Some(offset);
+                    }
+                    Some(Ack::Nack(why)) => {
+                        if let Some(offset) = settled {
+                            self.checkpoints.save(key, &offset).await?;
+                        }
+                        return Err(ProviderError::Transient {
+                            instance: self.instance.clone(),
+                            message: format!("an event of partition {partition} was not committed ({why}); it will be delivered again"),
+                        });
+                    }
+                }
+            }
+            if let Some(offset) = settled {
+                self.checkpoints.save(key, &offset).await?;
+            }
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                n = rx.next() => n?,
+                // Wake up to settle acks that arrive while the partition is quiet.
+                () = tokio::time::sleep(Duration::from_millis(50)), if !pending.is_empty() => continue,
+            };
+            let Some(event) = next else {
+                return Err(ProviderError::Transient {
+                    instance: self.instance.clone(),
+                    message: format!("the receiver of partition {partition} closed"),
+                });
+            };
+            let mapped = {
+                let committed = self
+                    .connection_seq
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                map_event(&event, |device| {
+                    let c = committed.get(device);
+                    let f = in_flight.get(device);
+                    match (c, f) {
+                        (Some(c), Some(f))
+                            if compare_sequence(&f.0, &c.0) == std::cmp::Ordering::Greater =>
+                        {
+                            Some(f.clone())
+                        }
+                        (Some(c), _) => Some(c.clone()),
+                        (None, f) => f.cloned(),
+                    }
+                })
+            };
+            match mapped {
+                Mapped::Skip(why) => {
+                    tracing::debug!(provider = %self.instance, partition, reason = %why, "event skipped");
+                    pending.push_back((event.offset, None, None));
+                }
+                Mapped::Event { kind, seq } => {
+                    let (tx, verdict) = oneshot::channel();
+                    let ev = ProviderEvent {
+                        instance: self.instance.clone(),
+                        kind,
+                        ack: AckHandle::new(move |a| {
+                            let _ = tx.send(a);
+                        }),
+                    };
+                    if events.send(ev).await.is_err() {
+                        return Ok(()); // the pipeline is gone: shutting down
+                    }
+                    if let Some((device, s, at)) = &seq {
+                        in_flight.insert(device.clone(), (s.clone(), *at));
+                    }
+                    pending.push_back((event.offset, Some(verdict), seq));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::sync::mpsc;
+
+    /// Partitions of injected events; `open` serves from a position like Event Hubs.
+    struct Injected {
+        partitions: BTreeMap<String, Vec<HubEvent>>,
+        opened: Mutex<Vec<(String, Position)>>,
+    }
+
+    struct Replay(VecDeque<HubEvent>);
+
+    #[async_trait]
+    impl PartitionReceiver for Replay {
+        async fn next(&mut self) -> Result<Option<HubEvent>, ProviderError> {
+            match self.0.pop_front() {
+                Some(e) => Ok(Some(e)),
+                // Like a live partition: nothing more for now.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    #[async_trait]
+    impl EventSource for Injected {
+        async fn partitions(&self) -> Result<Vec<String>, ProviderError> {
+            Ok(self.partitions.keys().cloned().collect())
+        }
+
+        async fn open(
+            &self,
+            partition: &str,
+            from: Position,
+        ) -> Result<Box<dyn PartitionReceiver>, ProviderError> {
+            self.opened
+                .lock()
+                .expect("lock")
+                .push((partition.to_owned(), from.clone()));
+            let all = self.partitions.get(partition).cloned().unwrap_or_default();
+            let events: VecDeque<HubEvent> = match from {
+                Position::Earliest => all.into(),
+                Position::Latest => VecDeque::new(),
+                Position::After(o) => all
+                    .into_iter()
+                    .skip_while(|e| e.offset != o)
+                    .skip(1)
+                    .collect(),
+            };
+            Ok(Box::new(Replay(events)))
+        }
+    }
+
+    fn telemetry(partition: &str, n: i64, device: &str, message_id: Option<&str>) -> HubEvent {
+        HubEvent {
+            partition: partition.into(),
+            offset: format!("{}", n * 100),
+            sequence_number: n,
+            enqueued_time: Utc.timestamp_millis_opt(1_700_000_000_000 + n).single(),
+            message_id: message_id.map(str::to_owned),
+            system: BTreeMap::from([
+                ("iothub-connection-device-id".to_owned(), device.to_owned()),
+                ("iothub-message-source".to_owned(), "Telemetry".to_owned()),
+            ]),
+            application: BTreeMap::new(),
+            body: Bytes::from(format!(r#"{{"n": {n}}}"#)),
+        }
+    }
+
+    fn lifecycle(partition: &str, n: i64, source: &str, op: &str, body: Value) -> HubEvent {
+        HubEvent {
+            system: BTreeMap::from([
+                ("iothub-connection-device-id".to_owned(), "d1".to_owned()),
+                ("iothub-message-source".to_owned(), source.to_owned()),
+            ]),
+            application: BTreeMap::from([
+                ("opType".to_owned(), op.to_owned()),
+                (
+                    "operationTimestamp".to_owned(),
+                    format!("2024-05-01T12:00:{n:02}Z"),
+                ),
+                ("deviceId".to_owned(), "d1".to_owned()),
+            ]),
+            body: Bytes::from(body.to_string()),
+            ..telemetry(partition, n, "d1", None)
+        }
+    }
+
+    fn consumer(checkpoints: Arc<dyn Checkpoints>) -> Arc<Consumer> {
+        Arc::new(Consumer {
+            instance: "hub".into(),
+            key_prefix: "hub/$Default".into(),
+            start: Position::Earliest,
+            checkpoints,
+            connection_seq: Arc::default(),
+            retry: Duration::from_millis(20),
+        })
+    }
+
+    /// Runs the consumer until `n` events arrived, answering each with `verdict(i)`.
+    async fn collect(
+        c: Arc<Consumer>,
+        source: Arc<Injected>,
+        n: usize,
+        verdict: impl Fn(usize) -> bool,
+    ) -> Vec<EventKind> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let stop = Shutdown::new();
+        let task = tokio::spawn(c.clone().run(source, tx, stop.clone()));
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < n {
+            let ev = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("events within 10 s")
+                .expect("an event");
+            if verdict(got.len()) {
+                got.push(ev.kind);
+                ev.ack.ack();
+            } else {
+                got.push(ev.kind);
+                ev.ack.nack("test nack");
+            }
+        }
+        // Let the last acks settle into checkpoints before stopping.
+        let key = c.key("0");
+        let checkpoints = c.checkpoints.clone();
+        let want_any = got.len();
+        for _ in 0..200 {
+            if want_any == 0 || checkpoints.load(&key).await.ok().flatten().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.cancel();
+        task.await.expect("joined").expect("clean stop");
+        got
+    }
+
+    #[tokio::test]
+    async fn telemetry_is_mapped_from_system_properties_and_the_checkpoint_follows_the_acks() {
+        let source = Arc::new(Injected {
+            partitions: BTreeMap::from([(
+                "0".into(),
+                vec![
+                    telemetry("0", 1, "pump-1", Some("m-1")),
+                    telemetry("0", 2, "pump-2", None),
+                ],
+            )]),
+            opened: Mutex::default(),
+        });
+        let checkpoints: Arc<dyn Checkpoints> = Arc::new(MemoryCheckpoints::default());
+        let got = collect(consumer(checkpoints.clone()), source.clone(), 2, |_| true).await;
+        match &got[..] {
+            [EventKind::Telemetry(a), EventKind::Telemetry(b)] => {
+                assert_eq!(
+                    (a.device_id.as_str(), a.message_id.as_str()),
+                    ("pump-1", "pump-1:m-1")
+                );
+                assert_eq!(
+                    (b.device_id.as_str(), b.message_id.as_str()),
+                    ("pump-2", "eh:0:2")
+                );
+                assert_eq!(&a.payload[..], br#"{"n": 1}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            checkpoints.load("hub/$Default/0").await.expect("load"),
+            Some("200".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restart_resumes_after_the_last_checkpoint() {
+        let events = vec![
+            telemetry("0", 1, "d", None),
+            telemetry("0", 2, "d", None),
+            telemetry("0", 3, "d", None),
+        ];
+        let source = Arc::new(Injected {
+            partitions: BTreeMap::from([("0".into(), events)]),
+            opened: Mutex::default(),
+        });
+        let checkpoints: Arc<dyn Checkpoints> = Arc::new(MemoryCheckpoints::default());
+        checkpoints
+            .save("hub/$Default/0", "100")
+            .await
+            .expect("save");
+        let got = collect(consumer(checkpoints.clone()), source.clone(), 2, |_| true).await;
+        let ids: Vec<String> = got
+            .iter()
+            .map(|k| match k {
+                EventKind::Telemetry(t) => t.message_id.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            ["eh:0:2", "eh:0:3"],
+            "event 1 was checkpointed before the restart"
+        );
+        assert_eq!(
+            source.opened.lock().expect("lock")[0],
+            ("0".into(), Position::After("100".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nacked_event_is_delivered_again_from_the_last_checkpoint() {
+        let events = vec![telemetry("0", 1, "d", None), telemetry("0", 2, "d", None)];
+        let source = Arc::new(Injected {
+            partitions: BTreeMap::from([("0".into(), events)]),
+            opened: Mutex::default(),
+        });
+        let checkpoints: Arc<dyn Checkpoints> = Arc::new(MemoryCheckpoints::default());
+        // Ack event 1, nack event 2, then ack its redelivery.
+        let got = collect(consumer(checkpoints.clone()), source.clone(), 3, |i| i != 1).await;
+        let ids: Vec<String> = got
+            .iter()
+            .map(|k| match k {
+                EventKind::Telemetry(t) => t.message_id.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, ["eh:0:1", "eh:0:2", "eh:0:2"]);
+        let opened = source.opened.lock().expect("lock").clone();
+        assert_eq!(
+            opened[1],
+            ("0".into(), Position::After("100".into())),
+            "reopened after the acked event: {opened:?}"
+        );
+        assert_eq!(
+            checkpoints.load("hub/$Default/0").await.expect("load"),
+            Some("200".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn non_telemetry_events_become_connection_states_and_reported_properties_in_sequence_order(
+    ) {
+        let seq = |n: u8| json!({"sequenceNumber": format!("{:064X}", n)});
+        let events = vec![
+            lifecycle(
+                "0",
+                1,
+                "deviceLifecycleEvents",
+                "createDeviceIdentity",
+                json!({"deviceId": "d1", "properties": {"reported": {"fw": "1.0", "$version": 1}}}),
+            ),
+            lifecycle(
+                "0",
+                2,
+                "deviceConnectionStateEvents",
+                "deviceConnected",
+                seq(5),
+            ),
+            // A late, older disconnect: skipped.
+            lifecycle(
+                "0",
+                3,
+                "deviceConnectionStateEvents",
+                "deviceDisconnected",
+                seq(4),
+            ),
+            lifecycle(
+                "0",
+                4,
+                "twinChangeEvents",
+                "updateTwin",
+                json!({"version": 3, "properties": {"reported": {"fw": "1.1", "$metadata": {}}}}),
+            ),
+            lifecycle(
+                "0",
+                5,
+                "twinChangeEvents",
+                "updateTwin",
+                json!({"version": 4, "properties": {"desired": {"x": 1}}}),
+            ),
+            HubEvent {
+                system: BTreeMap::from([
+                    ("iothub-connection-device-id".to_owned(), "d1".to_owned()),
+                    ("iothub-connection-module-id".to_owned(), "m1".to_owned()),
+                    (
+                        "iothub-message-source".to_owned(),
+                        "deviceConnectionStateEvents".to_owned(),
+                    ),
+                ]),
+                ..lifecycle(
+                    "0",
+                    6,
+                    "deviceConnectionStateEvents",
+                    "deviceDisconnected",
+                    seq(9),
+                )
+            },
+            lifecycle(
+                "0",
+                7,
+                "deviceLifecycleEvents",
+                "deleteDeviceIdentity",
+                json!({"deviceId": "d1"}),
+            ),
+        ];
+        let source = Arc::new(Injected {
+            partitions: BTreeMap::from([("0".into(), events)]),
+            opened: Mutex::default(),
+        });
+        let got = collect(
+            consumer(Arc::new(MemoryCheckpoints::default())),
+            source,
+            4,
+            |_| true,
+        )
+        .await;
+        let at = |s: u32| {
+            Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, s)
+                .single()
+                .expect("time")
+        };
+        assert_eq!(
+            got,
+            vec![
+                EventKind::ReportedProperties {
+                    device_id: "d1".into(),
+                    properties: json!({"fw": "1.0"}),
+                    at: at(1)
+                },
+                EventKind::Connection {
+                    device_id: "d1".into(),
+                    connected: true,
+                    at: at(2)
+                },
+                EventKind::ReportedProperties {
+                    device_id: "d1".into(),
+                    properties: json!({"fw": "1.1"}),
+                    at: at(4)
+                },
+                EventKind::Connection {
+                    device_id: "d1".into(),
+                    connected: false,
+                    at: at(7)
+                },
+            ]
+        );
+    }
+}

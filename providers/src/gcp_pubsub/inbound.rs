@@ -1,0 +1,342 @@
+//! What the inbound streams carry and how a Pub/Sub message becomes an [`EventKind`]:
+//! pure decoding, no I/O.
+//!
+//! - telemetry: the payload as is; the device id from the device id attribute; Pub/Sub's
+//!   `message_id` as the message id (the alert token: a redelivery carries the same id, so
+//!   it never makes a second alert); the publish time as the receive time. A message
+//!   without the attribute still becomes an event with an empty device id, so the gateway
+//!   dead-letters it with its payload and the reason instead of it vanishing.
+//! - replies: attributes `correlation_id`, `status` (`ok` | `error`), optional `reason`,
+//!   and the device id attribute; or the same keys in a JSON object body.
+//! - lifecycle: the device id attribute, `connected` (`true`/`false`, also
+//!   `online`/`offline`, `connected`/`disconnected`, `1`/`0`) and optional `event_time`
+//!   (RFC 3339); or a JSON object body `{"connected": bool, "at": "<RFC 3339>"}` (the device
+//!   id may also be a body key named like the attribute). Without an event time the
+//!   publish time orders the states.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use super::names::{
+    StreamKind, CONNECTED_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, EVENT_TIME_ATTRIBUTE,
+    REASON_ATTRIBUTE, STATUS_ATTRIBUTE,
+};
+use crate::{EventKind, Telemetry};
+
+/// A message as received, reduced to what decoding needs.
+#[derive(Clone, Debug)]
+pub struct Received<'a> {
+    /// The payload.
+    pub data: &'a Bytes,
+    /// The attributes.
+    pub attributes: &'a HashMap<String, String>,
+    /// Pub/Sub's message id.
+    pub message_id: &'a str,
+    /// When Pub/Sub accepted it.
+    pub publish_time: Option<DateTime<Utc>>,
+    /// When the gateway received it.
+    pub received_at: DateTime<Utc>,
+}
+
+/// The outcome of decoding.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inbound {
+    /// An event for the pipeline.
+    Event(EventKind),
+    /// Not in the stream's format: acked, counted and logged with the reason.
+    Unparsable(String),
+}
+
+/// Decodes `msg` from a stream of `kind`; `device_attr` names the device id attribute.
+pub fn decode(kind: StreamKind, device_attr: &str, msg: &Received<'_>) -> Inbound {
+    match kind {
+        StreamKind::Telemetry => Inbound::Event(EventKind::Telemetry(telemetry(device_attr, msg))),
+        StreamKind::Reply => reply(device_attr, msg),
+        StreamKind::Lifecycle => lifecycle(device_attr, msg),
+    }
+}
+
+fn telemetry(device_attr: &str, msg: &Received<'_>) -> Telemetry {
+    Telemetry {
+        device_id: msg.attributes.get(device_attr).cloned().unwrap_or_default(),
+        message_id: msg.message_id.to_owned(),
+        payload: msg.data.clone(),
+        received_at: msg.publish_time.unwrap_or(msg.received_at),
+    }
+}
+
+/// The body as a JSON object, if it is one.
+fn body(msg: &Received<'_>) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(msg.data) {
+        Ok(serde_json::Value::Object(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// An attribute, else the string value of the same key in the body.
+fn field(
+    msg: &Received<'_>,
+    body: Option<&serde_json::Map<String, serde_json::Value>>,
+    key: &str,
+) -> Option<String> {
+    msg.attributes.get(key).cloned().or_else(|| {
+        body.and_then(|b| b.get(key))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    })
+}
+
+fn reply(device_attr: &str, msg: &Received<'_>) -> Inbound {
+    let body = body(msg);
+    let body = body.as_ref();
+    let Some(device_id) = field(msg, body, device_attr) else {
+        return Inbound::Unparsable(format!("reply without the `{device_attr}` attribute"));
+    };
+    let Some(correlation_id) = field(msg, body, CORRELATION_ID_ATTRIBUTE) else {
+        return Inbound::Unparsable(format!(
+            "reply of {device_id} without `{CORRELATION_ID_ATTRIBUTE}`"
+        ));
+    };
+    let ok = match field(msg, body, STATUS_ATTRIBUTE)
+        .map(|s| s.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("ok") => true,
+        Some("error") => false,
+        other => {
+            return Inbound::Unparsable(format!(
+                "reply {correlation_id} of {device_id}: `{STATUS_ATTRIBUTE}` is {other:?}, expected \"ok\" or \"error\""
+            ))
+        }
+    };
+    Inbound::Event(EventKind::CommandReply {
+        device_id,
+        correlation_id,
+        ok,
+        reason: field(msg, body, REASON_ATTRIBUTE).filter(|r| !r.is_empty()),
+    })
+}
+
+fn parse_connected(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "online" | "connected" => Some(true),
+        "false" | "0" | "offline" | "disconnected" => Some(false),
+        _ => None,
+    }
+}
+
+fn lifecycle(device_attr: &str, msg: &Received<'_>) -> Inbound {
+    let body = body(msg);
+    let body = body.as_ref();
+    let Some(device_id) = field(msg, body, device_attr) else {
+        return Inbound::Unparsable(format!(
+            "lifecycle message without the `{device_attr}` attribute"
+        ));
+    };
+    let connected = match msg.attributes.get(CONNECTED_ATTRIBUTE) {
+        Some(s) => parse_connected(s),
+        None => body
+            .and_then(|b| b.get(CONNECTED_ATTRIBUTE))
+            .and_then(|v| match v {
+                serde_json::Value::Bool(b) => Some(*b),
+                serde_json::Value::String(s) => parse_connected(s),
+                _ => None,
+            }),
+    };
+    let Some(connected) = connected else {
+        return Inbound::Unparsable(format!(
+            "lifecycle message of {device_id} without a valid `{CONNECTED_ATTRIBUTE}` (true or false)"
+        ));
+    };
+    let time = msg
+        .attributes
+        .get(EVENT_TIME_ATTRIBUTE)
+        .cloned()
+        .or_else(|| {
+            body.and_then(|b| b.get("at"))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        });
+    let at = match time {
+        Some(t) => match DateTime::parse_from_rfc3339(&t) {
+            Ok(at) => at.with_timezone(&Utc),
+            Err(e) => {
+                return Inbound::Unparsable(format!(
+                    "lifecycle message of {device_id}: event time {t:?} is not RFC 3339: {e}"
+                ))
+            }
+        },
+        None => msg.publish_time.unwrap_or(msg.received_at),
+    };
+    Inbound::Event(EventKind::Connection {
+        device_id,
+        connected,
+        at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("valid time")
+            .with_timezone(&Utc)
+    }
+
+    fn decode_with(
+        kind: StreamKind,
+        data: &'static [u8],
+        attributes: &HashMap<String, String>,
+    ) -> Inbound {
+        let data = Bytes::from_static(data);
+        decode(
+            kind,
+            "device_id",
+            &Received {
+                data: &data,
+                attributes,
+                message_id: "4711",
+                publish_time: Some(t("2030-01-01T00:00:05Z")),
+                received_at: t("2030-01-01T00:00:06Z"),
+            },
+        )
+    }
+
+    #[test]
+    fn telemetry_takes_the_id_attribute_pubsub_message_id_and_publish_time() {
+        let a = attrs(&[("device_id", "pump-1")]);
+        let got = decode_with(StreamKind::Telemetry, br#"{"temperature":80}"#, &a);
+        assert_eq!(
+            got,
+            Inbound::Event(EventKind::Telemetry(Telemetry {
+                device_id: "pump-1".into(),
+                message_id: "4711".into(),
+                payload: Bytes::from_static(br#"{"temperature":80}"#),
+                received_at: t("2030-01-01T00:00:05Z"),
+            }))
+        );
+    }
+
+    #[test]
+    fn telemetry_without_the_id_attribute_reaches_the_gateway_with_an_empty_id() {
+        let got = decode_with(StreamKind::Telemetry, b"{}", &attrs(&[]));
+        let Inbound::Event(EventKind::Telemetry(t)) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(t.device_id, "");
+    }
+
+    #[test]
+    fn replies_come_from_attributes_or_from_a_json_body() {
+        let a = attrs(&[
+            ("device_id", "pump-1"),
+            ("correlation_id", "c-1"),
+            ("status", "error"),
+            ("reason", "valve stuck"),
+        ]);
+        assert_eq!(
+            decode_with(StreamKind::Reply, b"", &a),
+            Inbound::Event(EventKind::CommandReply {
+                device_id: "pump-1".into(),
+                correlation_id: "c-1".into(),
+                ok: false,
+                reason: Some("valve stuck".into()),
+            })
+        );
+        let a = attrs(&[("device_id", "pump-1")]);
+        assert_eq!(
+            decode_with(
+                StreamKind::Reply,
+                br#"{"correlation_id":"c-2","status":"OK"}"#,
+                &a
+            ),
+            Inbound::Event(EventKind::CommandReply {
+                device_id: "pump-1".into(),
+                correlation_id: "c-2".into(),
+                ok: true,
+                reason: None,
+            })
+        );
+    }
+
+    #[test]
+    fn replies_without_a_status_or_correlation_are_unparsable_with_the_reason() {
+        let a = attrs(&[("device_id", "pump-1"), ("correlation_id", "c-1")]);
+        let Inbound::Unparsable(why) = decode_with(StreamKind::Reply, b"", &a) else {
+            panic!("no status must not parse");
+        };
+        assert!(why.contains("status"), "{why}");
+        let a = attrs(&[("device_id", "pump-1"), ("status", "ok")]);
+        let Inbound::Unparsable(why) = decode_with(StreamKind::Reply, b"", &a) else {
+            panic!("no correlation id must not parse");
+        };
+        assert!(why.contains("correlation_id"), "{why}");
+    }
+
+    #[test]
+    fn lifecycle_uses_the_event_time_and_falls_back_to_the_publish_time() {
+        let a = attrs(&[
+            ("device_id", "pump-1"),
+            ("connected", "false"),
+            ("event_time", "2030-01-01T00:00:01Z"),
+        ]);
+        assert_eq!(
+            decode_with(StreamKind::Lifecycle, b"", &a),
+            Inbound::Event(EventKind::Connection {
+                device_id: "pump-1".into(),
+                connected: false,
+                at: t("2030-01-01T00:00:01Z"),
+            })
+        );
+        let a = attrs(&[("device_id", "pump-1")]);
+        assert_eq!(
+            decode_with(StreamKind::Lifecycle, br#"{"connected":true}"#, &a),
+            Inbound::Event(EventKind::Connection {
+                device_id: "pump-1".into(),
+                connected: true,
+                at: t("2030-01-01T00:00:05Z"),
+            })
+        );
+        assert_eq!(
+            decode_with(
+                StreamKind::Lifecycle,
+                br#"{"device_id":"fan-2","connected":"online","at":"2030-01-01T00:00:02+01:00"}"#,
+                &attrs(&[])
+            ),
+            Inbound::Event(EventKind::Connection {
+                device_id: "fan-2".into(),
+                connected: true,
+                at: t("2029-12-31T23:00:02Z"),
+            })
+        );
+    }
+
+    #[test]
+    fn lifecycle_messages_without_state_or_with_a_bad_time_are_unparsable() {
+        let a = attrs(&[("device_id", "pump-1"), ("connected", "maybe")]);
+        assert!(matches!(
+            decode_with(StreamKind::Lifecycle, b"", &a),
+            Inbound::Unparsable(_)
+        ));
+        let a = attrs(&[
+            ("device_id", "pump-1"),
+            ("connected", "true"),
+            ("event_time", "yesterday"),
+        ]);
+        let Inbound::Unparsable(why) = decode_with(StreamKind::Lifecycle, b"", &a) else {
+            panic!("a bad time must not parse");
+        };
+        assert!(why.contains("RFC 3339"), "{why}");
+    }
+}

@@ -1,0 +1,462 @@
+//! [`GcpPubSubProvider`]: the [`Provider`] of Google Cloud Pub/Sub.
+//!
+//! This file holds the provider's state and the request/response side of the trait
+//! (registration, commands, device state). The streaming pull lives in
+//! [`super::receive`], topic and subscription administration in [`super::admin`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use google_cloud_pubsub::error::PublishError;
+use google_cloud_pubsub::model::Message;
+use iotgw_config::GcpPubSubConfig;
+use iotgw_registry::DeviceId;
+
+use super::client::{self, classify, Call, Clients};
+use super::names::{Names, COMMAND_ID_ATTRIBUTE, COMMAND_NAME_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE};
+use crate::{
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventKind, EventSender, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
+};
+
+/// The Google Cloud Pub/Sub provider of one configured instance.
+///
+/// Built with [`GcpPubSubProvider::new`] (no network traffic); [`Provider::run`] checks or
+/// creates the topics and subscriptions, then streams from them. Commands and
+/// registrations work whether `run` is active or not.
+pub struct GcpPubSubProvider {
+    pub(super) shared: Arc<Shared>,
+    limits: ProviderLimits,
+}
+
+impl std::fmt::Debug for GcpPubSubProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcpPubSubProvider")
+            .field("instance", &self.shared.instance)
+            .field("target", &self.shared.clients.target)
+            .finish()
+    }
+}
+
+/// State shared by the provider handle and its receive loops.
+pub(super) struct Shared {
+    pub(super) instance: String,
+    pub(super) config: GcpPubSubConfig,
+    pub(super) names: Names,
+    pub(super) clients: Clients,
+    health: Mutex<ProviderHealth>,
+    devices: Mutex<HashMap<String, DeviceEntry>>,
+    running: AtomicBool,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct DeviceEntry {
+    connected: Option<(bool, DateTime<Utc>)>,
+    last_activity: Option<DateTime<Utc>>,
+}
+
+/// Locks `m`, recovering the data if a panicking thread poisoned it (plain data that stays
+/// consistent between statements).
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl GcpPubSubProvider {
+    /// Validates `config` and builds the clients of instance `instance`. Connects nothing:
+    /// [`Provider::run`] checks the resources and streams.
+    ///
+    /// Errors are [`ProviderError::InvalidInput`] naming the first bad config key (every
+    /// check of `iotgw_config::gcp_pubsub::problems`), or an unreadable `credentials_file`.
+    pub async fn new(instance: &str, config: &GcpPubSubConfig) -> Result<Self, ProviderError> {
+        if let Some(p) = iotgw_config::gcp_pubsub::problems("", config)
+            .into_iter()
+            .next()
+        {
+            return Err(ProviderError::InvalidInput {
+                instance: instance.to_owned(),
+                field: p.path,
+                message: format!("{}; fix: {}", p.message, p.fix),
+            });
+        }
+        let names = Names::new(config);
+        let clients = client::build(instance, config, &names.commands_topic).await?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                instance: instance.to_owned(),
+                config: config.clone(),
+                names,
+                clients,
+                health: Mutex::new(ProviderHealth {
+                    connected: false,
+                    since: Utc::now(),
+                    last_error: None,
+                }),
+                devices: Mutex::new(HashMap::new()),
+                running: AtomicBool::new(false),
+                dropped: AtomicU64::new(0),
+            }),
+            limits: ProviderLimits {
+                max_telemetry_bytes: config.max_payload_bytes,
+                max_command_bytes: CFS_MAX_COMMAND_BYTES,
+            },
+        })
+    }
+
+    /// Checks (or, with `create_if_missing`, creates) every topic and subscription of the
+    /// instance now; [`Provider::run`] does the same before streaming.
+    pub async fn ensure_resources(&self) -> Result<(), ProviderError> {
+        self.shared.ensure_resources().await
+    }
+
+    /// The full name of the device's command subscription (whether or not
+    /// `command_subscriptions` is on).
+    pub fn command_subscription(&self, device: &DeviceId) -> String {
+        self.shared.names.command_subscription(device)
+    }
+
+    /// The filter the device's command subscription carries.
+    pub fn command_filter(&self, device: &DeviceId) -> String {
+        self.shared.names.command_filter(device)
+    }
+
+    /// Messages acked without an event because they did not follow their stream's format
+    /// (a reply without status, a lifecycle message without state). Each is also logged
+    /// with the reason.
+    pub fn dropped_messages(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Where the clients point (`the Pub/Sub emulator at http://...`, or the service).
+    pub fn target(&self) -> String {
+        self.shared.clients.target.describe()
+    }
+}
+
+impl Shared {
+    pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
+        ProviderError::Transient {
+            instance: self.instance.clone(),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn try_start(&self) -> bool {
+        self.running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub(super) fn stopped(&self) {
+        self.set_connected(false);
+        self.running.store(false, Ordering::Release);
+    }
+
+    pub(super) fn set_connected(&self, connected: bool) {
+        let mut h = lock(&self.health);
+        if h.connected != connected {
+            h.connected = connected;
+            h.since = Utc::now();
+        }
+        if connected {
+            h.last_error = None;
+        }
+    }
+
+    pub(super) fn set_error(&self, error: String) {
+        let mut h = lock(&self.health);
+        if h.connected {
+            h.connected = false;
+            h.since = Utc::now();
+        }
+        h.last_error = Some(error);
+    }
+
+    pub(super) fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Folds an event into the device map: connection state ordered by event time (a late
+    /// older event never overrides a newer one) and last activity.
+    pub(super) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
+        let mut devices = lock(&self.devices);
+        let (id, activity) = match kind {
+            EventKind::Telemetry(t) => (&t.device_id, t.received_at),
+            EventKind::Connection {
+                device_id,
+                connected,
+                at,
+            } => {
+                let e = devices.entry(device_id.clone()).or_default();
+                if e.connected.is_none_or(|(_, prev)| *at >= prev) {
+                    e.connected = Some((*connected, *at));
+                }
+                (device_id, *at)
+            }
+            EventKind::CommandReply { device_id, .. } => (device_id, received_at),
+            EventKind::ReportedProperties { device_id, at, .. } => (device_id, *at),
+        };
+        if id.is_empty() {
+            return;
+        }
+        let e = devices.entry(id.clone()).or_default();
+        if e.last_activity.is_none_or(|prev| activity > prev) {
+            e.last_activity = Some(activity);
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for GcpPubSubProvider {
+    fn instance(&self) -> &str {
+        &self.shared.instance
+    }
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::GcpPubSub
+    }
+
+    fn limits(&self) -> &ProviderLimits {
+        &self.limits
+    }
+
+    fn health(&self) -> ProviderHealth {
+        lock(&self.shared.health).clone()
+    }
+
+    /// Pub/Sub has no device registry: the gateway's is the only one. With
+    /// `command_subscriptions`, creates the device's subscription on the commands topic,
+    /// filtered on its id attribute with message ordering on (an identical existing one is
+    /// accepted, so registering twice is fine).
+    async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError> {
+        let s = &self.shared;
+        if !s.config.command_subscriptions {
+            return Ok(Registration {
+                message: Some(format!(
+                    "registry only: Pub/Sub has no devices; the device's bridge publishes with attribute {}={} to {}",
+                    s.names.device_id_attribute,
+                    spec.device_id,
+                    s.names.streams[0].topic
+                )),
+                credentials: None,
+            });
+        }
+        let name = s.create_command_subscription(&spec.device_id).await?;
+        Ok(Registration {
+            message: Some(format!(
+                "command subscription {name} (filter {}); the device's bridge publishes with attribute {}={} to {}",
+                s.names.command_filter(&spec.device_id),
+                s.names.device_id_attribute,
+                spec.device_id,
+                s.names.streams[0].topic
+            )),
+            credentials: None,
+        })
+    }
+
+    /// With `command_subscriptions`, deletes the device's command subscription (one already
+    /// gone counts as deleted); otherwise nothing to do.
+    async fn unregister(&self, id: &DeviceId) -> Result<(), ProviderError> {
+        if self.shared.config.command_subscriptions {
+            self.shared.delete_command_subscription(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the command to the commands topic: the message text as data, attributes
+    /// `<device_id_attribute>`, `command_name`, `correlation_id`, `command_id`, and the
+    /// device id as ordering key, so one device's commands keep their order. Returns once
+    /// Pub/Sub accepted it; the device's reply (on the reply topic) decides Sent or Error.
+    async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
+        let s = &self.shared;
+        let limit = self.limits.max_command_bytes;
+        if cmd.message.len() > limit {
+            return Err(ProviderError::InvalidInput {
+                instance: s.instance.clone(),
+                field: "msdyn_message".into(),
+                message: format!(
+                    "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
+                    cmd.name,
+                    cmd.message.len()
+                ),
+            });
+        }
+        let device = cmd.device_id.as_str();
+        let msg = Message::new()
+            .set_data(cmd.message.clone())
+            .set_ordering_key(device)
+            .set_attributes([
+                (s.names.device_id_attribute.clone(), device.to_owned()),
+                (COMMAND_NAME_ATTRIBUTE.to_owned(), cmd.name.clone()),
+                (
+                    CORRELATION_ID_ATTRIBUTE.to_owned(),
+                    cmd.correlation_id.clone(),
+                ),
+                (COMMAND_ID_ATTRIBUTE.to_owned(), cmd.id.to_string()),
+            ]);
+        let what = format!(
+            "publishing command {} ({}) to {} for {device}",
+            cmd.id, cmd.name, s.names.commands_topic
+        );
+        // The publisher retries within request_timeout_secs; the margin covers batching.
+        let limit = Duration::from_secs(s.config.request_timeout_secs) + Duration::from_secs(1);
+        let published = tokio::time::timeout(limit, s.clients.commands.publish(msg)).await;
+        let err = match published {
+            Ok(Ok(message_id)) => {
+                tracing::debug!(instance = %s.instance, device, command = %cmd.id, %message_id, "gcp_pubsub: command published");
+                return Ok(CommandOutcome::Published);
+            }
+            Ok(Err(PublishError::Rpc(e))) => classify(
+                &s.instance,
+                Call {
+                    field: "commands_topic",
+                    what: &what,
+                },
+                &e,
+            ),
+            Ok(Err(PublishError::OrderingKeyPaused)) => s.transient(format!(
+                "{what}: an earlier command to this device failed, so its ordering key was paused; it is resumed now: retry"
+            )),
+            Ok(Err(other)) => s.transient(format!("{what}: {other}")),
+            Err(_) => s.transient(format!(
+                "{what}: not confirmed within {limit:?} by {}",
+                s.clients.target.describe()
+            )),
+        };
+        // A failed publish pauses the device's ordering key; the failed command is
+        // reported, so later ones may go.
+        s.clients.commands.resume_publish(device);
+        Err(err)
+    }
+
+    /// What the receive loops have seen of the device since they started: connection state
+    /// (from the lifecycle topic, ordered by event time) and last activity. Pub/Sub keeps
+    /// no device state; unknown devices get an empty state.
+    async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError> {
+        let devices = lock(&self.shared.devices);
+        Ok(devices
+            .get(id.as_str())
+            .map(|e| DeviceState {
+                connected: e.connected.map(|(c, _)| c),
+                reported_properties: None,
+                last_activity: e.last_activity,
+            })
+            .unwrap_or_default())
+    }
+
+    /// See [`super::receive`]: checks (or creates) the resources, then one streaming pull
+    /// per subscription with flow control, acks after commit, reopening failed streams
+    /// with backoff. Returns `Err` for what retrying cannot fix (a missing resource without
+    /// `create_if_missing`, refused credentials or permissions), or when `run` is already
+    /// active for this instance.
+    async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
+        if !self.shared.try_start() {
+            return Err(ProviderError::Conflict {
+                instance: self.shared.instance.clone(),
+                message: "run is already active for this instance; call it once".into(),
+            });
+        }
+        let result = super::receive::run(self.shared.clone(), events, shutdown).await;
+        if let Err(e) = &result {
+            self.shared.set_error(e.to_string());
+        }
+        self.shared.stopped();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn invalid_settings_are_refused_naming_the_config_key() {
+        let config = GcpPubSubConfig {
+            project_id: "p".into(),
+            ack_deadline_secs: 3,
+            ..GcpPubSubConfig::default()
+        };
+        match GcpPubSubProvider::new("gcp", &config).await {
+            Err(ProviderError::InvalidInput { field, message, .. }) => {
+                assert_eq!(field, "ack_deadline_secs");
+                assert!(message.contains("10..=600"), "{message}");
+            }
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_credentials_file_is_refused_naming_the_key() {
+        let config = GcpPubSubConfig {
+            project_id: "p".into(),
+            credentials_file: Some("/nonexistent/key.json".into()),
+            ..GcpPubSubConfig::default()
+        };
+        match GcpPubSubProvider::new("gcp", &config).await {
+            Err(ProviderError::InvalidInput { field, message, .. }) => {
+                assert_eq!(field, "credentials_file");
+                assert!(message.contains("/nonexistent/key.json"), "{message}");
+            }
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn oversize_commands_are_refused_before_publishing() {
+        let config = GcpPubSubConfig {
+            project_id: "p".into(),
+            emulator_host: Some("127.0.0.1:9".into()),
+            ..GcpPubSubConfig::default()
+        };
+        let p = GcpPubSubProvider::new("gcp", &config)
+            .await
+            .expect("valid config");
+        let cmd = CommandRequest {
+            id: uuid::Uuid::new_v4(),
+            device_id: DeviceId::parse("pump-1").expect("valid id"),
+            name: "flash".into(),
+            message: "x".repeat(CFS_MAX_COMMAND_BYTES + 1),
+            correlation_id: "c".into(),
+        };
+        let err = p.send_command(&cmd).await.expect_err("too big");
+        assert!(
+            matches!(err, ProviderError::InvalidInput { ref field, .. } if field == "msdyn_message"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_state_follows_event_time_and_ignores_late_older_events() {
+        let config = GcpPubSubConfig {
+            project_id: "p".into(),
+            emulator_host: Some("127.0.0.1:9".into()),
+            ..GcpPubSubConfig::default()
+        };
+        let p = GcpPubSubProvider::new("gcp", &config)
+            .await
+            .expect("valid config");
+        let at = |s: &str| {
+            DateTime::parse_from_rfc3339(s)
+                .expect("time")
+                .with_timezone(&Utc)
+        };
+        let conn = |connected, t| EventKind::Connection {
+            device_id: "pump-1".into(),
+            connected,
+            at: at(t),
+        };
+        p.shared
+            .observe(&conn(true, "2030-01-01T00:00:02Z"), Utc::now());
+        p.shared
+            .observe(&conn(false, "2030-01-01T00:00:01Z"), Utc::now());
+        let id = DeviceId::parse("pump-1").expect("valid id");
+        let state = p.device_state(&id).await.expect("state");
+        assert_eq!(state.connected, Some(true));
+        assert_eq!(state.last_activity, Some(at("2030-01-01T00:00:02Z")));
+    }
+}

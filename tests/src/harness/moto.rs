@@ -1,0 +1,120 @@
+//! The moto server (`motoserver/moto:5.1.4`): AWS IoT (`iot`) and its data plane
+//! (`iot-data`) on one HTTP port, picked by the SigV4 credential scope of each request.
+//!
+//! State is in memory: a restart forgets every thing, certificate and policy. Tests on the
+//! [`Moto::shared`] server keep apart by their own thing names; never call
+//! [`Moto::reset`] on it.
+
+use std::time::Duration;
+
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::{GenericImage, ImageExt};
+use tokio::sync::OnceCell;
+
+use super::Running;
+
+/// Image name (the public one; see `deploy/images/build-local-images.sh`).
+pub const IMAGE: &str = "motoserver/moto";
+/// Image tag (the version the local build installs).
+pub const TAG: &str = "5.1.4";
+/// The HTTP port inside the container.
+pub const PORT: u16 = 5000;
+/// Region the tests use.
+pub const REGION: &str = "us-east-1";
+/// Access key moto accepts (any works; these are the SDKs' documented test values).
+pub const ACCESS_KEY_ID: &str = "testing";
+/// Secret key to go with it.
+pub const SECRET_ACCESS_KEY: &str = "testing";
+
+/// A running moto server.
+#[derive(Debug)]
+pub struct Moto {
+    running: Running,
+}
+
+impl Moto {
+    /// The server shared by every test of this binary (started on first use).
+    pub async fn shared() -> anyhow::Result<&'static Moto> {
+        static SHARED: OnceCell<Moto> = OnceCell::const_new();
+        SHARED
+            .get_or_try_init(|| Self::start(false, "moto/shared"))
+            .await
+    }
+
+    /// A server of the caller's own, on a fixed host port that survives
+    /// [`Moto::restart`]. Remove it with [`Moto::remove`].
+    pub async fn dedicated() -> anyhow::Result<Moto> {
+        Self::start(true, "moto/dedicated").await
+    }
+
+    async fn start(fixed: bool, role: &str) -> anyhow::Result<Self> {
+        let req = GenericImage::new(IMAGE, TAG)
+            .with_exposed_port(PORT.tcp())
+            .with_wait_for(WaitFor::message_on_either_std("Running on"))
+            .with_env_var("MOTO_PORT", PORT.to_string());
+        let m = Self {
+            running: Running::start(req, &[PORT], fixed, role).await?,
+        };
+        m.wait_ready().await?;
+        Ok(m)
+    }
+
+    /// The endpoint URL for the AWS SDKs (`http://127.0.0.1:<port>`), for both the `iot`
+    /// and the `iot-data` clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.running.port(PORT))
+    }
+
+    /// The container.
+    pub fn container(&self) -> &Running {
+        &self.running
+    }
+
+    /// Forgets everything (`POST /moto-api/reset`): only on a dedicated server.
+    pub async fn reset(&self) -> anyhow::Result<()> {
+        let r = reqwest::Client::new()
+            .post(format!("{}/moto-api/reset", self.endpoint()))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().is_success(),
+            "moto reset answered {}",
+            r.status()
+        );
+        Ok(())
+    }
+
+    /// Stops the server (SIGTERM), starts it again (empty) and waits until it answers.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.running.stop(5).await?;
+        self.running.start_again().await?;
+        self.wait_ready().await
+    }
+
+    /// Waits (30 s at most) until `GET /moto-api/` answers 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let url = format!("{}/moto-api/", self.endpoint());
+        let client = reqwest::Client::new();
+        super::wait_ready(&format!("moto at {url}"), Duration::from_secs(30), || {
+            let req = client.get(&url).timeout(Duration::from_secs(2));
+            async move {
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("answered {}", r.status())),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The server's log so far.
+    pub async fn logs(&self) -> String {
+        self.running.logs().await
+    }
+
+    /// Removes a dedicated server.
+    pub async fn remove(self) {
+        self.running.remove().await;
+    }
+}
