@@ -131,9 +131,12 @@ impl Report {
             out.push_str(&format!("{k}: against {e}\n"));
         }
         if self.cells.iter().flatten().any(|c| *c == Cell::NotBuilt) {
+            out.push_str("not built: the provider's Cargo feature is off in this build\n");
+        }
+        if self.cells.iter().flatten().any(|c| *c == Cell::NoFixture) {
             out.push_str(
-                "not built: the provider's Cargo feature is off \
-                 (scripts/test.sh turns on every provider that has a fixture)\n",
+                "no fixture: the provider is built and tested on its own, but has no \
+                 conformance fixture yet (tests/README.md, \"Adding a provider\")\n",
             );
         }
         for path in &self.written {
