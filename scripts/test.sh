@@ -3,8 +3,9 @@
 #
 #   ./scripts/test.sh            [extra args passed to cargo test]
 #
-# 1. installs what the tests need from Debian's packages (Mosquitto with its dynamic
-#    security plugin) — scripts/install-test-deps.sh;
+# 1. installs what the tests need: Mosquitto with its dynamic security plugin from Debian's
+#    packages (scripts/install-test-deps.sh) and Microsoft's Python service SDK for the
+#    Azure differential tests from PyPI (scripts/install-azure-test-deps.sh);
 # 2. makes sure the emulator images exist in Docker under their public names
 #    (eclipse-mosquitto:2, motoserver/moto:5.1.4, postgres:15,
 #    gcr.io/google.com/cloudsdktool/google-cloud-cli:emulators): a missing one is pulled;
@@ -61,6 +62,8 @@ remove_stale_containers() {
 
 say "installing test dependencies (Debian packages)"
 bash scripts/install-test-deps.sh
+say "installing the official Azure IoT Hub Python SDK the azure_iot_hub differential tests compare against (PyPI, venv under target/)"
+bash scripts/install-azure-test-deps.sh
 
 images_secs=0
 docker_ok=0
