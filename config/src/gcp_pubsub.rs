@@ -15,17 +15,17 @@ use crate::load::Problem;
 
 /// Google Cloud Pub/Sub provider settings.
 ///
-/// Layout on Pub/Sub (every name configurable; defaults in brackets):
+/// Layout on Pub/Sub (every name configurable; defaults in parentheses):
 /// - telemetry: devices (through their bridge) publish to `telemetry_topic`
-///   [`iotgw-telemetry`]; the gateway streams from `telemetry_subscription`
-///   [`iotgw-telemetry`], acks only after the pipeline committed a message, and uses
-///   Pub/Sub's `message_id` as the alert token.
-/// - commands: published to `commands_topic` [`iotgw-commands`] with attributes
+///   (`iotgw-telemetry`); the gateway streams from `telemetry_subscription`
+///   (`iotgw-telemetry`), acks only after the pipeline committed a message, and uses
+///   `<message_id>@<publish time>` as the alert token (the same on every redelivery).
+/// - commands: published to `commands_topic` (`iotgw-commands`) with attributes
 ///   `<device_id_attribute>`, `command_name`, `correlation_id`, `command_id` and the device
 ///   id as ordering key; optionally one filtered subscription per device.
-/// - replies [on]: `reply_topic` [`iotgw-replies`] through `reply_subscription`.
-/// - lifecycle [off]: `lifecycle_topic` through `lifecycle_subscription` [`iotgw-lifecycle`].
-/// - dead letters [off]: `dead_letter_topic` on the telemetry subscription.
+/// - replies (on): `reply_topic` (`iotgw-replies`) through `reply_subscription`.
+/// - lifecycle (off): `lifecycle_topic` through `lifecycle_subscription` (`iotgw-lifecycle`).
+/// - dead letters (off): `dead_letter_topic` on the telemetry subscription.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GcpPubSubConfig {

@@ -1,9 +1,10 @@
 //! What the inbound streams carry and how a Pub/Sub message becomes an [`EventKind`]:
 //! pure decoding, no I/O.
 //!
-//! - telemetry: the payload as is; the device id from the device id attribute; Pub/Sub's
-//!   `message_id` as the message id (the alert token: a redelivery carries the same id, so
-//!   it never makes a second alert); the publish time as the receive time. A message
+//! - telemetry: the payload as is; the device id from the device id attribute; as message
+//!   id (the alert token) Pub/Sub's `message_id` qualified by the publish time,
+//!   `<message_id>@<publish time, RFC 3339 with nanoseconds>` (see [`alert_token`]); the
+//!   publish time as the receive time. A message
 //!   without the attribute still becomes an event with an empty device id, so the gateway
 //!   dead-letters it with its payload and the reason instead of it vanishing.
 //! - replies: attributes `correlation_id`, `status` (`ok` | `error`), optional `reason`,
@@ -58,10 +59,25 @@ pub fn decode(kind: StreamKind, device_attr: &str, msg: &Received<'_>) -> Inboun
     }
 }
 
+/// The alert token of a message: `<message_id>@<publish time>`. A redelivery carries the
+/// same message id and publish time, so it never makes a second alert. Pub/Sub's message
+/// ids alone are unique only within one topic (and the emulator numbers them from 1 again
+/// after a restart), while alert tokens are unique across the whole store; the publish
+/// time keeps distinct messages apart. Without a publish time: the bare message id.
+pub fn alert_token(message_id: &str, publish_time: Option<DateTime<Utc>>) -> String {
+    match publish_time {
+        Some(t) => format!(
+            "{message_id}@{}",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        ),
+        None => message_id.to_owned(),
+    }
+}
+
 fn telemetry(device_attr: &str, msg: &Received<'_>) -> Telemetry {
     Telemetry {
         device_id: msg.attributes.get(device_attr).cloned().unwrap_or_default(),
-        message_id: msg.message_id.to_owned(),
+        message_id: alert_token(msg.message_id, msg.publish_time),
         payload: msg.data.clone(),
         received_at: msg.publish_time.unwrap_or(msg.received_at),
     }
@@ -214,14 +230,14 @@ mod tests {
     }
 
     #[test]
-    fn telemetry_takes_the_id_attribute_pubsub_message_id_and_publish_time() {
+    fn telemetry_takes_the_id_attribute_and_the_publish_time_qualified_message_id() {
         let a = attrs(&[("device_id", "pump-1")]);
         let got = decode_with(StreamKind::Telemetry, br#"{"temperature":80}"#, &a);
         assert_eq!(
             got,
             Inbound::Event(EventKind::Telemetry(Telemetry {
                 device_id: "pump-1".into(),
-                message_id: "4711".into(),
+                message_id: "4711@2030-01-01T00:00:05.000000000Z".into(),
                 payload: Bytes::from_static(br#"{"temperature":80}"#),
                 received_at: t("2030-01-01T00:00:05Z"),
             }))
@@ -338,5 +354,15 @@ mod tests {
             panic!("a bad time must not parse");
         };
         assert!(why.contains("RFC 3339"), "{why}");
+    }
+
+    #[test]
+    fn alert_tokens_stay_under_the_store_limit_and_apart_across_emulator_restarts() {
+        let before = alert_token("1", Some(t("2030-01-01T00:00:05.123456789Z")));
+        let after = alert_token("1", Some(t("2030-01-01T00:07:00Z")));
+        assert_eq!(before, "1@2030-01-01T00:00:05.123456789Z");
+        assert_ne!(before, after);
+        assert!(alert_token(&"9".repeat(20), Some(t("2030-01-01T00:00:05Z"))).len() < 100);
+        assert_eq!(alert_token("42", None), "42");
     }
 }

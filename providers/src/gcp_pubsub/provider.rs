@@ -2,7 +2,7 @@
 //!
 //! This file holds the provider's state and the request/response side of the trait
 //! (registration, commands, device state). The streaming pull lives in
-//! [`super::receive`], topic and subscription administration in [`super::admin`].
+//! [`super::receive`], topic and subscription administration in `admin`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -16,8 +16,8 @@
 //!   right away, and after `max_delivery_attempts` a configured dead-letter topic takes the
 //!   message. While the pipeline holds a message its lease is extended (`ack_deadline_secs`
 //!   at a time); if the gateway dies instead, the lease lapses and Pub/Sub redelivers. A
-//!   redelivery carries the same `message_id`, the alert token, so it never makes a second
-//!   alert.
+//!   redelivery carries the same `message_id` and publish time, which make the alert token
+//!   ([`super::inbound::alert_token`]), so it never makes a second alert.
 //! - Failures: the client library retries transient stream errors itself; an error it
 //!   gives up on reopens the stream after `reconnect_min_ms`, doubling up to
 //!   `reconnect_max_ms`. A subscription deleted under a running gateway is re-created with

@@ -139,37 +139,7 @@ impl Emulator {
                 host: live.host.clone(),
             });
         }
-        let request = GenericImage::new(IMAGE, TAG)
-            .with_exposed_port(PORT.tcp())
-            .with_wait_for(WaitFor::message_on_either_std(format!(
-                "Server started, listening on {PORT}"
-            )))
-            .with_cmd([
-                "gcloud".to_owned(),
-                "beta".into(),
-                "emulators".into(),
-                "pubsub".into(),
-                "start".into(),
-                format!("--project={PROJECT}"),
-                format!("--host-port=0.0.0.0:{PORT}"),
-            ])
-            .with_label(docker::LABEL, "1")
-            .with_label(docker::LABEL_PID, std::process::id().to_string())
-            .with_label(docker::LABEL_HOST, docker::host_name())
-            .with_label(docker::LABEL_ROLE, "pubsub/providers-gcp")
-            .with_startup_timeout(Duration::from_secs(120));
-        let started = on_docker(async move {
-            let c = request.start().await?;
-            let port = c.get_host_port_ipv4(PORT.tcp()).await?;
-            Ok::<_, testcontainers::TestcontainersError>((c, port))
-        })
-        .await;
-        let (container, port) = started.unwrap_or_else(|e| {
-            panic!(
-                "the Pub/Sub emulator ({IMAGE}:{TAG}) did not start: {e}. Without a registry, build the image with \
-                 IOTGW_IMAGES=pubsub bash deploy/images/build-local-images.sh"
-            )
-        });
+        let (container, port) = start_container("pubsub/providers-gcp", None).await;
         let host = format!("127.0.0.1:{port}");
         *LIVE
             .lock()
@@ -184,6 +154,141 @@ impl Emulator {
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.host)
+    }
+}
+
+/// Starts an emulator container (on `fixed_port` when given, so a restart keeps it);
+/// panics with what to do when it does not start.
+async fn start_container(
+    role: &str,
+    fixed_port: Option<u16>,
+) -> (ContainerAsync<GenericImage>, u16) {
+    let mut request = GenericImage::new(IMAGE, TAG)
+        .with_exposed_port(PORT.tcp())
+        .with_wait_for(WaitFor::message_on_either_std(format!(
+            "Server started, listening on {PORT}"
+        )))
+        .with_cmd([
+            "gcloud".to_owned(),
+            "beta".into(),
+            "emulators".into(),
+            "pubsub".into(),
+            "start".into(),
+            format!("--project={PROJECT}"),
+            format!("--host-port=0.0.0.0:{PORT}"),
+        ])
+        .with_label(docker::LABEL, "1")
+        .with_label(docker::LABEL_PID, std::process::id().to_string())
+        .with_label(docker::LABEL_HOST, docker::host_name())
+        .with_label(docker::LABEL_ROLE, role)
+        .with_startup_timeout(Duration::from_secs(120));
+    if let Some(port) = fixed_port {
+        request = request.with_mapped_port(port, PORT.tcp());
+    }
+    let started = on_docker(async move {
+        let c = request.start().await?;
+        let port = c.get_host_port_ipv4(PORT.tcp()).await?;
+        Ok::<_, testcontainers::TestcontainersError>((c, port))
+    })
+    .await;
+    started.unwrap_or_else(|e| {
+        panic!(
+            "the Pub/Sub emulator ({IMAGE}:{TAG}) did not start: {e}. Without a registry, build the image with \
+             IOTGW_IMAGES=pubsub bash deploy/images/build-local-images.sh"
+        )
+    })
+}
+
+/// Removes `container` on the Docker runtime and waits for it (bounded), so a test binary
+/// that ends right after leaves nothing behind.
+fn remove_blocking(container: ContainerAsync<GenericImage>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    docker_runtime().spawn(async move {
+        let _ = container.rm().await;
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(20));
+}
+
+/// An emulator of one test's own, on a fixed host port, that it may restart.
+#[derive(Debug)]
+pub struct Dedicated {
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    container: Option<std::sync::Arc<ContainerAsync<GenericImage>>>,
+}
+
+impl Dedicated {
+    /// Starts one; `None` (after `SKIPPED: ...`) without Docker outside CI.
+    pub async fn start() -> Option<Dedicated> {
+        if let Err(why) = docker_ready() {
+            let msg =
+                format!("the Pub/Sub emulator tests need Docker, which is unreachable: {why}");
+            assert!(!ci(), "CI=true: {msg}");
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        let (container, port) = start_container("pubsub/providers-gcp-dedicated", Some(port)).await;
+        Some(Dedicated {
+            host: format!("127.0.0.1:{port}"),
+            container: Some(std::sync::Arc::new(container)),
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.host)
+    }
+
+    /// Stops the emulator (it forgets every topic and subscription) and starts it again
+    /// on the same port; returns once it accepts connections.
+    pub async fn restart(&self) {
+        let c = self.container.clone().expect("running");
+        on_docker(async move {
+            c.stop_with_timeout(Some(2)).await?;
+            c.start().await
+        })
+        .await
+        .expect("the emulator restarts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let path = format!("/v1/projects/{PROJECT}/topics");
+        loop {
+            // The REST surface answers once the JVM listens.
+            let up = std::net::TcpStream::connect(&self.host).is_ok_and(|mut s| {
+                use std::io::{Read, Write};
+                let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.host);
+                let mut head = [0u8; 12];
+                s.set_read_timeout(Some(Duration::from_secs(2))).is_ok()
+                    && s.write_all(req.as_bytes()).is_ok()
+                    && s.read_exact(&mut head).is_ok()
+                    && head.starts_with(b"HTTP/1.")
+                    && &head[9..12] == b"200"
+            });
+            if up {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the emulator did not answer within 60 s of its restart"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Dedicated {
+    fn drop(&mut self) {
+        if let Some(c) = self
+            .container
+            .take()
+            .and_then(|c| std::sync::Arc::try_unwrap(c).ok())
+        {
+            remove_blocking(c);
+        }
     }
 }
 
@@ -206,14 +311,7 @@ impl Drop for Emulator {
             }
         };
         if let Some(l) = last {
-            // Removed on the Docker runtime; waited for (bounded) so a test binary that
-            // ends right after leaves nothing behind.
-            let (tx, rx) = std::sync::mpsc::channel();
-            docker_runtime().spawn(async move {
-                let _ = l.container.rm().await;
-                let _ = tx.send(());
-            });
-            let _ = rx.recv_timeout(Duration::from_secs(20));
+            remove_blocking(l.container);
         }
     }
 }

@@ -1,14 +1,17 @@
 //! Inbound: telemetry with acks after commit, redelivery after a crash or a nack, the
 //! dead-letter topic, replies and lifecycle events.
 
+use google_cloud_auth::credentials::anonymous;
+use google_cloud_pubsub::client::{Publisher, SubscriptionAdmin};
+use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 
-use super::emulator::Emulator;
+use super::emulator::{Dedicated, Emulator};
 use super::*;
 use crate::gcp_pubsub::names::subscription_path;
 
 #[tokio::test]
-async fn telemetry_arrives_with_its_device_attribute_and_pubsub_message_id_and_once_acked_stays_acked(
+async fn telemetry_arrives_with_its_device_attribute_and_message_id_token_and_once_acked_stays_acked(
 ) {
     let Some(emu) = Emulator::acquire().await else {
         return;
@@ -21,15 +24,24 @@ async fn telemetry_arrives_with_its_device_attribute_and_pubsub_message_id_and_o
     let id = bridge.telemetry("pump-1", r#"{"temperature":80}"#).await;
     let (t, ack) = run.telemetry().await;
     assert_eq!(
-        (t.device_id.as_str(), t.message_id.as_str()),
+        (t.device_id.as_str(), pubsub_id(&t.message_id)),
         ("pump-1", id.as_str())
+    );
+    assert!(
+        t.message_id.starts_with(&format!("{id}@20")),
+        "alert token = message id @ publish time: {}",
+        t.message_id
     );
     assert_eq!(t.payload.as_ref(), br#"{"temperature":80}"#);
     ack.ack();
 
     let marker = bridge.telemetry("pump-1", r#"{"marker":true}"#).await;
     let (t, ack) = run.telemetry().await;
-    assert_eq!(t.message_id, marker, "an acked message must not come back");
+    assert_eq!(
+        pubsub_id(&t.message_id),
+        marker,
+        "an acked message must not come back"
+    );
     ack.ack();
 
     let device = iotgw_registry::DeviceId::parse("pump-1").expect("valid id");
@@ -54,7 +66,8 @@ async fn a_message_pulled_but_not_committed_when_the_gateway_stops_is_redelivere
     let mut run = Running::start_connected(first.clone()).await;
     let id = bridge.telemetry("valve-1", r#"{"pressure":9}"#).await;
     let (t, ack) = run.telemetry().await;
-    assert_eq!(t.message_id, id);
+    assert_eq!(pubsub_id(&t.message_id), id);
+    let token = t.message_id;
     run.shutdown.cancel();
     wait_until("the first gateway's streams closed", || {
         let p = first.clone();
@@ -77,8 +90,8 @@ async fn a_message_pulled_but_not_committed_when_the_gateway_stops_is_redelivere
         .await;
     assert_eq!(
         (t.device_id.as_str(), t.message_id.as_str()),
-        ("valve-1", id.as_str()),
-        "the uncommitted message is redelivered with its message id"
+        ("valve-1", token.as_str()),
+        "the uncommitted message is redelivered with its message id: the same alert token"
     );
     ack.ack();
 
@@ -99,11 +112,15 @@ async fn nacked_telemetry_is_redelivered_at_once_without_a_restart() {
 
     let id = bridge.telemetry("fan-1", r#"{"rpm":1200}"#).await;
     let (t, ack) = run.telemetry().await;
-    assert_eq!(t.message_id, id);
+    assert_eq!(pubsub_id(&t.message_id), id);
+    let token = t.message_id;
     let nacked_at = Instant::now();
     ack.nack("store unavailable");
     let (t, ack) = run.telemetry().await;
-    assert_eq!(t.message_id, id, "the nacked message came back");
+    assert_eq!(
+        t.message_id, token,
+        "the nacked message came back, same alert token"
+    );
     assert!(
         nacked_at.elapsed() < Duration::from_secs(u64::from(config.ack_deadline_secs)),
         "redelivered by the nack, not by the lapsed ack deadline ({:?})",
@@ -271,7 +288,7 @@ async fn a_message_nacked_on_every_delivery_attempt_moves_to_the_dead_letter_top
     let id = bridge.telemetry("pump-5", r#"{"poison":true}"#).await;
     for attempt in 1..=config.max_delivery_attempts {
         let (t, ack) = run.telemetry().await;
-        assert_eq!(t.message_id, id, "delivery {attempt}");
+        assert_eq!(pubsub_id(&t.message_id), id, "delivery {attempt}");
         ack.nack("cannot commit");
     }
 
@@ -291,5 +308,86 @@ async fn a_message_nacked_on_every_delivery_attempt_moves_to_the_dead_letter_top
         msg.attributes.get("device_id").map(String::as_str),
         Some("pump-5")
     );
+    run.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn streaming_resumes_on_its_own_after_the_emulator_restarts_and_forgets_everything() {
+    let Some(emu) = Dedicated::start().await else {
+        return;
+    };
+    let config = GcpPubSubConfig {
+        project_id: PROJECT.into(),
+        emulator_host: Some(emu.host.clone()),
+        create_if_missing: true,
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 500,
+        request_timeout_secs: 5,
+        ..GcpPubSubConfig::default()
+    };
+    let publisher = || async {
+        Publisher::builder(topic_path(PROJECT, &config.telemetry_topic))
+            .with_endpoint(emu.endpoint())
+            .with_credentials(anonymous::Builder::new().build())
+            .build()
+            .await
+            .expect("a publisher on the emulator")
+    };
+    let message = |n: u32| {
+        Message::new()
+            .set_data(format!(r#"{{"n":{n}}}"#))
+            .set_attributes([("device_id", "pump-9")])
+    };
+    let p = provider(&config).await;
+    let mut run = Running::start_connected(p.clone()).await;
+    let id = publisher()
+        .await
+        .publish(message(1))
+        .await
+        .expect("published");
+    let (t, ack) = run.telemetry().await;
+    assert_eq!(pubsub_id(&t.message_id), id);
+    ack.ack();
+
+    emu.restart().await;
+    let restarted = Instant::now();
+    // The emulator lost the topics and subscriptions: the provider re-creates them once
+    // its stream reconnects and finds the subscription gone (the client library reopens
+    // streams with its own backoff: 0.1 s, then 4x). A message published before the
+    // subscription exists reaches nobody, so the device waits for it.
+    let admin = SubscriptionAdmin::builder()
+        .with_endpoint(emu.endpoint())
+        .with_credentials(anonymous::Builder::new().build())
+        .build()
+        .await
+        .expect("an admin client");
+    let sub = subscription_path(PROJECT, &config.telemetry_subscription);
+    let limit = Duration::from_secs(40);
+    while admin
+        .get_subscription()
+        .set_subscription(&sub)
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            restarted.elapsed() < limit,
+            "the subscription was not re-created within {limit:?}; health {:?}",
+            p.health()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = publisher()
+        .await
+        .publish(message(2))
+        .await
+        .expect("published after the restart");
+    let (t, ack) = run.telemetry().await;
+    assert_eq!(
+        (t.device_id.as_str(), pubsub_id(&t.message_id)),
+        ("pump-9", id.as_str())
+    );
+    ack.ack();
+    assert!(p.health().connected, "{:?}", p.health());
     run.stop().await.expect("clean stop");
 }
