@@ -129,12 +129,14 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
 
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
     for (name, pc) in &config.providers {
-        providers.insert(
-            name.clone(),
-            build_provider(name, pc)
-                .await
-                .with_context(|| format!("starting provider `{name}`"))?,
-        );
+        let provider = build_provider(name, pc)
+            .await
+            .with_context(|| format!("starting provider `{name}`"))?;
+        provider.set_checkpoints(Arc::new(crate::checkpoints::StoreCheckpoints::new(
+            store.clone(),
+            name,
+        )));
+        providers.insert(name.clone(), provider);
     }
     let mut sink_list = Vec::new();
     for (name, sc) in &config.sinks {

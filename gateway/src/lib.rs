@@ -18,6 +18,7 @@
 pub mod api;
 pub mod app;
 pub mod broker;
+pub mod checkpoints;
 pub mod cli;
 pub mod core;
 pub mod health;

@@ -12,8 +12,9 @@
 //! it yields normalized events and the gateway acks each one only after its effects are
 //! committed, so a crash between receive and commit redelivers instead of losing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,6 +32,13 @@ pub mod azure_iot_hub;
 pub mod gcp_pubsub;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+#[cfg(any(
+    feature = "mqtt",
+    feature = "aws_iot_core",
+    feature = "gcp_pubsub",
+    feature = "azure_iot_hub"
+))]
+mod observed;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
@@ -438,6 +446,45 @@ pub trait Provider: Send + Sync {
     /// Grid). Events pushed there go to the sender of the active [`Provider::run`].
     fn push_endpoint(&self) -> Option<std::sync::Arc<dyn PushEndpoint>> {
         None
+    }
+    /// Where the provider keeps its stream checkpoints. The gateway calls it once, before
+    /// [`Provider::run`], with checkpoints kept in its store; providers whose cloud keeps
+    /// the position itself (MQTT sessions, Pub/Sub subscriptions) ignore it.
+    fn set_checkpoints(&self, _checkpoints: std::sync::Arc<dyn Checkpoints>) {}
+}
+
+/// Where a provider keeps the positions its streams resume from after a restart (the
+/// offset of each Event Hubs partition, say): the gateway hands every provider one backed
+/// by its store ([`Provider::set_checkpoints`]), scoped to the provider instance.
+#[async_trait]
+pub trait Checkpoints: Send + Sync {
+    /// The value saved under `key`.
+    async fn load(&self, key: &str) -> Result<Option<String>, ProviderError>;
+    /// Saves `value` under `key`.
+    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError>;
+}
+
+/// Checkpoints kept in memory (lost on restart: the configured start position applies).
+#[derive(Debug, Default)]
+pub struct MemoryCheckpoints(Mutex<HashMap<String, String>>);
+
+#[async_trait]
+impl Checkpoints for MemoryCheckpoints {
+    async fn load(&self, key: &str) -> Result<Option<String>, ProviderError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned())
+    }
+
+    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.to_owned(), value.to_owned());
+        Ok(())
     }
 }
 

@@ -88,6 +88,7 @@ macro_rules! conformance_tests {
             status_updates_return_the_updated_record,
             insert_command_checks_device_alert_and_correlation,
             dead_letters_page_newest_first,
+            checkpoints_are_replaced_per_scope_and_key,
         );
     };
     (@each $make:expr; $($name:ident),+ $(,)?) => {
@@ -1922,6 +1923,54 @@ pub async fn dead_letters_page_newest_first(store: &dyn Store) {
             .list_dead_letters(&page(Some("garbage".into()), 2))
             .await,
         "a bad dead-letter cursor",
+    );
+}
+
+/// A checkpoint is replaced by a later save, and scopes (provider instances) and keys
+/// (partitions) never see each other's values.
+pub async fn checkpoints_are_replaced_per_scope_and_key(store: &dyn Store) {
+    assert_eq!(
+        store.load_checkpoint("hub", "0").await.expect("load"),
+        None,
+        "nothing saved yet"
+    );
+    store
+        .save_checkpoint("hub", "0", "100")
+        .await
+        .expect("save");
+    store.save_checkpoint("hub", "1", "7").await.expect("save");
+    store
+        .save_checkpoint("other", "0", "9")
+        .await
+        .expect("save");
+    store
+        .save_checkpoint("hub", "0", "250")
+        .await
+        .expect("save");
+    assert_eq!(
+        store
+            .load_checkpoint("hub", "0")
+            .await
+            .expect("load")
+            .as_deref(),
+        Some("250"),
+        "the later save wins"
+    );
+    assert_eq!(
+        store
+            .load_checkpoint("hub", "1")
+            .await
+            .expect("load")
+            .as_deref(),
+        Some("7")
+    );
+    assert_eq!(
+        store
+            .load_checkpoint("other", "0")
+            .await
+            .expect("load")
+            .as_deref(),
+        Some("9")
     );
 }
 

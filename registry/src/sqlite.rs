@@ -41,11 +41,18 @@ use crate::store::{Store, StoreError, StoreResult};
 use crate::DeviceId;
 
 /// The migrations, embedded at build time, in version order.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "checkpoints",
+        include_str!("../migrations/sqlite/0002_checkpoints.sql"),
+    ),
+];
 
 /// Longest `msdyn_description`.
 const MAX_DESCRIPTION_CHARS: usize = 100;
@@ -1484,6 +1491,32 @@ impl Store for SqliteStore {
             time_cursor(d.created_at, &d.id.to_string())
         }))
     }
+
+    async fn load_checkpoint(&self, scope: &str, key: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT value FROM checkpoints WHERE scope = ? AND key = ?")
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading a checkpoint"))?;
+        row.map(|r| r.try_get("value").map_err(db("reading a checkpoint")))
+            .transpose()
+    }
+
+    async fn save_checkpoint(&self, scope: &str, key: &str, value: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO checkpoints (scope, key, value, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(value)
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db("saving a checkpoint"))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -1576,7 +1609,7 @@ mod tests {
                 .iter()
                 .map(|r| r.try_get("version").expect("version"))
                 .collect();
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
         let now = Utc::now();
         let items = reopened
             .claim_outbox("hook", now, now + chrono::Duration::seconds(30), 10)

@@ -211,4 +211,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Dead letters, newest first.
     async fn list_dead_letters(&self, page: &PageRequest) -> StoreResult<Page<DeadLetter>>;
+
+    /// The checkpoint saved under `(scope, key)`: where a provider's stream resumes
+    /// (`scope` is the provider instance, `key` the provider's own, such as a partition).
+    async fn load_checkpoint(&self, scope: &str, key: &str) -> StoreResult<Option<String>>;
+
+    /// Saves (replaces) the checkpoint under `(scope, key)`.
+    async fn save_checkpoint(&self, scope: &str, key: &str, value: &str) -> StoreResult<()>;
 }

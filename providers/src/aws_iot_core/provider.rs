@@ -5,15 +5,13 @@
 //! events seen, registration through [`super::registry`]. The MQTT receive loop lives in
 //! [`super::session`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_iotdataplane::primitives::Blob;
 use aws_sdk_iotdataplane::types::PayloadFormatIndicator;
 use base64::Engine as _;
-use chrono::{DateTime, Utc};
 use iotgw_config::AwsIotCoreConfig;
 use iotgw_registry::DeviceId;
 
@@ -22,10 +20,10 @@ use super::errors::Call;
 use super::inbound::reported_of;
 use super::registry::Registrar;
 use super::topics::AwsTopics;
+use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventKind, EventSender, Provider,
-    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
-    CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
+    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
 };
 
 /// AWS IoT Core's largest MQTT payload (publish, and the `iot-data` Publish API).
@@ -49,24 +47,13 @@ pub(super) struct Shared {
     pub(super) clients: Clients,
     /// TLS of the MQTT connection; `None` when no client certificate is configured.
     pub(super) tls: Option<Arc<rustls::ClientConfig>>,
-    health: Mutex<ProviderHealth>,
-    devices: Mutex<HashMap<String, DeviceEntry>>,
+    pub(super) health: HealthCell,
+    pub(super) devices: DeviceBook,
     running: AtomicBool,
     dropped: AtomicU64,
 }
 
-#[derive(Default, Clone)]
-struct DeviceEntry {
-    connected: Option<(bool, DateTime<Utc>)>,
-    reported: Option<serde_json::Value>,
-    last_activity: Option<DateTime<Utc>>,
-}
-
-/// Locks `m`, recovering the data if a panicking thread poisoned it (plain data that
-/// stays consistent between statements).
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub(super) use crate::observed::lock;
 
 impl AwsIotCoreProvider {
     /// Validates `config`, reads the gateway's certificate files and loads the AWS SDK
@@ -106,12 +93,8 @@ impl AwsIotCoreProvider {
                 topics,
                 clients,
                 tls,
-                health: Mutex::new(ProviderHealth {
-                    connected: false,
-                    since: Utc::now(),
-                    last_error: None,
-                }),
-                devices: Mutex::new(HashMap::new()),
+                health: HealthCell::new(),
+                devices: DeviceBook::default(),
                 running: AtomicBool::new(false),
                 dropped: AtomicU64::new(0),
             }),
@@ -146,70 +129,12 @@ impl Shared {
     }
 
     pub(super) fn stopped(&self) {
-        self.set_connected(false);
+        self.health.set_connected(false);
         self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn set_connected(&self, connected: bool) {
-        let mut h = lock(&self.health);
-        if h.connected != connected {
-            h.connected = connected;
-            h.since = Utc::now();
-        }
-        if connected {
-            h.last_error = None;
-        }
-    }
-
-    pub(super) fn set_error(&self, error: String) {
-        let mut h = lock(&self.health);
-        if h.connected {
-            h.connected = false;
-            h.since = Utc::now();
-        }
-        h.last_error = Some(error);
-    }
-
-    /// Records an error without changing the connection state (a refused subscription).
-    pub(super) fn note_error(&self, error: String) {
-        lock(&self.health).last_error = Some(error);
     }
 
     pub(super) fn count_dropped(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Folds an event into the device map: connection state ordered by event time (a late
-    /// older presence event never overrides a newer one), reported properties, activity.
-    pub(super) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
-        let mut devices = lock(&self.devices);
-        let (id, activity) = match kind {
-            EventKind::Telemetry(t) => (&t.device_id, t.received_at),
-            EventKind::Connection {
-                device_id,
-                connected,
-                at,
-            } => {
-                let e = devices.entry(device_id.clone()).or_default();
-                if e.connected.is_none_or(|(_, prev)| *at >= prev) {
-                    e.connected = Some((*connected, *at));
-                }
-                (device_id, *at)
-            }
-            EventKind::CommandReply { device_id, .. } => (device_id, received_at),
-            EventKind::ReportedProperties {
-                device_id,
-                properties,
-                at,
-            } => {
-                devices.entry(device_id.clone()).or_default().reported = Some(properties.clone());
-                (device_id, *at)
-            }
-        };
-        let e = devices.entry(id.clone()).or_default();
-        if e.last_activity.is_none_or(|prev| activity > prev) {
-            e.last_activity = Some(activity);
-        }
     }
 
     /// The MQTT host: `mqtt_host`, else the data endpoint.
@@ -236,7 +161,7 @@ impl Provider for AwsIotCoreProvider {
     }
 
     fn health(&self) -> ProviderHealth {
-        lock(&self.shared.health).clone()
+        self.shared.health.get()
     }
 
     /// Thing, certificate and key, device policy, attachments, desired shadow state; see
@@ -314,10 +239,7 @@ impl Provider for AwsIotCoreProvider {
     /// properties; a missing thing is [`ProviderError::NotFound`].
     async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError> {
         let thing = id.as_str();
-        let seen = lock(&self.shared.devices)
-            .get(thing)
-            .cloned()
-            .unwrap_or_default();
+        let seen = self.shared.devices.seen(thing).unwrap_or_default();
         let resource = format!("the shadow of {thing}");
         let call = Call {
             op: "GetThingShadow",
@@ -387,7 +309,10 @@ impl Provider for AwsIotCoreProvider {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{DateTime, Utc};
+
     use super::*;
+    use crate::EventKind;
 
     fn config() -> AwsIotCoreConfig {
         AwsIotCoreConfig {
@@ -443,12 +368,12 @@ mod tests {
             connected,
             at,
         };
-        p.shared.observe(&conn(true, t(2_000)), Utc::now());
-        p.shared.observe(&conn(false, t(1_000)), Utc::now());
-        let e = lock(&p.shared.devices).get("d1").cloned().expect("known");
+        p.shared.devices.observe(&conn(true, t(2_000)), Utc::now());
+        p.shared.devices.observe(&conn(false, t(1_000)), Utc::now());
+        let e = p.shared.devices.seen("d1").expect("known");
         assert_eq!(e.connected, Some((true, t(2_000))));
-        p.shared.observe(&conn(false, t(3_000)), Utc::now());
-        let e = lock(&p.shared.devices).get("d1").cloned().expect("known");
+        p.shared.devices.observe(&conn(false, t(3_000)), Utc::now());
+        let e = p.shared.devices.seen("d1").expect("known");
         assert_eq!(e.connected, Some((false, t(3_000))));
     }
 }

@@ -83,7 +83,7 @@ pub(super) async fn run(
     let Some(tls) = shared.tls.clone() else {
         let msg = "MQTT not configured (client_cert_path and client_key_path unset): no telemetry, replies or presence from this instance";
         info!(instance = %shared.instance, "aws_iot_core: {msg}");
-        shared.set_error(msg.into());
+        shared.health.set_error(msg.into());
         shutdown.cancelled().await;
         return Ok(());
     };
@@ -95,12 +95,14 @@ pub(super) async fn run(
         match shared.mqtt_host().await {
             Ok(h) => break h,
             Err(e) if !e.is_retryable() => {
-                shared.set_error(e.to_string());
+                shared.health.set_error(e.to_string());
                 return Err(e);
             }
             Err(e) => {
                 warn!(instance = %shared.instance, retry_in = ?delay, "aws_iot_core: data endpoint lookup failed: {e}");
-                shared.set_error(format!("looking up the MQTT endpoint: {e}"));
+                shared
+                    .health
+                    .set_error(format!("looking up the MQTT endpoint: {e}"));
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return Ok(()),
@@ -178,7 +180,7 @@ pub(super) async fn run(
                     })
                     .collect();
                 if awaiting.is_empty() {
-                    shared.set_connected(true);
+                    shared.health.set_connected(true);
                 }
                 if !refused.is_empty() {
                     let msg = format!(
@@ -186,7 +188,7 @@ pub(super) async fn run(
                         refused.join(", ")
                     );
                     warn!(instance = %shared.instance, "aws_iot_core: {msg}");
-                    shared.note_error(msg);
+                    shared.health.note_error(msg);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -210,12 +212,12 @@ pub(super) async fn run(
             Ok(_) => {}
             Err(e) => {
                 if let Some(fatal) = fatal(&shared, &host, &e) {
-                    shared.set_error(fatal.to_string());
+                    shared.health.set_error(fatal.to_string());
                     break Err(fatal);
                 }
                 let msg = describe(&host, cfg.mqtt_port, &e);
                 warn!(instance = %shared.instance, retry_in = ?delay, "aws_iot_core: connection lost: {msg}");
-                shared.set_error(msg);
+                shared.health.set_error(msg);
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break Ok(()),
@@ -388,7 +390,7 @@ fn to_event(
             }
         }
     };
-    shared.observe(&kind, received_at);
+    shared.devices.observe(&kind, received_at);
     Some(ProviderEvent {
         instance: shared.instance.clone(),
         kind,

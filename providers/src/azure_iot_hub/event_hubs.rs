@@ -4,8 +4,9 @@
 //!
 //! The reading side is behind [`EventSource`] / [`PartitionReceiver`] so the consumer
 //! logic (mapping, ordering, ack-then-checkpoint, redelivery after a nack) is tested with
-//! injected events; where checkpoints live is behind [`Checkpoints`] (the gateway can keep
-//! them in its store; [`MemoryCheckpoints`] keeps them for the life of the process).
+//! injected events; where checkpoints live is behind [`Checkpoints`]: the gateway keeps
+//! them in its store (table `checkpoints`, scoped by instance, so a restarted gateway
+//! resumes where it stopped); [`MemoryCheckpoints`] keeps them for the life of the process.
 //!
 //! Mapping (system property `iothub-message-source`, application property `opType`, as in
 //! IoT Hub's "non-telemetry event schemas"):
@@ -21,7 +22,7 @@
 //!   documentation says an event without `moduleId` is the device's own.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -93,38 +94,7 @@ pub trait PartitionReceiver: Send {
     async fn next(&mut self) -> Result<Option<HubEvent>, ProviderError>;
 }
 
-/// Where checkpoints live (the gateway's store, or memory).
-#[async_trait]
-pub trait Checkpoints: Send + Sync {
-    /// The value saved under `key`.
-    async fn load(&self, key: &str) -> Result<Option<String>, ProviderError>;
-    /// Saves `value` under `key`.
-    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError>;
-}
-
-/// Checkpoints kept in memory (lost on restart: the configured start position applies).
-#[derive(Debug, Default)]
-pub struct MemoryCheckpoints(Mutex<HashMap<String, String>>);
-
-#[async_trait]
-impl Checkpoints for MemoryCheckpoints {
-    async fn load(&self, key: &str) -> Result<Option<String>, ProviderError> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .cloned())
-    }
-
-    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.to_owned(), value.to_owned());
-        Ok(())
-    }
-}
+pub use crate::{Checkpoints, MemoryCheckpoints};
 
 /// What one event becomes.
 #[derive(Clone, Debug, PartialEq)]
@@ -500,6 +470,8 @@ impl Consumer {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
     use serde_json::json;
     use tokio::sync::mpsc;

@@ -7,12 +7,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use chrono::Utc;
 use iotgw_config::azure_iot_hub::{AzureCommandDelivery, EventHubsStart, ServiceConnectionString};
 use iotgw_config::AzureIotHubConfig;
 use iotgw_registry::DeviceId;
@@ -27,6 +26,7 @@ use super::models::{
     ExportImportDevice, Twin, TwinProperties,
 };
 use super::rest::{HubClient, HubError, BULK_MAX};
+use crate::observed::HealthCell;
 use crate::{
     CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
     ProviderHealth, ProviderKind, ProviderLimits, PushEndpoint, Registration, Shutdown,
@@ -50,7 +50,7 @@ pub(super) struct Shared {
     pub(super) config: AzureIotHubConfig,
     pub(super) hub: HubClient,
     pub(super) limits: ProviderLimits,
-    health: Mutex<ProviderHealth>,
+    health: HealthCell,
     /// The sender of the running `run`; `None` while it is not active.
     pub(super) events: Mutex<Option<EventSender>>,
     running: AtomicBool,
@@ -64,11 +64,7 @@ pub(super) struct Shared {
     checkpoints: Mutex<Arc<dyn Checkpoints>>,
 }
 
-/// Locks `m`, recovering the data if a panicking thread poisoned it (plain data that stays
-/// consistent between statements).
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub(super) use crate::observed::lock;
 
 /// 32 random bytes, base64: a device key as the portal generates them.
 fn generate_key() -> String {
@@ -144,11 +140,7 @@ impl AzureIotHubProvider {
                     max_telemetry_bytes: config.max_telemetry_bytes,
                     max_command_bytes: CFS_MAX_COMMAND_BYTES,
                 },
-                health: Mutex::new(ProviderHealth {
-                    connected: false,
-                    since: Utc::now(),
-                    last_error: None,
-                }),
+                health: HealthCell::new(),
                 events: Mutex::new(None),
                 running: AtomicBool::new(false),
                 connection_seq: Arc::default(),
@@ -164,12 +156,6 @@ impl AzureIotHubProvider {
     /// own: see the module docs of [`super::event_hubs`]).
     pub fn set_event_source(&self, source: Arc<dyn EventSource>) {
         *lock(&self.shared.event_source) = Some(source);
-    }
-
-    /// Sets where the Event Hubs consumer keeps its checkpoints (default: memory, so a
-    /// restart starts at `event_hubs.start`); the gateway passes its store.
-    pub fn set_checkpoints(&self, checkpoints: Arc<dyn Checkpoints>) {
-        *lock(&self.shared.checkpoints) = checkpoints;
     }
 
     /// The REST client (for callers that need an operation the trait does not name, e.g.
@@ -265,27 +251,20 @@ fn code_text(v: &Value) -> String {
 
 impl Shared {
     pub(super) fn set_connected(&self, connected: bool) {
-        let mut h = lock(&self.health);
-        if h.connected != connected {
-            h.connected = connected;
-            h.since = Utc::now();
-        }
-        if connected {
-            h.last_error = None;
-        }
+        self.health.set_connected(connected);
     }
 
+    /// A failed call: transport and credential failures mean the hub is not reachable
+    /// as configured; other errors (a missing device, a conflict) leave the state alone.
     fn note_error(&self, e: &ProviderError) {
-        let mut h = lock(&self.health);
         if matches!(
             e,
             ProviderError::Transient { .. } | ProviderError::Unauthorized { .. }
-        ) && h.connected
-        {
-            h.connected = false;
-            h.since = Utc::now();
+        ) {
+            self.health.set_error(e.to_string());
+        } else {
+            self.health.note_error(e.to_string());
         }
-        h.last_error = Some(e.to_string());
     }
 
     /// Classifies a failed call and records transport-level failures in the health.
@@ -458,7 +437,13 @@ impl Provider for AzureIotHubProvider {
     }
 
     fn health(&self) -> ProviderHealth {
-        lock(&self.shared.health).clone()
+        self.shared.health.get()
+    }
+
+    /// Where the Event Hubs consumer keeps its checkpoints (default: memory, so a restart
+    /// starts at `event_hubs.start`); the gateway passes checkpoints kept in its store.
+    fn set_checkpoints(&self, checkpoints: Arc<dyn Checkpoints>) {
+        *lock(&self.shared.checkpoints) = checkpoints;
     }
 
     /// Creates a symmetric-key device with generated keys (`PUT /devices/{id}`, no

@@ -4,13 +4,11 @@
 //! (registration, commands, device state). The streaming pull lives in
 //! [`super::receive`], topic and subscription administration in `admin`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message;
 use iotgw_config::GcpPubSubConfig;
@@ -18,10 +16,10 @@ use iotgw_registry::DeviceId;
 
 use super::client::{self, classify, Call, Clients};
 use super::names::{Names, COMMAND_ID_ATTRIBUTE, COMMAND_NAME_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE};
+use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventKind, EventSender, Provider,
-    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
-    CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
+    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
 };
 
 /// The Google Cloud Pub/Sub provider of one configured instance.
@@ -49,22 +47,10 @@ pub(super) struct Shared {
     pub(super) config: GcpPubSubConfig,
     pub(super) names: Names,
     pub(super) clients: Clients,
-    health: Mutex<ProviderHealth>,
-    devices: Mutex<HashMap<String, DeviceEntry>>,
+    pub(super) health: HealthCell,
+    pub(super) devices: DeviceBook,
     running: AtomicBool,
     dropped: AtomicU64,
-}
-
-#[derive(Default)]
-struct DeviceEntry {
-    connected: Option<(bool, DateTime<Utc>)>,
-    last_activity: Option<DateTime<Utc>>,
-}
-
-/// Locks `m`, recovering the data if a panicking thread poisoned it (plain data that stays
-/// consistent between statements).
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl GcpPubSubProvider {
@@ -92,12 +78,8 @@ impl GcpPubSubProvider {
                 config: config.clone(),
                 names,
                 clients,
-                health: Mutex::new(ProviderHealth {
-                    connected: false,
-                    since: Utc::now(),
-                    last_error: None,
-                }),
-                devices: Mutex::new(HashMap::new()),
+                health: HealthCell::new(),
+                devices: DeviceBook::default(),
                 running: AtomicBool::new(false),
                 dropped: AtomicU64::new(0),
             }),
@@ -153,61 +135,12 @@ impl Shared {
     }
 
     pub(super) fn stopped(&self) {
-        self.set_connected(false);
+        self.health.set_connected(false);
         self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn set_connected(&self, connected: bool) {
-        let mut h = lock(&self.health);
-        if h.connected != connected {
-            h.connected = connected;
-            h.since = Utc::now();
-        }
-        if connected {
-            h.last_error = None;
-        }
-    }
-
-    pub(super) fn set_error(&self, error: String) {
-        let mut h = lock(&self.health);
-        if h.connected {
-            h.connected = false;
-            h.since = Utc::now();
-        }
-        h.last_error = Some(error);
     }
 
     pub(super) fn count_dropped(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Folds an event into the device map: connection state ordered by event time (a late
-    /// older event never overrides a newer one) and last activity.
-    pub(super) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
-        let mut devices = lock(&self.devices);
-        let (id, activity) = match kind {
-            EventKind::Telemetry(t) => (&t.device_id, t.received_at),
-            EventKind::Connection {
-                device_id,
-                connected,
-                at,
-            } => {
-                let e = devices.entry(device_id.clone()).or_default();
-                if e.connected.is_none_or(|(_, prev)| *at >= prev) {
-                    e.connected = Some((*connected, *at));
-                }
-                (device_id, *at)
-            }
-            EventKind::CommandReply { device_id, .. } => (device_id, received_at),
-            EventKind::ReportedProperties { device_id, at, .. } => (device_id, *at),
-        };
-        if id.is_empty() {
-            return;
-        }
-        let e = devices.entry(id.clone()).or_default();
-        if e.last_activity.is_none_or(|prev| activity > prev) {
-            e.last_activity = Some(activity);
-        }
     }
 }
 
@@ -226,7 +159,7 @@ impl Provider for GcpPubSubProvider {
     }
 
     fn health(&self) -> ProviderHealth {
-        lock(&self.shared.health).clone()
+        self.shared.health.get()
     }
 
     /// Pub/Sub has no device registry: the gateway's is the only one. With
@@ -335,18 +268,11 @@ impl Provider for GcpPubSubProvider {
     }
 
     /// What the receive loops have seen of the device since they started: connection state
-    /// (from the lifecycle topic, ordered by event time) and last activity. Pub/Sub keeps
-    /// no device state; unknown devices get an empty state.
+    /// (from the lifecycle topic, ordered by event time), the last reported properties
+    /// (also from the lifecycle topic) and last activity. Pub/Sub keeps no device state;
+    /// unknown devices get an empty state.
     async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError> {
-        let devices = lock(&self.shared.devices);
-        Ok(devices
-            .get(id.as_str())
-            .map(|e| DeviceState {
-                connected: e.connected.map(|(c, _)| c),
-                reported_properties: None,
-                last_activity: e.last_activity,
-            })
-            .unwrap_or_default())
+        Ok(self.shared.devices.state(id.as_str()))
     }
 
     /// See [`super::receive`]: checks (or creates) the resources, then one streaming pull
@@ -363,7 +289,7 @@ impl Provider for GcpPubSubProvider {
         }
         let result = super::receive::run(self.shared.clone(), events, shutdown).await;
         if let Err(e) = &result {
-            self.shared.set_error(e.to_string());
+            self.shared.health.set_error(e.to_string());
         }
         self.shared.stopped();
         result
@@ -372,7 +298,10 @@ impl Provider for GcpPubSubProvider {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{DateTime, Utc};
+
     use super::*;
+    use crate::EventKind;
 
     #[tokio::test]
     async fn invalid_settings_are_refused_naming_the_config_key() {
@@ -451,8 +380,10 @@ mod tests {
             at: at(t),
         };
         p.shared
+            .devices
             .observe(&conn(true, "2030-01-01T00:00:02Z"), Utc::now());
         p.shared
+            .devices
             .observe(&conn(false, "2030-01-01T00:00:01Z"), Utc::now());
         let id = DeviceId::parse("pump-1").expect("valid id");
         let state = p.device_state(&id).await.expect("state");

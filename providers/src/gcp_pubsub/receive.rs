@@ -69,7 +69,7 @@ pub(super) async fn run(
             Ok(()) => break,
             Err(e) if e.is_retryable() => {
                 warn!(instance = %shared.instance, retry_in = ?delay, "gcp_pubsub: resources not checked: {e}");
-                shared.set_error(e.to_string());
+                shared.health.set_error(e.to_string());
                 if sleep_or_shutdown(&shutdown, delay).await {
                     return Ok(());
                 }
@@ -79,7 +79,7 @@ pub(super) async fn run(
         }
     }
     let subscriber = shared.clients.subscriber(&shared.instance).await?;
-    shared.set_connected(true);
+    shared.health.set_connected(true);
 
     // A fatal error in one stream stops the others.
     let stop = shutdown.child_token();
@@ -173,7 +173,7 @@ async fn stream_loop(
             match next {
                 Some(Ok((msg, handler))) => {
                     delay = min_delay;
-                    shared.set_connected(true);
+                    shared.health.set_connected(true);
                     let Some(event) = to_event(&shared, stream.kind, msg, handler, permit) else {
                         continue;
                     };
@@ -207,7 +207,7 @@ async fn stream_loop(
                 // bounded so shutdown cannot hang. What stays unanswered is nacked by the
                 // client library once its handle is dropped.
                 drop(messages);
-                shared.set_connected(false);
+                shared.health.set_connected(false);
                 if tokio::time::timeout(SHUTDOWN_FLUSH, flush.shutdown())
                     .await
                     .is_err()
@@ -222,7 +222,7 @@ async fn stream_loop(
                     if is_fatal(&e) {
                         return Err(e);
                     }
-                    shared.set_error(e.to_string());
+                    shared.health.set_error(e.to_string());
                 }
             }
             Ended::Failed(e) if is_fatal(&e) => {
@@ -231,7 +231,7 @@ async fn stream_loop(
             }
             Ended::Failed(e) => {
                 warn!(instance = %shared.instance, subscription = %stream.subscription, retry_in = ?delay, "gcp_pubsub: stream failed: {e}");
-                shared.set_error(e.to_string());
+                shared.health.set_error(e.to_string());
             }
             Ended::Closed => {
                 debug!(instance = %shared.instance, subscription = %stream.subscription, "gcp_pubsub: stream closed; reopening");
@@ -310,7 +310,7 @@ fn to_event(
                         "gcp_pubsub: telemetry without the device id attribute; the gateway dead-letters it");
                 }
             }
-            shared.observe(&event, received_at);
+            shared.devices.observe(&event, received_at);
             Some(ProviderEvent {
                 instance: shared.instance.clone(),
                 kind: event,

@@ -4,13 +4,11 @@
 //! (commands, device state, registration). The receive loop lives in
 //! [`super::session`], broker credentials in [`super::dynsec`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use iotgw_config::MqttConfig;
 use iotgw_registry::DeviceId;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
@@ -19,10 +17,10 @@ use rumqttc::v5::{AsyncClient, MqttOptions};
 
 use super::dynsec::DynsecAdmin;
 use super::topics::Topics;
+use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventKind, EventSender, Provider,
-    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
-    CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
+    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
 };
 
 /// Session expiry asked of the broker: queued QoS 1 messages survive a gateway outage of
@@ -57,19 +55,12 @@ pub(super) struct Shared {
     pub(super) instance: String,
     pub(super) config: MqttConfig,
     pub(super) topics: Topics,
-    health: Mutex<ProviderHealth>,
-    devices: Mutex<HashMap<String, DeviceEntry>>,
+    pub(super) health: HealthCell,
+    pub(super) devices: DeviceBook,
     /// The client of the running loop; `None` while `run` is not active.
     client: Mutex<Option<AsyncClient>>,
     running: AtomicBool,
     dropped: AtomicU64,
-}
-
-#[derive(Default)]
-struct DeviceEntry {
-    connected: Option<(bool, DateTime<Utc>)>,
-    reported: Option<serde_json::Value>,
-    last_activity: Option<DateTime<Utc>>,
 }
 
 impl MqttProvider {
@@ -125,12 +116,8 @@ impl MqttProvider {
                 instance: instance.to_owned(),
                 config: config.clone(),
                 topics,
-                health: Mutex::new(ProviderHealth {
-                    connected: false,
-                    since: Utc::now(),
-                    last_error: None,
-                }),
-                devices: Mutex::new(HashMap::new()),
+                health: HealthCell::new(),
+                devices: DeviceBook::default(),
                 client: Mutex::new(None),
                 running: AtomicBool::new(false),
                 dropped: AtomicU64::new(0),
@@ -151,11 +138,7 @@ impl MqttProvider {
     }
 }
 
-/// Locks `m`, recovering the data if a panicking thread poisoned it (the state is plain
-/// data that stays consistent between statements).
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+pub(super) use crate::observed::lock;
 
 impl Shared {
     pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
@@ -209,70 +192,12 @@ impl Shared {
 
     pub(super) fn stopped(&self) {
         self.set_client(None);
-        self.set_connected(false);
+        self.health.set_connected(false);
         self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn set_connected(&self, connected: bool) {
-        let mut h = lock(&self.health);
-        if h.connected != connected {
-            h.connected = connected;
-            h.since = Utc::now();
-        }
-        if connected {
-            h.last_error = None;
-        }
-    }
-
-    pub(super) fn set_error(&self, error: String) {
-        let mut h = lock(&self.health);
-        if h.connected {
-            h.connected = false;
-            h.since = Utc::now();
-        }
-        h.last_error = Some(error);
-    }
-
-    /// Records an error without changing the connection state (e.g. a refused subscription).
-    pub(super) fn note_error(&self, error: String) {
-        lock(&self.health).last_error = Some(error);
     }
 
     pub(super) fn count_dropped(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Folds an event into the device map: connection state ordered by event time (a late
-    /// older status never overrides a newer one), reported properties, last activity.
-    pub(super) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
-        let mut devices = lock(&self.devices);
-        let (id, activity) = match kind {
-            EventKind::Telemetry(t) => (&t.device_id, t.received_at),
-            EventKind::Connection {
-                device_id,
-                connected,
-                at,
-            } => {
-                let e = devices.entry(device_id.clone()).or_default();
-                if e.connected.is_none_or(|(_, prev)| *at >= prev) {
-                    e.connected = Some((*connected, *at));
-                }
-                (device_id, *at)
-            }
-            EventKind::CommandReply { device_id, .. } => (device_id, received_at),
-            EventKind::ReportedProperties {
-                device_id,
-                properties,
-                at,
-            } => {
-                devices.entry(device_id.clone()).or_default().reported = Some(properties.clone());
-                (device_id, *at)
-            }
-        };
-        let e = devices.entry(id.clone()).or_default();
-        if e.last_activity.is_none_or(|prev| activity > prev) {
-            e.last_activity = Some(activity);
-        }
     }
 }
 
@@ -291,7 +216,7 @@ impl Provider for MqttProvider {
     }
 
     fn health(&self) -> ProviderHealth {
-        lock(&self.shared.health).clone()
+        self.shared.health.get()
     }
 
     /// Without `dynsec` the broker has no per-device credentials: the device is only
@@ -375,15 +300,7 @@ impl Provider for MqttProvider {
     /// (from the status topic, ordered by event time), last reported properties, last
     /// activity. Unknown devices get an empty state.
     async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError> {
-        let devices = lock(&self.shared.devices);
-        Ok(devices
-            .get(id.as_str())
-            .map(|e| DeviceState {
-                connected: e.connected.map(|(c, _)| c),
-                reported_properties: e.reported.clone(),
-                last_activity: e.last_activity,
-            })
-            .unwrap_or_default())
+        Ok(self.shared.devices.state(id.as_str()))
     }
 
     /// See [`super::session`] for the loop: persistent session, manual acks, reconnects
@@ -405,7 +322,10 @@ impl Provider for MqttProvider {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{DateTime, Utc};
+
     use super::*;
+    use crate::EventKind;
 
     fn refused(config: MqttConfig) -> (String, String) {
         match MqttProvider::new("edge", &config) {
@@ -502,11 +422,12 @@ mod tests {
             at,
         };
         p.shared
+            .devices
             .observe(&conn(true, t("2024-05-01T12:00:10Z")), Utc::now());
         p.shared
+            .devices
             .observe(&conn(false, t("2024-05-01T12:00:05Z")), Utc::now());
-        let devices = lock(&p.shared.devices);
-        let e = devices.get("d1").expect("known device");
+        let e = p.shared.devices.seen("d1").expect("known device");
         assert_eq!(e.connected.map(|(c, _)| c), Some(true));
         assert_eq!(e.last_activity, Some(t("2024-05-01T12:00:10Z")));
     }

@@ -112,14 +112,14 @@ pub(super) async fn run(
                     .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
                     .map(|(code, f)| format!("{} ({code:?})", f.path))
                     .collect();
-                shared.set_connected(true);
+                shared.health.set_connected(true);
                 if !refused.is_empty() {
                     let msg = format!(
                         "broker refused subscriptions {}: grant the gateway's user subscribe access",
                         refused.join(", ")
                     );
                     warn!(instance = %shared.instance, "mqtt: {msg}");
-                    shared.note_error(msg);
+                    shared.health.note_error(msg);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -143,12 +143,12 @@ pub(super) async fn run(
             Ok(_) => {}
             Err(e) => {
                 if let Some(fatal) = fatal(&shared, &e) {
-                    shared.set_error(fatal.to_string());
+                    shared.health.set_error(fatal.to_string());
                     break Err(fatal);
                 }
                 let msg = format!("broker {}:{}: {e}", cfg.host, cfg.port);
                 warn!(instance = %shared.instance, retry_in = ?delay, "mqtt: connection lost: {msg}");
-                shared.set_error(msg);
+                shared.health.set_error(msg);
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break Ok(()),
@@ -279,7 +279,7 @@ fn to_event(
     };
     match inbound::decode(kind, device_id, &msg, &shared.config.message_id_pointer) {
         Inbound::Event(kind) => {
-            shared.observe(&kind, received_at);
+            shared.devices.observe(&kind, received_at);
             Some(ProviderEvent {
                 instance: shared.instance.clone(),
                 kind,
