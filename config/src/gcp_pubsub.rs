@@ -18,13 +18,16 @@ use crate::load::Problem;
 /// Layout on Pub/Sub (every name configurable; defaults in parentheses):
 /// - telemetry: devices (through their bridge) publish to `telemetry_topic`
 ///   (`iotgw-telemetry`); the gateway streams from `telemetry_subscription`
-///   (`iotgw-telemetry`), acks only after the pipeline committed a message, and uses
-///   `<message_id>@<publish time>` as the alert token (the same on every redelivery).
+///   (`iotgw-telemetry`), acks only after the pipeline committed a message. The alert
+///   token is the bridge's `message_id` attribute scoped by the device
+///   (`<device id>:<message_id>`, the same when the bridge retries a publish), else
+///   `<Pub/Sub message id>@<publish time>` (the same on every redelivery).
 /// - commands: published to `commands_topic` (`iotgw-commands`) with attributes
 ///   `<device_id_attribute>`, `command_name`, `correlation_id`, `command_id` and the device
 ///   id as ordering key; optionally one filtered subscription per device.
 /// - replies (on): `reply_topic` (`iotgw-replies`) through `reply_subscription`.
-/// - lifecycle (off): `lifecycle_topic` through `lifecycle_subscription` (`iotgw-lifecycle`).
+/// - lifecycle (off): `lifecycle_topic` through `lifecycle_subscription` (`iotgw-lifecycle`):
+///   connection events and reported properties.
 /// - dead letters (off): `dead_letter_topic` on the telemetry subscription.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -76,7 +79,8 @@ pub struct GcpPubSubConfig {
     /// Topic of connection events; empty (the default) turns them off. Attributes
     /// `<device_id_attribute>`, `connected` (`true`/`false`) and optional `event_time`
     /// (RFC 3339; default: the publish time); or a JSON body
-    /// `{"connected": bool, "at": "<RFC 3339>"}`. States are ordered by event time.
+    /// `{"connected": bool, "at": "<RFC 3339>"}`. States are ordered by event time. A JSON
+    /// body `{"reported": {...}, "at": ...}` reports the device's properties instead.
     pub lifecycle_topic: String,
     /// Subscription on `lifecycle_topic` the gateway streams from.
     pub lifecycle_subscription: String,

@@ -2,7 +2,9 @@
 //! pure decoding, no I/O.
 //!
 //! - telemetry: the payload as is; the device id from the device id attribute; as message
-//!   id (the alert token) Pub/Sub's `message_id` qualified by the publish time,
+//!   id (the alert token) the id the device or its bridge gave in the `message_id`
+//!   attribute, scoped by the device (`<device id>:<message_id>`), else Pub/Sub's
+//!   `message_id` qualified by the publish time,
 //!   `<message_id>@<publish time, RFC 3339 with nanoseconds>` (see [`alert_token`]); the
 //!   publish time as the receive time. A message
 //!   without the attribute still becomes an event with an empty device id, so the gateway
@@ -13,7 +15,8 @@
 //!   `online`/`offline`, `connected`/`disconnected`, `1`/`0`) and optional `event_time`
 //!   (RFC 3339); or a JSON object body `{"connected": bool, "at": "<RFC 3339>"}` (the device
 //!   id may also be a body key named like the attribute). Without an event time the
-//!   publish time orders the states.
+//!   publish time orders the states. A JSON body with a `reported` object instead reports
+//!   the device's properties: `{"reported": {...}, "at": "<RFC 3339>"?}`.
 
 use std::collections::HashMap;
 
@@ -22,7 +25,7 @@ use chrono::{DateTime, Utc};
 
 use super::names::{
     StreamKind, CONNECTED_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE, EVENT_TIME_ATTRIBUTE,
-    REASON_ATTRIBUTE, STATUS_ATTRIBUTE,
+    MESSAGE_ID_ATTRIBUTE, REASON_ATTRIBUTE, REPORTED_KEY, STATUS_ATTRIBUTE,
 };
 use crate::{EventKind, Telemetry};
 
@@ -74,10 +77,26 @@ pub fn alert_token(message_id: &str, publish_time: Option<DateTime<Utc>>) -> Str
     }
 }
 
+/// The telemetry's alert token: a device-chosen `message_id` attribute wins, because a
+/// bridge that retries a publish makes a second Pub/Sub message (a new Pub/Sub id) of the
+/// same reading; it is unique only per device, hence the `<device id>:` scope (the same
+/// form the mqtt provider gives device-chosen ids). Without it, [`alert_token`].
+fn telemetry_token(device_id: &str, msg: &Received<'_>) -> String {
+    match msg
+        .attributes
+        .get(MESSAGE_ID_ATTRIBUTE)
+        .filter(|id| !id.is_empty())
+    {
+        Some(id) => format!("{device_id}:{id}"),
+        None => alert_token(msg.message_id, msg.publish_time),
+    }
+}
+
 fn telemetry(device_attr: &str, msg: &Received<'_>) -> Telemetry {
+    let device_id = msg.attributes.get(device_attr).cloned().unwrap_or_default();
     Telemetry {
-        device_id: msg.attributes.get(device_attr).cloned().unwrap_or_default(),
-        message_id: alert_token(msg.message_id, msg.publish_time),
+        message_id: telemetry_token(&device_id, msg),
+        device_id,
         payload: msg.data.clone(),
         received_at: msg.publish_time.unwrap_or(msg.received_at),
     }
@@ -151,6 +170,22 @@ fn lifecycle(device_attr: &str, msg: &Received<'_>) -> Inbound {
             "lifecycle message without the `{device_attr}` attribute"
         ));
     };
+    let at = match event_time(msg, body) {
+        Ok(at) => at,
+        Err(why) => return Inbound::Unparsable(format!("lifecycle message of {device_id}: {why}")),
+    };
+    if let Some(reported) = body.and_then(|b| b.get(REPORTED_KEY)) {
+        if !reported.is_object() {
+            return Inbound::Unparsable(format!(
+                "lifecycle message of {device_id}: `{REPORTED_KEY}` must be a JSON object of properties"
+            ));
+        }
+        return Inbound::Event(EventKind::ReportedProperties {
+            device_id,
+            properties: reported.clone(),
+            at,
+        });
+    }
     let connected = match msg.attributes.get(CONNECTED_ATTRIBUTE) {
         Some(s) => parse_connected(s),
         None => body
@@ -166,6 +201,18 @@ fn lifecycle(device_attr: &str, msg: &Received<'_>) -> Inbound {
             "lifecycle message of {device_id} without a valid `{CONNECTED_ATTRIBUTE}` (true or false)"
         ));
     };
+    Inbound::Event(EventKind::Connection {
+        device_id,
+        connected,
+        at,
+    })
+}
+
+/// The event time: the `event_time` attribute, else the body's `at`, else the publish time.
+fn event_time(
+    msg: &Received<'_>,
+    body: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<DateTime<Utc>, String> {
     let time = msg
         .attributes
         .get(EVENT_TIME_ATTRIBUTE)
@@ -175,22 +222,12 @@ fn lifecycle(device_attr: &str, msg: &Received<'_>) -> Inbound {
                 .and_then(|v| v.as_str())
                 .map(str::to_owned)
         });
-    let at = match time {
-        Some(t) => match DateTime::parse_from_rfc3339(&t) {
-            Ok(at) => at.with_timezone(&Utc),
-            Err(e) => {
-                return Inbound::Unparsable(format!(
-                    "lifecycle message of {device_id}: event time {t:?} is not RFC 3339: {e}"
-                ))
-            }
-        },
-        None => msg.publish_time.unwrap_or(msg.received_at),
-    };
-    Inbound::Event(EventKind::Connection {
-        device_id,
-        connected,
-        at,
-    })
+    match time {
+        Some(t) => DateTime::parse_from_rfc3339(&t)
+            .map(|at| at.with_timezone(&Utc))
+            .map_err(|e| format!("event time {t:?} is not RFC 3339: {e}")),
+        None => Ok(msg.publish_time.unwrap_or(msg.received_at)),
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +279,45 @@ mod tests {
                 received_at: t("2030-01-01T00:00:05Z"),
             }))
         );
+    }
+
+    #[test]
+    fn a_device_chosen_message_id_scoped_by_the_device_is_the_token_across_bridge_retries() {
+        let a = attrs(&[("device_id", "pump-1"), ("message_id", "m-7")]);
+        let Inbound::Event(EventKind::Telemetry(t)) = decode_with(StreamKind::Telemetry, b"{}", &a)
+        else {
+            panic!("telemetry expected")
+        };
+        assert_eq!(t.message_id, "pump-1:m-7");
+        let a = attrs(&[("device_id", "pump-1"), ("message_id", "")]);
+        let Inbound::Event(EventKind::Telemetry(t)) = decode_with(StreamKind::Telemetry, b"{}", &a)
+        else {
+            panic!("telemetry expected")
+        };
+        assert_eq!(t.message_id, "4711@2030-01-01T00:00:05.000000000Z");
+    }
+
+    #[test]
+    fn a_lifecycle_body_with_reported_properties_reports_them_at_its_event_time() {
+        let a = attrs(&[("device_id", "pump-1")]);
+        assert_eq!(
+            decode_with(
+                StreamKind::Lifecycle,
+                br#"{"reported":{"firmware":"1.4.2"},"at":"2030-01-01T00:00:01Z"}"#,
+                &a
+            ),
+            Inbound::Event(EventKind::ReportedProperties {
+                device_id: "pump-1".into(),
+                properties: serde_json::json!({"firmware": "1.4.2"}),
+                at: t("2030-01-01T00:00:01Z"),
+            })
+        );
+        let Inbound::Unparsable(why) =
+            decode_with(StreamKind::Lifecycle, br#"{"reported":"1.4.2"}"#, &a)
+        else {
+            panic!("a reported value that is not an object must not parse");
+        };
+        assert!(why.contains("JSON object"), "{why}");
     }
 
     #[test]

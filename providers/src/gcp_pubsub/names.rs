@@ -19,6 +19,11 @@ pub const STATUS_ATTRIBUTE: &str = "status";
 pub const REASON_ATTRIBUTE: &str = "reason";
 /// Attribute of a lifecycle message: `true` / `false`.
 pub const CONNECTED_ATTRIBUTE: &str = "connected";
+/// Attribute of a telemetry message: the id the device (or its bridge) gave the message,
+/// kept across the bridge's own retries, which Pub/Sub sees as new messages.
+pub const MESSAGE_ID_ATTRIBUTE: &str = "message_id";
+/// Body key of a lifecycle message carrying reported properties (a JSON object).
+pub const REPORTED_KEY: &str = "reported";
 /// Attribute of a lifecycle message: RFC 3339 event time.
 pub const EVENT_TIME_ATTRIBUTE: &str = "event_time";
 

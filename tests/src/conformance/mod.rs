@@ -251,7 +251,13 @@ pub fn columns() -> Vec<Column> {
         Column::Built(Box::new(fixtures::mqtt::MqttFixture)),
         #[cfg(not(feature = "mqtt"))]
         absent("mqtt"),
+        #[cfg(feature = "aws_iot_core")]
+        Column::Built(Box::new(fixtures::aws_iot_core::AwsIotCoreFixture)),
+        #[cfg(not(feature = "aws_iot_core"))]
         absent("aws_iot_core"),
+        #[cfg(feature = "gcp_pubsub")]
+        Column::Built(Box::new(fixtures::gcp_pubsub::GcpPubSubFixture)),
+        #[cfg(not(feature = "gcp_pubsub"))]
         absent("gcp_pubsub"),
         absent("azure_iot_hub"),
     ]

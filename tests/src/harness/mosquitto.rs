@@ -39,6 +39,10 @@ const DYNSEC_PATH: &str = "/mosquitto/config/dynamic-security.json";
 /// How a broker is set up beyond the defaults.
 #[derive(Clone, Debug, Default)]
 pub struct MosquittoSpec {
+    /// A whole `mosquitto.conf` in place of the default one (dynsec on [`PORT`]). It must
+    /// still listen on [`PORT`] and accept the admin user there (readiness is a CONNECT
+    /// of that user), e.g. `listener 1883` with `allow_anonymous true`.
+    pub config: Option<String>,
     /// Lines appended to `mosquitto.conf` (e.g. a second `listener` with TLS settings).
     pub extra_config: Vec<String>,
     /// Files copied into the container before it starts: `(absolute path, contents)`.
@@ -55,7 +59,16 @@ pub struct Mosquitto {
 }
 
 fn config(spec: &MosquittoSpec) -> String {
-    let mut c = format!(
+    let mut c = spec.config.clone().unwrap_or_else(default_config);
+    for line in &spec.extra_config {
+        c.push_str(line);
+        c.push('\n');
+    }
+    c
+}
+
+fn default_config() -> String {
+    format!(
         "# iotgw test broker (tests/src/harness/mosquitto.rs)\n\
          per_listener_settings false\n\
          listener {PORT}\n\
@@ -67,12 +80,7 @@ fn config(spec: &MosquittoSpec) -> String {
          max_queued_messages 100000\n\
          log_dest stderr\n\
          log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-    );
-    for line in &spec.extra_config {
-        c.push_str(line);
-        c.push('\n');
-    }
-    c
+    )
 }
 
 /// The container command: dynsec init on first start only (a restart keeps the file and

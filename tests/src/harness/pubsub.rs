@@ -8,8 +8,12 @@
 //! have kept). Tests on the shared emulator keep apart by topic and subscription names of
 //! their own.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use anyhow::Context;
+use base64::Engine as _;
+use serde_json::{json, Value};
 use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::{GenericImage, ImageExt};
 use tokio::sync::OnceCell;
@@ -119,5 +123,230 @@ impl PubSub {
     /// Removes a dedicated emulator.
     pub async fn remove(self) {
         self.running.remove().await;
+    }
+}
+
+/// A message pulled from a subscription.
+#[derive(Clone, Debug)]
+pub struct Pulled {
+    /// What acknowledges it.
+    pub ack_id: String,
+    /// The payload.
+    pub data: Vec<u8>,
+    /// The attributes.
+    pub attributes: HashMap<String, String>,
+}
+
+/// The Pub/Sub REST API (`v1`, JSON over HTTP) of an emulator: what a device's bridge or
+/// an operator would call. Test code, so it stays independent of the provider's client.
+#[derive(Clone, Debug)]
+pub struct Rest {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Rest {
+    /// The REST surface of the emulator at `endpoint` (`http://HOST:PORT`).
+    pub fn new(endpoint: &str) -> Self {
+        Self {
+            base: format!("{endpoint}/v1/projects/{PROJECT}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `projects/<PROJECT>/topics/<id>`.
+    pub fn topic(id: &str) -> String {
+        format!("projects/{PROJECT}/topics/{id}")
+    }
+
+    /// `projects/<PROJECT>/subscriptions/<id>`.
+    pub fn subscription(id: &str) -> String {
+        format!("projects/{PROJECT}/subscriptions/{id}")
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}/{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    /// Creates topic `id`; one that exists already is fine.
+    pub async fn create_topic(&self, id: &str) -> anyhow::Result<()> {
+        let (status, body) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("topics/{id}"),
+                Some(json!({})),
+            )
+            .await?;
+        anyhow::ensure!(
+            status == 200 || status == 409,
+            "creating topic {id}: {status} {body}"
+        );
+        Ok(())
+    }
+
+    /// Creates subscription `id` from its REST representation (`topic`,
+    /// `ackDeadlineSeconds`, `filter`, ...); one that exists already is fine.
+    pub async fn create_subscription(&self, id: &str, spec: &Value) -> anyhow::Result<()> {
+        let (status, body) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("subscriptions/{id}"),
+                Some(spec.clone()),
+            )
+            .await?;
+        anyhow::ensure!(
+            status == 200 || status == 409,
+            "creating subscription {id}: {status} {body}"
+        );
+        Ok(())
+    }
+
+    /// The topics whose id starts with `prefix` (ids only).
+    pub async fn topics(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let (status, body) = self
+            .call(reqwest::Method::GET, "topics?pageSize=1000", None)
+            .await?;
+        anyhow::ensure!(status == 200, "listing topics: {status} {body}");
+        let own = format!("projects/{PROJECT}/topics/{prefix}");
+        Ok(body["topics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["name"].as_str())
+            .filter(|n| n.starts_with(&own))
+            .map(|n| n.rsplit('/').next().unwrap_or(n).to_owned())
+            .collect())
+    }
+
+    /// The subscriptions whose id starts with `prefix`, as `(id, representation)`.
+    pub async fn subscriptions(&self, prefix: &str) -> anyhow::Result<Vec<(String, Value)>> {
+        let (status, body) = self
+            .call(reqwest::Method::GET, "subscriptions?pageSize=1000", None)
+            .await?;
+        anyhow::ensure!(status == 200, "listing subscriptions: {status} {body}");
+        let own = format!("projects/{PROJECT}/subscriptions/{prefix}");
+        Ok(body["subscriptions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with(&own)))
+            .map(|s| {
+                let name = s["name"].as_str().unwrap_or_default();
+                (
+                    name.rsplit('/').next().unwrap_or(name).to_owned(),
+                    s.clone(),
+                )
+            })
+            .collect())
+    }
+
+    /// One subscription's representation, if it exists.
+    pub async fn get_subscription(&self, id: &str) -> anyhow::Result<Option<Value>> {
+        let (status, body) = self
+            .call(reqwest::Method::GET, &format!("subscriptions/{id}"), None)
+            .await?;
+        match status {
+            200 => Ok(Some(body)),
+            404 => Ok(None),
+            _ => anyhow::bail!("getting subscription {id}: {status} {body}"),
+        }
+    }
+
+    /// Publishes one message to topic `id`; its Pub/Sub message id.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        data: &[u8],
+        attributes: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let attributes: serde_json::Map<String, Value> = attributes
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
+            .collect();
+        let mut message = json!({"attributes": attributes});
+        if !data.is_empty() {
+            message["data"] = Value::String(base64::engine::general_purpose::STANDARD.encode(data));
+        }
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("topics/{topic}:publish"),
+                Some(json!({"messages": [message]})),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "publishing to {topic}: {status} {body}");
+        body["messageIds"][0]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("publishing to {topic}: no message id in {body}"))
+    }
+
+    /// Pulls what is there now (at most `max`) from subscription `id`, without waiting.
+    pub async fn pull(&self, id: &str, max: u32) -> anyhow::Result<Vec<Pulled>> {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("subscriptions/{id}:pull"),
+                Some(json!({"maxMessages": max, "returnImmediately": true})),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "pulling from {id}: {status} {body}");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Ok(body["receivedMessages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| Pulled {
+                ack_id: r["ackId"].as_str().unwrap_or_default().to_owned(),
+                data: r["message"]["data"]
+                    .as_str()
+                    .and_then(|d| b64.decode(d).ok())
+                    .unwrap_or_default(),
+                attributes: r["message"]["attributes"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// Acknowledges pulled messages of subscription `id`.
+    pub async fn ack(&self, id: &str, ack_ids: &[String]) -> anyhow::Result<()> {
+        if ack_ids.is_empty() {
+            return Ok(());
+        }
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("subscriptions/{id}:acknowledge"),
+                Some(json!({"ackIds": ack_ids})),
+            )
+            .await?;
+        anyhow::ensure!(status == 200, "acking on {id}: {status} {body}");
+        Ok(())
     }
 }

@@ -69,6 +69,55 @@ fn config(emu: &Emulator, tag: &str) -> GcpPubSubConfig {
     }
 }
 
+/// A TCP proxy in front of the emulator whose connections can be cut at once, as a crash
+/// of the process holding them would: the emulator sees them reset, so no stream of the
+/// "crashed" gateway stays registered and nothing it would have sent (a nack, a lease
+/// extension) arrives.
+struct CutProxy {
+    host: String,
+    tasks: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    accept: JoinHandle<()>,
+}
+
+impl CutProxy {
+    async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy port");
+        let host = listener.local_addr().expect("proxy address").to_string();
+        let target = target.trim_start_matches("http://").to_owned();
+        let tasks: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>> = Arc::default();
+        let t = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                t.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+            }
+        });
+        Self {
+            host,
+            tasks,
+            accept,
+        }
+    }
+
+    /// Stops accepting and closes every connection.
+    fn cut(&self) {
+        self.accept.abort();
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .abort_all();
+    }
+}
+
 async fn provider(config: &GcpPubSubConfig) -> Arc<GcpPubSubProvider> {
     Arc::new(
         GcpPubSubProvider::new("gcp-test", config)
