@@ -342,6 +342,11 @@ impl Core {
             Ok(CommandOutcome::Delivered { .. }) => {
                 (Some(CommandStatus::Sent), None, AlertStatus::CommandSent)
             }
+            Ok(CommandOutcome::Refused { reason }) => (
+                Some(CommandStatus::Error),
+                Some(reason.clone()),
+                AlertStatus::CommandFailed,
+            ),
             Err(e) => (
                 Some(CommandStatus::Error),
                 Some(e.clone()),
@@ -353,6 +358,7 @@ impl Core {
             match &outcome {
                 Ok(CommandOutcome::Published) => "published",
                 Ok(CommandOutcome::Delivered { .. }) => "delivered",
+                Ok(CommandOutcome::Refused { .. }) => "refused",
                 Err(_) => "failed",
             },
         );

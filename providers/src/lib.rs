@@ -136,6 +136,13 @@ pub enum CommandOutcome {
         /// The device's answer, if any.
         response: Option<serde_json::Value>,
     },
+    /// The device answered synchronously and refused (a direct method's status outside
+    /// 2xx): Error, with the device's own reason as the status reason, as a refusing
+    /// reply makes it on the other clouds.
+    Refused {
+        /// The device's reason.
+        reason: String,
+    },
 }
 
 /// What the provider knows of a device right now.

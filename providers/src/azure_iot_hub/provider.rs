@@ -351,13 +351,8 @@ impl Shared {
                             response: (!result.payload.is_null()).then_some(result.payload),
                         });
                     }
-                    return Err(ProviderError::InvalidInput {
-                        instance: self.instance.clone(),
-                        field: "command".into(),
-                        message: format!(
-                            "device {device} answered direct method {} with status {}: {}",
-                            cmd.name, result.status, result.payload
-                        ),
+                    return Ok(CommandOutcome::Refused {
+                        reason: refusal_reason(result.status, &result.payload),
                     });
                 }
                 Err(e) if e.failure().is_some_and(|f| f.device_not_online()) => {
@@ -413,6 +408,24 @@ impl Shared {
             .map_err(|e| self.fail(e))?;
         self.ok();
         Ok(CommandOutcome::Published)
+    }
+}
+
+/// The reason of a direct method the device answered with a status outside 2xx: the
+/// `reason` (or `message`) of its payload, a payload that is text, or else the status
+/// and the payload as they came.
+fn refusal_reason(status: i64, payload: &Value) -> String {
+    let text = match payload {
+        Value::String(s) => Some(s.as_str()),
+        Value::Object(o) => o
+            .get("reason")
+            .or_else(|| o.get("message"))
+            .and_then(Value::as_str),
+        _ => None,
+    };
+    match text {
+        Some(t) if !t.is_empty() => t.to_owned(),
+        _ => format!("the device answered status {status}: {payload}"),
     }
 }
 

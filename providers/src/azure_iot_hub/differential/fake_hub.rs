@@ -77,6 +77,8 @@ struct State {
     online: HashSet<String>,
     /// Device -> method calls answered 404103 before it comes online.
     online_after: HashMap<String, u32>,
+    /// Device -> the (status, payload) its direct methods answer with.
+    method_answers: HashMap<String, (i64, Value)>,
     reported: HashMap<String, Value>,
     faults: VecDeque<Fault>,
     generation: u64,
@@ -156,6 +158,15 @@ impl FakeHub {
             .expect("lock")
             .online
             .insert(device.to_owned());
+    }
+
+    /// The (online) device answers its direct methods with `status` and `payload`, as a
+    /// device SDK's method handler returning that status does.
+    pub fn answer_methods(&self, device: &str, status: i64, payload: Value) {
+        let mut s = self.state.lock().expect("lock");
+        s.online.insert(device.to_owned());
+        s.method_answers
+            .insert(device.to_owned(), (status, payload));
     }
 
     /// The device answers `n` method calls with 404103, then comes online.
@@ -542,7 +553,11 @@ async fn handle(
                         *n -= 1;
                     }
                 }
-                if s.online.contains(*id) {
+                if let Some((status, payload)) =
+                    s.method_answers.get(*id).filter(|_| s.online.contains(*id))
+                {
+                    reply(200, Some(json!({"status": status, "payload": payload})))
+                } else if s.online.contains(*id) {
                     reply(
                         200,
                         Some(

@@ -201,6 +201,35 @@ async fn a_direct_method_to_an_offline_device_fails_with_the_reason() {
 }
 
 #[tokio::test]
+async fn a_direct_method_the_device_refuses_is_refused_with_the_devices_own_reason() {
+    let fake = FakeHub::start().await;
+    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    p.register(&spec("no-1")).await.expect("registered");
+    fake.answer_methods("no-1", 500, json!({"reason": "valve stuck"}));
+    assert_eq!(
+        p.send_command(&command("no-1", "reboot"))
+            .await
+            .expect("answered"),
+        CommandOutcome::Refused {
+            reason: "valve stuck".into()
+        }
+    );
+    fake.answer_methods("no-1", 409, json!(42));
+    assert_eq!(
+        p.send_command(&command("no-1", "reboot"))
+            .await
+            .expect("answered"),
+        CommandOutcome::Refused {
+            reason: "the device answered status 409: 42".into()
+        }
+    );
+    assert!(
+        p.health().last_error.is_none(),
+        "a refusal is no hub failure"
+    );
+}
+
+#[tokio::test]
 async fn queued_delivery_retries_an_offline_device_until_it_connects() {
     let fake = FakeHub::start().await;
     let mut cfg = config(&fake);
