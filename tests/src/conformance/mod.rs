@@ -23,7 +23,8 @@
 //! 1. Write `fixtures/<kind>.rs` with a type implementing [`ProviderFixture`] (and its
 //!    [`FixtureEnv`] and [`SimDevice`]); `fixtures/mqtt.rs` is the model. Start emulators
 //!    with [`crate::harness`]: the shared container for ordinary scenarios, a dedicated
-//!    one when `environment` is asked for a restartable environment.
+//!    one when `environment` is asked for a restartable environment, held in
+//!    [`fixtures::Held`].
 //! 2. Declare it in `fixtures/mod.rs` behind `#[cfg(feature = "<kind>")]` and put it in
 //!    [`columns`] in place of [`Column::NoFixture`].
 //! 3. Run `cargo test -p iotgw-tests --features <kind> --test conformance`.
