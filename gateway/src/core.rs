@@ -265,8 +265,26 @@ impl Core {
         Ok(p.device_state(&id).await?)
     }
 
-    /// Creates a command (In Progress) and sends it.
+    /// Creates a command (In Progress) and sends it in the background: the answer does not
+    /// wait for the device (an Azure direct method may wait up to its response timeout);
+    /// the command's status follows on the record.
     pub async fn send_command(
+        self: &Arc<Self>,
+        raw_id: &str,
+        name: &str,
+        parameters: &serde_json::Value,
+    ) -> Result<Command, GatewayError> {
+        let cmd = self.create_command(raw_id, name, parameters).await?;
+        let core = self.clone();
+        let sending = cmd.clone();
+        tokio::spawn(async move {
+            core.dispatch(sending).await;
+        });
+        Ok(cmd)
+    }
+
+    /// Checks and stores a command (In Progress) without sending it.
+    pub async fn create_command(
         &self,
         raw_id: &str,
         name: &str,
@@ -315,7 +333,7 @@ impl Core {
                 correlation_id: uuid::Uuid::new_v4().to_string(),
             })
             .await?;
-        Ok(self.dispatch(cmd).await)
+        Ok(cmd)
     }
 
     /// Sends a stored command through its device's provider and records the outcome on the

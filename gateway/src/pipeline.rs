@@ -2,9 +2,10 @@
 //!
 //! Each event is validated (device id, size, JSON), run through the rules and committed in
 //! one store transaction with its alerts, debounce links, commands and outbox items; only
-//! then is it acknowledged. Bad input becomes a dead letter with the reason (then acked, so
-//! it is not redelivered forever); a store failure leaves the event unacknowledged so the
-//! provider redelivers it. Events are sharded by device so one device's events keep their
+//! then is it acknowledged, and only after the ack are the rules' commands sent (a direct
+//! method may wait for its device far longer than a cloud waits for an ack). Bad input
+//! becomes a dead letter with the reason (then acked, so it is not redelivered forever); a
+//! store failure leaves the event unacknowledged so the provider redelivers it. Events are sharded by device so one device's events keep their
 //! order while different devices proceed in parallel.
 
 use std::hash::{Hash, Hasher};
@@ -150,8 +151,14 @@ pub async fn handle(core: &Core, ev: ProviderEvent) {
         ack,
     } = ev;
     core.metrics.received(&instance);
+    // The rules' commands, committed with the telemetry, are sent once it is acked: a
+    // command answered synchronously (an Azure direct method waits for the device) must
+    // not hold the cloud's delivery (Event Grid gives up after 30 s) or its redelivery.
+    let mut commands = Vec::new();
     let result = match kind {
-        EventKind::Telemetry(t) => telemetry(core, &instance, t).await,
+        EventKind::Telemetry(t) => telemetry(core, &instance, t)
+            .await
+            .map(|c| commands = c),
         EventKind::Connection { device_id, connected, at } => match known(core, &instance, &device_id).await {
             Ok(Some(id)) => core.store.set_connection_state(&id, connected, at).await.map(|applied| {
                 if !applied {
@@ -178,6 +185,9 @@ pub async fn handle(core: &Core, ev: ProviderEvent) {
                 .nacked(&instance, "store_error", &e.to_string());
             ack.nack(e.to_string());
         }
+    }
+    for cmd in commands {
+        core.dispatch(cmd).await;
     }
 }
 
@@ -246,7 +256,13 @@ async fn command_reply(
     Ok(())
 }
 
-async fn telemetry(core: &Core, instance: &str, t: Telemetry) -> Result<(), StoreError> {
+/// Validates, runs the rules and commits one message; returns the committed commands of
+/// its new primary alerts, for the caller to send after the ack.
+async fn telemetry(
+    core: &Core,
+    instance: &str,
+    t: Telemetry,
+) -> Result<Vec<iotgw_registry::Command>, StoreError> {
     let source = format!("telemetry:{instance}");
     let letter = |reason: String| NewDeadLetter {
         source: source.clone(),
@@ -259,7 +275,9 @@ async fn telemetry(core: &Core, instance: &str, t: Telemetry) -> Result<(), Stor
         Ok(id) => id,
         Err(e) => {
             let r = Reject::InvalidDeviceId(e.to_string());
-            return dead_letter(core, instance, r.label(), letter(r.reason())).await;
+            return dead_letter(core, instance, r.label(), letter(r.reason()))
+                .await
+                .map(|()| Vec::new());
         }
     };
     match core.store.get_device(&device_id).await? {
@@ -267,7 +285,9 @@ async fn telemetry(core: &Core, instance: &str, t: Telemetry) -> Result<(), Stor
         None => match core.config.pipeline.unknown_devices {
             UnknownDevicePolicy::DeadLetter => {
                 let reason = format!("device {device_id} is not in the registry: register it (POST /api/v1/devices) or set pipeline.unknown_devices = \"auto_register\"");
-                return dead_letter(core, instance, "unknown_device", letter(reason)).await;
+                return dead_letter(core, instance, "unknown_device", letter(reason))
+                    .await
+                    .map(|()| Vec::new());
             }
             UnknownDevicePolicy::AutoRegister => {
                 core.store
@@ -282,7 +302,11 @@ async fn telemetry(core: &Core, instance: &str, t: Telemetry) -> Result<(), Stor
         .map_or(usize::MAX, |p| p.limits().max_telemetry_bytes);
     let alerts = match prepare(&core.rules, &device_id, &t, limit) {
         Ok(a) => a,
-        Err(r) => return dead_letter(core, instance, r.label(), letter(r.reason())).await,
+        Err(r) => {
+            return dead_letter(core, instance, r.label(), letter(r.reason()))
+                .await
+                .map(|()| Vec::new())
+        }
     };
     let has_alerts = !alerts.is_empty();
     let commit = TelemetryCommit {
@@ -298,6 +322,7 @@ async fn telemetry(core: &Core, instance: &str, t: Telemetry) -> Result<(), Stor
     if has_alerts {
         core.outbox_wake.notify_waiters();
     }
+    let mut commands = Vec::new();
     for c in committed {
         let kind = if c.duplicate {
             "duplicate"
@@ -308,9 +333,7 @@ async fn telemetry(core: &Core, instance: &str, t: Telemetry) -> Result<(), Stor
         };
         core.metrics.alert(instance, kind);
         tracing::info!(device = %c.alert.device_id, alert = %c.alert.id, token = %c.alert.alert_token, kind, description = %c.alert.description, "alert");
-        if let Some(cmd) = c.command {
-            core.dispatch(cmd).await;
-        }
+        commands.extend(c.command);
     }
-    Ok(())
+    Ok(commands)
 }
