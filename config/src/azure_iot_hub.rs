@@ -191,6 +191,13 @@ pub struct EventHubsConfig {
     /// `earliest` (everything the hub retains).
     #[serde(default)]
     pub start: EventHubsStart,
+    /// Where to open the AMQP connection instead of the connection string's host, keeping
+    /// that host as the AMQP hostname and token audience: an AMQP proxy
+    /// (`amqps://proxy.example.com:5671`), or a local endpoint without TLS
+    /// (`amqp://127.0.0.1:5672`, as the Event Hubs emulator and iotgw's tests use).
+    /// Unset: the connection string's `Endpoint` on port 5671 with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_endpoint: Option<String>,
 }
 
 fn default_consumer_group() -> String {
@@ -474,6 +481,19 @@ pub(crate) fn validate(base: &str, c: &AzureIotHubConfig, out: &mut Vec<Problem>
                 "copy it from the hub's Built-in endpoints page",
             ));
         }
+        if let Some(ep) = &eh.custom_endpoint {
+            let ok = ["amqp://", "amqps://"].iter().any(|p| {
+                ep.strip_prefix(p)
+                    .is_some_and(|rest| !rest.trim_matches('/').is_empty())
+            });
+            if !ok {
+                out.push(problem(
+                    format!("{base}.event_hubs.custom_endpoint"),
+                    format!("`{ep}` is not an amqp:// or amqps:// address"),
+                    "give amqps://HOST:PORT for a TLS proxy or amqp://HOST:PORT for a local endpoint without TLS, or remove the key",
+                ));
+            }
+        }
         if eh.consumer_group.trim().is_empty() {
             out.push(problem(
                 format!("{base}.event_hubs.consumer_group"),
@@ -601,8 +621,23 @@ mod tests {
         assert!(hub.event_grid.is_some());
         assert!(
             hub.event_hubs.is_none(),
-            "commented out until an Event Hubs client ships"
+            "commented out: it needs the azure_event_hubs build and a real endpoint"
         );
+    }
+
+    #[test]
+    fn a_custom_endpoint_that_is_not_amqp_is_refused_naming_the_key() {
+        let c: AzureIotHubConfig = toml::from_str(
+            "connection_string = \"x\"\n[event_hubs]\nconnection_string = \"Endpoint=sb://n.servicebus.windows.net/;SharedAccessKeyName=s;SharedAccessKey=k;EntityPath=h\"\ncustom_endpoint = \"http://127.0.0.1:5672\"\n",
+        )
+        .expect("parses");
+        let mut out = Vec::new();
+        validate("providers.hub", &c, &mut out);
+        let p = out
+            .iter()
+            .find(|p| p.path == "providers.hub.event_hubs.custom_endpoint")
+            .unwrap_or_else(|| panic!("no problem names custom_endpoint: {out:?}"));
+        assert!(p.fix.contains("amqp://"), "{p:?}");
     }
 
     #[test]

@@ -115,10 +115,14 @@ fn op_time(e: &HubEvent) -> DateTime<Utc> {
         .get("operationTimestamp")
         .and_then(|t| parse_time(t))
         .or_else(|| {
-            e.system
-                .get("iothub-enqueuedtime")
-                .and_then(|t| t.parse::<i64>().ok())
-                .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+            // An AMQP timestamp: RFC 3339 text from the client, or milliseconds.
+            e.system.get("iothub-enqueuedtime").and_then(|t| {
+                parse_time(t).or_else(|| {
+                    t.parse::<i64>()
+                        .ok()
+                        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+                })
+            })
         })
         .or(e.enqueued_time)
         .unwrap_or_else(Utc::now)
@@ -272,7 +276,20 @@ impl Consumer {
         events: EventSender,
         shutdown: Shutdown,
     ) -> Result<(), ProviderError> {
-        let partitions = source.partitions().await?;
+        // The endpoint may not answer yet: ask again until it does (or refuses the key).
+        let partitions = loop {
+            match source.partitions().await {
+                Ok(p) => break p,
+                Err(e @ ProviderError::Unauthorized { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(provider = %self.instance, error = %e, "reading the partitions failed; retrying");
+                    self.pause(&shutdown).await;
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                }
+            }
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for p in partitions {
             let (me, source, events, shutdown) = (

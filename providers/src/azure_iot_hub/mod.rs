@@ -13,16 +13,22 @@
 //! - [`c2d`]: cloud-to-device messages over AMQP 1.0 (CBS put-token, `/messages/devicebound`).
 //! - [`event_hubs`]: the Event Hubs-compatible endpoint consumer behind traits (mapping,
 //!   ordering, ack-then-checkpoint), with the [`event_hubs::Checkpoints`] it saves to.
+//! - `event_hubs_client` (feature `azure_event_hubs`): the real reader of that endpoint on
+//!   the official `azure_messaging_eventhubs` client.
 //! - [`event_grid`]: the Event Grid webhook (both schemas, validation handshake, secret,
 //!   ordering by sequence number, ack-before-200).
-//! - `differential` (tests only): a recording fake of the hub's HTTPS and AMQP endpoints,
-//!   driven by the official Python SDK and by iotgw, compared request by request.
+//! - `fakes` (tests, or feature `azure_fakes`): recording fakes of the hub's HTTPS, AMQP
+//!   (C2D) and Event Hubs-compatible endpoints.
+//! - `differential` (tests only): the official Python SDK and iotgw drive the fakes and are
+//!   compared request by request.
 //!
 //! The provider keeps no device state of its own and never touches the store.
 
 pub mod c2d;
 pub mod event_grid;
 pub mod event_hubs;
+#[cfg(feature = "azure_event_hubs")]
+pub mod event_hubs_client;
 pub mod models;
 pub mod provider;
 pub mod rest;
@@ -30,6 +36,8 @@ pub mod sas;
 
 #[cfg(test)]
 mod differential;
+#[cfg(any(test, feature = "azure_fakes"))]
+pub mod fakes;
 
 use std::sync::Arc;
 

@@ -152,8 +152,9 @@ impl AzureIotHubProvider {
     }
 
     /// Sets the reader of the hub's Event Hubs-compatible endpoint, consumed by
-    /// [`Provider::run`] when `event_hubs` is configured (this build ships no client of its
-    /// own: see the module docs of [`super::event_hubs`]).
+    /// [`Provider::run`] when `event_hubs` is configured. Without it, a build with the
+    /// `azure_event_hubs` feature reads the endpoint with the official client
+    /// (`event_hubs_client::AmqpEventSource`); tests inject their own.
     pub fn set_event_source(&self, source: Arc<dyn EventSource>) {
         *lock(&self.shared.event_source) = Some(source);
     }
@@ -643,10 +644,19 @@ impl Provider for AzureIotHubProvider {
                 shutdown.cancelled().await;
                 return Ok(());
             };
-            let Some(source) = lock(&s.event_source).clone() else {
+            let injected = lock(&s.event_source).clone();
+            #[cfg(feature = "azure_event_hubs")]
+            let source: Arc<dyn EventSource> = injected.unwrap_or_else(|| {
+                Arc::new(super::event_hubs_client::AmqpEventSource::new(
+                    &s.instance,
+                    eh,
+                ))
+            });
+            #[cfg(not(feature = "azure_event_hubs"))]
+            let Some(source) = injected else {
                 return Err(ProviderError::Unsupported {
                     instance: s.instance.clone(),
-                    what: "event_hubs: this build has no Event Hubs client (azure_messaging_eventhubs is not wired in yet); remove event_hubs and use event_grid".into(),
+                    what: "event_hubs: this build has no Event Hubs client; rebuild with `--features azure_event_hubs` (cargo build -p iotgw --features azure_event_hubs), or remove event_hubs and use event_grid".into(),
                 });
             };
             let consumer = Arc::new(Consumer {

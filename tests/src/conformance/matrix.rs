@@ -175,7 +175,7 @@ pub async fn run(columns: Vec<Column>) -> Report {
     let emulators = fixtures
         .iter()
         .flatten()
-        .map(|f| (f.kind(), f.emulator().unwrap_or("no emulator")))
+        .map(|f| (f.kind(), f.against()))
         .collect();
     let docker_problem = match harness::status() {
         DockerStatus::Available { .. } => None,

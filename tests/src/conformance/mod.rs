@@ -61,6 +61,12 @@ pub trait ProviderFixture: Send + Sync {
     /// there is none to restart (then the restart scenario is "n/a" for this provider).
     fn emulator(&self) -> Option<&'static str>;
 
+    /// What the provider runs against, for the matrix legend: by default the emulator;
+    /// a provider without one says what stands in for its cloud.
+    fn against(&self) -> &'static str {
+        self.emulator().unwrap_or("no emulator")
+    }
+
     /// Prepares what one scenario needs: cloud-side resources named after `names`
     /// (topics, subscriptions, broker users...). With `restartable`, the scenario will
     /// call [`FixtureEnv::restart_emulator`]: give it an emulator of its own
@@ -260,6 +266,9 @@ pub fn columns() -> Vec<Column> {
         Column::Built(Box::new(fixtures::gcp_pubsub::GcpPubSubFixture)),
         #[cfg(not(feature = "gcp_pubsub"))]
         absent("gcp_pubsub"),
+        #[cfg(feature = "azure_iot_hub")]
+        Column::Built(Box::new(fixtures::azure_iot_hub::AzureIotHubFixture)),
+        #[cfg(not(feature = "azure_iot_hub"))]
         absent("azure_iot_hub"),
     ]
 }

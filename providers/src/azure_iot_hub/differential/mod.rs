@@ -1,5 +1,6 @@
 //! Differential tests: IoT Hub has no emulator, so a recording fake of its HTTPS endpoint
-//! ([`fake_hub`]) and of its AMQP endpoint ([`fake_amqp`]) stands in for it, and the
+//! ([`fake_hub`]) and of its AMQP endpoint ([`fake_amqp`]) stands in for it (both in
+//! [`super::fakes`], shared with the conformance suite), and the
 //! official Python service SDK (`azure-iot-hub`, driven by `testdata/sdk_driver.py`
 //! through [`sdk`]) and iotgw perform the same operations against it. The tests assert
 //! that method, path, query, the headers that matter and the bodies are equivalent, and
@@ -12,13 +13,13 @@
 //! `SKIPPED: ...` and the iotgw-only assertions still run; under `CI=true` a missing SDK
 //! fails the test.
 
-pub mod fake_amqp;
-pub mod fake_hub;
-pub mod pki;
+pub use super::fakes::{fake_amqp, fake_hub, pki};
 pub mod sdk;
 
 mod c2d;
 mod event_grid;
+#[cfg(feature = "azure_event_hubs")]
+mod event_hubs;
 mod provider;
 mod registry;
 
@@ -26,13 +27,3 @@ use std::time::Duration;
 
 /// How long any wait in these tests may take.
 pub const DEADLINE: Duration = Duration::from_secs(20);
-
-/// A test policy key (base64 of 32 bytes) and its name.
-pub const POLICY: &str = "iothubowner";
-/// The key of [`POLICY`].
-pub const POLICY_KEY: &str = "aW90Z3ctdGVzdC1wb2xpY3kta2V5LTAxMjM0NTY3ODk=";
-
-/// The service connection string of a fake hub at `host`.
-pub fn connection_string(host: &str) -> String {
-    format!("HostName={host};SharedAccessKeyName={POLICY};SharedAccessKey={POLICY_KEY}")
-}

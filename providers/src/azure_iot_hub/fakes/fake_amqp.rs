@@ -88,7 +88,7 @@ impl Drop for FakeAmqp {
     }
 }
 
-fn text(v: &SimpleValue) -> String {
+pub(crate) fn text(v: &SimpleValue) -> String {
     match v {
         SimpleValue::String(s) => s.clone(),
         SimpleValue::Symbol(s) => s.0.clone(),
@@ -102,7 +102,7 @@ fn text(v: &SimpleValue) -> String {
     }
 }
 
-fn id_text(m: &MessageId) -> String {
+pub(crate) fn id_text(m: &MessageId) -> String {
     match m {
         MessageId::String(s) => s.clone(),
         MessageId::Ulong(u) => u.to_string(),
@@ -111,14 +111,14 @@ fn id_text(m: &MessageId) -> String {
     }
 }
 
-fn app_props(m: &Message<Body<Value>>) -> BTreeMap<String, String> {
+pub(crate) fn app_props(m: &Message<Body<Value>>) -> BTreeMap<String, String> {
     m.application_properties
         .as_ref()
         .map(|ap| ap.0.iter().map(|(k, v)| (k.clone(), text(v))).collect())
         .unwrap_or_default()
 }
 
-fn body_bytes(b: &Body<Value>) -> Vec<u8> {
+pub(crate) fn body_bytes(b: &Body<Value>) -> Vec<u8> {
     match b {
         Body::Data(batch) => batch.iter().flat_map(|d| d.0.to_vec()).collect(),
         Body::Value(v) => match &v.0 {

@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::pki::pki;
@@ -66,6 +67,17 @@ pub struct Fault {
 }
 
 /// A twin's tags and desired properties.
+/// A direct method call as a connected device receives it.
+#[derive(Debug)]
+pub struct MethodCall {
+    /// `methodName`.
+    pub method_name: String,
+    /// `payload`.
+    pub payload: Value,
+    /// The device's answer: its status and payload.
+    pub respond: oneshot::Sender<(i64, Value)>,
+}
+
 type TwinDocs = (Map<String, Value>, Map<String, Value>);
 
 #[derive(Default)]
@@ -77,6 +89,8 @@ struct State {
     online: HashSet<String>,
     /// Device -> method calls answered 404103 before it comes online.
     online_after: HashMap<String, u32>,
+    /// Devices whose direct methods go to a simulated device ([`FakeHub::route_methods`]).
+    routes: HashMap<String, mpsc::Sender<MethodCall>>,
     /// Device -> the (status, payload) its direct methods answer with.
     method_answers: HashMap<String, (i64, Value)>,
     reported: HashMap<String, Value>,
@@ -152,6 +166,26 @@ impl FakeHub {
     }
 
     /// Marks a device connected (direct methods succeed).
+    /// Hands `device`'s direct methods to the returned receiver, as the hub hands them to
+    /// a connected device; the call is answered with what the receiver sends back on
+    /// [`MethodCall::respond`] (or 504 / 404103 when it does not answer within the call's
+    /// `responseTimeoutInSeconds`). Marks the device online.
+    pub fn route_methods(&self, device: &str) -> mpsc::Receiver<MethodCall> {
+        let (tx, rx) = mpsc::channel(8);
+        let mut s = self.state.lock().expect("lock");
+        s.online.insert(device.to_owned());
+        s.routes.insert(device.to_owned(), tx);
+        rx
+    }
+
+    /// Marks `device` offline (its direct methods then fail with 404103) and stops routing
+    /// its methods.
+    pub fn set_offline(&self, device: &str) {
+        let mut s = self.state.lock().expect("lock");
+        s.online.remove(device);
+        s.routes.remove(device);
+    }
+
     pub fn set_online(&self, device: &str) {
         self.state
             .lock()
@@ -380,6 +414,25 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    match respond(&state, method, path, query, headers, body) {
+        Ok(r) => Ok(r),
+        // A routed direct method: answered once the simulated device answers.
+        Err(later) => Ok(later.await),
+    }
+}
+
+/// A response still to come (a direct method waiting for the simulated device).
+type Later = std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send>>;
+
+/// Records the request and answers it, or hands back what will answer it.
+fn respond(
+    state: &Mutex<State>,
+    method: String,
+    path: String,
+    query: String,
+    headers: BTreeMap<String, String>,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, Later> {
     let authorized = headers.get("authorization").is_some_and(|a| sas_valid(a));
     let mut s = state.lock().expect("lock");
     s.records.push(Recorded {
@@ -421,6 +474,9 @@ async fn handle(
             Err(_) => return Ok(hub_error(400, "ArgumentInvalid", "the body is not JSON")),
         }
     };
+    if let Some(later) = routed_method(&s, &method, &path, &json_body) {
+        return Err(later);
+    }
     let parts: Vec<String> = path
         .trim_start_matches('/')
         .split('/')
@@ -582,4 +638,60 @@ async fn handle(
         _ => hub_error(404, "NotFound", &format!("no route {method} {path}")),
     };
     Ok(resp)
+}
+
+/// A direct method to a device whose methods are routed to a simulated device: the future
+/// hands the call over and answers with the device's status and payload (the lock is not
+/// held while it waits).
+fn routed_method(s: &State, method: &str, path: &str, body: &Value) -> Option<Later> {
+    let parts: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
+    let [twins, id, methods] = parts.as_slice() else {
+        return None;
+    };
+    if method != "POST"
+        || twins != "twins"
+        || methods != "methods"
+        || !s.online.contains(id)
+        || !s.devices.contains_key(id)
+    {
+        return None;
+    }
+    let route = s.routes.get(id)?.clone();
+    let timeout = body
+        .get("responseTimeoutInSeconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(30);
+    let call = body.clone();
+    Some(Box::pin(async move {
+        let (respond, answer) = oneshot::channel();
+        let sent = route
+            .send(MethodCall {
+                method_name: call["methodName"].as_str().unwrap_or_default().to_owned(),
+                payload: call.get("payload").cloned().unwrap_or(Value::Null),
+                respond,
+            })
+            .await;
+        let answer = match sent {
+            Ok(()) => tokio::time::timeout(std::time::Duration::from_secs(timeout), answer)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        match answer {
+            Some((status, payload)) => {
+                reply(200, Some(json!({"status": status, "payload": payload})))
+            }
+            None => reply(
+                504,
+                Some(
+                    json!({"errorCode": 504101, "trackingId": "t-0", "message": "Timed out waiting for the response from device.", "info": {}, "timestampUtc": "2024-05-01T12:00:00.0000000Z"}),
+                ),
+            ),
+        }
+    }))
 }
