@@ -538,3 +538,36 @@ async fn a_real_event_hubs_endpoint_is_read_when_a_connection_string_is_given() 
         Ok(Err(e)) => panic!("the receiver failed: {e}"),
     }
 }
+
+#[tokio::test]
+async fn an_amqps_endpoint_is_opened_with_tls_checked_against_the_public_web_roots() {
+    // The real endpoint is amqps:// on 5671. No fake speaks Event Hubs over TLS, but the C2D
+    // fake serves TLS with a throwaway CA: the client must try TLS there (not plain AMQP,
+    // not "TLS not compiled in") and refuse the certificate, which no public root signed.
+    let tls = super::fake_amqp::FakeAmqp::start().await;
+    let config = EventHubsConfig {
+        connection_string: Secret::new(format!(
+            "Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5;EntityPath={ENTITY}"
+        )),
+        consumer_group: GROUP.into(),
+        start: EventHubsStart::Earliest,
+        custom_endpoint: Some(format!("amqps://127.0.0.1:{}", tls.port)),
+    };
+    let source = AmqpEventSource::new("tls", &config);
+    let err = tokio::time::timeout(DEADLINE, source.partitions())
+        .await
+        .expect("an answer in time")
+        .expect_err("a certificate from an unknown CA is refused");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(
+        matches!(err, ProviderError::Transient { .. })
+            && (text.contains("UnknownIssuer") || text.to_ascii_lowercase().contains("certificate")),
+        "{text}"
+    );
+    assert!(
+        tls.peek().sasl_mechanisms.is_empty(),
+        "nothing reached AMQP over the refused TLS: {:?}",
+        tls.peek()
+    );
+}
