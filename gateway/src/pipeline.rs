@@ -213,11 +213,18 @@ async fn command_reply(
     ok: bool,
     reason: Option<String>,
 ) -> Result<(), StoreError> {
-    let Some(cmd) = core
+    // A reply names its command by correlation id; C2D delivery feedback names it by the
+    // message id, which is the command's id.
+    let mut found = core
         .store
         .get_command_by_correlation(correlation_id)
-        .await?
-    else {
+        .await?;
+    if found.is_none() {
+        if let Ok(id) = uuid::Uuid::parse_str(correlation_id) {
+            found = core.store.get_command(id).await?;
+        }
+    }
+    let Some(cmd) = found else {
         core.metrics
             .rejected(instance, "unknown_command", correlation_id);
         return Ok(());

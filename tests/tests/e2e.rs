@@ -479,3 +479,51 @@ async fn connection_state_follows_event_time_not_arrival() {
     assert_eq!(d2["msdyn_connectionstate"], Value::Bool(true), "{d} / {d2}");
     gw.stop().await;
 }
+
+/// C2D delivery feedback names a command by its message id, which is the command's id, not
+/// its correlation id: such a reply settles the command too, and a reply from another
+/// device does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_naming_the_command_by_its_id_settles_it_but_not_from_another_device() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    for id in ["fan-1", "fan-2"] {
+        let (status, body) = api
+            .post("/api/v1/devices", json!({"msdyn_deviceid": id}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let mut dev = Device::connect(gw.broker_port, "fan-1").await;
+    let mut other = Device::connect(gw.broker_port, "fan-2").await;
+    let (status, cmd) = api
+        .post(
+            "/api/v1/commands",
+            json!({"msdyn_deviceid": "fan-1", "msdyn_name": "spin_down"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{cmd}");
+    let id = cmd["msdyn_iotdevicecommandid"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let received = dev.next_command().await;
+    assert_ne!(received.correlation, id, "the correlation id is not the id");
+
+    other.reply_to(&id, true).await;
+    wait_for("the reply from the wrong device to be counted", || async {
+        let m = api.metrics().await;
+        m.lines()
+            .any(|l| l.contains("reply_from_wrong_device") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    let (_, c) = api.get(&format!("/api/v1/commands/{id}")).await;
+    assert_ne!(c["msdyn_commandstatus"], 192350001, "{c}");
+
+    dev.reply_to(&id, true).await;
+    wait_for("the command to be Sent", || async {
+        let (_, c) = api.get(&format!("/api/v1/commands/{id}")).await;
+        (c["msdyn_commandstatus"] == 192350001).then_some(())
+    })
+    .await;
+}

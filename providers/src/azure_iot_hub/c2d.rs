@@ -15,16 +15,26 @@
 //!
 //! The connection is opened on the first command and kept; a failed send drops it and the
 //! next command reconnects.
+//!
+//! Delivery feedback ([`C2dSender::run_feedback`]): a connection of its own with a receiver
+//! on `/messages/servicebound/feedback`. Each feedback message (content type
+//! `application/vnd.microsoft.iothub.feedback.json`) is a JSON array of records
+//! (`originalMessageId`, `deviceId`, `statusCode` = `Success`, `Expired`,
+//! `DeliveryCountExceeded`, `Rejected` or `Purged`, `description`, `enqueuedTimeUtc`); each
+//! record becomes a command reply naming the command by its id (the message id above), and
+//! the message is accepted only once every reply is committed (released otherwise, so the
+//! hub delivers it again).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use fe2o3_amqp::frames::sasl::{Frame as SaslFrame, FrameCodec as SaslCodec};
+use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, Message, Outcome, Properties};
 use fe2o3_amqp::types::primitives::{Binary, Timestamp, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit};
-use fe2o3_amqp::{Connection, Sender, Session};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use fe2o3_amqp_management::client::MgmtClient;
 use fe2o3_amqp_management::error::{
     Error as MgmtError, InvalidType, StatusCodeNotFound, StatusError,
@@ -41,7 +51,9 @@ use tokio_rustls::rustls;
 use tokio_util::codec::{Decoder as _, Encoder as _};
 
 use super::sas::{now_secs, token};
-use crate::{CommandRequest, ProviderError};
+use crate::{
+    Ack, AckHandle, CommandRequest, EventKind, EventSender, ProviderError, ProviderEvent, Shutdown,
+};
 
 /// The CBS token type of a SAS token.
 pub const SAS_TOKEN_TYPE: &str = "servicebus.windows.net:sastoken";
@@ -51,6 +63,10 @@ pub const CBS_NODE: &str = "$cbs";
 pub const CBS_CLIENT_NODE: &str = "cbs";
 /// The service's C2D sender node.
 pub const DEVICEBOUND: &str = "/messages/devicebound";
+/// The service's node of C2D delivery feedback.
+pub const FEEDBACK: &str = "/messages/servicebound/feedback";
+/// Pause before the feedback receiver connects again after a failure.
+const FEEDBACK_RETRY: Duration = Duration::from_secs(2);
 /// How long opening the connection, the session, CBS and the link may take together.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the hub may take to settle one message.
@@ -170,6 +186,36 @@ impl C2dSender {
     }
 
     async fn open(&self) -> Result<Link, ProviderError> {
+        let (connection, mut session, cbs, token_expiry) = self.connect().await?;
+        let sender = Sender::attach(
+            &mut session,
+            format!("iotgw-c2d-{}", uuid::Uuid::new_v4()),
+            DEVICEBOUND,
+        )
+        .await
+        .map_err(|e| self.transient(format!("attaching a sender to {DEVICEBOUND} failed: {e}")))?;
+        Ok(Link {
+            connection,
+            session,
+            cbs,
+            sender,
+            token_expiry,
+        })
+    }
+
+    /// TLS, SASL `MSSBCBS`, AMQP open, a session and the CBS token: what both the sender
+    /// and the feedback receiver start with.
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            fe2o3_amqp::connection::ConnectionHandle<()>,
+            fe2o3_amqp::session::SessionHandle<()>,
+            MgmtClient,
+            u64,
+        ),
+        ProviderError,
+    > {
         let addr = format!("{}:{}", self.host, self.port);
         let tcp = TcpStream::connect(&addr)
             .await
@@ -206,20 +252,142 @@ impl C2dSender {
             .await
             .map_err(|e| self.transient(format!("attaching to $cbs on {addr} failed: {e}")))?;
         let token_expiry = self.put_token(&mut cbs).await?;
-        let sender = Sender::attach(
-            &mut session,
-            format!("iotgw-c2d-{}", uuid::Uuid::new_v4()),
-            DEVICEBOUND,
+        Ok((connection, session, cbs, token_expiry))
+    }
+
+    /// Receives delivery feedback until `shutdown`, reconnecting after failures (every
+    /// [`FEEDBACK_RETRY`]); each record is sent to `events` as a command reply. Returns
+    /// `Err` only when the hub refuses the credentials.
+    pub async fn run_feedback(
+        &self,
+        events: EventSender,
+        shutdown: Shutdown,
+    ) -> Result<(), ProviderError> {
+        while !shutdown.is_cancelled() {
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                r = self.feedback_once(&events, &shutdown) => r,
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e @ ProviderError::Unauthorized { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(provider = %self.instance, error = %e, "C2D feedback receiver stopped; reconnecting");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(FEEDBACK_RETRY) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One connection's worth of feedback: until shutdown (Ok) or a failure (Err).
+    async fn feedback_once(
+        &self,
+        events: &EventSender,
+        shutdown: &Shutdown,
+    ) -> Result<(), ProviderError> {
+        let (mut connection, mut session, mut cbs, mut expiry) = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            self.connect(),
         )
         .await
-        .map_err(|e| self.transient(format!("attaching a sender to {DEVICEBOUND} failed: {e}")))?;
-        Ok(Link {
-            connection,
-            session,
-            cbs,
-            sender,
-            token_expiry,
-        })
+        .map_err(|_| {
+            self.transient(format!(
+                "opening the AMQP connection for C2D feedback to {}:{} took over {OPEN_TIMEOUT:?}",
+                self.host, self.port
+            ))
+        })??;
+        let mut receiver = Receiver::attach(
+            &mut session,
+            format!("iotgw-c2d-feedback-{}", uuid::Uuid::new_v4()),
+            FEEDBACK,
+        )
+        .await
+        .map_err(|e| self.transient(format!("attaching a receiver to {FEEDBACK} failed: {e}")))?;
+        tracing::info!(provider = %self.instance, "receiving C2D delivery feedback");
+        let result = loop {
+            let renew_in = Duration::from_secs(
+                expiry
+                    .saturating_sub(self.token_ttl / 5)
+                    .saturating_sub(now_secs())
+                    .max(1),
+            );
+            let delivery = tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                () = tokio::time::sleep(renew_in) => {
+                    match self.put_token(&mut cbs).await {
+                        Ok(e) => expiry = e,
+                        Err(e) => break Err(e),
+                    }
+                    continue;
+                }
+                d = receiver.recv::<Body<Value>>() => match d {
+                    Ok(d) => d,
+                    Err(e) => break Err(self.transient(format!("receiving C2D feedback failed: {e}"))),
+                },
+            };
+            let records = match feedback_records(delivery.body()) {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::warn!(provider = %self.instance, reason = %why, "C2D feedback message refused (not the documented JSON array)");
+                    let _ = receiver
+                        .reject(
+                            &delivery,
+                            fe2o3_amqp::types::definitions::Error::new(
+                                fe2o3_amqp::types::definitions::AmqpError::DecodeError,
+                                Some(why),
+                                None,
+                            ),
+                        )
+                        .await;
+                    continue;
+                }
+            };
+            let mut verdicts = Vec::with_capacity(records.len());
+            for r in records {
+                let (tx, verdict) = tokio::sync::oneshot::channel();
+                let ok = r.status_code.eq_ignore_ascii_case("Success");
+                let reason = (!ok).then(|| r.reason());
+                let ev = ProviderEvent {
+                    instance: self.instance.clone(),
+                    kind: EventKind::CommandReply {
+                        device_id: r.device_id,
+                        correlation_id: r.original_message_id,
+                        ok,
+                        reason,
+                    },
+                    ack: AckHandle::new(move |a| {
+                        let _ = tx.send(a);
+                    }),
+                };
+                if events.send(ev).await.is_err() {
+                    // The pipeline is gone (shutting down): leave the message to the hub.
+                    let _ = receiver.release(&delivery).await;
+                    break;
+                }
+                verdicts.push(verdict);
+            }
+            let mut committed = true;
+            for v in verdicts {
+                committed &= matches!(v.await, Ok(Ack::Ack));
+            }
+            let settled = if committed {
+                receiver.accept(&delivery).await
+            } else {
+                receiver.release(&delivery).await
+            };
+            if let Err(e) = settled {
+                break Err(self.transient(format!("settling C2D feedback failed: {e}")));
+            }
+        };
+        let _ = receiver.close().await;
+        let _ = cbs.close().await;
+        let _ = session.close().await;
+        let _ = connection.close().await;
+        result
     }
 
     /// The AMQP message of a command.
@@ -330,6 +498,57 @@ impl C2dSender {
             }
         }
     }
+}
+
+/// One record of a feedback message.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRecord {
+    /// The C2D message's `message-id`: iotgw's command id.
+    pub original_message_id: String,
+    /// The device.
+    pub device_id: String,
+    /// `Success`, `Expired`, `DeliveryCountExceeded`, `Rejected` or `Purged`.
+    pub status_code: String,
+    /// The hub's words for it.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// When the hub recorded the outcome.
+    #[serde(default)]
+    pub enqueued_time_utc: Option<String>,
+}
+
+impl FeedbackRecord {
+    /// Why the message was not delivered, for the command's status reason.
+    pub fn reason(&self) -> String {
+        let what = match self.status_code.as_str() {
+            "Expired" => "expired before the device received it (c2d.ttl_secs)",
+            "DeliveryCountExceeded" => "was delivered too many times without being completed",
+            "Rejected" => "was rejected by the device",
+            "Purged" => "was purged from the device's queue",
+            _ => "was not completed",
+        };
+        match self.description.as_deref().filter(|d| !d.is_empty()) {
+            Some(d) if d != self.status_code => {
+                format!("C2D message {what}: {} ({d})", self.status_code)
+            }
+            _ => format!("C2D message {what}: {}", self.status_code),
+        }
+    }
+}
+
+/// The records of a feedback message's body (data sections holding the JSON array).
+pub fn feedback_records(body: &Body<Value>) -> Result<Vec<FeedbackRecord>, String> {
+    let bytes: Vec<u8> = match body {
+        Body::Data(batch) => batch.iter().flat_map(|d| d.0.to_vec()).collect(),
+        Body::Value(v) => match &v.0 {
+            Value::Binary(b) => b.to_vec(),
+            Value::String(s) => s.clone().into_bytes(),
+            other => return Err(format!("an AMQP value body ({other:?})")),
+        },
+        other => return Err(format!("an unexpected body ({other:?})")),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| format!("not a JSON array of feedback records: {e}"))
 }
 
 /// The SASL protocol header (`AMQP` 3.1.0).

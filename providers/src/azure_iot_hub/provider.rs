@@ -251,6 +251,48 @@ fn code_text(v: &Value) -> String {
 }
 
 impl Shared {
+    /// Reads the Event Hubs-compatible endpoint until `stop` (or waits for `stop` when
+    /// `event_hubs` is not configured).
+    async fn consume(&self, stop: &Shutdown) -> Result<(), ProviderError> {
+        let s = self;
+        let Some(eh) = &s.config.event_hubs else {
+            stop.cancelled().await;
+            return Ok(());
+        };
+        let injected = lock(&s.event_source).clone();
+        #[cfg(feature = "azure_event_hubs")]
+        let source: Arc<dyn EventSource> = injected.unwrap_or_else(|| {
+            Arc::new(super::event_hubs_client::AmqpEventSource::new(
+                &s.instance,
+                eh,
+            ))
+        });
+        #[cfg(not(feature = "azure_event_hubs"))]
+        let Some(source) = injected
+        else {
+            return Err(ProviderError::Unsupported {
+                instance: s.instance.clone(),
+                what: "event_hubs: this build has no Event Hubs client; rebuild with `--features azure_event_hubs` (cargo build -p iotgw --features azure_event_hubs), or remove event_hubs and use event_grid".into(),
+            });
+        };
+        let consumer = Arc::new(Consumer {
+            instance: s.instance.clone(),
+            key_prefix: format!("{}/{}", s.instance, eh.consumer_group),
+            start: match eh.start {
+                EventHubsStart::Earliest => Position::Earliest,
+                EventHubsStart::Latest => Position::Latest,
+            },
+            checkpoints: lock(&s.checkpoints).clone(),
+            connection_seq: s.connection_seq.clone(),
+            retry: PROBE_RETRY,
+        });
+        let sender = lock(&s.events).clone();
+        match sender {
+            Some(tx) => consumer.run(source, tx, stop.clone()).await,
+            None => Ok(()),
+        }
+    }
+
     pub(super) fn set_connected(&self, connected: bool) {
         self.health.set_connected(connected);
     }
@@ -604,8 +646,9 @@ impl Provider for AzureIotHubProvider {
     }
 
     /// Proves the credentials (`GET /statistics/service`, retried while the hub is
-    /// unreachable), then keeps the event sender for the Event Grid endpoint and the
-    /// Event Hubs consumer until `shutdown`. Returns `Err` when the hub refuses the
+    /// unreachable), then keeps the event sender for the Event Grid endpoint and runs the
+    /// Event Hubs consumer and, with `command_delivery = "c2d"`, the C2D delivery feedback
+    /// receiver until `shutdown`. Returns `Err` when the hub refuses the
     /// credentials or when `run` is already active.
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         let s = &self.shared;
@@ -640,41 +683,27 @@ impl Provider for AzureIotHubProvider {
                     }
                 }
             }
-            let Some(eh) = &s.config.event_hubs else {
-                shutdown.cancelled().await;
-                return Ok(());
+            // C2D delivery feedback beside the Event Hubs consumer; either one failing for
+            // good (refused credentials) ends `run`.
+            let stop = shutdown.child_token();
+            let feedback = async {
+                let sender = lock(&s.events).clone();
+                let r = match (&s.c2d, sender) {
+                    (Some(c2d), Some(tx)) => c2d.run_feedback(tx, stop.clone()).await,
+                    _ => Ok(()),
+                };
+                if r.is_err() {
+                    stop.cancel();
+                }
+                r
             };
-            let injected = lock(&s.event_source).clone();
-            #[cfg(feature = "azure_event_hubs")]
-            let source: Arc<dyn EventSource> = injected.unwrap_or_else(|| {
-                Arc::new(super::event_hubs_client::AmqpEventSource::new(
-                    &s.instance,
-                    eh,
-                ))
-            });
-            #[cfg(not(feature = "azure_event_hubs"))]
-            let Some(source) = injected else {
-                return Err(ProviderError::Unsupported {
-                    instance: s.instance.clone(),
-                    what: "event_hubs: this build has no Event Hubs client; rebuild with `--features azure_event_hubs` (cargo build -p iotgw --features azure_event_hubs), or remove event_hubs and use event_grid".into(),
-                });
+            let consume = async {
+                let r = s.consume(&stop).await;
+                stop.cancel();
+                r
             };
-            let consumer = Arc::new(Consumer {
-                instance: s.instance.clone(),
-                key_prefix: format!("{}/{}", s.instance, eh.consumer_group),
-                start: match eh.start {
-                    EventHubsStart::Earliest => Position::Earliest,
-                    EventHubsStart::Latest => Position::Latest,
-                },
-                checkpoints: lock(&s.checkpoints).clone(),
-                connection_seq: s.connection_seq.clone(),
-                retry: PROBE_RETRY,
-            });
-            let sender = lock(&s.events).clone();
-            match sender {
-                Some(tx) => consumer.run(source, tx, shutdown.clone()).await,
-                None => Ok(()),
-            }
+            let (consumed, fed) = tokio::join!(consume, feedback);
+            consumed.and(fed)
         }
         .await;
         *lock(&s.events) = None;

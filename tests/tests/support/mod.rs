@@ -348,13 +348,18 @@ impl Device {
 
     /// Answers a command on the reply topic.
     pub async fn reply(&mut self, cmd: &ReceivedCommand, ok: bool) {
+        self.reply_to(&cmd.correlation, ok).await;
+    }
+
+    /// Answers the command that `correlation` names (its correlation data, or its id).
+    pub async fn reply_to(&mut self, correlation: &str, ok: bool) {
         let body = if ok {
-            serde_json::json!({"correlation_id": cmd.correlation, "status": "ok"})
+            serde_json::json!({"correlation_id": correlation, "status": "ok"})
         } else {
-            serde_json::json!({"correlation_id": cmd.correlation, "status": "error", "reason": "refused by test device"})
+            serde_json::json!({"correlation_id": correlation, "status": "error", "reason": "refused by test device"})
         };
         let props = PublishProperties {
-            correlation_data: Some(cmd.correlation.clone().into_bytes().into()),
+            correlation_data: Some(correlation.to_owned().into_bytes().into()),
             ..Default::default()
         };
         self.client

@@ -197,3 +197,201 @@ async fn c2d_messages_match_what_the_python_sdk_sends_over_amqp() {
     );
     assert_eq!(t.body, m.body, "body");
 }
+
+mod feedback {
+    //! C2D delivery feedback (`/messages/servicebound/feedback`) against the recording AMQP
+    //! fake, in the record format of IoT Hub's "Send cloud-to-device messages" page (the
+    //! Python service SDK has no feedback receiver to compare against).
+
+    use std::sync::Arc;
+
+    use iotgw_config::azure_iot_hub::AzureCommandDelivery;
+    use serde_json::{json, Value};
+    use tokio::sync::mpsc;
+
+    use super::super::fake_amqp::FakeAmqp;
+    use super::super::fake_hub::FakeHub;
+    use super::super::registry::config;
+    use super::super::DEADLINE;
+    use crate::azure_iot_hub::AzureIotHubProvider;
+    use crate::{EventKind, Provider, ProviderEvent, Shutdown};
+
+    struct Running {
+        amqp: FakeAmqp,
+        _hub: FakeHub,
+        rx: mpsc::Receiver<ProviderEvent>,
+        stop: Shutdown,
+        task: tokio::task::JoinHandle<Result<(), crate::ProviderError>>,
+    }
+
+    /// A provider delivering commands as C2D messages, running, with its feedback
+    /// receiver attached to the fake.
+    async fn running() -> Running {
+        let hub = FakeHub::start().await;
+        let amqp = FakeAmqp::start().await;
+        let mut cfg = config(&hub);
+        cfg.command_delivery = AzureCommandDelivery::C2d;
+        cfg.c2d.amqp_port = amqp.port;
+        let p = Arc::new(AzureIotHubProvider::new("hub", &cfg).expect("provider"));
+        let (tx, rx) = mpsc::channel(8);
+        let stop = Shutdown::new();
+        let task = tokio::spawn({
+            let (p, stop) = (p.clone(), stop.clone());
+            async move { p.run(tx, stop).await }
+        });
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !amqp
+            .peek()
+            .receiver_sources
+            .iter()
+            .any(|s| s == "/messages/servicebound/feedback")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the feedback receiver attaches: {:?}",
+                amqp.peek()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Running {
+            amqp,
+            _hub: hub,
+            rx,
+            stop,
+            task,
+        }
+    }
+
+    impl Running {
+        async fn reply(&mut self) -> (ProviderEvent, (String, String, bool, Option<String>)) {
+            let ev = tokio::time::timeout(DEADLINE, self.rx.recv())
+                .await
+                .expect("a command reply in time")
+                .expect("run is alive");
+            let fields = match &ev.kind {
+                EventKind::CommandReply {
+                    device_id,
+                    correlation_id,
+                    ok,
+                    reason,
+                } => (
+                    device_id.clone(),
+                    correlation_id.clone(),
+                    *ok,
+                    reason.clone(),
+                ),
+                other => panic!("expected a command reply, got {other:?}"),
+            };
+            (ev, fields)
+        }
+
+        async fn outcomes_become(&self, want: &[&str]) {
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            loop {
+                let got = self.amqp.peek().feedback_outcomes;
+                if got == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "feedback settled as {got:?}, expected {want:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            tokio::time::timeout(DEADLINE, self.task)
+                .await
+                .expect("run stops in time")
+                .expect("joined")
+                .expect("clean stop");
+        }
+    }
+
+    fn record(id: &str, device: &str, status: &str, description: &str) -> Value {
+        json!({
+            "originalMessageId": id,
+            "enqueuedTimeUtc": "2026-12-01T12:00:00.000Z",
+            "statusCode": status,
+            "description": description,
+            "deviceId": device,
+            "deviceGenerationId": "638000000000000001",
+        })
+    }
+
+    #[tokio::test]
+    async fn delivery_feedback_becomes_command_replies_and_is_accepted_once_committed() {
+        let mut r = running().await;
+        let (ok_id, refused_id) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        r.amqp.feedback(&json!([
+            record(&ok_id.to_string(), "valve-3", "Success", "Success"),
+            record(
+                &refused_id.to_string(),
+                "valve-4",
+                "Rejected",
+                "Message rejected"
+            ),
+        ]));
+        let (first, got) = r.reply().await;
+        assert_eq!(got, ("valve-3".into(), ok_id.to_string(), true, None));
+        let (second, got) = r.reply().await;
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str(), got.2),
+            ("valve-4", refused_id.to_string().as_str(), false)
+        );
+        let reason = got.3.expect("a reason");
+        assert!(
+            reason.contains("rejected by the device") && reason.contains("Message rejected"),
+            "{reason}"
+        );
+        assert!(
+            r.amqp.peek().feedback_outcomes.is_empty(),
+            "nothing settled before the gateway commits"
+        );
+        first.ack.ack();
+        second.ack.ack();
+        r.outcomes_become(&["accepted"]).await;
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn feedback_not_committed_is_released_and_delivered_again() {
+        let mut r = running().await;
+        let id = uuid::Uuid::new_v4().to_string();
+        r.amqp.feedback(&json!([record(
+            &id,
+            "valve-3",
+            "Expired",
+            "Message expired"
+        )]));
+        let (ev, got) = r.reply().await;
+        assert!(
+            got.3.as_deref().is_some_and(|w| w.contains("expired")),
+            "{got:?}"
+        );
+        ev.ack.nack("store down");
+        r.outcomes_become(&["released"]).await;
+        let (again, got_again) = r.reply().await;
+        assert_eq!(got_again, got, "the same record again");
+        again.ack.ack();
+        r.outcomes_become(&["released", "accepted"]).await;
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_feedback_message_that_is_not_the_documented_array_is_rejected_and_the_next_one_is_read(
+    ) {
+        let mut r = running().await;
+        r.amqp.feedback(&json!({"not": "an array"}));
+        let id = uuid::Uuid::new_v4().to_string();
+        r.amqp
+            .feedback(&json!([record(&id, "valve-3", "Success", "Success")]));
+        let (ev, got) = r.reply().await;
+        assert_eq!(got.1, id);
+        ev.ack.ack();
+        r.outcomes_become(&["rejected", "accepted"]).await;
+        r.stop().await;
+    }
+}

@@ -562,7 +562,8 @@ async fn an_amqps_endpoint_is_opened_with_tls_checked_against_the_public_web_roo
     println!("{text}");
     assert!(
         matches!(err, ProviderError::Transient { .. })
-            && (text.contains("UnknownIssuer") || text.to_ascii_lowercase().contains("certificate")),
+            && (text.contains("UnknownIssuer")
+                || text.to_ascii_lowercase().contains("certificate")),
         "{text}"
     );
     assert!(

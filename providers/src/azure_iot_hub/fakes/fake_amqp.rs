@@ -3,8 +3,10 @@
 //! `ANONYMOUS` like Azure's AMQP endpoints, recording the one the client picks).
 //!
 //! It answers CBS `put-token` requests on `$cbs` (status 200 when the SAS token verifies
-//! with the policy key, 401 otherwise), accepts messages on `/messages/devicebound`, and
-//! records what it saw: link targets, put-token requests, messages with their properties.
+//! with the policy key, 401 otherwise), accepts messages on `/messages/devicebound`, sends
+//! queued delivery feedback ([`FakeAmqp::feedback`]) on `/messages/servicebound/feedback`
+//! (again after a release, as the hub does), and records what it saw: link targets,
+//! put-token requests, messages with their properties, how feedback was settled.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -72,6 +74,16 @@ pub struct AmqpLog {
     pub messages: Vec<C2dRecord>,
     /// Deliveries the fake could not decode (with the reason).
     pub errors: Vec<String>,
+    /// How the client settled each feedback message sent on
+    /// `/messages/servicebound/feedback` (`accepted`, `released`, `rejected`, ...), in order.
+    pub feedback_outcomes: Vec<String>,
+}
+
+/// Feedback messages waiting for a receiver on `/messages/servicebound/feedback`.
+#[derive(Default)]
+struct FeedbackQueue {
+    waiting: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    ready: tokio::sync::Notify,
 }
 
 /// A running fake AMQP endpoint.
@@ -79,6 +91,7 @@ pub struct FakeAmqp {
     /// Its port on 127.0.0.1.
     pub port: u16,
     log: Arc<Mutex<AmqpLog>>,
+    feedback: Arc<FeedbackQueue>,
     stop: CancellationToken,
 }
 
@@ -138,14 +151,15 @@ impl FakeAmqp {
         let log = Arc::new(Mutex::new(AmqpLog::default()));
         let stop = CancellationToken::new();
         let tls = tokio_rustls::TlsAcceptor::from(pki().server.clone());
-        let (l, halt) = (log.clone(), stop.clone());
+        let feedback = Arc::new(FeedbackQueue::default());
+        let (l, halt, fbq) = (log.clone(), stop.clone(), feedback.clone());
         tokio::spawn(async move {
             loop {
                 let tcp = tokio::select! {
                     () = halt.cancelled() => return,
                     r = listener.accept() => match r { Ok((t, _)) => t, Err(_) => continue },
                 };
-                let (tls, l, halt) = (tls.clone(), l.clone(), halt.clone());
+                let (tls, l, halt, fb) = (tls.clone(), l.clone(), halt.clone(), fbq.clone());
                 tokio::spawn(async move {
                     let Ok(stream) = tls.accept(tcp).await else {
                         return;
@@ -168,12 +182,29 @@ impl FakeAmqp {
                         else {
                             return;
                         };
-                        tokio::spawn(serve_session(session, l.clone()));
+                        tokio::spawn(serve_session(session, l.clone(), fb.clone()));
                     }
                 });
             }
         });
-        Self { port, log, stop }
+        Self {
+            port,
+            log,
+            feedback,
+            stop,
+        }
+    }
+
+    /// Queues a feedback message (its body: `records`, a JSON array as IoT Hub sends) for
+    /// the next receiver on `/messages/servicebound/feedback`; a message the receiver
+    /// releases is queued again, as the hub delivers it again.
+    pub fn feedback(&self, records: &serde_json::Value) {
+        self.feedback
+            .waiting
+            .lock()
+            .expect("lock")
+            .push_back(records.to_string().into_bytes());
+        self.feedback.ready.notify_one();
     }
 
     /// What the fake saw so far (then forgets it).
@@ -223,6 +254,7 @@ impl SaslAcceptor for CbsSasl {
 async fn serve_session(
     mut session: fe2o3_amqp::acceptor::ListenerSessionHandle,
     log: Arc<Mutex<AmqpLog>>,
+    feedback: Arc<FeedbackQueue>,
 ) {
     // CBS answers go out on the client's receiver link of `$cbs`.
     let (reply_tx, reply_rx) =
@@ -320,7 +352,14 @@ async fn serve_session(
                     .as_ref()
                     .and_then(|s| s.address.clone())
                     .unwrap_or_default();
-                log.lock().expect("lock").receiver_sources.push(source);
+                log.lock()
+                    .expect("lock")
+                    .receiver_sources
+                    .push(source.clone());
+                if source == "/messages/servicebound/feedback" {
+                    tokio::spawn(serve_feedback(sender, feedback.clone(), log.clone()));
+                    continue;
+                }
                 if let Some(mut rx) = reply_rx.take() {
                     tokio::spawn(async move {
                         while let Some(reply) = rx.recv().await {
@@ -330,6 +369,50 @@ async fn serve_session(
                         }
                     });
                 }
+            }
+        }
+    }
+}
+
+/// Sends queued feedback messages on the client's feedback receiver and records how the
+/// client settles each; a released (or unsettled) one goes back to the front of the queue.
+async fn serve_feedback(
+    mut sender: fe2o3_amqp::link::Sender,
+    queue: Arc<FeedbackQueue>,
+    log: Arc<Mutex<AmqpLog>>,
+) {
+    loop {
+        let next = queue.waiting.lock().expect("lock").pop_front();
+        let Some(body) = next else {
+            queue.ready.notified().await;
+            continue;
+        };
+        let message = Message::builder()
+            .properties(Properties {
+                content_type: Some("application/vnd.microsoft.iothub.feedback.json".into()),
+                ..Properties::default()
+            })
+            .data(fe2o3_amqp::types::primitives::Binary::from(body.clone()))
+            .build();
+        let outcome = sender.send(message).await;
+        let label = match &outcome {
+            Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => "accepted".to_owned(),
+            Ok(fe2o3_amqp::types::messaging::Outcome::Released(_)) => "released".to_owned(),
+            Ok(fe2o3_amqp::types::messaging::Outcome::Rejected(_)) => "rejected".to_owned(),
+            Ok(other) => format!("{other:?}"),
+            Err(e) => format!("not settled: {e}"),
+        };
+        log.lock().expect("lock").feedback_outcomes.push(label);
+        match outcome {
+            Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_))
+            | Ok(fe2o3_amqp::types::messaging::Outcome::Rejected(_)) => {}
+            Ok(_) => {
+                queue.waiting.lock().expect("lock").push_front(body);
+            }
+            Err(_) => {
+                queue.waiting.lock().expect("lock").push_front(body);
+                queue.ready.notify_one();
+                return;
             }
         }
     }
