@@ -44,10 +44,54 @@ use std::sync::Arc;
 pub use provider::AzureIotHubProvider;
 pub use rest::HubClient;
 
-/// Builds the provider of instance `instance` (the gateway's entry point).
+/// Builds the provider of instance `instance` (the gateway's entry point). A config with
+/// `event_hubs` in a build without the Event Hubs client is refused here, before the
+/// gateway starts, naming the key and the fix.
 pub async fn build(
     instance: &str,
     config: &iotgw_config::AzureIotHubConfig,
 ) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
+    event_hubs_buildable(instance, config, cfg!(feature = "azure_event_hubs"))?;
     Ok(Arc::new(AzureIotHubProvider::new(instance, config)?))
+}
+
+/// `event_hubs` needs the client that the feature `azure_event_hubs` (`built`) compiles in.
+pub fn event_hubs_buildable(
+    instance: &str,
+    config: &iotgw_config::AzureIotHubConfig,
+    built: bool,
+) -> Result<(), crate::ProviderError> {
+    if config.event_hubs.is_none() || built {
+        return Ok(());
+    }
+    Err(crate::ProviderError::InvalidInput {
+        instance: instance.to_owned(),
+        field: "event_hubs".into(),
+        message: "this build has no Event Hubs client (it is the Cargo feature azure_event_hubs, off by default): rebuild with `cargo build --release -p iotgw --features azure_event_hubs`, or remove the event_hubs section and let Event Grid push to /hooks/<instance>".into(),
+    })
+}
+
+#[cfg(test)]
+mod build_tests {
+    use super::*;
+
+    #[test]
+    fn event_hubs_without_its_feature_is_refused_naming_the_key_and_the_fix() {
+        let mut c = iotgw_config::AzureIotHubConfig::default();
+        assert!(event_hubs_buildable("hub", &c, false).is_ok(), "no section, no need");
+        c.event_hubs = Some(iotgw_config::azure_iot_hub::EventHubsConfig {
+            connection_string: iotgw_config::Secret::new("Endpoint=sb://n.servicebus.windows.net/;SharedAccessKeyName=s;SharedAccessKey=k;EntityPath=h"),
+            consumer_group: "$Default".into(),
+            start: Default::default(),
+            custom_endpoint: None,
+        });
+        assert!(event_hubs_buildable("hub", &c, true).is_ok());
+        match event_hubs_buildable("hub", &c, false) {
+            Err(crate::ProviderError::InvalidInput { field, message, .. }) => {
+                assert_eq!(field, "event_hubs");
+                assert!(message.contains("--features azure_event_hubs"), "{message}");
+            }
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
 }
