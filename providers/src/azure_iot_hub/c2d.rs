@@ -289,17 +289,15 @@ impl C2dSender {
         events: &EventSender,
         shutdown: &Shutdown,
     ) -> Result<(), ProviderError> {
-        let (mut connection, mut session, mut cbs, mut expiry) = tokio::time::timeout(
-            OPEN_TIMEOUT,
-            self.connect(),
-        )
-        .await
-        .map_err(|_| {
-            self.transient(format!(
+        let (mut connection, mut session, mut cbs, mut expiry) =
+            tokio::time::timeout(OPEN_TIMEOUT, self.connect())
+                .await
+                .map_err(|_| {
+                    self.transient(format!(
                 "opening the AMQP connection for C2D feedback to {}:{} took over {OPEN_TIMEOUT:?}",
                 self.host, self.port
             ))
-        })??;
+                })??;
         let mut receiver = Receiver::attach(
             &mut session,
             format!("iotgw-c2d-feedback-{}", uuid::Uuid::new_v4()),

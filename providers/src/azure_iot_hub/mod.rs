@@ -78,7 +78,10 @@ mod build_tests {
     #[test]
     fn event_hubs_without_its_feature_is_refused_naming_the_key_and_the_fix() {
         let mut c = iotgw_config::AzureIotHubConfig::default();
-        assert!(event_hubs_buildable("hub", &c, false).is_ok(), "no section, no need");
+        assert!(
+            event_hubs_buildable("hub", &c, false).is_ok(),
+            "no section, no need"
+        );
         c.event_hubs = Some(iotgw_config::azure_iot_hub::EventHubsConfig {
             connection_string: iotgw_config::Secret::new("Endpoint=sb://n.servicebus.windows.net/;SharedAccessKeyName=s;SharedAccessKey=k;EntityPath=h"),
             consumer_group: "$Default".into(),

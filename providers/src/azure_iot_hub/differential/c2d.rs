@@ -212,7 +212,7 @@ mod feedback {
     use super::super::fake_amqp::FakeAmqp;
     use super::super::fake_hub::FakeHub;
     use super::super::registry::config;
-    use super::super::DEADLINE;
+    use super::super::{eventually, DEADLINE};
     use crate::azure_iot_hub::AzureIotHubProvider;
     use crate::{EventKind, Provider, ProviderEvent, Shutdown};
 
@@ -239,20 +239,13 @@ mod feedback {
             let (p, stop) = (p.clone(), stop.clone());
             async move { p.run(tx, stop).await }
         });
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while !amqp
-            .peek()
-            .receiver_sources
-            .iter()
-            .any(|s| s == "/messages/servicebound/feedback")
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the feedback receiver attaches: {:?}",
-                amqp.peek()
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        eventually("the feedback receiver to attach", || async {
+            amqp.peek()
+                .receiver_sources
+                .iter()
+                .any(|s| s == "/messages/servicebound/feedback")
+        })
+        .await;
         Running {
             amqp,
             _hub: hub,
@@ -286,18 +279,14 @@ mod feedback {
         }
 
         async fn outcomes_become(&self, want: &[&str]) {
-            let deadline = tokio::time::Instant::now() + DEADLINE;
-            loop {
-                let got = self.amqp.peek().feedback_outcomes;
-                if got == want {
-                    return;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "feedback settled as {got:?}, expected {want:?}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            let what = format!(
+                "feedback settled as {want:?} (now {:?})",
+                self.amqp.peek().feedback_outcomes
+            );
+            eventually(&what, || async {
+                self.amqp.peek().feedback_outcomes == want
+            })
+            .await;
         }
 
         async fn stop(self) {

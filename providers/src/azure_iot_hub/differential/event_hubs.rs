@@ -5,7 +5,6 @@
 //! redelivery after a nack, reconnection, a refused key. Plus a live test against a real
 //! endpoint when a connection string is given.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::fake_hub::FakeHub;
 use super::registry::config;
-use super::DEADLINE;
+use super::{eventually, DEADLINE};
 use crate::azure_iot_hub::event_hubs::{EventSource, Position};
 use crate::azure_iot_hub::event_hubs_client::AmqpEventSource;
 use crate::azure_iot_hub::fakes::fake_event_hubs::{
@@ -95,22 +94,6 @@ impl Run {
             .expect("run stops in time")
             .expect("joined")
             .expect("clean stop");
-    }
-}
-
-/// Waits until `check` holds, at most [`DEADLINE`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -23,7 +23,24 @@ mod event_hubs;
 mod provider;
 mod registry;
 
+use std::future::Future;
 use std::time::Duration;
 
 /// How long any wait in these tests may take.
 pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits until `check` holds, at most [`DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

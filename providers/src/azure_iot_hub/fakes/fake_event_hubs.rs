@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use fe2o3_amqp::acceptor::sasl_acceptor::{SaslAcceptor, SaslServerFrame};
 use fe2o3_amqp::acceptor::{
@@ -45,15 +44,13 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use fe2o3_amqp::{Receiver, Sendable, Sender};
-use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::fake_amqp::{app_props, body_bytes, PutTokenRecord};
-use super::fake_hub::sas_fields;
+use super::fake_hub::{percent_decode, signed_resource};
 use super::{POLICY, POLICY_KEY};
 
 /// The namespace host of [`FakeEventHubs::connection_string`].
@@ -842,37 +839,11 @@ async fn serve_partition(mut sender: Sender, partition: usize, mut next: usize, 
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 3 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The resource (`sr`, decoded) of a SAS token that verifies with [`POLICY_KEY`] the way
 /// Event Hubs signs: HMAC-SHA256 of `"{sr}\n{se}"` (sr as sent) keyed with the key's text,
 /// `skn` = [`POLICY`], `se` in the future.
 pub fn event_hubs_sas_resource(token: &str) -> Option<String> {
-    let f = sas_fields(token)?;
-    let (sr, sig, se, skn) = (f.get("sr")?, f.get("sig")?, f.get("se")?, f.get("skn")?);
-    let mut mac = Hmac::<Sha256>::new_from_slice(POLICY_KEY.as_bytes()).expect("hmac key");
-    mac.update(format!("{sr}\n{se}").as_bytes());
-    let want = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let future = se
-        .parse::<i64>()
-        .is_ok_and(|se| se > Utc::now().timestamp());
-    (skn == POLICY && percent_decode(sig) == want && future).then(|| percent_decode(sr))
+    signed_resource(token, POLICY_KEY.as_bytes()).map(|sr| percent_decode(&sr))
 }
 
 /// Whether a token for resource `sr` covers `address` (the same path or one below it).

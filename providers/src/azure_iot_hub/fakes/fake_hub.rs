@@ -239,12 +239,13 @@ impl FakeHub {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (what is not a valid escape stays as it is).
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
+        if b[i] == b'%' && i + 3 <= b.len() {
             if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
                 out.push(v);
                 i += 3;
@@ -268,28 +269,29 @@ pub fn sas_fields(header: &str) -> Option<BTreeMap<String, String>> {
     )
 }
 
-/// Whether a SAS token verifies with the test policy key: the signature is the base64
-/// HMAC-SHA256 of `"{sr}\n{se}"` (sr as sent, URL-encoded), `skn` names the policy and
-/// `se` lies in the future.
-pub fn sas_valid(header: &str) -> bool {
-    let Some(f) = sas_fields(header) else {
-        return false;
-    };
-    let (Some(sr), Some(sig), Some(se), Some(skn)) =
-        (f.get("sr"), f.get("sig"), f.get("se"), f.get("skn"))
-    else {
-        return false;
-    };
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(POLICY_KEY)
-        .expect("test key");
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("hmac key");
+/// The resource (`sr` as sent) of a SAS token signed with `key` for the test policy: the
+/// signature is the base64 HMAC-SHA256 of `"{sr}\n{se}"`, `skn` names [`POLICY`] and `se`
+/// lies in the future. IoT Hub signs with the base64-decoded policy key, Event Hubs with
+/// the key's text.
+pub fn signed_resource(token: &str, key: &[u8]) -> Option<String> {
+    let f = sas_fields(token)?;
+    let (sr, sig, se, skn) = (f.get("sr")?, f.get("sig")?, f.get("se")?, f.get("skn")?);
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac key");
     mac.update(format!("{sr}\n{se}").as_bytes());
     let want = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     let future = se
         .parse::<i64>()
         .is_ok_and(|se| se > chrono::Utc::now().timestamp());
-    skn == POLICY && percent_decode(sig) == want && future
+    (skn == POLICY && percent_decode(sig) == want && future).then(|| sr.clone())
+}
+
+/// Whether a SAS token verifies with the test policy key the way IoT Hub signs (the
+/// base64-decoded key; `sr` URL-encoded as sent).
+pub fn sas_valid(header: &str) -> bool {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(POLICY_KEY)
+        .expect("test key");
+    signed_resource(header, &key).is_some()
 }
 
 fn reply(status: u16, body: Option<Value>) -> Response<Full<Bytes>> {
