@@ -5,8 +5,9 @@
 //! then is it acknowledged, and only after the ack are the rules' commands sent (a direct
 //! method may wait for its device far longer than a cloud waits for an ack). Bad input
 //! becomes a dead letter with the reason (then acked, so it is not redelivered forever); a
-//! store failure leaves the event unacknowledged so the provider redelivers it. Events are sharded by device so one device's events keep their
-//! order while different devices proceed in parallel.
+//! store failure leaves the event unacknowledged so the provider redelivers it. Events are
+//! sharded by device so one device's events keep their order while different devices
+//! proceed in parallel.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
