@@ -11,7 +11,7 @@
 //! run in this process. Every wait has a deadline; the whole run fails after 300 s. The
 //! recorded figures live in BENCHMARKS.md.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -23,6 +23,9 @@ use iotgw_providers::azure_iot_hub::fakes::fake_event_hubs::{FakeEvent, FakeEven
 use iotgw_providers::azure_iot_hub::fakes::fake_hub::FakeHub;
 use iotgw_providers::azure_iot_hub::fakes::pki::pki;
 use serde_json::Value;
+use support::{env_usize, run_within, Samples};
+
+mod support;
 
 /// The provider instance.
 const INSTANCE: &str = "hub";
@@ -38,63 +41,6 @@ const SETUP_LIMIT: Duration = Duration::from_secs(60);
 const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// How often /metrics is read while waiting.
 const POLL: Duration = Duration::from_millis(50);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-/// Prometheus text exposition, parsed once per read.
-struct Samples(Vec<(String, BTreeMap<String, String>, f64)>);
-
-impl Samples {
-    fn parse(text: &str) -> Self {
-        let mut out = Vec::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => {
-                    let labels = rest
-                        .trim_end_matches('}')
-                        .split(',')
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-                        .collect();
-                    (name.to_owned(), labels)
-                }
-                None => (series.to_owned(), BTreeMap::new()),
-            };
-            out.push((name, labels, value));
-        }
-        Self(out)
-    }
-
-    /// The sum of `name`'s samples whose labels include every `(key, value)` of `with`.
-    fn sum(&self, name: &str, with: &[(&str, &str)]) -> u64 {
-        let total: f64 = self
-            .0
-            .iter()
-            .filter(|(n, labels, _)| {
-                n == name
-                    && with
-                        .iter()
-                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, _, v)| v)
-            .sum();
-        total.max(0.0) as u64
-    }
-}
 
 /// The gateway seen from outside: its HTTP API.
 struct Api {
@@ -191,14 +137,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        tokio::time::timeout(LIMIT, run(smoke))
-            .await
-            .map_err(|_| anyhow::anyhow!("the bench did not finish within {LIMIT:?}"))?
-    })
+    run_within(LIMIT, run(smoke))
 }
 
 async fn run(smoke: bool) -> anyhow::Result<()> {

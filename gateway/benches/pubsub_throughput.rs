@@ -22,6 +22,9 @@ use testcontainers::core::{IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{GenericImage, ImageExt};
 
+mod support;
+use support::{env_usize, run_within, Samples};
+
 #[path = "../../tests/src/harness/docker.rs"]
 #[allow(dead_code)]
 mod docker;
@@ -32,13 +35,6 @@ const PORT: u16 = 8085;
 const PROJECT: &str = "iotgw-bench";
 const INSTANCE: &str = "cloud";
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Finds Docker; starts the API-version shim when the engine is older than
 /// testcontainers' client. Runs before any other thread exists (it may set DOCKER_HOST).
@@ -55,15 +51,6 @@ fn docker_ready() -> Result<Option<tempfile::TempDir>, String> {
     let path = docker::start_shim(ep, version, dir.path()).map_err(|e| e.to_string())?;
     std::env::set_var("DOCKER_HOST", format!("unix://{}", path.display()));
     Ok(Some(dir))
-}
-
-/// The value of `name{...filters...}` samples summed, from Prometheus text.
-fn metric(text: &str, name: &str, filter: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,14 +72,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        tokio::time::timeout(LIMIT, run(smoke))
-            .await
-            .map_err(|_| anyhow::anyhow!("the bench did not finish within {LIMIT:?}"))?
-    })
+    run_within(LIMIT, run(smoke))
 }
 
 async fn run(smoke: bool) -> anyhow::Result<()> {
@@ -216,23 +196,19 @@ async fn run(smoke: bool) -> anyhow::Result<()> {
     }
     let published = started.elapsed();
 
-    let text = loop {
-        let text = gw.core.metrics.encode();
-        let acked = metric(
-            &text,
-            "iotgw_events_acked_total",
-            &format!("\"{INSTANCE}\""),
-        );
-        if acked >= messages as f64 {
-            break text;
+    let instance = [("provider", INSTANCE)];
+    let samples = loop {
+        let samples = Samples::parse(&gw.core.metrics.encode());
+        if samples.sum("iotgw_events_acked_total", &instance) >= messages as u64 {
+            break samples;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let elapsed = started.elapsed();
-    let count = |name: &str, filter: &str| metric(&text, name, filter).max(0.0) as u64;
-    let alerts = count("iotgw_alerts_total", "primary") + count("iotgw_alerts_total", "child");
-    let duplicates = count("iotgw_alerts_total", "duplicate");
-    let nacked = count("iotgw_events_nacked_total", "");
+    let kind = |k: &str| samples.sum("iotgw_alerts_total", &[("kind", k)]);
+    let alerts = kind("primary") + kind("child");
+    let duplicates = kind("duplicate");
+    let nacked = samples.sum("iotgw_events_nacked_total", &[]);
     let rate = messages as f64 / elapsed.as_secs_f64();
     println!(
         "pubsub_throughput: {messages} messages from {devices} devices, {hot} alerting: published in {:.2} s, \

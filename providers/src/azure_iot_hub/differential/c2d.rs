@@ -207,21 +207,18 @@ mod feedback {
 
     use iotgw_config::azure_iot_hub::AzureCommandDelivery;
     use serde_json::{json, Value};
-    use tokio::sync::mpsc;
 
     use super::super::fake_amqp::FakeAmqp;
     use super::super::fake_hub::FakeHub;
     use super::super::registry::config;
-    use super::super::{eventually, DEADLINE};
+    use super::super::{eventually, Run};
     use crate::azure_iot_hub::AzureIotHubProvider;
-    use crate::{EventKind, Provider, ProviderEvent, Shutdown};
+    use crate::{EventKind, ProviderEvent};
 
     struct Running {
         amqp: FakeAmqp,
         _hub: FakeHub,
-        rx: mpsc::Receiver<ProviderEvent>,
-        stop: Shutdown,
-        task: tokio::task::JoinHandle<Result<(), crate::ProviderError>>,
+        run: Run,
     }
 
     /// A provider delivering commands as C2D messages, running, with its feedback
@@ -232,13 +229,9 @@ mod feedback {
         let mut cfg = config(&hub);
         cfg.command_delivery = AzureCommandDelivery::C2d;
         cfg.c2d.amqp_port = amqp.port;
-        let p = Arc::new(AzureIotHubProvider::new("hub", &cfg).expect("provider"));
-        let (tx, rx) = mpsc::channel(8);
-        let stop = Shutdown::new();
-        let task = tokio::spawn({
-            let (p, stop) = (p.clone(), stop.clone());
-            async move { p.run(tx, stop).await }
-        });
+        let run = Run::spawn(Arc::new(
+            AzureIotHubProvider::new("hub", &cfg).expect("provider"),
+        ));
         eventually("the feedback receiver to attach", || async {
             amqp.peek()
                 .receiver_sources
@@ -249,18 +242,13 @@ mod feedback {
         Running {
             amqp,
             _hub: hub,
-            rx,
-            stop,
-            task,
+            run,
         }
     }
 
     impl Running {
         async fn reply(&mut self) -> (ProviderEvent, (String, String, bool, Option<String>)) {
-            let ev = tokio::time::timeout(DEADLINE, self.rx.recv())
-                .await
-                .expect("a command reply in time")
-                .expect("run is alive");
+            let ev = self.run.next("a command reply").await;
             let fields = match &ev.kind {
                 EventKind::CommandReply {
                     device_id,
@@ -290,12 +278,7 @@ mod feedback {
         }
 
         async fn stop(self) {
-            self.stop.cancel();
-            tokio::time::timeout(DEADLINE, self.task)
-                .await
-                .expect("run stops in time")
-                .expect("joined")
-                .expect("clean stop");
+            self.run.stop().await;
         }
     }
 

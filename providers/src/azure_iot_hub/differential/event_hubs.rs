@@ -13,20 +13,17 @@ use iotgw_config::azure_iot_hub::{EventHubsConfig, EventHubsStart};
 use iotgw_config::Secret;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use super::fake_hub::FakeHub;
 use super::registry::config;
-use super::{eventually, DEADLINE};
+use super::{eventually, Run, DEADLINE};
 use crate::azure_iot_hub::event_hubs::{EventSource, Position};
 use crate::azure_iot_hub::event_hubs_client::AmqpEventSource;
 use crate::azure_iot_hub::fakes::fake_event_hubs::{
     FakeEvent, FakeEventHubs, NAMESPACE, SAS_TOKEN_TYPE,
 };
 use crate::azure_iot_hub::AzureIotHubProvider;
-use crate::{
-    Checkpoints, EventKind, MemoryCheckpoints, Provider, ProviderError, ProviderEvent, Shutdown,
-};
+use crate::{Checkpoints, EventKind, MemoryCheckpoints, Provider, ProviderError, Shutdown};
 
 const ENTITY: &str = "iotgw-fake-hub";
 const GROUP: &str = "iotgw";
@@ -57,44 +54,13 @@ fn key(partition: &str) -> String {
     format!("hub/{GROUP}/{partition}")
 }
 
-/// One `run` of a provider on its own task.
-struct Run {
-    rx: mpsc::Receiver<ProviderEvent>,
-    stop: Shutdown,
-    task: JoinHandle<Result<(), ProviderError>>,
+/// The provider of `hub` reading `eh` with the official client, running.
+fn start(hub: &FakeHub, eh: &FakeEventHubs, checkpoints: Arc<dyn Checkpoints>) -> Run {
+    start_with(hub, event_hubs(eh, eh.connection_string()), checkpoints)
 }
 
-impl Run {
-    fn start(hub: &FakeHub, eh: &FakeEventHubs, checkpoints: Arc<dyn Checkpoints>) -> Self {
-        Self::with(hub, event_hubs(eh, eh.connection_string()), checkpoints)
-    }
-
-    fn with(hub: &FakeHub, config: EventHubsConfig, checkpoints: Arc<dyn Checkpoints>) -> Self {
-        let p = provider(hub, config, checkpoints);
-        let (tx, rx) = mpsc::channel(16);
-        let stop = Shutdown::new();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { p.run(tx, stop).await }
-        });
-        Self { rx, stop, task }
-    }
-
-    async fn next(&mut self, what: &str) -> ProviderEvent {
-        tokio::time::timeout(DEADLINE, self.rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{what} within {DEADLINE:?}"))
-            .unwrap_or_else(|| panic!("{what}: run ended"))
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("run stops in time")
-            .expect("joined")
-            .expect("clean stop");
-    }
+fn start_with(hub: &FakeHub, config: EventHubsConfig, checkpoints: Arc<dyn Checkpoints>) -> Run {
+    Run::spawn(provider(hub, config, checkpoints))
 }
 
 async fn checkpoint_is(checkpoints: &Arc<dyn Checkpoints>, partition: &str, offset: &str) {
@@ -142,7 +108,7 @@ async fn telemetry_twin_changes_and_connection_states_published_in_the_fake_come
         "000000000000000001D4A1B2C3D4E5F60000000000000000000000000000000A",
         at,
     ));
-    let mut run = Run::start(&hub, &eh, Arc::new(MemoryCheckpoints::default()));
+    let mut run = start(&hub, &eh, Arc::new(MemoryCheckpoints::default()));
     let mut got = Vec::new();
     for _ in 0..3 {
         let ev = run.next("three events").await;
@@ -268,7 +234,7 @@ async fn a_second_run_resumes_after_the_acked_events_and_a_nacked_event_is_deliv
     let (_, second) = eh.publish(FakeEvent::telemetry("pump-1", "m-2", b"2"));
     let acked = eh.offset(&p, second).expect("offset of m-2");
 
-    let mut run = Run::start(&hub, &eh, checkpoints.clone());
+    let mut run = start(&hub, &eh, checkpoints.clone());
     for want in ["pump-1:m-1", "pump-1:m-2"] {
         let ev = run.next(want).await;
         assert_eq!(telemetry_id(&ev.kind), want);
@@ -278,7 +244,7 @@ async fn a_second_run_resumes_after_the_acked_events_and_a_nacked_event_is_deliv
     run.stop().await;
 
     let (_, third) = eh.publish(FakeEvent::telemetry("pump-1", "m-3", b"3"));
-    let mut run = Run::start(&hub, &eh, checkpoints.clone());
+    let mut run = start(&hub, &eh, checkpoints.clone());
     // Events come in order: m-1 or m-2 would come before m-3.
     let ev = run.next("m-3 after the restart").await;
     assert_eq!(
@@ -315,7 +281,7 @@ async fn events_published_after_the_connections_drop_still_arrive() {
     let eh = FakeEventHubs::start(ENTITY, 2).await;
     let checkpoints: Arc<dyn Checkpoints> = Arc::new(MemoryCheckpoints::default());
     let (p, first) = eh.publish(FakeEvent::telemetry("pump-1", "m-1", b"1"));
-    let mut run = Run::start(&hub, &eh, checkpoints.clone());
+    let mut run = start(&hub, &eh, checkpoints.clone());
     let ev = run.next("m-1").await;
     assert_eq!(telemetry_id(&ev.kind), "pump-1:m-1");
     ev.ack.ack();
@@ -359,7 +325,7 @@ async fn starting_at_latest_loses_nothing_published_while_the_connection_is_down
     let (p, _) = eh.publish(FakeEvent::telemetry("pump-1", "before", b"0"));
     let mut config = event_hubs(&eh, eh.connection_string());
     config.start = EventHubsStart::Latest;
-    let mut run = Run::with(&hub, config, checkpoints.clone());
+    let mut run = start_with(&hub, config, checkpoints.clone());
     let on_p = format!("/Partitions/{p}");
     eventually("the receiver on the partition attached", || async {
         eh.log()

@@ -24,7 +24,14 @@ mod provider;
 mod registry;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::AzureIotHubProvider;
+use crate::{Provider, ProviderError, ProviderEvent, Shutdown};
 
 /// How long any wait in these tests may take.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -42,5 +49,43 @@ where
             "{what} within {DEADLINE:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One `run` of a provider on its own task, with the events it sends.
+pub struct Run {
+    rx: mpsc::Receiver<ProviderEvent>,
+    stop: Shutdown,
+    task: JoinHandle<Result<(), ProviderError>>,
+}
+
+impl Run {
+    /// Starts `provider.run` on a task of its own.
+    pub fn spawn(provider: Arc<AzureIotHubProvider>) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let stop = Shutdown::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { provider.run(tx, stop).await }
+        });
+        Self { rx, stop, task }
+    }
+
+    /// The next event, within [`DEADLINE`].
+    pub async fn next(&mut self, what: &str) -> ProviderEvent {
+        tokio::time::timeout(DEADLINE, self.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} within {DEADLINE:?}"))
+            .unwrap_or_else(|| panic!("{what}: run ended"))
+    }
+
+    /// Shuts the run down; it must end cleanly within [`DEADLINE`].
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("run stops in time")
+            .expect("joined")
+            .expect("clean stop");
     }
 }

@@ -166,7 +166,12 @@ impl FakeAmqp {
                     };
                     let acceptor = ConnectionAcceptor::builder()
                         .container_id("fake-iot-hub")
-                        .sasl_acceptor(CbsSasl { log: l.clone() })
+                        .sasl_acceptor(CbsSasl {
+                            chosen: {
+                                let l = l.clone();
+                                Arc::new(move |m| l.lock().expect("lock").sasl_mechanisms.push(m))
+                            },
+                        })
                         .build();
                     let Ok(mut conn) = acceptor.accept(stream).await else {
                         return;
@@ -219,10 +224,12 @@ impl FakeAmqp {
 }
 
 /// SASL as Azure's AMQP endpoints offer it: `MSSBCBS` (credentials follow on `$cbs`) and
-/// `ANONYMOUS`; both succeed at once, the token check happens on `$cbs`.
+/// `ANONYMOUS`; both succeed at once, the token check happens on `$cbs`. `chosen` records
+/// the mechanism each connection picks. Shared by the fakes of the C2D and the Event
+/// Hubs-compatible endpoints.
 #[derive(Clone)]
-struct CbsSasl {
-    log: Arc<Mutex<AmqpLog>>,
+pub(crate) struct CbsSasl {
+    pub(crate) chosen: Arc<dyn Fn(String) + Send + Sync>,
 }
 
 impl SaslAcceptor for CbsSasl {
@@ -232,11 +239,7 @@ impl SaslAcceptor for CbsSasl {
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         let known = ["MSSBCBS", "ANONYMOUS"].contains(&init.mechanism.0.as_str());
-        self.log
-            .lock()
-            .expect("lock")
-            .sasl_mechanisms
-            .push(init.mechanism.0);
+        (self.chosen)(init.mechanism.0);
         SaslServerFrame::Outcome(SaslOutcome {
             code: if known { SaslCode::Ok } else { SaslCode::Auth },
             additional_data: None,
@@ -249,6 +252,29 @@ impl SaslAcceptor for CbsSasl {
             additional_data: None,
         })
     }
+}
+
+/// A management answer (`$cbs`, `$management`): `status-code`, `status-description` and
+/// the request's message id as correlation id.
+pub(crate) fn status_reply(
+    correlation: Option<MessageId>,
+    code: u16,
+    description: &str,
+    body: Value,
+) -> Message<fe2o3_amqp::types::messaging::AmqpValue<Value>> {
+    Message::builder()
+        .properties(Properties {
+            correlation_id: correlation,
+            ..Properties::default()
+        })
+        .application_properties(
+            ApplicationProperties::builder()
+                .insert("status-code", SimpleValue::Int(i32::from(code)))
+                .insert("status-description", description)
+                .build(),
+        )
+        .value(body)
+        .build()
 }
 
 async fn serve_session(
@@ -311,19 +337,12 @@ async fn serve_session(
                             } else {
                                 (401, "Unauthorized")
                             };
-                            let reply = Message::builder()
-                                .properties(Properties {
-                                    correlation_id: props.message_id.clone(),
-                                    ..Properties::default()
-                                })
-                                .application_properties(
-                                    ApplicationProperties::builder()
-                                        .insert("status-code", SimpleValue::Int(code))
-                                        .insert("status-description", description)
-                                        .build(),
-                                )
-                                .value(Value::Null)
-                                .build();
+                            let reply = status_reply(
+                                props.message_id.clone(),
+                                code,
+                                description,
+                                Value::Null,
+                            );
                             let _ = reply_tx.send(reply).await;
                         } else {
                             log.lock().expect("lock").messages.push(C2dRecord {

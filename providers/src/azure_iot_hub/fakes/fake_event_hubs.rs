@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use fe2o3_amqp::acceptor::sasl_acceptor::{SaslAcceptor, SaslServerFrame};
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
 };
@@ -42,14 +41,13 @@ use fe2o3_amqp::types::messaging::{
     Properties, Source,
 };
 use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
-use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use fe2o3_amqp::{Receiver, Sendable, Sender};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::fake_amqp::{app_props, body_bytes, PutTokenRecord};
+use super::fake_amqp::{app_props, body_bytes, status_reply, CbsSasl, PutTokenRecord};
 use super::fake_hub::{percent_decode, signed_resource};
 use super::{POLICY, POLICY_KEY};
 
@@ -393,38 +391,6 @@ impl FakeEventHubs {
     }
 }
 
-/// SASL as Azure's AMQP endpoints offer it; the credentials follow on `$cbs`.
-#[derive(Clone)]
-struct Sasl {
-    shared: Arc<Shared>,
-}
-
-impl SaslAcceptor for Sasl {
-    fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![Symbol::from("MSSBCBS"), Symbol::from("ANONYMOUS")])
-    }
-
-    fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
-        let known = ["MSSBCBS", "ANONYMOUS"].contains(&init.mechanism.0.as_str());
-        self.shared
-            .state()
-            .log
-            .sasl_mechanisms
-            .push(init.mechanism.0);
-        SaslServerFrame::Outcome(SaslOutcome {
-            code: if known { SaslCode::Ok } else { SaslCode::Auth },
-            additional_data: None,
-        })
-    }
-
-    fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
-        SaslServerFrame::Outcome(SaslOutcome {
-            code: SaslCode::Sys,
-            additional_data: None,
-        })
-    }
-}
-
 type Reply = Message<AmqpValue<Value>>;
 
 /// A client receiver link of `$cbs` or `$management`, where replies go.
@@ -505,8 +471,11 @@ impl Conn {
 async fn serve_connection(tcp: TcpStream, shared: Arc<Shared>, stop: CancellationToken) {
     let acceptor = ConnectionAcceptor::builder()
         .container_id("fake-event-hubs")
-        .sasl_acceptor(Sasl {
-            shared: shared.clone(),
+        .sasl_acceptor(CbsSasl {
+            chosen: {
+                let shared = shared.clone();
+                Arc::new(move |m| shared.state().log.sasl_mechanisms.push(m))
+            },
         })
         .build();
     let Ok(mut conn) = acceptor.accept(tcp).await else {
@@ -863,27 +832,6 @@ fn names_entity(sr: &str, entity: &str) -> bool {
     path.split('/')
         .next()
         .is_some_and(|e| e.eq_ignore_ascii_case(entity))
-}
-
-fn status_reply(
-    correlation: Option<MessageId>,
-    code: u16,
-    description: &str,
-    body: Value,
-) -> Reply {
-    Message::builder()
-        .properties(Properties {
-            correlation_id: correlation,
-            ..Properties::default()
-        })
-        .application_properties(
-            ApplicationProperties::builder()
-                .insert("status-code", SimpleValue::Int(i32::from(code)))
-                .insert("status-description", description)
-                .build(),
-        )
-        .value(body)
-        .build()
 }
 
 /// Answers requests on `$cbs` and `$management`.

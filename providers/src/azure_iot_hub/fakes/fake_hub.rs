@@ -318,6 +318,15 @@ fn hub_error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
     r
 }
 
+/// The hub's answer about a device it does not know.
+fn not_registered(id: &str) -> Response<Full<Bytes>> {
+    hub_error(
+        404,
+        "DeviceNotFound",
+        &format!("Device {id} not registered"),
+    )
+}
+
 const NEVER: &str = "0001-01-01T00:00:00Z";
 
 fn device_json(s: &mut State, id: &str, body: &Value, etag_seed: u64) -> Value {
@@ -498,11 +507,7 @@ fn respond(
                     "DeviceAlreadyExists",
                     &format!("A device with ID '{id}' is already registered."),
                 ),
-                (Some(_), false) => hub_error(
-                    404,
-                    "DeviceNotFound",
-                    &format!("Device {id} not registered"),
-                ),
+                (Some(_), false) => not_registered(id),
                 (Some(tag), true)
                     if tag != "\"*\""
                         && tag.trim_matches('"')
@@ -520,22 +525,14 @@ fn respond(
         }
         ("GET", ["devices", id]) => match s.devices.get(*id) {
             Some(d) => reply(200, Some(d.clone())),
-            None => hub_error(
-                404,
-                "DeviceNotFound",
-                &format!("Device {id} not registered"),
-            ),
+            None => not_registered(id),
         },
         ("DELETE", ["devices", id]) => {
             if s.devices.remove(*id).is_some() {
                 s.twins.remove(*id);
                 reply(204, None)
             } else {
-                hub_error(
-                    404,
-                    "DeviceNotFound",
-                    &format!("Device {id} not registered"),
-                )
+                not_registered(id)
             }
         }
         ("POST", ["devices"]) => {
@@ -568,20 +565,12 @@ fn respond(
             if s.devices.contains_key(*id) {
                 reply(200, Some(twin_json(&s, id)))
             } else {
-                hub_error(
-                    404,
-                    "DeviceNotFound",
-                    &format!("Device {id} not registered"),
-                )
+                not_registered(id)
             }
         }
         ("PATCH", ["twins", id]) => {
             if !s.devices.contains_key(*id) {
-                hub_error(
-                    404,
-                    "DeviceNotFound",
-                    &format!("Device {id} not registered"),
-                )
+                not_registered(id)
             } else {
                 let entry = s.twins.entry((*id).to_owned()).or_default();
                 if let Some(t) = json_body.get("tags").and_then(Value::as_object) {
@@ -598,11 +587,7 @@ fn respond(
         }
         ("POST", ["twins", id, "methods"]) => {
             if !s.devices.contains_key(*id) {
-                hub_error(
-                    404,
-                    "DeviceNotFound",
-                    &format!("Device {id} not registered"),
-                )
+                not_registered(id)
             } else {
                 if let Some(n) = s.online_after.get_mut(*id) {
                     if *n == 0 {
