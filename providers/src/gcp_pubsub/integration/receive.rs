@@ -82,10 +82,12 @@ async fn a_message_pulled_but_not_committed_when_the_gateway_stops_is_redelivere
     // A new gateway on the same subscription gets it again, same message id (the alert
     // token), and commits it.
     let mut run = Running::start_connected(provider(&config).await).await;
-    // Pub/Sub redelivers it once its lease lapsed: at most one ack deadline after the
-    // crash (the last extension); allow two.
+    // Pub/Sub redelivers it once its lease lapsed: one ack deadline after the crash (the
+    // last extension) in principle, but the emulator notices the dead stream late: 23 to
+    // 34 s measured with this test alone (ack deadline 10 s), and a clean-clone CI run with
+    // the whole library's tests in parallel on two cores passed 35 s. Allow four.
     let (t, ack) = run
-        .telemetry_within(Duration::from_secs(2 * u64::from(config.ack_deadline_secs)) + WAIT)
+        .telemetry_within(Duration::from_secs(4 * u64::from(config.ack_deadline_secs)) + WAIT)
         .await;
     assert_eq!(
         (t.device_id.as_str(), t.message_id.as_str()),
