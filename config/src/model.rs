@@ -172,6 +172,12 @@ pub struct PipelineConfig {
     pub debounce_fields: Vec<String>,
     /// Events buffered between the providers and the pipeline (back-pressure beyond it).
     pub queue_capacity: usize,
+    /// Group commit: at most this many events are committed in one store transaction
+    /// (then every one of them is acknowledged).
+    pub batch_max_events: usize,
+    /// Group commit: how long a batch that is not full waits for more events, in
+    /// milliseconds (0: commit what is waiting at once). It bounds the latency batching adds.
+    pub batch_max_wait_ms: u64,
     /// Property name of the command name in a command message (Field Service setting).
     pub command_name_property: String,
     /// Property name of the parameters in a command message (Field Service setting).
@@ -185,6 +191,8 @@ impl Default for PipelineConfig {
             debounce_window_secs: 60,
             debounce_fields: vec!["rule".into()],
             queue_capacity: 1024,
+            batch_max_events: 512,
+            batch_max_wait_ms: 5,
             command_name_property: "CommandName".into(),
             command_parameters_property: "Parameters".into(),
         }

@@ -90,6 +90,24 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
         ));
     }
 
+    if !(1..=10_000).contains(&c.pipeline.batch_max_events) {
+        out.push(p(
+            "pipeline.batch_max_events",
+            format!("{} is outside 1..=10000", c.pipeline.batch_max_events),
+            "use 1 to commit every event alone, or a batch size such as 512 (default)",
+        ));
+    }
+    if c.pipeline.batch_max_wait_ms > 1_000 {
+        out.push(p(
+            "pipeline.batch_max_wait_ms",
+            format!(
+                "{} ms would hold every event (and its ack) that long",
+                c.pipeline.batch_max_wait_ms
+            ),
+            "use 0..=1000 milliseconds; 5 (default) keeps the added latency small",
+        ));
+    }
+
     // providers
     for (name, prov) in &c.providers {
         let base = format!("providers.{name}");
@@ -414,6 +432,24 @@ mod tests {
         assert!(probs.iter().any(|x| x.path == "api.token"), "{probs:?}");
         c.api.token = Some(Secret::new("0123456789abcdef0123"));
         assert!(validate(&c, &["mqtt"]).is_empty());
+    }
+
+    #[test]
+    fn group_commit_sizes_outside_their_ranges_are_refused_with_the_key() {
+        let mut c = Config::embedded_default();
+        assert!(validate(&c, &["mqtt"]).is_empty());
+        c.pipeline.batch_max_events = 0;
+        c.pipeline.batch_max_wait_ms = 5_000;
+        let probs = validate(&c, &["mqtt"]);
+        let paths: Vec<_> = probs.iter().map(|x| x.path.as_str()).collect();
+        assert!(paths.contains(&"pipeline.batch_max_events"), "{probs:?}");
+        assert!(paths.contains(&"pipeline.batch_max_wait_ms"), "{probs:?}");
+        c.pipeline.batch_max_events = 1;
+        c.pipeline.batch_max_wait_ms = 0;
+        assert!(
+            validate(&c, &["mqtt"]).is_empty(),
+            "1 event, no wait is valid"
+        );
     }
 
     #[test]

@@ -167,7 +167,11 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         }));
     }
     drop(tx);
-    let pipeline = pipeline::spawn(core.clone(), rx, 4);
+    let pipeline = pipeline::spawn(
+        core.clone(),
+        rx,
+        pipeline::Batching::from_config(&config.pipeline),
+    );
 
     // Outbox -> sinks.
     let outbox_stop = CancellationToken::new();

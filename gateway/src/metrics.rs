@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +60,8 @@ pub struct Metrics {
     outbox_depth: Family<DepthLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     provider_connected: Family<ProviderLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     api_auth_failures: Counter<u64, AtomicU64>,
+    batch_events: Histogram,
+    batch_commit_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -84,6 +87,12 @@ impl Metrics {
             outbox_depth: Family::default(),
             provider_connected: Family::default(),
             api_auth_failures: Counter::default(),
+            batch_events: Histogram::new([
+                1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+            ]),
+            batch_commit_seconds: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
+            ]),
             registry: Registry::default(),
         };
         registry.register(
@@ -142,6 +151,16 @@ impl Metrics {
             "API requests refused for a missing or wrong bearer token",
             m.api_auth_failures.clone(),
         );
+        registry.register(
+            "batch_events",
+            "Events per group commit (one store transaction)",
+            m.batch_events.clone(),
+        );
+        registry.register(
+            "batch_commit_seconds",
+            "Time from a batch's commit start to every event of it acknowledged",
+            m.batch_commit_seconds.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -152,6 +171,13 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+
+    /// One group commit of `events` events took `took` (commit and acks).
+    pub fn batch(&self, events: usize, took: std::time::Duration) {
+        #[allow(clippy::cast_precision_loss)]
+        self.batch_events.observe(events as f64);
+        self.batch_commit_seconds.observe(took.as_secs_f64());
     }
 
     /// An event arrived.

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use uuid::Uuid;
 
+use crate::batch::{BatchOutcome, BatchWrite, IfUnknown};
 use crate::model::*;
 use crate::store::{Store, StoreError, StoreResult};
 use crate::DeviceId;
@@ -89,6 +90,8 @@ macro_rules! conformance_tests {
             insert_command_checks_device_alert_and_correlation,
             dead_letters_page_newest_first,
             checkpoints_are_replaced_per_scope_and_key,
+            batch_folds_dedupes_and_orders_like_single_commits,
+            batch_applies_the_unknown_device_policy_and_lifecycle_writes,
         );
     };
     (@each $make:expr; $($name:ident),+ $(,)?) => {
@@ -1972,6 +1975,207 @@ pub async fn checkpoints_are_replaced_per_scope_and_key(store: &dyn Store) {
             .as_deref(),
         Some("9")
     );
+}
+
+/// One batch holding a reading with an alert, its redelivery, a second alert of the same
+/// device (a child of the first), a reading of another device and a dead letter: the
+/// outcomes come back in order, and the registry holds what single commits would leave.
+pub async fn batch_folds_dedupes_and_orders_like_single_commits(store: &dyn Store) {
+    registered(store, "pump-1", "local").await;
+    registered(store, "pump-2", "local").await;
+    let reading = |device: &str, token: &str, secs: i64| BatchWrite::Telemetry {
+        commit: TelemetryCommit {
+            received_at: at(secs),
+            ..commit(
+                device,
+                vec![new_alert(token, &format!("{device}/overheat"), at(secs))],
+                60,
+                &["hook"],
+            )
+        },
+        if_unknown: IfUnknown::Register {
+            provider_instance: "local".into(),
+        },
+    };
+    let letter = NewDeadLetter {
+        source: "telemetry:local".into(),
+        reason: "payload is not JSON".into(),
+        device_id: Some("pump-1".into()),
+        message_id: Some("m-bad".into()),
+        payload: "{".into(),
+    };
+    let out = store
+        .commit_batch(&[
+            reading("pump-1", "b-1", 0),
+            reading("pump-1", "b-1", 0),
+            reading("pump-1", "b-2", 9),
+            BatchWrite::DeadLetter(letter),
+            reading("pump-2", "b-3", 4),
+        ])
+        .await
+        .expect("commit_batch");
+    assert_eq!(out.len(), 5, "one outcome per write");
+    let alerts_of = |o: &BatchOutcome| match o {
+        BatchOutcome::Telemetry { alerts, registered } => {
+            assert!(!registered, "registered devices are not registered again");
+            alerts.clone()
+        }
+        other => panic!("expected a telemetry outcome, got {other:?}"),
+    };
+    let first = alerts_of(&out[0]);
+    assert!(!first[0].duplicate && first[0].alert.parent_alert.is_none());
+    let again = alerts_of(&out[1]);
+    assert!(
+        again[0].duplicate,
+        "the same token later in the batch is a redelivery"
+    );
+    assert_eq!(again[0].alert.id, first[0].alert.id);
+    let child = alerts_of(&out[2]);
+    assert_eq!(
+        child[0].alert.parent_alert,
+        Some(first[0].alert.id),
+        "a second alert of a device in the same batch folds into the first"
+    );
+    assert_eq!(out[3], BatchOutcome::DeadLettered);
+    assert!(alerts_of(&out[4])[0].alert.parent_alert.is_none());
+    assert_eq!(all_alerts(store, &AlertFilter::default()).await.len(), 3);
+    assert_eq!(
+        depth(store).await,
+        vec![("hook".to_owned(), 3)],
+        "one outbox item per new alert"
+    );
+    let dead = store
+        .list_dead_letters(&page(None, 10))
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.items.len(), 1);
+    let device = store
+        .get_device(&did("pump-1"))
+        .await
+        .expect("get")
+        .expect("pump-1");
+    assert_eq!(
+        device.last_activity_time,
+        Some(at(9)),
+        "the latest reading of the batch"
+    );
+    assert!(
+        store
+            .commit_batch(&[])
+            .await
+            .expect("empty batch")
+            .is_empty(),
+        "an empty batch commits nothing"
+    );
+}
+
+/// Inside a batch, a reading of an unknown device follows the policy it carries (a dead
+/// letter, or registration with status Unknown), and lifecycle writes for unknown devices
+/// write nothing.
+pub async fn batch_applies_the_unknown_device_policy_and_lifecycle_writes(store: &dyn Store) {
+    registered(store, "pump-1", "local").await;
+    let letter = NewDeadLetter {
+        source: "telemetry:local".into(),
+        reason: "device ghost-1 is not in the registry".into(),
+        device_id: Some("ghost-1".into()),
+        message_id: Some("g-1".into()),
+        payload: "{}".into(),
+    };
+    let out = store
+        .commit_batch(&[
+            BatchWrite::Telemetry {
+                commit: commit(
+                    "ghost-1",
+                    vec![new_alert("g-1", "ghost-1/x", at(1))],
+                    60,
+                    &[],
+                ),
+                if_unknown: IfUnknown::DeadLetter(letter),
+            },
+            BatchWrite::Telemetry {
+                commit: commit("new-1", vec![new_alert("n-1", "new-1/x", at(1))], 60, &[]),
+                if_unknown: IfUnknown::Register {
+                    provider_instance: "edge".into(),
+                },
+            },
+            BatchWrite::Connection {
+                device_id: did("pump-1"),
+                connected: true,
+                at: at(5),
+            },
+            BatchWrite::Connection {
+                device_id: did("pump-1"),
+                connected: false,
+                at: at(2),
+            },
+            BatchWrite::Connection {
+                device_id: did("ghost-2"),
+                connected: true,
+                at: at(5),
+            },
+            BatchWrite::Reported {
+                device_id: did("pump-1"),
+                properties: serde_json::json!({"fw": "2.1"}),
+                at: at(6),
+            },
+            BatchWrite::Reported {
+                device_id: did("ghost-2"),
+                properties: serde_json::json!({}),
+                at: at(6),
+            },
+        ])
+        .await
+        .expect("commit_batch");
+    assert_eq!(out[0], BatchOutcome::DeadLettered, "dead-letter policy");
+    match &out[1] {
+        BatchOutcome::Telemetry { alerts, registered } => {
+            assert!(registered, "register policy");
+            assert_eq!(alerts.len(), 1);
+        }
+        other => panic!("expected the new device's reading to commit, got {other:?}"),
+    }
+    assert_eq!(out[2], BatchOutcome::Connection { applied: true });
+    assert_eq!(
+        out[3],
+        BatchOutcome::Connection { applied: false },
+        "an older state in the same batch does not override a newer one"
+    );
+    assert_eq!(out[4], BatchOutcome::UnknownDevice);
+    assert_eq!(out[5], BatchOutcome::Reported);
+    assert_eq!(out[6], BatchOutcome::UnknownDevice);
+    assert!(store
+        .get_device(&did("ghost-1"))
+        .await
+        .expect("get")
+        .is_none());
+    assert!(store
+        .get_device(&did("ghost-2"))
+        .await
+        .expect("get")
+        .is_none());
+    let new = store
+        .get_device(&did("new-1"))
+        .await
+        .expect("get")
+        .expect("new-1 registered");
+    assert_eq!(new.registration_status, RegistrationStatus::Unknown);
+    assert_eq!(new.provider_instance, "edge");
+    let pump = store
+        .get_device(&did("pump-1"))
+        .await
+        .expect("get")
+        .expect("pump-1");
+    assert!(pump.connection_state, "the newer connect stands");
+    assert_eq!(
+        pump.reported_properties,
+        Some(serde_json::json!({"fw": "2.1"}))
+    );
+    let dead = store
+        .list_dead_letters(&page(None, 10))
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.items.len(), 1);
+    assert_eq!(dead.items[0].message_id.as_deref(), Some("g-1"));
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`id`]: the canonical device id, valid on every provider.
+//! - [`batch`]: group commit, the ordered writes of many events in one transaction.
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
 //! - [`store`]: the [`Store`] trait every backend implements.
 //! - [`sqlite`]: the embedded backend (sqlx, WAL, migrations).
@@ -9,12 +10,14 @@
 //!
 //! This crate knows nothing of clouds or providers: a provider instance is just a name.
 
+pub mod batch;
 pub mod conformance;
 pub mod id;
 pub mod model;
 pub mod sqlite;
 pub mod store;
 
+pub use batch::{BatchOutcome, BatchWrite, IfUnknown};
 pub use id::{DeviceId, DeviceIdError, MAX_DEVICE_ID_LEN};
 pub use model::*;
 pub use sqlite::SqliteStore;

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::batch::{BatchOutcome, BatchWrite};
 use crate::model::*;
 use crate::DeviceId;
 
@@ -129,6 +130,13 @@ pub trait Store: Send + Sync + 'static {
     /// Progress; a debounced child does not repeat its parent's command) and
     /// queues one outbox item per sink carrying the alert JSON.
     async fn commit_telemetry(&self, commit: &TelemetryCommit) -> StoreResult<Vec<CommittedAlert>>;
+
+    /// Applies `writes` in order in one transaction (group commit) and returns one outcome
+    /// per write, at the same index. Either all of them are committed or none is (`Err`):
+    /// the caller acknowledges the events only after `Ok`. Later writes see earlier ones, so
+    /// debounce and dedupe inside a batch come out exactly as with one commit per write.
+    /// Call [`crate::TelemetryCommit::check`] first: a write that fails it fails the batch.
+    async fn commit_batch(&self, writes: &[BatchWrite]) -> StoreResult<Vec<BatchOutcome>>;
 
     /// One alert.
     async fn get_alert(&self, id: Uuid) -> StoreResult<Option<Alert>>;

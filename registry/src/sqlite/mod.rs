@@ -36,28 +36,29 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
+use crate::batch::{check_command_message, BatchOutcome, BatchWrite, MAX_DATA_CHARS};
 use crate::model::*;
 use crate::store::{Store, StoreError, StoreResult};
 use crate::DeviceId;
+
+mod batch;
 
 /// The migrations, embedded at build time, in version order.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
         "init",
-        include_str!("../migrations/sqlite/0001_init.sql"),
+        include_str!("../../migrations/sqlite/0001_init.sql"),
     ),
     (
         2,
         "checkpoints",
-        include_str!("../migrations/sqlite/0002_checkpoints.sql"),
+        include_str!("../../migrations/sqlite/0002_checkpoints.sql"),
     ),
 ];
 
 /// Longest `msdyn_description`.
 const MAX_DESCRIPTION_CHARS: usize = 100;
-/// Longest `msdyn_alertdata` and `msdyn_message`.
-const MAX_DATA_CHARS: usize = 8192;
 /// Largest page.
 const MAX_PAGE: u32 = 1000;
 /// Connections in a file store's pool (readers run side by side under WAL).
@@ -296,19 +297,6 @@ fn cut(s: &str, max: usize) -> String {
         Some((end, _)) => s[..end].to_owned(),
         None => s.to_owned(),
     }
-}
-
-fn check_command_message(message: &str) -> StoreResult<()> {
-    let len = message.chars().count();
-    if len > MAX_DATA_CHARS {
-        return Err(StoreError::Invalid {
-            field: "message",
-            message: format!(
-                "the command message is {len} characters; msdyn_message holds at most {MAX_DATA_CHARS}: send less"
-            ),
-        });
-    }
-    Ok(())
 }
 
 fn page_size(page: &PageRequest) -> usize {
@@ -577,6 +565,276 @@ async fn insert_command_row(
     command_from_row(&row)
 }
 
+/// Applies a connection state unless a newer one is stored; `None` for an unknown device.
+async fn write_connection_state(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    connected: bool,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<bool>> {
+    let at = ts(at);
+    let Some(row) =
+        sqlx::query("SELECT connection_state_updated_at FROM devices WHERE device_id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db("reading a connection state"))?
+    else {
+        return Ok(None);
+    };
+    let stored: Option<String> = get(&row, "connection_state_updated_at")?;
+    // Same format on both sides, so text order is time order.
+    let applied = stored.is_none_or(|s| at.as_str() >= s.as_str());
+    let sql = if applied {
+        format!(
+            "UPDATE devices SET connection_state = ?, connection_state_updated_at = ?, \
+             last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE device_id = ?"
+        )
+    } else {
+        format!(
+            "UPDATE devices SET last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE device_id = ?"
+        )
+    };
+    let mut query = sqlx::query(&sql);
+    if applied {
+        query = query.bind(connected).bind(&at);
+    }
+    query
+        .bind(&at)
+        .bind(&at)
+        .bind(now())
+        .bind(id.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(db("writing a connection state"))?;
+    Ok(Some(applied))
+}
+
+/// Replaces the reported properties; false for an unknown device.
+async fn write_reported(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    reported: &serde_json::Value,
+    at: DateTime<Utc>,
+) -> StoreResult<bool> {
+    let reported = json_text(reported, "reported_properties")?;
+    let at = ts(at);
+    let done = sqlx::query(&format!(
+        "UPDATE devices SET reported_properties = ?, last_activity_time = {LATER_ACTIVITY}, \
+         updated_at = ? WHERE device_id = ?"
+    ))
+    .bind(&reported)
+    .bind(&at)
+    .bind(&at)
+    .bind(now())
+    .bind(id.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(db("writing reported properties"))?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Inserts a device seen only in telemetry (status Unknown) unless it exists.
+async fn insert_unknown_device(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    provider_instance: &str,
+) -> StoreResult<()> {
+    let at = now();
+    sqlx::query(
+        "INSERT INTO devices (id, device_id, name, provider_instance, connection_state, tags, \
+         registration_status, is_simulated, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, FALSE, '{}', ?, ?, ?, ?) ON CONFLICT (device_id) DO NOTHING",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(id.as_str())
+    .bind(id.as_str())
+    .bind(provider_instance)
+    .bind(RegistrationStatus::Unknown.value())
+    .bind(IsSimulated::No.value())
+    .bind(&at)
+    .bind(&at)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("inserting an unknown device"))?;
+    Ok(())
+}
+
+async fn write_dead_letter(
+    conn: &mut SqliteConnection,
+    letter: &NewDeadLetter,
+) -> StoreResult<DeadLetter> {
+    let row = sqlx::query(&format!(
+        "INSERT INTO dead_letters (source, reason, device_id, message_id, payload, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?) RETURNING {DEAD_LETTER_COLS}"
+    ))
+    .bind(&letter.source)
+    .bind(&letter.reason)
+    .bind(&letter.device_id)
+    .bind(&letter.message_id)
+    .bind(&letter.payload)
+    .bind(now())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("writing a dead letter"))?;
+    dead_letter_from_row(&row)
+}
+
+/// Bumps a device's last activity to `at` unless a later time is stored.
+async fn bump_activity(
+    conn: &mut SqliteConnection,
+    device: &Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    let at = ts(at);
+    sqlx::query(&format!(
+        "UPDATE devices SET last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE id = ?"
+    ))
+    .bind(&at)
+    .bind(&at)
+    .bind(now())
+    .bind(device.to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(db("bumping last activity"))?;
+    Ok(())
+}
+
+/// The alerts of one reading: dedupe by token, debounce, the primary's command, the outbox.
+/// The insert itself detects a token already stored (`ON CONFLICT DO NOTHING`), so a new
+/// alert costs no separate lookup.
+async fn insert_alerts(
+    conn: &mut SqliteConnection,
+    device: &Device,
+    commit: &TelemetryCommit,
+) -> StoreResult<Vec<CommittedAlert>> {
+    let mut out = Vec::with_capacity(commit.alerts.len());
+    for new in &commit.alerts {
+        // Debounce: the latest alert with the same key whose time is at most one window
+        // from this one's, or its parent if it is a child (the hierarchy stays flat).
+        // In order, that is the latest alert of the window before this one; the window
+        // also reaches forward so that an alert delivered late (after later alerts of the
+        // same burst) folds into its burst instead of opening a new primary.
+        let alert_time = ts(new.alert_time);
+        let mut parent: Option<(String, Option<String>)> = None;
+        if commit.debounce_window > chrono::Duration::zero() {
+            let found = sqlx::query(
+                "SELECT id, alert_token, parent_alert, parent_alert_token FROM alerts \
+                     WHERE debounce_key = ? AND alert_time >= ? AND alert_time <= ? \
+                     ORDER BY alert_time DESC, created_at DESC, id DESC LIMIT 1",
+            )
+            .bind(&new.debounce_key)
+            .bind(ts(new.alert_time - commit.debounce_window))
+            .bind(ts(new.alert_time + commit.debounce_window))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db("looking for an alert to fold into"))?;
+            if let Some(row) = found {
+                let up: Option<String> = get(&row, "parent_alert")?;
+                parent = Some(match up {
+                    Some(id) => (id, get(&row, "parent_alert_token")?),
+                    None => (get(&row, "id")?, Some(get(&row, "alert_token")?)),
+                });
+            }
+        }
+        let (parent_id, parent_token) = match parent {
+            Some((id, token)) => (Some(id), token),
+            None => (None, None),
+        };
+
+        let inserted = sqlx::query(&format!(
+                "INSERT INTO alerts (id, description, alert_data, alert_time, alert_token, alert_type, \
+                 priority_score, device, device_id, parent_alert, parent_alert_token, statecode, \
+                 statuscode, rule, provider_instance, debounce_key, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (alert_token) DO NOTHING RETURNING {ALERT_COLS}"
+            ))
+            .bind(Uuid::now_v7().to_string())
+            .bind(cut(&new.description, MAX_DESCRIPTION_CHARS))
+            .bind(cut(&new.alert_data, MAX_DATA_CHARS))
+            .bind(&alert_time)
+            .bind(&new.alert_token)
+            .bind(new.alert_type.value())
+            .bind(new.priority_score.map(i64::from))
+            .bind(device.id.to_string())
+            .bind(device.device_id.as_str())
+            .bind(&parent_id)
+            .bind(&parent_token)
+            .bind(AlertStatus::Active.statecode())
+            .bind(AlertStatus::Active.statuscode())
+            .bind(&new.rule)
+            .bind(&device.provider_instance)
+            .bind(&new.debounce_key)
+            .bind(now())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db("inserting an alert"))?;
+        let Some(row) = inserted else {
+            // The token is already stored: a redelivery. Nothing is written for it.
+            let existing = alert_by_token(&mut *conn, &new.alert_token)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Database(format!(
+                        "alert token {} conflicted but cannot be read back",
+                        new.alert_token
+                    ))
+                })?;
+            out.push(CommittedAlert {
+                alert: existing,
+                duplicate: true,
+                command: None,
+            });
+            continue;
+        };
+        let alert = alert_from_row(&row)?;
+
+        // A debounced child does not repeat its parent's command.
+        let command = match &new.command {
+            Some(c) if alert.parent_alert.is_none() => Some(
+                insert_command_row(
+                    &mut *conn,
+                    &device,
+                    &c.name,
+                    &c.message,
+                    Some(alert.id),
+                    &c.correlation_id,
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+
+        if !commit.sinks.is_empty() {
+            let payload = serde_json::to_string(&alert).map_err(|e| {
+                StoreError::Database(format!("serializing alert {}: {e}", alert.id))
+            })?;
+            let key = alert.id.to_string();
+            let at = now();
+            for sink in &commit.sinks {
+                sqlx::query(
+                        "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at) \
+                         VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (sink, idempotency_key) DO NOTHING",
+                    )
+                    .bind(sink)
+                    .bind(&payload)
+                    .bind(&key)
+                    .bind(&at)
+                    .bind(&at)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db("queueing an outbox item"))?;
+            }
+        }
+
+        out.push(CommittedAlert {
+            alert,
+            duplicate: false,
+            command,
+        });
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
@@ -734,23 +992,7 @@ impl Store for SqliteStore {
         provider_instance: &str,
     ) -> StoreResult<Device> {
         let mut conn = self.conn().await?;
-        let at = now();
-        sqlx::query(
-            "INSERT INTO devices (id, device_id, name, provider_instance, connection_state, tags, \
-             registration_status, is_simulated, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, FALSE, '{}', ?, ?, ?, ?) ON CONFLICT (device_id) DO NOTHING",
-        )
-        .bind(Uuid::now_v7().to_string())
-        .bind(id.as_str())
-        .bind(id.as_str())
-        .bind(provider_instance)
-        .bind(RegistrationStatus::Unknown.value())
-        .bind(IsSimulated::No.value())
-        .bind(&at)
-        .bind(&at)
-        .execute(&mut *conn)
-        .await
-        .map_err(db("inserting an unknown device"))?;
+        insert_unknown_device(&mut conn, id, provider_instance).await?;
         require_device(&mut conn, id).await
     }
 
@@ -817,43 +1059,13 @@ impl Store for SqliteStore {
         connected: bool,
         at: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        let at = ts(at);
         let mut tx = self.write().await?;
-        let row =
-            sqlx::query("SELECT connection_state_updated_at FROM devices WHERE device_id = ?")
-                .bind(id.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("reading a connection state"))?
-                .ok_or_else(|| StoreError::NotFound {
-                    entity: "device",
-                    key: id.to_string(),
-                })?;
-        let stored: Option<String> = get(&row, "connection_state_updated_at")?;
-        // Same format on both sides, so text order is time order.
-        let applied = stored.is_none_or(|s| at.as_str() >= s.as_str());
-        let sql = if applied {
-            format!(
-                "UPDATE devices SET connection_state = ?, connection_state_updated_at = ?, \
-                 last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE device_id = ?"
-            )
-        } else {
-            format!(
-                "UPDATE devices SET last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE device_id = ?"
-            )
-        };
-        let mut query = sqlx::query(&sql);
-        if applied {
-            query = query.bind(connected).bind(&at);
-        }
-        query
-            .bind(&at)
-            .bind(&at)
-            .bind(now())
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db("writing a connection state"))?;
+        let applied = write_connection_state(&mut tx, id, connected, at)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                entity: "device",
+                key: id.to_string(),
+            })?;
         tx.commit()
             .await
             .map_err(db("committing a connection state"))?;
@@ -866,21 +1078,8 @@ impl Store for SqliteStore {
         reported: &serde_json::Value,
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let reported = json_text(reported, "reported_properties")?;
-        let at = ts(at);
-        let done = sqlx::query(&format!(
-            "UPDATE devices SET reported_properties = ?, last_activity_time = {LATER_ACTIVITY}, \
-             updated_at = ? WHERE device_id = ?"
-        ))
-        .bind(&reported)
-        .bind(&at)
-        .bind(&at)
-        .bind(now())
-        .bind(id.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(db("writing reported properties"))?;
-        if done.rows_affected() == 0 {
+        let mut conn = self.conn().await?;
+        if !write_reported(&mut conn, id, reported, at).await? {
             return Err(StoreError::NotFound {
                 entity: "device",
                 key: id.to_string(),
@@ -931,169 +1130,17 @@ impl Store for SqliteStore {
     // --- telemetry and alerts ------------------------------------------------------------
 
     async fn commit_telemetry(&self, commit: &TelemetryCommit) -> StoreResult<Vec<CommittedAlert>> {
-        for alert in &commit.alerts {
-            if let Some(p) = alert.priority_score.filter(|p| *p > 100) {
-                return Err(StoreError::Invalid {
-                    field: "priority_score",
-                    message: format!(
-                        "{p} is outside 0..=100 (alert token {}): fix the rule",
-                        alert.alert_token
-                    ),
-                });
-            }
-            if let Some(command) = &alert.command {
-                check_command_message(&command.message)?;
-            }
-        }
+        commit.check()?;
         let mut tx = self.write().await?;
         let device = require_device(&mut tx, &commit.device_id).await?;
-        let received = ts(commit.received_at);
-        sqlx::query(&format!(
-            "UPDATE devices SET last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE id = ?"
-        ))
-        .bind(&received)
-        .bind(&received)
-        .bind(now())
-        .bind(device.id.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(db("bumping last activity"))?;
-
-        let mut out = Vec::with_capacity(commit.alerts.len());
-        for new in &commit.alerts {
-            if let Some(existing) = alert_by_token(&mut tx, &new.alert_token).await? {
-                out.push(CommittedAlert {
-                    alert: existing,
-                    duplicate: true,
-                    command: None,
-                });
-                continue;
-            }
-
-            // Debounce: the latest alert with the same key whose time is at most one window
-            // from this one's, or its parent if it is a child (the hierarchy stays flat).
-            // In order, that is the latest alert of the window before this one; the window
-            // also reaches forward so that an alert delivered late (after later alerts of the
-            // same burst) folds into its burst instead of opening a new primary.
-            let alert_time = ts(new.alert_time);
-            let mut parent: Option<(String, Option<String>)> = None;
-            if commit.debounce_window > chrono::Duration::zero() {
-                let found = sqlx::query(
-                    "SELECT id, alert_token, parent_alert, parent_alert_token FROM alerts \
-                     WHERE debounce_key = ? AND alert_time >= ? AND alert_time <= ? \
-                     ORDER BY alert_time DESC, created_at DESC, id DESC LIMIT 1",
-                )
-                .bind(&new.debounce_key)
-                .bind(ts(new.alert_time - commit.debounce_window))
-                .bind(ts(new.alert_time + commit.debounce_window))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("looking for an alert to fold into"))?;
-                if let Some(row) = found {
-                    let up: Option<String> = get(&row, "parent_alert")?;
-                    parent = Some(match up {
-                        Some(id) => (id, get(&row, "parent_alert_token")?),
-                        None => (get(&row, "id")?, Some(get(&row, "alert_token")?)),
-                    });
-                }
-            }
-            let (parent_id, parent_token) = match parent {
-                Some((id, token)) => (Some(id), token),
-                None => (None, None),
-            };
-
-            let inserted = sqlx::query(&format!(
-                "INSERT INTO alerts (id, description, alert_data, alert_time, alert_token, alert_type, \
-                 priority_score, device, device_id, parent_alert, parent_alert_token, statecode, \
-                 statuscode, rule, provider_instance, debounce_key, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (alert_token) DO NOTHING RETURNING {ALERT_COLS}"
-            ))
-            .bind(Uuid::now_v7().to_string())
-            .bind(cut(&new.description, MAX_DESCRIPTION_CHARS))
-            .bind(cut(&new.alert_data, MAX_DATA_CHARS))
-            .bind(&alert_time)
-            .bind(&new.alert_token)
-            .bind(new.alert_type.value())
-            .bind(new.priority_score.map(i64::from))
-            .bind(device.id.to_string())
-            .bind(device.device_id.as_str())
-            .bind(&parent_id)
-            .bind(&parent_token)
-            .bind(AlertStatus::Active.statecode())
-            .bind(AlertStatus::Active.statuscode())
-            .bind(&new.rule)
-            .bind(&device.provider_instance)
-            .bind(&new.debounce_key)
-            .bind(now())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db("inserting an alert"))?;
-            let Some(row) = inserted else {
-                // Another writer stored the token between the lookup and the insert.
-                let existing = alert_by_token(&mut tx, &new.alert_token)
-                    .await?
-                    .ok_or_else(|| {
-                        StoreError::Database(format!(
-                            "alert token {} conflicted but cannot be read back",
-                            new.alert_token
-                        ))
-                    })?;
-                out.push(CommittedAlert {
-                    alert: existing,
-                    duplicate: true,
-                    command: None,
-                });
-                continue;
-            };
-            let alert = alert_from_row(&row)?;
-
-            // A debounced child does not repeat its parent's command.
-            let command = match &new.command {
-                Some(c) if alert.parent_alert.is_none() => Some(
-                    insert_command_row(
-                        &mut tx,
-                        &device,
-                        &c.name,
-                        &c.message,
-                        Some(alert.id),
-                        &c.correlation_id,
-                    )
-                    .await?,
-                ),
-                _ => None,
-            };
-
-            if !commit.sinks.is_empty() {
-                let payload = serde_json::to_string(&alert).map_err(|e| {
-                    StoreError::Database(format!("serializing alert {}: {e}", alert.id))
-                })?;
-                let key = alert.id.to_string();
-                let at = now();
-                for sink in &commit.sinks {
-                    sqlx::query(
-                        "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at) \
-                         VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (sink, idempotency_key) DO NOTHING",
-                    )
-                    .bind(sink)
-                    .bind(&payload)
-                    .bind(&key)
-                    .bind(&at)
-                    .bind(&at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("queueing an outbox item"))?;
-                }
-            }
-
-            out.push(CommittedAlert {
-                alert,
-                duplicate: false,
-                command,
-            });
-        }
+        bump_activity(&mut tx, &device.id, commit.received_at).await?;
+        let out = insert_alerts(&mut tx, &device, commit).await?;
         tx.commit().await.map_err(db("committing telemetry"))?;
         Ok(out)
+    }
+
+    async fn commit_batch(&self, writes: &[BatchWrite]) -> StoreResult<Vec<BatchOutcome>> {
+        self.apply_batch(writes).await
     }
 
     async fn get_alert(&self, id: Uuid) -> StoreResult<Option<Alert>> {
@@ -1446,20 +1493,8 @@ impl Store for SqliteStore {
     }
 
     async fn insert_dead_letter(&self, letter: &NewDeadLetter) -> StoreResult<DeadLetter> {
-        let row = sqlx::query(&format!(
-            "INSERT INTO dead_letters (source, reason, device_id, message_id, payload, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING {DEAD_LETTER_COLS}"
-        ))
-        .bind(&letter.source)
-        .bind(&letter.reason)
-        .bind(&letter.device_id)
-        .bind(&letter.message_id)
-        .bind(&letter.payload)
-        .bind(now())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db("writing a dead letter"))?;
-        dead_letter_from_row(&row)
+        let mut conn = self.conn().await?;
+        write_dead_letter(&mut conn, letter).await
     }
 
     async fn list_dead_letters(&self, page: &PageRequest) -> StoreResult<Page<DeadLetter>> {

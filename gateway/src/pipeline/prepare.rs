@@ -1,0 +1,226 @@
+//! The pure half of the pipeline: a provider event becomes the store write it asks for
+//! (or a dead letter naming why not), with no I/O. Runs before the batch is committed.
+
+use std::collections::HashMap;
+
+use iotgw_config::UnknownDevicePolicy;
+use iotgw_providers::{EventKind, ProviderEvent, Telemetry};
+use iotgw_registry::{BatchWrite, DeviceId, IfUnknown, NewDeadLetter, TelemetryCommit};
+
+use super::batch::{Batch, Entry, Step};
+use crate::core::Core;
+use crate::metrics::Metrics;
+use crate::rules::RuleSet;
+
+/// Why a message was refused; the label of the `events_rejected` metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// The device id breaks the canonical rules.
+    InvalidDeviceId(String),
+    /// Bigger than the provider accepts.
+    Oversize {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not JSON.
+    Malformed(String),
+    /// A rule produced something the registry cannot hold (e.g. a priority over 100).
+    InvalidAlert(String),
+}
+
+impl Reject {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::InvalidDeviceId(_) => "invalid_device_id",
+            Self::Oversize { .. } => "oversize",
+            Self::Malformed(_) => "malformed_json",
+            Self::InvalidAlert(_) => "invalid_alert",
+        }
+    }
+
+    /// The reason written to the dead letter.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::InvalidDeviceId(e) => e.clone(),
+            Self::Oversize { size, limit } => format!("payload is {size} bytes; this provider instance accepts at most {limit} (providers.<name>.max_payload_bytes)"),
+            Self::Malformed(e) => format!("payload is not JSON: {e}; devices must publish a JSON document"),
+            Self::InvalidAlert(e) => format!("a rule's alert cannot be stored: {e}"),
+        }
+    }
+}
+
+/// Parses and evaluates one telemetry message: everything before the commit, no I/O.
+pub fn prepare(
+    core_rules: &RuleSet,
+    device_id: &DeviceId,
+    t: &Telemetry,
+    limit: usize,
+) -> Result<Vec<iotgw_registry::NewAlert>, Reject> {
+    if t.payload.len() > limit {
+        return Err(Reject::Oversize {
+            size: t.payload.len(),
+            limit,
+        });
+    }
+    let doc: serde_json::Value =
+        serde_json::from_slice(&t.payload).map_err(|e| Reject::Malformed(e.to_string()))?;
+    let raw = std::str::from_utf8(&t.payload).map_err(|e| Reject::Malformed(e.to_string()))?;
+    Ok(core_rules.evaluate(device_id, &t.message_id, raw, &doc, t.received_at))
+}
+
+/// What the pure half needs, read once when the pipeline starts (the providers' limits are
+/// not asked per message).
+pub(crate) struct Preparer {
+    limits: HashMap<String, usize>,
+    unknown_devices: UnknownDevicePolicy,
+    debounce_window: chrono::Duration,
+    sinks: Vec<String>,
+}
+
+impl Preparer {
+    pub(crate) fn new(core: &Core) -> Self {
+        Self {
+            limits: core
+                .providers
+                .iter()
+                .map(|(name, p)| (name.clone(), p.limits().max_telemetry_bytes))
+                .collect(),
+            unknown_devices: core.config.pipeline.unknown_devices,
+            debounce_window: chrono::Duration::seconds(
+                i64::try_from(core.config.pipeline.debounce_window_secs).unwrap_or(60),
+            ),
+            sinks: core.sinks.clone(),
+        }
+    }
+
+    /// Adds one event to `batch`: its write (if any) and its place in the ack order.
+    pub(crate) fn add(
+        &self,
+        rules: &RuleSet,
+        metrics: &Metrics,
+        batch: &mut Batch,
+        ev: ProviderEvent,
+    ) {
+        let ProviderEvent {
+            instance,
+            kind,
+            ack,
+        } = ev;
+        metrics.received(&instance);
+        let step = match kind {
+            EventKind::Telemetry(t) => {
+                let (write, rejected) = self.telemetry(rules, &instance, t);
+                if let Some(r) = &rejected {
+                    metrics.rejected(&instance, r.label(), &r.reason());
+                }
+                batch.push_write(write, rejected.map(|r| r.label()))
+            }
+            EventKind::Connection {
+                device_id,
+                connected,
+                at,
+            } => match lifecycle_id(metrics, &instance, &device_id) {
+                Some(device_id) => batch.push_write(
+                    BatchWrite::Connection {
+                        device_id,
+                        connected,
+                        at,
+                    },
+                    None,
+                ),
+                None => Step::Nothing,
+            },
+            EventKind::ReportedProperties {
+                device_id,
+                properties,
+                at,
+            } => match lifecycle_id(metrics, &instance, &device_id) {
+                Some(device_id) => batch.push_write(
+                    BatchWrite::Reported {
+                        device_id,
+                        properties,
+                        at,
+                    },
+                    None,
+                ),
+                None => Step::Nothing,
+            },
+            EventKind::CommandReply {
+                device_id,
+                correlation_id,
+                ok,
+                reason,
+            } => Step::Reply {
+                device_id,
+                correlation_id,
+                ok,
+                reason,
+            },
+        };
+        batch.entries.push(Entry {
+            instance,
+            ack,
+            step,
+        });
+    }
+
+    /// A reading's write, and the reason when it is a dead letter chosen here.
+    fn telemetry(
+        &self,
+        rules: &RuleSet,
+        instance: &str,
+        t: Telemetry,
+    ) -> (BatchWrite, Option<Reject>) {
+        let letter = |t: &Telemetry, reason: String| NewDeadLetter {
+            source: format!("telemetry:{instance}"),
+            reason,
+            device_id: Some(t.device_id.clone()),
+            message_id: Some(t.message_id.clone()),
+            payload: String::from_utf8_lossy(&t.payload).into_owned(),
+        };
+        let refuse =
+            |t: &Telemetry, r: Reject| (BatchWrite::DeadLetter(letter(t, r.reason())), Some(r));
+        let device_id = match DeviceId::parse(&t.device_id) {
+            Ok(id) => id,
+            Err(e) => return refuse(&t, Reject::InvalidDeviceId(e.to_string())),
+        };
+        let limit = self.limits.get(instance).copied().unwrap_or(usize::MAX);
+        let alerts = match prepare(rules, &device_id, &t, limit) {
+            Ok(a) => a,
+            Err(r) => return refuse(&t, r),
+        };
+        let if_unknown = match self.unknown_devices {
+            UnknownDevicePolicy::DeadLetter => IfUnknown::DeadLetter(letter(&t, format!(
+                "device {device_id} is not in the registry: register it (POST /api/v1/devices) or set pipeline.unknown_devices = \"auto_register\""
+            ))),
+            UnknownDevicePolicy::AutoRegister => IfUnknown::Register {
+                provider_instance: instance.to_owned(),
+            },
+        };
+        let commit = TelemetryCommit {
+            device_id,
+            received_at: t.received_at,
+            alerts,
+            debounce_window: self.debounce_window,
+            sinks: self.sinks.clone(),
+        };
+        if let Err(e) = commit.check() {
+            return refuse(&t, Reject::InvalidAlert(e.to_string()));
+        }
+        (BatchWrite::Telemetry { commit, if_unknown }, None)
+    }
+}
+
+/// A lifecycle event's device id, or None after counting why it is ignored.
+fn lifecycle_id(metrics: &Metrics, instance: &str, raw: &str) -> Option<DeviceId> {
+    match DeviceId::parse(raw) {
+        Ok(id) => Some(id),
+        Err(_) => {
+            metrics.rejected(instance, "invalid_device_id", raw);
+            None
+        }
+    }
+}

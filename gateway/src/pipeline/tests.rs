@@ -1,0 +1,352 @@
+//! Group commit against a real SQLite store: a batch commits exactly what one commit per
+//! event would, every event is acknowledged only after the commit, and a failing commit
+//! acknowledges none.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use iotgw_config::Config;
+use iotgw_providers::{Ack, AckHandle, EventKind, ProviderEvent, Telemetry};
+use iotgw_registry::{
+    AlertFilter, DeviceId, IsSimulated, NewDevice, PageRequest, SqliteStore, Store,
+};
+use proptest::prelude::*;
+use tokio::sync::Notify;
+
+use super::batch::{self, Batch};
+use super::prepare::Preparer;
+use crate::core::Core;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::rules::RuleSet;
+
+type Verdicts = Arc<Mutex<Vec<(String, Ack)>>>;
+
+fn core(store: Arc<dyn Store>) -> Core {
+    let config = Config::embedded_default();
+    Core {
+        router: Router::new(&config.routing),
+        rules: RuleSet::new(&config),
+        metrics: Arc::new(Metrics::new()),
+        outbox_wake: Arc::new(Notify::new()),
+        sinks: config.sinks.keys().cloned().collect(),
+        providers: BTreeMap::new(),
+        config: Arc::new(config),
+        store,
+    }
+}
+
+async fn registered(store: &dyn Store, ids: &[&str]) {
+    for id in ids {
+        let id = DeviceId::parse(id).expect("id");
+        store
+            .begin_registration(&NewDevice {
+                device_id: id.clone(),
+                name: id.to_string(),
+                provider_instance: "local".into(),
+                category: None,
+                account: None,
+                settings: None,
+                tags: BTreeMap::new(),
+                is_simulated: IsSimulated::No,
+            })
+            .await
+            .expect("begin");
+        store
+            .finish_registration(&id, Ok(None))
+            .await
+            .expect("finish");
+    }
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 12, 1, 8, 0, 0)
+        .single()
+        .expect("time")
+        + Duration::seconds(secs)
+}
+
+/// One reading; `payload` is sent as given.
+fn reading(
+    device: &str,
+    message_id: &str,
+    payload: &str,
+    secs: i64,
+    verdicts: &Verdicts,
+) -> ProviderEvent {
+    let (seen, tag) = (verdicts.clone(), format!("{device}/{message_id}"));
+    ProviderEvent {
+        instance: "local".into(),
+        kind: EventKind::Telemetry(Telemetry {
+            device_id: device.into(),
+            message_id: message_id.into(),
+            payload: Bytes::from(payload.to_owned()),
+            received_at: at(secs),
+        }),
+        ack: AckHandle::new(move |a| seen.lock().expect("verdicts").push((tag, a))),
+    }
+}
+
+fn temperature(t: f64) -> String {
+    format!(r#"{{"temperature":{t}}}"#)
+}
+
+/// Prepares `events` as one batch and commits it, as the pipeline does.
+async fn commit_as_one_batch(core: &Core, events: Vec<ProviderEvent>) {
+    let preparer = Preparer::new(core);
+    let mut b = Batch::default();
+    for ev in events {
+        preparer.add(&core.rules, &core.metrics, &mut b, ev);
+    }
+    batch::commit(core, b).await;
+}
+
+/// Everything a commit leaves in the registry, without ids and wall-clock times.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    alerts: Vec<(String, Option<String>, String, String)>,
+    commands: Vec<(String, String, String)>,
+    outbox: Vec<(String, u64)>,
+    dead_letters: Vec<(String, String, Option<String>, Option<String>)>,
+    devices: Vec<(String, i32, Option<DateTime<Utc>>)>,
+}
+
+async fn snapshot(store: &dyn Store) -> Snapshot {
+    let page = PageRequest {
+        after: None,
+        limit: 1000,
+    };
+    let alerts = store
+        .list_alerts(&AlertFilter::default(), &page)
+        .await
+        .expect("alerts")
+        .items;
+    let token_of: BTreeMap<_, _> = alerts
+        .iter()
+        .map(|a| (a.id, a.alert_token.clone()))
+        .collect();
+    let mut a: Vec<_> = alerts
+        .iter()
+        .map(|a| {
+            (
+                a.alert_token.clone(),
+                a.parent_alert_token.clone(),
+                a.device_id.to_string(),
+                a.description.clone(),
+            )
+        })
+        .collect();
+    a.sort();
+    let mut commands: Vec<_> = store
+        .list_commands(&Default::default(), &page)
+        .await
+        .expect("commands")
+        .items
+        .iter()
+        .map(|c| {
+            (
+                c.device_id.to_string(),
+                c.name.clone(),
+                c.parent_alert
+                    .and_then(|p| token_of.get(&p).cloned())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    commands.sort();
+    let mut dead: Vec<_> = store
+        .list_dead_letters(&page)
+        .await
+        .expect("dead letters")
+        .items
+        .into_iter()
+        .map(|d| (d.source, d.reason, d.device_id, d.message_id))
+        .collect();
+    dead.sort();
+    let devices = store
+        .list_devices(&Default::default(), &page)
+        .await
+        .expect("devices")
+        .items
+        .into_iter()
+        .map(|d| {
+            (
+                d.device_id.to_string(),
+                d.registration_status.value(),
+                d.last_activity_time,
+            )
+        })
+        .collect();
+    let mut outbox = store.outbox_depth().await.expect("outbox");
+    outbox.sort();
+    Snapshot {
+        alerts: a,
+        commands,
+        outbox,
+        dead_letters: dead,
+        devices,
+    }
+}
+
+async fn memory_store() -> Arc<dyn Store> {
+    Arc::new(SqliteStore::memory().await.expect("store"))
+}
+
+#[tokio::test]
+async fn a_batch_with_a_redelivery_a_child_and_a_poison_event_commits_what_single_commits_would_and_acks_all(
+) {
+    let events = |v: &Verdicts| {
+        vec![
+            reading("pump-1", "m-1", &temperature(80.0), 0, v),
+            reading("pump-1", "m-1", &temperature(80.0), 0, v), // redelivery
+            reading("pump-1", "m-2", &temperature(81.0), 5, v), // child of m-1
+            reading("pump-1", "m-3", "{not json", 6, v),        // poison
+            reading("ghost-9", "m-4", &temperature(90.0), 7, v), // unknown device
+            reading("pump-2", "m-5", &temperature(85.0), 8, v), // another device
+            reading("pump-2", "m-6", &temperature(20.0), 9, v), // no alert
+        ]
+    };
+    let batched = core(memory_store().await);
+    registered(batched.store.as_ref(), &["pump-1", "pump-2"]).await;
+    let batch_verdicts = Verdicts::default();
+    commit_as_one_batch(&batched, events(&batch_verdicts)).await;
+
+    let single = core(memory_store().await);
+    registered(single.store.as_ref(), &["pump-1", "pump-2"]).await;
+    let single_verdicts = Verdicts::default();
+    for ev in events(&single_verdicts) {
+        commit_as_one_batch(&single, vec![ev]).await;
+    }
+
+    let got = snapshot(batched.store.as_ref()).await;
+    assert_eq!(got, snapshot(single.store.as_ref()).await);
+    assert_eq!(
+        got.alerts
+            .iter()
+            .map(|(t, p, _, _)| (t.as_str(), p.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![("m-1", None), ("m-2", Some("m-1")), ("m-5", None)],
+        "one alert per token, m-2 folded into m-1"
+    );
+    assert_eq!(
+        got.commands.len(),
+        2,
+        "the primaries' commands only: {:?}",
+        got.commands
+    );
+    let mut dead: Vec<_> = got.dead_letters.iter().map(|d| d.3.as_deref()).collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        vec![Some("m-3"), Some("m-4")],
+        "the poison and the unknown device: {:?}",
+        got.dead_letters
+    );
+    let verdicts = batch_verdicts.lock().expect("verdicts").clone();
+    assert_eq!(verdicts.len(), 7);
+    assert!(verdicts.iter().all(|(_, a)| *a == Ack::Ack), "{verdicts:?}");
+}
+
+#[tokio::test]
+async fn a_store_failure_in_the_middle_of_a_batch_commits_nothing_and_acks_no_event() {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = SqliteStore::open(&dir.path().join("registry.db"))
+        .await
+        .expect("store");
+    // A real failure inside the transaction, after earlier writes of the batch succeeded.
+    sqlx_exec(
+        &file,
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON alerts WHEN NEW.alert_token = 'boom' \
+         BEGIN SELECT RAISE(ABORT, 'disk on fire'); END",
+    )
+    .await;
+    let c = core(Arc::new(file));
+    registered(c.store.as_ref(), &["pump-1", "pump-2"]).await;
+    let before = snapshot(c.store.as_ref()).await;
+    let v = Verdicts::default();
+    commit_as_one_batch(
+        &c,
+        vec![
+            reading("pump-1", "ok-1", &temperature(80.0), 0, &v),
+            reading("pump-1", "bad json", "{", 1, &v),
+            reading("pump-2", "boom", &temperature(90.0), 2, &v),
+            reading("pump-2", "ok-2", &temperature(91.0), 3, &v),
+        ],
+    )
+    .await;
+    let verdicts = v.lock().expect("verdicts").clone();
+    assert_eq!(verdicts.len(), 4);
+    assert!(
+        verdicts
+            .iter()
+            .all(|(_, a)| matches!(a, Ack::Nack(r) if r.contains("disk on fire"))),
+        "{verdicts:?}"
+    );
+    assert_eq!(
+        snapshot(c.store.as_ref()).await,
+        before,
+        "nothing of the batch was committed"
+    );
+}
+
+async fn sqlx_exec(store: &SqliteStore, sql: &str) {
+    sqlx::query(sql).execute(store.pool()).await.expect("sql");
+}
+
+/// A random event: device (one of them unknown), message id from a small pool (so
+/// redeliveries happen), temperature (alerting or not, or a malformed payload), time.
+fn event_strategy() -> impl Strategy<Value = (usize, u8, u8, i64)> {
+    (0usize..3, 0u8..12, 0u8..10, 0i64..200)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn batch_commits_and_single_commits_leave_the_same_registry(
+        events in prop::collection::vec(event_strategy(), 1..40),
+        cuts in prop::collection::vec(1usize..8, 1..10),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let make = |v: &Verdicts| -> Vec<ProviderEvent> {
+                events
+                    .iter()
+                    .map(|(d, m, kind, secs)| {
+                        let device = ["pump-1", "pump-2", "ghost-3"][*d];
+                        let payload = match kind {
+                            0 => "{broken".to_string(),
+                            1..=4 => temperature(80.0 + f64::from(*kind)),
+                            _ => temperature(20.0),
+                        };
+                        reading(device, &format!("m-{m}"), &payload, *secs, v)
+                    })
+                    .collect()
+            };
+            let batched = core(memory_store().await);
+            registered(batched.store.as_ref(), &["pump-1", "pump-2"]).await;
+            let bv = Verdicts::default();
+            let mut pending = make(&bv);
+            let mut cut = cuts.iter().cycle();
+            while !pending.is_empty() {
+                let n = (*cut.next().expect("cycle")).min(pending.len());
+                let rest = pending.split_off(n);
+                commit_as_one_batch(&batched, pending).await;
+                pending = rest;
+            }
+
+            let single = core(memory_store().await);
+            registered(single.store.as_ref(), &["pump-1", "pump-2"]).await;
+            let sv = Verdicts::default();
+            for ev in make(&sv) {
+                commit_as_one_batch(&single, vec![ev]).await;
+            }
+            assert_eq!(snapshot(batched.store.as_ref()).await, snapshot(single.store.as_ref()).await);
+            let bv = bv.lock().expect("verdicts").clone();
+            assert_eq!(bv.len(), events.len());
+            assert!(bv.iter().all(|(_, a)| *a == Ack::Ack));
+        });
+    }
+}
