@@ -16,7 +16,8 @@ use crate::model::Secret;
 /// (`AWS_REGION`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, the shared
 /// config and credentials files, web identity, the container and instance metadata).
 /// Telemetry needs `client_cert_path` and `client_key_path`: without them the provider
-/// registers devices and sends commands but receives nothing.
+/// registers devices and sends commands but receives nothing, and `/ready` does not wait
+/// for a connection it will never make (the instance reports itself control-plane only).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AwsIotCoreConfig {

@@ -72,9 +72,14 @@ impl Config {
             "local".into(),
             // No shared subscription on the embedded broker: only one gateway uses it, and
             // rumqttd 0.20 mishandles shared subscriptions of persistent sessions.
+            // The correlation id in the payload, without MQTT 5 properties: 3.1.1 devices
+            // (the broker's second listener) cannot read correlation data, and rumqttd 0.20
+            // cannot forward a publish with properties to a 3.1.1 client (its v4 writer
+            // panics and the 3.1.1 listener dies).
             ProviderConfig::Mqtt(MqttConfig {
                 port: c.embedded_broker.port,
                 shared_group: String::new(),
+                command_correlation: CommandCorrelation::Payload,
                 ..MqttConfig::default()
             }),
         );
@@ -298,6 +303,12 @@ pub struct MqttConfig {
     pub message_id_pointer: String,
     /// Mosquitto dynamic security: create broker credentials and ACLs per device.
     pub dynsec: Option<DynsecConfig>,
+    /// Where a command's correlation id travels to the device: `properties` (MQTT 5
+    /// correlation data and user properties), `payload` (a top-level `"correlation_id"`
+    /// field added to the JSON command, and no MQTT 5 properties at all), or `both`. A
+    /// device that speaks MQTT 3.1.1 has no properties: it needs `payload` or `both`, and
+    /// echoes the id in its reply. The stored command message is unchanged.
+    pub command_correlation: CommandCorrelation,
 }
 
 impl Default for MqttConfig {
@@ -320,8 +331,24 @@ impl Default for MqttConfig {
             reconnect_max_ms: 10_000,
             message_id_pointer: "/message_id".into(),
             dynsec: None,
+            command_correlation: CommandCorrelation::Properties,
         }
     }
+}
+
+/// Where an mqtt command's correlation id travels (`providers.NAME.command_correlation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandCorrelation {
+    /// MQTT 5 correlation data and user properties (MQTT 5 devices only).
+    #[default]
+    Properties,
+    /// A `"correlation_id"` field in the JSON payload, no MQTT 5 properties (any device,
+    /// any broker, MQTT 3.1.1 included).
+    Payload,
+    /// Both: MQTT 5 devices read the properties, 3.1.1 devices the payload field (for a
+    /// broker that strips properties towards 3.1.1 clients, such as Mosquitto).
+    Both,
 }
 
 /// Mosquitto dynamic-security plugin administration.
@@ -459,8 +486,18 @@ pub struct EmbeddedBrokerConfig {
     pub enabled: bool,
     /// Loopback address it listens on.
     pub host: String,
-    /// Port it listens on.
+    /// Port of its MQTT 5 listener (the gateway's own session and MQTT 5 devices).
     pub port: u16,
+    /// Port of its MQTT 3.1.1 listener, for devices that speak 3.1.1 (most field devices);
+    /// 0 turns it off. One port cannot serve both versions on this broker (rumqttd): a
+    /// 3.1.1 device on the MQTT 5 port is closed without a CONNACK.
+    pub v311_port: u16,
+    /// Largest MQTT packet the broker reads from a device, in bytes. Keep it well above the
+    /// mqtt provider's `max_payload_bytes`, so an oversize reading reaches the gateway and
+    /// becomes a dead letter with the reason; a bigger packet makes the broker close the
+    /// device's connection. 0 = four times the largest `max_payload_bytes` of the mqtt
+    /// providers.
+    pub max_packet_bytes: usize,
 }
 
 impl Default for EmbeddedBrokerConfig {
@@ -469,6 +506,8 @@ impl Default for EmbeddedBrokerConfig {
             enabled: false,
             host: "127.0.0.1".into(),
             port: 1883,
+            v311_port: 1884,
+            max_packet_bytes: 0,
         }
     }
 }

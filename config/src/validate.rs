@@ -325,6 +325,30 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
                 "the embedded broker has no authentication: keep it on 127.0.0.1",
             )),
         }
+        let b = &c.embedded_broker;
+        if b.v311_port != 0 && b.v311_port == b.port {
+            out.push(p(
+                "embedded_broker.v311_port",
+                format!("{} is also embedded_broker.port (the MQTT 5 listener)", b.v311_port),
+                "one port serves one MQTT version on the embedded broker: give 3.1.1 its own port (default 1884), or 0 to turn it off",
+            ));
+        }
+        let largest = c
+            .providers
+            .values()
+            .filter_map(|p| match p {
+                ProviderConfig::Mqtt(m) => Some(m.max_payload_bytes),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        if b.max_packet_bytes != 0 && b.max_packet_bytes <= largest {
+            out.push(p(
+                "embedded_broker.max_packet_bytes",
+                format!("{} is not above the mqtt provider's max_payload_bytes ({largest})", b.max_packet_bytes),
+                "leave it at 0 (four times max_payload_bytes), or raise it: a reading just over max_payload_bytes must reach the gateway to become a dead letter",
+            ));
+        }
     }
     if c.simulate.devices > 0 && c.routing.default.is_none() {
         out.push(p(

@@ -113,7 +113,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         )
         .parse()
         .context("embedded_broker.host/port do not form an address")?;
-        let max_payload = config
+        let largest = config
             .providers
             .values()
             .filter_map(|p| match p {
@@ -122,9 +122,16 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
             })
             .max()
             .unwrap_or(0)
-            .max(256 * 1024)
-            + 1024;
-        tokio::task::spawn_blocking(move || crate::broker::start(addr, max_payload)).await??;
+            .max(256 * 1024);
+        let max_packet = match config.embedded_broker.max_packet_bytes {
+            0 => largest * 4,
+            n => n,
+        };
+        let v311 = match config.embedded_broker.v311_port {
+            0 => None,
+            port => Some(SocketAddr::new(addr.ip(), port)),
+        };
+        tokio::task::spawn_blocking(move || crate::broker::start(addr, v311, max_packet)).await??;
     }
 
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();

@@ -72,7 +72,10 @@ impl Readiness {
             if h.connected {
                 seen.insert(name.clone());
             }
-            let ok = provider_ready(h.connected, seen.contains(name), down_for, self.grace);
+            // A control-plane-only instance (no receive connection configured) has nothing
+            // to wait for: registration and commands work without it.
+            let ok = !h.receiving
+                || provider_ready(h.connected, seen.contains(name), down_for, self.grace);
             drop(seen);
             if !ok {
                 reasons.push(format!(

@@ -372,6 +372,10 @@ pub struct ProviderHealth {
     pub since: DateTime<Utc>,
     /// Last error, if any.
     pub last_error: Option<String>,
+    /// False when the instance is configured without a receive connection (control plane
+    /// only, e.g. aws_iot_core without a client certificate): there is nothing to be
+    /// connected to, so readiness does not wait for it; `last_error` says what is missing.
+    pub receiving: bool,
 }
 
 /// An HTTP request a cloud pushed to the gateway for a provider (a webhook such as Azure

@@ -30,7 +30,18 @@ impl HealthCell {
             connected: false,
             since: Utc::now(),
             last_error: None,
+            receiving: true,
         }))
+    }
+
+    /// This instance has no receive connection by configuration (control plane only);
+    /// `why` says what is missing to receive.
+    #[cfg_attr(not(feature = "aws_iot_core"), allow(dead_code))]
+    pub(crate) fn set_control_plane_only(&self, why: String) {
+        let mut h = lock(&self.0);
+        h.connected = false;
+        h.receiving = false;
+        h.last_error = Some(why);
     }
 
     /// The health now.

@@ -1,9 +1,10 @@
 //! The `Store` trait: the one source of truth for devices, history, commands, alerts, the
-//! outbox and dead letters. Backends (SQLite now, PostgreSQL for scale-out) implement it and
-//! pass the same conformance suite (`crate::conformance`).
+//! outbox and dead letters. Backends implement it and pass the same conformance suite
+//! (`crate::conformance`). SQLite is the only backend today; a PostgreSQL backend for
+//! several replicas is planned, not built.
 //!
-//! Debounce lives here, inside the telemetry transaction, so several gateway replicas on one
-//! database fold alerts the same way a single one does.
+//! Debounce lives here, inside the telemetry transaction (or the batch transaction of a
+//! group commit), so it sees every alert committed before it.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

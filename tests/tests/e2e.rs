@@ -97,7 +97,8 @@ async fn register_telemetry_alert_child_webhook_command_reply_unregister() {
     let cmd = dev.next_command().await;
     assert_eq!(
         cmd.body,
-        json!({"CommandName": "reboot", "Parameters": {"delay_s": 5}})
+        json!({"CommandName": "reboot", "Parameters": {"delay_s": 5}, "correlation_id": cmd.correlation}),
+        "the stored message, plus the correlation id (command_correlation = \"payload\")"
     );
     dev.reply(&cmd, false).await;
     let id = manual["msdyn_iotdevicecommandid"]
@@ -526,4 +527,102 @@ async fn a_reply_naming_the_command_by_its_id_settles_it_but_not_from_another_de
         (c["msdyn_commandstatus"] == 192350001).then_some(())
     })
     .await;
+}
+
+/// Alert, debounced child, the rule's command and the reply that settles it, for one device.
+async fn alert_child_command_reply(
+    api: &Api,
+    id: &str,
+    publish: impl std::future::Future<Output = ()>,
+) -> Value {
+    publish.await;
+    wait_for("an alert and its child", || async {
+        let (_, body) = api.get(&format!("/api/v1/alerts?device_id={id}")).await;
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        let child = items.iter().any(|a| !a["msdyn_parentalert"].is_null());
+        (items.len() == 2 && child).then_some(())
+    })
+    .await;
+    wait_for("the rule's command to be Sent after the reply", || async {
+        let (_, body) = api.get(&format!("/api/v1/commands?device_id={id}")).await;
+        body["items"].as_array().and_then(|i| {
+            i.iter()
+                .find(|c| c["msdyn_commandstatus"] == 192350001)
+                .cloned()
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_311_device_and_a_5_device_each_get_alert_child_command_and_reply_on_the_embedded_broker()
+{
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    api.register("old-311").await;
+    api.register("new-5").await;
+
+    // MQTT 3.1.1 on its own port: no properties, the correlation id travels in the payload.
+    let mut old = Device311::connect(gw.v311_port, "old-311").await;
+    old.publish_telemetry(json!({"message_id": "a", "temperature": 80}))
+        .await;
+    old.publish_telemetry(json!({"message_id": "b", "temperature": 81}))
+        .await;
+    let cmd = old.next_command().await;
+    assert_eq!(cmd.body["CommandName"], "cool_down");
+    assert!(
+        cmd.correlation.starts_with("old-311:a"),
+        "the 3.1.1 device reads the correlation id from the payload: {:?}",
+        cmd.body
+    );
+    old.reply(&cmd, true).await;
+    let sent = alert_child_command_reply(&api, "old-311", async {}).await;
+    assert_eq!(sent["msdyn_name"], "cool_down");
+
+    // MQTT 5 on the main port: the same flow, answered through correlation data.
+    let mut new = Device::connect(gw.broker_port, "new-5").await;
+    new.publish_telemetry(json!({"message_id": "a", "temperature": 80}))
+        .await;
+    new.publish_telemetry(json!({"message_id": "b", "temperature": 81}))
+        .await;
+    let cmd = new.next_command().await;
+    assert_eq!(cmd.body["CommandName"], "cool_down");
+    new.reply(&cmd, true).await;
+    alert_child_command_reply(&api, "new-5", async {}).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_kb_reading_is_a_dead_letter_and_the_devices_next_reading_is_processed() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    api.register("big-1").await;
+    let mut dev = Device311::connect(gw.v311_port, "big-1").await;
+    let big = format!(
+        r#"{{"temperature": 99, "blob": "{}"}}"#,
+        "x".repeat(400 * 1024)
+    );
+    dev.publish_raw(big.into_bytes()).await;
+    dev.publish_telemetry(json!({"message_id": "after", "temperature": 90}))
+        .await;
+    wait_for("the next reading's alert", || async {
+        let (_, body) = api.get("/api/v1/alerts?device_id=big-1").await;
+        body["items"].as_array().and_then(|i| {
+            i.iter()
+                .find(|a| a["msdyn_alerttoken"] == "big-1:after")
+                .cloned()
+        })
+    })
+    .await;
+    let (_, body) = api.get("/api/v1/dead-letters").await;
+    let letters = body["items"].as_array().cloned().unwrap_or_default();
+    assert!(
+        letters.iter().any(|l| l["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("accepts at most 262144"))),
+        "the oversize reading is a dead letter naming the limit: {letters:?}"
+    );
+    let m = api.metrics().await;
+    assert!(metric(&m, "iotgw_events_rejected_total", &["reason=\"oversize\""]) >= 1.0);
+    gw.stop().await;
 }

@@ -358,6 +358,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn without_a_client_certificate_the_instance_reports_itself_control_plane_only() {
+        let p = Arc::new(
+            AwsIotCoreProvider::new("aws", &config())
+                .await
+                .expect("valid config"),
+        );
+        assert!(p.health().receiving, "receiving until run says otherwise");
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let stop = Shutdown::new();
+        let run = tokio::spawn({
+            let (p, stop) = (p.clone(), stop.clone());
+            async move { p.run(tx, stop).await }
+        });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while p.health().receiving {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run did not report its mode"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let h = p.health();
+        assert!(!h.connected);
+        assert!(
+            h.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("client_cert_path")),
+            "{h:?}"
+        );
+        stop.cancel();
+        run.await.expect("join").expect("run ends cleanly");
+    }
+
+    #[tokio::test]
     async fn a_late_older_presence_event_does_not_override_a_newer_one() {
         let p = AwsIotCoreProvider::new("aws", &config())
             .await

@@ -83,7 +83,7 @@ pub(super) async fn run(
     let Some(tls) = shared.tls.clone() else {
         let msg = "MQTT not configured (client_cert_path and client_key_path unset): no telemetry, replies or presence from this instance";
         info!(instance = %shared.instance, "aws_iot_core: {msg}");
-        shared.health.set_error(msg.into());
+        shared.health.set_control_plane_only(msg.into());
         shutdown.cancelled().await;
         return Ok(());
     };

@@ -48,6 +48,10 @@ pub fn decode(
     message_id_pointer: &str,
 ) -> Inbound {
     match kind {
+        // An empty payload is how MQTT deletes a retained message (a device clearing a
+        // reading it once published with the retain flag); the broker forwards it to
+        // subscribers. It carries no reading: nothing to commit, nothing to dead-letter.
+        TopicKind::Telemetry if msg.payload.is_empty() => Inbound::Ignore,
         TopicKind::Telemetry => Inbound::Event(EventKind::Telemetry(Telemetry {
             device_id: device_id.to_owned(),
             message_id: scoped_message_id(device_id, msg, message_id_pointer),
@@ -305,6 +309,33 @@ mod tests {
                 Inbound::Unparsable(_)
             ));
         }
+    }
+
+    #[test]
+    fn an_empty_telemetry_payload_clears_a_retained_reading_and_is_no_dead_letter() {
+        let empty = Bytes::new();
+        assert_eq!(
+            decode(
+                TopicKind::Telemetry,
+                "d1",
+                &msg("devices/d1/telemetry", &empty),
+                "/message_id"
+            ),
+            Inbound::Ignore
+        );
+        let junk = Bytes::from_static(b"not json");
+        assert!(
+            matches!(
+                decode(
+                    TopicKind::Telemetry,
+                    "d1",
+                    &msg("devices/d1/telemetry", &junk),
+                    "/message_id"
+                ),
+                Inbound::Event(EventKind::Telemetry(_))
+            ),
+            "a non-empty payload still reaches the pipeline (and its dead letter)"
+        );
     }
 
     #[test]

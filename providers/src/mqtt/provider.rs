@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use iotgw_config::MqttConfig;
+use iotgw_config::{CommandCorrelation, MqttConfig};
 use iotgw_registry::DeviceId;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
@@ -245,7 +245,9 @@ impl Provider for MqttProvider {
 
     /// Publishes the command at QoS 1 to the device's command topic with MQTT 5
     /// correlation data, response topic and user properties `command_name`,
-    /// `correlation_id` and `command_id`. While the broker is away rumqttc queues it in
+    /// `correlation_id` and `command_id`; with `command_correlation = "payload"` instead
+    /// the correlation id is a `"correlation_id"` field of the JSON payload and the publish
+    /// carries no properties (3.1.1 devices), with `"both"` it is in both places. While the broker is away rumqttc queues it in
     /// memory and sends it after reconnecting (lost if the process stops first).
     async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
         let limit = self.limits.max_command_bytes;
@@ -279,13 +281,34 @@ impl Provider for MqttProvider {
             ],
             ..PublishProperties::default()
         };
-        let publish = client.publish_with_properties(
-            topics.command.topic_for(device),
-            QoS::AtLeastOnce,
-            false,
-            cmd.message.clone(),
-            properties,
-        );
+        let mode = self.shared.config.command_correlation;
+        let payload = match mode {
+            CommandCorrelation::Properties => cmd.message.clone(),
+            CommandCorrelation::Payload | CommandCorrelation::Both => {
+                with_correlation(&cmd.message, &cmd.correlation_id)
+            }
+        };
+        let topic = topics.command.topic_for(device);
+        let publish = async {
+            match mode {
+                CommandCorrelation::Payload => {
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .await
+                }
+                CommandCorrelation::Properties | CommandCorrelation::Both => {
+                    client
+                        .publish_with_properties(
+                            topic,
+                            QoS::AtLeastOnce,
+                            false,
+                            payload,
+                            properties,
+                        )
+                        .await
+                }
+            }
+        };
         match tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish).await {
             Ok(Ok(())) => Ok(CommandOutcome::Published),
             Ok(Err(e)) => Err(self.shared.transient(format!("command {} to {device} not queued: {e}", cmd.id))),
@@ -320,9 +343,53 @@ impl Provider for MqttProvider {
     }
 }
 
+/// The command message with `"correlation_id"` added to its top-level JSON object, so a
+/// device without MQTT 5 properties (3.1.1) can echo it in its reply. A message that is not
+/// a JSON object, or already names a correlation id, is sent as it is.
+fn with_correlation(message: &str, correlation_id: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(message) {
+        Ok(serde_json::Value::Object(mut fields)) if !fields.contains_key("correlation_id") => {
+            fields.insert(
+                "correlation_id".into(),
+                serde_json::Value::String(correlation_id.to_owned()),
+            );
+            serde_json::Value::Object(fields).to_string()
+        }
+        _ => message.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{DateTime, Utc};
+
+    #[test]
+    fn the_correlation_id_is_added_to_a_json_object_command_and_nothing_else() {
+        let out: serde_json::Value = serde_json::from_str(&with_correlation(
+            r#"{"CommandName":"cool_down","Parameters":{"t":60}}"#,
+            "m-1/cool_down",
+        ))
+        .expect("json");
+        assert_eq!(
+            out,
+            serde_json::json!({"CommandName":"cool_down","Parameters":{"t":60},"correlation_id":"m-1/cool_down"})
+        );
+        assert_eq!(
+            with_correlation("reboot", "c"),
+            "reboot",
+            "not JSON: unchanged"
+        );
+        assert_eq!(
+            with_correlation("[1]", "c"),
+            "[1]",
+            "not an object: unchanged"
+        );
+        assert_eq!(
+            with_correlation(r#"{"correlation_id":"mine"}"#, "c"),
+            r#"{"correlation_id":"mine"}"#,
+            "a device-facing id the user chose is kept"
+        );
+    }
 
     use super::*;
     use crate::EventKind;

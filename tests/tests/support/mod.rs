@@ -45,24 +45,34 @@ pub struct GatewayOptions {
 /// A running in-process gateway.
 pub struct Gateway {
     running: Option<RunningGateway>,
-    /// The embedded broker's port.
+    /// The embedded broker's port (MQTT 5).
     pub broker_port: u16,
+    /// The embedded broker's MQTT 3.1.1 port.
+    pub v311_port: u16,
     token: Option<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 /// The test config: embedded broker on a free port, mqtt provider `local`, a
 /// temperature rule with a `cool_down` command, optional webhook sink `hook`.
-pub fn test_config(opts: &GatewayOptions, data_dir: &std::path::Path, broker_port: u16) -> Config {
+pub fn test_config(
+    opts: &GatewayOptions,
+    data_dir: &std::path::Path,
+    broker_port: u16,
+    v311_port: u16,
+) -> Config {
     let mut c = Config::default();
     c.store.path = data_dir.join("iotgw.db").display().to_string();
     c.embedded_broker.enabled = true;
     c.embedded_broker.port = broker_port;
+    c.embedded_broker.v311_port = v311_port;
     // As in the embedded default: no shared subscription on rumqttd (see Config::embedded_default).
     let mut mqtt = MqttConfig {
         port: broker_port,
         client_id: format!("iotgw-test-{broker_port}"),
         shared_group: String::new(),
+        // As in the embedded default: 3.1.1 devices read the id from the payload.
+        command_correlation: iotgw_config::CommandCorrelation::Payload,
         ..MqttConfig::default()
     };
     if let Some(max) = opts.max_payload_bytes {
@@ -115,7 +125,10 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| tmp.as_ref().expect("tmp").path().to_owned());
         let broker_port = free_port();
-        let config = test_config(&opts, &dir, broker_port);
+        let v311_port = std::iter::repeat_with(free_port)
+            .find(|p| *p != broker_port)
+            .expect("a second free port");
+        let config = test_config(&opts, &dir, broker_port, v311_port);
         let problems = iotgw_config::validate::validate(&config, &app::built_kinds());
         assert!(problems.is_empty(), "test config invalid: {problems:?}");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -132,6 +145,7 @@ impl Gateway {
         let gw = Self {
             running: Some(running),
             broker_port,
+            v311_port,
             token: opts.token,
             _tmp: tmp,
         };
@@ -291,13 +305,16 @@ impl Device {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let body: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        // MQTT 5 correlation data, else the payload's field (the embedded
+                        // default's `command_correlation = "payload"`).
                         let correlation = p
                             .properties
                             .as_ref()
                             .and_then(|pr| pr.correlation_data.clone())
                             .map(|b| String::from_utf8_lossy(&b).into_owned())
+                            .or_else(|| body["correlation_id"].as_str().map(str::to_owned))
                             .unwrap_or_default();
-                        let body = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
                         if tx
                             .send(ReceivedCommand { body, correlation })
                             .await
@@ -369,6 +386,116 @@ impl Device {
                 false,
                 body.to_string(),
                 props,
+            )
+            .await
+            .expect("reply queued");
+    }
+}
+
+/// An MQTT 3.1.1 device client (rumqttc's v4 client: no properties at all), on the
+/// default topic scheme. It learns a command's correlation id from the payload's
+/// `correlation_id` field, the only place a 3.1.1 device can read it.
+pub struct Device311 {
+    id: String,
+    client: rumqttc::AsyncClient,
+    commands: mpsc::Receiver<ReceivedCommand>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Device311 {
+    /// Connects as `id` to the 3.1.1 port and subscribes to its command topic.
+    pub async fn connect(port: u16, id: &str) -> Self {
+        use rumqttc::{Event as E4, Packet as P4};
+        let mut opts =
+            rumqttc::MqttOptions::new(format!("{id}-dev311-{}", free_port()), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(10));
+        opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 64);
+        let (tx, commands) = mpsc::channel(16);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        client
+            .subscribe(format!("devices/{id}/commands"), rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match events.poll().await {
+                    Ok(E4::Incoming(P4::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(E4::Incoming(P4::Publish(p))) => {
+                        let body: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        let correlation = body["correlation_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
+                        if tx
+                            .send(ReceivedCommand { body, correlation })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, ready_rx)
+            .await
+            .expect("3.1.1 device subscribed in time")
+            .expect("device task alive");
+        Self {
+            id: id.to_string(),
+            client,
+            commands,
+            _task: task,
+        }
+    }
+
+    /// Publishes JSON telemetry (QoS 1).
+    pub async fn publish_telemetry(&mut self, body: Value) {
+        self.publish_raw(body.to_string().into_bytes()).await;
+    }
+
+    /// Publishes raw bytes on the telemetry topic (QoS 1).
+    pub async fn publish_raw(&mut self, payload: Vec<u8>) {
+        self.client
+            .publish(
+                format!("devices/{}/telemetry", self.id),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .expect("publish queued");
+    }
+
+    /// The next command, failing the test after [`DEADLINE`].
+    pub async fn next_command(&mut self) -> ReceivedCommand {
+        tokio::time::timeout(DEADLINE, self.commands.recv())
+            .await
+            .expect("a command in time")
+            .expect("device task alive")
+    }
+
+    /// Answers a command with its correlation id in the reply payload.
+    pub async fn reply(&mut self, cmd: &ReceivedCommand, ok: bool) {
+        let body = if ok {
+            serde_json::json!({"correlation_id": cmd.correlation, "status": "ok"})
+        } else {
+            serde_json::json!({"correlation_id": cmd.correlation, "status": "error", "reason": "refused by a 3.1.1 device"})
+        };
+        self.client
+            .publish(
+                format!("devices/{}/replies", self.id),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                body.to_string(),
             )
             .await
             .expect("reply queued");
