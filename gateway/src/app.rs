@@ -85,6 +85,7 @@ pub struct RunningGateway {
     outbox: sinks::OutboxWorkers,
     api_task: JoinHandle<()>,
     fleet: Option<(CancellationToken, JoinHandle<()>)>,
+    broker: Option<crate::broker::EmbeddedBroker>,
 }
 
 /// Opens the configured store.
@@ -106,6 +107,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     let metrics = Arc::new(Metrics::new());
     let store = open_store(&config).await?;
 
+    let mut broker = None;
     if config.embedded_broker.enabled {
         let addr: SocketAddr = format!(
             "{}:{}",
@@ -131,12 +133,13 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
             0 => None,
             port => Some(SocketAddr::new(addr.ip(), port)),
         };
-        tokio::task::spawn_blocking(move || crate::broker::start(addr, v311, max_packet)).await??;
+        broker = Some(crate::broker::EmbeddedBroker::start(addr, v311, max_packet).await?);
     }
 
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
     for (name, pc) in &config.providers {
-        let provider = build_provider(name, pc)
+        let pc = on_embedded_broker(pc, &config, broker.as_ref(), name);
+        let provider = build_provider(name, &pc)
             .await
             .with_context(|| format!("starting provider `{name}`"))?;
         provider.set_checkpoints(Arc::new(crate::checkpoints::StoreCheckpoints::new(
@@ -237,7 +240,33 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         outbox,
         api_task,
         fleet,
+        broker,
     })
+}
+
+/// An mqtt instance that names the embedded broker's MQTT 5 address connects to rumqttd's
+/// internal port directly, not through the front door that a graceful stop closes first:
+/// the gateway must keep receiving while it drains.
+fn on_embedded_broker(
+    pc: &ProviderConfig,
+    config: &Config,
+    broker: Option<&crate::broker::EmbeddedBroker>,
+    name: &str,
+) -> ProviderConfig {
+    match (pc, broker) {
+        (ProviderConfig::Mqtt(m), Some(b))
+            if m.port == config.embedded_broker.port
+                && (m.host == config.embedded_broker.host || m.host == "localhost") =>
+        {
+            tracing::info!(provider = %name, internal = %b.internal_v5, "mqtt provider on the embedded broker: connecting to its internal port");
+            ProviderConfig::Mqtt(iotgw_config::MqttConfig {
+                host: b.internal_v5.ip().to_string(),
+                port: b.internal_v5.port(),
+                ..m.clone()
+            })
+        }
+        _ => pc.clone(),
+    }
 }
 
 async fn start_fleet(
@@ -284,14 +313,29 @@ async fn start_fleet(
 }
 
 impl RunningGateway {
-    /// Stops gracefully: simulated devices and providers first, then the pipeline drains
+    /// Stops gracefully: simulated devices first; then the embedded broker's front door
+    /// closes (no device can have a reading confirmed any more) and every provider drains
+    /// what its source already confirmed; then the providers stop, the pipeline commits
     /// what it received, the outbox gets until `grace` to deliver, then the API stops.
-    pub async fn stop(self, grace: Duration) {
+    pub async fn stop(mut self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         if let Some((stop, task)) = self.fleet {
             stop.cancel();
             let _ = task.await;
         }
+        // Nothing new may be confirmed to a device from here on; then every provider hands
+        // the pipeline what its source already confirmed (the embedded broker's backlog).
+        if let Some(broker) = self.broker.as_mut() {
+            broker.close_doors().await;
+        }
+        let drains = self.core.providers.iter().map(|(name, p)| async move {
+            match tokio::time::timeout_at(deadline, p.drain()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(provider = %name, error = %e, "draining failed; what it had not handed over stays with its source"),
+                Err(_) => tracing::warn!(provider = %name, "draining did not finish within the shutdown grace"),
+            }
+        });
+        futures::future::join_all(drains).await;
         self.providers_stop.cancel();
         for t in self.provider_tasks {
             let _ = tokio::time::timeout_at(deadline, t).await;

@@ -11,24 +11,149 @@
 //! above the mqtt provider's `max_payload_bytes`: an oversize reading reaches the gateway
 //! and becomes a dead letter with the reason, and only a packet beyond the broker's limit
 //! is refused by the broker (logged by it with the client id).
+//!
+//! # The front door, and why
+//! rumqttd confirms (PUBACKs) a device's QoS 1 publish as soon as its router has the
+//! message in memory, before the gateway received it, and offers no hook to delay that and
+//! no persistence. So the devices do not talk to rumqttd directly: rumqttd listens on
+//! internal loopback ports, and the gateway's own listeners on the configured ports pass
+//! each device connection through (bytes, not MQTT). On a graceful stop the gateway first
+//! closes those listeners and every device connection, so no new reading can be confirmed,
+//! then drains what rumqttd already confirmed (the providers' `drain`) before it stops.
+//! The gateway's own MQTT session connects to rumqttd's internal MQTT 5 port directly.
+//! What this cannot cover is a crash (`kill -9`, power loss): readings rumqttd confirmed
+//! but the gateway had not committed yet are lost with the process (the README states
+//! that window).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// The running embedded broker: rumqttd on internal ports, and the front door devices use.
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    /// rumqttd's internal MQTT 5 address (the gateway's own session connects here).
+    pub internal_v5: SocketAddr,
+    doors: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl EmbeddedBroker {
+    /// Starts rumqttd on free internal loopback ports and the front door on `v5` (and
+    /// `v311`): a busy public port is a clear error naming its key.
+    pub async fn start(
+        v5: SocketAddr,
+        v311: Option<SocketAddr>,
+        max_packet: usize,
+    ) -> anyhow::Result<Self> {
+        let public_v5 = tokio::net::TcpListener::bind(v5).await.with_context(|| {
+            format!("the embedded broker cannot listen on {v5}: is another broker running there? stop it, or set embedded_broker.port (and the mqtt provider's port) to a free port")
+        })?;
+        let public_v311 = match v311 {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("the embedded broker's MQTT 3.1.1 listener cannot listen on {addr}: set embedded_broker.v311_port to a free port, or 0 to turn it off")
+            })?),
+            None => None,
+        };
+        let internal_v5 = internal_addr()?;
+        let internal_v311 = match v311 {
+            Some(_) => Some(internal_addr()?),
+            None => None,
+        };
+        tokio::task::spawn_blocking(move || start(internal_v5, internal_v311, max_packet))
+            .await??;
+        let doors = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(front_door(public_v5, internal_v5, doors.clone()));
+        if let (Some(listener), Some(internal)) = (public_v311, internal_v311) {
+            tasks.spawn(front_door(listener, internal, doors.clone()));
+        }
+        tracing::info!(addr = %v5, max_packet, "embedded broker: MQTT 5 devices connect here (loopback only, no authentication)");
+        if let Some(v311) = v311 {
+            tracing::info!(addr = %v311, "embedded broker: MQTT 3.1.1 devices connect here");
+        }
+        Ok(Self {
+            internal_v5,
+            doors,
+            tasks,
+        })
+    }
+
+    /// Closes the front door: stops accepting devices and closes every device connection,
+    /// so nothing new can be confirmed. rumqttd keeps running (and keeps what it holds for
+    /// the gateway) until the process ends.
+    pub async fn close_doors(&mut self) {
+        self.doors.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        tracing::info!(
+            "embedded broker: device connections closed; draining what the broker confirmed"
+        );
+    }
+}
+
+/// A free loopback port for one of rumqttd's internal listeners.
+fn internal_addr() -> anyhow::Result<SocketAddr> {
+    let probe = TcpListener::bind("127.0.0.1:0")
+        .context("finding a free loopback port for the embedded broker")?;
+    Ok(probe.local_addr()?)
+}
+
+/// Accepts devices on `listener` and passes each connection through to rumqttd at
+/// `internal`, until `doors` is cancelled; then every connection it passed is closed.
+async fn front_door(
+    listener: tokio::net::TcpListener,
+    internal: SocketAddr,
+    doors: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = doors.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        while conns.try_join_next().is_some() {}
+        let (mut device, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "embedded broker: accepting a device failed");
+                continue;
+            }
+        };
+        let closed = doors.clone();
+        conns.spawn(async move {
+            let _ = device.set_nodelay(true);
+            let mut broker = match tokio::net::TcpStream::connect(internal).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "embedded broker: the internal listener refused a device connection");
+                    return;
+                }
+            };
+            let _ = broker.set_nodelay(true);
+            tokio::select! {
+                () = closed.cancelled() => {}
+                _ = tokio::io::copy_bidirectional(&mut device, &mut broker) => {}
+            }
+        });
+    }
+    drop(listener);
+    conns.shutdown().await;
+}
 
 /// Starts rumqttd in its own thread: MQTT 5 on `addr`, MQTT 3.1.1 on `v311` (if any), and
 /// waits until the MQTT 5 listener accepts connections.
-pub fn start(addr: SocketAddr, v311: Option<SocketAddr>, max_packet: usize) -> anyhow::Result<()> {
-    // Bind once ourselves first, so a busy port gives a clear error instead of a broker
+fn start(addr: SocketAddr, v311: Option<SocketAddr>, max_packet: usize) -> anyhow::Result<()> {
+    // Bind once ourselves first, so a taken port gives a clear error instead of a broker
     // thread dying in the background.
-    drop(TcpListener::bind(addr).with_context(|| {
-        format!("the embedded broker cannot listen on {addr}: is another broker running there? stop it, or set embedded_broker.port (and the mqtt provider's port) to a free port")
-    })?);
-    if let Some(v311) = v311 {
-        drop(TcpListener::bind(v311).with_context(|| {
-            format!("the embedded broker's MQTT 3.1.1 listener cannot listen on {v311}: set embedded_broker.v311_port to a free port, or 0 to turn it off")
+    for internal in std::iter::once(addr).chain(v311) {
+        drop(TcpListener::bind(internal).with_context(|| {
+            format!(
+                "the embedded broker's internal port {internal} was taken meanwhile: start again"
+            )
         })?);
     }
     let connections = serde_json::json!({
@@ -83,10 +208,7 @@ pub fn start(addr: SocketAddr, v311: Option<SocketAddr>, max_packet: usize) -> a
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    tracing::info!(%addr, max_packet, "embedded MQTT 5 broker listening (loopback only, no authentication)");
-    if let Some(v311) = v311 {
-        tracing::info!(addr = %v311, "embedded broker: MQTT 3.1.1 devices connect here");
-    }
+    tracing::debug!(%addr, ?v311, "embedded broker (rumqttd) listening on its internal ports");
     Ok(())
 }
 

@@ -626,3 +626,97 @@ async fn a_400_kb_reading_is_a_dead_letter_and_the_devices_next_reading_is_proce
     assert!(metric(&m, "iotgw_events_rejected_total", &["reason=\"oversize\""]) >= 1.0);
     gw.stop().await;
 }
+
+/// Publishes `n` alerting readings as a 3.1.1 device at QoS 1 and returns once the
+/// embedded broker PUBACKed every one of them.
+async fn publish_acked(port: u16, device: &str, n: usize) {
+    use rumqttc::{Event as E4, Outgoing, Packet as P4};
+    let mut opts = rumqttc::MqttOptions::new(format!("{device}-burst"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 1024);
+    let publisher = {
+        let (client, topic) = (client.clone(), format!("devices/{device}/telemetry"));
+        tokio::spawn(async move {
+            for i in 0..n {
+                let body = json!({"message_id": format!("r-{i}"), "temperature": 90});
+                client
+                    .publish(&topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                    .await
+                    .expect("publish queued");
+            }
+        })
+    };
+    let (mut published, mut acked) = (0, 0);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while acked < n {
+            match events.poll().await.expect("the device's connection holds") {
+                E4::Outgoing(Outgoing::Publish(_)) => published += 1,
+                E4::Incoming(P4::PubAck(_)) => acked += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{acked} of {n} PUBACKed ({published} sent) in 60 s"));
+    publisher.await.expect("publisher");
+}
+
+/// Every alert of `device` in the SQLite file under `dir`, counted by token.
+async fn committed_tokens(
+    dir: &std::path::Path,
+    device: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    use iotgw_registry::{AlertFilter, DeviceId, PageRequest, SqliteStore, Store};
+    let store = SqliteStore::open(&dir.join("iotgw.db"))
+        .await
+        .expect("store");
+    let filter = AlertFilter {
+        device_id: Some(DeviceId::parse(device).expect("id")),
+        ..AlertFilter::default()
+    };
+    let mut tokens = std::collections::BTreeMap::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_alerts(&filter, &PageRequest { after, limit: 1000 })
+            .await
+            .expect("alerts");
+        for a in page.items {
+            *tokens.entry(a.alert_token).or_insert(0) += 1;
+        }
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    store.close().await;
+    tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_the_embedded_broker_pubacked_are_all_committed_after_a_graceful_stop() {
+    const N: usize = 5_000;
+    let dir = tempfile::tempdir().expect("tmp");
+    let opts = || GatewayOptions {
+        data_dir: Some(dir.path().to_owned()),
+        ..Default::default()
+    };
+    let gw = Gateway::start(opts()).await;
+    gw.api().register("burst-1").await;
+    publish_acked(gw.v311_port, "burst-1", N).await;
+    // The stop (what SIGTERM and Ctrl-C do) comes while the broker still holds readings it
+    // confirmed and the gateway has not committed.
+    gw.stop().await;
+    let committed = committed_tokens(dir.path(), "burst-1").await;
+    assert_eq!(
+        committed.len(),
+        N,
+        "every PUBACKed reading is committed before the stop ends"
+    );
+    assert!(committed.values().all(|n| *n == 1), "no duplicate alert");
+
+    // A restart on the same file finds nothing more and nothing twice.
+    let gw = Gateway::start(opts()).await;
+    gw.stop().await;
+    assert_eq!(committed_tokens(dir.path(), "burst-1").await.len(), N);
+}

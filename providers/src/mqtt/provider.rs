@@ -16,7 +16,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, MqttOptions};
 
 use super::dynsec::DynsecAdmin;
-use super::topics::Topics;
+use super::topics::{TopicKind, Topics};
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
     CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
@@ -61,6 +61,20 @@ pub(super) struct Shared {
     client: Mutex<Option<AsyncClient>>,
     running: AtomicBool,
     dropped: AtomicU64,
+    /// The drain barrier in flight, if any (see [`Provider::drain`]).
+    barrier: Mutex<Option<Barrier>>,
+}
+
+/// A drain barrier: one marker message published on each subscribed topic; the broker
+/// delivers each filter's messages in order, so once every marker came back, everything
+/// delivered before it on that filter has been handed to the event channel.
+pub(super) struct Barrier {
+    /// The device-id level of the marker topics.
+    marker: String,
+    /// Topic kinds whose marker has not come back yet.
+    pending: Vec<TopicKind>,
+    /// Fired when `pending` is empty.
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl MqttProvider {
@@ -121,6 +135,7 @@ impl MqttProvider {
                 client: Mutex::new(None),
                 running: AtomicBool::new(false),
                 dropped: AtomicU64::new(0),
+                barrier: Mutex::new(None),
             }),
             limits: ProviderLimits {
                 max_telemetry_bytes: config.max_payload_bytes,
@@ -198,6 +213,21 @@ impl Shared {
 
     pub(super) fn count_dropped(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether `device_id` on a `kind` topic is a drain marker (then it is consumed here).
+    pub(super) fn barrier_passed(&self, kind: TopicKind, device_id: &str) -> bool {
+        let mut guard = lock(&self.barrier);
+        let Some(b) = guard.as_mut().filter(|b| b.marker == device_id) else {
+            return false;
+        };
+        b.pending.retain(|k| *k != kind);
+        if b.pending.is_empty() {
+            if let Some(done) = b.done.take() {
+                let _ = done.send(());
+            }
+        }
+        true
     }
 }
 
@@ -330,6 +360,47 @@ impl Provider for MqttProvider {
     /// with backoff. Returns `Err` only when the broker refuses the gateway's credentials
     /// or client id (retrying cannot fix that), or when `run` is already active for this
     /// instance.
+    /// Publishes a marker on each subscribed topic (device id `iotgw-drain-<uuid>`) and
+    /// returns when all of them came back through the gateway's own subscription: every
+    /// message the broker delivered before them is then in the event channel. With a
+    /// shared subscription the markers may go to another replica, and the broker keeps what
+    /// this one did not ack anyway, so there is nothing to wait for.
+    async fn drain(&self) -> Result<(), ProviderError> {
+        if !self.shared.config.shared_group.is_empty() {
+            return Ok(());
+        }
+        let Some(client) = lock(&self.shared.client).clone() else {
+            return Ok(());
+        };
+        let marker = format!("iotgw-drain-{}", uuid::Uuid::new_v4().simple());
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let t = &self.shared.topics;
+        let kinds = [
+            (TopicKind::Telemetry, t.telemetry.topic_for(&marker)),
+            (TopicKind::Status, t.status.topic_for(&marker)),
+            (TopicKind::Reply, t.reply.topic_for(&marker)),
+            (TopicKind::Reported, t.reported.topic_for(&marker)),
+        ];
+        *lock(&self.shared.barrier) = Some(Barrier {
+            marker: marker.clone(),
+            pending: kinds.iter().map(|(k, _)| *k).collect(),
+            done: Some(done),
+        });
+        for (_, topic) in kinds {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, "drain")
+                .await
+                .map_err(|e| {
+                    self.shared
+                        .transient(format!("publishing the drain marker: {e}"))
+                })?;
+        }
+        let _ = finished.await;
+        *lock(&self.shared.barrier) = None;
+        tracing::info!(instance = %self.shared.instance, "mqtt: drained: everything the broker delivered before the stop is in the pipeline");
+        Ok(())
+    }
+
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         if !self.shared.try_start() {
             return Err(ProviderError::Conflict {

@@ -263,6 +263,10 @@ fn to_event(
         handle().ack();
         return None;
     };
+    if shared.barrier_passed(kind, device_id) {
+        handle().ack();
+        return None;
+    }
     let props = publish.properties.as_ref();
     let received_at = Utc::now();
     let msg = Received {
