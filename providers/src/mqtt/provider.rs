@@ -28,11 +28,15 @@ use crate::{
 pub const SESSION_EXPIRY_SECS: u32 = 24 * 60 * 60;
 
 /// Unacknowledged QoS 1 messages the broker may have in flight to the gateway (MQTT 5
-/// Receive Maximum). Bounds how many events wait for the gateway's ack at once.
-pub const RECEIVE_MAXIMUM: u16 = 128;
+/// Receive Maximum). Bounds how many events wait for the gateway's ack at once. The
+/// gateway acks a whole group commit at a time (up to `pipeline.batch_max_events`, 512 by
+/// default) while it gathers the next one, so the window holds two batches: with 128 the
+/// broker stalled every batch at 128 events and readings queued at the broker.
+pub const RECEIVE_MAXIMUM: u16 = 1024;
 
-/// Capacity of rumqttc's request channel (publishes, acks, subscribes).
-pub(super) const REQUEST_CAPACITY: usize = 256;
+/// Capacity of rumqttc's request channel (publishes, acks, subscribes): room for the acks
+/// of a whole batch.
+pub(super) const REQUEST_CAPACITY: usize = 1024;
 
 /// How long `send_command` waits for room in the request queue before giving up.
 const COMMAND_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
