@@ -62,9 +62,11 @@ pub enum Command {
     /// Run the gateway until SIGTERM or Ctrl-C, then drain and stop.
     ///
     /// Without --config it runs the embedded default: an in-process MQTT broker on
-    /// 127.0.0.1:1883, the mqtt provider on it, SQLite in ./data, the API on
-    /// 127.0.0.1:8080, a sample rule (temperature over 75 C) and three simulated devices.
-    /// Alerts are printed on stdout as JSON lines, logs go to stderr.
+    /// 127.0.0.1 (MQTT 5 devices on port 1883, MQTT 3.1.1 devices on 1884), the mqtt
+    /// provider on it, SQLite in ./data, the API on 127.0.0.1:8080, a sample rule
+    /// (temperature over 75 C) and three simulated devices. Alerts are printed on stdout as
+    /// JSON lines, logs go to stderr. On SIGTERM or Ctrl-C it closes the device side first
+    /// and commits every reading the broker already confirmed before it exits.
     Run(RunArgs),
     /// Check a config file: every problem at once, each with its key path and a fix.
     /// Exit 0 when valid, 64 when not.
@@ -373,7 +375,7 @@ async fn run(a: RunArgs) -> ExitCode {
         }
     };
     if embedded {
-        tracing::info!("no --config given: running the embedded default (broker on 127.0.0.1:{}, SQLite at {}, {} simulated devices)", config.embedded_broker.port, config.store.path, config.simulate.devices);
+        tracing::info!("no --config given: running the embedded default (broker on 127.0.0.1: MQTT 5 on {}, MQTT 3.1.1 on {}; SQLite at {}; {} simulated devices)", config.embedded_broker.port, config.embedded_broker.v311_port, config.store.path, config.simulate.devices);
     }
     let grace = Duration::from_secs(config.shutdown.grace_secs);
     let gw = match app::start(config, app::StartOptions::default()).await {
