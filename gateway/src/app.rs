@@ -133,7 +133,9 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
             0 => None,
             port => Some(SocketAddr::new(addr.ip(), port)),
         };
-        broker = Some(crate::broker::EmbeddedBroker::start(addr, v311, max_packet).await?);
+        broker = Some(
+            crate::broker::EmbeddedBroker::start(addr, v311, max_packet, metrics.clone()).await?,
+        );
     }
 
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();

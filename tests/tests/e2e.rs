@@ -720,3 +720,52 @@ async fn readings_the_embedded_broker_pubacked_are_all_committed_after_a_gracefu
     gw.stop().await;
     assert_eq!(committed_tokens(dir.path(), "burst-1").await.len(), N);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_over_the_brokers_limit_is_refused_counted_and_named_and_other_devices_carry_on() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    api.register("huge-1").await;
+    let mut opts = rumqttc::MqttOptions::new("huge-1-client", "127.0.0.1", gw.v311_port);
+    opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 8);
+    let huge = format!(
+        r#"{{"temperature": 99, "blob": "{}"}}"#,
+        "x".repeat(1536 * 1024)
+    );
+    client
+        .publish(
+            "devices/huge-1/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            huge,
+        )
+        .await
+        .expect("queued");
+    // The device's connection is closed (the client sees an error), not left hanging.
+    tokio::time::timeout(DEADLINE, async { while events.poll().await.is_ok() {} })
+        .await
+        .expect("the oversize packet's connection is closed");
+    let m = wait_for("the refusal to be counted", || async {
+        let m = api.metrics().await;
+        (metric(
+            &m,
+            "iotgw_events_rejected_total",
+            &["reason=\"packet_too_large\""],
+        ) >= 1.0)
+            .then_some(m)
+    })
+    .await;
+    assert!(m.contains("provider=\"embedded_broker\""), "{m}");
+    // Another device's reading still goes through.
+    api.register("fine-1").await;
+    let mut fine = Device311::connect(gw.v311_port, "fine-1").await;
+    fine.publish_telemetry(json!({"message_id": "ok", "temperature": 90}))
+        .await;
+    wait_for("the other device's alert", || async {
+        let (_, body) = api.get("/api/v1/alerts?device_id=fine-1").await;
+        (body["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}

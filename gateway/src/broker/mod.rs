@@ -9,8 +9,8 @@
 //! `max_payload_size` (the whole packet, topic and properties included), and the device's
 //! client then resends the same packet after every reconnect. So the limit is kept well
 //! above the mqtt provider's `max_payload_bytes`: an oversize reading reaches the gateway
-//! and becomes a dead letter with the reason, and only a packet beyond the broker's limit
-//! is refused by the broker (logged by it with the client id).
+//! and becomes a dead letter with the reason; a packet beyond the broker's limit is refused
+//! at the front door (below), counted and logged with the client id.
 //!
 //! # The front door, and why
 //! rumqttd confirms (PUBACKs) a device's QoS 1 publish as soon as its router has the
@@ -29,9 +29,16 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+mod guard;
 
 /// The running embedded broker: rumqttd on internal ports, and the front door devices use.
 #[derive(Debug)]
@@ -44,11 +51,13 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts rumqttd on free internal loopback ports and the front door on `v5` (and
-    /// `v311`): a busy public port is a clear error naming its key.
+    /// `v311`): a busy public port is a clear error naming its key. A device packet over
+    /// `max_packet` is refused at the door and counted in `metrics`.
     pub async fn start(
         v5: SocketAddr,
         v311: Option<SocketAddr>,
         max_packet: usize,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let public_v5 = tokio::net::TcpListener::bind(v5).await.with_context(|| {
             format!("the embedded broker cannot listen on {v5}: is another broker running there? stop it, or set embedded_broker.port (and the mqtt provider's port) to a free port")
@@ -68,9 +77,14 @@ impl EmbeddedBroker {
             .await??;
         let doors = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        tasks.spawn(front_door(public_v5, internal_v5, doors.clone()));
+        let door = Door {
+            max_packet,
+            metrics,
+            closed: doors.clone(),
+        };
+        tasks.spawn(front_door(public_v5, internal_v5, door.clone()));
         if let (Some(listener), Some(internal)) = (public_v311, internal_v311) {
-            tasks.spawn(front_door(listener, internal, doors.clone()));
+            tasks.spawn(front_door(listener, internal, door));
         }
         tracing::info!(addr = %v5, max_packet, "embedded broker: MQTT 5 devices connect here (loopback only, no authentication)");
         if let Some(v311) = v311 {
@@ -102,31 +116,35 @@ fn internal_addr() -> anyhow::Result<SocketAddr> {
     Ok(probe.local_addr()?)
 }
 
+/// What every connection of the front door shares.
+#[derive(Clone)]
+struct Door {
+    max_packet: usize,
+    metrics: Arc<Metrics>,
+    closed: CancellationToken,
+}
+
 /// Accepts devices on `listener` and passes each connection through to rumqttd at
-/// `internal`, until `doors` is cancelled; then every connection it passed is closed.
-async fn front_door(
-    listener: tokio::net::TcpListener,
-    internal: SocketAddr,
-    doors: CancellationToken,
-) {
+/// `internal`, until the door closes; then every connection it passed is closed.
+async fn front_door(listener: tokio::net::TcpListener, internal: SocketAddr, door: Door) {
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            () = doors.cancelled() => break,
+            () = door.closed.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         while conns.try_join_next().is_some() {}
-        let (mut device, peer) = match accepted {
+        let (device, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "embedded broker: accepting a device failed");
                 continue;
             }
         };
-        let closed = doors.clone();
+        let door = door.clone();
         conns.spawn(async move {
             let _ = device.set_nodelay(true);
-            let mut broker = match tokio::net::TcpStream::connect(internal).await {
+            let broker = match tokio::net::TcpStream::connect(internal).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(%peer, error = %e, "embedded broker: the internal listener refused a device connection");
@@ -135,13 +153,55 @@ async fn front_door(
             };
             let _ = broker.set_nodelay(true);
             tokio::select! {
-                () = closed.cancelled() => {}
-                _ = tokio::io::copy_bidirectional(&mut device, &mut broker) => {}
+                () = door.closed.cancelled() => {}
+                () = pass(device, broker, &door) => {}
             }
         });
     }
     drop(listener);
     conns.shutdown().await;
+}
+
+/// Passes one device connection through: broker to device as it comes, device to broker
+/// through the packet-size guard. A packet bigger than the broker reads closes the
+/// connection here (as rumqttd would), counted and logged with the client id.
+async fn pass(device: tokio::net::TcpStream, broker: tokio::net::TcpStream, door: &Door) {
+    let (mut from_device, mut to_device) = device.into_split();
+    let (mut from_broker, mut to_broker) = broker.into_split();
+    let downstream = async {
+        let _ = tokio::io::copy(&mut from_broker, &mut to_device).await;
+    };
+    let upstream = async {
+        let mut guard = guard::PacketGuard::new(door.max_packet);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from_device.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if let Err(refused) = guard.feed(&buf[..n]) {
+                let client = refused
+                    .client_id
+                    .unwrap_or_else(|| "(before CONNECT)".into());
+                door.metrics.rejected(
+                    "embedded_broker",
+                    "packet_too_large",
+                    &format!(
+                        "client {client}: a {}-byte packet, over embedded_broker.max_packet_bytes ({}): connection closed; keep readings under the mqtt provider's max_payload_bytes",
+                        refused.size, door.max_packet
+                    ),
+                );
+                return;
+            }
+            if to_broker.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = downstream => {}
+        () = upstream => {}
+    }
 }
 
 /// Starts rumqttd in its own thread: MQTT 5 on `addr`, MQTT 3.1.1 on `v311` (if any), and
