@@ -85,7 +85,8 @@ pub struct RunningGateway {
     outbox: sinks::OutboxWorkers,
     api_task: JoinHandle<()>,
     fleet: Option<(CancellationToken, JoinHandle<()>)>,
-    broker: Option<crate::broker::EmbeddedBroker>,
+    /// The embedded broker and the provider instances on it (the ones to drain).
+    broker: Option<(crate::broker::EmbeddedBroker, Vec<String>)>,
 }
 
 /// Opens the configured store.
@@ -139,8 +140,15 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     }
 
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+    let mut on_embedded = Vec::new();
     for (name, pc) in &config.providers {
-        let pc = on_embedded_broker(pc, &config, broker.as_ref(), name);
+        let pc = match on_embedded_broker(pc, &config, broker.as_ref(), name) {
+            Some(internal) => {
+                on_embedded.push(name.clone());
+                internal
+            }
+            None => pc.clone(),
+        };
         let provider = build_provider(name, &pc)
             .await
             .with_context(|| format!("starting provider `{name}`"))?;
@@ -242,32 +250,33 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         outbox,
         api_task,
         fleet,
-        broker,
+        broker: broker.map(|b| (b, on_embedded)),
     })
 }
 
 /// An mqtt instance that names the embedded broker's MQTT 5 address connects to rumqttd's
 /// internal port directly, not through the front door that a graceful stop closes first:
-/// the gateway must keep receiving while it drains.
+/// the gateway must keep receiving while it drains. `Some` with the rewritten config for
+/// such an instance.
 fn on_embedded_broker(
     pc: &ProviderConfig,
     config: &Config,
     broker: Option<&crate::broker::EmbeddedBroker>,
     name: &str,
-) -> ProviderConfig {
+) -> Option<ProviderConfig> {
     match (pc, broker) {
         (ProviderConfig::Mqtt(m), Some(b))
             if m.port == config.embedded_broker.port
                 && (m.host == config.embedded_broker.host || m.host == "localhost") =>
         {
             tracing::info!(provider = %name, internal = %b.internal_v5, "mqtt provider on the embedded broker: connecting to its internal port");
-            ProviderConfig::Mqtt(iotgw_config::MqttConfig {
+            Some(ProviderConfig::Mqtt(iotgw_config::MqttConfig {
                 host: b.internal_v5.ip().to_string(),
                 port: b.internal_v5.port(),
                 ..m.clone()
-            })
+            }))
         }
-        _ => pc.clone(),
+        _ => None,
     }
 }
 
@@ -325,12 +334,19 @@ impl RunningGateway {
             stop.cancel();
             let _ = task.await;
         }
-        // Nothing new may be confirmed to a device from here on; then every provider hands
-        // the pipeline what its source already confirmed (the embedded broker's backlog).
-        if let Some(broker) = self.broker.as_mut() {
+        // Nothing new may be confirmed to a device from here on; then every provider on the
+        // embedded broker hands the pipeline what the broker already confirmed. (An external
+        // broker or a cloud keeps what was not acked: nothing to drain there.)
+        let mut on_embedded = Vec::new();
+        if let Some((broker, instances)) = self.broker.as_mut() {
             broker.close_doors().await;
+            on_embedded = std::mem::take(instances);
         }
-        let drains = self.core.providers.iter().map(|(name, p)| async move {
+        let providers = &self.core.providers;
+        let drains = on_embedded
+            .iter()
+            .filter_map(|name| providers.get(name).map(|p| (name, p)));
+        let drains = drains.map(|(name, p)| async move {
             match tokio::time::timeout_at(deadline, p.drain()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(provider = %name, error = %e, "draining failed; what it had not handed over stays with its source"),

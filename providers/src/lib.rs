@@ -453,8 +453,8 @@ pub trait Provider: Send + Sync {
     /// Receives until `shutdown` fires, sending events; reconnects on its own. Returns an
     /// error only for failures retrying cannot fix (bad credentials, bad config).
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError>;
-    /// Called on a graceful stop, while `run` still runs and after the gateway stopped
-    /// whatever confirms input on its behalf (the embedded broker's device listeners):
+    /// Called on a graceful stop for an instance on the gateway's embedded broker, while
+    /// `run` still runs and after the gateway stopped that broker's device listeners:
     /// returns once everything the source already delivered to this instance has been
     /// handed to the event channel. The default has nothing to do: a cloud keeps what was
     /// not acknowledged and redelivers it.
