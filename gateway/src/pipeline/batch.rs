@@ -152,12 +152,16 @@ fn account(
             core.metrics
                 .dead_letter(&letter.source, rejected.unwrap_or("rejected"));
         }
-        (BatchWrite::Telemetry { if_unknown, .. }, BatchOutcome::DeadLettered) => {
-            if let iotgw_registry::IfUnknown::DeadLetter(letter) = if_unknown {
-                core.metrics
-                    .rejected(instance, "unknown_device", &letter.reason);
-                core.metrics.dead_letter(&letter.source, "unknown_device");
-            }
+        (
+            BatchWrite::Telemetry {
+                if_unknown: iotgw_registry::IfUnknown::DeadLetter(letter),
+                ..
+            },
+            BatchOutcome::DeadLettered,
+        ) => {
+            core.metrics
+                .rejected(instance, "unknown_device", &letter.reason);
+            core.metrics.dead_letter(&letter.source, "unknown_device");
         }
         (BatchWrite::Telemetry { commit, .. }, BatchOutcome::Telemetry { alerts, registered }) => {
             if *registered {
@@ -183,11 +187,9 @@ fn account(
                 connected,
                 at,
             },
-            BatchOutcome::Connection { applied },
+            BatchOutcome::Connection { applied: false },
         ) => {
-            if !applied {
-                tracing::debug!(device = %device_id, connected, %at, "older connection event ignored");
-            }
+            tracing::debug!(device = %device_id, connected, %at, "older connection event ignored");
         }
         (
             BatchWrite::Connection { device_id, .. } | BatchWrite::Reported { device_id, .. },
