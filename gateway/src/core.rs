@@ -199,15 +199,17 @@ impl Core {
         let requested = reqs.len();
         let mut out: Vec<Option<Result<Registered, GatewayError>>> =
             std::iter::repeat_with(|| None).take(requested).collect();
-        let mut planned = Vec::with_capacity(requested);
+        let (mut planned, mut news) = (Vec::new(), Vec::new());
         for (index, req) in reqs.into_iter().enumerate() {
             match self.plan(req) {
-                Ok(p) => planned.push((index, p)),
+                Ok((new, provider)) => {
+                    planned.push((index, provider));
+                    news.push(new);
+                }
                 Err(e) => out[index] = Some(Err(e)),
             }
         }
 
-        let news: Vec<NewDevice> = planned.iter().map(|(_, p)| p.new.clone()).collect();
         let begun = match self.store.begin_registrations(&news).await {
             Ok(b) => b,
             Err(e) => {
@@ -218,10 +220,10 @@ impl Core {
             }
         };
         let mut started = Vec::with_capacity(planned.len());
-        for ((index, p), begun) in planned.into_iter().zip(begun) {
+        for (((index, provider), new), begun) in planned.into_iter().zip(news).zip(begun) {
             match begun {
-                Ok(_) => started.push((index, p)),
-                Err(e) => out[index] = Some(Err(self.refused(&p.new.device_id, e).await)),
+                Ok(_) => started.push((index, Planned { new, provider })),
+                Err(e) => out[index] = Some(Err(self.refused(&new.device_id, e).await)),
             }
         }
 
@@ -295,7 +297,7 @@ impl Core {
     }
 
     /// Checks and routes one request, as registration needs it.
-    fn plan(&self, req: RegisterRequest) -> Result<Planned, GatewayError> {
+    fn plan(&self, req: RegisterRequest) -> Result<(NewDevice, Arc<dyn Provider>), GatewayError> {
         let device_id = parse_id(&req.msdyn_deviceid)?;
         let instance = match req.msdyn_iotproviderinstance {
             Some(i) => i,
@@ -332,7 +334,7 @@ impl Core {
                 IsSimulated::No
             },
         };
-        Ok(Planned { new, provider })
+        Ok((new, provider))
     }
 
     /// The error for a device the store refused to begin: a conflict with a device that is

@@ -2369,6 +2369,29 @@ pub async fn a_finishing_batch_registers_or_fails_each_device_on_its_own(store: 
         Some(ok1),
         "the returned record is the stored one"
     );
+
+    // An id repeated in a batch is applied in order, as two calls would be.
+    store
+        .begin_registration(&new_device("twice-1", "local"))
+        .await
+        .expect("begin twice-1");
+    let out = store
+        .finish_registrations(&[
+            (did("twice-1"), Err("first try failed".into())),
+            (did("twice-1"), Ok(Some("second try".into()))),
+        ])
+        .await
+        .expect("finish_registrations");
+    let first = out[0].as_ref().expect("first outcome");
+    assert_eq!(first.registration_status, RegistrationStatus::Error);
+    let second = out[1].as_ref().expect("second outcome");
+    assert_eq!(second.registration_status, RegistrationStatus::Registered);
+    assert_eq!(second.registration_message.as_deref(), Some("second try"));
+    assert_eq!(
+        store.history(&did("twice-1")).await.expect("history").len(),
+        1,
+        "one Register row, for the outcome that registered"
+    );
     assert!(
         store
             .finish_registrations(&[])

@@ -517,29 +517,6 @@ async fn write_category(
     category_from_row(&row)
 }
 
-async fn insert_history(
-    conn: &mut SqliteConnection,
-    device: &Device,
-    action: RegistrationAction,
-    at: &str,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO registration_history (id, device, device_id, name, action, provider_instance, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(Uuid::now_v7().to_string())
-    .bind(device.id.to_string())
-    .bind(device.device_id.as_str())
-    .bind(format!("{} {}", action.label(), device.device_id))
-    .bind(action.value())
-    .bind(&device.provider_instance)
-    .bind(at)
-    .execute(&mut *conn)
-    .await
-    .map_err(db("writing registration history"))?;
-    Ok(())
-}
-
 async fn alert_by_token(conn: &mut SqliteConnection, token: &str) -> StoreResult<Option<Alert>> {
     sqlx::query(&format!(
         "SELECT {ALERT_COLS} FROM alerts WHERE alert_token = ?"
@@ -927,7 +904,8 @@ impl Store for SqliteStore {
         .await
         .map_err(db("unregistering a device"))?;
         let device = device_from_row(&row)?;
-        insert_history(&mut tx, &device, RegistrationAction::Unregister, &at).await?;
+        registration::insert_history(&mut tx, &[(&device, RegistrationAction::Unregister)], &at)
+            .await?;
         tx.commit()
             .await
             .map_err(db("committing an unregistration"))?;
