@@ -154,6 +154,10 @@ pub struct ImportArgs {
     /// Devices per request (1 to 1000).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub batch_size: u16,
+    /// Requests in flight at once: while the gateway commits one batch, the next ones
+    /// travel and are parsed.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub parallel: u8,
     /// Write the credentials providers hand out (shown once, never stored by the gateway)
     /// to this file, one JSON line per device, readable only by you.
     #[arg(long)]
@@ -447,6 +451,7 @@ async fn import(a: ImportArgs) -> ExitCode {
         url,
         token: a.token.or(config_token),
         batch_size: usize::from(a.batch_size),
+        parallel: usize::from(a.parallel),
         credentials_out: a.credentials_out,
         timeout: Duration::from_secs(a.timeout_secs.max(1)),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),

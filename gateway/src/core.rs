@@ -210,6 +210,7 @@ impl Core {
             }
         }
 
+        let clock = std::time::Instant::now();
         let begun = match self.store.begin_registrations(&news).await {
             Ok(b) => b,
             Err(e) => {
@@ -227,6 +228,8 @@ impl Core {
             }
         }
 
+        let begin_ms = clock.elapsed().as_millis();
+        let clock = std::time::Instant::now();
         let mut called: Vec<_> = stream::iter(started)
             .map(|(index, p)| async move {
                 let spec = DeviceSpec {
@@ -254,7 +257,10 @@ impl Core {
                 (new.device_id.clone(), outcome)
             })
             .collect();
+        let providers_ms = clock.elapsed().as_millis();
+        let clock = std::time::Instant::now();
         let finished = self.store.finish_registrations(&outcomes).await;
+        let finish_ms = clock.elapsed().as_millis();
         let mut finished = match finished {
             Ok(f) => f.into_iter().map(Some).collect(),
             Err(e) => {
@@ -289,6 +295,9 @@ impl Core {
         let registered = answers.iter().filter(|a| a.is_ok()).count();
         tracing::info!(
             requested,
+            begin_ms,
+            providers_ms,
+            finish_ms,
             registered,
             failed = requested - registered,
             "devices registered"

@@ -19,8 +19,6 @@ use serde::Deserialize;
 
 use crate::core::RegisterRequest;
 
-/// Batches in flight at once: while the gateway commits one, the next one travels.
-const REQUESTS_IN_FLIGHT: usize = 2;
 /// Problems listed before the rest are only counted.
 const MAX_PROBLEMS_SHOWN: usize = 10;
 /// Examples shown per failure reason.
@@ -386,6 +384,8 @@ pub struct Options {
     pub token: Option<String>,
     /// Devices per request (1..=1000).
     pub batch_size: usize,
+    /// Requests in flight at once.
+    pub parallel: usize,
     /// Where credentials handed out by the providers are written (JSON lines).
     pub credentials_out: Option<PathBuf>,
     /// How long one request may take.
@@ -670,7 +670,7 @@ pub async fn import(opts: &Options, devices: u64) -> Result<Summary, Problem> {
                 (batch, sent)
             }
         })
-        .buffered(REQUESTS_IN_FLIGHT);
+        .buffered(opts.parallel.max(1));
     while let Some((batch, sent)) = answers.next().await {
         let answer = match sent {
             Sent::Answered(a) => a,

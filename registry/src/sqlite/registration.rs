@@ -402,6 +402,7 @@ fn only(results: Vec<StoreResult<Device>>) -> StoreResult<Device> {
 impl SqliteStore {
     /// See [`crate::Store::begin_registration`]: a batch of one, without categories.
     pub(super) async fn begin_single(&self, device: &NewDevice) -> StoreResult<Device> {
+        let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
         let begun = only(begin_on(&mut tx, &[device], &now()).await?)?;
         tx.commit().await.map_err(db("committing a registration"))?;
@@ -414,6 +415,7 @@ impl SqliteStore {
         id: &DeviceId,
         outcome: Result<Option<String>, String>,
     ) -> StoreResult<Device> {
+        let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
         let device = only(finish_on(&mut tx, &[(id.clone(), outcome)], &now()).await?)?;
         tx.commit().await.map_err(db("committing a registration"))?;
@@ -428,6 +430,7 @@ impl SqliteStore {
         if devices.is_empty() {
             return Ok(Vec::new());
         }
+        let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
         let at = now();
         let mut categories: BTreeMap<&str, Option<StoreError>> = devices
@@ -474,6 +477,7 @@ impl SqliteStore {
         if outcomes.is_empty() {
             return Ok(Vec::new());
         }
+        let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
         let out = finish_on(&mut tx, outcomes, &now()).await?;
         tx.commit()
