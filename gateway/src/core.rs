@@ -278,7 +278,13 @@ impl Core {
             let answer = match (stored, result) {
                 (Err(e), _) => Err(e.into()),
                 (Ok(device), Ok(reg)) => {
-                    tracing::debug!(device = %new.device_id, provider = %instance, "device registered");
+                    // One line per device only for a single registration; a batch logs
+                    // its counts below.
+                    if requested == 1 {
+                        tracing::info!(device = %new.device_id, provider = %instance, "device registered");
+                    } else {
+                        tracing::debug!(device = %new.device_id, provider = %instance, "device registered");
+                    }
                     Ok(Registered {
                         device,
                         credentials: reg.credentials,
