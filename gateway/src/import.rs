@@ -3,8 +3,8 @@
 //!
 //! The file is read twice: once to check every line (nothing is sent when one is bad, and
 //! every problem is reported with its line and the fix), once to send it in batches. Only
-//! one batch is held in memory at a time, so a file of a million devices costs the
-//! importer little more than the set of ids it checks for repeats.
+//! the batches in flight (`--parallel`) are held in memory, so a file of a million devices
+//! costs the importer little more than the set of ids it checks for repeats.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
