@@ -293,18 +293,21 @@ async fn start_fleet(
         return None;
     };
     let ids = crate::simulate::device_ids("sim", config.simulate.devices);
-    for id in &ids {
-        let req = RegisterRequest {
+    let reqs = ids
+        .iter()
+        .map(|id| RegisterRequest {
             msdyn_deviceid: id.clone(),
             msdyn_category: Some("simulated-chiller".into()),
             msdyn_issimulated: true,
             ..Default::default()
-        };
-        match core.register(req).await {
+        })
+        .collect();
+    for (id, answer) in ids.iter().zip(core.register_many(reqs).await) {
+        match answer {
             Ok(_) => {
                 tracing::info!(device = %id, provider = %instance, "simulated device registered")
             }
-            Err(crate::core::GatewayError::Conflict(_)) => {
+            Err(crate::core::GatewayError::AlreadyRegistered(_)) => {
                 tracing::info!(device = %id, "simulated device already registered")
             }
             Err(e) => tracing::warn!(device = %id, error = %e, "simulated device not registered"),

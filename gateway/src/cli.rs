@@ -1,4 +1,5 @@
-//! The command line: `run`, `check-config`, `config show`, `simulate`, `healthcheck`.
+//! The command line: `run`, `check-config`, `config show`, `simulate`, `healthcheck`,
+//! `devices import`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +22,7 @@ Quick start:
   iotgw run                          embedded broker + SQLite + 3 simulated devices; alerts on stdout
   iotgw check-config gateway.toml    every problem in a config file, with its key and a fix
   iotgw config show -c gateway.toml  the effective config (file + IOTGW_* env), secrets redacted
+  iotgw devices import fleet.csv     register a file of devices through the running gateway
 
 Configuration layers: built-in defaults, then the TOML file, then IOTGW_* environment variables
 with `__` between levels (IOTGW_API__LISTEN=0.0.0.0:8080, IOTGW_PROVIDERS__LOCAL__PORT=1884).
@@ -82,6 +84,89 @@ pub enum Command {
     /// is no curl. Without --url it probes `api.listen` of the effective config (IOTGW_CONFIG
     /// and IOTGW_* env), a wildcard address replaced by loopback.
     Healthcheck(HealthcheckArgs),
+    /// Manage the devices of a running gateway through its API.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+}
+
+/// `devices` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Register every device listed in a CSV or JSON Lines file through a running gateway.
+    #[command(long_about = IMPORT_ABOUT, after_long_help = IMPORT_AFTER)]
+    Import(ImportArgs),
+}
+
+const IMPORT_ABOUT: &str = "\
+Register every device listed in FILE through a running gateway's API (POST
+/api/v1/devices/batch), --batch-size devices per request, with a progress bar on stderr
+(drawn only on a terminal) and a summary on stdout: registered, already registered, and the
+failures grouped by reason with their first examples.
+
+The whole file is checked before anything is sent: a line that is not a device, an invalid
+id or an id listed twice is reported with its line number and the fix, and nothing is
+imported (exit 64). Importing the same file again is safe: devices registered the first time
+are reported as already registered.
+
+Without --url the gateway is found at api.listen of the effective config (--config /
+IOTGW_CONFIG and IOTGW_* variables, as for `iotgw run`), and the token is api.token of that
+config unless --token or IOTGW_API_TOKEN gives one.";
+
+const IMPORT_AFTER: &str = "\
+FILE formats, told by the extension:
+
+  .csv    a header row naming the columns, then one device per row. Columns:
+          msdyn_deviceid (required), msdyn_name, msdyn_category,
+          msdyn_iotproviderinstance (else routing decides), and tag.KEY for a tag KEY.
+          An empty cell leaves the field out; quote a value that holds a comma.
+
+            msdyn_deviceid,msdyn_name,msdyn_category,tag.site,tag.floor
+            pump-001,Pump 1,chiller,north,2
+            pump-002,,chiller,\"south, east\",
+
+  .jsonl  one registration request per line, the body of POST /api/v1/devices (every
+          field of it, msdyn_devicesettings and msdyn_issimulated included):
+
+            {\"msdyn_deviceid\": \"pump-001\", \"msdyn_tags\": {\"site\": \"north\"}}
+            {\"msdyn_deviceid\": \"pump-002\", \"msdyn_iotproviderinstance\": \"plant\"}
+
+Examples:
+  iotgw devices import fleet.csv
+  iotgw devices import --url http://10.0.0.5:8080 --token \"$TOKEN\" fleet.jsonl
+  iotgw devices import -c gateway.toml --batch-size 1000 --credentials-out creds.jsonl fleet.csv
+
+Exit status: 0 when every device is registered (now or before), 1 when some were not (or
+the gateway could not be reached), 64 when the file is bad.";
+
+/// `devices import` options.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The devices: a .csv or .jsonl file (`--help` shows both formats).
+    pub file: PathBuf,
+    /// The gateway's API base URL, e.g. http://127.0.0.1:8080; overrides --config.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// TOML config file whose api.listen (and api.token) reach the gateway; omit for the
+    /// embedded default.
+    #[arg(short, long, env = "IOTGW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Bearer token of the API; defaults to api.token of the config.
+    #[arg(long, env = "IOTGW_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Devices per request (1 to 1000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_size: u16,
+    /// Requests in flight at once: while the gateway commits one batch, the next ones
+    /// travel and are parsed.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub parallel: u8,
+    /// Write the credentials providers hand out (shown once, never stored by the gateway)
+    /// to this file, one JSON line per device, readable only by you.
+    #[arg(long)]
+    pub credentials_out: Option<PathBuf>,
+    /// Give up on a request after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
 }
 
 /// `run` options.
@@ -259,6 +344,7 @@ async fn dispatch(cmd: Command) -> ExitCode {
         Command::Run(a) => run(a).await,
         Command::Simulate(a) => simulate(a).await,
         Command::Healthcheck(a) => healthcheck(a).await,
+        Command::Devices(DevicesCommand::Import(a)) => import(a).await,
     }
 }
 
@@ -338,6 +424,52 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
             }
             println!("unhealthy: cannot reach {url} ({cause}); is the gateway running and is api.listen right?");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn import(a: ImportArgs) -> ExitCode {
+    let checked = crate::import::check(&a.file);
+    if !checked.problems.is_empty() {
+        crate::import::report_problems(&a.file, &checked.problems, &mut std::io::stderr());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let (url, config_token) = match a.url {
+        Some(u) => (u, None),
+        None => match load(a.config, true) {
+            Ok(c) => (
+                probe_url(&c.api.listen, ""),
+                c.api.token.map(|t| t.expose().to_owned()),
+            ),
+            Err(e) => {
+                let fallback = iotgw_config::ApiConfig::default().listen;
+                eprintln!("iotgw devices import: the config does not load ({} problem(s)); trying the default {fallback}", e.problems.len());
+                (probe_url(&fallback, ""), None)
+            }
+        },
+    };
+    let opts = crate::import::Options {
+        file: a.file.clone(),
+        url,
+        token: a.token.or(config_token),
+        batch_size: usize::from(a.batch_size),
+        parallel: usize::from(a.parallel),
+        credentials_out: a.credentials_out,
+        timeout: Duration::from_secs(a.timeout_secs.max(1)),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    match crate::import::import(&opts, checked.devices).await {
+        Ok(summary) => {
+            print!("{}", summary.render(&a.file, opts.batch_size));
+            if summary.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(p) => {
+            crate::import::report_problems(&a.file, &[p], &mut std::io::stderr());
+            ExitCode::from(EXIT_BAD_CONFIG)
         }
     }
 }

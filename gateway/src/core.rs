@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::Utc;
+use futures::stream::{self, StreamExt};
 use iotgw_config::Config;
 use iotgw_providers::{
     CommandOutcome, CommandRequest, DeviceSpec, DeviceState, Provider, ProviderError,
@@ -37,6 +38,10 @@ pub enum GatewayError {
     /// Conflicts with the current state.
     #[error("{0}")]
     Conflict(String),
+    /// The device is already Registered (a kind of conflict: registering it again needs an
+    /// unregister first).
+    #[error("{0}")]
+    AlreadyRegistered(String),
     /// The provider failed.
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -62,26 +67,31 @@ impl From<StoreError> for GatewayError {
 }
 
 /// A registration request (shaped after `msdyn_iotdevice`).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// The device id (validated here).
     pub msdyn_deviceid: String,
     /// Display name; defaults to the id.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub msdyn_name: Option<String>,
     /// Category.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub msdyn_category: Option<String>,
     /// Customer account.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub msdyn_account: Option<String>,
     /// Tags.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub msdyn_tags: BTreeMap<String, String>,
     /// Desired settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub msdyn_devicesettings: Option<serde_json::Value>,
     /// Provider instance; the router decides when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub msdyn_iotproviderinstance: Option<String>,
     /// Simulated device.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub msdyn_issimulated: bool,
 }
 
@@ -124,6 +134,24 @@ impl std::fmt::Debug for Core {
     }
 }
 
+/// Provider registrations in flight at once in one [`Core::register_many`] call.
+pub const PROVIDER_CONCURRENCY: usize = 32;
+
+/// A registration request checked and routed: what to store and which provider registers it.
+struct Planned {
+    new: NewDevice,
+    provider: Arc<dyn Provider>,
+}
+
+/// Every slot of `register_many`'s answers is filled before it returns.
+fn finish_answers(
+    out: Vec<Option<Result<Registered, GatewayError>>>,
+) -> Vec<Result<Registered, GatewayError>> {
+    out.into_iter()
+        .map(|a| a.expect("register_many answers every request"))
+        .collect()
+}
+
 fn parse_id(raw: &str) -> Result<DeviceId, GatewayError> {
     DeviceId::parse(raw).map_err(|e| GatewayError::Invalid {
         field: "msdyn_deviceid".into(),
@@ -150,11 +178,144 @@ impl Core {
     }
 
     /// Registers a device: route, mark In Progress, call the provider, then Registered (with
-    /// a history row) or Error (with the provider's message).
+    /// a history row) or Error (with the provider's message). A batch of one
+    /// ([`register_many`](Self::register_many)).
     pub async fn register(&self, req: RegisterRequest) -> Result<Registered, GatewayError> {
+        self.register_many(vec![req])
+            .await
+            .pop()
+            .expect("register_many answers once per request")
+    }
+
+    /// Registers many devices and answers once per request, at the same index: each is
+    /// checked and routed as [`register`](Self::register) does, all are marked In Progress
+    /// in one store call, each device's provider registers it (at most
+    /// [`PROVIDER_CONCURRENCY`] calls in flight), then all are finished in one store call.
+    /// One device's failure never fails the others.
+    pub async fn register_many(
+        &self,
+        reqs: Vec<RegisterRequest>,
+    ) -> Vec<Result<Registered, GatewayError>> {
+        let requested = reqs.len();
+        let mut out: Vec<Option<Result<Registered, GatewayError>>> =
+            std::iter::repeat_with(|| None).take(requested).collect();
+        let (mut planned, mut news) = (Vec::new(), Vec::new());
+        for (index, req) in reqs.into_iter().enumerate() {
+            match self.plan(req) {
+                Ok((new, provider)) => {
+                    planned.push((index, provider));
+                    news.push(new);
+                }
+                Err(e) => out[index] = Some(Err(e)),
+            }
+        }
+
+        let clock = std::time::Instant::now();
+        let begun = match self.store.begin_registrations(&news).await {
+            Ok(b) => b,
+            Err(e) => {
+                for (index, _) in &planned {
+                    out[*index] = Some(Err(e.clone().into()));
+                }
+                return finish_answers(out);
+            }
+        };
+        let mut started = Vec::with_capacity(planned.len());
+        for (((index, provider), new), begun) in planned.into_iter().zip(news).zip(begun) {
+            match begun {
+                Ok(_) => started.push((index, Planned { new, provider })),
+                Err(e) => out[index] = Some(Err(self.refused(&new.device_id, e).await)),
+            }
+        }
+
+        let begin_ms = clock.elapsed().as_millis();
+        let clock = std::time::Instant::now();
+        let mut called: Vec<_> = stream::iter(started)
+            .map(|(index, p)| async move {
+                let spec = DeviceSpec {
+                    device_id: p.new.device_id.clone(),
+                    name: p.new.name.clone(),
+                    category: p.new.category.clone(),
+                    tags: p.new.tags.clone(),
+                    settings: p.new.settings.clone(),
+                };
+                let result = p.provider.register(&spec).await;
+                (index, p.new, result)
+            })
+            .buffer_unordered(PROVIDER_CONCURRENCY)
+            .collect()
+            .await;
+        called.sort_by_key(|(index, _, _)| *index);
+
+        let outcomes: Vec<(DeviceId, Result<Option<String>, String>)> = called
+            .iter()
+            .map(|(_, new, result)| {
+                let outcome = match result {
+                    Ok(reg) => Ok(reg.message.clone()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (new.device_id.clone(), outcome)
+            })
+            .collect();
+        let providers_ms = clock.elapsed().as_millis();
+        let clock = std::time::Instant::now();
+        let finished = self.store.finish_registrations(&outcomes).await;
+        let finish_ms = clock.elapsed().as_millis();
+        let mut finished = match finished {
+            Ok(f) => f.into_iter().map(Some).collect(),
+            Err(e) => {
+                for (index, _, _) in &called {
+                    out[*index] = Some(Err(e.clone().into()));
+                }
+                Vec::new()
+            }
+        };
+        for (n, (index, new, result)) in called.into_iter().enumerate() {
+            let Some(stored) = finished.get_mut(n).and_then(Option::take) else {
+                continue;
+            };
+            let instance = &new.provider_instance;
+            let answer = match (stored, result) {
+                (Err(e), _) => Err(e.into()),
+                (Ok(device), Ok(reg)) => {
+                    // One line per device only for a single registration; a batch logs
+                    // its counts below.
+                    if requested == 1 {
+                        tracing::info!(device = %new.device_id, provider = %instance, "device registered");
+                    } else {
+                        tracing::debug!(device = %new.device_id, provider = %instance, "device registered");
+                    }
+                    Ok(Registered {
+                        device,
+                        credentials: reg.credentials,
+                    })
+                }
+                (Ok(_), Err(e)) => {
+                    tracing::warn!(device = %new.device_id, provider = %instance, error = %e, "registration failed");
+                    Err(e.into())
+                }
+            };
+            out[index] = Some(answer);
+        }
+        let answers = finish_answers(out);
+        let registered = answers.iter().filter(|a| a.is_ok()).count();
+        tracing::info!(
+            requested,
+            begin_ms,
+            providers_ms,
+            finish_ms,
+            registered,
+            failed = requested - registered,
+            "devices registered"
+        );
+        answers
+    }
+
+    /// Checks and routes one request, as registration needs it.
+    fn plan(&self, req: RegisterRequest) -> Result<(NewDevice, Arc<dyn Provider>), GatewayError> {
         let device_id = parse_id(&req.msdyn_deviceid)?;
-        let instance = match &req.msdyn_iotproviderinstance {
-            Some(i) => i.clone(),
+        let instance = match req.msdyn_iotproviderinstance {
+            Some(i) => i,
             None => self
                 .router
                 .route(RouteInput { device_id: &device_id, category: req.msdyn_category.as_deref(), tags: &req.msdyn_tags })
@@ -174,53 +335,35 @@ impl Core {
                 });
             }
         }
-        if let Some(cat) = &req.msdyn_category {
-            self.store.upsert_category(cat, None).await?;
-        }
         let new = NewDevice {
-            name: req
-                .msdyn_name
-                .clone()
-                .unwrap_or_else(|| device_id.to_string()),
-            device_id: device_id.clone(),
-            provider_instance: instance.clone(),
-            category: req.msdyn_category.clone(),
-            account: req.msdyn_account.clone(),
-            settings: req.msdyn_devicesettings.clone(),
-            tags: req.msdyn_tags.clone(),
+            name: req.msdyn_name.unwrap_or_else(|| device_id.to_string()),
+            device_id,
+            provider_instance: instance,
+            category: req.msdyn_category,
+            account: req.msdyn_account,
+            settings: req.msdyn_devicesettings,
+            tags: req.msdyn_tags,
             is_simulated: if req.msdyn_issimulated {
                 IsSimulated::Yes
             } else {
                 IsSimulated::No
             },
         };
-        self.store.begin_registration(&new).await?;
-        let spec = DeviceSpec {
-            device_id: device_id.clone(),
-            name: new.name.clone(),
-            category: new.category.clone(),
-            tags: new.tags.clone(),
-            settings: new.settings.clone(),
+        Ok((new, provider))
+    }
+
+    /// The error for a device the store refused to begin: a conflict with a device that is
+    /// already Registered is [`GatewayError::AlreadyRegistered`] (an import run twice
+    /// tells it apart from a real failure).
+    async fn refused(&self, id: &DeviceId, e: StoreError) -> GatewayError {
+        let StoreError::Conflict(message) = e else {
+            return e.into();
         };
-        match provider.register(&spec).await {
-            Ok(reg) => {
-                let device = self
-                    .store
-                    .finish_registration(&device_id, Ok(reg.message))
-                    .await?;
-                tracing::info!(device = %device_id, provider = %instance, "device registered");
-                Ok(Registered {
-                    device,
-                    credentials: reg.credentials,
-                })
+        match self.store.get_device(id).await {
+            Ok(Some(d)) if d.registration_status == RegistrationStatus::Registered => {
+                GatewayError::AlreadyRegistered(message)
             }
-            Err(e) => {
-                tracing::warn!(device = %device_id, provider = %instance, error = %e, "registration failed");
-                self.store
-                    .finish_registration(&device_id, Err(e.to_string()))
-                    .await?;
-                Err(e.into())
-            }
+            _ => GatewayError::Conflict(message),
         }
     }
 
@@ -399,5 +542,224 @@ impl Core {
             }
         }
         cmd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use iotgw_providers::{
+        EventSender, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    };
+    use iotgw_registry::{RegistrationAction, SqliteStore};
+
+    use super::*;
+
+    /// A provider that counts the registrations in flight, fails ids starting with `fail-`
+    /// and hands out credentials to ids starting with `cred-`.
+    struct Counting {
+        limits: ProviderLimits,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+        calls: AtomicUsize,
+    }
+
+    impl Counting {
+        fn new() -> Self {
+            Self {
+                limits: ProviderLimits {
+                    max_telemetry_bytes: 1024,
+                    max_command_bytes: 1024,
+                },
+                in_flight: AtomicUsize::new(0),
+                most_in_flight: AtomicUsize::new(0),
+                calls: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Provider for Counting {
+        fn instance(&self) -> &str {
+            "local"
+        }
+        fn kind(&self) -> ProviderKind {
+            ProviderKind::Mqtt
+        }
+        fn limits(&self) -> &ProviderLimits {
+            &self.limits
+        }
+        fn health(&self) -> ProviderHealth {
+            ProviderHealth {
+                connected: true,
+                since: Utc::now(),
+                last_error: None,
+                receiving: true,
+            }
+        }
+        async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            // Let every other registration the batch allows start before this one ends.
+            tokio::task::yield_now().await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let id = spec.device_id.as_str();
+            if id.starts_with("fail-") {
+                return Err(ProviderError::Transient {
+                    instance: "local".into(),
+                    message: format!("the broker refused {id}"),
+                });
+            }
+            Ok(Registration {
+                message: Some(format!("created {id}")),
+                credentials: id
+                    .starts_with("cred-")
+                    .then(|| serde_json::json!({"password": format!("pw-{id}")})),
+            })
+        }
+        async fn unregister(&self, _: &DeviceId) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn send_command(&self, _: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
+            Ok(CommandOutcome::Published)
+        }
+        async fn device_state(&self, _: &DeviceId) -> Result<DeviceState, ProviderError> {
+            Ok(DeviceState::default())
+        }
+        async fn run(&self, _: EventSender, _: Shutdown) -> Result<(), ProviderError> {
+            Ok(())
+        }
+    }
+
+    async fn core_with(provider: Arc<Counting>) -> Core {
+        let config = Config::embedded_default();
+        let store = SqliteStore::memory().await.expect("in-memory store");
+        let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+        providers.insert("local".into(), provider);
+        Core {
+            router: Router::new(&config.routing),
+            rules: RuleSet::new(&config),
+            metrics: Arc::new(Metrics::new()),
+            outbox_wake: Arc::new(Notify::new()),
+            sinks: Vec::new(),
+            providers,
+            config: Arc::new(config),
+            store: Arc::new(store),
+        }
+    }
+
+    fn req(id: &str) -> RegisterRequest {
+        RegisterRequest {
+            msdyn_deviceid: id.into(),
+            msdyn_category: Some("meters".into()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn register_many_answers_each_request_at_its_index() {
+        let provider = Arc::new(Counting::new());
+        let core = core_with(provider.clone()).await;
+        core.register(req("old-1")).await.expect("old-1 registered");
+        let answers = core
+            .register_many(vec![
+                req("ok-1"),
+                req("old-1"),
+                req("fail-1"),
+                req("not valid!"),
+                req("cred-1"),
+                RegisterRequest {
+                    msdyn_iotproviderinstance: Some("nowhere".into()),
+                    ..req("ok-2")
+                },
+                req("ok-1"),
+            ])
+            .await;
+        assert_eq!(answers.len(), 7, "one answer per request");
+        let ok = answers[0].as_ref().expect("ok-1 registered");
+        assert_eq!(
+            ok.device.registration_status,
+            RegistrationStatus::Registered
+        );
+        assert_eq!(
+            ok.device.registration_message.as_deref(),
+            Some("created ok-1")
+        );
+        assert!(ok.credentials.is_none());
+        assert!(
+            matches!(&answers[1], Err(GatewayError::AlreadyRegistered(m)) if m.contains("unregister it first")),
+            "{:?}",
+            answers[1]
+        );
+        assert!(
+            matches!(&answers[2], Err(GatewayError::Provider(ProviderError::Transient { message, .. })) if message.contains("fail-1")),
+            "{:?}",
+            answers[2]
+        );
+        assert!(
+            matches!(&answers[3], Err(GatewayError::Invalid { field, .. }) if field == "msdyn_deviceid"),
+            "{:?}",
+            answers[3]
+        );
+        let cred = answers[4].as_ref().expect("cred-1 registered");
+        assert_eq!(
+            cred.credentials,
+            Some(serde_json::json!({"password": "pw-cred-1"}))
+        );
+        assert!(
+            matches!(&answers[5], Err(GatewayError::Invalid { field, .. }) if field == "msdyn_iotproviderinstance"),
+            "{:?}",
+            answers[5]
+        );
+        assert!(
+            matches!(&answers[6], Err(GatewayError::Conflict(m)) if m.contains("In Progress")),
+            "a repeated id is refused, not registered twice: {:?}",
+            answers[6]
+        );
+        assert_eq!(
+            provider.calls.load(Ordering::SeqCst),
+            4,
+            "the provider is called for old-1 once, then ok-1, fail-1 and cred-1"
+        );
+
+        let failed = core
+            .store
+            .get_device(&DeviceId::parse("fail-1").expect("id"))
+            .await
+            .expect("get")
+            .expect("fail-1 stored");
+        assert_eq!(failed.registration_status, RegistrationStatus::Error);
+        assert!(failed
+            .registration_message
+            .as_deref()
+            .is_some_and(|m| m.contains("the broker refused fail-1")));
+        let history = core
+            .store
+            .history(&DeviceId::parse("ok-1").expect("id"))
+            .await
+            .expect("history");
+        assert_eq!(
+            history.iter().map(|h| h.action).collect::<Vec<_>>(),
+            vec![RegistrationAction::Register]
+        );
+        let categories = core.store.list_categories().await.expect("categories");
+        assert_eq!(categories.len(), 1, "{categories:?}");
+    }
+
+    #[tokio::test]
+    async fn register_many_keeps_at_most_the_provider_concurrency_in_flight() {
+        let provider = Arc::new(Counting::new());
+        let core = core_with(provider.clone()).await;
+        let reqs = (0..100).map(|n| req(&format!("dev-{n:03}"))).collect();
+        let answers = core.register_many(reqs).await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(provider.calls.load(Ordering::SeqCst), 100);
+        assert_eq!(
+            provider.most_in_flight.load(Ordering::SeqCst),
+            PROVIDER_CONCURRENCY,
+            "the batch fills the concurrency bound and never exceeds it"
+        );
     }
 }

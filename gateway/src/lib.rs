@@ -1,7 +1,8 @@
 //! iotgw: one registry and one alert pipeline in front of several IoT clouds.
 //!
 //! # Layout
-//! - [`cli`]: the command line (thin; `main.rs` only calls it).
+//! - [`cli`]: the command line (thin; `main.rs` only calls it); [`import`]: `iotgw devices
+//!   import`, a file of devices registered through a running gateway's batch route.
 //! - [`app`]: composition and graceful shutdown.
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
 //! - [`router`]: which provider instance hosts a new device.
@@ -22,6 +23,7 @@ pub mod checkpoints;
 pub mod cli;
 pub mod core;
 pub mod health;
+pub mod import;
 pub mod metrics;
 pub mod pipeline;
 pub mod router;

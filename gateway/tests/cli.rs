@@ -27,6 +27,7 @@ fn help_names_every_command_and_the_quick_start() {
         "check-config",
         "config",
         "simulate",
+        "devices",
         "Quick start",
         "IOTGW_API__LISTEN",
     ] {
@@ -119,4 +120,229 @@ fn config_show_prints_the_effective_config_with_secrets_redacted() {
     assert_eq!(v["api"]["token"], "<redacted>");
     assert_eq!(v["api"]["listen"], "127.0.0.1:9999");
     assert_eq!(v["providers"]["local"]["kind"], "mqtt");
+}
+
+/// A free port on loopback (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `iotgw run` as a child process, killed when dropped.
+struct RunningGateway {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RunningGateway {
+    /// Starts `iotgw run --config gw.toml` in `dir`: the embedded broker, an mqtt provider in
+    /// registry-only mode, SQLite in `dir`, the API on a free port with `token`; returns once
+    /// the API answers `/live`.
+    fn start(dir: &std::path::Path, token: &str) -> (Self, String) {
+        let (api, broker) = (free_port(), free_port());
+        let config = format!(
+            "[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{token}\"\n\
+             [store]\npath = \"{db}\"\n\
+             [embedded_broker]\nenabled = true\nport = {broker}\nv311_port = 0\n\
+             [routing]\ndefault = \"local\"\n\
+             [providers.local]\nkind = \"mqtt\"\nport = {broker}\nclient_id = \"iotgw-cli-test\"\nshared_group = \"\"\n",
+            db = dir.join("iotgw.db").display()
+        );
+        std::fs::write(dir.join("gw.toml"), config).expect("write config");
+        let log = dir.join("gateway.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_iotgw"))
+            .args(["run", "--config", "gw.toml"])
+            .current_dir(dir)
+            .env("IOTGW_LOG", "info,rumqttd=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("iotgw run starts");
+        let mut gw = Self { child, log };
+        let url = format!("http://127.0.0.1:{api}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                panic!("iotgw run exited ({status}):\n{}", gw.log_text());
+            }
+            let probe = iotgw(
+                &[
+                    "healthcheck",
+                    "--url",
+                    &format!("{url}/live"),
+                    "--timeout-ms",
+                    "500",
+                ],
+                dir,
+            );
+            if probe.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway did not answer /live within 30 s:\n{}",
+                gw.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (gw, url)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `iotgw devices import ARGS` in `dir`, without a token from the environment.
+fn import(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iotgw"))
+        .args(["devices", "import"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("IOTGW_CONFIG")
+        .env_remove("IOTGW_API_TOKEN")
+        .env("IOTGW_LOG", "warn")
+        .output()
+        .expect("the iotgw binary runs")
+}
+
+/// GET `path` from the API with the bearer token: (status, JSON body).
+fn get(url: &str, token: &str, path: &str) -> (u16, serde_json::Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(format!("{url}{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the API answers");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    })
+}
+
+#[test]
+fn devices_import_registers_a_csv_and_a_jsonl_through_a_running_gateway() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = "cli-import-test-token-0123456789";
+    let (gw, url) = RunningGateway::start(dir.path(), token);
+
+    let help = text(&iotgw(&["devices", "import", "--help"], dir.path()).stdout);
+    for needle in [
+        "msdyn_deviceid,msdyn_name",
+        "tag.KEY",
+        ".jsonl",
+        "\"msdyn_deviceid\": \"pump-001\"",
+        "64",
+    ] {
+        assert!(
+            help.contains(needle),
+            "devices import --help lacks {needle}:\n{help}"
+        );
+    }
+
+    std::fs::write(
+        dir.path().join("fleet.csv"),
+        "msdyn_deviceid,msdyn_name,msdyn_category,tag.site\n\
+         pump-001,Pump 1,chiller,north\n\
+         pump-002,,chiller,\"south, east\"\n\
+         pump-003,Pump 3,,\n\
+         pump-004,,meter,north\n\
+         pump-005,,,\n",
+    )
+    .expect("write csv");
+    // URL and token come from the config, as for `iotgw run`; three batches of at most 2.
+    let out = import(
+        dir.path(),
+        &["--config", "gw.toml", "--batch-size", "2", "fleet.csv"],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}\n{}",
+        text(&out.stderr),
+        gw.log_text()
+    );
+    assert!(
+        stdout.contains("5 device(s) sent in 3 batch(es)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("registered                  5"), "{stdout}");
+    let (status, d) = get(&url, token, "/api/v1/devices/pump-002");
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["msdyn_registrationstatus"], 192350003);
+    assert_eq!(d["msdyn_category"], "chiller");
+    assert_eq!(d["msdyn_tags"]["site"], "south, east");
+    assert_eq!(
+        d["msdyn_name"], "pump-002",
+        "an empty name defaults to the id"
+    );
+
+    // The same file again: nothing new, nothing failed.
+    let out = import(dir.path(), &["--config", "gw.toml", "fleet.csv"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("already registered          5"), "{stdout}");
+
+    // A JSON Lines file with one bad line: reported with its line and the fix, nothing sent.
+    std::fs::write(
+        dir.path().join("more.jsonl"),
+        "{\"msdyn_deviceid\": \"valve-001\", \"msdyn_tags\": {\"site\": \"north\"}}\n\
+         {\"msdyn_deviceid\": \"valve-002\"}\n\
+         {\"msdyn_deviceid\": \"valve-003\", \"msdyn_colour\": \"red\"}\n\
+         {\"msdyn_deviceid\": \"valve-004\", \"msdyn_iotproviderinstance\": \"nowhere\"}\n",
+    )
+    .expect("write jsonl");
+    let out = import(dir.path(), &["--url", &url, "--token", token, "more.jsonl"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{}{stderr}", text(&out.stdout));
+    assert!(
+        stderr.contains("line 3") && stderr.contains("msdyn_colour") && stderr.contains("fix:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was imported"), "{stderr}");
+    assert_eq!(get(&url, token, "/api/v1/devices/valve-001").0, 404);
+
+    // Fixed, the file imports; the device the gateway cannot route is a failure with its
+    // reason and line, and the exit code says so.
+    let fixed = std::fs::read_to_string(dir.path().join("more.jsonl"))
+        .expect("read")
+        .replace(", \"msdyn_colour\": \"red\"", "");
+    std::fs::write(dir.path().join("more.jsonl"), fixed).expect("write");
+    let out = import(dir.path(), &["--url", &url, "--token", token, "more.jsonl"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("registered                  3"), "{stdout}");
+    assert!(stdout.contains("failed                      1"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "1 × invalid msdyn_iotproviderinstance: provider instance `nowhere` is not configured"
+        ) && stdout.contains("line 4: valve-004"),
+        "{stdout}"
+    );
+    assert_eq!(get(&url, token, "/api/v1/devices/valve-001").0, 200);
+
+    // Without the token the gateway refuses, and the importer says what to do.
+    let out = import(dir.path(), &["--url", &url, "fleet.csv"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("refused the token") && stdout.contains("--token"),
+        "{stdout}"
+    );
+    drop(gw);
 }

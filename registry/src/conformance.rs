@@ -92,6 +92,8 @@ macro_rules! conformance_tests {
             checkpoints_are_replaced_per_scope_and_key,
             batch_folds_dedupes_and_orders_like_single_commits,
             batch_applies_the_unknown_device_policy_and_lifecycle_writes,
+            a_registration_batch_begins_each_device_by_the_single_device_rules,
+            a_finishing_batch_registers_or_fails_each_device_on_its_own,
         );
     };
     (@each $make:expr; $($name:ident),+ $(,)?) => {
@@ -2176,6 +2178,228 @@ pub async fn batch_applies_the_unknown_device_policy_and_lifecycle_writes(store:
         .expect("dead letters");
     assert_eq!(dead.items.len(), 1);
     assert_eq!(dead.items[0].message_id.as_deref(), Some("g-1"));
+}
+
+/// `begin_registrations` applies `begin_registration`'s rules to each device in one call: new
+/// and Unregistered/Unknown/Error devices become In Progress (a known record keeps its id),
+/// Registered and In Progress ones are conflicts, an id repeated in the batch conflicts the
+/// second time, a device naming a category that cannot be created is refused; none of the
+/// refusals stops the others. Each category named is created once.
+pub async fn a_registration_batch_begins_each_device_by_the_single_device_rules(store: &dyn Store) {
+    registered(store, "done-1", "aws-east").await;
+    store
+        .begin_registration(&new_device("busy-1", "aws-east"))
+        .await
+        .expect("begin busy-1");
+    let gone = registered(store, "gone-1", "aws-east").await;
+    store
+        .mark_unregistered(&did("gone-1"), None)
+        .await
+        .expect("unregister gone-1");
+    let seen = store
+        .ensure_unknown_device(&did("seen-1"), "mqtt-local")
+        .await
+        .expect("unknown seen-1");
+    store
+        .begin_registration(&new_device("bad-1", "aws-east"))
+        .await
+        .expect("begin bad-1");
+    store
+        .finish_registration(&did("bad-1"), Err("quota".into()))
+        .await
+        .expect("fail bad-1");
+
+    let mut blank = new_device("blank-cat", "gcp-eu");
+    blank.category = Some("   ".into());
+    let mut valves = new_device("valve-1", "gcp-eu");
+    valves.category = Some("valves".into());
+    let batch = vec![
+        new_device("new-1", "gcp-eu"),
+        new_device("done-1", "gcp-eu"),
+        new_device("busy-1", "gcp-eu"),
+        new_device("gone-1", "gcp-eu"),
+        new_device("seen-1", "gcp-eu"),
+        new_device("bad-1", "gcp-eu"),
+        new_device("new-1", "azure-west"),
+        blank,
+        valves,
+    ];
+    let out = store
+        .begin_registrations(&batch)
+        .await
+        .expect("begin_registrations");
+    assert_eq!(out.len(), batch.len(), "one result per device, in order");
+
+    let begun = |i: usize| match &out[i] {
+        Ok(d) => d.clone(),
+        Err(e) => panic!("{} should have begun, got {e:?}", batch[i].device_id),
+    };
+    let new = begun(0);
+    assert_eq!(new.registration_status, RegistrationStatus::InProgress);
+    assert_eq!(new.provider_instance, "gcp-eu");
+    assert_eq!(new.name, batch[0].name);
+    assert_eq!(new.tags, batch[0].tags);
+    assert_eq!(new.settings, batch[0].settings);
+    for (i, status) in [(1, "Registered"), (2, "In Progress")] {
+        let msg = match &out[i] {
+            Err(StoreError::Conflict(m)) => m.clone(),
+            other => panic!("{}: expected Conflict, got {other:?}", batch[i].device_id),
+        };
+        for part in [
+            batch[i].device_id.as_str(),
+            status,
+            "aws-east",
+            "unregister it first",
+        ] {
+            assert!(msg.contains(part), "{msg:?} should mention {part:?}");
+        }
+    }
+    let again = begun(3);
+    assert_eq!(again.id, gone.id, "re-registering keeps the record id");
+    assert_eq!(again.provider_instance, "gcp-eu");
+    assert_eq!(
+        begun(4).id,
+        seen.id,
+        "an Unknown device is registered in place"
+    );
+    let retried = begun(5);
+    assert_eq!(retried.registration_status, RegistrationStatus::InProgress);
+    assert_eq!(
+        retried.registration_message, None,
+        "the old error is cleared"
+    );
+    match &out[6] {
+        Err(StoreError::Conflict(m)) => assert!(
+            m.contains("new-1") && m.contains("In Progress") && m.contains("gcp-eu"),
+            "the repeated id conflicts with its first occurrence: {m}"
+        ),
+        other => panic!("a repeated id: expected Conflict, got {other:?}"),
+    }
+    invalid(out[7].clone(), "a device naming a blank category");
+    assert!(
+        store
+            .get_device(&did("blank-cat"))
+            .await
+            .expect("get")
+            .is_none(),
+        "a refused device is not begun"
+    );
+    assert_eq!(begun(8).category.as_deref(), Some("valves"));
+
+    let done = store
+        .get_device(&did("done-1"))
+        .await
+        .expect("get")
+        .expect("done-1");
+    assert_eq!(done.registration_status, RegistrationStatus::Registered);
+    assert_eq!(
+        done.provider_instance, "aws-east",
+        "a conflict changes nothing"
+    );
+    let names: Vec<String> = store
+        .list_categories()
+        .await
+        .expect("categories")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, vec!["pumps", "valves"], "each category once");
+    assert!(
+        store
+            .begin_registrations(&[])
+            .await
+            .expect("empty batch")
+            .is_empty(),
+        "an empty batch begins nothing"
+    );
+}
+
+/// `finish_registrations` applies `finish_registration`'s rules to each outcome in one call:
+/// `Ok` sets Registered with a Register history row, `Err` sets Error with the message and
+/// no history, an unknown device is `NotFound` without failing the others.
+pub async fn a_finishing_batch_registers_or_fails_each_device_on_its_own(store: &dyn Store) {
+    let begun = store
+        .begin_registrations(&[
+            new_device("ok-1", "local"),
+            new_device("ok-2", "local"),
+            new_device("fail-1", "local"),
+        ])
+        .await
+        .expect("begin_registrations");
+    assert!(begun.iter().all(Result::is_ok), "{begun:?}");
+    let out = store
+        .finish_registrations(&[
+            (did("ok-1"), Ok(Some("thing created".into()))),
+            (did("ghost-1"), Ok(None)),
+            (did("fail-1"), Err("quota exceeded".into())),
+            (did("ok-2"), Ok(None)),
+        ])
+        .await
+        .expect("finish_registrations");
+    assert_eq!(out.len(), 4, "one result per outcome, in order");
+    let ok1 = out[0].as_ref().expect("ok-1 finished");
+    assert_eq!(ok1.registration_status, RegistrationStatus::Registered);
+    assert_eq!(ok1.registration_message.as_deref(), Some("thing created"));
+    not_found(
+        out[1].clone(),
+        "device",
+        "finishing an unknown device in a batch",
+    );
+    let failed = out[2].as_ref().expect("fail-1 finished");
+    assert_eq!(failed.registration_status, RegistrationStatus::Error);
+    assert_eq!(
+        failed.registration_message.as_deref(),
+        Some("quota exceeded")
+    );
+    let ok2 = out[3].as_ref().expect("ok-2 finished");
+    assert_eq!(ok2.registration_status, RegistrationStatus::Registered);
+    assert_eq!(ok2.registration_message, None);
+
+    for (id, rows) in [("ok-1", 1), ("ok-2", 1), ("fail-1", 0)] {
+        let history = store.history(&did(id)).await.expect("history");
+        assert_eq!(history.len(), rows, "{id}: {history:?}");
+        if let Some(h) = history.first() {
+            assert_eq!(h.action, RegistrationAction::Register);
+            assert_eq!(h.name, format!("Register {id}"));
+            assert_eq!(h.provider_instance, "local");
+        }
+    }
+    assert_eq!(
+        store.get_device(&did("ok-1")).await.expect("get").as_ref(),
+        Some(ok1),
+        "the returned record is the stored one"
+    );
+
+    // An id repeated in a batch is applied in order, as two calls would be.
+    store
+        .begin_registration(&new_device("twice-1", "local"))
+        .await
+        .expect("begin twice-1");
+    let out = store
+        .finish_registrations(&[
+            (did("twice-1"), Err("first try failed".into())),
+            (did("twice-1"), Ok(Some("second try".into()))),
+        ])
+        .await
+        .expect("finish_registrations");
+    let first = out[0].as_ref().expect("first outcome");
+    assert_eq!(first.registration_status, RegistrationStatus::Error);
+    let second = out[1].as_ref().expect("second outcome");
+    assert_eq!(second.registration_status, RegistrationStatus::Registered);
+    assert_eq!(second.registration_message.as_deref(), Some("second try"));
+    assert_eq!(
+        store.history(&did("twice-1")).await.expect("history").len(),
+        1,
+        "one Register row, for the outcome that registered"
+    );
+    assert!(
+        store
+            .finish_registrations(&[])
+            .await
+            .expect("empty batch")
+            .is_empty(),
+        "an empty batch finishes nothing"
+    );
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::model::*;
 use crate::DeviceId;
 
 /// What went wrong in the store, classified so the gateway and the API can answer well.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The record does not exist.
     #[error("{entity} {key} not found")]
@@ -57,6 +57,19 @@ pub trait Store: Send + Sync + 'static {
     /// Registered or In Progress gives `Conflict` naming its provider instance.
     async fn begin_registration(&self, device: &NewDevice) -> StoreResult<Device>;
 
+    /// Starts many registrations in one transaction, each by the rules of
+    /// [`begin_registration`](Self::begin_registration), and returns one result per device,
+    /// at the same index. A device's refusal (`Conflict`, `Invalid`) is its own result and
+    /// does not fail the others; an id repeated in the batch is a `Conflict` the second time
+    /// (the first one is In Progress by then). Each distinct category the devices name is
+    /// created once per batch (an existing one is kept as it is); a device naming a category
+    /// that cannot be created gets that category's error and is not begun. The outer `Err`
+    /// means the batch as a whole failed (the database) and nothing was written.
+    async fn begin_registrations(
+        &self,
+        devices: &[NewDevice],
+    ) -> StoreResult<Vec<StoreResult<Device>>>;
+
     /// Ends a registration: `Ok(message)` sets Registered and writes a Register history row;
     /// `Err(message)` sets Error with the message (no history row).
     async fn finish_registration(
@@ -64,6 +77,15 @@ pub trait Store: Send + Sync + 'static {
         id: &DeviceId,
         outcome: Result<Option<String>, String>,
     ) -> StoreResult<Device>;
+
+    /// Ends many registrations in one transaction, each by the rules of
+    /// [`finish_registration`](Self::finish_registration), and returns one result per
+    /// outcome, at the same index (`NotFound` for an unknown device, without failing the
+    /// others). The outer `Err` means nothing was written.
+    async fn finish_registrations(
+        &self,
+        outcomes: &[(DeviceId, Result<Option<String>, String>)],
+    ) -> StoreResult<Vec<StoreResult<Device>>>;
 
     /// Marks the device Unregistered and writes an Unregister history row. `NotFound` when
     /// unknown; `Conflict` when it is already Unregistered.

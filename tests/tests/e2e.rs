@@ -442,6 +442,153 @@ async fn a_bearer_token_guards_the_api_but_not_the_probes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_registers_each_device_and_reports_every_failure_with_its_index() {
+    let token = "0123456789abcdef-test-token";
+    let gw = Gateway::start(GatewayOptions {
+        token: Some(token.into()),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+    api.register("old-1").await;
+    let (s, b) = Api::new(api.base(), None)
+        .post(
+            "/api/v1/devices/batch",
+            json!({"devices": [{"msdyn_deviceid": "fleet-9"}]}),
+        )
+        .await;
+    assert_eq!(s, 401, "the batch route needs the bearer token too: {b}");
+
+    let (s, b) = api
+        .post(
+            "/api/v1/devices/batch",
+            json!({"devices": [
+                {"msdyn_deviceid": "fleet-1", "msdyn_category": "meter", "msdyn_tags": {"site": "north"}},
+                {"msdyn_deviceid": "old-1"},
+                {"msdyn_deviceid": "bad id!"},
+                {"msdyn_deviceid": "fleet-2", "msdyn_colour": "red"},
+                {"msdyn_deviceid": "fleet-3", "msdyn_iotproviderinstance": "nowhere"},
+                {"msdyn_deviceid": "fleet-1"},
+                {"msdyn_deviceid": "batch", "msdyn_category": "meter"},
+            ]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["registered"], 2, "{b}");
+    let registered: Vec<_> = b["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| (d["index"].clone(), d["device"]["msdyn_deviceid"].clone()))
+        .collect();
+    assert_eq!(
+        registered,
+        vec![(json!(0), json!("fleet-1")), (json!(6), json!("batch"))]
+    );
+    assert_eq!(
+        b["devices"][0]["device"]["msdyn_registrationstatus"],
+        192350003
+    );
+    assert_eq!(b["devices"][0]["device"]["msdyn_tags"]["site"], "north");
+    let failed: Vec<_> = b["failed"]
+        .as_array()
+        .expect("failed")
+        .iter()
+        .map(|f| {
+            (
+                f["index"].as_u64().expect("index"),
+                f["msdyn_deviceid"].as_str().unwrap_or("-").to_owned(),
+                f["status"].as_u64().expect("status"),
+                f["code"].as_str().expect("code").to_owned(),
+                f["error"].as_str().expect("error").to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        (1, "old-1", 409, "already_registered", "unregister it first"),
+        (2, "bad id!", 400, "invalid_input", "msdyn_deviceid"),
+        (3, "fleet-2", 400, "invalid_input", "msdyn_colour"),
+        (
+            4,
+            "fleet-3",
+            400,
+            "invalid_input",
+            "msdyn_iotproviderinstance",
+        ),
+        (5, "fleet-1", 409, "conflict", "In Progress"),
+    ];
+    assert_eq!(failed.len(), expected.len(), "{b}");
+    for (got, want) in failed.iter().zip(expected) {
+        assert_eq!(
+            (got.0, got.1.as_str(), got.2, got.3.as_str()),
+            (want.0, want.1, want.2, want.3),
+            "{b}"
+        );
+        assert!(
+            got.4.contains(want.4),
+            "{:?} should mention {:?}",
+            got.4,
+            want.4
+        );
+    }
+
+    let (_, h) = api.get("/api/v1/devices/fleet-1/history").await;
+    assert_eq!(h["items"].as_array().map(Vec::len), Some(1), "{h}");
+    let categories = api.items("/api/v1/categories").await;
+    assert_eq!(categories.len(), 1, "{categories:?}");
+    assert_eq!(categories[0]["msdyn_name"], "meter");
+
+    // The single route tells "already registered" apart from other conflicts too.
+    let (s, b) = api
+        .post("/api/v1/devices", json!({"msdyn_deviceid": "fleet-1"}))
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("already_registered")),
+        "{b}"
+    );
+
+    // A device may be called `batch`: only POST is the batch route.
+    let (s, d) = api.get("/api/v1/devices/batch").await;
+    assert_eq!(
+        (s, d["msdyn_deviceid"].as_str()),
+        (200, Some("batch")),
+        "{d}"
+    );
+    let (s, h) = api.get("/api/v1/devices/batch/history").await;
+    assert_eq!(s, 200, "{h}");
+    assert_eq!(h["items"].as_array().map(Vec::len), Some(1), "{h}");
+    let (s, d) = api.delete("/api/v1/devices/batch").await;
+    assert_eq!(
+        (s, d["msdyn_registrationstatus"].clone()),
+        (200, json!(192350001)),
+        "{d}"
+    );
+
+    let too_many: Vec<Value> = (0..1001)
+        .map(|n| json!({"msdyn_deviceid": format!("many-{n}")}))
+        .collect();
+    let (s, b) = api
+        .post("/api/v1/devices/batch", json!({"devices": too_many}))
+        .await;
+    assert_eq!(s, 400, "{b}");
+    let msg = b["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("devices") && msg.contains("1000") && msg.contains("split"),
+        "{b}"
+    );
+    assert!(
+        api.get("/api/v1/devices/many-0").await.0 == 404,
+        "nothing of an oversized batch is registered"
+    );
+    let (s, b) = api
+        .post("/api/v1/devices/batch", json!({"devices": []}))
+        .await;
+    assert_eq!(s, 400, "{b}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_state_follows_event_time_not_arrival() {
     let gw = Gateway::start(GatewayOptions::default()).await;
     let api = gw.api();

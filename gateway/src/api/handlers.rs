@@ -8,11 +8,11 @@ use axum::Json;
 use iotgw_registry::{
     AlertFilter, AlertStatus, CommandFilter, DeviceFilter, DeviceId, PageRequest,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{ApiError, ApiState};
-use crate::core::RegisterRequest;
+use crate::core::{RegisterRequest, Registered};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -85,6 +85,127 @@ pub(super) async fn register_device(
     Ok((StatusCode::CREATED, Json(reg)))
 }
 
+/// Most devices in one `POST /api/v1/devices/batch`.
+pub const MAX_BATCH_DEVICES: usize = 1000;
+
+/// Largest `POST /api/v1/devices/batch` body: a full batch of devices with settings near
+/// their 8000-byte limit.
+pub const MAX_BATCH_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BatchBody {
+    /// Each item is read on its own, so a malformed one fails alone.
+    devices: Vec<serde_json::Value>,
+}
+
+/// The answer of `POST /api/v1/devices/batch`.
+#[derive(Debug, Serialize)]
+pub(super) struct BatchAnswer {
+    /// How many devices were registered.
+    registered: usize,
+    /// The devices that were not, in request order.
+    failed: Vec<BatchFailure>,
+    /// The devices that were, in request order.
+    devices: Vec<BatchRegistered>,
+}
+
+/// One device of a batch that was not registered: what the single route would have said.
+#[derive(Debug, Serialize)]
+pub(super) struct BatchFailure {
+    /// Position in the request's `devices`.
+    index: usize,
+    /// The id as given (absent when the item had none).
+    msdyn_deviceid: Option<String>,
+    /// The status the single route would answer (400, 409, 502, ...).
+    status: u16,
+    /// The error code (`invalid_input`, `already_registered`, `conflict`, ...).
+    code: &'static str,
+    /// What went wrong and what to do.
+    error: String,
+}
+
+/// One device of a batch that was registered.
+#[derive(Debug, Serialize)]
+pub(super) struct BatchRegistered {
+    /// Position in the request's `devices`.
+    index: usize,
+    /// The record and the credentials shown this once.
+    #[serde(flatten)]
+    registered: Registered,
+}
+
+pub(super) async fn register_batch(
+    State(s): State<ApiState>,
+    b: Result<Json<BatchBody>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let items = body(b)?.devices;
+    if items.is_empty() {
+        return Err(ApiError::invalid(
+            "devices",
+            format!("the list is empty: give 1 to {MAX_BATCH_DEVICES} devices"),
+        ));
+    }
+    if items.len() > MAX_BATCH_DEVICES {
+        return Err(ApiError::invalid(
+            "devices",
+            format!(
+                "{} devices in one request; at most {MAX_BATCH_DEVICES} fit: split the list into requests of {MAX_BATCH_DEVICES} or fewer",
+                items.len()
+            ),
+        ));
+    }
+    let mut failed = Vec::new();
+    let mut indexes = Vec::with_capacity(items.len());
+    let mut reqs = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let given_id = item
+            .get("msdyn_deviceid")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        match RegisterRequest::deserialize(item) {
+            Ok(req) => {
+                indexes.push(index);
+                reqs.push(req);
+            }
+            Err(e) => failed.push(BatchFailure {
+                index,
+                msdyn_deviceid: given_id,
+                status: StatusCode::BAD_REQUEST.as_u16(),
+                code: "invalid_input",
+                error: format!("invalid devices[{index}]: {e}"),
+            }),
+        }
+    }
+    let mut devices = Vec::with_capacity(reqs.len());
+    let ids: Vec<String> = reqs.iter().map(|r| r.msdyn_deviceid.clone()).collect();
+    for ((index, id), answer) in indexes
+        .into_iter()
+        .zip(ids)
+        .zip(s.core.register_many(reqs).await)
+    {
+        match answer {
+            Ok(registered) => devices.push(BatchRegistered { index, registered }),
+            Err(e) => {
+                let e = ApiError::from(e);
+                failed.push(BatchFailure {
+                    index,
+                    msdyn_deviceid: Some(id),
+                    status: e.status.as_u16(),
+                    code: e.code,
+                    error: e.message,
+                });
+            }
+        }
+    }
+    failed.sort_by_key(|f| f.index);
+    Ok(Json(BatchAnswer {
+        registered: devices.len(),
+        failed,
+        devices,
+    }))
+}
+
 pub(super) async fn list_devices(
     State(s): State<ApiState>,
     f: Result<Query<DeviceFilter>, axum::extract::rejection::QueryRejection>,
@@ -98,7 +219,26 @@ pub(super) async fn get_device(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let id = device_id(&id)?;
+    device_by_id(&s, &id).await
+}
+
+/// `GET /api/v1/devices/batch`: the device whose id is `batch` (the batch route is POST
+/// only; without this the static path would hide that device).
+pub(super) async fn get_device_named_batch(
+    State(s): State<ApiState>,
+) -> ApiResult<impl IntoResponse> {
+    device_by_id(&s, "batch").await
+}
+
+/// `DELETE /api/v1/devices/batch`: unregisters the device whose id is `batch`.
+pub(super) async fn unregister_device_named_batch(
+    State(s): State<ApiState>,
+) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.core.unregister("batch").await?))
+}
+
+async fn device_by_id(s: &ApiState, id: &str) -> ApiResult<Json<iotgw_registry::Device>> {
+    let id = device_id(id)?;
     let d = s
         .core
         .store

@@ -7,6 +7,8 @@
 
 mod handlers;
 
+pub use handlers::{MAX_BATCH_BODY_BYTES, MAX_BATCH_DEVICES};
+
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -70,6 +72,7 @@ impl From<GatewayError> for ApiError {
             GatewayError::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_input"),
             GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             GatewayError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            GatewayError::AlreadyRegistered(_) => (StatusCode::CONFLICT, "already_registered"),
             GatewayError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             GatewayError::Provider(p) => match p {
                 ProviderError::InvalidInput { .. } => (StatusCode::BAD_REQUEST, "invalid_input"),
@@ -181,6 +184,13 @@ pub fn router(state: ApiState) -> Router {
     use handlers::*;
     let api = Router::new()
         .route("/api/v1/devices", post(register_device).get(list_devices))
+        .route(
+            "/api/v1/devices/batch",
+            post(register_batch)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES))
+                .get(get_device_named_batch)
+                .delete(unregister_device_named_batch),
+        )
         .route(
             "/api/v1/devices/{id}",
             get(get_device).delete(unregister_device),
