@@ -62,6 +62,27 @@ pub struct Config {
 }
 
 impl Config {
+    /// The largest `max_payload_bytes` of the mqtt provider instances (0 without any).
+    pub fn largest_mqtt_payload(&self) -> usize {
+        self.providers
+            .values()
+            .filter_map(|p| match p {
+                ProviderConfig::Mqtt(m) => Some(m.max_payload_bytes),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The packet limit the embedded broker applies: `embedded_broker.max_packet_bytes`,
+    /// or (0) four times the largest mqtt `max_payload_bytes`, at least 256 KiB of it.
+    pub fn embedded_max_packet(&self) -> usize {
+        match self.embedded_broker.max_packet_bytes {
+            0 => self.largest_mqtt_payload().max(256 * 1024) * 4,
+            n => n,
+        }
+    }
+
     /// What `iotgw run` uses without a config file: an in-process broker on loopback, the
     /// mqtt provider on it, SQLite under `data/`, the API on loopback, a sample rule,
     /// alerts printed as JSON lines and three simulated devices.

@@ -333,15 +333,7 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
                 "one port serves one MQTT version on the embedded broker: give 3.1.1 its own port (default 1884), or 0 to turn it off",
             ));
         }
-        let largest = c
-            .providers
-            .values()
-            .filter_map(|p| match p {
-                ProviderConfig::Mqtt(m) => Some(m.max_payload_bytes),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
+        let largest = c.largest_mqtt_payload();
         if b.max_packet_bytes != 0 && b.max_packet_bytes <= largest {
             out.push(p(
                 "embedded_broker.max_packet_bytes",

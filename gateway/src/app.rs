@@ -116,20 +116,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         )
         .parse()
         .context("embedded_broker.host/port do not form an address")?;
-        let largest = config
-            .providers
-            .values()
-            .filter_map(|p| match p {
-                ProviderConfig::Mqtt(m) => Some(m.max_payload_bytes),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0)
-            .max(256 * 1024);
-        let max_packet = match config.embedded_broker.max_packet_bytes {
-            0 => largest * 4,
-            n => n,
-        };
+        let max_packet = config.embedded_max_packet();
         let v311 = match config.embedded_broker.v311_port {
             0 => None,
             port => Some(SocketAddr::new(addr.ip(), port)),

@@ -348,6 +348,18 @@ async fn dispatch(cmd: Command) -> ExitCode {
     }
 }
 
+/// An error with every cause of its source chain, `outer: inner: ...` (a reqwest error
+/// alone says only "error sending request").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out = format!("{out}: {s}");
+        source = s.source();
+    }
+    out
+}
+
 /// The URL that reaches an API listening on `listen` from the same network namespace:
 /// a wildcard address (`0.0.0.0`, `[::]`) becomes loopback.
 pub fn probe_url(listen: &str, path: &str) -> String {
@@ -416,12 +428,7 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            let mut cause = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                cause = format!("{cause}: {s}");
-                source = s.source();
-            }
+            let cause = error_chain(&e);
             println!("unhealthy: cannot reach {url} ({cause}); is the gateway running and is api.listen right?");
             ExitCode::FAILURE
         }

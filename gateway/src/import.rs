@@ -572,12 +572,7 @@ async fn send(client: &reqwest::Client, url: &str, token: Option<&str>, batch: &
             )
         }
         Err(e) => {
-            let mut cause = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                cause = format!("{cause}: {s}");
-                source = s.source();
-            }
+            let cause = crate::cli::error_chain(&e);
             return Sent::Fatal(format!(
                 "cannot reach {url} ({cause}): is the gateway running, and is --url (or api.listen of --config) right?"
             ));
