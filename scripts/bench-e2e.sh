@@ -37,6 +37,7 @@ Environment (defaults in brackets):
   STAGE_TIMEOUT   seconds one stage may take before it is reported as timeout    [300]
   READY_TIMEOUT   seconds iotgw may take to answer 200 on /ready                 [60]
   SINK            iotgw alert sink: none, or file (JSON lines in the temp dir)   [none]
+  BATCH_WAIT_MS   iotgw's pipeline.batch_max_wait_ms; empty: the config default  []
   REBUILD         1: run `cargo build --release -p iotgw` even if the binary exists [0]
   BUILD_TIMEOUT   seconds that build may take, waiting for the cargo lock included [3600]
   KEEP            1: keep the temp directory (configs, logs, databases)          [0]
@@ -67,6 +68,7 @@ STAGES="${STAGES:-abcd}"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-300}"
 READY_TIMEOUT="${READY_TIMEOUT:-60}"
 SINK="${SINK:-none}"
+BATCH_WAIT_MS="${BATCH_WAIT_MS:-}"
 REBUILD="${REBUILD:-0}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-3600}"
 KEEP="${KEEP:-0}"
@@ -315,6 +317,9 @@ enabled = false
 [simulate]
 devices = 0
 EOF
+    if [ -n "$BATCH_WAIT_MS" ]; then
+        printf '\n[pipeline]\nbatch_max_wait_ms = %s\n' "$BATCH_WAIT_MS" >>"$cfg"
+    fi
     if [ "$SINK" = file ]; then
         printf '\n[sinks.archive]\nkind = "file"\npath = "%s"\n' "$dir/alerts.jsonl" >>"$cfg"
     fi

@@ -63,6 +63,11 @@ impl Batch {
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
+
+    /// Whether it holds no event.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Commits `batch`, gives every event its verdict and returns the commands of the new

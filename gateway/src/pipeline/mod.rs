@@ -10,16 +10,19 @@
 //!
 //! # Shape
 //! ```text
-//! events --> collector: up to pipeline.batch_max_events, waiting at most
-//!            pipeline.batch_max_wait_ms for more; prepares each event (pure)
+//! events --> collector: prepares each event (pure) into the next batch; hands it over
+//!            when the writer asks and it is full (pipeline.batch_max_events), or its
+//!            oldest event waited pipeline.batch_max_wait_ms, or the input closed
 //!        --> writer: commit_batch (one transaction) --> ack every event --> commands
 //!        --> dispatcher: sends the rules' commands (bounded queue, bounded concurrency)
 //! ```
 //! One collector and one writer keep arrival order, so one device's events keep their
 //! order, and a second alert of a device in the same batch becomes the child of the first
 //! exactly as it would one commit at a time. The collector prepares the next batch while
-//! the writer commits the current one. SQLite has one writer anyway: one transaction of
-//! 512 events costs about what one of a single event does.
+//! the writer commits the current one, and the writer pulls: a batch is sealed only when
+//! the writer is free, so the batch size follows the load (what arrived during the last
+//! commit) and no event waits behind a sealed batch. SQLite has one writer anyway: one
+//! transaction of 512 events costs about what one of a single event does.
 //!
 //! Bad input becomes a dead letter with the reason (then acked, so it is not redelivered
 //! forever) inside the same transaction as the good events around it; a poison event never
@@ -34,8 +37,9 @@ use std::time::Duration;
 
 use iotgw_providers::ProviderEvent;
 use iotgw_registry::Command;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 pub use prepare::{prepare, Reject};
 
@@ -86,55 +90,86 @@ pub fn spawn(
     batching: Batching,
 ) -> Pipeline {
     let mut tasks = JoinSet::new();
-    let (batches_tx, batches_rx) = mpsc::channel::<batch::Batch>(1);
+    let (ready_tx, ready_rx) = mpsc::channel::<oneshot::Sender<batch::Batch>>(1);
     let (commands_tx, commands_rx) = mpsc::channel::<Command>(DISPATCH_QUEUE);
-    tasks.spawn(collect(core.clone(), events, batches_tx, batching));
-    tasks.spawn(write(core.clone(), batches_rx, commands_tx));
+    tasks.spawn(collect(core.clone(), events, ready_rx, batching));
+    tasks.spawn(write(core.clone(), ready_tx, commands_tx));
     tasks.spawn(dispatch(core, commands_rx));
     Pipeline { tasks }
 }
 
-/// Gathers events into batches and prepares them.
+/// Gathers events into a batch, preparing each as it arrives, and hands the batch over
+/// when the writer asks for one and the batch is full, or as old as `max_wait`, or the
+/// last one. While the writer commits, arriving events join the next batch, so a busy
+/// store gets big batches and an idle one small, early ones: no event waits behind a
+/// batch queued for a writer that is still busy.
 async fn collect(
     core: Arc<Core>,
     mut events: mpsc::Receiver<ProviderEvent>,
-    batches: mpsc::Sender<batch::Batch>,
+    mut ready: mpsc::Receiver<oneshot::Sender<batch::Batch>>,
     batching: Batching,
 ) {
     let preparer = prepare::Preparer::new(&core);
     let max = batching.max_events;
     let mut buf = Vec::with_capacity(max);
+    let mut batch = batch::Batch::default();
+    // When the oldest event of `batch` arrived.
+    let mut oldest: Option<Instant> = None;
+    // The writer, once it is free and asks for the next batch.
+    let mut writer: Option<oneshot::Sender<batch::Batch>> = None;
+    let mut open = true;
     loop {
-        if events.recv_many(&mut buf, max).await == 0 {
-            break;
-        }
-        if buf.len() < max && !batching.max_wait.is_zero() {
-            let deadline = tokio::time::Instant::now() + batching.max_wait;
-            while buf.len() < max {
-                let room = max - buf.len();
-                match tokio::time::timeout_at(deadline, events.recv_many(&mut buf, room)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+        let full = batch.len() >= max;
+        let deadline = oldest.map(|t| t + batching.max_wait);
+        let aged = deadline.is_some_and(|d| Instant::now() >= d);
+        if !batch.is_empty() && (full || aged || !open) {
+            if let Some(w) = writer.take() {
+                oldest = None;
+                if w.send(std::mem::take(&mut batch)).is_err() {
+                    return; // the writer is gone
                 }
+                continue;
             }
         }
-        let mut batch = batch::Batch::default();
-        for ev in buf.drain(..) {
-            preparer.add(&core.rules, &core.metrics, &mut batch, ev);
+        if !open && batch.is_empty() {
+            return; // dropping `writer` tells the writer there is nothing more
         }
-        if batches.send(batch).await.is_err() {
-            break;
+        tokio::select! {
+            w = ready.recv(), if writer.is_none() => match w {
+                Some(w) => writer = Some(w),
+                None => return,
+            },
+            n = events.recv_many(&mut buf, max - batch.len()), if open && !full => {
+                if n == 0 {
+                    open = false;
+                } else {
+                    oldest.get_or_insert_with(Instant::now);
+                }
+                for ev in buf.drain(..) {
+                    preparer.add(&core.rules, &core.metrics, &mut batch, ev);
+                }
+            }
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
+                if writer.is_some() && deadline.is_some() && !aged => {}
         }
     }
 }
 
-/// Commits batches in order and hands their commands to the dispatcher.
+/// Asks the collector for batches, commits them in order, and hands their commands to
+/// the dispatcher.
 async fn write(
     core: Arc<Core>,
-    mut batches: mpsc::Receiver<batch::Batch>,
+    ready: mpsc::Sender<oneshot::Sender<batch::Batch>>,
     commands: mpsc::Sender<Command>,
 ) {
-    while let Some(batch) = batches.recv().await {
+    loop {
+        let (tx, rx) = oneshot::channel();
+        if ready.send(tx).await.is_err() {
+            break;
+        }
+        let Ok(batch) = rx.await else {
+            break; // the collector finished: every event is committed
+        };
         let size = batch.len();
         let started = std::time::Instant::now();
         let sent = batch::commit(&core, batch).await;

@@ -350,3 +350,91 @@ proptest! {
         });
     }
 }
+
+/// Starts the whole pipeline (collector, writer, dispatcher) on a fresh store with two
+/// registered devices.
+async fn running(batching: super::Batching) -> (tokio::sync::mpsc::Sender<ProviderEvent>, super::Pipeline) {
+    let store = memory_store().await;
+    registered(store.as_ref(), &["pump-1", "pump-2"]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    (tx, super::spawn(Arc::new(core(store)), rx, batching))
+}
+
+/// Waits (with a deadline) until `n` verdicts arrived.
+async fn verdicts_reach(verdicts: &Verdicts, n: usize) -> Vec<(String, Ack)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let seen = verdicts.lock().expect("verdicts").clone();
+        if seen.len() >= n {
+            return seen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} verdicts within 10 s: {seen:?}",
+            seen.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_batch_is_committed_without_waiting_out_the_batch_wait() {
+    let (tx, _pipeline) = running(super::Batching {
+        max_events: 3,
+        max_wait: std::time::Duration::from_secs(3600),
+    })
+    .await;
+    let v = Verdicts::default();
+    for (i, device) in ["pump-1", "pump-2", "pump-1"].into_iter().enumerate() {
+        let id = format!("m-{i}");
+        let secs = i64::try_from(i).expect("small");
+        tx.send(reading(device, &id, &temperature(20.0), secs, &v))
+            .await
+            .expect("send");
+    }
+    let seen = verdicts_reach(&v, 3).await;
+    assert!(seen.iter().all(|(_, a)| *a == Ack::Ack), "{seen:?}");
+}
+
+#[tokio::test]
+async fn closing_the_input_commits_the_batch_that_is_not_full_and_ends_the_pipeline() {
+    let (tx, pipeline) = running(super::Batching {
+        max_events: 512,
+        max_wait: std::time::Duration::from_secs(3600),
+    })
+    .await;
+    let v = Verdicts::default();
+    tx.send(reading("pump-1", "m-1", &temperature(99.0), 0, &v))
+        .await
+        .expect("send");
+    tx.send(reading("pump-2", "m-2", &temperature(20.0), 1, &v))
+        .await
+        .expect("send");
+    drop(tx);
+    tokio::time::timeout(std::time::Duration::from_secs(10), pipeline.join())
+        .await
+        .expect("the pipeline ends within 10 s of its input closing");
+    let seen = v.lock().expect("verdicts").clone();
+    assert_eq!(
+        seen,
+        [
+            ("pump-1/m-1".to_owned(), Ack::Ack),
+            ("pump-2/m-2".to_owned(), Ack::Ack)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn with_no_batch_wait_a_lone_event_is_committed_at_once() {
+    let (tx, _pipeline) = running(super::Batching {
+        max_events: 512,
+        max_wait: std::time::Duration::ZERO,
+    })
+    .await;
+    let v = Verdicts::default();
+    tx.send(reading("pump-1", "m-1", &temperature(20.0), 0, &v))
+        .await
+        .expect("send");
+    let seen = verdicts_reach(&v, 1).await;
+    assert_eq!(seen, [("pump-1/m-1".to_owned(), Ack::Ack)]);
+}

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use chrono::{DateTime, TimeZone as _, Utc};
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::event_grid::{compare_sequence, SharedConnectionSeqs};
 use super::models::{parse_time, without_metadata};
@@ -37,8 +38,51 @@ use crate::{
     Ack, AckHandle, EventKind, EventSender, ProviderError, ProviderEvent, Shutdown, Telemetry,
 };
 
-/// How many events of one partition may wait for the gateway's ack at once.
-pub const IN_FLIGHT: usize = 64;
+/// How many events of one partition may wait for the gateway's ack at once. Large enough
+/// for a whole group commit (`pipeline.batch_max_events`, 512 by default) per partition:
+/// with 64 the gateway waited for acks with its store mostly idle.
+pub const IN_FLIGHT: usize = 1024;
+
+/// A partition's checkpoint is saved once this many events settled since the last save...
+pub const CHECKPOINT_EVERY: usize = 512;
+/// ...or once the oldest unsaved settled event is this old, whichever comes first. A save
+/// is a store write that competes with the commits; saving per settle round cost one write
+/// per few events. A crash redelivers at most this much (at-least-once, as before), and
+/// every way out of a receiver (nack, error, close, shutdown) saves what settled.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The newest settled offset of a partition that is not saved yet, and when to save it.
+#[derive(Debug, Default)]
+struct Unsaved {
+    offset: Option<String>,
+    count: usize,
+    since: Option<Instant>,
+}
+
+impl Unsaved {
+    /// Records that every event up to `offset` is settled.
+    fn settled(&mut self, offset: String, now: Instant) {
+        self.offset = Some(offset);
+        self.count += 1;
+        self.since.get_or_insert(now);
+    }
+
+    /// Whether the unsaved offset should be saved now.
+    fn due(&self, now: Instant) -> bool {
+        self.offset.is_some()
+            && (self.count >= CHECKPOINT_EVERY
+                || self
+                    .since
+                    .is_some_and(|s| now.duration_since(s) >= CHECKPOINT_INTERVAL))
+    }
+
+    /// The offset to save, if any; afterwards nothing is unsaved.
+    fn take(&mut self) -> Option<String> {
+        self.count = 0;
+        self.since = None;
+        self.offset.take()
+    }
+}
 
 /// One event read from a partition.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -349,7 +393,8 @@ impl Consumer {
         }
     }
 
-    /// Reads one receiver until it closes, fails, a nack arrives, or shutdown.
+    /// Reads one receiver until it closes, fails, a nack arrives, or shutdown, then saves
+    /// the checkpoint of what settled and was not saved yet.
     async fn drain(
         &self,
         source: &dyn EventSource,
@@ -358,6 +403,35 @@ impl Consumer {
         key: &str,
         events: &EventSender,
         shutdown: &Shutdown,
+    ) -> Result<(), ProviderError> {
+        let mut unsaved = Unsaved::default();
+        let read = self
+            .read(
+                source,
+                partition,
+                from,
+                key,
+                events,
+                shutdown,
+                &mut unsaved,
+            )
+            .await;
+        if let Some(offset) = unsaved.take() {
+            self.checkpoints.save(key, &offset).await?;
+        }
+        read
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read(
+        &self,
+        source: &dyn EventSource,
+        partition: &str,
+        from: Position,
+        key: &str,
+        events: &EventSender,
+        shutdown: &Shutdown,
+        unsaved: &mut Unsaved,
     ) -> Result<(), ProviderError> {
         let mut rx = source.open(partition, from).await?;
         // Events sent and not yet acked, oldest first: (offset, verdict, connection seq).
@@ -370,8 +444,7 @@ impl Consumer {
         // Newest connection sequence sent on this receiver (committed or not yet).
         let mut in_flight: HashMap<String, (String, DateTime<Utc>)> = HashMap::new();
         loop {
-            // Settle what is acked, in order, and checkpoint the newest settled offset.
-            let mut settled = None;
+            // Settle what is acked, in order; checkpoint the newest settled offset when due.
             loop {
                 let full = pending.len() >= IN_FLIGHT;
                 let Some((_, verdict, _)) = pending.front_mut() else {
@@ -411,12 +484,9 @@ impl Consumer {
                                 map.insert(device, (s, at));
                             }
                         }
-                        settled = Some(offset);
+                        unsaved.settled(offset, Instant::now());
                     }
                     Some(Ack::Nack(why)) => {
-                        if let Some(offset) = settled {
-                            self.checkpoints.save(key, &offset).await?;
-                        }
                         return Err(ProviderError::Transient {
                             instance: self.instance.clone(),
                             message: format!("an event of partition {partition} was not committed ({why}); it will be delivered again"),
@@ -424,14 +494,17 @@ impl Consumer {
                     }
                 }
             }
-            if let Some(offset) = settled {
-                self.checkpoints.save(key, &offset).await?;
+            if unsaved.due(Instant::now()) {
+                if let Some(offset) = unsaved.take() {
+                    self.checkpoints.save(key, &offset).await?;
+                }
             }
+            let quiet_work = !pending.is_empty() || unsaved.offset.is_some();
             let next = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 n = rx.next() => n?,
-                // Wake up to settle acks that arrive while the partition is quiet.
-                () = tokio::time::sleep(Duration::from_millis(50)), if !pending.is_empty() => continue,
+                // Wake up to settle acks and save checkpoints while the partition is quiet.
+                () = tokio::time::sleep(Duration::from_millis(50)), if quiet_work => continue,
             };
             let Some(event) = next else {
                 return Err(ProviderError::Transient {
@@ -659,6 +732,66 @@ mod tests {
         assert_eq!(
             checkpoints.load("hub/$Default/0").await.expect("load"),
             Some("200".into())
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_is_due_after_enough_events_or_enough_time_whichever_comes_first() {
+        let t0 = Instant::now();
+        let mut u = Unsaved::default();
+        assert!(!u.due(t0), "nothing settled, nothing to save");
+        for i in 0..CHECKPOINT_EVERY - 1 {
+            u.settled(i.to_string(), t0);
+        }
+        assert!(!u.due(t0 + Duration::from_millis(999)));
+        assert!(u.due(t0 + CHECKPOINT_INTERVAL), "the oldest unsaved is 1 s old");
+        u.settled("last".into(), t0);
+        assert!(u.due(t0), "{CHECKPOINT_EVERY} settled since the last save");
+        assert_eq!(u.take().as_deref(), Some("last"));
+        assert!(!u.due(t0 + CHECKPOINT_INTERVAL * 2), "taken: nothing unsaved");
+        u.settled("next".into(), t0 + CHECKPOINT_INTERVAL * 2);
+        assert!(!u.due(t0 + CHECKPOINT_INTERVAL * 2 + Duration::from_millis(10)));
+    }
+
+    /// Counts the saves of an in-memory checkpoint store.
+    #[derive(Default)]
+    struct CountingCheckpoints {
+        inner: MemoryCheckpoints,
+        saves: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Checkpoints for CountingCheckpoints {
+        async fn load(&self, key: &str) -> Result<Option<String>, ProviderError> {
+            self.inner.load(key).await
+        }
+        async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError> {
+            self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.save(key, value).await
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_saved_per_few_hundred_events_and_the_last_one_on_stop() {
+        let n = 2_000;
+        let events = (1..=n).map(|i| telemetry("0", i, "d", None)).collect();
+        let source = Arc::new(Injected {
+            partitions: BTreeMap::from([("0".into(), events)]),
+            opened: Mutex::default(),
+        });
+        let counting = Arc::new(CountingCheckpoints::default());
+        let checkpoints: Arc<dyn Checkpoints> = counting.clone();
+        let got = collect(consumer(checkpoints.clone()), source, n as usize, |_| true).await;
+        assert_eq!(got.len(), n as usize);
+        let saves = counting.saves.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            (1..=12).contains(&saves),
+            "{n} events were checkpointed in {saves} saves; expected one per {CHECKPOINT_EVERY} events or second, plus the one on stop"
+        );
+        assert_eq!(
+            checkpoints.load("hub/$Default/0").await.expect("load"),
+            Some(format!("{}", n * 100)),
+            "the stop saved the newest settled offset"
         );
     }
 
