@@ -201,8 +201,9 @@ pub struct PipelineConfig {
     /// Group commit: at most this many events are committed in one store transaction
     /// (then every one of them is acknowledged).
     pub batch_max_events: usize,
-    /// Group commit: how long a batch that is not full waits for more events, in
-    /// milliseconds (0: commit what is waiting at once). It bounds the latency batching adds.
+    /// Group commit: how long a batch that is not full waits for more events when the
+    /// store is idle, in milliseconds from its first event (0: commit what is waiting at
+    /// once). A busy store takes what arrived while it committed the previous batch.
     pub batch_max_wait_ms: u64,
     /// Property name of the command name in a command message (Field Service setting).
     pub command_name_property: String,
