@@ -44,7 +44,7 @@ pub use provider::{AwsIotCoreProvider, AWS_MAX_PAYLOAD_BYTES};
 /// Builds the provider of instance `instance` (what the gateway calls for each
 /// `kind = "aws_iot_core"` section). Connects nothing; see [`AwsIotCoreProvider::new`].
 pub async fn build(
-    instance: &str,
+    instance: &crate::InstanceName,
     config: &AwsIotCoreConfig,
 ) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
     Ok(Arc::new(AwsIotCoreProvider::new(instance, config).await?))

@@ -13,7 +13,7 @@ use aws_sdk_iotdataplane::primitives::Blob;
 use aws_sdk_iotdataplane::types::PayloadFormatIndicator;
 use base64::Engine as _;
 use iotgw_config::AwsIotCoreConfig;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 
 use super::clients::Clients;
 use super::errors::Call;
@@ -22,8 +22,9 @@ use super::registry::Registrar;
 use super::topics::AwsTopics;
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
-    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
 };
 
 /// AWS IoT Core's largest MQTT payload (publish, and the `iot-data` Publish API).
@@ -41,7 +42,7 @@ pub struct AwsIotCoreProvider {
 
 /// State shared by the provider handle and its receive loop.
 pub(super) struct Shared {
-    pub(super) instance: String,
+    pub(super) instance: InstanceName,
     pub(super) config: AwsIotCoreConfig,
     pub(super) topics: AwsTopics,
     pub(super) clients: Clients,
@@ -61,9 +62,12 @@ impl AwsIotCoreProvider {
     ///
     /// Errors are [`ProviderError::InvalidInput`] naming the config key: a bad topic
     /// template, an unreadable certificate or key, no region.
-    pub async fn new(instance: &str, config: &AwsIotCoreConfig) -> Result<Self, ProviderError> {
+    pub async fn new(
+        instance: &InstanceName,
+        config: &AwsIotCoreConfig,
+    ) -> Result<Self, ProviderError> {
         let invalid = |field: &str, message: String| ProviderError::InvalidInput {
-            instance: instance.to_owned(),
+            instance: instance.to_string(),
             field: field.to_owned(),
             message,
         };
@@ -148,7 +152,7 @@ impl Shared {
 
 #[async_trait]
 impl Provider for AwsIotCoreProvider {
-    fn instance(&self) -> &str {
+    fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }
 
@@ -186,7 +190,7 @@ impl Provider for AwsIotCoreProvider {
         let limit = self.limits.max_command_bytes;
         if cmd.message.len() > limit {
             return Err(ProviderError::InvalidInput {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 field: "msdyn_message".into(),
                 message: format!(
                     "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message; AWS allows 128 KB): shorten its parameters",
@@ -297,7 +301,7 @@ impl Provider for AwsIotCoreProvider {
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         if !self.shared.try_start() {
             return Err(ProviderError::Conflict {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 message: "run is already active for this instance; call it once".into(),
             });
         }
@@ -330,7 +334,7 @@ mod tests {
             command_topic: "cmd/{device_id}/{device_id}".into(),
             ..config()
         };
-        match AwsIotCoreProvider::new("aws", &c).await {
+        match AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &c).await {
             Err(ProviderError::InvalidInput { field, .. }) => assert_eq!(field, "command_topic"),
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("accepted"),
@@ -339,7 +343,7 @@ mod tests {
 
     #[tokio::test]
     async fn commands_above_the_field_service_limit_are_refused_before_any_call() {
-        let p = AwsIotCoreProvider::new("aws", &config())
+        let p = AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &config())
             .await
             .expect("valid config");
         assert_eq!(p.limits().max_command_bytes, CFS_MAX_COMMAND_BYTES);
@@ -360,7 +364,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_client_certificate_the_instance_reports_itself_control_plane_only() {
         let p = Arc::new(
-            AwsIotCoreProvider::new("aws", &config())
+            AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &config())
                 .await
                 .expect("valid config"),
         );
@@ -393,7 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_older_presence_event_does_not_override_a_newer_one() {
-        let p = AwsIotCoreProvider::new("aws", &config())
+        let p = AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &config())
             .await
             .expect("valid config");
         let t = |ms: i64| DateTime::from_timestamp_millis(ms).expect("time");

@@ -275,7 +275,7 @@ fn fatal(shared: &Shared, host: &str, e: &ConnectionError) -> Option<ProviderErr
     let ConnectionError::ConnectionRefused(code) = e else {
         return None;
     };
-    let instance = shared.instance.clone();
+    let instance = shared.instance.to_string();
     let client_id = &shared.config.client_id;
     match code {
         ConnectReturnCode::BadUserNamePassword

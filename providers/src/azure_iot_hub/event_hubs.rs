@@ -466,7 +466,7 @@ impl Consumer {
                 Mapped::Event { kind, seq } => {
                     let (tx, verdict) = oneshot::channel();
                     let ev = ProviderEvent {
-                        instance: self.instance.clone(),
+                        instance: self.instance.clone().into(),
                         kind,
                         ack: AckHandle::new(move |a| {
                             let _ = tx.send(a);

@@ -48,7 +48,7 @@ pub use rest::HubClient;
 /// `event_hubs` in a build without the Event Hubs client is refused here, before the
 /// gateway starts, naming the key and the fix.
 pub async fn build(
-    instance: &str,
+    instance: &crate::InstanceName,
     config: &iotgw_config::AzureIotHubConfig,
 ) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
     event_hubs_buildable(instance, config, cfg!(feature = "azure_event_hubs"))?;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use iotgw_config::azure_iot_hub::{AzureCommandDelivery, EventHubsStart, ServiceConnectionString};
 use iotgw_config::AzureIotHubConfig;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rand::RngCore as _;
 use serde_json::{json, Map, Value};
 
@@ -28,9 +28,9 @@ use super::models::{
 use super::rest::{HubClient, HubError, BULK_MAX};
 use crate::observed::HealthCell;
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
-    ProviderHealth, ProviderKind, ProviderLimits, PushEndpoint, Registration, Shutdown,
-    CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, PushEndpoint, Registration,
+    Shutdown, CFS_MAX_COMMAND_BYTES,
 };
 
 /// Delay between two credential probes while the hub is unreachable at start.
@@ -46,7 +46,7 @@ pub struct AzureIotHubProvider {
 
 /// State shared by the provider, its Event Grid endpoint and its consumers.
 pub(super) struct Shared {
-    pub(super) instance: String,
+    pub(super) instance: InstanceName,
     pub(super) config: AzureIotHubConfig,
     pub(super) hub: HubClient,
     pub(super) limits: ProviderLimits,
@@ -79,9 +79,9 @@ impl AzureIotHubProvider {
     ///
     /// Errors are [`ProviderError::InvalidInput`] naming the config key (and, for the
     /// connection string, the part that is wrong — never the key itself).
-    pub fn new(instance: &str, config: &AzureIotHubConfig) -> Result<Self, ProviderError> {
+    pub fn new(instance: &InstanceName, config: &AzureIotHubConfig) -> Result<Self, ProviderError> {
         let invalid = |field: &str, message: String| ProviderError::InvalidInput {
-            instance: instance.to_owned(),
+            instance: instance.to_string(),
             field: field.to_owned(),
             message,
         };
@@ -219,7 +219,7 @@ impl AzureIotHubProvider {
                     // the keys the batch gave them).
                     None if !result.is_successful => self.register(spec).await,
                     Some(err) => Err(ProviderError::InvalidInput {
-                        instance: self.shared.instance.clone(),
+                        instance: self.shared.instance.to_string(),
                         field: "msdyn_deviceid".into(),
                         message: format!(
                             "bulk registration of device {id} failed ({}): {}",
@@ -276,7 +276,7 @@ impl Shared {
             });
         };
         let consumer = Arc::new(Consumer {
-            instance: s.instance.clone(),
+            instance: s.instance.to_string(),
             key_prefix: format!("{}/{}", s.instance, eh.consumer_group),
             start: match eh.start {
                 EventHubsStart::Earliest => Position::Earliest,
@@ -352,7 +352,7 @@ impl Shared {
             None | Some(Value::Null) => None,
             Some(Value::Object(m)) => Some(m.clone()),
             Some(_) => return Err(ProviderError::InvalidInput {
-                instance: self.instance.clone(),
+                instance: self.instance.to_string(),
                 field: "msdyn_devicesettings".into(),
                 message:
                     "IoT Hub desired properties must be a JSON object, e.g. {\"interval_s\": 30}"
@@ -408,7 +408,7 @@ impl Shared {
                         continue;
                     }
                     return Err(ProviderError::NotFound {
-                        instance: self.instance.clone(),
+                        instance: self.instance.to_string(),
                         what: format!(
                             "device {device} is not online (IoT Hub 404103 DeviceNotOnline): direct method {} not delivered{}",
                             cmd.name,
@@ -480,7 +480,7 @@ fn tags_json(tags: &BTreeMap<String, String>) -> Map<String, Value> {
 
 #[async_trait]
 impl Provider for AzureIotHubProvider {
-    fn instance(&self) -> &str {
+    fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }
 
@@ -529,7 +529,7 @@ impl Provider for AzureIotHubProvider {
                     .is_none()
                 {
                     return Err(ProviderError::Conflict {
-                        instance: s.instance.clone(),
+                        instance: s.instance.to_string(),
                         message: format!(
                             "device {id} exists in IoT Hub without symmetric keys (X.509 or none); iotgw registers symmetric-key devices: delete it or use another id"
                         ),
@@ -600,7 +600,7 @@ impl Provider for AzureIotHubProvider {
         let limit = s.limits.max_command_bytes;
         if cmd.message.len() > limit {
             return Err(ProviderError::InvalidInput {
-                instance: s.instance.clone(),
+                instance: s.instance.to_string(),
                 field: "msdyn_message".into(),
                 message: format!(
                     "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
@@ -615,7 +615,7 @@ impl Provider for AzureIotHubProvider {
             AzureCommandDelivery::C2d => match &s.c2d {
                 Some(c2d) => c2d.send(cmd).await.map(|()| CommandOutcome::Published),
                 None => Err(ProviderError::Unsupported {
-                    instance: s.instance.clone(),
+                    instance: s.instance.to_string(),
                     what: "C2D messages: the sender was not built".into(),
                 }),
             },
@@ -657,7 +657,7 @@ impl Provider for AzureIotHubProvider {
             .is_err()
         {
             return Err(ProviderError::Conflict {
-                instance: s.instance.clone(),
+                instance: s.instance.to_string(),
                 message: "run is already active for this instance; call it once".into(),
             });
         }

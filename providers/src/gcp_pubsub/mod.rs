@@ -38,7 +38,7 @@ pub use provider::GcpPubSubProvider;
 /// `kind = "gcp_pubsub"` instance). Validates the settings and builds the clients; the
 /// resources are checked, or created with `create_if_missing`, when `run` starts.
 pub async fn build(
-    instance: &str,
+    instance: &crate::InstanceName,
     config: &iotgw_config::GcpPubSubConfig,
 ) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
     Ok(Arc::new(GcpPubSubProvider::new(instance, config).await?))

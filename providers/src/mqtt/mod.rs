@@ -21,3 +21,15 @@ mod integration;
 pub use dynsec::DynsecAdmin;
 pub use provider::{MqttProvider, RECEIVE_MAXIMUM, SESSION_EXPIRY_SECS};
 pub use topics::{TopicError, TopicKind, TopicTemplate, Topics};
+
+use std::sync::Arc;
+
+/// Builds the provider of instance `instance` (what the gateway calls for each
+/// `kind = "mqtt"` instance), as every other provider folder does. Validates the settings;
+/// connects nothing: [`crate::Provider::run`] does.
+pub async fn build(
+    instance: &crate::InstanceName,
+    config: &iotgw_config::MqttConfig,
+) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
+    Ok(Arc::new(MqttProvider::new(instance, config)?))
+}

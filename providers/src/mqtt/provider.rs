@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use iotgw_config::{CommandCorrelation, MqttConfig};
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, MqttOptions};
@@ -19,8 +19,9 @@ use super::dynsec::DynsecAdmin;
 use super::topics::{TopicKind, Topics};
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
-    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
 };
 
 /// Session expiry asked of the broker: queued QoS 1 messages survive a gateway outage of
@@ -56,7 +57,7 @@ pub struct MqttProvider {
 
 /// State shared by the provider handle and its receive loop.
 pub(super) struct Shared {
-    pub(super) instance: String,
+    pub(super) instance: InstanceName,
     pub(super) config: MqttConfig,
     pub(super) topics: Topics,
     pub(super) health: HealthCell,
@@ -87,9 +88,9 @@ impl MqttProvider {
     ///
     /// Errors are [`ProviderError::InvalidInput`] naming the config key: a topic template
     /// without a whole-level `{device_id}`, an empty `client_id`, a keep-alive below 5 s.
-    pub fn new(instance: &str, config: &MqttConfig) -> Result<Self, ProviderError> {
+    pub fn new(instance: &InstanceName, config: &MqttConfig) -> Result<Self, ProviderError> {
         let invalid = |field: &str, message: String| ProviderError::InvalidInput {
-            instance: instance.to_owned(),
+            instance: instance.to_string(),
             field: field.to_owned(),
             message,
         };
@@ -162,7 +163,7 @@ pub(super) use crate::observed::lock;
 impl Shared {
     pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
         ProviderError::Transient {
-            instance: self.instance.clone(),
+            instance: self.instance.to_string(),
             message: message.into(),
         }
     }
@@ -237,7 +238,7 @@ impl Shared {
 
 #[async_trait]
 impl Provider for MqttProvider {
-    fn instance(&self) -> &str {
+    fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }
 
@@ -287,7 +288,7 @@ impl Provider for MqttProvider {
         let limit = self.limits.max_command_bytes;
         if cmd.message.len() > limit {
             return Err(ProviderError::InvalidInput {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 field: "msdyn_message".into(),
                 message: format!(
                     "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
@@ -408,7 +409,7 @@ impl Provider for MqttProvider {
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         if !self.shared.try_start() {
             return Err(ProviderError::Conflict {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 message: "run is already active for this instance; call it once".into(),
             });
         }
@@ -470,7 +471,7 @@ mod tests {
     use crate::EventKind;
 
     fn refused(config: MqttConfig) -> (String, String) {
-        match MqttProvider::new("edge", &config) {
+        match MqttProvider::new(&crate::InstanceName::from("edge"), &config) {
             Err(ProviderError::InvalidInput { field, message, .. }) => (field, message),
             Err(other) => panic!("expected InvalidInput, got {other}"),
             Ok(_) => panic!("expected the config to be refused"),
@@ -514,7 +515,7 @@ mod tests {
     #[test]
     fn limits_follow_the_config_and_the_field_service_command_size() {
         let p = MqttProvider::new(
-            "edge",
+            &crate::InstanceName::from("edge"),
             &MqttConfig {
                 max_payload_bytes: 1000,
                 ..MqttConfig::default()
@@ -534,7 +535,8 @@ mod tests {
 
     #[tokio::test]
     async fn without_dynsec_registration_is_registry_only() {
-        let p = MqttProvider::new("edge", &MqttConfig::default()).expect("valid config");
+        let p = MqttProvider::new(&crate::InstanceName::from("edge"), &MqttConfig::default())
+            .expect("valid config");
         let spec = DeviceSpec {
             device_id: DeviceId::parse("pump-1").expect("valid id"),
             name: "Pump 1".into(),
@@ -552,7 +554,8 @@ mod tests {
 
     #[test]
     fn a_late_older_status_does_not_override_a_newer_one() {
-        let p = MqttProvider::new("edge", &MqttConfig::default()).expect("valid config");
+        let p = MqttProvider::new(&crate::InstanceName::from("edge"), &MqttConfig::default())
+            .expect("valid config");
         let t = |s: &str| {
             DateTime::parse_from_rfc3339(s)
                 .expect("time")

@@ -207,7 +207,7 @@ fn fatal(shared: &Shared, e: &ConnectionError) -> Option<ProviderError> {
     let ConnectionError::ConnectionRefused(code) = e else {
         return None;
     };
-    let instance = shared.instance.clone();
+    let instance = shared.instance.to_string();
     match code {
         ConnectReturnCode::BadUserNamePassword
         | ConnectReturnCode::NotAuthorized
