@@ -7,7 +7,7 @@
 //!   (commands, device state, health).
 //! - [`registry`]: register and unregister (thing, certificate, policy, attachments,
 //!   shadow), with rollback of partial registrations.
-//! - [`session`]: the MQTT receive loop (persistent session, in-order manual acks,
+//! - [`receive`]: the MQTT receive loop (persistent session, in-order manual acks,
 //!   reconnects, presence ordered by event time).
 //! - [`clients`]: the shared AWS SDK configuration and the `iot` / `iot-data` clients.
 //! - [`errors`]: AWS errors classified into [`crate::ProviderError`].
@@ -27,8 +27,8 @@ pub mod errors;
 pub mod inbound;
 pub mod policy;
 pub mod provider;
+pub mod receive;
 pub mod registry;
-pub mod session;
 pub mod tls;
 pub mod topics;
 

@@ -3,7 +3,7 @@
 //! This file holds the provider's state and the request/response side of the trait:
 //! commands through the `iot-data` API, device state from the shadow and the presence
 //! events seen, registration through [`super::registry`]. The MQTT receive loop lives in
-//! [`super::session`].
+//! [`super::receive`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,8 +53,6 @@ pub(super) struct Shared {
     running: AtomicBool,
     dropped: AtomicU64,
 }
-
-pub(super) use crate::observed::lock;
 
 impl AwsIotCoreProvider {
     /// Validates `config`, reads the gateway's certificate files and loads the AWS SDK
@@ -293,7 +291,7 @@ impl Provider for AwsIotCoreProvider {
         })
     }
 
-    /// See [`super::session`]: persistent session, manual acks, reconnects with backoff.
+    /// See [`super::receive`]: persistent session, manual acks, reconnects with backoff.
     /// Without a client certificate it only waits for `shutdown` (health says why).
     /// Returns `Err` when the broker refuses the gateway's certificate or client id, when
     /// the data endpoint cannot be looked up for a reason retrying cannot fix, or when
@@ -305,7 +303,7 @@ impl Provider for AwsIotCoreProvider {
                 message: "run is already active for this instance; call it once".into(),
             });
         }
-        let result = super::session::run(self.shared.clone(), events, shutdown).await;
+        let result = super::receive::run(self.shared.clone(), events, shutdown).await;
         self.shared.stopped();
         result
     }

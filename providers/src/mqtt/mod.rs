@@ -5,14 +5,20 @@
 //!   subscription filters, device id extraction, validation.
 //! - [`inbound`]: payload formats of the inbound topics, telemetry message ids.
 //! - [`provider`]: [`MqttProvider`], the [`crate::Provider`] implementation.
-//! - [`session`]: the receive loop (persistent session, manual acks, reconnects).
+//! - [`receive`]: the receive loop of a plain MQTT instance (its subscriptions and
+//!   decoding), on the shared session driver.
+//! - [`session`]: the one MQTT session driver, shared with `aws_iot_core`: polls the
+//!   event loop, reconnects, sends PUBACKs (persistent session, manual acks).
+//! - [`acks`]: the ordered-ack state machine the driver runs, pure (no I/O).
 //! - [`dynsec`]: Mosquitto dynamic-security administration (per-device credentials).
 //! - `integration` (tests only): scenarios against a real Mosquitto process.
 
+pub(crate) mod acks;
 pub mod dynsec;
 pub mod inbound;
 pub mod provider;
-pub mod session;
+pub mod receive;
+pub(crate) mod session;
 pub mod topics;
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! This file holds the provider's state and the request/response side of the trait
 //! (commands, device state, registration). The receive loop lives in
-//! [`super::session`], broker credentials in [`super::dynsec`].
+//! [`super::receive`], broker credentials in [`super::dynsec`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -361,7 +361,7 @@ impl Provider for MqttProvider {
         Ok(self.shared.devices.state(id.as_str()))
     }
 
-    /// See [`super::session`] for the loop: persistent session, manual acks, reconnects
+    /// See [`super::receive`] for the loop: persistent session, manual acks, reconnects
     /// with backoff. Returns `Err` only when the broker refuses the gateway's credentials
     /// or client id (retrying cannot fix that), or when `run` is already active for this
     /// instance.
@@ -413,7 +413,7 @@ impl Provider for MqttProvider {
                 message: "run is already active for this instance; call it once".into(),
             });
         }
-        let result = super::session::run(self.shared.clone(), events, shutdown).await;
+        let result = super::receive::run(self.shared.clone(), events, shutdown).await;
         self.shared.stopped();
         result
     }
