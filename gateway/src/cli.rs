@@ -559,6 +559,12 @@ async fn simulate(a: SimulateArgs) -> ExitCode {
     };
     let ids = crate::simulate::device_ids(&a.prefix, a.devices);
     if let Some(base) = &a.register {
+        // The simulator registers against a gateway the operator names; it never had
+        // timeouts, and adding them would change what `simulate` does.
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "simulate --register keeps its default client (behaviour unchanged)"
+        )]
         let client = reqwest::Client::new();
         for id in &ids {
             let mut req = client.post(format!("{}/api/v1/devices", base.trim_end_matches('/'))).json(&serde_json::json!({"msdyn_deviceid": id, "msdyn_issimulated": true, "msdyn_category": "simulated-chiller"}));

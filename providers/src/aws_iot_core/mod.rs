@@ -33,6 +33,10 @@ pub mod tls;
 pub mod topics;
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests against a local moto and an in-process proxy over plain HTTP: no TLS roots or timeouts to configure"
+)]
 mod integration;
 
 use std::sync::Arc;
