@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`provider`]: [`AwsIotCoreProvider`], the [`crate::Provider`] implementation
 //!   (commands, device state, health).
+//! - [`state`]: what the instance has observed and shares with its receive loop.
 //! - [`registry`]: register and unregister (thing, certificate, policy, attachments,
 //!   shadow), with rollback of partial registrations.
 //! - [`receive`]: the MQTT receive loop (persistent session, in-order manual acks,
@@ -29,6 +30,7 @@ pub mod policy;
 pub mod provider;
 pub mod receive;
 pub mod registry;
+pub mod state;
 pub mod tls;
 pub mod topics;
 

@@ -1,6 +1,7 @@
 //! [`AwsIotCoreProvider`]: the [`Provider`] of AWS IoT Core.
 //!
-//! This file holds the provider's state and the request/response side of the trait:
+//! This file holds the request/response side of the trait (its shared state is in
+//! [`super::state`]):
 //! commands through the `iot-data` API, device state from the shadow and the presence
 //! events seen, registration through [`super::registry`]. The MQTT receive loop lives in
 //! [`super::receive`].
@@ -19,6 +20,8 @@ use super::clients::Clients;
 use super::errors::Call;
 use super::inbound::reported_of;
 use super::registry::Registrar;
+use super::state::Shared;
+pub use super::state::AWS_MAX_PAYLOAD_BYTES;
 use super::topics::AwsTopics;
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
@@ -26,9 +29,6 @@ use crate::{
     ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
     CFS_MAX_COMMAND_BYTES,
 };
-
-/// AWS IoT Core's largest MQTT payload (publish, and the `iot-data` Publish API).
-pub const AWS_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 
 /// The AWS IoT Core provider: AWS APIs for the registry and commands, one MQTT session on
 /// the account endpoint for telemetry, replies and presence.
@@ -38,20 +38,6 @@ pub const AWS_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 pub struct AwsIotCoreProvider {
     pub(super) shared: Arc<Shared>,
     limits: ProviderLimits,
-}
-
-/// State shared by the provider handle and its receive loop.
-pub(super) struct Shared {
-    pub(super) instance: InstanceName,
-    pub(super) config: AwsIotCoreConfig,
-    pub(super) topics: AwsTopics,
-    pub(super) clients: Clients,
-    /// TLS of the MQTT connection; `None` when no client certificate is configured.
-    pub(super) tls: Option<Arc<rustls::ClientConfig>>,
-    pub(super) health: HealthCell,
-    pub(super) devices: DeviceBook,
-    running: AtomicBool,
-    dropped: AtomicU64,
 }
 
 impl AwsIotCoreProvider {
@@ -119,31 +105,6 @@ impl AwsIotCoreProvider {
             clients: &self.shared.clients,
             topics: &self.shared.topics,
             config: &self.shared.config,
-        }
-    }
-}
-
-impl Shared {
-    pub(super) fn try_start(&self) -> bool {
-        self.running
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    pub(super) fn stopped(&self) {
-        self.health.set_connected(false);
-        self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn count_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The MQTT host: `mqtt_host`, else the data endpoint.
-    pub(super) async fn mqtt_host(&self) -> Result<String, ProviderError> {
-        match &self.config.mqtt_host {
-            Some(h) => Ok(h.clone()),
-            None => self.clients.data_endpoint().await.map(str::to_owned),
         }
     }
 }

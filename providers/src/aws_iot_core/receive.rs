@@ -33,7 +33,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use tracing::{info, warn};
 
 use super::inbound::{decode_presence, decode_shadow_documents};
-use super::provider::{Shared, AWS_MAX_PAYLOAD_BYTES};
+use super::state::{Shared, AWS_MAX_PAYLOAD_BYTES};
 use super::topics::{Inbound, MAX_FILTERS_PER_SUBSCRIBE};
 use crate::mqtt::inbound::{
     self as mqtt_inbound, Inbound as Decoded, Received, MESSAGE_ID_PROPERTY,

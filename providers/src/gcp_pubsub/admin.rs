@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::client::{classify, Call};
 use super::names::{Stream, StreamKind};
-use super::provider::Shared;
+use super::state::Shared;
 use crate::ProviderError;
 
 /// Label put on the subscriptions the gateway creates (`managed-by=iotgw`), so an operator

@@ -17,6 +17,7 @@
 //!   subscriptions.
 //! - [`provider`]: [`GcpPubSubProvider`], the [`crate::Provider`] implementation
 //!   (registration, commands, device state).
+//! - [`state`]: what the instance has observed and shares with its receive loops.
 //! - [`receive`]: the streaming pulls (flow control, ack after commit, reopen with backoff).
 //! - `integration` (tests only): scenarios against the official Pub/Sub emulator in Docker.
 
@@ -26,6 +27,7 @@ pub mod inbound;
 pub mod names;
 pub mod provider;
 pub mod receive;
+pub mod state;
 
 #[cfg(test)]
 mod integration;

@@ -1,7 +1,7 @@
 //! [`GcpPubSubProvider`]: the [`Provider`] of Google Cloud Pub/Sub.
 //!
-//! This file holds the provider's state and the request/response side of the trait
-//! (registration, commands, device state). The streaming pull lives in
+//! This file holds the request/response side of the trait (registration, commands,
+//! device state); the state it shares with its receive loops is in [`super::state`]. The streaming pull lives in
 //! [`super::receive`], topic and subscription administration in `admin`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,8 +14,9 @@ use google_cloud_pubsub::model::Message;
 use iotgw_config::GcpPubSubConfig;
 use iotgw_ids::DeviceId;
 
-use super::client::{self, classify, Call, Clients};
+use super::client::{self, classify, Call};
 use super::names::{Names, COMMAND_ID_ATTRIBUTE, COMMAND_NAME_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE};
+use super::state::Shared;
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
     CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
@@ -40,18 +41,6 @@ impl std::fmt::Debug for GcpPubSubProvider {
             .field("target", &self.shared.clients.target)
             .finish()
     }
-}
-
-/// State shared by the provider handle and its receive loops.
-pub(super) struct Shared {
-    pub(super) instance: InstanceName,
-    pub(super) config: GcpPubSubConfig,
-    pub(super) names: Names,
-    pub(super) clients: Clients,
-    pub(super) health: HealthCell,
-    pub(super) devices: DeviceBook,
-    running: AtomicBool,
-    dropped: AtomicU64,
 }
 
 impl GcpPubSubProvider {
@@ -121,30 +110,6 @@ impl GcpPubSubProvider {
     /// Where the clients point (`the Pub/Sub emulator at http://...`, or the service).
     pub fn target(&self) -> String {
         self.shared.clients.target.describe()
-    }
-}
-
-impl Shared {
-    pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
-        ProviderError::Transient {
-            instance: self.instance.to_string(),
-            message: message.into(),
-        }
-    }
-
-    pub(super) fn try_start(&self) -> bool {
-        self.running
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    pub(super) fn stopped(&self) {
-        self.health.set_connected(false);
-        self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn count_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -5,6 +5,7 @@
 //!   subscription filters, device id extraction, validation.
 //! - [`inbound`]: payload formats of the inbound topics, telemetry message ids.
 //! - [`provider`]: [`MqttProvider`], the [`crate::Provider`] implementation.
+//! - [`state`]: what the instance has observed and shares with its receive loop.
 //! - [`receive`]: the receive loop of a plain MQTT instance (its subscriptions and
 //!   decoding), on the shared session driver.
 //! - [`session`]: the one MQTT session driver, shared with `aws_iot_core`: polls the
@@ -19,6 +20,7 @@ pub mod inbound;
 pub mod provider;
 pub mod receive;
 pub(crate) mod session;
+pub mod state;
 pub mod topics;
 
 #[cfg(test)]

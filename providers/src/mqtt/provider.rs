@@ -1,7 +1,7 @@
 //! [`MqttProvider`]: the [`Provider`] of a plain MQTT 5 broker.
 //!
-//! This file holds the provider's state and the request/response side of the trait
-//! (commands, device state, registration). The receive loop lives in
+//! This file holds the request/response side of the trait (commands, device state,
+//! registration); the state it shares with its receive loop is in [`super::state`]. The receive loop lives in
 //! [`super::receive`], broker credentials in [`super::dynsec`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,9 +13,10 @@ use iotgw_config::{CommandCorrelation, MqttConfig};
 use iotgw_ids::DeviceId;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, MqttOptions};
 
 use super::dynsec::DynsecAdmin;
+use super::state::{lock, Barrier, Shared};
+pub use super::state::{RECEIVE_MAXIMUM, SESSION_EXPIRY_SECS};
 use super::topics::{TopicKind, Topics};
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
@@ -24,26 +25,8 @@ use crate::{
     CFS_MAX_COMMAND_BYTES,
 };
 
-/// Session expiry asked of the broker: queued QoS 1 messages survive a gateway outage of
-/// up to one day.
-pub const SESSION_EXPIRY_SECS: u32 = 24 * 60 * 60;
-
-/// Unacknowledged QoS 1 messages the broker may have in flight to the gateway (MQTT 5
-/// Receive Maximum). Bounds how many events wait for the gateway's ack at once. The
-/// gateway acks a whole group commit at a time (up to `pipeline.batch_max_events`, 512 by
-/// default) while it gathers the next one, so the window holds two batches: with 128 the
-/// broker stalled every batch at 128 events and readings queued at the broker.
-pub const RECEIVE_MAXIMUM: u16 = 1024;
-
-/// Capacity of rumqttc's request channel (publishes, acks, subscribes): room for the acks
-/// of a whole batch.
-pub(super) const REQUEST_CAPACITY: usize = 1024;
-
 /// How long `send_command` waits for room in the request queue before giving up.
 const COMMAND_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Headroom above `max_payload_bytes` for the topic and properties of a packet.
-const PACKET_OVERHEAD: usize = 64 * 1024;
 
 /// The plain MQTT 5 provider: one persistent session on one broker.
 ///
@@ -53,33 +36,6 @@ pub struct MqttProvider {
     pub(super) shared: Arc<Shared>,
     limits: ProviderLimits,
     dynsec: Option<DynsecAdmin>,
-}
-
-/// State shared by the provider handle and its receive loop.
-pub(super) struct Shared {
-    pub(super) instance: InstanceName,
-    pub(super) config: MqttConfig,
-    pub(super) topics: Topics,
-    pub(super) health: HealthCell,
-    pub(super) devices: DeviceBook,
-    /// The client of the running loop; `None` while `run` is not active.
-    client: Mutex<Option<AsyncClient>>,
-    running: AtomicBool,
-    dropped: AtomicU64,
-    /// The drain barrier in flight, if any (see [`Provider::drain`]).
-    barrier: Mutex<Option<Barrier>>,
-}
-
-/// A drain barrier: one marker message published on each subscribed topic; the broker
-/// delivers each filter's messages in order, so once every marker came back, everything
-/// delivered before it on that filter has been handed to the event channel.
-pub(super) struct Barrier {
-    /// The device-id level of the marker topics.
-    marker: String,
-    /// Topic kinds whose marker has not come back yet.
-    pending: Vec<TopicKind>,
-    /// Fired when `pending` is empty.
-    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl MqttProvider {
@@ -155,84 +111,6 @@ impl MqttProvider {
     /// template. Each one is also logged with the reason.
     pub fn dropped_messages(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
-    }
-}
-
-pub(super) use crate::observed::lock;
-
-impl Shared {
-    pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
-        ProviderError::Transient {
-            instance: self.instance.to_string(),
-            message: message.into(),
-        }
-    }
-
-    /// The rumqttc options of the gateway's session.
-    pub(super) fn mqtt_options(&self) -> MqttOptions {
-        let c = &self.config;
-        let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
-        o.set_keep_alive(Duration::from_secs(c.keep_alive_secs))
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
-            .set_manual_acks(true)
-            .set_receive_maximum(Some(RECEIVE_MAXIMUM))
-            .set_request_channel_capacity(REQUEST_CAPACITY)
-            // Oversize telemetry must still arrive so the gateway can dead-letter it with a
-            // reason; only packets beyond twice the limit are discarded by the broker.
-            .set_max_packet_size(Some(
-                u32::try_from(
-                    c.max_payload_bytes
-                        .saturating_mul(2)
-                        .saturating_add(PACKET_OVERHEAD),
-                )
-                .unwrap_or(u32::MAX),
-            ));
-        if let Some(user) = &c.username {
-            o.set_credentials(
-                user.clone(),
-                c.password
-                    .as_ref()
-                    .map(|p| p.expose().to_owned())
-                    .unwrap_or_default(),
-            );
-        }
-        o
-    }
-
-    pub(super) fn set_client(&self, client: Option<AsyncClient>) {
-        *lock(&self.client) = client;
-    }
-
-    pub(super) fn try_start(&self) -> bool {
-        self.running
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    pub(super) fn stopped(&self) {
-        self.set_client(None);
-        self.health.set_connected(false);
-        self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn count_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Whether `device_id` on a `kind` topic is a drain marker (then it is consumed here).
-    pub(super) fn barrier_passed(&self, kind: TopicKind, device_id: &str) -> bool {
-        let mut guard = lock(&self.barrier);
-        let Some(b) = guard.as_mut().filter(|b| b.marker == device_id) else {
-            return false;
-        };
-        b.pending.retain(|k| *k != kind);
-        if b.pending.is_empty() {
-            if let Some(done) = b.done.take() {
-                let _ = done.send(());
-            }
-        }
-        true
     }
 }
 

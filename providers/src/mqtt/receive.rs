@@ -24,8 +24,8 @@ use rumqttc::v5::{AsyncClient, ConnectionError, EventLoop, Request};
 use tracing::{info, warn};
 
 use super::inbound::{self, Inbound, Received, MESSAGE_ID_PROPERTY};
-use super::provider::{Shared, RECEIVE_MAXIMUM};
 use super::session::{self, Hooks, Settings};
+use super::state::{Shared, RECEIVE_MAXIMUM, REQUEST_CAPACITY};
 use crate::observed::HealthCell;
 use crate::{AckHandle, EventSender, InstanceName, ProviderError, ProviderEvent, Shutdown};
 
@@ -35,8 +35,7 @@ pub(super) async fn run(
     events: EventSender,
     shutdown: Shutdown,
 ) -> Result<(), ProviderError> {
-    let (client, eventloop) =
-        AsyncClient::new(shared.mqtt_options(), super::provider::REQUEST_CAPACITY);
+    let (client, eventloop) = AsyncClient::new(shared.mqtt_options(), REQUEST_CAPACITY);
     shared.set_client(Some(client.clone()));
     let cfg = &shared.config;
     let settings = Settings {
