@@ -11,6 +11,8 @@
 //! - [`sinks`]: outbox workers and the stdout, file and webhook sinks.
 //! - [`api`]: the HTTP API, `/live`, `/ready`, `/metrics`.
 //! - [`health`], [`metrics`]: readiness and Prometheus metrics.
+//! - [`internal_events`]: typed events (alert committed, event rejected, delivery
+//!   failed) whose one `emit` writes the log line and bumps the metric together.
 //! - [`broker`]: the embedded MQTT broker; [`simulate`]: simulated devices.
 //!
 //! Providers never touch the store and the store never knows a cloud: they meet in [`core`]
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod core;
 pub mod health;
 pub mod import;
+pub mod internal_events;
 pub mod metrics;
 pub mod pipeline;
 pub mod router;
