@@ -31,8 +31,8 @@ use chrono::{DateTime, TimeZone as _, Utc};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::event_grid::{compare_sequence, SharedConnectionSeqs};
 use super::models::{parse_time, without_metadata};
+use super::ordering::{compare_sequence, SharedConnectionSeqs};
 use crate::{
     Ack, AckHandle, EventKind, EventSender, ProviderError, ProviderEvent, Shutdown, Telemetry,
 };

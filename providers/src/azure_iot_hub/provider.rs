@@ -19,13 +19,13 @@ use rand::RngCore as _;
 use serde_json::{json, Map, Value};
 
 use super::c2d::C2dSender;
-use super::event_grid::SharedConnectionSeqs;
 use super::event_hubs::{Checkpoints, Consumer, EventSource, MemoryCheckpoints, Position};
 use super::models::{
     parse_time, without_metadata, Authentication, Capabilities, CloudToDeviceMethod, Device,
     ExportImportDevice, Twin, TwinProperties,
 };
 use super::rest::{HubClient, HubError, BULK_MAX};
+use super::state::{lock, Shared};
 use crate::observed::HealthCell;
 use crate::{
     CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
@@ -43,28 +43,6 @@ const PROBE_RETRY: Duration = Duration::from_secs(5);
 pub struct AzureIotHubProvider {
     pub(super) shared: Arc<Shared>,
 }
-
-/// State shared by the provider, its Event Grid endpoint and its consumers.
-pub(super) struct Shared {
-    pub(super) instance: InstanceName,
-    pub(super) config: AzureIotHubConfig,
-    pub(super) hub: HubClient,
-    pub(super) limits: ProviderLimits,
-    health: HealthCell,
-    /// The sender of the running `run`; `None` while it is not active.
-    pub(super) events: Mutex<Option<EventSender>>,
-    running: AtomicBool,
-    /// Highest committed connection-state sequence number and the event time emitted for
-    /// it, per device (Event Grid's `deviceConnectionStateEventInfo.sequenceNumber`).
-    pub(super) connection_seq: SharedConnectionSeqs,
-    c2d: Option<C2dSender>,
-    /// The reader of the Event Hubs-compatible endpoint (`event_hubs`), once set.
-    event_source: Mutex<Option<Arc<dyn EventSource>>>,
-    /// Where the Event Hubs consumer keeps its checkpoints.
-    checkpoints: Mutex<Arc<dyn Checkpoints>>,
-}
-
-pub(super) use crate::observed::lock;
 
 /// 32 random bytes, base64: a device key as the portal generates them.
 fn generate_key() -> String {
