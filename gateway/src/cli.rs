@@ -348,17 +348,7 @@ async fn dispatch(cmd: Command) -> ExitCode {
     }
 }
 
-/// An error with every cause of its source chain, `outer: inner: ...` (a reqwest error
-/// alone says only "error sending request").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out = format!("{out}: {s}");
-        source = s.source();
-    }
-    out
-}
+pub use crate::errors::error_chain;
 
 /// The URL that reaches an API listening on `listen` from the same network namespace:
 /// a wildcard address (`0.0.0.0`, `[::]`) becomes loopback.

@@ -114,3 +114,17 @@ impl InternalEvent for DeliveryFailed<'_> {
         }
     }
 }
+
+impl Metrics {
+    /// An event was refused (and dead-lettered or ignored, then acked): emits
+    /// [`EventRejected`], its log line and its count. Kept as a method (defined here, so
+    /// `metrics` does not import this module) so its callers did not have to move.
+    pub fn rejected(&self, provider: &str, reason: &str, detail: &str) {
+        EventRejected {
+            provider,
+            reason,
+            detail,
+        }
+        .emit(self);
+    }
+}

@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`cli`]: the command line (thin; `main.rs` only calls it); [`import`]: `iotgw devices
 //!   import`, a file of devices registered through a running gateway's batch route.
-//! - [`app`]: composition and graceful shutdown.
+//! - [`app`]: composition and graceful shutdown; [`errors`]: an error's cause chain in words.
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
 //! - [`router`]: which provider instance hosts a new device.
 //! - [`rules`]: alert rules over JSON telemetry.
@@ -24,6 +24,7 @@ pub mod broker;
 pub mod checkpoints;
 pub mod cli;
 pub mod core;
+pub mod errors;
 pub mod health;
 pub mod import;
 pub mod internal_events;

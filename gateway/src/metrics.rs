@@ -217,18 +217,6 @@ impl Metrics {
         self.in_flight.dec();
     }
 
-    /// An event was refused (and dead-lettered or ignored, then acked): emits
-    /// [`EventRejected`](crate::internal_events::EventRejected), its log line and its count.
-    pub fn rejected(&self, provider: &str, reason: &str, detail: &str) {
-        use crate::internal_events::{EventRejected, InternalEvent};
-        EventRejected {
-            provider,
-            reason,
-            detail,
-        }
-        .emit(self);
-    }
-
     /// The counter of [`EventRejected`](crate::internal_events::EventRejected) alone;
     /// only that event calls it, so the log line always comes with it.
     pub(crate) fn count_rejected(&self, provider: &str, reason: &str) {

@@ -6,6 +6,7 @@
 //! - [`batch`]: group commit, the ordered writes of many events in one transaction.
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
 //! - [`store`]: the [`Store`] trait every backend implements.
+//! - [`error`]: [`StoreError`], shared by the trait and the group-commit types.
 //! - [`sqlite`]: the embedded backend (sqlx, WAL, migrations).
 //! - [`conformance`]: scenarios every backend must pass.
 //!
@@ -13,6 +14,7 @@
 
 pub mod batch;
 pub mod conformance;
+pub mod error;
 pub mod model;
 pub mod sqlite;
 pub mod store;
