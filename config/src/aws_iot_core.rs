@@ -7,8 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::Problem;
-use crate::model::Secret;
+use crate::base::{Problem, Secret};
 
 /// AWS IoT Core provider settings.
 ///

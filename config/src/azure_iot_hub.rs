@@ -5,8 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::Problem;
-use crate::model::Secret;
+use crate::base::{Problem, Secret};
 
 /// Azure IoT Hub provider settings.
 ///

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::load::Problem;
+use crate::base::Problem;
 
 /// Google Cloud Pub/Sub provider settings.
 ///

@@ -2,8 +2,13 @@
 //! environment (`__` between levels, e.g. `IOTGW_API__LISTEN=0.0.0.0:8080`).
 //!
 //! # Layout
-//! - [`model`]: the config structs (the public contract: every field documented,
-//!   unknown keys refused).
+//! - [`base`]: [`Secret`] and [`Problem`], used by every other file; imports nothing of
+//!   this crate.
+//! - [`model`]: the top-level config struct and the settings that belong to no single
+//!   component (the public contract: every field documented, unknown keys refused).
+//! - one file per component, with its settings and their validation, as the `providers`
+//!   crate has one folder per provider: [`mqtt`], [`aws_iot_core`], [`gcp_pubsub`],
+//!   [`azure_iot_hub`], [`sinks`], [`store`].
 //! - [`load`]: loading, every problem collected at once with its key path, its source and
 //!   a fix.
 //! - [`validate`]: the checks that serde cannot express (references, addresses, templates).
@@ -12,13 +17,18 @@
 
 pub mod aws_iot_core;
 pub mod azure_iot_hub;
+pub mod base;
 pub mod gcp_pubsub;
 pub mod load;
 pub mod model;
+pub mod mqtt;
+pub mod sinks;
+pub mod store;
 pub mod validate;
 
 pub use aws_iot_core::AwsIotCoreConfig;
 pub use azure_iot_hub::AzureIotHubConfig;
+pub use base::{Problem, Secret};
 pub use gcp_pubsub::GcpPubSubConfig;
-pub use load::{load, ConfigError, LoadOptions, Problem};
+pub use load::{load, ConfigError, LoadOptions};
 pub use model::*;

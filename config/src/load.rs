@@ -9,36 +9,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use figment::Figment;
 
+pub use crate::base::Problem;
 use crate::model::Config;
 use crate::validate::validate;
-
-/// One thing wrong with the configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted key path, e.g. `providers.local.port`.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-    /// What to do.
-    pub fix: String,
-    /// Where the value came from (file, environment), when known.
-    pub source: Option<String>,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() {
-            "(top level)"
-        } else {
-            &self.path
-        };
-        write!(f, "{path}: {}", self.message)?;
-        if let Some(src) = &self.source {
-            write!(f, " [from {src}]")?;
-        }
-        write!(f, "\n    fix: {}", self.fix)
-    }
-}
 
 /// The configuration is not usable; every problem found is listed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -1,37 +1,15 @@
-//! The configuration structs. Field docs are the user documentation.
+//! The configuration structs that are not one provider's, one sink's or the store's
+//! (those have their own files and are re-exported here). Field docs are the user
+//! documentation.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A secret value: never printed; `config show` writes it as `<redacted>`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-    /// The secret itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
-    }
-}
+pub use crate::base::Secret;
+pub use crate::mqtt::{CommandCorrelation, DynsecConfig, MqttConfig};
+pub use crate::sinks::{FileSinkConfig, SinkConfig, StdoutSinkConfig, WebhookSinkConfig};
+pub use crate::store::{StoreConfig, StoreKind};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -147,33 +125,6 @@ impl Default for ApiConfig {
     }
 }
 
-/// Store backend.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
-    /// `sqlite` (embedded file).
-    pub kind: StoreKind,
-    /// SQLite database file; its directory is created when missing.
-    pub path: String,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            kind: StoreKind::Sqlite,
-            path: "data/iotgw.db".into(),
-        }
-    }
-}
-
-/// Store kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StoreKind {
-    /// SQLite file in WAL mode.
-    Sqlite,
-}
-
 /// What to do with telemetry from a device the registry does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -277,119 +228,6 @@ impl ProviderConfig {
     }
 }
 
-/// Plain MQTT 5 provider.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttConfig {
-    /// Broker host.
-    pub host: String,
-    /// Broker port.
-    pub port: u16,
-    /// Client id of the gateway; it names the broker-side persistent session, so each
-    /// replica needs its own (e.g. `IOTGW_PROVIDERS__<NAME>__CLIENT_ID=iotgw-2`).
-    pub client_id: String,
-    /// Broker user name.
-    pub username: Option<String>,
-    /// Broker password.
-    pub password: Option<Secret>,
-    /// Topic devices publish telemetry to; `{device_id}` is one whole topic level.
-    pub telemetry_topic: String,
-    /// Retained status topic (`online`/`offline` or JSON `{"connected":bool,"at":time}`),
-    /// also the devices' last-will topic.
-    pub status_topic: String,
-    /// Topic commands are published to (QoS 1).
-    pub command_topic: String,
-    /// Topic devices answer commands on: `{"correlation_id":..., "status":"ok"|"error", "reason":...}`.
-    pub reply_topic: String,
-    /// Topic devices publish reported properties to (JSON object).
-    pub reported_topic: String,
-    /// Shared-subscription group (`$share/<group>/...`) so several gateway replicas split
-    /// the telemetry. Empty (the default) subscribes without sharing: the broker keeps the
-    /// subscription in the gateway's persistent session, so nothing published while the
-    /// gateway or the broker restarts is lost. Mosquitto 2.0 does not keep shared
-    /// subscriptions across a broker restart: with a group, messages published between the
-    /// broker's restart and the gateway's re-subscription are not delivered.
-    pub shared_group: String,
-    /// Largest telemetry payload processed; larger ones are dead-lettered.
-    pub max_payload_bytes: usize,
-    /// Keep-alive in seconds.
-    pub keep_alive_secs: u64,
-    /// First reconnect delay in milliseconds (doubles up to `reconnect_max_ms`).
-    pub reconnect_min_ms: u64,
-    /// Longest reconnect delay in milliseconds.
-    pub reconnect_max_ms: u64,
-    /// JSON pointer of a message id inside the payload, used when the message carries no
-    /// MQTT 5 `message_id` user property. Device-chosen ids are prefixed with the device id
-    /// (`pump-1:m-7`) to make the alert token unique; without either, the token is a hash
-    /// of topic and payload (two byte-identical readings then count as one).
-    pub message_id_pointer: String,
-    /// Mosquitto dynamic security: create broker credentials and ACLs per device.
-    pub dynsec: Option<DynsecConfig>,
-    /// Where a command's correlation id travels to the device: `properties` (MQTT 5
-    /// correlation data and user properties), `payload` (a top-level `"correlation_id"`
-    /// field added to the JSON command, and no MQTT 5 properties at all), or `both`. A
-    /// device that speaks MQTT 3.1.1 has no properties: it needs `payload` or `both`, and
-    /// echoes the id in its reply. The stored command message is unchanged.
-    pub command_correlation: CommandCorrelation,
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        Self {
-            host: "127.0.0.1".into(),
-            port: 1883,
-            client_id: "iotgw".into(),
-            username: None,
-            password: None,
-            telemetry_topic: "devices/{device_id}/telemetry".into(),
-            status_topic: "devices/{device_id}/status".into(),
-            command_topic: "devices/{device_id}/commands".into(),
-            reply_topic: "devices/{device_id}/replies".into(),
-            reported_topic: "devices/{device_id}/reported".into(),
-            shared_group: String::new(),
-            max_payload_bytes: 256 * 1024,
-            keep_alive_secs: 30,
-            reconnect_min_ms: 100,
-            reconnect_max_ms: 10_000,
-            message_id_pointer: "/message_id".into(),
-            dynsec: None,
-            command_correlation: CommandCorrelation::Properties,
-        }
-    }
-}
-
-/// Where an mqtt command's correlation id travels (`providers.NAME.command_correlation`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CommandCorrelation {
-    /// MQTT 5 correlation data and user properties (MQTT 5 devices only).
-    #[default]
-    Properties,
-    /// A `"correlation_id"` field in the JSON payload, no MQTT 5 properties (any device,
-    /// any broker, MQTT 3.1.1 included).
-    Payload,
-    /// Both: MQTT 5 devices read the properties, 3.1.1 devices the payload field (for a
-    /// broker that strips properties towards 3.1.1 clients, such as Mosquitto).
-    Both,
-}
-
-/// Mosquitto dynamic-security plugin administration.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DynsecConfig {
-    /// Admin user allowed to publish to `$CONTROL/dynamic-security/#`.
-    pub admin_username: String,
-    /// Its password.
-    pub admin_password: Secret,
-    /// Prefix of the per-device role names.
-    #[serde(default = "default_role_prefix")]
-    pub role_prefix: String,
-}
-
-fn default_role_prefix() -> String {
-    "iotgw-device-".into()
-}
-
 /// Comparison of a rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -444,60 +282,6 @@ pub struct RuleCommandConfig {
     /// Parameters (any JSON).
     #[serde(default)]
     pub parameters: serde_json::Value,
-}
-
-/// An alert sink: `kind` picks it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum SinkConfig {
-    /// JSON lines on standard output.
-    Stdout(StdoutSinkConfig),
-    /// JSON lines appended to a file.
-    File(FileSinkConfig),
-    /// HTTP POST with retries, an idempotency key and an HMAC signature.
-    Webhook(WebhookSinkConfig),
-}
-
-/// Standard output sink (no settings).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StdoutSinkConfig {}
-
-/// File sink.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSinkConfig {
-    /// File to append JSON lines to (created with its directory).
-    pub path: String,
-}
-
-/// Webhook sink.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSinkConfig {
-    /// `http://` or `https://` URL to POST each alert to.
-    pub url: String,
-    /// Shared secret: the body is signed with HMAC-SHA256 into `X-Iotgw-Signature: sha256=<hex>`.
-    pub secret: Option<Secret>,
-    /// Per-request timeout in milliseconds.
-    #[serde(default = "default_webhook_timeout")]
-    pub timeout_ms: u64,
-    /// First retry delay in milliseconds (doubles per attempt).
-    #[serde(default = "default_backoff_min")]
-    pub backoff_min_ms: u64,
-    /// Longest retry delay in milliseconds; a sink that is down is retried forever at this pace.
-    #[serde(default = "default_backoff_max")]
-    pub backoff_max_ms: u64,
-}
-
-const fn default_webhook_timeout() -> u64 {
-    5_000
-}
-const fn default_backoff_min() -> u64 {
-    200
-}
-const fn default_backoff_max() -> u64 {
-    30_000
 }
 
 /// The in-process MQTT broker (rumqttd) used by the embedded default.

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::load::Problem;
+use crate::base::Problem;
 use crate::model::*;
 
 fn p(path: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Problem {
@@ -57,13 +57,7 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
     }
 
     // store
-    if c.store.path.trim().is_empty() {
-        out.push(p(
-            "store.path",
-            "the SQLite path is empty",
-            "give a file path, e.g. data/iotgw.db",
-        ));
-    }
+    crate::store::validate(&c.store, &mut out);
 
     // pipeline
     if c.pipeline.debounce_window_secs == 0 || c.pipeline.debounce_window_secs > 86_400 {
@@ -126,7 +120,7 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
             ));
         }
         match prov {
-            ProviderConfig::Mqtt(m) => validate_mqtt(&base, m, &mut out),
+            ProviderConfig::Mqtt(m) => crate::mqtt::validate(&base, m, &mut out),
             ProviderConfig::AwsIotCore(c) => crate::aws_iot_core::validate(&base, c, &mut out),
             ProviderConfig::GcpPubsub(c) => crate::gcp_pubsub::validate(&base, c, &mut out),
             ProviderConfig::AzureIotHub(c) => crate::azure_iot_hub::validate(&base, c, &mut out),
@@ -279,40 +273,7 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
                 "use 1-64 characters from a-z 0-9 _ -",
             ));
         }
-        match s {
-            SinkConfig::Stdout(_) => {}
-            SinkConfig::File(f) if f.path.trim().is_empty() => out.push(p(
-                format!("{base}.path"),
-                "empty path",
-                "give a file to append JSON lines to",
-            )),
-            SinkConfig::File(_) => {}
-            SinkConfig::Webhook(w) => {
-                if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
-                    || w.url.len() < 10
-                {
-                    out.push(p(
-                        format!("{base}.url"),
-                        format!("`{}` is not an http(s) URL", w.url),
-                        "give e.g. https://app.example.com/iot/alerts",
-                    ));
-                }
-                if w.backoff_min_ms == 0 || w.backoff_min_ms > w.backoff_max_ms {
-                    out.push(p(
-                        format!("{base}.backoff_min_ms"),
-                        "backoff_min_ms must be above 0 and not above backoff_max_ms",
-                        "e.g. backoff_min_ms = 200, backoff_max_ms = 30000",
-                    ));
-                }
-                if w.timeout_ms == 0 {
-                    out.push(p(
-                        format!("{base}.timeout_ms"),
-                        "a zero timeout fails every request",
-                        "use e.g. 5000",
-                    ));
-                }
-            }
-        }
+        crate::sinks::validate(&base, s, &mut out);
     }
 
     // embedded broker
@@ -365,75 +326,6 @@ fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-')
-}
-
-fn validate_mqtt(base: &str, m: &MqttConfig, out: &mut Vec<Problem>) {
-    if m.host.trim().is_empty() {
-        out.push(p(
-            format!("{base}.host"),
-            "empty broker host",
-            "give the broker's host name or address",
-        ));
-    }
-    if m.port == 0 {
-        out.push(p(
-            format!("{base}.port"),
-            "port 0",
-            "give the broker's port, usually 1883 (8883 with TLS)",
-        ));
-    }
-    for (key, t) in [
-        ("telemetry_topic", &m.telemetry_topic),
-        ("status_topic", &m.status_topic),
-        ("command_topic", &m.command_topic),
-        ("reply_topic", &m.reply_topic),
-        ("reported_topic", &m.reported_topic),
-    ] {
-        let levels: Vec<&str> = t.split('/').collect();
-        let whole = levels.iter().filter(|l| **l == "{device_id}").count();
-        if whole != 1 || t.matches("{device_id}").count() != 1 {
-            out.push(p(
-                format!("{base}.{key}"),
-                format!("`{t}` must contain `{{device_id}}` exactly once, as a whole topic level"),
-                "e.g. devices/{device_id}/telemetry",
-            ));
-        }
-        if t.contains('+') || t.contains('#') || t.starts_with('$') {
-            out.push(p(
-                format!("{base}.{key}"),
-                format!("`{t}` holds a wildcard or a `$` prefix"),
-                "use a plain topic with {device_id} as one level",
-            ));
-        }
-    }
-    if m.shared_group.contains(['/', '+', '#']) {
-        out.push(p(
-            format!("{base}.shared_group"),
-            "a shared group name cannot hold / + #",
-            "use a plain name such as iotgw, or empty to disable sharing",
-        ));
-    }
-    if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms {
-        out.push(p(
-            format!("{base}.reconnect_min_ms"),
-            "must be above 0 and not above reconnect_max_ms",
-            "e.g. 100 and 10000",
-        ));
-    }
-    if m.keep_alive_secs < 5 {
-        out.push(p(
-            format!("{base}.keep_alive_secs"),
-            "keep-alive below 5 s",
-            "use 5 or more (default 30)",
-        ));
-    }
-    if m.password.is_some() && m.username.is_none() {
-        out.push(p(
-            format!("{base}.username"),
-            "a password without a user name",
-            "set username too",
-        ));
-    }
 }
 
 #[cfg(test)]

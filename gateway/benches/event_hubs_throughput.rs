@@ -10,6 +10,10 @@
 //! Needs no Docker: both fakes (the hub's REST endpoint and the Event Hubs-compatible one)
 //! run in this process. Every wait has a deadline; the whole run fails after 300 s. The
 //! recorded figures live in BENCHMARKS.md.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: plain-HTTP clients against in-process servers and local emulators, no TLS roots or timeouts to configure"
+)]
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -8,6 +8,10 @@
 //! 20). Bounded: fails after 180 s. Skips (prints `SKIPPED: ...`) without Docker, fails
 //! under `CI=true`. The recorded figure lives in BENCHMARKS.md
 //! (`deploy/examples/gcp_pubsub.BENCH.md` until merged).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "bench: DOCKER_HOST is set once, in main, before any container starts"
+)]
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -45,15 +45,21 @@ pub fn built_kinds() -> Vec<&'static str> {
 
 /// Builds the provider for one configured instance.
 pub async fn build_provider(name: &str, cfg: &ProviderConfig) -> anyhow::Result<Arc<dyn Provider>> {
+    #[allow(unused_variables)]
+    let instance = iotgw_providers::InstanceName::new(name);
     match cfg {
         #[cfg(feature = "mqtt")]
-        ProviderConfig::Mqtt(m) => Ok(Arc::new(iotgw_providers::mqtt::MqttProvider::new(name, m)?)),
+        ProviderConfig::Mqtt(m) => Ok(iotgw_providers::mqtt::build(&instance, m).await?),
         #[cfg(feature = "aws_iot_core")]
-        ProviderConfig::AwsIotCore(c) => Ok(iotgw_providers::aws_iot_core::build(name, c).await?),
+        ProviderConfig::AwsIotCore(c) => {
+            Ok(iotgw_providers::aws_iot_core::build(&instance, c).await?)
+        }
         #[cfg(feature = "gcp_pubsub")]
-        ProviderConfig::GcpPubsub(c) => Ok(iotgw_providers::gcp_pubsub::build(name, c).await?),
+        ProviderConfig::GcpPubsub(c) => Ok(iotgw_providers::gcp_pubsub::build(&instance, c).await?),
         #[cfg(feature = "azure_iot_hub")]
-        ProviderConfig::AzureIotHub(c) => Ok(iotgw_providers::azure_iot_hub::build(name, c).await?),
+        ProviderConfig::AzureIotHub(c) => {
+            Ok(iotgw_providers::azure_iot_hub::build(&instance, c).await?)
+        }
         #[allow(unreachable_patterns)]
         other => anyhow::bail!(
             "provider `{name}`: kind `{}` is not built in this binary",

@@ -559,6 +559,7 @@ mod tests {
     /// A provider that counts the registrations in flight, fails ids starting with `fail-`
     /// and hands out credentials to ids starting with `cred-`.
     struct Counting {
+        name: iotgw_providers::InstanceName,
         limits: ProviderLimits,
         in_flight: AtomicUsize,
         most_in_flight: AtomicUsize,
@@ -568,6 +569,7 @@ mod tests {
     impl Counting {
         fn new() -> Self {
             Self {
+                name: "local".into(),
                 limits: ProviderLimits {
                     max_telemetry_bytes: 1024,
                     max_command_bytes: 1024,
@@ -581,8 +583,8 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Provider for Counting {
-        fn instance(&self) -> &str {
-            "local"
+        fn instance(&self) -> &iotgw_providers::InstanceName {
+            &self.name
         }
         fn kind(&self) -> ProviderKind {
             ProviderKind::Mqtt

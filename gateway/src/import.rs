@@ -572,7 +572,7 @@ async fn send(client: &reqwest::Client, url: &str, token: Option<&str>, batch: &
             )
         }
         Err(e) => {
-            let cause = crate::cli::error_chain(&e);
+            let cause = crate::errors::error_chain(&e);
             return Sent::Fatal(format!(
                 "cannot reach {url} ({cause}): is the gateway running, and is --url (or api.listen of --config) right?"
             ));

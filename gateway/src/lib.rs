@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`cli`]: the command line (thin; `main.rs` only calls it); [`import`]: `iotgw devices
 //!   import`, a file of devices registered through a running gateway's batch route.
-//! - [`app`]: composition and graceful shutdown.
+//! - [`app`]: composition and graceful shutdown; [`errors`]: an error's cause chain in words.
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
 //! - [`router`]: which provider instance hosts a new device.
 //! - [`rules`]: alert rules over JSON telemetry.
@@ -11,6 +11,8 @@
 //! - [`sinks`]: outbox workers and the stdout, file and webhook sinks.
 //! - [`api`]: the HTTP API, `/live`, `/ready`, `/metrics`.
 //! - [`health`], [`metrics`]: readiness and Prometheus metrics.
+//! - [`internal_events`]: typed events (alert committed, event rejected, delivery
+//!   failed) whose one `emit` writes the log line and bumps the metric together.
 //! - [`broker`]: the embedded MQTT broker; [`simulate`]: simulated devices.
 //!
 //! Providers never touch the store and the store never knows a cloud: they meet in [`core`]
@@ -22,8 +24,10 @@ pub mod broker;
 pub mod checkpoints;
 pub mod cli;
 pub mod core;
+pub mod errors;
 pub mod health;
 pub mod import;
+pub mod internal_events;
 pub mod metrics;
 pub mod pipeline;
 pub mod router;

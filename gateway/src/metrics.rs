@@ -217,9 +217,9 @@ impl Metrics {
         self.in_flight.dec();
     }
 
-    /// An event was refused (and dead-lettered or ignored, then acked).
-    pub fn rejected(&self, provider: &str, reason: &str, detail: &str) {
-        tracing::warn!(provider, reason, detail, "event refused");
+    /// The counter of [`EventRejected`](crate::internal_events::EventRejected) alone;
+    /// only that event calls it, so the log line always comes with it.
+    pub(crate) fn count_rejected(&self, provider: &str, reason: &str) {
         self.rejected
             .get_or_create(&ReasonLabel {
                 provider: provider.into(),
@@ -228,8 +228,9 @@ impl Metrics {
             .inc();
     }
 
-    /// An alert was committed (or found to be a duplicate).
-    pub fn alert(&self, provider: &str, kind: &str) {
+    /// The counter of [`AlertCommitted`](crate::internal_events::AlertCommitted); emit
+    /// that event instead, so the log line comes with it.
+    pub(crate) fn alert(&self, provider: &str, kind: &str) {
         self.alerts
             .get_or_create(&AlertLabel {
                 provider: provider.into(),

@@ -4,7 +4,10 @@
 //! The hub itself is not needed for pushed events (its REST side is checked against the
 //! official SDK in the provider's differential tests), so the instance points at a closed
 //! port and only its Event Grid endpoint is exercised.
-
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: plain-HTTP clients against in-process servers and local emulators, no TLS roots or timeouts to configure"
+)]
 #![cfg(feature = "azure_iot_hub")]
 
 use std::time::Duration;

@@ -1,4 +1,8 @@
 //! The `iotgw` binary as a user meets it: help, config checks, exit codes, redaction.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: plain-HTTP clients against in-process servers and local emulators, no TLS roots or timeouts to configure"
+)]
 
 use std::process::{Command, Output};
 

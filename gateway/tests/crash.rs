@@ -2,6 +2,10 @@
 //! 3.1.1 device: a SIGTERM loses no reading the broker PUBACKed, and a `kill -9` loses at
 //! most the window the README states (the 1,024 readings in flight to the gateway's
 //! session while the gateway keeps up), and never makes a reading count twice.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: plain-HTTP clients against in-process servers and local emulators, no TLS roots or timeouts to configure"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

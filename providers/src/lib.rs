@@ -6,7 +6,7 @@
 //! - `mqtt`: plain MQTT 5 on rumqttc (feature `mqtt`).
 //! - `aws_iot_core`, `gcp_pubsub`, `azure_iot_hub`: one module per cloud, each behind the
 //!   Cargo feature of the same name, each exposing
-//!   `pub async fn build(instance: &str, config: &<Kind>Config) -> Result<Arc<dyn Provider>, ProviderError>`.
+//!   `pub async fn build(instance: &InstanceName, config: &<Kind>Config) -> Result<Arc<dyn Provider>, ProviderError>`.
 //!
 //! A provider owns its connections and reconnects on its own. It never touches the store:
 //! it yields normalized events and the gateway acks each one only after its effects are
@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use iotgw_registry::DeviceId;
+pub use iotgw_ids::{DeviceId, InstanceName};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -353,7 +353,7 @@ impl Drop for AckHandle {
 #[derive(Debug)]
 pub struct ProviderEvent {
     /// The provider instance it came from.
-    pub instance: String,
+    pub instance: InstanceName,
     /// What happened.
     pub kind: EventKind,
     /// Ack after commit.
@@ -434,7 +434,7 @@ pub trait PushEndpoint: Send + Sync {
 #[async_trait]
 pub trait Provider: Send + Sync {
     /// The instance name from the config file.
-    fn instance(&self) -> &str;
+    fn instance(&self) -> &InstanceName;
     /// Which cloud.
     fn kind(&self) -> ProviderKind;
     /// Payload limits.

@@ -17,8 +17,8 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::error::{StoreError, StoreResult};
 use crate::model::{CommittedAlert, NewDeadLetter, TelemetryCommit};
-use crate::store::{StoreError, StoreResult};
 use crate::DeviceId;
 
 /// Longest `msdyn_alertdata` and `msdyn_message` (characters).

@@ -1,10 +1,12 @@
 //! The Field Service IoT entity model and the [`Store`] that keeps it.
 //!
 //! # Layout
-//! - [`id`]: the canonical device id, valid on every provider.
+//! - [`id`]: the canonical device id, valid on every provider (defined in `iotgw-ids`,
+//!   re-exported here so store code and its callers keep one path).
 //! - [`batch`]: group commit, the ordered writes of many events in one transaction.
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
 //! - [`store`]: the [`Store`] trait every backend implements.
+//! - [`error`]: [`StoreError`], shared by the trait and the group-commit types.
 //! - [`sqlite`]: the embedded backend (sqlx, WAL, migrations).
 //! - [`conformance`]: scenarios every backend must pass.
 //!
@@ -12,13 +14,14 @@
 
 pub mod batch;
 pub mod conformance;
-pub mod id;
+pub mod error;
 pub mod model;
 pub mod sqlite;
 pub mod store;
 
 pub use batch::{BatchOutcome, BatchWrite, IfUnknown};
-pub use id::{DeviceId, DeviceIdError, MAX_DEVICE_ID_LEN};
+pub use iotgw_ids::device_id as id;
+pub use iotgw_ids::{DeviceId, DeviceIdError, InstanceName, MAX_DEVICE_ID_LEN};
 pub use model::*;
 pub use sqlite::SqliteStore;
 pub use store::{Store, StoreError, StoreResult};

@@ -11,38 +11,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::batch::{BatchOutcome, BatchWrite};
+pub use crate::error::{StoreError, StoreResult};
 use crate::model::*;
 use crate::DeviceId;
-
-/// What went wrong in the store, classified so the gateway and the API can answer well.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The record does not exist.
-    #[error("{entity} {key} not found")]
-    NotFound {
-        /// Entity name, e.g. "device".
-        entity: &'static str,
-        /// The key looked up.
-        key: String,
-    },
-    /// The change conflicts with the record's current state.
-    #[error("{0}")]
-    Conflict(String),
-    /// The input cannot be stored as given.
-    #[error("invalid {field}: {message}")]
-    Invalid {
-        /// The offending field.
-        field: &'static str,
-        /// What is wrong and what to do.
-        message: String,
-    },
-    /// The database failed; retrying may help.
-    #[error("database error: {0}")]
-    Database(String),
-}
-
-/// Result alias for store calls.
-pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Persistence for the Field Service entities and the delivery machinery.
 #[async_trait]

@@ -10,6 +10,10 @@
 //! - [`api`]: a small client of the gateway's HTTP API.
 //! - [`wait`]: waiting on conditions with deadlines (never bare sleeps).
 //! - [`runner`]: the tiny runner of the `harness = false` test binaries.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test support: plain-HTTP clients against local emulators; DOCKER_HOST is set once, inside a OnceLock, before any container starts"
+)]
 
 pub mod api;
 pub mod conformance;

@@ -1,6 +1,10 @@
 //! End-to-end behaviour through the real boundaries, in-process: the gateway with its
 //! embedded MQTT broker (rumqttd), SQLite in a temp dir, the real HTTP API, a real webhook
 //! receiver and MQTT 5 device clients.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: plain-HTTP clients against in-process servers and local emulators, no TLS roots or timeouts to configure"
+)]
 
 mod support;
 

@@ -1,6 +1,10 @@
 //! Each emulator of the harness starts from its public image name and answers
 //! (harness = false: one runtime and one set of shared containers for the binary).
 //! Prints one line per test and ends with `N passed, N failed`.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: plain-HTTP clients against in-process servers and local emulators, no TLS roots or timeouts to configure"
+)]
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -11,6 +11,7 @@ use iotgw_providers::AckHandle;
 use iotgw_registry::{BatchOutcome, BatchWrite, Command, CommandStatus, StoreError};
 
 use crate::core::Core;
+use crate::internal_events::{AlertCommitted, InternalEvent};
 
 /// Events prepared for one commit, in arrival order.
 #[derive(Default)]
@@ -181,8 +182,12 @@ fn account(
                     "primary"
                 };
                 *new_alerts |= !c.duplicate;
-                core.metrics.alert(instance, kind);
-                tracing::info!(device = %c.alert.device_id, alert = %c.alert.id, token = %c.alert.alert_token, kind, description = %c.alert.description, "alert");
+                AlertCommitted {
+                    provider: instance,
+                    kind,
+                    alert: &c.alert,
+                }
+                .emit(&core.metrics);
                 commands.extend(c.command.clone());
             }
         }

@@ -161,7 +161,7 @@ impl Preparer {
             },
         };
         batch.entries.push(Entry {
-            instance,
+            instance: instance.into(),
             ack,
             step,
         });

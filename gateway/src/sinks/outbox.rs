@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeliveryError, Sink};
+use crate::internal_events::{DeliveryFailed, DeliveryFailure, InternalEvent};
 use crate::metrics::Metrics;
 
 /// How long a claimed item stays leased to this worker.
@@ -121,18 +122,29 @@ async fn run(
                     }
                 }
                 Err(DeliveryError::Retry { message, after }) => {
-                    metrics.delivery(&name, "retry");
                     let delay = backoff(item.attempts, min, max, after);
-                    tracing::warn!(sink = %name, item = item.id, attempts = item.attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %message, "delivery failed; will retry");
+                    DeliveryFailed {
+                        sink: &name,
+                        item: item.id,
+                        outcome: DeliveryFailure::Retry {
+                            attempts: item.attempts + 1,
+                            retry_in: delay,
+                            error: &message,
+                        },
+                    }
+                    .emit(&metrics);
                     let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                     if let Err(e) = store.outbox_retry(item.id, next, &message).await {
                         tracing::error!(sink = %name, item = item.id, error = %e, "recording the retry failed; the lease will expire and it is retried");
                     }
                 }
                 Err(DeliveryError::Permanent(reason)) => {
-                    metrics.delivery(&name, "dead_letter");
-                    metrics.dead_letter(&format!("sink:{name}"), "rejected_by_sink");
-                    tracing::error!(sink = %name, item = item.id, %reason, "the sink refuses this item for good: moved to the dead letters");
+                    DeliveryFailed {
+                        sink: &name,
+                        item: item.id,
+                        outcome: DeliveryFailure::Permanent { reason: &reason },
+                    }
+                    .emit(&metrics);
                     if let Err(e) = store.outbox_dead_letter(item.id, &reason).await {
                         tracing::error!(sink = %name, item = item.id, error = %e, "dead-lettering failed; it will be retried");
                     }

@@ -3,20 +3,28 @@
 //! account endpoint for telemetry, command replies and presence.
 //!
 //! # Layout
+//! The rooms every provider folder has, then this provider's own:
+//! - `mod.rs`: [`build`] from config.
 //! - [`provider`]: [`AwsIotCoreProvider`], the [`crate::Provider`] implementation
-//!   (commands, device state, health).
+//!   (commands through the `iot-data` API from its `send_command`: this provider has no
+//!   `commands.rs` yet; device state, health).
+//! - [`state`]: what the instance has observed and shares with its receive loop.
+//! - [`receive`]: the MQTT receive loop (what differs on AWS; the session itself is
+//!   [`crate::mqtt::session`]: persistent session, in-order manual acks, reconnects),
+//!   presence ordered by event time.
+//! - [`inbound`]: presence events and shadow documents (pure decoding).
+//! - `commands.rs`: not a room of its own yet (see `provider`).
 //! - [`registry`]: register and unregister (thing, certificate, policy, attachments,
 //!   shadow), with rollback of partial registrations.
-//! - [`session`]: the MQTT receive loop (persistent session, in-order manual acks,
-//!   reconnects, presence ordered by event time).
+//! - `tests/` (tests only): the provider's own tests against moto (iot, iot-data) and a
+//!   Mosquitto with client-certificate TLS standing in for the AWS IoT Core MQTT endpoint.
+//!
+//! Its own rooms:
 //! - [`clients`]: the shared AWS SDK configuration and the `iot` / `iot-data` clients.
 //! - [`errors`]: AWS errors classified into [`crate::ProviderError`].
 //! - [`topics`]: the topic scheme (configured templates plus AWS's reserved topics).
-//! - [`inbound`]: presence events and shadow documents (pure decoding).
 //! - [`policy`]: the per-device IoT policy, thing attributes and type names (pure).
 //! - [`tls`]: the rustls configuration of the MQTT connection (ring, ALPN on 443).
-//! - `integration` (tests only): scenarios against moto (iot, iot-data) and a Mosquitto
-//!   with client-certificate TLS standing in for the AWS IoT Core MQTT endpoint.
 //!
 //! Topic templates and telemetry/reply payload decoding are the mqtt module's
 //! ([`crate::mqtt::topics`], [`crate::mqtt::inbound`]), so both providers read device
@@ -27,13 +35,18 @@ pub mod errors;
 pub mod inbound;
 pub mod policy;
 pub mod provider;
+pub mod receive;
 pub mod registry;
-pub mod session;
+pub mod state;
 pub mod tls;
 pub mod topics;
 
 #[cfg(test)]
-mod integration;
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests against a local moto and an in-process proxy over plain HTTP: no TLS roots or timeouts to configure"
+)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -44,7 +57,7 @@ pub use provider::{AwsIotCoreProvider, AWS_MAX_PAYLOAD_BYTES};
 /// Builds the provider of instance `instance` (what the gateway calls for each
 /// `kind = "aws_iot_core"` section). Connects nothing; see [`AwsIotCoreProvider::new`].
 pub async fn build(
-    instance: &str,
+    instance: &crate::InstanceName,
     config: &AwsIotCoreConfig,
 ) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
     Ok(Arc::new(AwsIotCoreProvider::new(instance, config).await?))

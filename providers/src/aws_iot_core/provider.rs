@@ -1,9 +1,10 @@
 //! [`AwsIotCoreProvider`]: the [`Provider`] of AWS IoT Core.
 //!
-//! This file holds the provider's state and the request/response side of the trait:
+//! This file holds the request/response side of the trait (its shared state is in
+//! [`super::state`]):
 //! commands through the `iot-data` API, device state from the shadow and the presence
 //! events seen, registration through [`super::registry`]. The MQTT receive loop lives in
-//! [`super::session`].
+//! [`super::receive`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,21 +14,21 @@ use aws_sdk_iotdataplane::primitives::Blob;
 use aws_sdk_iotdataplane::types::PayloadFormatIndicator;
 use base64::Engine as _;
 use iotgw_config::AwsIotCoreConfig;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 
 use super::clients::Clients;
 use super::errors::Call;
 use super::inbound::reported_of;
 use super::registry::Registrar;
+use super::state::Shared;
+pub use super::state::AWS_MAX_PAYLOAD_BYTES;
 use super::topics::AwsTopics;
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
-    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
 };
-
-/// AWS IoT Core's largest MQTT payload (publish, and the `iot-data` Publish API).
-pub const AWS_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 
 /// The AWS IoT Core provider: AWS APIs for the registry and commands, one MQTT session on
 /// the account endpoint for telemetry, replies and presence.
@@ -39,31 +40,18 @@ pub struct AwsIotCoreProvider {
     limits: ProviderLimits,
 }
 
-/// State shared by the provider handle and its receive loop.
-pub(super) struct Shared {
-    pub(super) instance: String,
-    pub(super) config: AwsIotCoreConfig,
-    pub(super) topics: AwsTopics,
-    pub(super) clients: Clients,
-    /// TLS of the MQTT connection; `None` when no client certificate is configured.
-    pub(super) tls: Option<Arc<rustls::ClientConfig>>,
-    pub(super) health: HealthCell,
-    pub(super) devices: DeviceBook,
-    running: AtomicBool,
-    dropped: AtomicU64,
-}
-
-pub(super) use crate::observed::lock;
-
 impl AwsIotCoreProvider {
     /// Validates `config`, reads the gateway's certificate files and loads the AWS SDK
     /// configuration. Connects nothing: [`Provider::run`] does, and the API calls do.
     ///
     /// Errors are [`ProviderError::InvalidInput`] naming the config key: a bad topic
     /// template, an unreadable certificate or key, no region.
-    pub async fn new(instance: &str, config: &AwsIotCoreConfig) -> Result<Self, ProviderError> {
+    pub async fn new(
+        instance: &InstanceName,
+        config: &AwsIotCoreConfig,
+    ) -> Result<Self, ProviderError> {
         let invalid = |field: &str, message: String| ProviderError::InvalidInput {
-            instance: instance.to_owned(),
+            instance: instance.to_string(),
             field: field.to_owned(),
             message,
         };
@@ -121,34 +109,9 @@ impl AwsIotCoreProvider {
     }
 }
 
-impl Shared {
-    pub(super) fn try_start(&self) -> bool {
-        self.running
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    pub(super) fn stopped(&self) {
-        self.health.set_connected(false);
-        self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn count_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The MQTT host: `mqtt_host`, else the data endpoint.
-    pub(super) async fn mqtt_host(&self) -> Result<String, ProviderError> {
-        match &self.config.mqtt_host {
-            Some(h) => Ok(h.clone()),
-            None => self.clients.data_endpoint().await.map(str::to_owned),
-        }
-    }
-}
-
 #[async_trait]
 impl Provider for AwsIotCoreProvider {
-    fn instance(&self) -> &str {
+    fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }
 
@@ -186,7 +149,7 @@ impl Provider for AwsIotCoreProvider {
         let limit = self.limits.max_command_bytes;
         if cmd.message.len() > limit {
             return Err(ProviderError::InvalidInput {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 field: "msdyn_message".into(),
                 message: format!(
                     "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message; AWS allows 128 KB): shorten its parameters",
@@ -289,7 +252,7 @@ impl Provider for AwsIotCoreProvider {
         })
     }
 
-    /// See [`super::session`]: persistent session, manual acks, reconnects with backoff.
+    /// See [`super::receive`]: persistent session, manual acks, reconnects with backoff.
     /// Without a client certificate it only waits for `shutdown` (health says why).
     /// Returns `Err` when the broker refuses the gateway's certificate or client id, when
     /// the data endpoint cannot be looked up for a reason retrying cannot fix, or when
@@ -297,11 +260,11 @@ impl Provider for AwsIotCoreProvider {
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         if !self.shared.try_start() {
             return Err(ProviderError::Conflict {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 message: "run is already active for this instance; call it once".into(),
             });
         }
-        let result = super::session::run(self.shared.clone(), events, shutdown).await;
+        let result = super::receive::run(self.shared.clone(), events, shutdown).await;
         self.shared.stopped();
         result
     }
@@ -330,7 +293,7 @@ mod tests {
             command_topic: "cmd/{device_id}/{device_id}".into(),
             ..config()
         };
-        match AwsIotCoreProvider::new("aws", &c).await {
+        match AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &c).await {
             Err(ProviderError::InvalidInput { field, .. }) => assert_eq!(field, "command_topic"),
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("accepted"),
@@ -339,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn commands_above_the_field_service_limit_are_refused_before_any_call() {
-        let p = AwsIotCoreProvider::new("aws", &config())
+        let p = AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &config())
             .await
             .expect("valid config");
         assert_eq!(p.limits().max_command_bytes, CFS_MAX_COMMAND_BYTES);
@@ -360,7 +323,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_client_certificate_the_instance_reports_itself_control_plane_only() {
         let p = Arc::new(
-            AwsIotCoreProvider::new("aws", &config())
+            AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &config())
                 .await
                 .expect("valid config"),
         );
@@ -393,7 +356,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_older_presence_event_does_not_override_a_newer_one() {
-        let p = AwsIotCoreProvider::new("aws", &config())
+        let p = AwsIotCoreProvider::new(&crate::InstanceName::from("aws"), &config())
             .await
             .expect("valid config");
         let t = |ms: i64| DateTime::from_timestamp_millis(ms).expect("time");

@@ -350,7 +350,7 @@ impl C2dSender {
                 let ok = r.status_code.eq_ignore_ascii_case("Success");
                 let reason = (!ok).then(|| r.reason());
                 let ev = ProviderEvent {
-                    instance: self.instance.clone(),
+                    instance: self.instance.clone().into(),
                     kind: EventKind::CommandReply {
                         device_id: r.device_id,
                         correlation_id: r.original_message_id,

@@ -29,7 +29,8 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::models::{parse_time, without_metadata};
-use super::provider::{lock, Shared};
+pub use super::ordering::{compare_sequence, ConnectionSeqs, SharedConnectionSeqs};
+use super::state::{lock, Shared};
 use crate::{
     Ack, AckHandle, EventKind, ProviderEvent, PushEndpoint, PushRequest, PushResponse, Telemetry,
 };
@@ -116,21 +117,6 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<GridEvent>, BadBatch> {
             })
         })
         .collect()
-}
-
-/// The newest committed connection-state sequence number per device, with the event time
-/// emitted for it (shared by the Event Grid and Event Hubs paths).
-pub type ConnectionSeqs = HashMap<String, (String, DateTime<Utc>)>;
-
-/// [`ConnectionSeqs`] shared between tasks.
-pub type SharedConnectionSeqs = Arc<std::sync::Mutex<ConnectionSeqs>>;
-
-/// Compares two `sequenceNumber`s (hexadecimal strings): numerically, whatever their
-/// lengths and case.
-pub fn compare_sequence(a: &str, b: &str) -> Ordering {
-    let norm = |s: &str| s.trim().trim_start_matches('0').to_ascii_uppercase();
-    let (a, b) = (norm(a), norm(b));
-    a.len().cmp(&b.len()).then_with(|| a.cmp(&b))
 }
 
 /// The device an IoT Hub event is about: `data.deviceId`, the telemetry's

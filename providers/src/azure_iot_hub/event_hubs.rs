@@ -32,8 +32,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::event_grid::{compare_sequence, SharedConnectionSeqs};
 use super::models::{parse_time, without_metadata};
+use super::ordering::{compare_sequence, SharedConnectionSeqs};
 use crate::{
     Ack, AckHandle, EventKind, EventSender, ProviderError, ProviderEvent, Shutdown, Telemetry,
 };
@@ -539,7 +539,7 @@ impl Consumer {
                 Mapped::Event { kind, seq } => {
                     let (tx, verdict) = oneshot::channel();
                     let ev = ProviderEvent {
-                        instance: self.instance.clone(),
+                        instance: self.instance.clone().into(),
                         kind,
                         ack: AckHandle::new(move |a| {
                             let _ = tx.send(a);

@@ -4,23 +4,36 @@
 //! Azure SDK's own requests (see `docs/azure_iot_hub.md`).
 //!
 //! # Layout
+//! The rooms every provider folder has, then this provider's own:
+//! - `mod.rs`: [`build`] from config.
+//! - [`provider`]: [`AzureIotHubProvider`], the [`crate::Provider`] implementation.
+//! - [`state`]: what the instance shares with its Event Grid endpoint and its Event Hubs
+//!   consumer.
+//! - `receive.rs`: the receive paths are [`event_hubs`] (the Event Hubs-compatible
+//!   endpoint consumer behind traits: mapping, ordering, ack-then-checkpoint, with the
+//!   [`event_hubs::Checkpoints`] it saves to) and [`event_grid`] (the Event Grid webhook:
+//!   both schemas, validation handshake, secret, ordering by sequence number,
+//!   ack-before-200).
+//! - `inbound.rs`: the cloud's message shapes are [`models`] (the REST API's JSON:
+//!   devices, bulk operations, twins, methods).
+//! - `commands.rs`: commands go out through [`c2d`] (cloud-to-device messages over
+//!   AMQP 1.0: CBS put-token, `/messages/devicebound`) or [`rest`] (direct methods,
+//!   twin desired properties).
+//! - `registry.rs`: the control plane is [`rest`]: [`HubClient`], the service REST API
+//!   (api-version 2021-04-12) with retries of 429/503 after `Retry-After` and error
+//!   classification.
+//! - `tests/` (tests only): the provider's own tests: the official Python SDK and iotgw
+//!   drive the `fakes` and are compared request by request.
+//!
+//! Its own rooms (IoT Hub has no emulator, so every wire format here is checked against
+//! the official Azure SDK's own requests):
 //! - [`sas`]: SAS tokens (`SharedAccessSignature sr=...&sig=...&se=...&skn=...`), cached
 //!   and renewed before expiry.
-//! - [`models`]: the REST API's JSON shapes (devices, bulk operations, twins, methods).
-//! - [`rest`]: [`HubClient`], the service REST API (api-version 2021-04-12) with retries
-//!   of 429/503 after `Retry-After` and error classification.
-//! - [`provider`]: [`AzureIotHubProvider`], the [`crate::Provider`] implementation.
-//! - [`c2d`]: cloud-to-device messages over AMQP 1.0 (CBS put-token, `/messages/devicebound`).
-//! - [`event_hubs`]: the Event Hubs-compatible endpoint consumer behind traits (mapping,
-//!   ordering, ack-then-checkpoint), with the [`event_hubs::Checkpoints`] it saves to.
-//! - `event_hubs_client` (feature `azure_event_hubs`): the real reader of that endpoint on
-//!   the official `azure_messaging_eventhubs` client.
-//! - [`event_grid`]: the Event Grid webhook (both schemas, validation handshake, secret,
-//!   ordering by sequence number, ack-before-200).
+//! - `event_hubs_client` (feature `azure_event_hubs`): the real reader of the Event
+//!   Hubs-compatible endpoint on the official `azure_messaging_eventhubs` client.
 //! - `fakes` (tests, or feature `azure_fakes`): recording fakes of the hub's HTTPS, AMQP
 //!   (C2D) and Event Hubs-compatible endpoints.
-//! - `differential` (tests only): the official Python SDK and iotgw drive the fakes and are
-//!   compared request by request.
+//! - [`ordering`]: connection-sequence ordering, which both event paths use.
 //!
 //! The provider keeps no device state of its own and never touches the store.
 
@@ -30,14 +43,16 @@ pub mod event_hubs;
 #[cfg(feature = "azure_event_hubs")]
 pub mod event_hubs_client;
 pub mod models;
+pub mod ordering;
 pub mod provider;
 pub mod rest;
 pub mod sas;
+pub mod state;
 
-#[cfg(test)]
-mod differential;
 #[cfg(any(test, feature = "azure_fakes"))]
 pub mod fakes;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -48,7 +63,7 @@ pub use rest::HubClient;
 /// `event_hubs` in a build without the Event Hubs client is refused here, before the
 /// gateway starts, naming the key and the fix.
 pub async fn build(
-    instance: &str,
+    instance: &crate::InstanceName,
     config: &iotgw_config::AzureIotHubConfig,
 ) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
     event_hubs_buildable(instance, config, cfg!(feature = "azure_event_hubs"))?;

@@ -14,23 +14,23 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use iotgw_config::azure_iot_hub::{AzureCommandDelivery, EventHubsStart, ServiceConnectionString};
 use iotgw_config::AzureIotHubConfig;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rand::RngCore as _;
 use serde_json::{json, Map, Value};
 
 use super::c2d::C2dSender;
-use super::event_grid::SharedConnectionSeqs;
 use super::event_hubs::{Checkpoints, Consumer, EventSource, MemoryCheckpoints, Position};
 use super::models::{
     parse_time, without_metadata, Authentication, Capabilities, CloudToDeviceMethod, Device,
     ExportImportDevice, Twin, TwinProperties,
 };
 use super::rest::{HubClient, HubError, BULK_MAX};
+use super::state::{lock, Shared};
 use crate::observed::HealthCell;
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
-    ProviderHealth, ProviderKind, ProviderLimits, PushEndpoint, Registration, Shutdown,
-    CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, PushEndpoint, Registration,
+    Shutdown, CFS_MAX_COMMAND_BYTES,
 };
 
 /// Delay between two credential probes while the hub is unreachable at start.
@@ -43,28 +43,6 @@ const PROBE_RETRY: Duration = Duration::from_secs(5);
 pub struct AzureIotHubProvider {
     pub(super) shared: Arc<Shared>,
 }
-
-/// State shared by the provider, its Event Grid endpoint and its consumers.
-pub(super) struct Shared {
-    pub(super) instance: String,
-    pub(super) config: AzureIotHubConfig,
-    pub(super) hub: HubClient,
-    pub(super) limits: ProviderLimits,
-    health: HealthCell,
-    /// The sender of the running `run`; `None` while it is not active.
-    pub(super) events: Mutex<Option<EventSender>>,
-    running: AtomicBool,
-    /// Highest committed connection-state sequence number and the event time emitted for
-    /// it, per device (Event Grid's `deviceConnectionStateEventInfo.sequenceNumber`).
-    pub(super) connection_seq: SharedConnectionSeqs,
-    c2d: Option<C2dSender>,
-    /// The reader of the Event Hubs-compatible endpoint (`event_hubs`), once set.
-    event_source: Mutex<Option<Arc<dyn EventSource>>>,
-    /// Where the Event Hubs consumer keeps its checkpoints.
-    checkpoints: Mutex<Arc<dyn Checkpoints>>,
-}
-
-pub(super) use crate::observed::lock;
 
 /// 32 random bytes, base64: a device key as the portal generates them.
 fn generate_key() -> String {
@@ -79,9 +57,9 @@ impl AzureIotHubProvider {
     ///
     /// Errors are [`ProviderError::InvalidInput`] naming the config key (and, for the
     /// connection string, the part that is wrong — never the key itself).
-    pub fn new(instance: &str, config: &AzureIotHubConfig) -> Result<Self, ProviderError> {
+    pub fn new(instance: &InstanceName, config: &AzureIotHubConfig) -> Result<Self, ProviderError> {
         let invalid = |field: &str, message: String| ProviderError::InvalidInput {
-            instance: instance.to_owned(),
+            instance: instance.to_string(),
             field: field.to_owned(),
             message,
         };
@@ -219,7 +197,7 @@ impl AzureIotHubProvider {
                     // the keys the batch gave them).
                     None if !result.is_successful => self.register(spec).await,
                     Some(err) => Err(ProviderError::InvalidInput {
-                        instance: self.shared.instance.clone(),
+                        instance: self.shared.instance.to_string(),
                         field: "msdyn_deviceid".into(),
                         message: format!(
                             "bulk registration of device {id} failed ({}): {}",
@@ -276,7 +254,7 @@ impl Shared {
             });
         };
         let consumer = Arc::new(Consumer {
-            instance: s.instance.clone(),
+            instance: s.instance.to_string(),
             key_prefix: format!("{}/{}", s.instance, eh.consumer_group),
             start: match eh.start {
                 EventHubsStart::Earliest => Position::Earliest,
@@ -352,7 +330,7 @@ impl Shared {
             None | Some(Value::Null) => None,
             Some(Value::Object(m)) => Some(m.clone()),
             Some(_) => return Err(ProviderError::InvalidInput {
-                instance: self.instance.clone(),
+                instance: self.instance.to_string(),
                 field: "msdyn_devicesettings".into(),
                 message:
                     "IoT Hub desired properties must be a JSON object, e.g. {\"interval_s\": 30}"
@@ -408,7 +386,7 @@ impl Shared {
                         continue;
                     }
                     return Err(ProviderError::NotFound {
-                        instance: self.instance.clone(),
+                        instance: self.instance.to_string(),
                         what: format!(
                             "device {device} is not online (IoT Hub 404103 DeviceNotOnline): direct method {} not delivered{}",
                             cmd.name,
@@ -480,7 +458,7 @@ fn tags_json(tags: &BTreeMap<String, String>) -> Map<String, Value> {
 
 #[async_trait]
 impl Provider for AzureIotHubProvider {
-    fn instance(&self) -> &str {
+    fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }
 
@@ -529,7 +507,7 @@ impl Provider for AzureIotHubProvider {
                     .is_none()
                 {
                     return Err(ProviderError::Conflict {
-                        instance: s.instance.clone(),
+                        instance: s.instance.to_string(),
                         message: format!(
                             "device {id} exists in IoT Hub without symmetric keys (X.509 or none); iotgw registers symmetric-key devices: delete it or use another id"
                         ),
@@ -600,7 +578,7 @@ impl Provider for AzureIotHubProvider {
         let limit = s.limits.max_command_bytes;
         if cmd.message.len() > limit {
             return Err(ProviderError::InvalidInput {
-                instance: s.instance.clone(),
+                instance: s.instance.to_string(),
                 field: "msdyn_message".into(),
                 message: format!(
                     "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
@@ -615,7 +593,7 @@ impl Provider for AzureIotHubProvider {
             AzureCommandDelivery::C2d => match &s.c2d {
                 Some(c2d) => c2d.send(cmd).await.map(|()| CommandOutcome::Published),
                 None => Err(ProviderError::Unsupported {
-                    instance: s.instance.clone(),
+                    instance: s.instance.to_string(),
                     what: "C2D messages: the sender was not built".into(),
                 }),
             },
@@ -657,7 +635,7 @@ impl Provider for AzureIotHubProvider {
             .is_err()
         {
             return Err(ProviderError::Conflict {
-                instance: s.instance.clone(),
+                instance: s.instance.to_string(),
                 message: "run is already active for this instance; call it once".into(),
             });
         }

@@ -9,12 +9,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use tracing::{info, warn};
 
 use super::client::{classify, Call};
 use super::names::{Stream, StreamKind};
-use super::provider::Shared;
+use super::state::Shared;
 use crate::ProviderError;
 
 /// Label put on the subscriptions the gateway creates (`managed-by=iotgw`), so an operator
@@ -147,7 +147,7 @@ impl Shared {
         };
         if existing.topic != stream.topic {
             return Err(ProviderError::Conflict {
-                instance: self.instance.clone(),
+                instance: self.instance.to_string(),
                 message: format!(
                     "subscription {name} ({field}) reads {}, not {} ({}): point {field} at a subscription of that topic",
                     existing.topic, stream.topic, stream.topic_key
@@ -160,7 +160,7 @@ impl Shared {
         if wanted.is_some() && !same_policy(existing.dead_letter_policy.as_ref(), wanted.as_ref()) {
             if !self.config.create_if_missing {
                 return Err(ProviderError::Conflict {
-                    instance: self.instance.clone(),
+                    instance: self.instance.to_string(),
                     message: format!(
                         "subscription {name} has dead-letter policy {:?}, but dead_letter_topic / max_delivery_attempts ask for {:?}: update the subscription (gcloud pubsub subscriptions update), or set create_if_missing = true to let the gateway do it",
                         existing.dead_letter_policy, wanted
@@ -283,7 +283,7 @@ impl Shared {
                     Ok(name)
                 } else {
                     Err(ProviderError::Conflict {
-                        instance: self.instance.clone(),
+                        instance: self.instance.to_string(),
                         message: format!(
                             "subscription {name} exists with topic {} and filter {:?}, not {} and {filter:?}: delete it or change command_subscription_prefix",
                             existing.topic, existing.filter, self.names.commands_topic

@@ -7,18 +7,26 @@
 //! defaults are documented on [`iotgw_config::GcpPubSubConfig`].
 //!
 //! # Layout
-//! - [`names`]: the resource names of an instance (topics, subscriptions, the per-device
-//!   command subscription and its filter) and the attribute names.
+//! The rooms every provider folder has, then this provider's own:
+//! - `mod.rs`: [`build`] from config.
+//! - [`provider`]: [`GcpPubSubProvider`], the [`crate::Provider`] implementation
+//!   (registration, device state; commands are published from its `send_command`: this
+//!   provider has no `commands.rs` yet).
+//! - [`state`]: what the instance has observed and shares with its receive loops.
+//! - [`receive`]: the streaming pulls (flow control, ack after commit, reopen with backoff).
 //! - [`inbound`]: payload and attribute formats of telemetry, replies and lifecycle
 //!   messages; pure decoding.
+//! - `commands.rs`: not a room of its own yet (see `provider`).
+//! - `registry.rs`: the control plane is `admin`: topic and subscription checks and
+//!   creation, per-device command subscriptions.
+//! - `tests/` (tests only): the provider's own tests against the official Pub/Sub
+//!   emulator in Docker.
+//!
+//! Its own rooms:
+//! - [`names`]: the resource names of an instance (topics, subscriptions, the per-device
+//!   command subscription and its filter) and the attribute names.
 //! - [`client`]: the crate's clients (emulator or service, credentials) and the
 //!   classification of its errors into [`crate::ProviderError`].
-//! - `admin`: topic and subscription checks and creation, per-device command
-//!   subscriptions.
-//! - [`provider`]: [`GcpPubSubProvider`], the [`crate::Provider`] implementation
-//!   (registration, commands, device state).
-//! - [`receive`]: the streaming pulls (flow control, ack after commit, reopen with backoff).
-//! - `integration` (tests only): scenarios against the official Pub/Sub emulator in Docker.
 
 mod admin;
 pub mod client;
@@ -26,9 +34,10 @@ pub mod inbound;
 pub mod names;
 pub mod provider;
 pub mod receive;
+pub mod state;
 
 #[cfg(test)]
-mod integration;
+mod tests;
 
 use std::sync::Arc;
 
@@ -38,7 +47,7 @@ pub use provider::GcpPubSubProvider;
 /// `kind = "gcp_pubsub"` instance). Validates the settings and builds the clients; the
 /// resources are checked, or created with `create_if_missing`, when `run` starts.
 pub async fn build(
-    instance: &str,
+    instance: &crate::InstanceName,
     config: &iotgw_config::GcpPubSubConfig,
 ) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
     Ok(Arc::new(GcpPubSubProvider::new(instance, config).await?))

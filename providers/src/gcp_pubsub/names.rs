@@ -5,7 +5,7 @@
 //! talks to Pub/Sub.
 
 use iotgw_config::GcpPubSubConfig;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 
 /// Attribute of a command: its name.
 pub const COMMAND_NAME_ATTRIBUTE: &str = "command_name";

@@ -1,7 +1,7 @@
 //! [`GcpPubSubProvider`]: the [`Provider`] of Google Cloud Pub/Sub.
 //!
-//! This file holds the provider's state and the request/response side of the trait
-//! (registration, commands, device state). The streaming pull lives in
+//! This file holds the request/response side of the trait (registration, commands,
+//! device state); the state it shares with its receive loops is in [`super::state`]. The streaming pull lives in
 //! [`super::receive`], topic and subscription administration in `admin`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,14 +12,16 @@ use async_trait::async_trait;
 use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message;
 use iotgw_config::GcpPubSubConfig;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 
-use super::client::{self, classify, Call, Clients};
+use super::client::{self, classify, Call};
 use super::names::{Names, COMMAND_ID_ATTRIBUTE, COMMAND_NAME_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE};
+use super::state::Shared;
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
-    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
 };
 
 /// The Google Cloud Pub/Sub provider of one configured instance.
@@ -41,31 +43,22 @@ impl std::fmt::Debug for GcpPubSubProvider {
     }
 }
 
-/// State shared by the provider handle and its receive loops.
-pub(super) struct Shared {
-    pub(super) instance: String,
-    pub(super) config: GcpPubSubConfig,
-    pub(super) names: Names,
-    pub(super) clients: Clients,
-    pub(super) health: HealthCell,
-    pub(super) devices: DeviceBook,
-    running: AtomicBool,
-    dropped: AtomicU64,
-}
-
 impl GcpPubSubProvider {
     /// Validates `config` and builds the clients of instance `instance`. Connects nothing:
     /// [`Provider::run`] checks the resources and streams.
     ///
     /// Errors are [`ProviderError::InvalidInput`] naming the first bad config key (every
     /// check of `iotgw_config::gcp_pubsub::problems`), or an unreadable `credentials_file`.
-    pub async fn new(instance: &str, config: &GcpPubSubConfig) -> Result<Self, ProviderError> {
+    pub async fn new(
+        instance: &InstanceName,
+        config: &GcpPubSubConfig,
+    ) -> Result<Self, ProviderError> {
         if let Some(p) = iotgw_config::gcp_pubsub::problems("", config)
             .into_iter()
             .next()
         {
             return Err(ProviderError::InvalidInput {
-                instance: instance.to_owned(),
+                instance: instance.to_string(),
                 field: p.path,
                 message: format!("{}; fix: {}", p.message, p.fix),
             });
@@ -120,33 +113,9 @@ impl GcpPubSubProvider {
     }
 }
 
-impl Shared {
-    pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
-        ProviderError::Transient {
-            instance: self.instance.clone(),
-            message: message.into(),
-        }
-    }
-
-    pub(super) fn try_start(&self) -> bool {
-        self.running
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    pub(super) fn stopped(&self) {
-        self.health.set_connected(false);
-        self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn count_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 #[async_trait]
 impl Provider for GcpPubSubProvider {
-    fn instance(&self) -> &str {
+    fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }
 
@@ -210,7 +179,7 @@ impl Provider for GcpPubSubProvider {
         let limit = self.limits.max_command_bytes;
         if cmd.message.len() > limit {
             return Err(ProviderError::InvalidInput {
-                instance: s.instance.clone(),
+                instance: s.instance.to_string(),
                 field: "msdyn_message".into(),
                 message: format!(
                     "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
@@ -283,7 +252,7 @@ impl Provider for GcpPubSubProvider {
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         if !self.shared.try_start() {
             return Err(ProviderError::Conflict {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 message: "run is already active for this instance; call it once".into(),
             });
         }
@@ -310,7 +279,7 @@ mod tests {
             ack_deadline_secs: 3,
             ..GcpPubSubConfig::default()
         };
-        match GcpPubSubProvider::new("gcp", &config).await {
+        match GcpPubSubProvider::new(&crate::InstanceName::from("gcp"), &config).await {
             Err(ProviderError::InvalidInput { field, message, .. }) => {
                 assert_eq!(field, "ack_deadline_secs");
                 assert!(message.contains("10..=600"), "{message}");
@@ -326,7 +295,7 @@ mod tests {
             credentials_file: Some("/nonexistent/key.json".into()),
             ..GcpPubSubConfig::default()
         };
-        match GcpPubSubProvider::new("gcp", &config).await {
+        match GcpPubSubProvider::new(&crate::InstanceName::from("gcp"), &config).await {
             Err(ProviderError::InvalidInput { field, message, .. }) => {
                 assert_eq!(field, "credentials_file");
                 assert!(message.contains("/nonexistent/key.json"), "{message}");
@@ -342,7 +311,7 @@ mod tests {
             emulator_host: Some("127.0.0.1:9".into()),
             ..GcpPubSubConfig::default()
         };
-        let p = GcpPubSubProvider::new("gcp", &config)
+        let p = GcpPubSubProvider::new(&crate::InstanceName::from("gcp"), &config)
             .await
             .expect("valid config");
         let cmd = CommandRequest {
@@ -366,7 +335,7 @@ mod tests {
             emulator_host: Some("127.0.0.1:9".into()),
             ..GcpPubSubConfig::default()
         };
-        let p = GcpPubSubProvider::new("gcp", &config)
+        let p = GcpPubSubProvider::new(&crate::InstanceName::from("gcp"), &config)
             .await
             .expect("valid config");
         let at = |s: &str| {

@@ -41,7 +41,7 @@ use tracing::{debug, info, warn};
 use super::client::{classify, is_fatal, Call};
 use super::inbound::{self, Inbound, Received};
 use super::names::{Stream, StreamKind};
-use super::provider::Shared;
+use super::state::Shared;
 use crate::{Ack, AckHandle, EventKind, EventSender, ProviderError, ProviderEvent, Shutdown};
 
 /// How long shutdown waits for the verdicts of handed-out messages to be sent.

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use iotgw_config::{DynsecConfig, MqttConfig};
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rand::distributions::{Alphanumeric, DistString};
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
 use rumqttc::v5::mqttbytes::QoS;

@@ -1,23 +1,50 @@
 //! Plain MQTT 5 provider (feature `mqtt`), on rumqttc's v5 client.
 //!
 //! # Layout
+//! The rooms every provider folder has, then this provider's own:
+//! - `mod.rs`: [`build`] from config.
+//! - [`provider`]: [`MqttProvider`], the [`crate::Provider`] implementation (commands
+//!   are published from its `send_command`: this provider has no `commands.rs` yet).
+//! - [`state`]: what the instance has observed and shares with its receive loop.
+//! - [`receive`]: the receive loop of a plain MQTT instance (its subscriptions and
+//!   decoding), on the shared session driver.
+//! - [`inbound`]: payload formats of the inbound topics, telemetry message ids (pure).
+//! - `commands.rs`: not a room of its own yet (see `provider`).
+//! - `registry.rs`: the control plane is [`dynsec`], Mosquitto dynamic-security
+//!   administration (per-device credentials).
+//! - `tests/` (tests only): the provider's own tests against a real Mosquitto process.
+//!
+//! Its own rooms:
 //! - [`topics`]: topic templates (`{device_id}` is one whole level): device topics,
 //!   subscription filters, device id extraction, validation.
-//! - [`inbound`]: payload formats of the inbound topics, telemetry message ids.
-//! - [`provider`]: [`MqttProvider`], the [`crate::Provider`] implementation.
-//! - [`session`]: the receive loop (persistent session, manual acks, reconnects).
-//! - [`dynsec`]: Mosquitto dynamic-security administration (per-device credentials).
-//! - `integration` (tests only): scenarios against a real Mosquitto process.
+//! - [`session`]: the one MQTT session driver, shared with `aws_iot_core`: polls the
+//!   event loop, reconnects, sends PUBACKs (persistent session, manual acks).
+//! - [`acks`]: the ordered-ack state machine the driver runs, pure (no I/O).
 
+pub(crate) mod acks;
 pub mod dynsec;
 pub mod inbound;
 pub mod provider;
-pub mod session;
+pub mod receive;
+pub(crate) mod session;
+pub mod state;
 pub mod topics;
 
 #[cfg(test)]
-mod integration;
+mod tests;
 
 pub use dynsec::DynsecAdmin;
 pub use provider::{MqttProvider, RECEIVE_MAXIMUM, SESSION_EXPIRY_SECS};
 pub use topics::{TopicError, TopicKind, TopicTemplate, Topics};
+
+use std::sync::Arc;
+
+/// Builds the provider of instance `instance` (what the gateway calls for each
+/// `kind = "mqtt"` instance), as every other provider folder does. Validates the settings;
+/// connects nothing: [`crate::Provider::run`] does.
+pub async fn build(
+    instance: &crate::InstanceName,
+    config: &iotgw_config::MqttConfig,
+) -> Result<Arc<dyn crate::Provider>, crate::ProviderError> {
+    Ok(Arc::new(MqttProvider::new(instance, config)?))
+}

@@ -1,8 +1,8 @@
 //! [`MqttProvider`]: the [`Provider`] of a plain MQTT 5 broker.
 //!
-//! This file holds the provider's state and the request/response side of the trait
-//! (commands, device state, registration). The receive loop lives in
-//! [`super::session`], broker credentials in [`super::dynsec`].
+//! This file holds the request/response side of the trait (commands, device state,
+//! registration); the state it shares with its receive loop is in [`super::state`]. The receive loop lives in
+//! [`super::receive`], broker credentials in [`super::dynsec`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,39 +10,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use iotgw_config::{CommandCorrelation, MqttConfig};
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, MqttOptions};
 
 use super::dynsec::DynsecAdmin;
+use super::state::{lock, Barrier, Shared};
+pub use super::state::{RECEIVE_MAXIMUM, SESSION_EXPIRY_SECS};
 use super::topics::{TopicKind, Topics};
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, Provider, ProviderError,
-    ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown, CFS_MAX_COMMAND_BYTES,
+    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
+    ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+    CFS_MAX_COMMAND_BYTES,
 };
-
-/// Session expiry asked of the broker: queued QoS 1 messages survive a gateway outage of
-/// up to one day.
-pub const SESSION_EXPIRY_SECS: u32 = 24 * 60 * 60;
-
-/// Unacknowledged QoS 1 messages the broker may have in flight to the gateway (MQTT 5
-/// Receive Maximum). Bounds how many events wait for the gateway's ack at once. The
-/// gateway acks a whole group commit at a time (up to `pipeline.batch_max_events`, 512 by
-/// default) while it gathers the next one, so the window holds two batches: with 128 the
-/// broker stalled every batch at 128 events and readings queued at the broker.
-pub const RECEIVE_MAXIMUM: u16 = 1024;
-
-/// Capacity of rumqttc's request channel (publishes, acks, subscribes): room for the acks
-/// of a whole batch.
-pub(super) const REQUEST_CAPACITY: usize = 1024;
 
 /// How long `send_command` waits for room in the request queue before giving up.
 const COMMAND_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Headroom above `max_payload_bytes` for the topic and properties of a packet.
-const PACKET_OVERHEAD: usize = 64 * 1024;
 
 /// The plain MQTT 5 provider: one persistent session on one broker.
 ///
@@ -54,42 +38,15 @@ pub struct MqttProvider {
     dynsec: Option<DynsecAdmin>,
 }
 
-/// State shared by the provider handle and its receive loop.
-pub(super) struct Shared {
-    pub(super) instance: String,
-    pub(super) config: MqttConfig,
-    pub(super) topics: Topics,
-    pub(super) health: HealthCell,
-    pub(super) devices: DeviceBook,
-    /// The client of the running loop; `None` while `run` is not active.
-    client: Mutex<Option<AsyncClient>>,
-    running: AtomicBool,
-    dropped: AtomicU64,
-    /// The drain barrier in flight, if any (see [`Provider::drain`]).
-    barrier: Mutex<Option<Barrier>>,
-}
-
-/// A drain barrier: one marker message published on each subscribed topic; the broker
-/// delivers each filter's messages in order, so once every marker came back, everything
-/// delivered before it on that filter has been handed to the event channel.
-pub(super) struct Barrier {
-    /// The device-id level of the marker topics.
-    marker: String,
-    /// Topic kinds whose marker has not come back yet.
-    pending: Vec<TopicKind>,
-    /// Fired when `pending` is empty.
-    done: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
 impl MqttProvider {
     /// Validates `config` and builds the provider of instance `instance`. Connects
     /// nothing: [`Provider::run`] does.
     ///
     /// Errors are [`ProviderError::InvalidInput`] naming the config key: a topic template
     /// without a whole-level `{device_id}`, an empty `client_id`, a keep-alive below 5 s.
-    pub fn new(instance: &str, config: &MqttConfig) -> Result<Self, ProviderError> {
+    pub fn new(instance: &InstanceName, config: &MqttConfig) -> Result<Self, ProviderError> {
         let invalid = |field: &str, message: String| ProviderError::InvalidInput {
-            instance: instance.to_owned(),
+            instance: instance.to_string(),
             field: field.to_owned(),
             message,
         };
@@ -157,87 +114,9 @@ impl MqttProvider {
     }
 }
 
-pub(super) use crate::observed::lock;
-
-impl Shared {
-    pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
-        ProviderError::Transient {
-            instance: self.instance.clone(),
-            message: message.into(),
-        }
-    }
-
-    /// The rumqttc options of the gateway's session.
-    pub(super) fn mqtt_options(&self) -> MqttOptions {
-        let c = &self.config;
-        let mut o = MqttOptions::new(c.client_id.clone(), c.host.clone(), c.port);
-        o.set_keep_alive(Duration::from_secs(c.keep_alive_secs))
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
-            .set_manual_acks(true)
-            .set_receive_maximum(Some(RECEIVE_MAXIMUM))
-            .set_request_channel_capacity(REQUEST_CAPACITY)
-            // Oversize telemetry must still arrive so the gateway can dead-letter it with a
-            // reason; only packets beyond twice the limit are discarded by the broker.
-            .set_max_packet_size(Some(
-                u32::try_from(
-                    c.max_payload_bytes
-                        .saturating_mul(2)
-                        .saturating_add(PACKET_OVERHEAD),
-                )
-                .unwrap_or(u32::MAX),
-            ));
-        if let Some(user) = &c.username {
-            o.set_credentials(
-                user.clone(),
-                c.password
-                    .as_ref()
-                    .map(|p| p.expose().to_owned())
-                    .unwrap_or_default(),
-            );
-        }
-        o
-    }
-
-    pub(super) fn set_client(&self, client: Option<AsyncClient>) {
-        *lock(&self.client) = client;
-    }
-
-    pub(super) fn try_start(&self) -> bool {
-        self.running
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    pub(super) fn stopped(&self) {
-        self.set_client(None);
-        self.health.set_connected(false);
-        self.running.store(false, Ordering::Release);
-    }
-
-    pub(super) fn count_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Whether `device_id` on a `kind` topic is a drain marker (then it is consumed here).
-    pub(super) fn barrier_passed(&self, kind: TopicKind, device_id: &str) -> bool {
-        let mut guard = lock(&self.barrier);
-        let Some(b) = guard.as_mut().filter(|b| b.marker == device_id) else {
-            return false;
-        };
-        b.pending.retain(|k| *k != kind);
-        if b.pending.is_empty() {
-            if let Some(done) = b.done.take() {
-                let _ = done.send(());
-            }
-        }
-        true
-    }
-}
-
 #[async_trait]
 impl Provider for MqttProvider {
-    fn instance(&self) -> &str {
+    fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }
 
@@ -287,7 +166,7 @@ impl Provider for MqttProvider {
         let limit = self.limits.max_command_bytes;
         if cmd.message.len() > limit {
             return Err(ProviderError::InvalidInput {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 field: "msdyn_message".into(),
                 message: format!(
                     "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
@@ -360,7 +239,7 @@ impl Provider for MqttProvider {
         Ok(self.shared.devices.state(id.as_str()))
     }
 
-    /// See [`super::session`] for the loop: persistent session, manual acks, reconnects
+    /// See [`super::receive`] for the loop: persistent session, manual acks, reconnects
     /// with backoff. Returns `Err` only when the broker refuses the gateway's credentials
     /// or client id (retrying cannot fix that), or when `run` is already active for this
     /// instance.
@@ -408,11 +287,11 @@ impl Provider for MqttProvider {
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         if !self.shared.try_start() {
             return Err(ProviderError::Conflict {
-                instance: self.shared.instance.clone(),
+                instance: self.shared.instance.to_string(),
                 message: "run is already active for this instance; call it once".into(),
             });
         }
-        let result = super::session::run(self.shared.clone(), events, shutdown).await;
+        let result = super::receive::run(self.shared.clone(), events, shutdown).await;
         self.shared.stopped();
         result
     }
@@ -470,7 +349,7 @@ mod tests {
     use crate::EventKind;
 
     fn refused(config: MqttConfig) -> (String, String) {
-        match MqttProvider::new("edge", &config) {
+        match MqttProvider::new(&crate::InstanceName::from("edge"), &config) {
             Err(ProviderError::InvalidInput { field, message, .. }) => (field, message),
             Err(other) => panic!("expected InvalidInput, got {other}"),
             Ok(_) => panic!("expected the config to be refused"),
@@ -514,7 +393,7 @@ mod tests {
     #[test]
     fn limits_follow_the_config_and_the_field_service_command_size() {
         let p = MqttProvider::new(
-            "edge",
+            &crate::InstanceName::from("edge"),
             &MqttConfig {
                 max_payload_bytes: 1000,
                 ..MqttConfig::default()
@@ -534,7 +413,8 @@ mod tests {
 
     #[tokio::test]
     async fn without_dynsec_registration_is_registry_only() {
-        let p = MqttProvider::new("edge", &MqttConfig::default()).expect("valid config");
+        let p = MqttProvider::new(&crate::InstanceName::from("edge"), &MqttConfig::default())
+            .expect("valid config");
         let spec = DeviceSpec {
             device_id: DeviceId::parse("pump-1").expect("valid id"),
             name: "Pump 1".into(),
@@ -552,7 +432,8 @@ mod tests {
 
     #[test]
     fn a_late_older_status_does_not_override_a_newer_one() {
-        let p = MqttProvider::new("edge", &MqttConfig::default()).expect("valid config");
+        let p = MqttProvider::new(&crate::InstanceName::from("edge"), &MqttConfig::default())
+            .expect("valid config");
         let t = |s: &str| {
             DateTime::parse_from_rfc3339(s)
                 .expect("time")

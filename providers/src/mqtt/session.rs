@@ -1,90 +1,99 @@
-//! The receive loop: the only code that polls the rumqttc event loop.
+//! One MQTT session driver for every MQTT-speaking provider (`mqtt`, `aws_iot_core`): the
+//! only code that polls a rumqttc event loop. What differs per provider (its
+//! subscriptions, how a publish becomes an event, which refusals are fatal) comes in
+//! through [`Hooks`]; the ack ordering itself is the pure state machine of
+//! [`super::acks`].
 //!
-//! - One persistent session (`clean_start = false`, session expiry one day) so QoS 1
-//!   messages published while the gateway is away wait at the broker.
 //! - Manual acks: every QoS 1 message becomes an event whose [`AckHandle`] hands the
-//!   publish to the acker task; only [`crate::Ack::Ack`] sends the PUBACK. A nack or a
-//!   dropped handle leaves the message unacknowledged, and MQTT redelivers unacknowledged
-//!   messages only when a session resumes. So after a nack the loop resumes the session
-//!   (closes and reopens the connection) once `reconnect_max_ms` have passed, checked at
-//!   the next packet or keep-alive ping.
-//! - An ack is sent only on the session it belongs to: when the broker reports a new
-//!   session (session lost) older acks are dropped, since their packet ids now name other
-//!   messages.
-//! - Subscriptions at QoS 1 are (re)made on every CONNACK: telemetry, reply and reported
-//!   as `$share/{shared_group}/...`, status never shared (brokers send no retained
-//!   messages on shared subscriptions, and every replica needs the statuses), with
-//!   "retain only on new subscription" so a resumed session does not replay statuses.
-//!   Health turns connected when the SUBACK arrives.
+//!   publish to the acker task; only [`crate::Ack::Ack`] sends the PUBACK, in arrival
+//!   order and only on the session it belongs to. A nack or a dropped handle leaves the
+//!   message unacknowledged, and MQTT redelivers unacknowledged messages only when a
+//!   session resumes. So after a nack the loop resumes the session (closes and reopens the
+//!   connection) once `reconnect_max_ms` have passed, checked at the next packet or
+//!   keep-alive ping.
+//! - The verdict channel is bounded: a handle reserves its slot when its publish arrives,
+//!   so giving a verdict never blocks nor fails, and a pipeline sitting on more verdicts
+//!   than the channel holds slows the receive loop down instead of growing a queue.
+//! - Subscriptions are (re)made on every CONNACK ([`Hooks::on_connack`]).
 //! - On a connection error: health disconnected with the error, wait `reconnect_min_ms`
-//!   doubling up to `reconnect_max_ms` (reset by a CONNACK), poll again. A CONNACK refusing
-//!   the credentials or client id ends the loop with an error; anything else is retried.
+//!   doubling up to `reconnect_max_ms` (reset by a CONNACK), poll again. A refusal
+//!   retrying cannot fix ([`Hooks::fatal`]) ends the loop with an error.
 //! - On shutdown: send the acks already given, DISCONNECT (the session stays), return.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode, Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode,
-};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubAck};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, Request};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::inbound::{self, Inbound, Received, MESSAGE_ID_PROPERTY};
-use super::provider::{lock, Shared};
-use crate::{Ack, AckHandle, EventSender, ProviderError, ProviderEvent, Shutdown};
+use super::acks::{AckOrder, SessionClock, Step, Tag, Verdict};
+use crate::observed::HealthCell;
+use crate::{AckHandle, EventSender, InstanceName, ProviderError, ProviderEvent, Shutdown};
 
 /// How long shutdown waits to flush acks and the DISCONNECT.
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
-/// A publish to acknowledge, tagged with the session it arrived on and its place in the
-/// order of arrival (PUBACKs go out in that order, as MQTT requires).
-struct AckRequest {
-    seq: u64,
-    session: u64,
-    verdict: Ack,
-    publish: Publish,
+/// What one provider adds to the shared session driver.
+pub(crate) trait Hooks: Send {
+    /// The provider kind, as log lines start (`mqtt`, `aws_iot_core`).
+    fn name(&self) -> &'static str;
+    /// Who redelivers nacked messages, for the log line (`the broker`, `AWS`).
+    fn peer(&self) -> &'static str;
+    /// The instance this session belongs to.
+    fn instance(&self) -> &InstanceName;
+    /// Where connection health goes.
+    fn health(&self) -> &HealthCell;
+    /// A CONNACK arrived: queue the subscriptions at the front of `eventloop`.
+    fn on_connack(&mut self, eventloop: &mut EventLoop);
+    /// A SUBACK arrived: turn healthy, report refused filters.
+    fn on_suback(&mut self, suback: &SubAck);
+    /// Decodes a publish into an event carrying `handle`, or resolves `handle` at once
+    /// when there is nothing to report.
+    fn to_event(&self, publish: &Publish, handle: AckHandle) -> Option<ProviderEvent>;
+    /// A refusal retrying cannot fix, as the error `run` returns.
+    fn fatal(&self, e: &ConnectionError) -> Option<ProviderError>;
+    /// A connection error in words an operator can act on.
+    fn describe(&self, e: &ConnectionError) -> String;
 }
 
-/// Session bookkeeping shared with the acker.
-#[derive(Default)]
-struct SessionState {
-    /// Bumped on every CONNACK without a present session.
-    session: AtomicU64,
-    /// When the first unresolved nack arrived (cleared by a session resume).
-    nacked_since: Mutex<Option<Instant>>,
-    /// Arrival number of the next QoS 1/2 publish (orders the PUBACKs).
-    next_seq: AtomicU64,
+/// How the driver runs one session.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    /// First reconnect delay.
+    pub(crate) reconnect_min: Duration,
+    /// Longest reconnect delay, and how long a nack waits for its session resume.
+    pub(crate) reconnect_max: Duration,
+    /// Verdicts that may be on their way to the acker at once.
+    pub(crate) ack_capacity: usize,
 }
 
-/// Runs until `shutdown`; see the module docs.
-pub(super) async fn run(
-    shared: Arc<Shared>,
+/// Runs the session until `shutdown`; see the module docs.
+pub(crate) async fn drive<H: Hooks>(
+    hooks: &mut H,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    settings: Settings,
     events: EventSender,
     shutdown: Shutdown,
 ) -> Result<(), ProviderError> {
-    let (client, mut eventloop) =
-        AsyncClient::new(shared.mqtt_options(), super::provider::REQUEST_CAPACITY);
-    shared.set_client(Some(client.clone()));
-    let state = Arc::new(SessionState::default());
-    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let name = hooks.name();
+    let clock = Arc::new(SessionClock::default());
+    let (ack_tx, ack_rx) = mpsc::channel(settings.ack_capacity.max(1));
     let acker_stop = shutdown.child_token();
     let acker = tokio::spawn(acker(
         client.clone(),
         ack_rx,
-        state.clone(),
+        clock.clone(),
         acker_stop.clone(),
+        name,
     ));
-    let cfg = &shared.config;
-    let min_delay = Duration::from_millis(cfg.reconnect_min_ms);
-    let max_delay = Duration::from_millis(cfg.reconnect_max_ms);
+    let min_delay = settings.reconnect_min;
+    let max_delay = settings.reconnect_max;
     let mut delay = min_delay;
-    info!(instance = %shared.instance, host = %cfg.host, port = cfg.port, client_id = %cfg.client_id, "mqtt: connecting");
 
     let result = loop {
         let polled = tokio::select! {
@@ -95,46 +104,29 @@ pub(super) async fn run(
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                 delay = min_delay;
-                if !connack.session_present {
-                    state.session.fetch_add(1, Ordering::AcqRel);
-                }
-                *lock(&state.nacked_since) = None;
-                info!(instance = %shared.instance, session_present = connack.session_present, "mqtt: connected, subscribing");
-                eventloop
-                    .pending
-                    .push_front(Request::Subscribe(subscription(&shared)));
+                clock.connected(connack.session_present);
+                info!(instance = %hooks.instance(), session_present = connack.session_present, "{name}: connected, subscribing");
+                hooks.on_connack(&mut eventloop);
             }
-            Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                let refused: Vec<String> = suback
-                    .return_codes
-                    .iter()
-                    .zip(filters(&shared))
-                    .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
-                    .map(|(code, f)| format!("{} ({code:?})", f.path))
-                    .collect();
-                shared.health.set_connected(true);
-                if !refused.is_empty() {
-                    let msg = format!(
-                        "broker refused subscriptions {}: grant the gateway's user subscribe access",
-                        refused.join(", ")
-                    );
-                    warn!(instance = %shared.instance, "mqtt: {msg}");
-                    shared.health.note_error(msg);
-                }
-            }
+            Ok(Event::Incoming(Packet::SubAck(suback))) => hooks.on_suback(&suback),
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let session = state.session.load(Ordering::Acquire);
-                let seq = if publish.qos == QoS::AtMostOnce {
-                    0
+                let handle = if publish.qos == QoS::AtMostOnce {
+                    AckHandle::none()
                 } else {
-                    state.next_seq.fetch_add(1, Ordering::AcqRel)
+                    let tag = clock.tag();
+                    let permit = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break Ok(()),
+                        permit = ack_tx.clone().reserve_owned() => permit.ok(),
+                    };
+                    verdict_handle(permit, tag, publish.clone())
                 };
-                if let Some(event) = to_event(&shared, &publish, (seq, session), &ack_tx) {
+                if let Some(event) = hooks.to_event(&publish, handle) {
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => break Ok(()),
                         sent = events.send(event) => if sent.is_err() {
-                            info!(instance = %shared.instance, "mqtt: event receiver closed, stopping");
+                            info!(instance = %hooks.instance(), "{name}: event receiver closed, stopping");
                             break Ok(());
                         },
                     }
@@ -142,13 +134,13 @@ pub(super) async fn run(
             }
             Ok(_) => {}
             Err(e) => {
-                if let Some(fatal) = fatal(&shared, &e) {
-                    shared.health.set_error(fatal.to_string());
+                if let Some(fatal) = hooks.fatal(&e) {
+                    hooks.health().set_error(fatal.to_string());
                     break Err(fatal);
                 }
-                let msg = format!("broker {}:{}: {e}", cfg.host, cfg.port);
-                warn!(instance = %shared.instance, retry_in = ?delay, "mqtt: connection lost: {msg}");
-                shared.health.set_error(msg);
+                let msg = hooks.describe(&e);
+                warn!(instance = %hooks.instance(), retry_in = ?delay, "{name}: connection lost: {msg}");
+                hooks.health().set_error(msg);
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break Ok(()),
@@ -158,231 +150,90 @@ pub(super) async fn run(
                 continue;
             }
         }
-        resume_after_nack(&shared, &state, &mut eventloop, max_delay);
+        // Nacked messages come back only when the session resumes: drop the connection
+        // (the next poll reconnects with the same session) once `max_delay` has passed
+        // since the first nack.
+        if clock.resume_due(Instant::now(), max_delay) {
+            info!(instance = %hooks.instance(), "{name}: resuming the session so {} redelivers nacked messages", hooks.peer());
+            eventloop.clean();
+        }
     };
 
     acker_stop.cancel();
     if tokio::time::timeout(SHUTDOWN_FLUSH, acker).await.is_err() {
-        debug!(instance = %shared.instance, "mqtt: acker did not finish in time");
+        debug!(instance = %hooks.instance(), "{name}: acker did not finish in time");
     }
     disconnect(&client, &mut eventloop).await;
-    info!(instance = %shared.instance, "mqtt: stopped");
+    info!(instance = %hooks.instance(), "{name}: stopped");
     result
 }
 
-/// The filters of the gateway's session, in a fixed order (SUBACK codes follow it).
-fn filters(shared: &Shared) -> [Filter; 4] {
-    let t = &shared.topics;
-    let group = &shared.config.shared_group;
-    let filter = |path: String, retain| Filter {
-        path,
-        qos: QoS::AtLeastOnce,
-        nolocal: false,
-        preserve_retain: false,
-        retain_forward_rule: retain,
-    };
-    [
-        filter(
-            t.telemetry.shared_filter(group),
-            RetainForwardRule::OnEverySubscribe,
-        ),
-        filter(t.status.filter(), RetainForwardRule::OnNewSubscribe),
-        filter(
-            t.reply.shared_filter(group),
-            RetainForwardRule::OnEverySubscribe,
-        ),
-        filter(
-            t.reported.shared_filter(group),
-            RetainForwardRule::OnEverySubscribe,
-        ),
-    ]
-}
-
-fn subscription(shared: &Shared) -> rumqttc::v5::mqttbytes::v5::Subscribe {
-    rumqttc::v5::mqttbytes::v5::Subscribe::new_many(filters(shared), None)
-}
-
-/// Refusals retrying cannot fix.
-fn fatal(shared: &Shared, e: &ConnectionError) -> Option<ProviderError> {
-    let ConnectionError::ConnectionRefused(code) = e else {
-        return None;
-    };
-    let instance = shared.instance.clone();
-    match code {
-        ConnectReturnCode::BadUserNamePassword
-        | ConnectReturnCode::NotAuthorized
-        | ConnectReturnCode::BadAuthenticationMethod
-        | ConnectReturnCode::Banned => Some(ProviderError::Unauthorized {
-            instance,
-            message: format!(
-                "broker {}:{} refused user {:?} ({code:?}): check username and password of this instance",
-                shared.config.host,
-                shared.config.port,
-                shared.config.username.as_deref().unwrap_or("<none>")
-            ),
-        }),
-        ConnectReturnCode::ClientIdentifierNotValid | ConnectReturnCode::BadClientId => {
-            Some(ProviderError::InvalidInput {
-                instance,
-                field: "client_id".into(),
-                message: format!("broker refused client id {:?}: choose another", shared.config.client_id),
-            })
-        }
-        _ => None,
-    }
-}
-
-/// Decodes a publish into an event with its ack handle, or acks it right away when there
-/// is nothing to report.
-fn to_event(
-    shared: &Shared,
-    publish: &Publish,
-    (seq, session): (u64, u64),
-    ack_tx: &mpsc::UnboundedSender<AckRequest>,
-) -> Option<ProviderEvent> {
-    let handle = || {
-        if publish.qos == QoS::AtMostOnce {
-            return AckHandle::none();
-        }
-        let tx = ack_tx.clone();
-        let publish = publish.clone();
-        AckHandle::new(move |verdict| {
-            // The acker is gone once run stopped; the broker then redelivers, as for a nack.
-            let _ = tx.send(AckRequest {
-                seq,
-                session,
+/// The handle of a QoS 1 publish: its verdict goes to the acker through the slot
+/// reserved for it. Without a slot (the acker is gone once run stopped) the verdict is
+/// dropped and the broker redelivers, as for a nack.
+fn verdict_handle(
+    permit: Option<mpsc::OwnedPermit<Verdict<Publish>>>,
+    tag: Tag,
+    publish: Publish,
+) -> AckHandle {
+    AckHandle::new(move |verdict| {
+        if let Some(permit) = permit {
+            permit.send(Verdict {
+                tag,
                 verdict,
                 publish,
             });
-        })
-    };
-    let topic = String::from_utf8_lossy(&publish.topic);
-    let Some((kind, device_id)) = shared.topics.classify(&topic) else {
-        warn!(instance = %shared.instance, %topic, "mqtt: message on a topic matching no template, dropped");
-        shared.count_dropped();
-        handle().ack();
-        return None;
-    };
-    if shared.barrier_passed(kind, device_id) {
-        handle().ack();
-        return None;
-    }
-    let props = publish.properties.as_ref();
-    let received_at = Utc::now();
-    let msg = Received {
-        topic: &topic,
-        payload: &publish.payload,
-        message_id_property: props.and_then(|p| {
-            p.user_properties
-                .iter()
-                .find(|(k, _)| k == MESSAGE_ID_PROPERTY)
-                .map(|(_, v)| v.as_str())
-        }),
-        correlation_data: props.and_then(|p| p.correlation_data.as_deref()),
-        received_at,
-    };
-    match inbound::decode(kind, device_id, &msg, &shared.config.message_id_pointer) {
-        Inbound::Event(kind) => {
-            shared.devices.observe(&kind, received_at);
-            Some(ProviderEvent {
-                instance: shared.instance.clone(),
-                kind,
-                ack: handle(),
-            })
         }
-        Inbound::Ignore => {
-            handle().ack();
-            None
-        }
-        Inbound::Unparsable(reason) => {
-            warn!(instance = %shared.instance, %topic, %reason, "mqtt: unparsable message acked and dropped");
-            shared.count_dropped();
-            handle().ack();
-            None
-        }
-    }
+    })
 }
 
-/// Sends the PUBACK of acked publishes of the current session, in arrival order (a verdict
-/// that comes early waits for the ones before it: MQTT requires PUBACKs in the order of
-/// the PUBLISHes, and some brokers drop the connection otherwise); notes nacks. On stop it
-/// drains the acks already given, then ends.
+/// Sends the PUBACK of acked publishes of the current session, in arrival order (see
+/// [`super::acks`]); notes nacks. On stop it drains the acks already given, then ends.
 async fn acker(
     client: AsyncClient,
-    mut rx: mpsc::UnboundedReceiver<AckRequest>,
-    state: Arc<SessionState>,
+    mut rx: mpsc::Receiver<Verdict<Publish>>,
+    clock: Arc<SessionClock>,
     stop: Shutdown,
+    name: &'static str,
 ) {
-    let mut next: u64 = 0;
-    let mut waiting: std::collections::BTreeMap<u64, AckRequest> =
-        std::collections::BTreeMap::new();
+    let mut order = AckOrder::default();
     loop {
-        let req = tokio::select! {
+        let verdict = tokio::select! {
             biased;
-            req = rx.recv() => req,
+            verdict = rx.recv() => verdict,
             _ = stop.cancelled() => {
-                while let Ok(req) = rx.try_recv() {
-                    waiting.insert(req.seq, req);
+                while let Ok(verdict) = rx.try_recv() {
+                    order.push(verdict);
                 }
-                while let Some(req) = waiting.remove(&next) {
-                    next += 1;
+                while let Some(step) = order.pop(&clock, Instant::now()) {
                     // The event loop is no longer polled: do not wait for queue room.
-                    if let (Ack::Ack, true) = (&req.verdict, current(&state, &req)) {
-                        let _ = client.try_ack(&req.publish);
+                    if let Step::Send(publish) = step {
+                        let _ = client.try_ack(&publish);
                     }
                 }
                 return;
             }
         };
-        let Some(req) = req else { return };
-        waiting.insert(req.seq, req);
-        while let Some(req) = waiting.remove(&next) {
-            next += 1;
-            if !resolve(&client, &state, req).await {
-                return;
+        let Some(verdict) = verdict else { return };
+        order.push(verdict);
+        while let Some(step) = order.pop(&clock, Instant::now()) {
+            match step {
+                Step::Send(publish) => {
+                    if client.ack(&publish).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Stale(publish) => {
+                    debug!(
+                        pkid = publish.pkid,
+                        "{name}: ack of an earlier session dropped"
+                    );
+                }
+                Step::Nacked(publish, reason) => {
+                    debug!(pkid = publish.pkid, %reason, "{name}: nack, redelivered on the next session resume");
+                }
             }
         }
-    }
-}
-
-/// Sends one verdict; false when the client is gone.
-async fn resolve(client: &AsyncClient, state: &SessionState, req: AckRequest) -> bool {
-    match &req.verdict {
-        Ack::Ack if current(state, &req) => {
-            if client.ack(&req.publish).await.is_err() {
-                return false;
-            }
-        }
-        Ack::Ack => debug!(
-            pkid = req.publish.pkid,
-            "mqtt: ack of an earlier session dropped"
-        ),
-        Ack::Nack(reason) => {
-            debug!(pkid = req.publish.pkid, %reason, "mqtt: nack, redelivered on the next session resume");
-            lock(&state.nacked_since).get_or_insert_with(Instant::now);
-        }
-    }
-    true
-}
-
-fn current(state: &SessionState, req: &AckRequest) -> bool {
-    state.session.load(Ordering::Acquire) == req.session
-}
-
-/// Nacked messages come back only when the session resumes: drop the connection (the
-/// next poll reconnects with the same session) once `after` has passed since the first
-/// nack.
-fn resume_after_nack(
-    shared: &Shared,
-    state: &SessionState,
-    eventloop: &mut EventLoop,
-    after: Duration,
-) {
-    let mut nacked = lock(&state.nacked_since);
-    if nacked.is_some_and(|since| since.elapsed() >= after) {
-        *nacked = None;
-        info!(instance = %shared.instance, "mqtt: resuming the session so the broker redelivers nacked messages");
-        eventloop.clean();
     }
 }
 

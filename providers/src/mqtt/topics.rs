@@ -155,7 +155,7 @@ impl TopicTemplate {
     }
 
     /// The topic of one device. The id is inserted as is: callers pass a validated
-    /// [`iotgw_registry::DeviceId`], which holds no `/`, `+` or `#`.
+    /// [`iotgw_ids::DeviceId`], which holds no `/`, `+` or `#`.
     pub fn topic_for(&self, device_id: &str) -> String {
         self.template.replacen(DEVICE_ID_PLACEHOLDER, device_id, 1)
     }

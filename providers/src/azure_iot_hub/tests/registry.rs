@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use iotgw_config::{AzureIotHubConfig, Secret};
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use serde_json::{json, Value};
 
 use super::fake_hub::{sas_fields, FakeHub, Recorded};
@@ -280,7 +280,9 @@ async fn provider_operations_send_what_the_sdk_sends_for_the_same_operations() {
     let fake = FakeHub::start().await;
     let mut cfg = config(&fake);
     cfg.direct_method.connect_timeout_secs = 5;
-    let provider = Arc::new(AzureIotHubProvider::new("hub", &cfg).expect("provider"));
+    let provider = Arc::new(
+        AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider"),
+    );
     let id = DeviceId::parse("pump-7").expect("id");
     let tags = BTreeMap::from([("site".to_owned(), "north".to_owned())]);
     let settings = json!({"interval_s": 15});

@@ -2,7 +2,7 @@
 //! request recorder (what moto received), not in our own call's return.
 
 use base64::Engine as _;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 
 use super::proxy::{Fault, FaultProxy};
 use super::{env_or_skip, recording, unique};
@@ -93,7 +93,7 @@ async fn a_throttled_publish_is_a_throttled_error_with_the_announced_delay() {
     .await;
     let mut c = env.config(&unique("gw"));
     c.endpoint_url = Some(proxy.url.clone());
-    let p = AwsIotCoreProvider::new("aws-test", &c)
+    let p = AwsIotCoreProvider::new(&crate::InstanceName::from("aws-test"), &c)
         .await
         .expect("valid config");
     match p.send_command(&command(&unique("thr"), "c-1")).await {

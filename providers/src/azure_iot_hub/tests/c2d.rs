@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use iotgw_config::azure_iot_hub::AzureCommandDelivery;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use serde_json::json;
 
 use super::fake_amqp::{AmqpLog, FakeAmqp};
@@ -38,7 +38,7 @@ async fn c2d_messages_match_what_the_python_sdk_sends_over_amqp() {
     cfg.command_delivery = AzureCommandDelivery::C2d;
     cfg.c2d.amqp_port = amqp.port;
     cfg.c2d.ttl_secs = 600;
-    let p = AzureIotHubProvider::new("hub", &cfg).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider");
     let cmd = CommandRequest {
         id: uuid::Uuid::new_v4(),
         device_id: DeviceId::parse("valve-3").expect("id"),
@@ -230,7 +230,7 @@ mod feedback {
         cfg.command_delivery = AzureCommandDelivery::C2d;
         cfg.c2d.amqp_port = amqp.port;
         let run = Run::spawn(Arc::new(
-            AzureIotHubProvider::new("hub", &cfg).expect("provider"),
+            AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider"),
         ));
         eventually("the feedback receiver to attach", || async {
             amqp.peek()

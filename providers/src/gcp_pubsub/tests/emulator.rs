@@ -83,9 +83,17 @@ fn docker_ready() -> Result<(), String> {
                 // The socket lives as long as the process.
                 std::mem::forget(dir);
                 // Once, before the first container starts; testcontainers reads it per client.
+                #[allow(
+                    clippy::disallowed_methods,
+                    reason = "once, inside a OnceLock, before any container starts"
+                )]
                 std::env::set_var("DOCKER_HOST", format!("unix://{}", path.display()));
             } else if let docker::Endpoint::Unix(p) = &ep {
                 if p.as_path() != std::path::Path::new("/var/run/docker.sock") {
+                    #[allow(
+                        clippy::disallowed_methods,
+                        reason = "once, inside a OnceLock, before any container starts"
+                    )]
                     std::env::set_var("DOCKER_HOST", format!("unix://{}", p.display()));
                 }
             }

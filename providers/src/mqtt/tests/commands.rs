@@ -1,6 +1,6 @@
 //! Outbound commands and their replies.
 
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use uuid::Uuid;
@@ -112,8 +112,11 @@ async fn commands_reach_a_subscribed_device_with_correlation_data_and_its_reply_
 
 #[tokio::test]
 async fn oversize_command_is_refused_naming_the_field_and_limit() {
-    let p = MqttProvider::new("test", &iotgw_config::MqttConfig::default())
-        .expect("defaults are valid");
+    let p = MqttProvider::new(
+        &crate::InstanceName::from("test"),
+        &iotgw_config::MqttConfig::default(),
+    )
+    .expect("defaults are valid");
     assert_eq!(p.limits().max_command_bytes, CFS_MAX_COMMAND_BYTES);
     let cmd = command("pump-1", "x".repeat(CFS_MAX_COMMAND_BYTES + 1));
     match p.send_command(&cmd).await {
@@ -133,8 +136,11 @@ async fn oversize_command_is_refused_naming_the_field_and_limit() {
 
 #[tokio::test]
 async fn a_command_before_run_started_is_a_transient_error() {
-    let p = MqttProvider::new("test", &iotgw_config::MqttConfig::default())
-        .expect("defaults are valid");
+    let p = MqttProvider::new(
+        &crate::InstanceName::from("test"),
+        &iotgw_config::MqttConfig::default(),
+    )
+    .expect("defaults are valid");
     let err = p
         .send_command(&command("pump-1", "{}".into()))
         .await

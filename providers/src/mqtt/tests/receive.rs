@@ -66,7 +66,7 @@ async fn telemetry_from_a_device_topic_arrives_as_an_event_with_its_device_id() 
     );
     ack.ack();
 
-    let id = iotgw_registry::DeviceId::parse("pump-1").expect("valid id");
+    let id = iotgw_ids::DeviceId::parse("pump-1").expect("valid id");
     let state = p.device_state(&id).await.expect("state");
     assert!(state.last_activity.is_some(), "{state:?}");
     run.stop().await.expect("clean stop");
@@ -225,7 +225,7 @@ async fn retained_status_and_last_will_become_connection_events() {
         })
         .await;
     ev.ack.ack();
-    let id = iotgw_registry::DeviceId::parse("pump-7").expect("valid id");
+    let id = iotgw_ids::DeviceId::parse("pump-7").expect("valid id");
     assert_eq!(
         p.device_state(&id).await.expect("state").connected,
         Some(true)

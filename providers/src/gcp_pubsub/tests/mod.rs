@@ -120,7 +120,7 @@ impl CutProxy {
 
 async fn provider(config: &GcpPubSubConfig) -> Arc<GcpPubSubProvider> {
     Arc::new(
-        GcpPubSubProvider::new("gcp-test", config)
+        GcpPubSubProvider::new(&crate::InstanceName::from("gcp-test"), config)
             .await
             .expect("valid test config"),
     )

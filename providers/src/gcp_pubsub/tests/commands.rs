@@ -1,7 +1,7 @@
 //! Registration (per-device command subscriptions) and commands.
 
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 
 use super::emulator::Emulator;
 use super::*;
@@ -146,7 +146,7 @@ async fn a_command_to_a_missing_topic_fails_with_an_error_naming_the_key() {
     assert!(err.to_string().contains("commands_topic"), "{err}");
     // The device's ordering key was resumed: once the topic exists the next command goes.
     GcpPubSubProvider::new(
-        "gcp-test",
+        &crate::InstanceName::from("gcp-test"),
         &GcpPubSubConfig {
             create_if_missing: true,
             ..config.clone()

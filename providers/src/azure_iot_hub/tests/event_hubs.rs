@@ -44,7 +44,7 @@ fn provider(
 ) -> Arc<AzureIotHubProvider> {
     let mut cfg = config(hub);
     cfg.event_hubs = Some(eh);
-    let p = AzureIotHubProvider::new("hub", &cfg).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider");
     p.set_checkpoints(checkpoints);
     Arc::new(p)
 }

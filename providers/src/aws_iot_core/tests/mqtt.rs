@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -320,7 +320,7 @@ async fn a_gateway_certificate_the_endpoint_does_not_trust_shows_in_health_as_a_
     c.client_cert_path = Some(cert);
     c.client_key_path = Some(key);
     let provider = Arc::new(
-        AwsIotCoreProvider::new("aws-test", &c)
+        AwsIotCoreProvider::new(&crate::InstanceName::from("aws-test"), &c)
             .await
             .expect("valid config"),
     );

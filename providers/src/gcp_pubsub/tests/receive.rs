@@ -44,7 +44,7 @@ async fn telemetry_arrives_with_its_device_attribute_and_message_id_token_and_on
     );
     ack.ack();
 
-    let device = iotgw_registry::DeviceId::parse("pump-1").expect("valid id");
+    let device = iotgw_ids::DeviceId::parse("pump-1").expect("valid id");
     let state = p.device_state(&device).await.expect("state");
     assert!(state.last_activity.is_some(), "{state:?}");
     run.stop().await.expect("clean stop");
@@ -225,7 +225,7 @@ async fn replies_and_lifecycle_messages_become_events_and_malformed_ones_are_cou
             .await;
         ev.ack.ack();
     }
-    let device = iotgw_registry::DeviceId::parse("pump-2").expect("valid id");
+    let device = iotgw_ids::DeviceId::parse("pump-2").expect("valid id");
     assert_eq!(
         p.device_state(&device).await.expect("state").connected,
         Some(true)

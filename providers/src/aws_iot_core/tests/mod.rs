@@ -178,9 +178,12 @@ impl Env {
     /// A provider on [`Env::config`].
     pub async fn provider(&self, client_id: &str) -> Arc<AwsIotCoreProvider> {
         Arc::new(
-            AwsIotCoreProvider::new("aws-test", &self.config(client_id))
-                .await
-                .expect("valid test config"),
+            AwsIotCoreProvider::new(
+                &crate::InstanceName::from("aws-test"),
+                &self.config(client_id),
+            )
+            .await
+            .expect("valid test config"),
         )
     }
 

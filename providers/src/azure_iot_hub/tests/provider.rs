@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use iotgw_config::azure_iot_hub::AzureCommandDelivery;
 use iotgw_config::Secret;
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use serde_json::{json, Value};
 
 use super::fake_hub::FakeHub;
@@ -37,7 +37,8 @@ fn command(device: &str, name: &str) -> CommandRequest {
 #[tokio::test]
 async fn a_429_is_retried_after_the_announced_delay_and_then_succeeds() {
     let fake = FakeHub::start().await;
-    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     fake.fail_next(429, Some("1"));
     let started = Instant::now();
     p.register(&spec("retry-1"))
@@ -60,7 +61,7 @@ async fn throttling_beyond_the_retries_or_the_cap_fails_as_throttled_with_the_de
     let fake = FakeHub::start().await;
     let mut cfg = config(&fake);
     cfg.max_retries = 1;
-    let p = AzureIotHubProvider::new("hub", &cfg).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider");
     fake.fail_next(429, Some("0"));
     fake.fail_next(429, Some("0"));
     let e = p
@@ -98,7 +99,8 @@ async fn throttling_beyond_the_retries_or_the_cap_fails_as_throttled_with_the_de
 #[tokio::test]
 async fn hub_errors_are_classified_and_name_the_device() {
     let fake = FakeHub::start().await;
-    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     let missing = DeviceId::parse("ghost-1").expect("id");
     let e = p.unregister(&missing).await.expect_err("unknown device");
     assert_eq!(e.class(), "not_found");
@@ -140,7 +142,7 @@ async fn a_wrong_key_makes_run_fail_as_unauthorized() {
         "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey=d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktIQ==",
         fake.host()
     )));
-    let p = AzureIotHubProvider::new("hub", &cfg).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider");
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
     let r = tokio::time::timeout(super::DEADLINE, p.run(tx, Shutdown::new()))
         .await
@@ -158,7 +160,10 @@ async fn a_wrong_key_makes_run_fail_as_unauthorized() {
 #[tokio::test]
 async fn run_proves_the_credentials_reports_health_and_stops_on_shutdown() {
     let fake = FakeHub::start().await;
-    let p = std::sync::Arc::new(AzureIotHubProvider::new("hub", &config(&fake)).expect("provider"));
+    let p = std::sync::Arc::new(
+        AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+            .expect("provider"),
+    );
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
     let stop = Shutdown::new();
     let task = tokio::spawn({
@@ -187,7 +192,8 @@ async fn run_proves_the_credentials_reports_health_and_stops_on_shutdown() {
 #[tokio::test]
 async fn a_direct_method_to_an_offline_device_fails_with_the_reason() {
     let fake = FakeHub::start().await;
-    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     p.register(&spec("off-1")).await.expect("registered");
     match p.send_command(&command("off-1", "reboot")).await {
         Err(ProviderError::NotFound { what, .. }) => {
@@ -203,7 +209,8 @@ async fn a_direct_method_to_an_offline_device_fails_with_the_reason() {
 #[tokio::test]
 async fn a_direct_method_the_device_refuses_is_refused_with_the_devices_own_reason() {
     let fake = FakeHub::start().await;
-    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     p.register(&spec("no-1")).await.expect("registered");
     fake.answer_methods("no-1", 500, json!({"reason": "valve stuck"}));
     assert_eq!(
@@ -235,7 +242,7 @@ async fn queued_delivery_retries_an_offline_device_until_it_connects() {
     let mut cfg = config(&fake);
     cfg.direct_method.offline_retry_secs = 10;
     cfg.direct_method.offline_retry_interval_secs = 1;
-    let p = AzureIotHubProvider::new("hub", &cfg).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider");
     p.register(&spec("late-1")).await.expect("registered");
     fake.online_after("late-1", 1);
     fake.take();
@@ -263,7 +270,8 @@ async fn queued_delivery_retries_an_offline_device_until_it_connects() {
 #[tokio::test]
 async fn registering_an_existing_device_returns_its_existing_keys() {
     let fake = FakeHub::start().await;
-    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     let cs =
         |r: crate::Registration| r.credentials.expect("credentials")["connection_string"].clone();
     let first = cs(p.register(&spec("twice-1")).await.expect("first"));
@@ -289,7 +297,8 @@ async fn registering_an_existing_device_returns_its_existing_keys() {
 #[tokio::test]
 async fn bulk_registration_sends_at_most_100_devices_per_call() {
     let fake = FakeHub::start().await;
-    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     p.register(&spec("bulk-007"))
         .await
         .expect("one exists already");
@@ -321,7 +330,8 @@ async fn bulk_registration_sends_at_most_100_devices_per_call() {
 #[tokio::test]
 async fn device_state_comes_from_the_twin() {
     let fake = FakeHub::start().await;
-    let p = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     p.register(&spec("state-1")).await.expect("registered");
     let id = DeviceId::parse("state-1").expect("id");
     let offline = p.device_state(&id).await.expect("state");
@@ -347,7 +357,7 @@ async fn a_twin_command_writes_the_configured_desired_property() {
     let mut cfg = config(&fake);
     cfg.command_delivery = AzureCommandDelivery::TwinDesired;
     cfg.twin_command.property = "gw_cmd".into();
-    let p = AzureIotHubProvider::new("hub", &cfg).expect("provider");
+    let p = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider");
     p.register(&spec("twin-1")).await.expect("registered");
     fake.take();
     let cmd = command("twin-1", "set_mode");
@@ -437,7 +447,7 @@ mod event_hubs_in_run {
             start: Default::default(),
             custom_endpoint: None,
         });
-        AzureIotHubProvider::new("hub", &cfg).expect("provider")
+        AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider")
     }
 
     #[tokio::test]

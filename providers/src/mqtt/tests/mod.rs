@@ -187,5 +187,7 @@ impl Device {
 
 /// A provider on `config`.
 fn provider(config: &iotgw_config::MqttConfig) -> Arc<MqttProvider> {
-    Arc::new(MqttProvider::new("test", config).expect("valid test config"))
+    Arc::new(
+        MqttProvider::new(&crate::InstanceName::from("test"), config).expect("valid test config"),
+    )
 }

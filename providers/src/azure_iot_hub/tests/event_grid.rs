@@ -56,7 +56,9 @@ async fn harness(commit_timeout_secs: u64) -> Harness {
         secret: Secret::new(SECRET),
         commit_timeout_secs,
     });
-    let provider = Arc::new(AzureIotHubProvider::new("hub", &cfg).expect("provider"));
+    let provider = Arc::new(
+        AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider"),
+    );
     let endpoint = provider.push_endpoint().expect("an Event Grid endpoint");
     let (tx, mut rx) = mpsc::channel(16);
     let stop = Shutdown::new();
@@ -332,7 +334,9 @@ async fn a_batch_not_committed_in_time_is_answered_503() {
         secret: Secret::new(SECRET),
         commit_timeout_secs: 1,
     });
-    let provider = Arc::new(AzureIotHubProvider::new("hub", &cfg).expect("provider"));
+    let provider = Arc::new(
+        AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider"),
+    );
     let endpoint = provider.push_endpoint().expect("endpoint");
     let before = endpoint
         .handle(post(
@@ -477,6 +481,7 @@ async fn a_telemetry_body_iot_hub_could_not_mark_as_json_is_base64_decoded() {
 #[tokio::test]
 async fn without_event_grid_settings_there_is_no_endpoint() {
     let fake = FakeHub::start().await;
-    let provider = AzureIotHubProvider::new("hub", &config(&fake)).expect("provider");
+    let provider = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
     assert!(provider.push_endpoint().is_none());
 }

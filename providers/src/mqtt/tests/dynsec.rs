@@ -1,7 +1,7 @@
 //! Per-device broker credentials with Mosquitto's dynamic-security plugin.
 
 use iotgw_config::{MqttConfig, Secret};
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;

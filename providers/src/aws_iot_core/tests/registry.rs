@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use iotgw_registry::DeviceId;
+use iotgw_ids::DeviceId;
 
 use super::proxy::{Fault, FaultProxy};
 use super::{env_or_skip, unique, Env};
@@ -79,7 +79,7 @@ async fn policies(iot: &aws_sdk_iot::Client) -> Vec<String> {
 async fn provider_via(env: &Env, proxy: &FaultProxy) -> AwsIotCoreProvider {
     let mut c = env.config(&unique("gw"));
     c.endpoint_url = Some(proxy.url.clone());
-    AwsIotCoreProvider::new("aws-test", &c)
+    AwsIotCoreProvider::new(&crate::InstanceName::from("aws-test"), &c)
         .await
         .expect("valid test config")
 }

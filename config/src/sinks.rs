@@ -1,0 +1,97 @@
+//! The alert sinks' settings (`[sinks.<name>]`) and their validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::{Problem, Secret};
+
+/// An alert sink: `kind` picks it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// JSON lines on standard output.
+    Stdout(StdoutSinkConfig),
+    /// JSON lines appended to a file.
+    File(FileSinkConfig),
+    /// HTTP POST with retries, an idempotency key and an HMAC signature.
+    Webhook(WebhookSinkConfig),
+}
+
+/// Standard output sink (no settings).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSinkConfig {}
+
+/// File sink.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    /// File to append JSON lines to (created with its directory).
+    pub path: String,
+}
+
+/// Webhook sink.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSinkConfig {
+    /// `http://` or `https://` URL to POST each alert to.
+    pub url: String,
+    /// Shared secret: the body is signed with HMAC-SHA256 into `X-Iotgw-Signature: sha256=<hex>`.
+    pub secret: Option<Secret>,
+    /// Per-request timeout in milliseconds.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+    /// First retry delay in milliseconds (doubles per attempt).
+    #[serde(default = "default_backoff_min")]
+    pub backoff_min_ms: u64,
+    /// Longest retry delay in milliseconds; a sink that is down is retried forever at this pace.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+const fn default_webhook_timeout() -> u64 {
+    5_000
+}
+const fn default_backoff_min() -> u64 {
+    200
+}
+const fn default_backoff_max() -> u64 {
+    30_000
+}
+
+/// The checks serde cannot express for the sink at `base` (its name is checked with the
+/// other names).
+pub(crate) fn validate(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
+    match s {
+        SinkConfig::Stdout(_) => {}
+        SinkConfig::File(f) if f.path.trim().is_empty() => out.push(Problem::new(
+            format!("{base}.path"),
+            "empty path",
+            "give a file to append JSON lines to",
+        )),
+        SinkConfig::File(_) => {}
+        SinkConfig::Webhook(w) => {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) || w.url.len() < 10
+            {
+                out.push(Problem::new(
+                    format!("{base}.url"),
+                    format!("`{}` is not an http(s) URL", w.url),
+                    "give e.g. https://app.example.com/iot/alerts",
+                ));
+            }
+            if w.backoff_min_ms == 0 || w.backoff_min_ms > w.backoff_max_ms {
+                out.push(Problem::new(
+                    format!("{base}.backoff_min_ms"),
+                    "backoff_min_ms must be above 0 and not above backoff_max_ms",
+                    "e.g. backoff_min_ms = 200, backoff_max_ms = 30000",
+                ));
+            }
+            if w.timeout_ms == 0 {
+                out.push(Problem::new(
+                    format!("{base}.timeout_ms"),
+                    "a zero timeout fails every request",
+                    "use e.g. 5000",
+                ));
+            }
+        }
+    }
+}
