@@ -6,6 +6,7 @@
 //!   unknown keys refused).
 //! - [`load`]: loading, every problem collected at once with its key path, its source and
 //!   a fix.
+//! - [`postgres`]: the PostgreSQL store's settings and the URL that hides its password.
 //! - [`validate`]: the checks that serde cannot express (references, addresses, templates).
 //!
 //! This crate knows the shape of each provider's settings but nothing of how they run.
@@ -15,6 +16,7 @@ pub mod azure_iot_hub;
 pub mod gcp_pubsub;
 pub mod load;
 pub mod model;
+pub mod postgres;
 pub mod validate;
 
 pub use aws_iot_core::AwsIotCoreConfig;
@@ -22,3 +24,4 @@ pub use azure_iot_hub::AzureIotHubConfig;
 pub use gcp_pubsub::GcpPubSubConfig;
 pub use load::{load, ConfigError, LoadOptions, Problem};
 pub use model::*;
+pub use postgres::{DatabaseUrl, PostgresStoreConfig, PostgresTlsMode};

@@ -151,10 +151,13 @@ impl Default for ApiConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite` (embedded file).
+    /// `sqlite` (embedded file, the default) or `postgres` (a shared database, for several
+    /// replicas; set `[store.postgres]`).
     pub kind: StoreKind,
     /// SQLite database file; its directory is created when missing.
     pub path: String,
+    /// The PostgreSQL store (`kind = "postgres"`): URL, pool, timeouts, TLS.
+    pub postgres: Option<crate::postgres::PostgresStoreConfig>,
 }
 
 impl Default for StoreConfig {
@@ -162,6 +165,7 @@ impl Default for StoreConfig {
         Self {
             kind: StoreKind::Sqlite,
             path: "data/iotgw.db".into(),
+            postgres: None,
         }
     }
 }
@@ -172,6 +176,8 @@ impl Default for StoreConfig {
 pub enum StoreKind {
     /// SQLite file in WAL mode.
     Sqlite,
+    /// PostgreSQL, shared by several replicas (`[store.postgres]`).
+    Postgres,
 }
 
 /// What to do with telemetry from a device the registry does not know.

@@ -57,7 +57,24 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
     }
 
     // store
-    if c.store.path.trim().is_empty() {
+    match (c.store.kind, &c.store.postgres) {
+        (StoreKind::Sqlite, None) => {}
+        (StoreKind::Sqlite, Some(_)) => out.push(p(
+            "store.postgres",
+            "[store.postgres] is set but store.kind is `sqlite`, so it would be ignored",
+            "set store.kind = \"postgres\" to use it, or remove [store.postgres]",
+        )),
+        (StoreKind::Postgres, None) => out.push(p(
+            "store.postgres.url",
+            "store.kind is `postgres` but no database URL is set",
+            "add [store.postgres] with url = \"postgres://USER@HOST:5432/DATABASE\" \
+             (or set IOTGW_STORE__POSTGRES__URL)",
+        )),
+        (StoreKind::Postgres, Some(pg)) => {
+            crate::postgres::validate("store.postgres", pg, &mut out);
+        }
+    }
+    if c.store.kind == StoreKind::Sqlite && c.store.path.trim().is_empty() {
         out.push(p(
             "store.path",
             "the SQLite path is empty",
@@ -448,6 +465,35 @@ mod tests {
         assert!(probs.iter().any(|x| x.path == "api.token"), "{probs:?}");
         c.api.token = Some(Secret::new("0123456789abcdef0123"));
         assert!(validate(&c, &["mqtt"]).is_empty());
+    }
+
+    #[test]
+    fn a_postgres_store_needs_its_section_and_names_each_bad_key() {
+        let mut c = Config::embedded_default();
+        c.store.kind = StoreKind::Postgres;
+        let probs = validate(&c, &["mqtt"]);
+        assert_eq!(probs.len(), 1, "{probs:?}");
+        assert_eq!(probs[0].path, "store.postgres.url");
+        assert!(probs[0].fix.contains("IOTGW_STORE__POSTGRES__URL"));
+
+        let pg: crate::PostgresStoreConfig = toml::from_str(
+            "url = \"postgres://iotgw:hunter2@db:5432/iotgw\"\ntls_mode = \"verify-full\"",
+        )
+        .expect("section");
+        assert_eq!(pg.pool_size, 10, "defaults apply");
+        c.store.postgres = Some(pg);
+        assert!(validate(&c, &["mqtt"]).is_empty());
+        let shown = toml::to_string(&c.store).expect("show");
+        assert!(
+            shown.contains("postgres://iotgw:<redacted>@db:5432/iotgw")
+                && !shown.contains("hunter2"),
+            "{shown}"
+        );
+
+        c.store.kind = StoreKind::Sqlite;
+        let probs = validate(&c, &["mqtt"]);
+        assert_eq!(probs.len(), 1, "{probs:?}");
+        assert_eq!(probs[0].path, "store.postgres");
     }
 
     #[test]
