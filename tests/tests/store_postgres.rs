@@ -48,6 +48,10 @@ fn races() -> Vec<(&'static str, fn() -> CaseFuture)> {
             "a_wrong_password_is_a_clear_error_that_never_shows_the_secret",
             || Box::pin(a_wrong_password_is_a_clear_error_that_never_shows_the_secret()),
         ),
+        (
+            "a_gateway_waits_for_postgres_and_becomes_ready_when_it_answers",
+            || Box::pin(a_gateway_waits_for_postgres_and_becomes_ready_when_it_answers()),
+        ),
     ]
 }
 
@@ -336,5 +340,54 @@ async fn a_wrong_password_is_a_clear_error_that_never_shows_the_secret() -> anyh
         Err(e) => e.to_string(),
     };
     anyhow::ensure!(!err.contains(secret), "the error shows the secret: {err}");
+    Ok(())
+}
+
+/// The gateway starts while its database is down: it keeps trying (not ready: its API
+/// does not listen yet) and becomes ready once PostgreSQL answers.
+async fn a_gateway_waits_for_postgres_and_becomes_ready_when_it_answers() -> anyhow::Result<()> {
+    use iotgw::app::{self, StartOptions};
+    use iotgw_config::{Config, DatabaseUrl, PostgresStoreConfig, PostgresTlsMode, StoreKind};
+
+    let pg = Postgres::dedicated().await?;
+    pg.wait_ready().await?;
+    let url = pg.create_database("gateway_waits").await?;
+    pg.container().stop(0).await?;
+
+    let mut config = Config::default();
+    config.store.kind = StoreKind::Postgres;
+    config.store.postgres = Some(PostgresStoreConfig {
+        url: DatabaseUrl::new(url),
+        password: None,
+        pool_size: 4,
+        statement_timeout_ms: 30_000,
+        connect_timeout_secs: 2,
+        tls_mode: PostgresTlsMode::Disable,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut start = tokio::spawn(app::start(
+        config,
+        StartOptions {
+            api_listener: Some(listener),
+        },
+    ));
+    anyhow::ensure!(
+        tokio::time::timeout(Duration::from_secs(3), &mut start)
+            .await
+            .is_err(),
+        "the gateway started (or gave up) while its database was down"
+    );
+    pg.container().start_again().await?;
+    pg.wait_ready().await?;
+    let running = tokio::time::timeout(Duration::from_secs(90), start)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("the gateway was not up 90 s after PostgreSQL returned")
+        })???;
+    let ready = reqwest::get(format!("http://{addr}/ready")).await?;
+    anyhow::ensure!(ready.status() == 200, "/ready: {}", ready.status());
+    running.stop(Duration::from_secs(2)).await;
+    pg.remove().await;
     Ok(())
 }

@@ -203,35 +203,51 @@ impl PostgresStore {
     /// migrations under sqlx's migration lock.
     pub async fn connect(options: &PostgresOptions) -> StoreResult<Self> {
         let connect = options.connect_options()?;
+        // One connection first, outside the pool: a pool that cannot connect only says
+        // that it timed out, and the reason (refused, unknown host, wrong password, TLS)
+        // is what an operator needs.
+        let classify = |e: sqlx::Error| {
+            let why = options.scrub(&e.to_string());
+            let code = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .unwrap_or_default();
+            // 28P01: wrong password; 28000: no pg_hba.conf entry / role cannot log in.
+            // Waiting does not fix these: say so, never with the secret.
+            if code == "28P01" || code == "28000" {
+                StoreError::Invalid {
+                    field: "password",
+                    message: format!(
+                        "PostgreSQL at {} refused the login: {why}: check the user and \
+                         store.postgres.password (or the URL's password) and the server's pg_hba.conf",
+                        options.display_url()
+                    ),
+                }
+            } else {
+                StoreError::Database(format!(
+                    "connecting to PostgreSQL at {}: {why}",
+                    options.display_url()
+                ))
+            }
+        };
+        let first = tokio::time::timeout(
+            options.connect_timeout,
+            sqlx::ConnectOptions::connect(&connect),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Database(format!(
+                "connecting to PostgreSQL at {}: no answer within {:?}",
+                options.display_url(),
+                options.connect_timeout
+            ))
+        })?
+        .map_err(classify)?;
+        let _: Result<(), _> = sqlx::Connection::close(first).await;
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size.max(1))
             .acquire_timeout(options.connect_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(|e| {
-                let why = options.scrub(&e.to_string());
-                let code = e
-                    .as_database_error()
-                    .and_then(|d| d.code())
-                    .unwrap_or_default();
-                // 28P01: wrong password; 28000: no pg_hba.conf entry / role cannot log in.
-                // Waiting does not fix these: say so, never with the secret.
-                if code == "28P01" || code == "28000" {
-                    StoreError::Invalid {
-                        field: "password",
-                        message: format!(
-                            "PostgreSQL at {} refused the login: {why}: check the user and \
-                             store.postgres.password (or the URL's password) and the server's pg_hba.conf",
-                            options.display_url()
-                        ),
-                    }
-                } else {
-                    StoreError::Database(format!(
-                        "connecting to PostgreSQL at {}: {why}",
-                        options.display_url()
-                    ))
-                }
-            })?;
+            .connect_lazy_with(connect);
         let migrator = Migrator::new(EmbeddedMigrations)
             .await
             .map_err(|e| StoreError::Database(format!("loading the embedded migrations: {e}")))?;
