@@ -121,6 +121,9 @@ macro_rules! conformance_tests {
     };
 }
 
+/// A scenario's future, borrowing the store it runs on.
+pub type ScenarioFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// One scenario as data, for a runner that is not libtest (the PostgreSQL suite in
 /// `tests/`, which shares one container and needs its own skip policy).
 #[derive(Clone, Copy)]
@@ -128,10 +131,7 @@ pub struct Scenario {
     /// The scenario's function name.
     pub name: &'static str,
     /// Runs it on a fresh, empty store.
-    pub run: for<'a> fn(
-        &'a dyn Store,
-    )
-        -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>,
+    pub run: for<'a> fn(&'a dyn Store) -> ScenarioFuture<'a>,
 }
 
 impl std::fmt::Debug for Scenario {

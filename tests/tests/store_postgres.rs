@@ -27,12 +27,15 @@ const PARALLEL: usize = 4;
 
 type CaseFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
 
+/// A case that is not a conformance scenario.
+type Race = fn() -> CaseFuture;
+
 enum Case {
     Scenario(iotgw_registry::conformance::Scenario),
-    Race(fn() -> CaseFuture),
+    Race(Race),
 }
 
-fn races() -> Vec<(&'static str, fn() -> CaseFuture)> {
+fn races() -> Vec<(&'static str, Race)> {
     vec![
         (
             "two_replicas_committing_alerts_of_one_device_at_once_make_one_primary",

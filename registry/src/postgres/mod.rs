@@ -147,9 +147,7 @@ impl PostgresOptions {
     /// `text` with the password (from the URL or the options) replaced by `<redacted>`.
     fn scrub(&self, text: &str) -> String {
         let mut out = text.to_owned();
-        let from_url = PgConnectOptions::from_str(&self.url)
-            .ok()
-            .and_then(|_| url_password(&self.url));
+        let from_url = url_password(&self.url);
         for secret in self.password.iter().cloned().chain(from_url) {
             if !secret.is_empty() {
                 out = out.replace(&secret, "<redacted>");
