@@ -11,6 +11,7 @@
 //!   [`azure_iot_hub`], [`sinks`], [`store`].
 //! - [`load`]: loading, every problem collected at once with its key path, its source and
 //!   a fix.
+//! - [`postgres`]: the PostgreSQL store's settings and the URL that hides its password.
 //! - [`validate`]: the checks that serde cannot express (references, addresses, templates).
 //!
 //! This crate knows the shape of each provider's settings but nothing of how they run.
@@ -22,6 +23,7 @@ pub mod gcp_pubsub;
 pub mod load;
 pub mod model;
 pub mod mqtt;
+pub mod postgres;
 pub mod sinks;
 pub mod store;
 pub mod validate;
@@ -32,3 +34,4 @@ pub use base::{Problem, Secret};
 pub use gcp_pubsub::GcpPubSubConfig;
 pub use load::{load, ConfigError, LoadOptions};
 pub use model::*;
+pub use postgres::{DatabaseUrl, PostgresStoreConfig, PostgresTlsMode};

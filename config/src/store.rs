@@ -8,10 +8,13 @@ use crate::base::Problem;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite` (embedded file).
+    /// `sqlite` (embedded file, the default) or `postgres` (a shared database, for several
+    /// replicas; set `[store.postgres]`).
     pub kind: StoreKind,
     /// SQLite database file; its directory is created when missing.
     pub path: String,
+    /// The PostgreSQL store (`kind = "postgres"`): URL, pool, timeouts, TLS.
+    pub postgres: Option<crate::postgres::PostgresStoreConfig>,
 }
 
 impl Default for StoreConfig {
@@ -19,6 +22,7 @@ impl Default for StoreConfig {
         Self {
             kind: StoreKind::Sqlite,
             path: "data/iotgw.db".into(),
+            postgres: None,
         }
     }
 }
@@ -29,11 +33,30 @@ impl Default for StoreConfig {
 pub enum StoreKind {
     /// SQLite file in WAL mode.
     Sqlite,
+    /// PostgreSQL, shared by several replicas (`[store.postgres]`).
+    Postgres,
 }
 
 /// The checks serde cannot express for `[store]`.
 pub(crate) fn validate(c: &StoreConfig, out: &mut Vec<Problem>) {
-    if c.path.trim().is_empty() {
+    match (c.kind, &c.postgres) {
+        (StoreKind::Sqlite, None) => {}
+        (StoreKind::Sqlite, Some(_)) => out.push(Problem::new(
+            "store.postgres",
+            "[store.postgres] is set but store.kind is `sqlite`, so it would be ignored",
+            "set store.kind = \"postgres\" to use it, or remove [store.postgres]",
+        )),
+        (StoreKind::Postgres, None) => out.push(Problem::new(
+            "store.postgres.url",
+            "store.kind is `postgres` but no database URL is set",
+            "add [store.postgres] with url = \"postgres://USER@HOST:5432/DATABASE\" \
+             (or set IOTGW_STORE__POSTGRES__URL)",
+        )),
+        (StoreKind::Postgres, Some(pg)) => {
+            crate::postgres::validate("store.postgres", pg, out);
+        }
+    }
+    if c.kind == StoreKind::Sqlite && c.path.trim().is_empty() {
         out.push(Problem::new(
             "store.path",
             "the SQLite path is empty",

@@ -343,6 +343,35 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_store_needs_its_section_and_names_each_bad_key() {
+        let mut c = Config::embedded_default();
+        c.store.kind = StoreKind::Postgres;
+        let probs = validate(&c, &["mqtt"]);
+        assert_eq!(probs.len(), 1, "{probs:?}");
+        assert_eq!(probs[0].path, "store.postgres.url");
+        assert!(probs[0].fix.contains("IOTGW_STORE__POSTGRES__URL"));
+
+        let pg: crate::PostgresStoreConfig = toml::from_str(
+            "url = \"postgres://iotgw:hunter2@db:5432/iotgw\"\ntls_mode = \"verify-full\"",
+        )
+        .expect("section");
+        assert_eq!(pg.pool_size, 10, "defaults apply");
+        c.store.postgres = Some(pg);
+        assert!(validate(&c, &["mqtt"]).is_empty());
+        let shown = toml::to_string(&c.store).expect("show");
+        assert!(
+            shown.contains("postgres://iotgw:<redacted>@db:5432/iotgw")
+                && !shown.contains("hunter2"),
+            "{shown}"
+        );
+
+        c.store.kind = StoreKind::Sqlite;
+        let probs = validate(&c, &["mqtt"]);
+        assert_eq!(probs.len(), 1, "{probs:?}");
+        assert_eq!(probs[0].path, "store.postgres");
+    }
+
+    #[test]
     fn group_commit_sizes_outside_their_ranges_are_refused_with_the_key() {
         let mut c = Config::embedded_default();
         assert!(validate(&c, &["mqtt"]).is_empty());

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use iotgw_config::{Config, ProviderConfig};
+use iotgw_config::{Config, PostgresStoreConfig, PostgresTlsMode, ProviderConfig, StoreKind};
 use iotgw_providers::{Provider, ProviderEvent};
-use iotgw_registry::{SqliteStore, Store};
+use iotgw_registry::{PostgresOptions, PostgresStore, SqliteStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
@@ -95,17 +95,83 @@ pub struct RunningGateway {
     broker: Option<(crate::broker::EmbeddedBroker, Vec<String>)>,
 }
 
-/// Opens the configured store.
+/// Opens the configured store (`store.kind`).
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let path = Path::new(&cfg.store.path);
-    let store = SqliteStore::open(path).await.with_context(|| {
-        format!(
-            "opening the SQLite store at {} (store.path)",
-            path.display()
-        )
-    })?;
-    tracing::info!(path = %path.display(), "store open (SQLite, WAL)");
-    Ok(Arc::new(store))
+    match (cfg.store.kind, &cfg.store.postgres) {
+        (StoreKind::Postgres, Some(pg)) => open_postgres(pg).await,
+        (StoreKind::Postgres, None) => anyhow::bail!(
+            "store.kind is `postgres` but [store.postgres] is missing: set store.postgres.url \
+             (or IOTGW_STORE__POSTGRES__URL)"
+        ),
+        (StoreKind::Sqlite, _) => {
+            let path = Path::new(&cfg.store.path);
+            let store = SqliteStore::open(path).await.with_context(|| {
+                format!(
+                    "opening the SQLite store at {} (store.path)",
+                    path.display()
+                )
+            })?;
+            tracing::info!(path = %path.display(), "store open (SQLite, WAL)");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// What the store needs from `[store.postgres]`.
+pub fn postgres_options(pg: &PostgresStoreConfig) -> PostgresOptions {
+    use iotgw_registry::postgres::PgSslMode;
+    let mut o = PostgresOptions::new(pg.url.expose());
+    o.password = pg.password.as_ref().map(|p| p.expose().to_owned());
+    o.pool_size = pg.pool_size;
+    o.statement_timeout = Duration::from_millis(pg.statement_timeout_ms);
+    o.connect_timeout = Duration::from_secs(pg.connect_timeout_secs);
+    o.tls = Some(match pg.tls_mode {
+        PostgresTlsMode::Disable => PgSslMode::Disable,
+        PostgresTlsMode::Prefer => PgSslMode::Prefer,
+        PostgresTlsMode::Require => PgSslMode::Require,
+        PostgresTlsMode::VerifyCa => PgSslMode::VerifyCa,
+        PostgresTlsMode::VerifyFull => PgSslMode::VerifyFull,
+    });
+    o
+}
+
+/// Longest pause between two attempts to reach PostgreSQL at start.
+const POSTGRES_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Connects to PostgreSQL (and migrates), retrying with backoff while it does not answer:
+/// the gateway is not ready meanwhile (nothing listens yet, so `/ready` fails), and each
+/// attempt logs the URL without its password. A refusal that waiting cannot fix (a wrong
+/// password, a URL that does not parse) ends the start at once with the reason.
+async fn open_postgres(pg: &PostgresStoreConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let options = postgres_options(pg);
+    let url = options.display_url();
+    let mut pause = Duration::from_millis(500);
+    let mut attempt = 1_u32;
+    loop {
+        match PostgresStore::connect(&options).await {
+            Ok(store) => {
+                tracing::info!(url = %url, pool_size = options.pool_size, attempt, "store open (PostgreSQL)");
+                return Ok(Arc::new(store));
+            }
+            Err(e @ StoreError::Invalid { .. }) => {
+                return Err(anyhow::Error::new(e)).with_context(|| {
+                    format!("opening the PostgreSQL store at {url} (store.postgres)")
+                });
+            }
+            Err(e) => {
+                tracing::warn!(
+                    url = %url,
+                    attempt,
+                    retry_in_ms = pause.as_millis() as u64,
+                    error = %e,
+                    "the PostgreSQL store does not answer; not ready, trying again (check store.postgres.url and that the database runs)"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(POSTGRES_RETRY_MAX);
+                attempt += 1;
+            }
+        }
+    }
 }
 
 /// Starts every part. Returns once the API listens.

@@ -61,7 +61,13 @@ impl<S: Store, G: Send + Sync> Fixture for WithGuard<S, G> {
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:expr) => {
-        $crate::conformance_tests!(@each $make;
+        $crate::conformance_tests! {@with [@each $make;]}
+    };
+    (@scenarios) => {
+        $crate::conformance_tests! {@with [@scenarios]}
+    };
+    (@with [$($head:tt)*]) => {
+        $crate::conformance_tests! {$($head)*
             ping_answers,
             registration_lifecycle_writes_history,
             duplicate_registration_is_a_conflict,
@@ -94,7 +100,15 @@ macro_rules! conformance_tests {
             batch_applies_the_unknown_device_policy_and_lifecycle_writes,
             a_registration_batch_begins_each_device_by_the_single_device_rules,
             a_finishing_batch_registers_or_fails_each_device_on_its_own,
-        );
+        }
+    };
+    (@scenarios $($name:ident),+ $(,)?) => {
+        vec![$(
+            $crate::conformance::Scenario {
+                name: stringify!($name),
+                run: |store| ::std::boxed::Box::pin($crate::conformance::$name(store)),
+            }
+        ),+]
     };
     (@each $make:expr; $($name:ident),+ $(,)?) => {
         $(
@@ -105,6 +119,30 @@ macro_rules! conformance_tests {
             }
         )+
     };
+}
+
+/// A scenario's future, borrowing the store it runs on.
+pub type ScenarioFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// One scenario as data, for a runner that is not libtest (the PostgreSQL suite in
+/// `tests/`, which shares one container and needs its own skip policy).
+#[derive(Clone, Copy)]
+pub struct Scenario {
+    /// The scenario's function name.
+    pub name: &'static str,
+    /// Runs it on a fresh, empty store.
+    pub run: for<'a> fn(&'a dyn Store) -> ScenarioFuture<'a>,
+}
+
+impl std::fmt::Debug for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+/// Every scenario, in file order (the list of [`conformance_tests!`](crate::conformance_tests)).
+pub fn scenarios() -> Vec<Scenario> {
+    crate::conformance_tests!(@scenarios)
 }
 
 // --- helpers -------------------------------------------------------------------------------
@@ -2411,8 +2449,9 @@ mod tests {
         let macro_body = &src[src
             .find("macro_rules! conformance_tests")
             .expect("the macro")..];
-        let macro_body =
-            &macro_body[..macro_body.find("(@each $make:expr").expect("the @each arm")];
+        let macro_body = &macro_body[..macro_body
+            .find("(@scenarios $($name")
+            .expect("the @scenarios arm")];
         let listed: Vec<&str> = macro_body
             .lines()
             .map(|l| l.trim().trim_end_matches(','))

@@ -7,15 +7,20 @@
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
 //! - [`store`]: the [`Store`] trait every backend implements.
 //! - [`error`]: [`StoreError`], shared by the trait and the group-commit types.
+//! - [`decide`]: the store's decisions (debounce, connection-state order, registration
+//!   transitions), written once for every backend.
 //! - [`sqlite`]: the embedded backend (sqlx, WAL, migrations).
+//! - [`postgres`]: the scale-out backend, shared by several replicas.
 //! - [`conformance`]: scenarios every backend must pass.
 //!
 //! This crate knows nothing of clouds or providers: a provider instance is just a name.
 
 pub mod batch;
 pub mod conformance;
+pub mod decide;
 pub mod error;
 pub mod model;
+pub mod postgres;
 pub mod sqlite;
 pub mod store;
 
@@ -23,5 +28,6 @@ pub use batch::{BatchOutcome, BatchWrite, IfUnknown};
 pub use iotgw_ids::device_id as id;
 pub use iotgw_ids::{DeviceId, DeviceIdError, InstanceName, MAX_DEVICE_ID_LEN};
 pub use model::*;
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::SqliteStore;
 pub use store::{Store, StoreError, StoreResult};

@@ -1,7 +1,8 @@
 //! The `Store` trait: the one source of truth for devices, history, commands, alerts, the
 //! outbox and dead letters. Backends implement it and pass the same conformance suite
-//! (`crate::conformance`). SQLite is the only backend today; a PostgreSQL backend for
-//! several replicas is planned, not built.
+//! (`crate::conformance`): SQLite (`crate::sqlite`, the embedded default) and PostgreSQL
+//! (`crate::postgres`, shared by several replicas). What a backend decides is decided in
+//! `crate::decide`, once for both.
 //!
 //! Debounce lives here, inside the telemetry transaction (or the batch transaction of a
 //! group commit), so it sees every alert committed before it.

@@ -353,7 +353,9 @@ proptest! {
 
 /// Starts the whole pipeline (collector, writer, dispatcher) on a fresh store with two
 /// registered devices.
-async fn running(batching: super::Batching) -> (tokio::sync::mpsc::Sender<ProviderEvent>, super::Pipeline) {
+async fn running(
+    batching: super::Batching,
+) -> (tokio::sync::mpsc::Sender<ProviderEvent>, super::Pipeline) {
     let store = memory_store().await;
     registered(store.as_ref(), &["pump-1", "pump-2"]).await;
     let (tx, rx) = tokio::sync::mpsc::channel(64);

@@ -406,15 +406,7 @@ impl Consumer {
     ) -> Result<(), ProviderError> {
         let mut unsaved = Unsaved::default();
         let read = self
-            .read(
-                source,
-                partition,
-                from,
-                key,
-                events,
-                shutdown,
-                &mut unsaved,
-            )
+            .read(source, partition, from, key, events, shutdown, &mut unsaved)
             .await;
         if let Some(offset) = unsaved.take() {
             self.checkpoints.save(key, &offset).await?;
@@ -744,11 +736,17 @@ mod tests {
             u.settled(i.to_string(), t0);
         }
         assert!(!u.due(t0 + Duration::from_millis(999)));
-        assert!(u.due(t0 + CHECKPOINT_INTERVAL), "the oldest unsaved is 1 s old");
+        assert!(
+            u.due(t0 + CHECKPOINT_INTERVAL),
+            "the oldest unsaved is 1 s old"
+        );
         u.settled("last".into(), t0);
         assert!(u.due(t0), "{CHECKPOINT_EVERY} settled since the last save");
         assert_eq!(u.take().as_deref(), Some("last"));
-        assert!(!u.due(t0 + CHECKPOINT_INTERVAL * 2), "taken: nothing unsaved");
+        assert!(
+            !u.due(t0 + CHECKPOINT_INTERVAL * 2),
+            "taken: nothing unsaved"
+        );
         u.settled("next".into(), t0 + CHECKPOINT_INTERVAL * 2);
         assert!(!u.due(t0 + CHECKPOINT_INTERVAL * 2 + Duration::from_millis(10)));
     }

@@ -24,7 +24,7 @@
 //! the others alone; a database failure fails the whole batch, and the caller's transaction
 //! is then rolled back.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
@@ -33,6 +33,7 @@ use super::{
     db, device_from_row, is_unique_violation, json_text, now, parse_ts, write_category,
     SqliteStore, DEVICE_COLS,
 };
+use crate::decide::BeginPlan;
 use crate::model::*;
 use crate::store::{StoreError, StoreResult};
 use crate::DeviceId;
@@ -211,13 +212,6 @@ async fn restart_registration(
     device_from_row(&row)
 }
 
-/// What begin does with one device of the batch.
-enum Plan<'a> {
-    Refused(StoreError),
-    Insert(&'a NewDevice, Texts),
-    Restart(&'a NewDevice, Texts, Box<Device>),
-}
-
 /// Starts registrations on `conn`, inside the caller's write transaction: each device is
 /// inserted as In Progress, or an Unregistered, Unknown or Error one moved back to In
 /// Progress with the new fields; a Registered or In Progress one is a conflict naming its
@@ -228,50 +222,23 @@ async fn begin_on(
     at: &str,
 ) -> StoreResult<Vec<StoreResult<Device>>> {
     let ids: Vec<&DeviceId> = devices.iter().map(|d| &d.device_id).collect();
-    let mut stored = fetch_devices(conn, &ids).await?;
-    let devices = devices.iter().copied();
-    // Decide each device in order, as sequential calls would see them.
-    let mut begun: HashMap<&DeviceId, &str> = HashMap::new();
-    let mut plans = Vec::with_capacity(ids.len());
-    for device in devices {
-        let plan = if let Some(instance) = begun.get(&device.device_id) {
-            Plan::Refused(in_progress_conflict(&device.device_id, instance))
-        } else {
-            match (texts(device), stored.remove(&device.device_id)) {
-                (Err(e), _) => Plan::Refused(e),
-                (Ok(t), None) => Plan::Insert(device, t),
-                (Ok(t), Some(existing)) => match existing.registration_status {
-                    RegistrationStatus::Registered | RegistrationStatus::InProgress => {
-                        Plan::Refused(StoreError::Conflict(format!(
-                            "device {} is already {} on provider instance {}: unregister it first",
-                            existing.device_id,
-                            existing.registration_status.label(),
-                            existing.provider_instance
-                        )))
-                    }
-                    RegistrationStatus::Unregistered
-                    | RegistrationStatus::Unknown
-                    | RegistrationStatus::Error => Plan::Restart(device, t, Box::new(existing)),
-                },
-            }
-        };
-        if matches!(plan, Plan::Insert(..) | Plan::Restart(..)) {
-            begun.insert(&device.device_id, &device.provider_instance);
-        }
-        plans.push(plan);
-    }
-
+    let stored = fetch_devices(conn, &ids).await?;
+    let plans = crate::decide::plan_begin(devices, stored, |d| texts(d).map(|_| ()));
     let mut inserts = Vec::new();
     let mut out: Vec<Option<StoreResult<Device>>> = Vec::with_capacity(plans.len());
     for plan in plans {
         out.push(match plan {
-            Plan::Refused(e) => Some(Err(e)),
-            Plan::Restart(device, t, existing) => Some(Ok(restart_registration(
-                conn, &existing, device, &t, at,
+            BeginPlan::Refused(e) => Some(Err(e)),
+            BeginPlan::Restart(device, existing) => Some(Ok(restart_registration(
+                conn,
+                &existing,
+                device,
+                &texts(device)?,
+                at,
             )
             .await?)),
-            Plan::Insert(device, t) => {
-                inserts.push((device, t));
+            BeginPlan::Insert(device) => {
+                inserts.push((device, texts(device)?));
                 None
             }
         });
@@ -288,13 +255,6 @@ async fn begin_on(
         .collect()
 }
 
-fn in_progress_conflict(id: &DeviceId, instance: &str) -> StoreError {
-    StoreError::Conflict(format!(
-        "device {id} is already {} on provider instance {instance}: unregister it first",
-        RegistrationStatus::InProgress.label()
-    ))
-}
-
 /// Ends registrations on `conn`, inside the caller's write transaction: `Ok(message)` sets
 /// Registered and writes a Register history row, `Err(message)` sets Error with the message
 /// (no history row); an unknown device is `NotFound`.
@@ -305,13 +265,7 @@ async fn finish_on(
 ) -> StoreResult<Vec<StoreResult<Device>>> {
     let mut out: Vec<Option<StoreResult<Device>>> = vec![None; outcomes.len()];
     // Rounds of distinct ids: an id repeated in the batch is applied after its first one.
-    let mut pending: Vec<usize> = (0..outcomes.len()).collect();
-    while !pending.is_empty() {
-        let mut seen = HashSet::new();
-        let (round, later): (Vec<usize>, Vec<usize>) = pending
-            .into_iter()
-            .partition(|&i| seen.insert(&outcomes[i].0));
-        pending = later;
+    for round in crate::decide::finish_rounds(outcomes) {
         for chunk in round.chunks(ROWS_PER_STATEMENT) {
             let mut updated = update_statuses(conn, outcomes, chunk, at).await?;
             let mut history = Vec::new();
@@ -355,10 +309,7 @@ async fn update_statuses(
     let mut qb = QueryBuilder::<Sqlite>::new("WITH v (did, status, message) AS (");
     qb.push_values(chunk, |mut b, &i| {
         let (id, outcome) = &outcomes[i];
-        let (status, message) = match outcome {
-            Ok(message) => (RegistrationStatus::Registered, message.as_deref()),
-            Err(message) => (RegistrationStatus::Error, Some(message.as_str())),
-        };
+        let (status, message) = crate::decide::finish_status(outcome);
         b.push_bind(id.as_str())
             .push_bind(status.value())
             .push_bind(message);

@@ -1,0 +1,37 @@
+//! Stream checkpoints on PostgreSQL.
+
+use super::{db, now, text, PostgresStore};
+use crate::store::StoreResult;
+
+impl PostgresStore {
+    /// See [`crate::Store::load_checkpoint`].
+    pub(super) async fn checkpoint(&self, scope: &str, key: &str) -> StoreResult<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM checkpoints WHERE scope = $1 AND key = $2")
+            .bind(text(scope).as_ref())
+            .bind(text(key).as_ref())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading a checkpoint"))
+    }
+
+    /// See [`crate::Store::save_checkpoint`].
+    pub(super) async fn put_checkpoint(
+        &self,
+        scope: &str,
+        key: &str,
+        value: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO checkpoints (scope, key, value, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )
+        .bind(text(scope).as_ref())
+        .bind(text(key).as_ref())
+        .bind(text(value).as_ref())
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db("saving a checkpoint"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! Devices on PostgreSQL: reads, the unknown-device insert, connection state (ordered by
+//! event time: `crate::decide::connection_applies`), reported properties, last activity,
+//! categories, history and unregistering.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::rows::*;
+use super::{bad_cursor, db, finish_page, jsonb, now, page_size, registration, ts, PostgresStore};
+use crate::decide;
+use crate::model::*;
+use crate::store::{StoreError, StoreResult};
+use crate::DeviceId;
+
+/// SQL for "the later of the stored time and $n".
+fn later_activity(n: usize) -> String {
+    format!("GREATEST(last_activity_time, ${n})")
+}
+
+pub(super) async fn fetch_device(
+    conn: &mut PgConnection,
+    id: &DeviceId,
+) -> StoreResult<Option<Device>> {
+    sqlx::query(&format!(
+        "SELECT {DEVICE_COLS} FROM devices WHERE device_id = $1"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("reading a device"))?
+    .as_ref()
+    .map(device_from_row)
+    .transpose()
+}
+
+pub(super) async fn require_device(conn: &mut PgConnection, id: &DeviceId) -> StoreResult<Device> {
+    fetch_device(conn, id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "device",
+            key: id.to_string(),
+        })
+}
+
+/// Creates the category or updates its description (a missing one keeps the stored one).
+pub(super) async fn write_category(
+    conn: &mut PgConnection,
+    name: &str,
+    description: Option<&str>,
+) -> StoreResult<Category> {
+    if name.trim().is_empty() {
+        return Err(StoreError::Invalid {
+            field: "name",
+            message: "a category needs a name: give one".into(),
+        });
+    }
+    let row = sqlx::query(&format!(
+        "INSERT INTO categories (id, name, description, created_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, categories.description) \
+         RETURNING {CATEGORY_COLS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(super::text(name).as_ref())
+    .bind(description.map(super::text).as_deref())
+    .bind(now())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("writing a category"))?;
+    category_from_row(&row)
+}
+
+/// Applies a connection state unless a newer one is stored; `None` for an unknown device.
+/// The row is locked while deciding, so two replicas cannot both apply out of order.
+pub(super) async fn write_connection_state(
+    conn: &mut PgConnection,
+    id: &DeviceId,
+    connected: bool,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<bool>> {
+    let at = ts(at);
+    let Some(row) = sqlx::query(
+        "SELECT connection_state_updated_at FROM devices WHERE device_id = $1 FOR UPDATE",
+    )
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("reading a connection state"))?
+    else {
+        return Ok(None);
+    };
+    let stored: Option<DateTime<Utc>> = super::get(&row, "connection_state_updated_at")?;
+    let applied = decide::connection_applies(stored, at);
+    let sql = if applied {
+        format!(
+            "UPDATE devices SET connection_state = $4, connection_state_updated_at = $1, \
+             last_activity_time = {}, updated_at = $2 WHERE device_id = $3",
+            later_activity(1)
+        )
+    } else {
+        format!(
+            "UPDATE devices SET last_activity_time = {}, updated_at = $2 WHERE device_id = $3",
+            later_activity(1)
+        )
+    };
+    let query = sqlx::query(&sql);
+    let mut query = query.bind(at).bind(now()).bind(id.as_str());
+    if applied {
+        query = query.bind(connected);
+    }
+    query
+        .execute(&mut *conn)
+        .await
+        .map_err(db("writing a connection state"))?;
+    Ok(Some(applied))
+}
+
+/// Replaces the reported properties; false for an unknown device.
+pub(super) async fn write_reported(
+    conn: &mut PgConnection,
+    id: &DeviceId,
+    reported: &serde_json::Value,
+    at: DateTime<Utc>,
+) -> StoreResult<bool> {
+    let done = sqlx::query(&format!(
+        "UPDATE devices SET reported_properties = $1, last_activity_time = {}, \
+         updated_at = $3 WHERE device_id = $4",
+        later_activity(2)
+    ))
+    .bind(jsonb(reported))
+    .bind(ts(at))
+    .bind(now())
+    .bind(id.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(db("writing reported properties"))?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Inserts a device seen only in telemetry (status Unknown) unless it exists.
+pub(super) async fn insert_unknown_device(
+    conn: &mut PgConnection,
+    id: &DeviceId,
+    provider_instance: &str,
+) -> StoreResult<()> {
+    let at = now();
+    sqlx::query(
+        "INSERT INTO devices (id, device_id, name, provider_instance, connection_state, tags, \
+         registration_status, is_simulated, created_at, updated_at) \
+         VALUES ($1, $2, $2, $3, FALSE, '{}', $4, $5, $6, $6) ON CONFLICT (device_id) DO NOTHING",
+    )
+    .bind(Uuid::now_v7())
+    .bind(id.as_str())
+    .bind(super::text(provider_instance).as_ref())
+    .bind(RegistrationStatus::Unknown.value())
+    .bind(IsSimulated::No.value())
+    .bind(at)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("inserting an unknown device"))?;
+    Ok(())
+}
+
+/// Bumps a device's last activity to `at` unless a later time is stored.
+pub(super) async fn bump_activity(
+    conn: &mut PgConnection,
+    device: &Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(&format!(
+        "UPDATE devices SET last_activity_time = {}, updated_at = $2 WHERE id = $3",
+        later_activity(1)
+    ))
+    .bind(ts(at))
+    .bind(now())
+    .bind(device)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("bumping last activity"))?;
+    Ok(())
+}
+
+impl PostgresStore {
+    /// See [`crate::Store::mark_unregistered`].
+    pub(super) async fn unregister(
+        &self,
+        id: &DeviceId,
+        message: Option<String>,
+    ) -> StoreResult<Device> {
+        let mut tx = self.write().await?;
+        registration::take_turn(&mut tx).await?;
+        let existing = require_device(&mut tx, id).await?;
+        if let Some(refused) = decide::unregister_refusal(&existing) {
+            return Err(refused);
+        }
+        let at = now();
+        let row = sqlx::query(&format!(
+            "UPDATE devices SET registration_status = $1, registration_message = $2, updated_at = $3 \
+             WHERE id = $4 RETURNING {DEVICE_COLS}"
+        ))
+        .bind(RegistrationStatus::Unregistered.value())
+        .bind(message.as_deref().map(super::text).as_deref())
+        .bind(at)
+        .bind(existing.id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("unregistering a device"))?;
+        let device = device_from_row(&row)?;
+        registration::insert_history(&mut tx, &[(&device, RegistrationAction::Unregister)], at)
+            .await?;
+        tx.commit()
+            .await
+            .map_err(db("committing an unregistration"))?;
+        Ok(device)
+    }
+
+    /// See [`crate::Store::list_devices`].
+    pub(super) async fn devices_page(
+        &self,
+        filter: &DeviceFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Device>> {
+        let size = page_size(page);
+        let mut qb =
+            QueryBuilder::<Postgres>::new(format!("SELECT {DEVICE_COLS} FROM devices WHERE 1 = 1"));
+        if let Some(after) = &page.after {
+            let after = DeviceId::parse(after).map_err(|_| bad_cursor(after))?;
+            qb.push(" AND device_id > ")
+                .push_bind(after.as_str().to_owned());
+        }
+        if let Some(p) = &filter.provider_instance {
+            qb.push(" AND provider_instance = ").push_bind(p.clone());
+        }
+        if let Some(c) = &filter.category {
+            qb.push(" AND category = ").push_bind(c.clone());
+        }
+        if let Some(s) = filter.registration_status {
+            qb.push(" AND registration_status = ").push_bind(s.value());
+        }
+        if let Some(connected) = filter.connected {
+            qb.push(" AND connection_state = ").push_bind(connected);
+        }
+        qb.push(" ORDER BY device_id LIMIT ")
+            .push_bind(size as i64 + 1);
+        let rows = qb
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing devices"))?;
+        let items = rows
+            .iter()
+            .map(device_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(finish_page(items, size, |d| d.device_id.to_string()))
+    }
+
+    /// See [`crate::Store::history`].
+    pub(super) async fn device_history(
+        &self,
+        id: &DeviceId,
+    ) -> StoreResult<Vec<RegistrationHistory>> {
+        let mut conn = self.conn().await?;
+        let device = require_device(&mut conn, id).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {HISTORY_COLS} FROM registration_history WHERE device = $1 ORDER BY created_at, id"
+        ))
+        .bind(device.id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db("reading registration history"))?;
+        rows.iter().map(history_from_row).collect()
+    }
+
+    /// See [`crate::Store::list_categories`].
+    pub(super) async fn categories(&self) -> StoreResult<Vec<Category>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CATEGORY_COLS} FROM categories ORDER BY name COLLATE \"C\""
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing categories"))?;
+        rows.iter().map(category_from_row).collect()
+    }
+}

@@ -1,0 +1,201 @@
+//! The outbox and the dead letters on PostgreSQL. A claim takes due, unleased items with
+//! `FOR UPDATE SKIP LOCKED`, so two replicas claiming at once never lease the same item.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
+
+use super::rows::*;
+use super::{
+    bad_cursor, db, finish_page, get, now, page_size, parse_time_cursor, text, time_cursor, ts,
+    PostgresStore, MAX_PAGE,
+};
+use crate::model::*;
+use crate::store::{StoreError, StoreResult};
+
+pub(super) async fn write_dead_letter(
+    conn: &mut PgConnection,
+    letter: &NewDeadLetter,
+) -> StoreResult<DeadLetter> {
+    let row = sqlx::query(&format!(
+        "INSERT INTO dead_letters (source, reason, device_id, message_id, payload, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {DEAD_LETTER_COLS}"
+    ))
+    .bind(text(&letter.source).as_ref())
+    .bind(text(&letter.reason).as_ref())
+    .bind(letter.device_id.as_deref().map(text).as_deref())
+    .bind(letter.message_id.as_deref().map(text).as_deref())
+    .bind(text(&letter.payload).as_ref())
+    .bind(now())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("writing a dead letter"))?;
+    dead_letter_from_row(&row)
+}
+
+impl PostgresStore {
+    /// See [`crate::Store::claim_outbox`].
+    pub(super) async fn claim(
+        &self,
+        sink: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxItem>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&format!(
+            "UPDATE outbox SET leased_until = $1 WHERE id IN (\
+                SELECT id FROM outbox WHERE sink = $2 AND next_attempt_at <= $3 \
+                AND (leased_until IS NULL OR leased_until <= $3) ORDER BY id LIMIT $4 \
+                FOR UPDATE SKIP LOCKED) \
+             RETURNING {OUTBOX_COLS}"
+        ))
+        .bind(ts(lease_until))
+        .bind(sink)
+        .bind(ts(now))
+        .bind(i64::from(limit.min(MAX_PAGE)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claiming outbox items"))?;
+        let mut items = rows
+            .iter()
+            .map(outbox_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        items.sort_by_key(|i| i.id);
+        Ok(items)
+    }
+
+    /// See [`crate::Store::outbox_delivered`].
+    pub(super) async fn delivered(&self, id: i64) -> StoreResult<()> {
+        // Deleting an item that is already gone (another replica delivered it after our
+        // lease ran out) is fine: delivered is delivered.
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db("removing a delivered outbox item"))?;
+        Ok(())
+    }
+
+    /// See [`crate::Store::outbox_retry`].
+    pub(super) async fn retry(
+        &self,
+        id: i64,
+        next_attempt_at: DateTime<Utc>,
+        error: &str,
+    ) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2, \
+             leased_until = NULL WHERE id = $3",
+        )
+        .bind(ts(next_attempt_at))
+        .bind(text(error).as_ref())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording an outbox retry"))?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound {
+                entity: "outbox item",
+                key: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// See [`crate::Store::outbox_dead_letter`].
+    pub(super) async fn dead_letter_item(&self, id: i64, reason: &str) -> StoreResult<()> {
+        let mut tx = self.write().await?;
+        let row = sqlx::query(
+            "SELECT sink, payload, idempotency_key FROM outbox WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("reading an outbox item"))?
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "outbox item",
+            key: id.to_string(),
+        })?;
+        let sink: String = get(&row, "sink")?;
+        let payload: serde_json::Value = get(&row, "payload")?;
+        let key: String = get(&row, "idempotency_key")?;
+        let device_id = payload
+            .get("msdyn_deviceid")
+            .and_then(|d| d.as_str())
+            .map(str::to_owned);
+        let payload = serde_json::to_string(&payload)
+            .map_err(|e| StoreError::Database(format!("outbox item {id} payload: {e}")))?;
+        sqlx::query(
+            "INSERT INTO dead_letters (source, reason, device_id, message_id, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(format!("sink:{sink}"))
+        .bind(text(reason).as_ref())
+        .bind(&device_id)
+        .bind(&key)
+        .bind(&payload)
+        .bind(now())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("writing a dead letter"))?;
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("removing a dead outbox item"))?;
+        tx.commit().await.map_err(db("committing a dead letter"))?;
+        Ok(())
+    }
+
+    /// See [`crate::Store::outbox_depth`].
+    pub(super) async fn depth(&self) -> StoreResult<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT sink, COUNT(*) AS depth FROM outbox GROUP BY sink ORDER BY sink COLLATE \"C\"",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting outbox items"))?;
+        rows.iter()
+            .map(|row| {
+                let depth: i64 = get(row, "depth")?;
+                Ok((get(row, "sink")?, u64::try_from(depth).unwrap_or_default()))
+            })
+            .collect()
+    }
+
+    /// See [`crate::Store::list_dead_letters`].
+    pub(super) async fn dead_letters_page(
+        &self,
+        page: &PageRequest,
+    ) -> StoreResult<Page<DeadLetter>> {
+        let size = page_size(page);
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {DEAD_LETTER_COLS} FROM dead_letters WHERE 1 = 1"
+        ));
+        if let Some(after) = &page.after {
+            let (time, id) = parse_time_cursor(after)?;
+            let id: i64 = id.parse().map_err(|_| bad_cursor(after))?;
+            qb.push(" AND (created_at, id) < (")
+                .push_bind(time)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(size as i64 + 1);
+        let rows = qb
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing dead letters"))?;
+        let items = rows
+            .iter()
+            .map(dead_letter_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(finish_page(items, size, |d| {
+            time_cursor(d.created_at, &d.id.to_string())
+        }))
+    }
+}

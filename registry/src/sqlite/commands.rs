@@ -1,0 +1,173 @@
+//! Commands on SQLite.
+
+use super::*;
+
+pub(super) async fn insert_command_row(
+    conn: &mut SqliteConnection,
+    device: &Device,
+    name: &str,
+    message: &str,
+    parent_alert: Option<Uuid>,
+    correlation_id: &str,
+) -> StoreResult<Command> {
+    let at = now();
+    let row = sqlx::query(&format!(
+        "INSERT INTO commands (id, name, message, status, status_reason, device, device_id, \
+         parent_alert, correlation_id, provider_instance, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?) RETURNING {COMMAND_COLS}"
+    ))
+    .bind(Uuid::now_v7().to_string())
+    .bind(name)
+    .bind(message)
+    .bind(CommandStatus::InProgress.value())
+    .bind(device.id.to_string())
+    .bind(device.device_id.as_str())
+    .bind(parent_alert.map(|u| u.to_string()))
+    .bind(correlation_id)
+    .bind(&device.provider_instance)
+    .bind(&at)
+    .bind(&at)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(format!(
+                "a command with correlation id {correlation_id:?} already exists: use a new correlation id"
+            ))
+        } else {
+            db("inserting a command")(e)
+        }
+    })?;
+    command_from_row(&row)
+}
+
+impl SqliteStore {
+    /// See [`crate::Store::insert_command`].
+    pub(super) async fn new_command(&self, command: &NewCommand) -> StoreResult<Command> {
+        check_command_message(&command.message)?;
+        let mut tx = self.write().await?;
+        let device = require_device(&mut tx, &command.device_id).await?;
+        if let Some(parent) = command.parent_alert {
+            let found = sqlx::query("SELECT id FROM alerts WHERE id = ?")
+                .bind(parent.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("looking up a parent alert"))?;
+            if found.is_none() {
+                return Err(StoreError::NotFound {
+                    entity: "alert",
+                    key: parent.to_string(),
+                });
+            }
+        }
+        let stored = insert_command_row(
+            &mut tx,
+            &device,
+            &command.name,
+            &command.message,
+            command.parent_alert,
+            &command.correlation_id,
+        )
+        .await?;
+        tx.commit().await.map_err(db("committing a command"))?;
+        Ok(stored)
+    }
+
+    /// See [`crate::Store::set_command_status`].
+    pub(super) async fn command_status(
+        &self,
+        id: Uuid,
+        status: CommandStatus,
+        reason: Option<String>,
+    ) -> StoreResult<Command> {
+        let row = sqlx::query(&format!(
+            "UPDATE commands SET status = ?, status_reason = ?, updated_at = ? WHERE id = ? RETURNING {COMMAND_COLS}"
+        ))
+        .bind(status.value())
+        .bind(&reason)
+        .bind(now())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("setting a command status"))?
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "command",
+            key: id.to_string(),
+        })?;
+        command_from_row(&row)
+    }
+
+    /// See [`crate::Store::get_command`].
+    pub(super) async fn command(&self, id: Uuid) -> StoreResult<Option<Command>> {
+        sqlx::query(&format!("SELECT {COMMAND_COLS} FROM commands WHERE id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("reading a command"))?
+            .as_ref()
+            .map(command_from_row)
+            .transpose()
+    }
+
+    /// See [`crate::Store::get_command_by_correlation`].
+    pub(super) async fn command_by_correlation(
+        &self,
+        correlation_id: &str,
+    ) -> StoreResult<Option<Command>> {
+        sqlx::query(&format!(
+            "SELECT {COMMAND_COLS} FROM commands WHERE correlation_id = ?"
+        ))
+        .bind(correlation_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a command"))?
+        .as_ref()
+        .map(command_from_row)
+        .transpose()
+    }
+
+    /// See [`crate::Store::list_commands`].
+    pub(super) async fn commands_page(
+        &self,
+        filter: &CommandFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Command>> {
+        let size = page_size(page);
+        let mut qb =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {COMMAND_COLS} FROM commands WHERE 1 = 1"));
+        if let Some(after) = &page.after {
+            let (time, id) = parse_time_cursor(after)?;
+            qb.push(" AND (created_at, id) < (")
+                .push_bind(time)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        if let Some(d) = &filter.device_id {
+            qb.push(" AND device_id = ")
+                .push_bind(d.as_str().to_owned());
+        }
+        if let Some(s) = filter.status {
+            qb.push(" AND status = ").push_bind(s.value());
+        }
+        if let Some(p) = filter.parent_alert {
+            qb.push(" AND parent_alert = ").push_bind(p.to_string());
+        }
+        qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(size as i64 + 1);
+        let rows = qb
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing commands"))?;
+        let items = rows
+            .iter()
+            .map(command_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(finish_page(items, size, |c| {
+            time_cursor(c.created_at, &c.id.to_string())
+        }))
+    }
+
+    // --- outbox and dead letters ---------------------------------------------------------
+}

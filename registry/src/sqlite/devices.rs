@@ -1,0 +1,279 @@
+//! Devices on SQLite: reads, the unknown-device insert, connection state (ordered by event
+//! time: `crate::decide::connection_applies`), reported properties, last activity,
+//! categories, history and unregistering.
+
+use super::*;
+
+/// SQL for "the later of the stored time and this one".
+pub(super) const LATER_ACTIVITY: &str =
+    "CASE WHEN last_activity_time IS NULL OR last_activity_time < ? THEN ? ELSE last_activity_time END";
+
+pub(super) async fn fetch_device(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+) -> StoreResult<Option<Device>> {
+    sqlx::query(&format!(
+        "SELECT {DEVICE_COLS} FROM devices WHERE device_id = ?"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("reading a device"))?
+    .as_ref()
+    .map(device_from_row)
+    .transpose()
+}
+
+pub(super) async fn require_device(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+) -> StoreResult<Device> {
+    fetch_device(conn, id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "device",
+            key: id.to_string(),
+        })
+}
+
+pub(super) async fn write_category(
+    conn: &mut SqliteConnection,
+    name: &str,
+    description: Option<&str>,
+) -> StoreResult<Category> {
+    if name.trim().is_empty() {
+        return Err(StoreError::Invalid {
+            field: "name",
+            message: "a category needs a name: give one".into(),
+        });
+    }
+    let row = sqlx::query(&format!(
+        "INSERT INTO categories (id, name, description, created_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, categories.description) \
+         RETURNING {CATEGORY_COLS}"
+    ))
+    .bind(Uuid::now_v7().to_string())
+    .bind(name)
+    .bind(description)
+    .bind(now())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("writing a category"))?;
+    category_from_row(&row)
+}
+
+pub(super) async fn write_connection_state(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    connected: bool,
+    at: DateTime<Utc>,
+) -> StoreResult<Option<bool>> {
+    let at = ts(at);
+    let Some(row) =
+        sqlx::query("SELECT connection_state_updated_at FROM devices WHERE device_id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db("reading a connection state"))?
+    else {
+        return Ok(None);
+    };
+    let stored = get::<Option<String>>(&row, "connection_state_updated_at")?
+        .map(|raw| parse_ts(&raw, "connection_state_updated_at"))
+        .transpose()?;
+    let applied = crate::decide::connection_applies(stored, parse_ts(&at, "at")?);
+    let sql = if applied {
+        format!(
+            "UPDATE devices SET connection_state = ?, connection_state_updated_at = ?, \
+             last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE device_id = ?"
+        )
+    } else {
+        format!(
+            "UPDATE devices SET last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE device_id = ?"
+        )
+    };
+    let mut query = sqlx::query(&sql);
+    if applied {
+        query = query.bind(connected).bind(&at);
+    }
+    query
+        .bind(&at)
+        .bind(&at)
+        .bind(now())
+        .bind(id.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(db("writing a connection state"))?;
+    Ok(Some(applied))
+}
+
+pub(super) async fn write_reported(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    reported: &serde_json::Value,
+    at: DateTime<Utc>,
+) -> StoreResult<bool> {
+    let reported = json_text(reported, "reported_properties")?;
+    let at = ts(at);
+    let done = sqlx::query(&format!(
+        "UPDATE devices SET reported_properties = ?, last_activity_time = {LATER_ACTIVITY}, \
+         updated_at = ? WHERE device_id = ?"
+    ))
+    .bind(&reported)
+    .bind(&at)
+    .bind(&at)
+    .bind(now())
+    .bind(id.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(db("writing reported properties"))?;
+    Ok(done.rows_affected() > 0)
+}
+
+pub(super) async fn insert_unknown_device(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    provider_instance: &str,
+) -> StoreResult<()> {
+    let at = now();
+    sqlx::query(
+        "INSERT INTO devices (id, device_id, name, provider_instance, connection_state, tags, \
+         registration_status, is_simulated, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, FALSE, '{}', ?, ?, ?, ?) ON CONFLICT (device_id) DO NOTHING",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(id.as_str())
+    .bind(id.as_str())
+    .bind(provider_instance)
+    .bind(RegistrationStatus::Unknown.value())
+    .bind(IsSimulated::No.value())
+    .bind(&at)
+    .bind(&at)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("inserting an unknown device"))?;
+    Ok(())
+}
+
+pub(super) async fn bump_activity(
+    conn: &mut SqliteConnection,
+    device: &Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    let at = ts(at);
+    sqlx::query(&format!(
+        "UPDATE devices SET last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE id = ?"
+    ))
+    .bind(&at)
+    .bind(&at)
+    .bind(now())
+    .bind(device.to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(db("bumping last activity"))?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// See [`crate::Store::mark_unregistered`].
+    pub(super) async fn unregister(
+        &self,
+        id: &DeviceId,
+        message: Option<String>,
+    ) -> StoreResult<Device> {
+        let mut tx = self.write().await?;
+        let existing = require_device(&mut tx, id).await?;
+        if let Some(refused) = crate::decide::unregister_refusal(&existing) {
+            return Err(refused);
+        }
+        let at = now();
+        let row = sqlx::query(&format!(
+            "UPDATE devices SET registration_status = ?, registration_message = ?, updated_at = ? \
+             WHERE id = ? RETURNING {DEVICE_COLS}"
+        ))
+        .bind(RegistrationStatus::Unregistered.value())
+        .bind(&message)
+        .bind(&at)
+        .bind(existing.id.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("unregistering a device"))?;
+        let device = device_from_row(&row)?;
+        registration::insert_history(&mut tx, &[(&device, RegistrationAction::Unregister)], &at)
+            .await?;
+        tx.commit()
+            .await
+            .map_err(db("committing an unregistration"))?;
+        Ok(device)
+    }
+
+    /// See [`crate::Store::list_devices`].
+    pub(super) async fn devices_page(
+        &self,
+        filter: &DeviceFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Device>> {
+        let size = page_size(page);
+        let mut qb =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {DEVICE_COLS} FROM devices WHERE 1 = 1"));
+        if let Some(after) = &page.after {
+            let after = DeviceId::parse(after).map_err(|_| bad_cursor(after))?;
+            qb.push(" AND device_id > ")
+                .push_bind(after.as_str().to_owned());
+        }
+        if let Some(p) = &filter.provider_instance {
+            qb.push(" AND provider_instance = ").push_bind(p.clone());
+        }
+        if let Some(c) = &filter.category {
+            qb.push(" AND category = ").push_bind(c.clone());
+        }
+        if let Some(s) = filter.registration_status {
+            qb.push(" AND registration_status = ").push_bind(s.value());
+        }
+        if let Some(connected) = filter.connected {
+            qb.push(" AND connection_state = ").push_bind(connected);
+        }
+        qb.push(" ORDER BY device_id LIMIT ")
+            .push_bind(size as i64 + 1);
+        let rows = qb
+            .build()
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("listing devices"))?;
+        let items = rows
+            .iter()
+            .map(device_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(finish_page(items, size, |d| d.device_id.to_string()))
+    }
+
+    /// See [`crate::Store::history`].
+    pub(super) async fn device_history(
+        &self,
+        id: &DeviceId,
+    ) -> StoreResult<Vec<RegistrationHistory>> {
+        let mut conn = self.conn().await?;
+        let device = require_device(&mut conn, id).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {HISTORY_COLS} FROM registration_history WHERE device = ? ORDER BY created_at, id"
+        ))
+        .bind(device.id.to_string())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db("reading registration history"))?;
+        rows.iter().map(history_from_row).collect()
+    }
+
+    /// See [`crate::Store::list_categories`].
+    pub(super) async fn categories(&self) -> StoreResult<Vec<Category>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CATEGORY_COLS} FROM categories ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("listing categories"))?;
+        rows.iter().map(category_from_row).collect()
+    }
+
+    // --- telemetry and alerts ------------------------------------------------------------
+}
