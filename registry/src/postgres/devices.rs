@@ -43,33 +43,6 @@ pub(super) async fn require_device(conn: &mut PgConnection, id: &DeviceId) -> St
         })
 }
 
-/// Creates the category or updates its description (a missing one keeps the stored one).
-pub(super) async fn write_category(
-    conn: &mut PgConnection,
-    name: &str,
-    description: Option<&str>,
-) -> StoreResult<Category> {
-    if name.trim().is_empty() {
-        return Err(StoreError::Invalid {
-            field: "name",
-            message: "a category needs a name: give one".into(),
-        });
-    }
-    let row = sqlx::query(&format!(
-        "INSERT INTO categories (id, name, description, created_at) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, categories.description) \
-         RETURNING {CATEGORY_COLS}"
-    ))
-    .bind(Uuid::now_v7())
-    .bind(super::text(name).as_ref())
-    .bind(description.map(super::text).as_deref())
-    .bind(now())
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db("writing a category"))?;
-    category_from_row(&row)
-}
-
 /// Applies a connection state unless a newer one is stored; `None` for an unknown device.
 /// The row is locked while deciding, so two replicas cannot both apply out of order.
 pub(super) async fn write_connection_state(

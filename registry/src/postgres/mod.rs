@@ -616,7 +616,7 @@ impl Store for PostgresStore {
         description: Option<&str>,
     ) -> StoreResult<Category> {
         let mut conn = self.conn().await?;
-        devices::write_category(&mut conn, name, description).await
+        registration::write_category(&mut conn, name, description).await
     }
 
     async fn list_categories(&self) -> StoreResult<Vec<Category>> {

@@ -14,8 +14,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use super::devices::write_category;
-use super::rows::{device_from_row, DEVICE_COLS};
+use super::rows::{category_from_row, device_from_row, CATEGORY_COLS, DEVICE_COLS};
 use super::{db, is_unique_violation, jsonb, lock_key, now, retrying, text, PostgresStore};
 use crate::decide::{self, BeginPlan};
 use crate::model::*;
@@ -408,4 +407,31 @@ impl PostgresStore {
         })
         .await
     }
+}
+
+/// Creates the category or updates its description (a missing one keeps the stored one).
+pub(super) async fn write_category(
+    conn: &mut PgConnection,
+    name: &str,
+    description: Option<&str>,
+) -> StoreResult<Category> {
+    if name.trim().is_empty() {
+        return Err(StoreError::Invalid {
+            field: "name",
+            message: "a category needs a name: give one".into(),
+        });
+    }
+    let row = sqlx::query(&format!(
+        "INSERT INTO categories (id, name, description, created_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, categories.description) \
+         RETURNING {CATEGORY_COLS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(super::text(name).as_ref())
+    .bind(description.map(super::text).as_deref())
+    .bind(now())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("writing a category"))?;
+    category_from_row(&row)
 }
