@@ -4,6 +4,7 @@
 //! - [`id`]: the canonical device id, valid on every provider (defined in `iotgw-ids`,
 //!   re-exported here so store code and its callers keep one path).
 //! - [`batch`]: group commit, the ordered writes of many events in one transaction.
+//! - `apply`: group commit's one loop over those writes, used by every backend.
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
 //! - [`store`]: the [`Store`] trait every backend implements.
 //! - [`error`]: [`StoreError`], shared by the trait and the group-commit types.
@@ -15,6 +16,7 @@
 //!
 //! This crate knows nothing of clouds or providers: a provider instance is just a name.
 
+mod apply;
 pub mod batch;
 pub mod conformance;
 pub mod decide;

@@ -249,7 +249,7 @@ impl Shared {
         let Some(source) = injected
         else {
             return Err(ProviderError::Unsupported {
-                instance: s.instance.clone(),
+                instance: s.instance.to_string(),
                 what: "event_hubs: this build has no Event Hubs client; rebuild with `--features azure_event_hubs` (cargo build -p iotgw --features azure_event_hubs), or remove event_hubs and use event_grid".into(),
             });
         };
