@@ -23,6 +23,8 @@ use crate::DeviceId;
 
 /// Longest `msdyn_alertdata` and `msdyn_message` (characters).
 pub const MAX_DATA_CHARS: usize = 8192;
+/// Longest `msdyn_description` (characters).
+pub(crate) const MAX_DESCRIPTION_CHARS: usize = 100;
 
 /// One write of a batch, applied in order.
 #[derive(Clone, Debug, PartialEq)]

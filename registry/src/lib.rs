@@ -5,6 +5,7 @@
 //!   re-exported here so store code and its callers keep one path).
 //! - [`batch`]: group commit, the ordered writes of many events in one transaction.
 //! - `apply`: group commit's one loop over those writes, used by every backend.
+//! - `page`: paging (size bounds, next-page cursor, bad cursors), the same for every backend.
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
 //! - [`store`]: the [`Store`] trait every backend implements.
 //! - [`error`]: [`StoreError`], shared by the trait and the group-commit types.
@@ -22,6 +23,7 @@ pub mod conformance;
 pub mod decide;
 pub mod error;
 pub mod model;
+mod page;
 pub mod postgres;
 pub mod sqlite;
 pub mod store;

@@ -45,8 +45,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use crate::batch::MAX_DESCRIPTION_CHARS;
 use crate::batch::{BatchOutcome, BatchWrite};
 use crate::model::*;
+use crate::page::{bad_cursor, finish_page, page_size, MAX_PAGE};
 use crate::store::{Store, StoreError, StoreResult};
 use crate::DeviceId;
 
@@ -78,10 +80,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// Longest `msdyn_description`.
-const MAX_DESCRIPTION_CHARS: usize = 100;
-/// Largest page.
-const MAX_PAGE: u32 = 1000;
 /// How often a transaction aborted as a deadlock or serialization failure is tried.
 const TRIES: usize = 4;
 
@@ -424,19 +422,6 @@ fn cut(s: &str, max: usize) -> String {
     }
 }
 
-fn page_size(page: &PageRequest) -> usize {
-    page.limit.clamp(1, MAX_PAGE) as usize
-}
-
-fn bad_cursor(raw: &str) -> StoreError {
-    StoreError::Invalid {
-        field: "after",
-        message: format!(
-            "{raw:?} is not a cursor from a previous page of this listing: leave it out to start from the first page"
-        ),
-    }
-}
-
 const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
 
 /// Cursor of a newest-first listing: the last item's creation time and id (the same text
@@ -459,14 +444,6 @@ fn parse_time_cursor(raw: &str) -> StoreResult<(DateTime<Utc>, String)> {
 fn parse_uuid_cursor(raw: &str) -> StoreResult<(DateTime<Utc>, Uuid)> {
     let (time, id) = parse_time_cursor(raw)?;
     Ok((time, Uuid::parse_str(&id).map_err(|_| bad_cursor(raw))?))
-}
-
-/// Keeps at most `size` items and makes the next cursor from the last kept one.
-fn finish_page<T>(mut items: Vec<T>, size: usize, cursor: impl Fn(&T) -> String) -> Page<T> {
-    let more = items.len() > size;
-    items.truncate(size);
-    let next = if more { items.last().map(cursor) } else { None };
-    Page { items, next }
 }
 
 /// A 64-bit advisory lock key for `name` in `space` (FNV-1a: the same on every replica

@@ -45,8 +45,10 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
+use crate::batch::MAX_DESCRIPTION_CHARS;
 use crate::batch::{check_command_message, BatchOutcome, BatchWrite, MAX_DATA_CHARS};
 use crate::model::*;
+use crate::page::{bad_cursor, finish_page, page_size, MAX_PAGE};
 use crate::store::{Store, StoreError, StoreResult};
 use crate::DeviceId;
 
@@ -84,10 +86,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// Longest `msdyn_description`.
-const MAX_DESCRIPTION_CHARS: usize = 100;
-/// Largest page.
-const MAX_PAGE: u32 = 1000;
 /// Connections in a file store's pool (readers run side by side under WAL).
 const FILE_POOL_SIZE: u32 = 4;
 
@@ -362,19 +360,6 @@ fn cut(s: &str, max: usize) -> String {
     }
 }
 
-fn page_size(page: &PageRequest) -> usize {
-    page.limit.clamp(1, MAX_PAGE) as usize
-}
-
-fn bad_cursor(raw: &str) -> StoreError {
-    StoreError::Invalid {
-        field: "after",
-        message: format!(
-            "{raw:?} is not a cursor from a previous page of this listing: leave it out to start from the first page"
-        ),
-    }
-}
-
 /// Cursor of a newest-first listing: the last item's creation time and id.
 fn time_cursor(created_at: DateTime<Utc>, id: &str) -> String {
     format!("{}|{id}", ts(created_at))
@@ -387,14 +372,6 @@ fn parse_time_cursor(raw: &str) -> StoreResult<(String, String)> {
         return Err(bad_cursor(raw));
     }
     Ok((ts(time), id.to_owned()))
-}
-
-/// Keeps at most `size` items and makes the next cursor from the last kept one.
-fn finish_page<T>(mut items: Vec<T>, size: usize, cursor: impl Fn(&T) -> String) -> Page<T> {
-    let more = items.len() > size;
-    items.truncate(size);
-    let next = if more { items.last().map(cursor) } else { None };
-    Page { items, next }
 }
 
 #[async_trait]
