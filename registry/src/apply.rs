@@ -1,32 +1,81 @@
-//! Group commit's one loop, written once for every backend: the order of the writes, the
-//! per-batch device cache, what an unknown device means (a dead letter, or a registration)
-//! and the once-per-device last-activity bump. A backend opens its transaction, hands this
-//! loop its statements through [`BatchWriter`], and commits.
+//! Group commit's one loop, written once for every backend: the order of the writes, what
+//! an unknown device means (a dead letter, or a registration), the alerts of the whole
+//! batch (dedupe, debounce, commands, outbox) and the once-per-device last-activity bump.
+//! A backend opens its transaction, hands this loop its statements through [`BatchWriter`],
+//! and commits.
 //!
-//! Two things are shared across a batch, and neither changes a result:
-//! - each device is read once per batch (a cache of the rows read or inserted here; the
-//!   columns telemetry uses, the row id and the provider instance, do not change inside a
-//!   batch);
-//! - each device's last activity is bumped once, at the end, in device order, to the latest
-//!   reception time of its readings in the batch (the stored value is "the later of", so
-//!   the order of the bumps does not matter).
+//! A batch costs a handful of statements, not a few per event: every statement is a round
+//! trip to the database (a thread hand-off on SQLite, the network on PostgreSQL), and at
+//! thousands of events a second those round trips, not the work, set the latency.
+//! - the devices of the batch are read in one statement; a device registered by the
+//!   batch (`auto_register`) is inserted and read back on its own;
+//! - dead letters, connection states and reported properties are written in order, one
+//!   statement each (they are rare next to readings);
+//! - the alerts of all readings are decided in memory (`crate::fold`) from two reads (the
+//!   tokens already stored, the debounce match of each alert) and written in one insert,
+//!   then the primaries' commands (one each) and the outbox items (one insert);
+//! - each device's last activity is bumped once, at the end, to the latest reception time
+//!   of its readings in the batch (the stored value is "the later of", so order does not
+//!   matter), in one statement.
+//!
+//! Alerts are written after the batch's other writes. Nothing else in a batch reads or
+//! writes alerts, so this changes no result: a later write still sees every earlier one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::batch::{BatchOutcome, BatchWrite, IfUnknown};
+use crate::batch::{BatchOutcome, BatchWrite, IfUnknown, MAX_DATA_CHARS, MAX_DESCRIPTION_CHARS};
+use crate::decide::DebounceMatch;
 use crate::error::{StoreError, StoreResult};
-use crate::model::{CommittedAlert, Device, NewDeadLetter, TelemetryCommit};
+use crate::fold::{self, Fate, Pending, Probe};
+use crate::model::{
+    Alert, Command, CommittedAlert, Device, NewAlert, NewAlertCommand, NewDeadLetter,
+    TelemetryCommit,
+};
 use crate::DeviceId;
+
+/// A new alert row, decided; the backend binds these fields as they are.
+pub(crate) struct AlertRow<'a> {
+    /// The new alert's id.
+    pub id: Uuid,
+    /// What the rule raised.
+    pub new: &'a NewAlert,
+    /// The device it belongs to.
+    pub device: &'a Device,
+    /// The description, cut to what `msdyn_description` holds.
+    pub description: String,
+    /// The telemetry, cut to what `msdyn_alertdata` holds.
+    pub alert_data: String,
+    /// The debounce parent.
+    pub parent: Option<Uuid>,
+    /// The parent's token.
+    pub parent_token: Option<String>,
+    /// Creation time (the same for the whole batch; the ids order it).
+    pub created_at: DateTime<Utc>,
+}
+
+/// One outbox item: an alert for a sink.
+pub(crate) struct OutboxRow<'a> {
+    /// The sink.
+    pub sink: &'a str,
+    /// The alert, as stored.
+    pub alert: &'a Alert,
+}
 
 /// The statements of one backend, inside the transaction of one batch.
 #[async_trait]
 pub(crate) trait BatchWriter: Send {
-    /// The device row, if registered.
-    async fn fetch_device(&mut self, id: &DeviceId) -> StoreResult<Option<Device>>;
+    /// `s` as this backend stores text (PostgreSQL cannot hold NUL, say); tokens and
+    /// debounce keys are compared in this form.
+    fn stored_text<'s>(&self, s: &'s str) -> Cow<'s, str> {
+        Cow::Borrowed(s)
+    }
+    /// The registered devices among `ids` (any order; the unregistered ones are missing).
+    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<Vec<Device>>;
     /// Registers a device first seen in telemetry (`auto_register`).
     async fn insert_unknown_device(
         &mut self,
@@ -35,12 +84,6 @@ pub(crate) trait BatchWriter: Send {
     ) -> StoreResult<()>;
     /// Keeps a dead letter.
     async fn write_dead_letter(&mut self, letter: &NewDeadLetter) -> StoreResult<()>;
-    /// Inserts a reading's alerts (dedupe, debounce, commands, outbox).
-    async fn insert_alerts(
-        &mut self,
-        device: &Device,
-        commit: &TelemetryCommit,
-    ) -> StoreResult<Vec<CommittedAlert>>;
     /// Applies a connection state unless a newer one is stored; `None`: unknown device.
     async fn write_connection_state(
         &mut self,
@@ -55,8 +98,27 @@ pub(crate) trait BatchWriter: Send {
         reported: &serde_json::Value,
         at: DateTime<Utc>,
     ) -> StoreResult<bool>;
-    /// Moves a device's last activity to `at` unless it is already later.
-    async fn bump_activity(&mut self, device: &Uuid, at: DateTime<Utc>) -> StoreResult<()>;
+    /// The stored alerts with any of these tokens.
+    async fn alerts_by_token(&mut self, tokens: &[&str]) -> StoreResult<Vec<Alert>>;
+    /// The answer to each probe, in probe order (see [`Probe`]).
+    async fn debounce_matches(
+        &mut self,
+        probes: &[Probe<'_>],
+    ) -> StoreResult<Vec<Option<DebounceMatch>>>;
+    /// Inserts the rows (no token of them is stored) and returns them as stored, in any
+    /// order.
+    async fn insert_alerts(&mut self, rows: &[AlertRow<'_>]) -> StoreResult<Vec<Alert>>;
+    /// Creates the command a primary alert's rule asks for.
+    async fn insert_alert_command(
+        &mut self,
+        device: &Device,
+        command: &NewAlertCommand,
+        alert: Uuid,
+    ) -> StoreResult<Command>;
+    /// Queues outbox items (an item already queued for its sink and alert is kept as is).
+    async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()>;
+    /// Moves each device's last activity to its time unless it is already later.
+    async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()>;
 }
 
 /// What a backend refuses for one write alone, checked before its transaction opens.
@@ -69,24 +131,47 @@ pub(crate) fn check(writes: &[BatchWrite]) -> StoreResult<()> {
     Ok(())
 }
 
+/// A reading whose device is registered: its alerts are written after the loop.
+struct Reading<'a> {
+    /// Its place in the outcomes.
+    slot: usize,
+    device: Device,
+    commit: &'a TelemetryCommit,
+}
+
 /// Applies `writes` in order through `w`; the caller commits the transaction after.
 pub(crate) async fn apply<W: BatchWriter + ?Sized>(
     w: &mut W,
     writes: &[BatchWrite],
 ) -> StoreResult<Vec<BatchOutcome>> {
-    let mut devices: HashMap<DeviceId, Option<Device>> = HashMap::new();
+    let mut ids: Vec<&DeviceId> = Vec::new();
+    let mut seen = HashSet::new();
+    for write in writes {
+        if let BatchWrite::Telemetry { commit, .. } = write {
+            if seen.insert(&commit.device_id) {
+                ids.push(&commit.device_id);
+            }
+        }
+    }
+    let mut devices: HashMap<DeviceId, Device> = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        w.fetch_devices(&ids)
+            .await?
+            .into_iter()
+            .map(|d| (d.device_id.clone(), d))
+            .collect()
+    };
+
     let mut activity: BTreeMap<Uuid, DateTime<Utc>> = BTreeMap::new();
+    let mut readings = Vec::new();
     let mut out = Vec::with_capacity(writes.len());
     for write in writes {
         let outcome = match write {
             BatchWrite::Telemetry { commit, if_unknown } => {
                 let id = &commit.device_id;
-                if !devices.contains_key(id) {
-                    let found = w.fetch_device(id).await?;
-                    devices.insert(id.clone(), found);
-                }
                 let mut registered = false;
-                if devices.get(id).is_some_and(Option::is_none) {
+                if !devices.contains_key(id) {
                     match if_unknown {
                         IfUnknown::DeadLetter(letter) => {
                             w.write_dead_letter(letter).await?;
@@ -95,30 +180,30 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
                         }
                         IfUnknown::Register { provider_instance } => {
                             w.insert_unknown_device(id, provider_instance).await?;
-                            let device = w.fetch_device(id).await?.ok_or_else(|| {
+                            let device = w.fetch_devices(&[id]).await?.pop().ok_or_else(|| {
                                 StoreError::Database(format!(
                                     "device {id} was inserted but cannot be read back"
                                 ))
                             })?;
-                            devices.insert(id.clone(), Some(device));
+                            devices.insert(id.clone(), device);
                             registered = true;
                         }
                     }
                 }
-                let device = devices
-                    .get(id)
-                    .and_then(Option::as_ref)
-                    .ok_or_else(|| StoreError::NotFound {
-                        entity: "device",
-                        key: id.to_string(),
-                    })?
-                    .clone();
+                let device = devices[id].clone();
                 activity
                     .entry(device.id)
                     .and_modify(|t| *t = (*t).max(commit.received_at))
                     .or_insert(commit.received_at);
-                let alerts = w.insert_alerts(&device, commit).await?;
-                BatchOutcome::Telemetry { alerts, registered }
+                readings.push(Reading {
+                    slot: out.len(),
+                    device,
+                    commit,
+                });
+                BatchOutcome::Telemetry {
+                    alerts: Vec::new(),
+                    registered,
+                }
             }
             BatchWrite::DeadLetter(letter) => {
                 w.write_dead_letter(letter).await?;
@@ -146,8 +231,226 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
         };
         out.push(outcome);
     }
-    for (device, at) in activity {
-        w.bump_activity(&device, at).await?;
+
+    let committed = commit_alerts(
+        w,
+        &readings
+            .iter()
+            .map(|r| (&r.device, r.commit))
+            .collect::<Vec<_>>(),
+    )
+    .await?;
+    for (reading, alerts) in readings.iter().zip(committed) {
+        if let BatchOutcome::Telemetry { alerts: slot, .. } = &mut out[reading.slot] {
+            *slot = alerts;
+        }
+    }
+    bump(w, activity).await?;
+    Ok(out)
+}
+
+/// One reading of a registered device, on its own (`Store::commit_telemetry`): the same
+/// statements as a batch of one.
+pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
+    w: &mut W,
+    device: &Device,
+    commit: &TelemetryCommit,
+) -> StoreResult<Vec<CommittedAlert>> {
+    let alerts = commit_alerts(w, &[(device, commit)])
+        .await?
+        .pop()
+        .unwrap_or_default();
+    bump(w, BTreeMap::from([(device.id, commit.received_at)])).await?;
+    Ok(alerts)
+}
+
+async fn bump<W: BatchWriter + ?Sized>(
+    w: &mut W,
+    activity: BTreeMap<Uuid, DateTime<Utc>>,
+) -> StoreResult<()> {
+    if activity.is_empty() {
+        return Ok(());
+    }
+    w.bump_activity(&activity.into_iter().collect::<Vec<_>>())
+        .await
+}
+
+/// The alerts of these readings, in order: dedupe, debounce, one insert, the primaries'
+/// commands, the outbox. One list of committed alerts per reading.
+async fn commit_alerts<W: BatchWriter + ?Sized>(
+    w: &mut W,
+    readings: &[(&Device, &TelemetryCommit)],
+) -> StoreResult<Vec<Vec<CommittedAlert>>> {
+    // Every alert of the batch, in order, with the reading it belongs to.
+    let mut owner = Vec::new();
+    let mut pending = Vec::new();
+    for (r, (_, commit)) in readings.iter().enumerate() {
+        for new in &commit.alerts {
+            owner.push(r);
+            pending.push(Pending {
+                new,
+                window: commit.debounce_window,
+                token: w.stored_text(&new.alert_token),
+                key: w.stored_text(&new.debounce_key),
+            });
+        }
+    }
+    if pending.is_empty() {
+        return Ok(vec![Vec::new(); readings.len()]);
+    }
+
+    let mut tokens: Vec<&str> = pending.iter().map(|p| p.new.alert_token.as_str()).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    let stored: HashMap<String, Alert> = w
+        .alerts_by_token(&tokens)
+        .await?
+        .into_iter()
+        .map(|a| (a.alert_token.clone(), a))
+        .collect();
+    let stored_tokens: HashSet<&str> = stored.keys().map(String::as_str).collect();
+
+    // A redelivered alert needs no lookup: it writes nothing.
+    let mut probes = Vec::new();
+    let mut probe_of = Vec::with_capacity(pending.len());
+    for p in &pending {
+        let probe = fold::probe(p).filter(|_| !stored_tokens.contains(p.token.as_ref()));
+        probe_of.push(probe.as_ref().map(|_| probes.len()));
+        probes.extend(probe);
+    }
+    let answers = if probes.is_empty() {
+        Vec::new()
+    } else {
+        w.debounce_matches(&probes).await?
+    };
+    let matches: Vec<Option<DebounceMatch>> = probe_of
+        .iter()
+        .map(|k| k.and_then(|k| answers.get(k).cloned().flatten()))
+        .collect();
+    let fates = fold::plan(&pending, &stored_tokens, &matches);
+
+    let created_at = fold::micros(Utc::now());
+    let rows: Vec<AlertRow<'_>> = fates
+        .iter()
+        .zip(&pending)
+        .zip(&owner)
+        .filter_map(|((fate, p), &r)| match fate {
+            Fate::Insert {
+                id,
+                parent,
+                parent_token,
+            } => Some(AlertRow {
+                id: *id,
+                new: p.new,
+                device: readings[r].0,
+                description: cut(&p.new.description, MAX_DESCRIPTION_CHARS),
+                alert_data: cut(&p.new.alert_data, MAX_DATA_CHARS),
+                parent: *parent,
+                parent_token: parent_token.clone(),
+                created_at,
+            }),
+            Fate::Stored | Fate::Repeat(_) => None,
+        })
+        .collect();
+    let inserted: HashMap<Uuid, Alert> = if rows.is_empty() {
+        HashMap::new()
+    } else {
+        w.insert_alerts(&rows)
+            .await?
+            .into_iter()
+            .map(|a| (a.id, a))
+            .collect()
+    };
+    if inserted.len() != rows.len() {
+        return Err(StoreError::Database(format!(
+            "{} alerts were inserted but {} were read back",
+            rows.len(),
+            inserted.len()
+        )));
+    }
+
+    // A debounced child does not repeat its parent's command.
+    let mut commands: HashMap<Uuid, Command> = HashMap::new();
+    for row in &rows {
+        if let (None, Some(command)) = (row.parent, &row.new.command) {
+            let created = w.insert_alert_command(row.device, command, row.id).await?;
+            commands.insert(row.id, created);
+        }
+    }
+    let outbox: Vec<OutboxRow<'_>> = rows
+        .iter()
+        .zip(&owner_of_rows(&fates, &owner))
+        .flat_map(|(row, &r)| {
+            let alert = &inserted[&row.id];
+            readings[r]
+                .1
+                .sinks
+                .iter()
+                .map(move |sink| OutboxRow { sink, alert })
+        })
+        .collect();
+    if !outbox.is_empty() {
+        w.queue_outbox(&outbox).await?;
+    }
+
+    let mut out = vec![Vec::new(); readings.len()];
+    for ((fate, p), &r) in fates.iter().zip(&pending).zip(&owner) {
+        let committed = match fate {
+            Fate::Insert { id, .. } => CommittedAlert {
+                alert: inserted[id].clone(),
+                duplicate: false,
+                command: commands.remove(id),
+            },
+            Fate::Repeat(id) => CommittedAlert {
+                alert: inserted[id].clone(),
+                duplicate: true,
+                command: None,
+            },
+            Fate::Stored => CommittedAlert {
+                alert: stored
+                    .get(p.token.as_ref())
+                    .ok_or_else(|| {
+                        StoreError::Database(format!(
+                            "alert token {} was found stored but cannot be read back",
+                            p.token
+                        ))
+                    })?
+                    .clone(),
+                duplicate: true,
+                command: None,
+            },
+        };
+        out[r].push(committed);
     }
     Ok(out)
+}
+
+/// The reading of each inserted row, in row order.
+fn owner_of_rows(fates: &[Fate], owner: &[usize]) -> Vec<usize> {
+    fates
+        .iter()
+        .zip(owner)
+        .filter(|(f, _)| matches!(f, Fate::Insert { .. }))
+        .map(|(_, &r)| r)
+        .collect()
+}
+
+/// `s` cut to at most `max` characters, on a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((end, _)) => s[..end].to_owned(),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut;
+
+    #[test]
+    fn cut_respects_char_boundaries() {
+        assert_eq!(cut("héllo", 2), "hé");
+        assert_eq!(cut("héllo", 10), "héllo");
+        assert_eq!(cut("", 3), "");
+    }
 }

@@ -82,6 +82,7 @@ macro_rules! conformance_tests {
             commit_for_unknown_device_is_not_found,
             telemetry_commit_is_all_or_nothing,
             redelivered_token_makes_no_second_alert,
+            a_token_with_a_nul_character_is_deduplicated_like_any_other,
             concurrent_redelivery_stores_one_alert,
             alert_inside_window_becomes_child_of_first,
             match_on_child_links_to_its_parent,
@@ -919,6 +920,36 @@ pub async fn telemetry_commit_is_all_or_nothing(store: &dyn Store) {
 
 /// A redelivered message (same alert token) returns the stored alert marked duplicate and
 /// writes nothing: no second alert, no outbox item, no command.
+/// A token or debounce key from junk input may hold characters a backend cannot store as
+/// they are (PostgreSQL text cannot hold NUL): a redelivery, in the same batch or a later
+/// one, is still the same token, and the second alert of the key still folds.
+pub async fn a_token_with_a_nul_character_is_deduplicated_like_any_other(store: &dyn Store) {
+    registered(store, "pump-11", "aws-east").await;
+    let first = new_alert("evt\0-1", "pump-11/\0hot", at(0));
+    let second = new_alert("evt\0-2", "pump-11/\0hot", at(1));
+    let out = store
+        .commit_telemetry(&commit(
+            "pump-11",
+            vec![first.clone(), first.clone(), second],
+            60,
+            &[],
+        ))
+        .await
+        .expect("a token with NUL commits");
+    assert_eq!(
+        out.iter().map(|c| c.duplicate).collect::<Vec<_>>(),
+        vec![false, true, false]
+    );
+    assert_eq!(out[2].alert.parent_alert, Some(out[0].alert.id));
+    let again = store
+        .commit_telemetry(&commit("pump-11", vec![first], 60, &[]))
+        .await
+        .expect("the redelivery commits");
+    assert!(again[0].duplicate, "{again:?}");
+    assert_eq!(again[0].alert, out[0].alert);
+    assert_eq!(all_alerts(store, &AlertFilter::default()).await.len(), 2);
+}
+
 pub async fn redelivered_token_makes_no_second_alert(store: &dyn Store) {
     registered(store, "pump-10", "aws-east").await;
     let mut a = new_alert("evt-10", "pump-10/overheat", at(0));

@@ -7,8 +7,9 @@
 //! - registration transitions: [`plan_begin`] (begin), [`finish_status`] and
 //!   [`finish_rounds`] (finish), [`unregister_refusal`] (unregister).
 //!
-//! Dedupe by token is the unique index on `alerts.alert_token` in every schema (an insert
-//! that conflicts writes nothing and is reported as a duplicate), so it needs no code here.
+//! Dedupe by token and debounce for a whole batch of alerts are decided in `crate::fold`,
+//! on top of [`debounce_range`] and [`debounce_parent`]; the unique index on
+//! `alerts.alert_token` in every schema keeps a token from being stored twice.
 //! The conformance scenarios (`crate::conformance`) run on every backend and check that
 //! the SQL around these decisions keeps them.
 
@@ -46,6 +47,8 @@ pub struct DebounceMatch {
     pub id: Uuid,
     /// Its token.
     pub token: String,
+    /// Its alert time (as stored: to the microsecond).
+    pub alert_time: DateTime<Utc>,
     /// Its parent, when it is itself a child.
     pub parent: Option<Uuid>,
     /// Its parent's token, when it is a child.
@@ -176,6 +179,7 @@ mod tests {
         let primary = DebounceMatch {
             id: p,
             token: "t1".into(),
+            alert_time: Utc::now(),
             parent: None,
             parent_token: None,
         };
@@ -183,6 +187,7 @@ mod tests {
         let child = DebounceMatch {
             id: c,
             token: "t2".into(),
+            alert_time: Utc::now(),
             parent: Some(p),
             parent_token: Some("t1".into()),
         };

@@ -5,6 +5,8 @@
 //!   re-exported here so store code and its callers keep one path).
 //! - [`batch`]: group commit, the ordered writes of many events in one transaction.
 //! - `apply`: group commit's one loop over those writes, used by every backend.
+//! - `fold`: dedupe and debounce of a whole batch's alerts, decided in memory from one
+//!   read of the stored tokens and one debounce lookup per alert.
 //! - `page`: paging (size bounds, next-page cursor, bad cursors), the same for every backend.
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
 //! - [`store`]: the [`Store`] trait every backend implements.
@@ -22,6 +24,7 @@ pub mod batch;
 pub mod conformance;
 pub mod decide;
 pub mod error;
+mod fold;
 pub mod model;
 mod page;
 pub mod postgres;

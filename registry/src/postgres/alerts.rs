@@ -1,5 +1,7 @@
-//! Telemetry and alerts on PostgreSQL: dedupe by token (the unique index), CFS debounce
-//! (`crate::decide`), the primary's command, the outbox items, and the alert queries.
+//! Telemetry and alerts on PostgreSQL: the statements group commit (`crate::apply`) writes
+//! a batch's alerts with (the stored tokens, the debounce lookups, the alert rows and the
+//! outbox items, one statement each for the whole batch, rows passed as arrays), and the
+//! alert queries.
 //!
 //! Two replicas committing alerts of one device at once would each see no primary and
 //! both write one; so a telemetry transaction first takes the advisory locks of its devices
@@ -12,20 +14,26 @@ use uuid::Uuid;
 
 use super::rows::*;
 use super::{
-    commands, cut, db, devices, finish_page, get, lock_all, lock_key, now, page_size,
-    parse_uuid_cursor, retrying, text, time_cursor, ts, PostgresStore, MAX_DESCRIPTION_CHARS,
+    db, devices, finish_page, get, lock_all, lock_key, now, page_size, parse_uuid_cursor, retrying,
+    text, time_cursor, ts, PostgresStore,
 };
-use crate::batch::{BatchWrite, MAX_DATA_CHARS};
-use crate::decide::{self, DebounceMatch};
+use crate::apply::{self, AlertRow, OutboxRow};
+use crate::batch::BatchWrite;
+use crate::decide::DebounceMatch;
+use crate::fold::Probe;
 use crate::model::*;
 use crate::store::{StoreError, StoreResult};
 
-/// Debounce: the latest alert with this key inside the window (served by the index
-/// `alerts_debounce_latest`, a backward scan without a sort).
-pub(super) const DEBOUNCE_LOOKUP: &str =
-    "SELECT id, alert_token, parent_alert, parent_alert_token FROM alerts \
-     WHERE debounce_key = $1 AND alert_time >= $2 AND alert_time <= $3 \
-     ORDER BY alert_time DESC, created_at DESC, id DESC LIMIT 1";
+/// Debounce for a whole batch, one statement: for each probe (its 1-based ordinality is
+/// the answer's `i`) the latest alert with that key inside the window (each lookup a
+/// backward scan of the index `alerts_debounce_latest`, without a sort). Probes without a
+/// match give no row.
+const DEBOUNCE_LOOKUPS: &str = "SELECT q.i, m.id, m.alert_token, m.alert_time, m.parent_alert, \
+     m.parent_alert_token FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) \
+     WITH ORDINALITY AS q (k, lo, hi, i) JOIN LATERAL (\
+     SELECT id, alert_token, alert_time, parent_alert, parent_alert_token FROM alerts \
+     WHERE debounce_key = q.k AND alert_time >= q.lo AND alert_time <= q.hi \
+     ORDER BY alert_time DESC, created_at DESC, id DESC LIMIT 1) m ON true";
 
 /// The advisory lock keys of a reading: its device and the debounce key of each alert.
 fn commit_locks(commit: &TelemetryCommit, keys: &mut Vec<i64>) {
@@ -54,140 +62,141 @@ pub(super) fn telemetry_locks<'a>(writes: impl IntoIterator<Item = &'a BatchWrit
     keys
 }
 
-async fn alert_by_token(conn: &mut PgConnection, token: &str) -> StoreResult<Option<Alert>> {
+pub(super) async fn alerts_by_token(
+    conn: &mut PgConnection,
+    tokens: &[&str],
+) -> StoreResult<Vec<Alert>> {
+    let tokens: Vec<String> = tokens.iter().map(|t| text(t).into_owned()).collect();
     sqlx::query(&format!(
-        "SELECT {ALERT_COLS} FROM alerts WHERE alert_token = $1"
+        "SELECT {ALERT_COLS} FROM alerts WHERE alert_token = ANY($1)"
     ))
-    .bind(text(token).as_ref())
-    .fetch_optional(&mut *conn)
+    .bind(tokens)
+    .fetch_all(&mut *conn)
     .await
-    .map_err(db("looking up an alert token"))?
-    .as_ref()
+    .map_err(db("looking up alert tokens"))?
+    .iter()
     .map(alert_from_row)
-    .transpose()
+    .collect()
 }
 
-/// The alerts of one reading: dedupe by token, debounce, the primary's command, the outbox.
-/// The caller holds the advisory locks of [`telemetry_locks`].
-pub(super) async fn insert_alerts(
+pub(super) async fn debounce_matches(
     conn: &mut PgConnection,
-    device: &Device,
-    commit: &TelemetryCommit,
-) -> StoreResult<Vec<CommittedAlert>> {
-    let mut out = Vec::with_capacity(commit.alerts.len());
-    for new in &commit.alerts {
-        let alert_time = ts(new.alert_time);
-        let mut found = None;
-        if let Some((from, to)) = decide::debounce_range(new.alert_time, commit.debounce_window) {
-            let row = sqlx::query(DEBOUNCE_LOOKUP)
-                .bind(text(&new.debounce_key).as_ref())
-                .bind(ts(from))
-                .bind(ts(to))
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db("looking for an alert to fold into"))?;
-            if let Some(row) = row {
-                found = Some(DebounceMatch {
-                    id: get(&row, "id")?,
-                    token: get(&row, "alert_token")?,
-                    parent: get(&row, "parent_alert")?,
-                    parent_token: get(&row, "parent_alert_token")?,
-                });
-            }
-        }
-        let (parent_id, parent_token) = decide::debounce_parent(found);
-
-        let inserted = sqlx::query(&format!(
-            "INSERT INTO alerts (id, description, alert_data, alert_time, alert_token, alert_type, \
-             priority_score, device, device_id, parent_alert, parent_alert_token, statecode, \
-             statuscode, rule, provider_instance, debounce_key, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-             ON CONFLICT (alert_token) DO NOTHING RETURNING {ALERT_COLS}"
-        ))
-        .bind(Uuid::now_v7())
-        .bind(cut(&new.description, MAX_DESCRIPTION_CHARS))
-        .bind(cut(&new.alert_data, MAX_DATA_CHARS))
-        .bind(alert_time)
-        .bind(text(&new.alert_token).as_ref())
-        .bind(new.alert_type.value())
-        .bind(new.priority_score.map(i32::from))
-        .bind(device.id)
-        .bind(device.device_id.as_str())
-        .bind(parent_id)
-        .bind(parent_token.as_deref())
-        .bind(AlertStatus::Active.statecode())
-        .bind(AlertStatus::Active.statuscode())
-        .bind(text(&new.rule).as_ref())
-        .bind(&device.provider_instance)
-        .bind(text(&new.debounce_key).as_ref())
-        .bind(now())
-        .fetch_optional(&mut *conn)
+    probes: &[Probe<'_>],
+) -> StoreResult<Vec<Option<DebounceMatch>>> {
+    let keys: Vec<String> = probes.iter().map(|p| text(p.key).into_owned()).collect();
+    let from: Vec<DateTime<Utc>> = probes.iter().map(|p| ts(p.from)).collect();
+    let to: Vec<DateTime<Utc>> = probes.iter().map(|p| ts(p.to)).collect();
+    let rows = sqlx::query(DEBOUNCE_LOOKUPS)
+        .bind(keys)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&mut *conn)
         .await
-        .map_err(db("inserting an alert"))?;
-        let Some(row) = inserted else {
-            // The token is already stored: a redelivery. Nothing is written for it.
-            let existing = alert_by_token(&mut *conn, &new.alert_token)
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Database(format!(
-                        "alert token {} conflicted but cannot be read back",
-                        new.alert_token
-                    ))
-                })?;
-            out.push(CommittedAlert {
-                alert: existing,
-                duplicate: true,
-                command: None,
-            });
-            continue;
-        };
-        let alert = alert_from_row(&row)?;
-
-        // A debounced child does not repeat its parent's command.
-        let command = match &new.command {
-            Some(c) if alert.parent_alert.is_none() => Some(
-                commands::insert_command_row(
-                    &mut *conn,
-                    device,
-                    &c.name,
-                    &c.message,
-                    Some(alert.id),
-                    &c.correlation_id,
-                )
-                .await?,
-            ),
-            _ => None,
-        };
-
-        if !commit.sinks.is_empty() {
-            let payload = serde_json::to_value(&alert).map_err(|e| {
-                StoreError::Database(format!("serializing alert {}: {e}", alert.id))
-            })?;
-            let payload = super::jsonb(&payload);
-            let key = alert.id.to_string();
-            let at = now();
-            for sink in &commit.sinks {
-                sqlx::query(
-                    "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at) \
-                     VALUES ($1, $2, $3, 0, $4, $4) ON CONFLICT (sink, idempotency_key) DO NOTHING",
-                )
-                .bind(sink)
-                .bind(&payload)
-                .bind(&key)
-                .bind(at)
-                .execute(&mut *conn)
-                .await
-                .map_err(db("queueing an outbox item"))?;
-            }
-        }
-
-        out.push(CommittedAlert {
-            alert,
-            duplicate: false,
-            command,
+        .map_err(db("looking for alerts to fold into"))?;
+    let mut out = vec![None; probes.len()];
+    for row in &rows {
+        let i: i64 = get(row, "i")?;
+        let slot = usize::try_from(i - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| StoreError::Database(format!("debounce lookup {i} was not asked")))?;
+        *slot = Some(DebounceMatch {
+            id: get(row, "id")?,
+            token: get(row, "alert_token")?,
+            alert_time: get(row, "alert_time")?,
+            parent: get(row, "parent_alert")?,
+            parent_token: get(row, "parent_alert_token")?,
         });
     }
     Ok(out)
+}
+
+pub(super) async fn insert_alert_rows(
+    conn: &mut PgConnection,
+    rows: &[AlertRow<'_>],
+) -> StoreResult<Vec<Alert>> {
+    fn owned<'r>(rows: &'r [AlertRow<'_>], f: impl Fn(&'r AlertRow<'_>) -> &'r str) -> Vec<String> {
+        rows.iter().map(|r| text(f(r)).into_owned()).collect()
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let times: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.new.alert_time)).collect();
+    let types: Vec<i32> = rows.iter().map(|r| r.new.alert_type.value()).collect();
+    let priorities: Vec<Option<i32>> = rows
+        .iter()
+        .map(|r| r.new.priority_score.map(i32::from))
+        .collect();
+    let devices: Vec<Uuid> = rows.iter().map(|r| r.device.id).collect();
+    let parents: Vec<Option<Uuid>> = rows.iter().map(|r| r.parent).collect();
+    let parent_tokens: Vec<Option<String>> = rows
+        .iter()
+        .map(|r| r.parent_token.as_deref().map(|t| text(t).into_owned()))
+        .collect();
+    let statecodes = vec![AlertStatus::Active.statecode(); rows.len()];
+    let statuscodes = vec![AlertStatus::Active.statuscode(); rows.len()];
+    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.created_at)).collect();
+    sqlx::query(&format!(
+        "INSERT INTO alerts (id, description, alert_data, alert_time, alert_token, alert_type, \
+         priority_score, device, device_id, parent_alert, parent_alert_token, statecode, \
+         statuscode, rule, provider_instance, debounce_key, created_at) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], \
+         $5::text[], $6::int4[], $7::int4[], $8::uuid[], $9::text[], $10::uuid[], $11::text[], \
+         $12::int4[], $13::int4[], $14::text[], $15::text[], $16::text[], $17::timestamptz[]) \
+         RETURNING {ALERT_COLS}"
+    ))
+    .bind(ids)
+    .bind(owned(rows, |r| &r.description))
+    .bind(owned(rows, |r| &r.alert_data))
+    .bind(times)
+    .bind(owned(rows, |r| &r.new.alert_token))
+    .bind(types)
+    .bind(priorities)
+    .bind(devices)
+    .bind(owned(rows, |r| r.device.device_id.as_str()))
+    .bind(parents)
+    .bind(parent_tokens)
+    .bind(statecodes)
+    .bind(statuscodes)
+    .bind(owned(rows, |r| &r.new.rule))
+    .bind(owned(rows, |r| &r.device.provider_instance))
+    .bind(owned(rows, |r| &r.new.debounce_key))
+    .bind(created)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("inserting alerts"))?
+    .iter()
+    .map(alert_from_row)
+    .collect()
+}
+
+pub(super) async fn queue_outbox(
+    conn: &mut PgConnection,
+    items: &[OutboxRow<'_>],
+) -> StoreResult<()> {
+    let mut sinks = Vec::with_capacity(items.len());
+    let mut payloads = Vec::with_capacity(items.len());
+    let mut keys = Vec::with_capacity(items.len());
+    for item in items {
+        let payload = serde_json::to_value(item.alert).map_err(|e| {
+            StoreError::Database(format!("serializing alert {}: {e}", item.alert.id))
+        })?;
+        sinks.push(item.sink.to_owned());
+        payloads.push(super::jsonb(&payload).0.to_string());
+        keys.push(item.alert.id.to_string());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at) \
+         SELECT s, p::jsonb, k, 0, $4, $4 FROM unnest($1::text[], $2::text[], $3::text[]) \
+         WITH ORDINALITY AS v (s, p, k, n) ORDER BY n \
+         ON CONFLICT (sink, idempotency_key) DO NOTHING",
+    )
+    .bind(sinks)
+    .bind(payloads)
+    .bind(keys)
+    .bind(now())
+    .execute(&mut *conn)
+    .await
+    .map_err(db("queueing outbox items"))?;
+    Ok(())
 }
 
 impl PostgresStore {
@@ -203,8 +212,7 @@ impl PostgresStore {
             let mut tx = self.write().await?;
             lock_all(&mut tx, keys.clone()).await?;
             let device = devices::require_device(&mut tx, &commit.device_id).await?;
-            devices::bump_activity(&mut tx, &device.id, commit.received_at).await?;
-            let out = insert_alerts(&mut tx, &device, commit).await?;
+            let out = apply::telemetry(&mut super::batch::Writer(&mut tx), &device, commit).await?;
             tx.commit().await.map_err(db("committing telemetry"))?;
             Ok(out)
         })

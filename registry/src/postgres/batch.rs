@@ -1,8 +1,9 @@
 //! Group commit on PostgreSQL: every write of a batch in one transaction, after the
 //! advisory locks of every device and debounce key of the batch (taken in one sorted order,
 //! so concurrent batches of several replicas serialize where they overlap and never
-//! deadlock on each other). The writes are applied in order by the backend-neutral loop
-//! (`crate::apply`), as on SQLite.
+//! deadlock on each other). The writes are applied by the backend-neutral loop
+//! (`crate::apply`), as on SQLite; a batch's alerts, devices and activity bumps are one
+//! statement each, their rows passed as arrays (`unnest`).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -10,15 +11,20 @@ use uuid::Uuid;
 
 use sqlx::PgConnection;
 
-use super::alerts::{insert_alerts, telemetry_locks};
+use super::alerts::{
+    alerts_by_token, debounce_matches, insert_alert_rows, queue_outbox, telemetry_locks,
+};
+use super::commands::insert_command_row;
 use super::devices::{
-    bump_activity, fetch_device, insert_unknown_device, write_connection_state, write_reported,
+    bump_activity, fetch_devices, insert_unknown_device, write_connection_state, write_reported,
 };
 use super::outbox::write_dead_letter;
 use super::{db, lock_all, retrying, PostgresStore};
-use crate::apply::{self, BatchWriter};
+use crate::apply::{self, AlertRow, BatchWriter, OutboxRow};
 use crate::batch::{BatchOutcome, BatchWrite};
-use crate::model::{CommittedAlert, Device, NewDeadLetter, TelemetryCommit};
+use crate::decide::DebounceMatch;
+use crate::fold::Probe;
+use crate::model::{Alert, Command, Device, NewAlertCommand, NewDeadLetter};
 use crate::store::StoreResult;
 use crate::DeviceId;
 
@@ -45,12 +51,15 @@ impl PostgresStore {
 }
 
 /// This backend's statements for [`apply::apply`], on the batch's transaction.
-struct Writer<'c>(&'c mut PgConnection);
+pub(super) struct Writer<'c>(pub(super) &'c mut PgConnection);
 
 #[async_trait]
 impl BatchWriter for Writer<'_> {
-    async fn fetch_device(&mut self, id: &DeviceId) -> StoreResult<Option<Device>> {
-        fetch_device(self.0, id).await
+    fn stored_text<'s>(&self, s: &'s str) -> std::borrow::Cow<'s, str> {
+        super::text(s)
+    }
+    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<Vec<Device>> {
+        fetch_devices(self.0, ids).await
     }
     async fn insert_unknown_device(
         &mut self,
@@ -61,13 +70,6 @@ impl BatchWriter for Writer<'_> {
     }
     async fn write_dead_letter(&mut self, letter: &NewDeadLetter) -> StoreResult<()> {
         write_dead_letter(self.0, letter).await.map(drop)
-    }
-    async fn insert_alerts(
-        &mut self,
-        device: &Device,
-        commit: &TelemetryCommit,
-    ) -> StoreResult<Vec<CommittedAlert>> {
-        insert_alerts(self.0, device, commit).await
     }
     async fn write_connection_state(
         &mut self,
@@ -85,7 +87,38 @@ impl BatchWriter for Writer<'_> {
     ) -> StoreResult<bool> {
         write_reported(self.0, id, reported, at).await
     }
-    async fn bump_activity(&mut self, device: &Uuid, at: DateTime<Utc>) -> StoreResult<()> {
-        bump_activity(self.0, device, at).await
+    async fn alerts_by_token(&mut self, tokens: &[&str]) -> StoreResult<Vec<Alert>> {
+        alerts_by_token(self.0, tokens).await
+    }
+    async fn debounce_matches(
+        &mut self,
+        probes: &[Probe<'_>],
+    ) -> StoreResult<Vec<Option<DebounceMatch>>> {
+        debounce_matches(self.0, probes).await
+    }
+    async fn insert_alerts(&mut self, rows: &[AlertRow<'_>]) -> StoreResult<Vec<Alert>> {
+        insert_alert_rows(self.0, rows).await
+    }
+    async fn insert_alert_command(
+        &mut self,
+        device: &Device,
+        command: &NewAlertCommand,
+        alert: Uuid,
+    ) -> StoreResult<Command> {
+        insert_command_row(
+            self.0,
+            device,
+            &command.name,
+            &command.message,
+            Some(alert),
+            &command.correlation_id,
+        )
+        .await
+    }
+    async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()> {
+        queue_outbox(self.0, items).await
+    }
+    async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()> {
+        bump_activity(self.0, devices).await
     }
 }

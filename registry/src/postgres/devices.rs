@@ -34,6 +34,24 @@ pub(super) async fn fetch_device(
     .transpose()
 }
 
+/// The registered devices among `ids`, one statement.
+pub(super) async fn fetch_devices(
+    conn: &mut PgConnection,
+    ids: &[&DeviceId],
+) -> StoreResult<Vec<Device>> {
+    let ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+    sqlx::query(&format!(
+        "SELECT {DEVICE_COLS} FROM devices WHERE device_id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("reading devices"))?
+    .iter()
+    .map(device_from_row)
+    .collect()
+}
+
 pub(super) async fn require_device(conn: &mut PgConnection, id: &DeviceId) -> StoreResult<Device> {
     fetch_device(conn, id)
         .await?
@@ -134,19 +152,22 @@ pub(super) async fn insert_unknown_device(
     Ok(())
 }
 
-/// Bumps a device's last activity to `at` unless a later time is stored.
+/// Moves each device's last activity to its time unless a later one is stored; one
+/// statement for the whole batch.
 pub(super) async fn bump_activity(
     conn: &mut PgConnection,
-    device: &Uuid,
-    at: DateTime<Utc>,
+    devices: &[(Uuid, DateTime<Utc>)],
 ) -> StoreResult<()> {
-    sqlx::query(&format!(
-        "UPDATE devices SET last_activity_time = {}, updated_at = $2 WHERE id = $3",
-        later_activity(1)
-    ))
-    .bind(ts(at))
+    let ids: Vec<Uuid> = devices.iter().map(|(id, _)| *id).collect();
+    let times: Vec<DateTime<Utc>> = devices.iter().map(|(_, at)| ts(*at)).collect();
+    sqlx::query(
+        "UPDATE devices d SET last_activity_time = GREATEST(d.last_activity_time, v.at), \
+         updated_at = $3 FROM unnest($1::uuid[], $2::timestamptz[]) AS v (id, at) \
+         WHERE d.id = v.id",
+    )
+    .bind(ids)
+    .bind(times)
     .bind(now())
-    .bind(device)
     .execute(&mut *conn)
     .await
     .map_err(db("bumping last activity"))?;

@@ -45,7 +45,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::batch::MAX_DESCRIPTION_CHARS;
 use crate::batch::{BatchOutcome, BatchWrite};
 use crate::model::*;
 use crate::page::{bad_cursor, finish_page, page_size, MAX_PAGE};
@@ -413,15 +412,6 @@ fn json_value<T: serde::Serialize + ?Sized>(
     })
 }
 
-/// `s` cut to at most `max` characters, on a character boundary.
-fn cut(s: &str, max: usize) -> String {
-    let s = text(s);
-    match s.char_indices().nth(max) {
-        Some((end, _)) => s[..end].to_owned(),
-        None => s.into_owned(),
-    }
-}
-
 const TS_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
 
 /// Cursor of a newest-first listing: the last item's creation time and id (the same text
@@ -749,6 +739,5 @@ mod tests {
     #[test]
     fn text_pg_cannot_hold_is_replaced() {
         assert_eq!(text("a\0b"), "a\u{FFFD}b");
-        assert_eq!(cut("héllo\0", 10), "héllo\u{FFFD}");
     }
 }

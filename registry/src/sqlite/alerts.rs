@@ -1,158 +1,172 @@
-//! Telemetry and alerts on SQLite: dedupe by token (the unique index), CFS debounce
-//! (`crate::decide`), the primary's command, the outbox items, and the alert queries.
+//! Telemetry and alerts on SQLite: the statements group commit (`crate::apply`) writes a
+//! batch's alerts with (the stored tokens, the debounce lookups, the alert rows and the
+//! outbox items, one statement each for up to 500 rows, every value bound), and the alert
+//! queries.
 
 use super::*;
+use crate::apply::{self, AlertRow, OutboxRow};
+use crate::decide::DebounceMatch;
+use crate::fold::Probe;
 
-/// Debounce: the latest alert with this key inside the window (served by the index
-/// `alerts_debounce_latest`, without a sort).
-pub(super) const DEBOUNCE_LOOKUP: &str =
-    "SELECT id, alert_token, parent_alert, parent_alert_token FROM alerts \
-     WHERE debounce_key = ? AND alert_time >= ? AND alert_time <= ? \
-     ORDER BY alert_time DESC, created_at DESC, id DESC LIMIT 1";
+/// Rows per statement of a batch write: SQLite allows 32,766 bound values a statement, an
+/// alert row binds 17.
+const ROWS_PER_STATEMENT: usize = 500;
 
-pub(super) async fn alert_by_token(
-    conn: &mut SqliteConnection,
-    token: &str,
-) -> StoreResult<Option<Alert>> {
-    sqlx::query(&format!(
-        "SELECT {ALERT_COLS} FROM alerts WHERE alert_token = ?"
-    ))
-    .bind(token)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db("looking up an alert token"))?
-    .as_ref()
-    .map(alert_from_row)
-    .transpose()
+/// Debounce for a batch: for each probe (`(i, key, from, to)` rows of a `VALUES` list) the
+/// latest alert with that key inside the window, each lookup served by the index
+/// `alerts_debounce_latest` without a sort. Probes without a match give no row.
+pub(super) fn debounce_lookups(probes: usize) -> String {
+    let values = vec!["(?, ?, ?, ?)"; probes].join(", ");
+    format!(
+        "WITH probe (i, k, lo, hi) AS (VALUES {values}) \
+         SELECT probe.i AS i, a.id, a.alert_token, a.alert_time, a.parent_alert, \
+         a.parent_alert_token FROM probe JOIN alerts a ON a.id = (\
+         SELECT id FROM alerts WHERE debounce_key = probe.k AND alert_time >= probe.lo \
+         AND alert_time <= probe.hi ORDER BY alert_time DESC, created_at DESC, id DESC LIMIT 1)"
+    )
 }
 
-pub(super) async fn insert_alerts(
+pub(super) async fn alerts_by_token(
     conn: &mut SqliteConnection,
-    device: &Device,
-    commit: &TelemetryCommit,
-) -> StoreResult<Vec<CommittedAlert>> {
-    let mut out = Vec::with_capacity(commit.alerts.len());
-    for new in &commit.alerts {
-        // Debounce: the latest alert with the same key whose time is at most one window
-        // from this one's, or its parent if it is a child (the hierarchy stays flat).
-        // In order, that is the latest alert of the window before this one; the window
-        // also reaches forward so that an alert delivered late (after later alerts of the
-        // same burst) folds into its burst instead of opening a new primary.
-        let alert_time = ts(new.alert_time);
-        let mut found = None;
-        if let Some((from, to)) =
-            crate::decide::debounce_range(new.alert_time, commit.debounce_window)
-        {
-            let row = sqlx::query(DEBOUNCE_LOOKUP)
-                .bind(&new.debounce_key)
-                .bind(ts(from))
-                .bind(ts(to))
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db("looking for an alert to fold into"))?;
-            if let Some(row) = row {
-                found = Some(crate::decide::DebounceMatch {
-                    id: get_uuid(&row, "id")?,
-                    token: get(&row, "alert_token")?,
-                    parent: get_opt_uuid(&row, "parent_alert")?,
-                    parent_token: get(&row, "parent_alert_token")?,
-                });
-            }
+    tokens: &[&str],
+) -> StoreResult<Vec<Alert>> {
+    let mut out = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ALERT_COLS} FROM alerts WHERE alert_token IN ("
+        ));
+        let mut list = qb.separated(", ");
+        for token in chunk {
+            list.push_bind(*token);
         }
-        let (parent_id, parent_token) = crate::decide::debounce_parent(found);
-        let parent_id = parent_id.map(|id| id.to_string());
-
-        let inserted = sqlx::query(&format!(
-                "INSERT INTO alerts (id, description, alert_data, alert_time, alert_token, alert_type, \
-                 priority_score, device, device_id, parent_alert, parent_alert_token, statecode, \
-                 statuscode, rule, provider_instance, debounce_key, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (alert_token) DO NOTHING RETURNING {ALERT_COLS}"
-            ))
-            .bind(Uuid::now_v7().to_string())
-            .bind(cut(&new.description, MAX_DESCRIPTION_CHARS))
-            .bind(cut(&new.alert_data, MAX_DATA_CHARS))
-            .bind(&alert_time)
-            .bind(&new.alert_token)
-            .bind(new.alert_type.value())
-            .bind(new.priority_score.map(i64::from))
-            .bind(device.id.to_string())
-            .bind(device.device_id.as_str())
-            .bind(&parent_id)
-            .bind(&parent_token)
-            .bind(AlertStatus::Active.statecode())
-            .bind(AlertStatus::Active.statuscode())
-            .bind(&new.rule)
-            .bind(&device.provider_instance)
-            .bind(&new.debounce_key)
-            .bind(now())
-            .fetch_optional(&mut *conn)
+        qb.push(")");
+        for row in qb
+            .build()
+            .fetch_all(&mut *conn)
             .await
-            .map_err(db("inserting an alert"))?;
-        let Some(row) = inserted else {
-            // The token is already stored: a redelivery. Nothing is written for it.
-            let existing = alert_by_token(&mut *conn, &new.alert_token)
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Database(format!(
-                        "alert token {} conflicted but cannot be read back",
-                        new.alert_token
-                    ))
-                })?;
-            out.push(CommittedAlert {
-                alert: existing,
-                duplicate: true,
-                command: None,
-            });
-            continue;
-        };
-        let alert = alert_from_row(&row)?;
-
-        // A debounced child does not repeat its parent's command.
-        let command = match &new.command {
-            Some(c) if alert.parent_alert.is_none() => Some(
-                insert_command_row(
-                    &mut *conn,
-                    device,
-                    &c.name,
-                    &c.message,
-                    Some(alert.id),
-                    &c.correlation_id,
-                )
-                .await?,
-            ),
-            _ => None,
-        };
-
-        if !commit.sinks.is_empty() {
-            let payload = serde_json::to_string(&alert).map_err(|e| {
-                StoreError::Database(format!("serializing alert {}: {e}", alert.id))
-            })?;
-            let key = alert.id.to_string();
-            let at = now();
-            for sink in &commit.sinks {
-                sqlx::query(
-                        "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at) \
-                         VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (sink, idempotency_key) DO NOTHING",
-                    )
-                    .bind(sink)
-                    .bind(&payload)
-                    .bind(&key)
-                    .bind(&at)
-                    .bind(&at)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db("queueing an outbox item"))?;
-            }
+            .map_err(db("looking up alert tokens"))?
+        {
+            out.push(alert_from_row(&row)?);
         }
-
-        out.push(CommittedAlert {
-            alert,
-            duplicate: false,
-            command,
-        });
     }
     Ok(out)
+}
+
+pub(super) async fn debounce_matches(
+    conn: &mut SqliteConnection,
+    probes: &[Probe<'_>],
+) -> StoreResult<Vec<Option<DebounceMatch>>> {
+    let mut out = vec![None; probes.len()];
+    for (c, chunk) in probes.chunks(ROWS_PER_STATEMENT).enumerate() {
+        let sql = debounce_lookups(chunk.len());
+        let mut query = sqlx::query(&sql);
+        for (i, p) in chunk.iter().enumerate() {
+            let i = i64::try_from(c * ROWS_PER_STATEMENT + i).unwrap_or(i64::MAX);
+            query = query.bind(i).bind(p.key).bind(ts(p.from)).bind(ts(p.to));
+        }
+        let rows = query
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("looking for alerts to fold into"))?;
+        for row in &rows {
+            let i: i64 = get(row, "i")?;
+            let slot = usize::try_from(i)
+                .ok()
+                .and_then(|i| out.get_mut(i))
+                .ok_or_else(|| {
+                    StoreError::Database(format!("debounce lookup {i} was not asked"))
+                })?;
+            *slot = Some(DebounceMatch {
+                id: get_uuid(row, "id")?,
+                token: get(row, "alert_token")?,
+                alert_time: get_ts(row, "alert_time")?,
+                parent: get_opt_uuid(row, "parent_alert")?,
+                parent_token: get(row, "parent_alert_token")?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub(super) async fn insert_alert_rows(
+    conn: &mut SqliteConnection,
+    rows: &[AlertRow<'_>],
+) -> StoreResult<Vec<Alert>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO alerts (id, description, alert_data, alert_time, alert_token, \
+             alert_type, priority_score, device, device_id, parent_alert, parent_alert_token, \
+             statecode, statuscode, rule, provider_instance, debounce_key, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(r.id.to_string())
+                .push_bind(r.description.as_str())
+                .push_bind(r.alert_data.as_str())
+                .push_bind(ts(r.new.alert_time))
+                .push_bind(r.new.alert_token.as_str())
+                .push_bind(r.new.alert_type.value())
+                .push_bind(r.new.priority_score.map(i64::from))
+                .push_bind(r.device.id.to_string())
+                .push_bind(r.device.device_id.as_str())
+                .push_bind(r.parent.map(|p| p.to_string()))
+                .push_bind(r.parent_token.as_deref())
+                .push_bind(AlertStatus::Active.statecode())
+                .push_bind(AlertStatus::Active.statuscode())
+                .push_bind(r.new.rule.as_str())
+                .push_bind(r.device.provider_instance.as_str())
+                .push_bind(r.new.debounce_key.as_str())
+                .push_bind(ts(r.created_at));
+        });
+        qb.push(format!(" RETURNING {ALERT_COLS}"));
+        for row in qb
+            .build()
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("inserting alerts"))?
+        {
+            out.push(alert_from_row(&row)?);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) async fn queue_outbox(
+    conn: &mut SqliteConnection,
+    items: &[OutboxRow<'_>],
+) -> StoreResult<()> {
+    let payloads = items
+        .iter()
+        .map(|item| {
+            serde_json::to_string(item.alert).map_err(|e| {
+                StoreError::Database(format!("serializing alert {}: {e}", item.alert.id))
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    let at = now();
+    for (chunk, payloads) in items
+        .chunks(ROWS_PER_STATEMENT)
+        .zip(payloads.chunks(ROWS_PER_STATEMENT))
+    {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+             created_at) ",
+        );
+        qb.push_values(chunk.iter().zip(payloads), |mut b, (item, payload)| {
+            b.push_bind(item.sink)
+                .push_bind(payload.as_str())
+                .push_bind(item.alert.id.to_string())
+                .push_bind(0_i64)
+                .push_bind(&at)
+                .push_bind(&at);
+        });
+        qb.push(" ON CONFLICT (sink, idempotency_key) DO NOTHING");
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db("queueing outbox items"))?;
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -164,8 +178,7 @@ impl SqliteStore {
         commit.check()?;
         let mut tx = self.write().await?;
         let device = require_device(&mut tx, &commit.device_id).await?;
-        bump_activity(&mut tx, &device.id, commit.received_at).await?;
-        let out = insert_alerts(&mut tx, &device, commit).await?;
+        let out = apply::telemetry(&mut super::batch::Writer(&mut tx), &device, commit).await?;
         tx.commit().await.map_err(db("committing telemetry"))?;
         Ok(out)
     }

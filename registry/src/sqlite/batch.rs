@@ -1,6 +1,8 @@
 //! Group commit on SQLite: every write of a batch in one `BEGIN IMMEDIATE` transaction,
-//! applied in order by the backend-neutral loop (`crate::apply`) with the same statements
-//! as the single-event operations, so a later write sees every earlier one.
+//! applied by the backend-neutral loop (`crate::apply`) through this backend's statements.
+//! A batch's alerts, devices and activity bumps are each one statement, their rows passed
+//! as one JSON array read with `json_each`: one hand-off to sqlx's SQLite worker thread
+//! per statement, whatever the batch's size, and one prepared statement reused.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -9,12 +11,15 @@ use uuid::Uuid;
 use sqlx::SqliteConnection;
 
 use super::{
-    bump_activity, db, fetch_device, insert_alerts, insert_unknown_device, write_connection_state,
+    alerts_by_token, bump_activity, db, debounce_matches, fetch_devices, insert_alert_rows,
+    insert_command_row, insert_unknown_device, queue_outbox, write_connection_state,
     write_dead_letter, write_reported, SqliteStore,
 };
-use crate::apply::{self, BatchWriter};
+use crate::apply::{self, AlertRow, BatchWriter, OutboxRow};
 use crate::batch::{BatchOutcome, BatchWrite};
-use crate::model::{CommittedAlert, Device, NewDeadLetter, TelemetryCommit};
+use crate::decide::DebounceMatch;
+use crate::fold::Probe;
+use crate::model::{Alert, Command, Device, NewAlertCommand, NewDeadLetter};
 use crate::store::StoreResult;
 use crate::DeviceId;
 
@@ -36,12 +41,12 @@ impl SqliteStore {
 }
 
 /// This backend's statements for [`apply::apply`], on the batch's transaction.
-struct Writer<'c>(&'c mut SqliteConnection);
+pub(super) struct Writer<'c>(pub(super) &'c mut SqliteConnection);
 
 #[async_trait]
 impl BatchWriter for Writer<'_> {
-    async fn fetch_device(&mut self, id: &DeviceId) -> StoreResult<Option<Device>> {
-        fetch_device(self.0, id).await
+    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<Vec<Device>> {
+        fetch_devices(self.0, ids).await
     }
     async fn insert_unknown_device(
         &mut self,
@@ -52,13 +57,6 @@ impl BatchWriter for Writer<'_> {
     }
     async fn write_dead_letter(&mut self, letter: &NewDeadLetter) -> StoreResult<()> {
         write_dead_letter(self.0, letter).await.map(drop)
-    }
-    async fn insert_alerts(
-        &mut self,
-        device: &Device,
-        commit: &TelemetryCommit,
-    ) -> StoreResult<Vec<CommittedAlert>> {
-        insert_alerts(self.0, device, commit).await
     }
     async fn write_connection_state(
         &mut self,
@@ -76,7 +74,38 @@ impl BatchWriter for Writer<'_> {
     ) -> StoreResult<bool> {
         write_reported(self.0, id, reported, at).await
     }
-    async fn bump_activity(&mut self, device: &Uuid, at: DateTime<Utc>) -> StoreResult<()> {
-        bump_activity(self.0, device, at).await
+    async fn alerts_by_token(&mut self, tokens: &[&str]) -> StoreResult<Vec<Alert>> {
+        alerts_by_token(self.0, tokens).await
+    }
+    async fn debounce_matches(
+        &mut self,
+        probes: &[Probe<'_>],
+    ) -> StoreResult<Vec<Option<DebounceMatch>>> {
+        debounce_matches(self.0, probes).await
+    }
+    async fn insert_alerts(&mut self, rows: &[AlertRow<'_>]) -> StoreResult<Vec<Alert>> {
+        insert_alert_rows(self.0, rows).await
+    }
+    async fn insert_alert_command(
+        &mut self,
+        device: &Device,
+        command: &NewAlertCommand,
+        alert: Uuid,
+    ) -> StoreResult<Command> {
+        insert_command_row(
+            self.0,
+            device,
+            &command.name,
+            &command.message,
+            Some(alert),
+            &command.correlation_id,
+        )
+        .await
+    }
+    async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()> {
+        queue_outbox(self.0, items).await
+    }
+    async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()> {
+        bump_activity(self.0, devices).await
     }
 }

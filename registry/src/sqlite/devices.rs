@@ -24,6 +24,33 @@ pub(super) async fn fetch_device(
     .transpose()
 }
 
+/// The registered devices among `ids`, one statement per 1,000.
+pub(super) async fn fetch_devices(
+    conn: &mut SqliteConnection,
+    ids: &[&DeviceId],
+) -> StoreResult<Vec<Device>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(1000) {
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {DEVICE_COLS} FROM devices WHERE device_id IN ("
+        ));
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(id.as_str());
+        }
+        qb.push(")");
+        for row in qb
+            .build()
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("reading devices"))?
+        {
+            out.push(device_from_row(&row)?);
+        }
+    }
+    Ok(out)
+}
+
 pub(super) async fn require_device(
     conn: &mut SqliteConnection,
     id: &DeviceId,
@@ -155,22 +182,29 @@ pub(super) async fn insert_unknown_device(
     Ok(())
 }
 
+/// Moves each device's last activity to its time unless a later one is stored; one
+/// statement for the whole batch.
 pub(super) async fn bump_activity(
     conn: &mut SqliteConnection,
-    device: &Uuid,
-    at: DateTime<Utc>,
+    devices: &[(Uuid, DateTime<Utc>)],
 ) -> StoreResult<()> {
-    let at = ts(at);
-    sqlx::query(&format!(
-        "UPDATE devices SET last_activity_time = {LATER_ACTIVITY}, updated_at = ? WHERE id = ?"
-    ))
-    .bind(&at)
-    .bind(&at)
-    .bind(now())
-    .bind(device.to_string())
-    .execute(&mut *conn)
-    .await
-    .map_err(db("bumping last activity"))?;
+    let at = now();
+    for chunk in devices.chunks(1000) {
+        let mut qb = QueryBuilder::<Sqlite>::new("WITH v (id, at) AS (");
+        qb.push_values(chunk, |mut b, (id, time)| {
+            b.push_bind(id.to_string()).push_bind(ts(*time));
+        });
+        qb.push(
+            ") UPDATE devices SET last_activity_time = CASE WHEN last_activity_time IS NULL \
+             OR last_activity_time < v.at THEN v.at ELSE last_activity_time END, updated_at = ",
+        )
+        .push_bind(&at)
+        .push(" FROM v WHERE devices.id = v.id");
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db("bumping last activity"))?;
+    }
     Ok(())
 }
 
