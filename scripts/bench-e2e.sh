@@ -9,7 +9,9 @@
 #   (c) naive    the same -> scripts/bench/naive_peer.py: paho-mqtt with manual acks, one
 #                sqlite3 transaction per message (reading + alert), ack after commit
 #   (d) latency  iotgw at a fixed offered load (RATE msg/s for DURATION s, paho publishers):
-#                publish time (sent_us in the payload) -> the alert's created_at in SQLite
+#                publish time (sent_us in the payload) -> the alert's created_at in SQLite;
+#                first, as its reference, the same publishers at the same load to a plain
+#                `mosquitto_sub -q 1` through the same Mosquitto: sent_us -> received
 #
 # then one table: msg/s, ratios (b)/(a) and (b)/(c), losses, duplicate alerts, load average
 # before and after, nproc, the iotgw commit. `scripts/bench-e2e.sh --help` lists the knobs.
@@ -24,8 +26,9 @@ usage() {
 Usage: scripts/bench-e2e.sh [--help]
 
 End-to-end throughput of iotgw beside a Mosquitto-only ceiling and a naive Python peer,
-plus iotgw's added latency at a fixed load; prints one table. Every stage uses a fresh
-database; every process started is stopped on exit.
+plus iotgw's added latency at a fixed load beside the same load through Mosquitto alone;
+prints one table. Every stage uses a fresh database; every process started is stopped on
+exit.
 
 Environment (defaults in brackets):
   N               messages per throughput stage (a, b, c)                        [50000]
@@ -435,8 +438,46 @@ stage_c() {
     report c "naive peer" msgs_per_s
 }
 
+# The reference of (d): the same publishers and load to a plain subscriber, sent_us ->
+# the time mosquitto_sub printed the message (%U, Unix time with nanoseconds).
+stage_d_reference() {
+    local dir="$work/d0" rc=0 sub_pid i want lines
+    mkdir -p "$dir"
+    mosquitto_sub -h 127.0.0.1 -p "$mq_port" -q 1 -i "bench-d0-sub-$$" -t 'devices/+/telemetry' \
+        -F '%U %p' >"$dir/sub.out" 2>"$dir/sub.log" &
+    sub_pid=$!
+    track "$sub_pid"
+    # Subscribed once a warm-up message comes back (bounded: 10 s).
+    for ((i = 0; i < 200; i++)); do
+        mosquitto_pub -h 127.0.0.1 -p "$mq_port" -q 1 -t devices/warmup/telemetry -m '{"warmup":1}'
+        [ ! -s "$dir/sub.out" ] || break
+        sleep 0.05
+    done
+    if [ ! -s "$dir/sub.out" ]; then
+        say "(d) reference: mosquitto_sub did not subscribe within 10 s"
+        stop_pid "$sub_pid" 3
+        untrack "$sub_pid"
+        return
+    fi
+    (cd "$bench" && exec timeout -k 10 "$((STAGE_TIMEOUT + DURATION * 20 + 60))" "$py" rate_pub.py --port "$mq_port" --devices "$PUBLISHERS" \
+        --rate "$RATE" --duration "$DURATION" --procs "$LAT_PROCS" --prefix d0 \
+        --timeout "$STAGE_TIMEOUT") >"$results/d0.pub.json" 2>"$dir/rate_pub.log" &
+    bg_wait $! || rc=$?
+    # Every message printed (bounded: STAGE_TIMEOUT), then the subscriber is stopped.
+    want=$((RATE * DURATION))
+    for ((i = 0; rc == 0 && i < STAGE_TIMEOUT * 20; i++)); do
+        lines="$(grep -c '"message_id":"d0-' "$dir/sub.out" || true)"
+        [ "$lines" -lt "$want" ] || break
+        sleep 0.05
+    done
+    stop_pid "$sub_pid" 3
+    untrack "$sub_pid"
+    "$py" "$bench/analyze.py" sub-latency --file "$dir/sub.out" --prefix d0- >"$results/d0.json" || true
+}
+
 stage_d() {
     local dir="$work/d" rc=0 messages
+    stage_d_reference
     start_iotgw d "$dir" || rc=$?
     if [ "$rc" -ne 0 ]; then
         set_status d "$rc" "iotgw did not start"

@@ -7,6 +7,9 @@
       (alerts minus distinct message ids), primary/child split, readings of dead letters;
       with --latency, per alert created_at (text YYYY-MM-DDTHH:MM:SS.ffffffZ, written in
       the commit's transaction) minus the payload's sent_us: count, p50, p90, p99, max, in ms.
+  analyze.py sub-latency --file FILE [--prefix P]
+      `mosquitto_sub -F '%U %p'` output: per message whose message_id starts with P, the
+      receive time minus the payload's sent_us: count, p50, p90, p99, max, in ms.
   analyze.py peer-db --db FILE
       the naive peer's file: readings, distinct message ids, alerts, distinct tokens.
   analyze.py metrics --file FILE
@@ -69,16 +72,37 @@ def iotgw_db(a):
            "duplicates": alerts - len(ids), "primary": primary, "children": alerts - primary,
            "unparsed_alert_data": unparsed, "dead_letters": dead}
     if a.latency:
-        latencies.sort()
-        out["latency_ms"] = {
-            "count": len(latencies),
-            "p50": percentile(latencies, 50),
-            "p90": percentile(latencies, 90),
-            "p99": percentile(latencies, 99),
-            "max": latencies[-1] if latencies else None,
-            "min": latencies[0] if latencies else None,
-        }
+        out["latency_ms"] = latency_summary(latencies)
     return out
+
+
+def latency_summary(latencies):
+    latencies.sort()
+    return {
+        "count": len(latencies),
+        "p50": percentile(latencies, 50),
+        "p90": percentile(latencies, 90),
+        "p99": percentile(latencies, 99),
+        "max": latencies[-1] if latencies else None,
+        "min": latencies[0] if latencies else None,
+    }
+
+
+def sub_latency(a):
+    latencies = []
+    with open(a.file, encoding="utf-8") as f:
+        for line in f:
+            stamp, _, payload = line.partition(" ")
+            try:
+                doc = json.loads(payload)
+                if not str(doc.get("message_id", "")).startswith(a.prefix):
+                    continue
+                sec, _, frac = stamp.partition(".")
+                received_us = int(sec) * 1_000_000 + int((frac + "000000")[:6])
+                latencies.append((received_us - int(doc["sent_us"])) / 1000.0)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+    return {"latency_ms": latency_summary(latencies)}
 
 
 def peer_db(a):
@@ -107,6 +131,7 @@ def metrics(a):
         "batches": int(metric_sum(m, "iotgw_batch_events_count")) or None,
         "batch_events_sum": metric_sum(m, "iotgw_batch_events_sum"),
         "batch_commit_seconds_sum": metric_sum(m, "iotgw_batch_commit_seconds_sum"),
+        "batch_store_seconds_sum": metric_sum(m, "iotgw_batch_store_seconds_sum"),
     }
 
 
@@ -116,13 +141,17 @@ def main():
     p = sub.add_parser("iotgw-db")
     p.add_argument("--db", required=True)
     p.add_argument("--latency", action="store_true")
+    p = sub.add_parser("sub-latency")
+    p.add_argument("--file", required=True)
+    p.add_argument("--prefix", default="")
     p = sub.add_parser("peer-db")
     p.add_argument("--db", required=True)
     p = sub.add_parser("metrics")
     p.add_argument("--file", required=True)
     a = ap.parse_args()
     try:
-        out = {"iotgw-db": iotgw_db, "peer-db": peer_db, "metrics": metrics}[a.cmd](a)
+        out = {"iotgw-db": iotgw_db, "peer-db": peer_db, "sub-latency": sub_latency,
+               "metrics": metrics}[a.cmd](a)
     except (sqlite3.Error, OSError) as e:
         out = {"error": str(e)}
     json.dump(out, sys.stdout)

@@ -5,7 +5,8 @@
 
 Reads meta.env (key=value lines written by the script), <stage>.status (ok, timeout,
 failed: ..., skipped) and the JSON files of the stages: a.json; b.json, b.metrics.json,
-b.db.json; c.json, c.db.json; d.pub.json, d.wait.json, d.metrics.json, d.db.json.
+b.db.json; c.json, c.db.json; d0.pub.json, d0.json (the reference), d.pub.json, d.wait.json, d.metrics.json,
+d.db.json.
 A missing file shows as "-".
 """
 
@@ -188,11 +189,23 @@ def main():
             say(f"  added latency, sent_us -> alert created_at in the commit (n = {lat['count']:,}): "
                 f"p50 {num(lat.get('p50'), 1)} ms   p90 {num(lat.get('p90'), 1)} ms   "
                 f"p99 {num(lat.get('p99'), 1)} ms   max {num(lat.get('max'), 1)} ms")
+        ref = load(d, "d0.json").get("latency_ms") or {}
+        ref_pub = load(d, "d0.pub.json")
+        if ref.get("count"):
+            say(f"  reference, the same publishers and load -> Mosquitto -> mosquitto_sub, sent_us -> "
+                f"received (n = {ref['count']:,}, achieved {num(ref_pub.get('achieved_rate'))} msg/s): "
+                f"p50 {num(ref.get('p50'), 1)} ms   p90 {num(ref.get('p90'), 1)} ms   "
+                f"p99 {num(ref.get('p99'), 1)} ms   max {num(ref.get('max'), 1)} ms")
+            if lat:
+                say(f"  iotgw over the reference: p50 {lat['p50'] - ref['p50']:+,.1f} ms   "
+                    f"p99 {lat['p99'] - ref['p99']:+,.1f} ms")
         if dm.get("batches"):
             say(f"  group commit: {dm['batches']:,} store transactions, "
                 f"{dm['batch_events_sum'] / dm['batches']:.1f} events and "
                 f"{1000 * dm['batch_commit_seconds_sum'] / dm['batches']:.1f} ms each on average "
-                f"(created_at is taken inside the transaction, so the commit adds up to that)")
+                + (f"({1000 * dm['batch_store_seconds_sum'] / dm['batches']:.1f} ms of it in the store "
+                   f"transaction) " if dm.get("batch_store_seconds_sum") else "")
+                + "(created_at is taken inside the transaction, so the commit adds up to that)")
         if dm:
             acked_d = dm.get("acked")
             say(f"  lost {pub['messages'] - (acked_d or 0):,} (acked {num(acked_d)} / "

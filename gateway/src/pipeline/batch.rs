@@ -75,7 +75,10 @@ impl Batch {
 /// primary alerts, to be sent now that their telemetry is acked.
 pub(crate) async fn commit(core: &Core, batch: Batch) -> Vec<Command> {
     let Batch { entries, writes } = batch;
-    let outcomes = match core.store.commit_batch(&writes).await {
+    let started = std::time::Instant::now();
+    let committed = core.store.commit_batch(&writes).await;
+    core.metrics.batch_store(started.elapsed());
+    let outcomes = match committed {
         Ok(o) => o,
         Err(e) => {
             let reason = e.to_string();
