@@ -131,7 +131,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// The stand-ins, or `None` (after printing why) when Docker is unreachable outside CI.
 pub async fn env() -> Option<Arc<Env>> {
-    iotgw_testkit::require_docker("the aws_iot_core provider tests (moto and Mosquitto)").ok()?;
+    iotgw_testkit::require_docker("this aws_iot_core provider test (moto and Mosquitto)").ok()?;
     let mut slot = ENV.lock().await;
     if let Some(env) = slot.upgrade() {
         return Some(env);

@@ -49,13 +49,13 @@ const WAIT: Duration = Duration::from_secs(15);
 /// The emulator the tests share, or `None` (after `SKIPPED: ...`) when Docker is
 /// unreachable outside CI.
 async fn emulator() -> Option<Arc<PubSub>> {
-    iotgw_testkit::require_docker("the gcp_pubsub provider tests").ok()?;
+    iotgw_testkit::require_docker("this gcp_pubsub provider test").ok()?;
     Some(PubSub::leased().await.expect("the Pub/Sub emulator starts"))
 }
 
 /// An emulator of the test's own, which it may restart; `None` as [`emulator`].
 async fn dedicated_emulator() -> Option<PubSub> {
-    iotgw_testkit::require_docker("the gcp_pubsub provider tests").ok()?;
+    iotgw_testkit::require_docker("this gcp_pubsub provider test").ok()?;
     Some(
         PubSub::dedicated()
             .await

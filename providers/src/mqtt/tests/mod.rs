@@ -39,7 +39,7 @@ async fn dynsec_broker() -> Option<Mosquitto> {
 }
 
 async fn start_broker(spec: MosquittoSpec) -> Option<Mosquitto> {
-    iotgw_testkit::require_docker("the mqtt provider tests (Mosquitto)").ok()?;
+    iotgw_testkit::require_docker("this mqtt provider test (Mosquitto)").ok()?;
     Some(
         Mosquitto::dedicated(spec)
             .await
