@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs what the test suites need from Debian's packages; safe to run again.
+# Installs Mosquitto from Debian's packages for scripts/bench-e2e.sh (the end-to-end
+# benchmark runs a broker process of its own); safe to run again. The test suite needs
+# neither: its brokers are eclipse-mosquitto:2 containers (iotgw-testkit).
 #
-#   mosquitto          the broker the mqtt provider tests start (with its dynamic
-#                      security plugin, mosquitto_dynamic_security.so)
-#   mosquitto-clients  mosquitto_pub/mosquitto_sub, and mosquitto_ctrl on Debian
-#                      bookworm, used to create the dynsec.json of the dynsec tests
+#   mosquitto          the broker bench-e2e.sh starts
+#   mosquitto-clients  mosquitto_pub/mosquitto_sub, its publishers and subscriber
 set -euo pipefail
 
 packages=(mosquitto mosquitto-clients)

@@ -3,9 +3,9 @@
 #
 #   ./scripts/test.sh            [extra args passed to cargo test]
 #
-# 1. installs what the tests need: Mosquitto with its dynamic security plugin from Debian's
-#    packages (scripts/install-test-deps.sh) and Microsoft's Python service SDK for the
-#    Azure differential tests from PyPI (scripts/install-azure-test-deps.sh);
+# 1. installs what the tests need beside Docker: Microsoft's Python service SDK for the
+#    Azure differential tests from PyPI (scripts/install-azure-test-deps.sh); every broker
+#    and emulator is a container started by iotgw-testkit (testkit/);
 # 2. makes sure the emulator images exist in Docker under their public names
 #    (eclipse-mosquitto:2, motoserver/moto:5.1.4, postgres:15,
 #    gcr.io/google.com/cloudsdktool/google-cloud-cli:emulators): a missing one is pulled;
@@ -60,8 +60,6 @@ remove_stale_containers() {
     [ "$n" -eq 0 ] || say "removed $n test container(s) left by earlier runs"
 }
 
-say "installing test dependencies (Debian packages)"
-bash scripts/install-test-deps.sh
 say "installing the official Azure IoT Hub Python SDK the azure_iot_hub differential tests compare against (PyPI, venv under target/)"
 bash scripts/install-azure-test-deps.sh
 

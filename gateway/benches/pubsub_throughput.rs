@@ -5,13 +5,10 @@
 //! `cargo bench -p iotgw --features gcp_pubsub --bench pubsub_throughput`
 //!
 //! Environment: `IOTGW_BENCH_MESSAGES` (default 5000), `IOTGW_BENCH_DEVICES` (default
-//! 20). Bounded: fails after 180 s. Skips (prints `SKIPPED: ...`) without Docker, fails
-//! under `CI=true`. The recorded figure lives in BENCHMARKS.md
-//! (`deploy/examples/gcp_pubsub.BENCH.md` until merged).
-#![allow(
-    clippy::disallowed_methods,
-    reason = "bench: DOCKER_HOST is set once, in main, before any container starts"
-)]
+//! 20). Bounded: fails after 180 s. The emulator is `iotgw_testkit::pubsub`'s, as in every
+//! other test. Skips (prints `SKIPPED: ...`) without Docker, fails under `CI=true`. The
+//! recorded figure lives in BENCHMARKS.md (`deploy/examples/gcp_pubsub.BENCH.md` until
+//! merged).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -22,40 +19,13 @@ use google_cloud_pubsub::model::Message;
 use iotgw::app::{self, StartOptions};
 use iotgw::core::RegisterRequest;
 use iotgw_config::{CompareOp, Config, GcpPubSubConfig, ProviderConfig, RuleConfig};
-use testcontainers::core::{IntoContainerPort, WaitFor};
-use testcontainers::runners::AsyncRunner;
-use testcontainers::{GenericImage, ImageExt};
+use iotgw_testkit::pubsub::{PubSub, PROJECT};
 
 mod support;
 use support::{env_usize, run_within, Samples};
 
-#[path = "../../tests/src/harness/docker.rs"]
-#[allow(dead_code)]
-mod docker;
-
-const IMAGE: &str = "gcr.io/google.com/cloudsdktool/google-cloud-cli";
-const TAG: &str = "emulators";
-const PORT: u16 = 8085;
-const PROJECT: &str = "iotgw-bench";
 const INSTANCE: &str = "cloud";
 const LIMIT: Duration = Duration::from_secs(180);
-
-/// Finds Docker; starts the API-version shim when the engine is older than
-/// testcontainers' client. Runs before any other thread exists (it may set DOCKER_HOST).
-fn docker_ready() -> Result<Option<tempfile::TempDir>, String> {
-    let Ok(ep) = docker::endpoint() else {
-        return Ok(None);
-    };
-    let version = docker::api_version(&ep)?;
-    docker::remove_stale(&ep);
-    if std::env::var_os("DOCKER_HOST").is_some() || version >= docker::CLIENT_API_VERSION {
-        return Ok(None);
-    }
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let path = docker::start_shim(ep, version, dir.path()).map_err(|e| e.to_string())?;
-    std::env::set_var("DOCKER_HOST", format!("unix://{}", path.display()));
-    Ok(Some(dir))
-}
 
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs it without: then a
@@ -64,55 +34,21 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let _shim = match docker_ready() {
-        Ok(s) => s,
-        Err(why) => {
-            let msg =
-                format!("the Pub/Sub throughput bench needs Docker, which is unreachable: {why}");
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                anyhow::bail!("CI=true: {msg}");
-            }
-            println!("SKIPPED: {msg}");
-            return Ok(());
-        }
-    };
-    run_within(LIMIT, run(smoke))
+    // First, while the process has one thread (it may set DOCKER_HOST).
+    iotgw_testkit::init();
+    if iotgw_testkit::require_docker("the Pub/Sub throughput bench").is_err() {
+        return Ok(());
+    }
+    let result = run_within(LIMIT, run(smoke));
+    iotgw_testkit::cleanup();
+    result
 }
 
 async fn run(smoke: bool) -> anyhow::Result<()> {
     let messages = env_usize("IOTGW_BENCH_MESSAGES", if smoke { 200 } else { 5000 });
     let devices = env_usize("IOTGW_BENCH_DEVICES", 20).max(1);
 
-    let container = GenericImage::new(IMAGE, TAG)
-        .with_exposed_port(PORT.tcp())
-        .with_wait_for(WaitFor::message_on_either_std(format!(
-            "Server started, listening on {PORT}"
-        )))
-        .with_cmd([
-            "gcloud".to_owned(),
-            "beta".into(),
-            "emulators".into(),
-            "pubsub".into(),
-            "start".into(),
-            format!("--project={PROJECT}"),
-            format!("--host-port=0.0.0.0:{PORT}"),
-        ])
-        .with_label(docker::LABEL, "1")
-        .with_label(docker::LABEL_PID, std::process::id().to_string())
-        .with_label(docker::LABEL_HOST, docker::host_name())
-        .with_label(docker::LABEL_ROLE, "pubsub/bench")
-        .with_startup_timeout(Duration::from_secs(120))
-        .start()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "the Pub/Sub emulator ({IMAGE}:{TAG}) did not start: {e}; without a registry build it with IOTGW_IMAGES=pubsub bash deploy/images/build-local-images.sh"
-            )
-        })?;
-    let host = format!(
-        "127.0.0.1:{}",
-        container.get_host_port_ipv4(PORT.tcp()).await?
-    );
+    let host = PubSub::shared().await?.emulator_host();
 
     let data = tempfile::tempdir()?;
     let mut config = Config::default();
@@ -226,6 +162,5 @@ async fn run(smoke: bool) -> anyhow::Result<()> {
     );
 
     gw.stop(Duration::from_secs(5)).await;
-    container.rm().await?;
     Ok(())
 }

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use iotgw_testkit::mosquitto::{Mosquitto, MosquittoSpec};
 use serde_json::Value;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -162,6 +163,8 @@ fn docker_build(tag: &str, context: &Path, extra: &[&str]) -> Result<(), String>
 #[derive(Default)]
 struct Cleanup {
     containers: Vec<String>,
+    /// Containers removed by their own handle, whose logs are printed on a failure too.
+    logged: Vec<String>,
     networks: Vec<String>,
     images: Vec<String>,
 }
@@ -169,7 +172,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for c in &self.containers {
+            for c in self.logged.iter().chain(&self.containers) {
                 if let Ok(o) = Command::new("docker")
                     .args(["logs", "--tail", "60", c])
                     .output()
@@ -313,6 +316,9 @@ fn sidecar_pair_registers_over_localhost_delivers_alerts_and_drains_on_docker_st
         skip(&format!("{why}; the sidecar test needs Docker"));
         return;
     }
+    if iotgw_testkit::require_docker("the sidecar test").is_err() {
+        return;
+    }
     for (image, builds) in [
         (
             DEBIAN_IMAGE,
@@ -333,6 +339,8 @@ fn sidecar_pair_registers_over_localhost_delivers_alerts_and_drains_on_docker_st
     }
     let root = repo_root();
     let id = unique("iotgw-sidecar");
+    // Declared before `cleanup`, so it outlives it: on a failure its log is printed first.
+    let _broker: Mosquitto;
     let mut cleanup = Cleanup::default();
 
     // The image, around this test run's binary.
@@ -362,45 +370,24 @@ fn sidecar_pair_registers_over_localhost_delivers_alerts_and_drains_on_docker_st
     docker_ok(&["network", "create", &network]);
     cleanup.networks.push(network.clone());
 
-    // Mosquitto, named `mosquitto` on the network as in the compose file.
-    let mosquitto = format!("{id}-mosquitto");
-    cleanup.containers.push(mosquitto.clone());
-    docker_ok(&[
-        "create",
-        "--name",
-        &mosquitto,
-        "--network",
-        &network,
-        "--network-alias",
-        "mosquitto",
-        MOSQUITTO_IMAGE,
-    ]);
-    let conf = root
-        .join("deploy/compose/mosquitto.conf")
-        .display()
-        .to_string();
-    docker_ok(&[
-        "cp",
-        &conf,
-        &format!("{mosquitto}:/mosquitto/config/mosquitto.conf"),
-    ]);
-    docker_ok(&["start", &mosquitto]);
-    wait_for("Mosquitto to accept clients", DEADLINE, || {
-        docker(&[
-            "exec",
-            &mosquitto,
-            "mosquitto_sub",
-            "-h",
-            "127.0.0.1",
-            "-t",
-            "$SYS/broker/version",
-            "-C",
-            "1",
-            "-W",
-            "2",
-        ])
-        .ok()
-    });
+    // Mosquitto with the compose example's config, named `mosquitto` on the network as in
+    // the compose file (the one Mosquitto starter of the workspace, iotgw_testkit's).
+    let conf = std::fs::read_to_string(root.join("deploy/compose/mosquitto.conf"))
+        .expect("deploy/compose/mosquitto.conf");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the broker's start");
+    let mosquitto = rt
+        .block_on(Mosquitto::dedicated(MosquittoSpec {
+            config: Some(conf),
+            ..MosquittoSpec::default()
+        }))
+        .unwrap_or_else(|e| panic!("Mosquitto with deploy/compose/mosquitto.conf: {e:#}"));
+    rt.block_on(mosquitto.container().connect_network(&network, "mosquitto"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    cleanup.logged.push(mosquitto.container().id().to_owned());
+    _broker = mosquitto;
 
     // iotgw with the compose example's gateway.toml, copied in like a mounted file.
     let gateway = format!("{id}-iotgw");

@@ -1,9 +1,9 @@
 //! Test support for iotgw's behaviour tests (`tests/tests/`): nothing here ships.
 //!
 //! # Layout
-//! - [`harness`]: the emulators (Mosquitto, moto, the Pub/Sub emulator, PostgreSQL) in
-//!   Docker through testcontainers, one shared container per test binary, dedicated ones
-//!   for restart tests; skip or fail when Docker is missing.
+//! - The emulators (Mosquitto, moto, the Pub/Sub emulator, PostgreSQL) are not here: their
+//!   one starter each is the `iotgw-testkit` crate (`testkit/`), which the providers'
+//!   in-crate tests and the gateway's tests and benches use too.
 //! - [`conformance`]: the provider conformance suite: the [`conformance::ProviderFixture`]
 //!   trait (one file per provider under `conformance/fixtures/`), the scenarios, the
 //!   record normalisation and golden files, and the scenario x provider matrix.
@@ -12,11 +12,10 @@
 //! - [`runner`]: the tiny runner of the `harness = false` test binaries.
 #![allow(
     clippy::disallowed_methods,
-    reason = "test support: plain-HTTP clients against local emulators; DOCKER_HOST is set once, inside a OnceLock, before any container starts"
+    reason = "test support: plain-HTTP clients against local emulators and the gateway under test, no TLS roots or timeouts to configure"
 )]
 
 pub mod api;
 pub mod conformance;
-pub mod harness;
 pub mod runner;
 pub mod wait;

@@ -50,5 +50,5 @@ where
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    crate::harness::free_port()
+    iotgw_testkit::free_port()
 }

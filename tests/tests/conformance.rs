@@ -9,11 +9,10 @@
 use std::process::ExitCode;
 
 use iotgw_tests::conformance::{columns, matrix};
-use iotgw_tests::harness;
 
 fn main() -> ExitCode {
     // First, while the process has one thread (it may set DOCKER_HOST).
-    let docker = harness::init();
+    let docker = iotgw_testkit::init();
     eprintln!("conformance: Docker: {docker:?}");
     if std::env::args().any(|a| a == "--list") {
         // `cargo test -- --list` asks every binary for its tests.
@@ -23,7 +22,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let report = iotgw_tests::runner::runtime().block_on(matrix::run(columns()));
-    harness::cleanup();
+    iotgw_testkit::cleanup();
     let text = report.render();
     print!("{text}");
     let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("conformance-matrix.txt");

@@ -1,4 +1,4 @@
-//! Each emulator of the harness starts from its public image name and answers
+//! Each emulator of `iotgw-testkit` starts from its public image name and answers
 //! (harness = false: one runtime and one set of shared containers for the binary).
 //! Prints one line per test and ends with `N passed, N failed`.
 #![allow(
@@ -9,11 +9,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use iotgw_tests::harness::mosquitto::{Mosquitto, MosquittoSpec, ADMIN_PASSWORD, ADMIN_USER};
-use iotgw_tests::harness::moto::Moto;
-use iotgw_tests::harness::postgres::Postgres;
-use iotgw_tests::harness::pubsub::{PubSub, PROJECT};
-use iotgw_tests::harness::{self, DockerStatus};
+use iotgw_testkit::mosquitto::{Mosquitto, MosquittoSpec, ADMIN_PASSWORD, ADMIN_USER};
+use iotgw_testkit::moto::Moto;
+use iotgw_testkit::postgres::Postgres;
+use iotgw_testkit::pubsub::{PubSub, PROJECT};
+use iotgw_testkit::DockerStatus;
 use iotgw_tests::runner::{run_case, runtime, summary_line};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
@@ -58,7 +58,7 @@ fn cases() -> Vec<(&'static str, Case)> {
 
 fn main() -> ExitCode {
     // First, while the process has one thread (it may set DOCKER_HOST).
-    harness::init();
+    iotgw_testkit::init();
     let cases = cases();
     if std::env::args().any(|a| a == "--list") {
         for (name, _) in &cases {
@@ -66,12 +66,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if let DockerStatus::Unavailable(why) = harness::status() {
+    if let DockerStatus::Unavailable(why) = iotgw_testkit::status() {
         let msg = format!(
             "the emulator tests need Docker, which is unreachable: {why}. \
              Start Docker (or set DOCKER_HOST) and run scripts/test.sh"
         );
-        if harness::ci() {
+        if iotgw_testkit::ci() {
             println!("FAIL (CI=true): {msg}\n{}", summary_line(0, 1));
             return ExitCode::FAILURE;
         }
@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         }
         out
     });
-    harness::cleanup();
+    iotgw_testkit::cleanup();
     let mut failed = 0;
     for (name, (r, took)) in &results {
         match r {

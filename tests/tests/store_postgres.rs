@@ -16,8 +16,8 @@ use iotgw_registry::{
     AlertFilter, AlertType, BatchWrite, DeviceId, IfUnknown, NewAlert, PageRequest,
     PostgresOptions, PostgresStore, Store, TelemetryCommit,
 };
-use iotgw_tests::harness::postgres::{Postgres, PASSWORD};
-use iotgw_tests::harness::{self, DockerStatus};
+use iotgw_testkit::postgres::{Postgres, PASSWORD};
+use iotgw_testkit::DockerStatus;
 use iotgw_tests::runner::{run_case, runtime, summary_line};
 use tokio::sync::Semaphore;
 
@@ -60,7 +60,7 @@ fn races() -> Vec<(&'static str, Race)> {
 
 fn main() -> ExitCode {
     // First, while the process has one thread (it may set DOCKER_HOST).
-    harness::init();
+    iotgw_testkit::init();
     let mut cases: Vec<(String, Case)> = iotgw_registry::conformance::scenarios()
         .into_iter()
         .map(|s| (format!("conformance::{}", s.name), Case::Scenario(s)))
@@ -76,12 +76,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if let DockerStatus::Unavailable(why) = harness::status() {
+    if let DockerStatus::Unavailable(why) = iotgw_testkit::status() {
         let msg = format!(
             "the PostgreSQL store tests need Docker, which is unreachable: {why}. \
              Start Docker (or set DOCKER_HOST) and run scripts/test.sh"
         );
-        if harness::ci() {
+        if iotgw_testkit::ci() {
             println!("FAIL (CI=true): {msg}\n{}", summary_line(0, 1));
             return ExitCode::FAILURE;
         }
@@ -111,7 +111,7 @@ fn main() -> ExitCode {
         }
         out
     });
-    harness::cleanup();
+    iotgw_testkit::cleanup();
     let mut failed = 0;
     let mut scenarios_passed = 0;
     for (name, (r, took)) in &results {

@@ -5,19 +5,21 @@
 //! # Layout
 //! The rooms every provider folder has, then this provider's own:
 //! - `mod.rs`: [`build`] from config.
-//! - [`provider`]: [`AwsIotCoreProvider`], the [`crate::Provider`] implementation
-//!   (commands through the `iot-data` API from its `send_command`: this provider has no
-//!   `commands.rs` yet; device state, health).
+//! - [`provider`]: [`AwsIotCoreProvider`], the [`crate::Provider`] implementation only:
+//!   each method hands its work to its room; device state is read there (the shadow, and
+//!   the presence events the receive loop saw).
 //! - [`state`]: what the instance has observed and shares with its receive loop.
 //! - [`receive`]: the MQTT receive loop (what differs on AWS; the session itself is
 //!   [`crate::mqtt::session`]: persistent session, in-order manual acks, reconnects),
 //!   presence ordered by event time.
-//! - [`inbound`]: presence events and shadow documents (pure decoding).
-//! - `commands.rs`: not a room of its own yet (see `provider`).
+//! - [`inbound`]: presence events and shadow documents (pure decoding, no I/O).
+//! - [`commands`]: how commands go out: the `iot-data` Publish API at QoS 1 with MQTT 5
+//!   properties (never the gateway's own MQTT session).
 //! - [`registry`]: register and unregister (thing, certificate, policy, attachments,
 //!   shadow), with rollback of partial registrations.
 //! - `tests/` (tests only): the provider's own tests against moto (iot, iot-data) and a
-//!   Mosquitto with client-certificate TLS standing in for the AWS IoT Core MQTT endpoint.
+//!   Mosquitto with client-certificate TLS standing in for the AWS IoT Core MQTT endpoint,
+//!   both from `iotgw_testkit`.
 //!
 //! Its own rooms:
 //! - [`clients`]: the shared AWS SDK configuration and the `iot` / `iot-data` clients.
@@ -31,6 +33,7 @@
 //! messages the same way.
 
 pub mod clients;
+pub mod commands;
 pub mod errors;
 pub mod inbound;
 pub mod policy;

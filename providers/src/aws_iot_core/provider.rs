@@ -1,18 +1,12 @@
-//! [`AwsIotCoreProvider`]: the [`Provider`] of AWS IoT Core.
-//!
-//! This file holds the request/response side of the trait (its shared state is in
-//! [`super::state`]):
-//! commands through the `iot-data` API, device state from the shadow and the presence
-//! events seen, registration through [`super::registry`]. The MQTT receive loop lives in
-//! [`super::receive`].
+//! [`AwsIotCoreProvider`]: the [`Provider`] implementation of AWS IoT Core, and only that:
+//! registration is [`super::registry`]'s, commands [`super::commands`]', the MQTT receive
+//! loop [`super::receive`]'s; device state is read here from the shadow and the presence
+//! events the receive loop saw ([`super::state`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_iotdataplane::primitives::Blob;
-use aws_sdk_iotdataplane::types::PayloadFormatIndicator;
-use base64::Engine as _;
 use iotgw_config::AwsIotCoreConfig;
 use iotgw_ids::DeviceId;
 
@@ -98,15 +92,6 @@ impl AwsIotCoreProvider {
     pub fn dropped_messages(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
-
-    fn registrar(&self) -> Registrar<'_> {
-        Registrar {
-            instance: &self.shared.instance,
-            clients: &self.shared.clients,
-            topics: &self.shared.topics,
-            config: &self.shared.config,
-        }
-    }
 }
 
 #[async_trait]
@@ -131,69 +116,19 @@ impl Provider for AwsIotCoreProvider {
     /// [`super::registry`] for rollback and idempotency. The credentials (certificate
     /// PEM, private key, endpoint, topics) are in the answer only.
     async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError> {
-        self.registrar().register(spec).await
+        Registrar::of(&self.shared).register(spec).await
     }
 
     /// Detaches, deactivates and deletes the certificate, then deletes the policy, the
     /// shadow and the thing. [`ProviderError::NotFound`] when the thing does not exist.
     async fn unregister(&self, id: &DeviceId) -> Result<(), ProviderError> {
-        self.registrar().unregister(id.as_str()).await
+        Registrar::of(&self.shared).unregister(id.as_str()).await
     }
 
-    /// Publishes the command at QoS 1 through the `iot-data` API to the device's command
-    /// topic, with MQTT 5 properties: correlation data (the correlation id), response
-    /// topic (the device's reply topic), content type, and user properties
-    /// `command_name`, `correlation_id`, `command_id`. `Published`: the device's reply
-    /// decides Sent or Error.
+    /// See [`super::commands`]: QoS 1 through the `iot-data` Publish API, with MQTT 5
+    /// properties. `Published`: the device's reply decides Sent or Error.
     async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
-        let limit = self.limits.max_command_bytes;
-        if cmd.message.len() > limit {
-            return Err(ProviderError::InvalidInput {
-                instance: self.shared.instance.to_string(),
-                field: "msdyn_message".into(),
-                message: format!(
-                    "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message; AWS allows 128 KB): shorten its parameters",
-                    cmd.name,
-                    cmd.message.len()
-                ),
-            });
-        }
-        let device = cmd.device_id.as_str();
-        let topics = &self.shared.topics;
-        let topic = topics.command_topic(device);
-        let user_properties = serde_json::json!([
-            {"command_name": cmd.name},
-            {"correlation_id": cmd.correlation_id},
-            {"command_id": cmd.id.to_string()},
-        ])
-        .to_string();
-        let resource = format!("command {} to {device} on {topic}", cmd.name);
-        self.shared
-            .clients
-            .data()
-            .await?
-            .publish()
-            .topic(&topic)
-            .qos(1)
-            .payload(Blob::new(cmd.message.as_bytes().to_vec()))
-            .content_type("application/json")
-            .payload_format_indicator(PayloadFormatIndicator::Utf8Data)
-            .response_topic(topics.reply_topic(device))
-            .correlation_data(base64::engine::general_purpose::STANDARD.encode(&cmd.correlation_id))
-            .user_properties(user_properties)
-            .send()
-            .await
-            .map_err(|e| {
-                self.shared.clients.error(
-                    &Call {
-                        op: "Publish",
-                        resource: &resource,
-                        field: "msdyn_message",
-                    },
-                    &e,
-                )
-            })?;
-        Ok(CommandOutcome::Published)
+        super::commands::send(&self.shared, self.limits.max_command_bytes, cmd).await
     }
 
     /// Reported properties from the device's shadow (`GetThingShadow`, with the time of

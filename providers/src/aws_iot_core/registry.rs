@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::clients::Clients;
 use super::errors::{with_note, Call};
 use super::policy::{self, arn_prefix, device_policy, same_document};
+use super::state::Shared;
 use super::topics::AwsTopics;
 use crate::{DeviceSpec, ProviderError, Registration};
 
@@ -62,6 +63,18 @@ pub struct Registrar<'a> {
     pub topics: &'a AwsTopics,
     /// Settings.
     pub config: &'a AwsIotCoreConfig,
+}
+
+impl<'a> Registrar<'a> {
+    /// The registrar of the instance whose state is `shared`.
+    pub(super) fn of(shared: &'a Shared) -> Self {
+        Self {
+            instance: &shared.instance,
+            clients: &shared.clients,
+            topics: &shared.topics,
+            config: &shared.config,
+        }
+    }
 }
 
 fn is_not_found(e: &ProviderError) -> bool {

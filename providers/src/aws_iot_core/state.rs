@@ -1,6 +1,7 @@
 //! What an `aws_iot_core` instance has observed and shares between the provider handle
-//! ([`super::provider`]) and its MQTT receive loop ([`super::receive`]): both import it,
-//! it imports neither, so the two never import each other.
+//! ([`super::provider`]), its MQTT receive loop ([`super::receive`]), the command sender
+//! ([`super::commands`]) and the registrar ([`super::registry`]): they import it, it
+//! imports none of them, so they never import each other.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

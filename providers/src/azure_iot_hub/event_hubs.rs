@@ -8,35 +8,23 @@
 //! them in its store (table `checkpoints`, scoped by instance, so a restarted gateway
 //! resumes where it stopped); [`MemoryCheckpoints`] keeps them for the life of the process.
 //!
-//! Mapping (system property `iothub-message-source`, application property `opType`, as in
-//! IoT Hub's "non-telemetry event schemas"):
-//! - `Telemetry` (or no source): telemetry from `iothub-connection-device-id`; the alert
-//!   token is `{device}:{message-id}` when the device set a message id, else
-//!   `eh:{partition}:{sequence number}` (stable across redeliveries);
-//! - `deviceConnectionStateEvents`: `deviceConnected`/`deviceDisconnected`, ordered by the
-//!   body's `sequenceNumber` (shared with the Event Grid path), at `operationTimestamp`;
-//! - `twinChangeEvents`: the reported properties in the body (desired-only changes skip);
-//! - `deviceLifecycleEvents`: `createDeviceIdentity` gives the twin's reported properties,
-//!   `deleteDeviceIdentity` a disconnected state;
-//! - events of modules (`iothub-connection-module-id` or `moduleId`) are skipped: the
-//!   documentation says an event without `moduleId` is the device's own.
+//! What each event becomes (telemetry, connection states ordered by `sequenceNumber`,
+//! reported properties) is decided by [`super::inbound::map_event`], pure; this file is
+//! the I/O around it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use chrono::{DateTime, TimeZone as _, Utc};
-use serde_json::Value;
+use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::models::{parse_time, without_metadata};
+pub use super::inbound::HubEvent;
+use super::inbound::{map_event, Mapped};
 use super::ordering::{compare_sequence, SharedConnectionSeqs};
-use crate::{
-    Ack, AckHandle, EventKind, EventSender, ProviderError, ProviderEvent, Shutdown, Telemetry,
-};
+use crate::{Ack, AckHandle, EventSender, ProviderError, ProviderEvent, Shutdown};
 
 /// How many events of one partition may wait for the gateway's ack at once. Large enough
 /// for a whole group commit (`pipeline.batch_max_events`, 512 by default) per partition:
@@ -84,28 +72,6 @@ impl Unsaved {
     }
 }
 
-/// One event read from a partition.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct HubEvent {
-    /// The partition.
-    pub partition: String,
-    /// The event's offset (what a checkpoint records).
-    pub offset: String,
-    /// The event's sequence number in the partition.
-    pub sequence_number: i64,
-    /// When Event Hubs enqueued it.
-    pub enqueued_time: Option<DateTime<Utc>>,
-    /// The AMQP message id (`message-id`), if the device set one.
-    pub message_id: Option<String>,
-    /// System properties / annotations (`iothub-connection-device-id`,
-    /// `iothub-message-source`, `iothub-enqueuedtime`, ...), as text.
-    pub system: BTreeMap<String, String>,
-    /// Application properties, as text.
-    pub application: BTreeMap<String, String>,
-    /// The body.
-    pub body: Bytes,
-}
-
 /// Where a partition starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Position {
@@ -139,154 +105,6 @@ pub trait PartitionReceiver: Send {
 }
 
 pub use crate::{Checkpoints, MemoryCheckpoints};
-
-/// What one event becomes.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Mapped {
-    /// An event for the pipeline (with the connection sequence to record once committed).
-    Event {
-        /// The event.
-        kind: EventKind,
-        /// `(device, sequenceNumber, emitted time)` of a connection event.
-        seq: Option<(String, String, DateTime<Utc>)>,
-    },
-    /// Nothing to send (why).
-    Skip(String),
-}
-
-fn op_time(e: &HubEvent) -> DateTime<Utc> {
-    e.application
-        .get("operationTimestamp")
-        .and_then(|t| parse_time(t))
-        .or_else(|| {
-            // An AMQP timestamp: RFC 3339 text from the client, or milliseconds.
-            e.system.get("iothub-enqueuedtime").and_then(|t| {
-                parse_time(t).or_else(|| {
-                    t.parse::<i64>()
-                        .ok()
-                        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-                })
-            })
-        })
-        .or(e.enqueued_time)
-        .unwrap_or_else(Utc::now)
-}
-
-/// Maps one event; `newest` gives the newest connection sequence (and its emitted time)
-/// already committed or in flight for a device.
-pub fn map_event(e: &HubEvent, newest: impl Fn(&str) -> Option<(String, DateTime<Utc>)>) -> Mapped {
-    let Some(device) = e
-        .system
-        .get("iothub-connection-device-id")
-        .or_else(|| e.application.get("deviceId"))
-        .filter(|d| !d.is_empty())
-        .cloned()
-    else {
-        return Mapped::Skip(format!(
-            "event {}:{} names no device",
-            e.partition, e.offset
-        ));
-    };
-    let source = e
-        .system
-        .get("iothub-message-source")
-        .map(String::as_str)
-        .unwrap_or("Telemetry");
-    let module = e
-        .system
-        .get("iothub-connection-module-id")
-        .or_else(|| e.application.get("moduleId"))
-        .is_some_and(|m| !m.is_empty());
-    if source == "Telemetry" {
-        let message_id = match &e.message_id {
-            Some(m) if !m.is_empty() => format!("{device}:{m}"),
-            _ => format!("eh:{}:{}", e.partition, e.sequence_number),
-        };
-        return Mapped::Event {
-            kind: EventKind::Telemetry(Telemetry {
-                device_id: device,
-                message_id,
-                payload: e.body.clone(),
-                received_at: e.enqueued_time.unwrap_or_else(Utc::now),
-            }),
-            seq: None,
-        };
-    }
-    if module {
-        return Mapped::Skip(format!("{source} of a module of {device}"));
-    }
-    let body: Value = serde_json::from_slice(&e.body).unwrap_or(Value::Null);
-    let op = e
-        .application
-        .get("opType")
-        .map(String::as_str)
-        .unwrap_or_default();
-    let at = op_time(e);
-    match (source, op) {
-        ("deviceConnectionStateEvents", "deviceConnected" | "deviceDisconnected") => {
-            let Some(seq) = body.get("sequenceNumber").and_then(Value::as_str) else {
-                return Mapped::Skip(format!("{op} of {device} without a sequenceNumber"));
-            };
-            let mut at = at;
-            if let Some((prev, prev_at)) = newest(&device) {
-                if compare_sequence(seq, &prev) != std::cmp::Ordering::Greater {
-                    return Mapped::Skip(format!(
-                        "{op} of {device} with sequence {seq} is not newer than {prev}"
-                    ));
-                }
-                if at <= prev_at {
-                    at = prev_at + chrono::Duration::microseconds(1);
-                }
-            }
-            Mapped::Event {
-                kind: EventKind::Connection {
-                    device_id: device.clone(),
-                    connected: op == "deviceConnected",
-                    at,
-                },
-                seq: Some((device, seq.to_owned(), at)),
-            }
-        }
-        ("twinChangeEvents", _) => match body
-            .pointer("/properties/reported")
-            .and_then(Value::as_object)
-        {
-            Some(reported) => Mapped::Event {
-                kind: EventKind::ReportedProperties {
-                    device_id: device,
-                    properties: Value::Object(without_metadata(reported)),
-                    at,
-                },
-                seq: None,
-            },
-            None => Mapped::Skip(format!(
-                "twin change of {device} without reported properties"
-            )),
-        },
-        ("deviceLifecycleEvents", "createDeviceIdentity") => Mapped::Event {
-            kind: EventKind::ReportedProperties {
-                device_id: device,
-                properties: Value::Object(
-                    body.pointer("/properties/reported")
-                        .and_then(Value::as_object)
-                        .map(without_metadata)
-                        .unwrap_or_default(),
-                ),
-                at,
-            },
-            seq: None,
-        },
-        ("deviceLifecycleEvents", "deleteDeviceIdentity") => Mapped::Event {
-            kind: EventKind::Connection {
-                device_id: device,
-                connected: false,
-                at,
-            },
-            seq: None,
-        },
-        _ => Mapped::Skip(format!("{source}/{op} of {device} is not handled")),
-    }
-}
 
 /// Consumes every partition of `source` until `shutdown`: maps events, sends them, and
 /// saves a partition's checkpoint (the offset) once every event up to it was acked. A
@@ -552,11 +370,16 @@ impl Consumer {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    use super::*;
-    use serde_json::json;
+    use bytes::Bytes;
+    use chrono::TimeZone as _;
+    use serde_json::{json, Value};
     use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::EventKind;
 
     /// Partitions of injected events; `open` serves from a position like Event Hubs.
     struct Injected {

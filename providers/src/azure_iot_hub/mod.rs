@@ -6,45 +6,54 @@
 //! # Layout
 //! The rooms every provider folder has, then this provider's own:
 //! - `mod.rs`: [`build`] from config.
-//! - [`provider`]: [`AzureIotHubProvider`], the [`crate::Provider`] implementation.
-//! - [`state`]: what the instance shares with its Event Grid endpoint and its Event Hubs
-//!   consumer.
-//! - `receive.rs`: the receive paths are [`event_hubs`] (the Event Hubs-compatible
-//!   endpoint consumer behind traits: mapping, ordering, ack-then-checkpoint, with the
-//!   [`event_hubs::Checkpoints`] it saves to) and [`event_grid`] (the Event Grid webhook:
-//!   both schemas, validation handshake, secret, ordering by sequence number,
-//!   ack-before-200).
-//! - `inbound.rs`: the cloud's message shapes are [`models`] (the REST API's JSON:
-//!   devices, bulk operations, twins, methods).
-//! - `commands.rs`: commands go out through [`c2d`] (cloud-to-device messages over
-//!   AMQP 1.0: CBS put-token, `/messages/devicebound`) or [`rest`] (direct methods,
-//!   twin desired properties).
-//! - `registry.rs`: the control plane is [`rest`]: [`HubClient`], the service REST API
-//!   (api-version 2021-04-12) with retries of 429/503 after `Retry-After` and error
-//!   classification.
+//! - [`provider`]: [`AzureIotHubProvider`], the [`crate::Provider`] implementation only:
+//!   each method hands its work to its room (device state is the twin, read over [`rest`]
+//!   and decoded by [`inbound`]).
+//! - [`state`]: what the instance shares with its receive paths, registry and command
+//!   sender, and the health bookkeeping they all do.
+//! - [`receive`]: the receive paths: `run` (credential probe, then the Event Hubs consumer
+//!   and the C2D feedback receiver until shutdown) and the Event Grid webhook (validation
+//!   handshake, secret, ack-before-200).
+//! - [`inbound`]: pure decoding, no I/O: Event Grid batches (both schemas) and events of
+//!   the Event Hubs-compatible endpoint into pipeline events, and a twin into a device
+//!   state.
+//! - [`commands`]: how commands go out, per `command_delivery`: a direct method or a
+//!   desired property over [`rest`], or a C2D message over [`c2d`].
+//! - [`registry`]: the control plane: the identity registry (symmetric-key devices, one
+//!   at a time or in bulk, tags and desired settings on the twin, deletion) over [`rest`].
 //! - `tests/` (tests only): the provider's own tests: the official Python SDK and iotgw
-//!   drive the `fakes` and are compared request by request.
+//!   drive the `fakes` and are compared request by request (IoT Hub has no emulator).
 //!
 //! Its own rooms (IoT Hub has no emulator, so every wire format here is checked against
 //! the official Azure SDK's own requests):
+//! - [`rest`]: [`HubClient`], the service REST API (api-version 2021-04-12): SAS-signed
+//!   requests, retries of 429/503 after `Retry-After`, error classification, and the JSON
+//!   shapes it sends and reads.
+//! - [`c2d`]: cloud-to-device messages over AMQP 1.0 (CBS put-token,
+//!   `/messages/devicebound`) and their delivery feedback.
 //! - [`sas`]: SAS tokens (`SharedAccessSignature sr=...&sig=...&se=...&skn=...`), cached
 //!   and renewed before expiry.
+//! - [`event_hubs`]: the consumer of the Event Hubs-compatible endpoint, the second receive
+//!   path: one receiver per partition behind traits, ack-then-checkpoint, the
+//!   [`event_hubs::Checkpoints`] it saves to.
 //! - `event_hubs_client` (feature `azure_event_hubs`): the real reader of the Event
 //!   Hubs-compatible endpoint on the official `azure_messaging_eventhubs` client.
+//! - [`ordering`]: connection-sequence ordering, which both event paths use.
 //! - `fakes` (tests, or feature `azure_fakes`): recording fakes of the hub's HTTPS, AMQP
 //!   (C2D) and Event Hubs-compatible endpoints.
-//! - [`ordering`]: connection-sequence ordering, which both event paths use.
 //!
 //! The provider keeps no device state of its own and never touches the store.
 
 pub mod c2d;
-pub mod event_grid;
+pub mod commands;
 pub mod event_hubs;
 #[cfg(feature = "azure_event_hubs")]
 pub mod event_hubs_client;
-pub mod models;
+pub mod inbound;
 pub mod ordering;
 pub mod provider;
+pub mod receive;
+pub mod registry;
 pub mod rest;
 pub mod sas;
 pub mod state;

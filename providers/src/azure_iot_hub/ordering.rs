@@ -23,3 +23,16 @@ pub fn compare_sequence(a: &str, b: &str) -> Ordering {
     let (a, b) = (norm(a), norm(b));
     a.len().cmp(&b.len()).then_with(|| a.cmp(&b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_compare_numerically_whatever_their_length_and_case() {
+        assert_eq!(compare_sequence("0002", "1"), Ordering::Greater);
+        assert_eq!(compare_sequence("00ff", "FE"), Ordering::Greater);
+        assert_eq!(compare_sequence("000A", "a"), Ordering::Equal);
+        assert_eq!(compare_sequence("0100", "FF"), Ordering::Greater);
+    }
+}

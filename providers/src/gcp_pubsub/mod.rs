@@ -9,18 +9,19 @@
 //! # Layout
 //! The rooms every provider folder has, then this provider's own:
 //! - `mod.rs`: [`build`] from config.
-//! - [`provider`]: [`GcpPubSubProvider`], the [`crate::Provider`] implementation
-//!   (registration, device state; commands are published from its `send_command`: this
-//!   provider has no `commands.rs` yet).
+//! - [`provider`]: [`GcpPubSubProvider`], the [`crate::Provider`] implementation only:
+//!   each method hands its work to its room (device state is what the receive loops saw).
 //! - [`state`]: what the instance has observed and shares with its receive loops.
 //! - [`receive`]: the streaming pulls (flow control, ack after commit, reopen with backoff).
 //! - [`inbound`]: payload and attribute formats of telemetry, replies and lifecycle
-//!   messages; pure decoding.
-//! - `commands.rs`: not a room of its own yet (see `provider`).
-//! - `registry.rs`: the control plane is `admin`: topic and subscription checks and
-//!   creation, per-device command subscriptions.
+//!   messages; pure decoding, no I/O.
+//! - [`commands`]: how commands go out: one message on the commands topic, the device id
+//!   as attribute and ordering key.
+//! - [`registry`]: the control plane: Pub/Sub has no devices, so it is topic and
+//!   subscription administration (the start-up check or creation of every resource) and
+//!   `register`/`unregister`, the per-device command subscriptions.
 //! - `tests/` (tests only): the provider's own tests against the official Pub/Sub
-//!   emulator in Docker.
+//!   emulator in Docker (from `iotgw_testkit::pubsub`).
 //!
 //! Its own rooms:
 //! - [`names`]: the resource names of an instance (topics, subscriptions, the per-device
@@ -28,12 +29,13 @@
 //! - [`client`]: the crate's clients (emulator or service, credentials) and the
 //!   classification of its errors into [`crate::ProviderError`].
 
-mod admin;
 pub mod client;
+pub mod commands;
 pub mod inbound;
 pub mod names;
 pub mod provider;
 pub mod receive;
+pub mod registry;
 pub mod state;
 
 #[cfg(test)]

@@ -1,21 +1,17 @@
-//! [`GcpPubSubProvider`]: the [`Provider`] of Google Cloud Pub/Sub.
-//!
-//! This file holds the request/response side of the trait (registration, commands,
-//! device state); the state it shares with its receive loops is in [`super::state`]. The streaming pull lives in
-//! [`super::receive`], topic and subscription administration in `admin`.
+//! [`GcpPubSubProvider`]: the [`Provider`] implementation of Google Cloud Pub/Sub, and
+//! only that: registration and the resources are [`super::registry`]'s, commands
+//! [`super::commands`]', the streaming pulls [`super::receive`]'s; device state comes from
+//! what the receive loops saw ([`super::state`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use google_cloud_pubsub::error::PublishError;
-use google_cloud_pubsub::model::Message;
 use iotgw_config::GcpPubSubConfig;
 use iotgw_ids::DeviceId;
 
-use super::client::{self, classify, Call};
-use super::names::{Names, COMMAND_ID_ATTRIBUTE, COMMAND_NAME_ATTRIBUTE, CORRELATION_ID_ATTRIBUTE};
+use super::client;
+use super::names::Names;
 use super::state::Shared;
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
@@ -131,109 +127,24 @@ impl Provider for GcpPubSubProvider {
         self.shared.health.get()
     }
 
-    /// Pub/Sub has no device registry: the gateway's is the only one. With
-    /// `command_subscriptions`, creates the device's subscription on the commands topic,
-    /// filtered on its id attribute with message ordering on (an identical existing one is
-    /// accepted, so registering twice is fine).
+    /// See [`super::registry`]: with `command_subscriptions`, the device's command
+    /// subscription is created (an identical existing one is accepted); otherwise the
+    /// gateway's registry is the only one.
     async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError> {
-        let s = &self.shared;
-        if !s.config.command_subscriptions {
-            return Ok(Registration {
-                message: Some(format!(
-                    "registry only: Pub/Sub has no devices; the device's bridge publishes with attribute {}={} to {}",
-                    s.names.device_id_attribute,
-                    spec.device_id,
-                    s.names.streams[0].topic
-                )),
-                credentials: None,
-            });
-        }
-        let name = s.create_command_subscription(&spec.device_id).await?;
-        Ok(Registration {
-            message: Some(format!(
-                "command subscription {name} (filter {}); the device's bridge publishes with attribute {}={} to {}",
-                s.names.command_filter(&spec.device_id),
-                s.names.device_id_attribute,
-                spec.device_id,
-                s.names.streams[0].topic
-            )),
-            credentials: None,
-        })
+        self.shared.register(spec).await
     }
 
-    /// With `command_subscriptions`, deletes the device's command subscription (one already
-    /// gone counts as deleted); otherwise nothing to do.
+    /// See [`super::registry`]: with `command_subscriptions`, deletes the device's command
+    /// subscription (one already gone counts as deleted); otherwise nothing to do.
     async fn unregister(&self, id: &DeviceId) -> Result<(), ProviderError> {
-        if self.shared.config.command_subscriptions {
-            self.shared.delete_command_subscription(id).await?;
-        }
-        Ok(())
+        self.shared.unregister(id).await
     }
 
-    /// Publishes the command to the commands topic: the message text as data, attributes
-    /// `<device_id_attribute>`, `command_name`, `correlation_id`, `command_id`, and the
-    /// device id as ordering key, so one device's commands keep their order. Returns once
-    /// Pub/Sub accepted it; the device's reply (on the reply topic) decides Sent or Error.
+    /// See [`super::commands`]: one message on the commands topic, the device id as
+    /// ordering key. Returns once Pub/Sub accepted it; the device's reply (on the reply
+    /// topic) decides Sent or Error.
     async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
-        let s = &self.shared;
-        let limit = self.limits.max_command_bytes;
-        if cmd.message.len() > limit {
-            return Err(ProviderError::InvalidInput {
-                instance: s.instance.to_string(),
-                field: "msdyn_message".into(),
-                message: format!(
-                    "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
-                    cmd.name,
-                    cmd.message.len()
-                ),
-            });
-        }
-        let device = cmd.device_id.as_str();
-        let msg = Message::new()
-            .set_data(cmd.message.clone())
-            .set_ordering_key(device)
-            .set_attributes([
-                (s.names.device_id_attribute.clone(), device.to_owned()),
-                (COMMAND_NAME_ATTRIBUTE.to_owned(), cmd.name.clone()),
-                (
-                    CORRELATION_ID_ATTRIBUTE.to_owned(),
-                    cmd.correlation_id.clone(),
-                ),
-                (COMMAND_ID_ATTRIBUTE.to_owned(), cmd.id.to_string()),
-            ]);
-        let what = format!(
-            "publishing command {} ({}) to {} for {device}",
-            cmd.id, cmd.name, s.names.commands_topic
-        );
-        // The publisher retries within request_timeout_secs; the margin covers batching.
-        let limit = Duration::from_secs(s.config.request_timeout_secs) + Duration::from_secs(1);
-        let published = tokio::time::timeout(limit, s.clients.commands.publish(msg)).await;
-        let err = match published {
-            Ok(Ok(message_id)) => {
-                tracing::debug!(instance = %s.instance, device, command = %cmd.id, %message_id, "gcp_pubsub: command published");
-                return Ok(CommandOutcome::Published);
-            }
-            Ok(Err(PublishError::Rpc(e))) => classify(
-                &s.instance,
-                Call {
-                    field: "commands_topic",
-                    what: &what,
-                },
-                &e,
-            ),
-            Ok(Err(PublishError::OrderingKeyPaused)) => s.transient(format!(
-                "{what}: an earlier command to this device failed, so its ordering key was paused; it is resumed now: retry"
-            )),
-            Ok(Err(other)) => s.transient(format!("{what}: {other}")),
-            Err(_) => s.transient(format!(
-                "{what}: not confirmed within {limit:?} by {}",
-                s.clients.target.describe()
-            )),
-        };
-        // A failed publish pauses the device's ordering key; the failed command is
-        // reported, so later ones may go.
-        s.clients.commands.resume_publish(device);
-        Err(err)
+        super::commands::send(&self.shared, self.limits.max_command_bytes, cmd).await
     }
 
     /// What the receive loops have seen of the device since they started: connection state

@@ -1,7 +1,7 @@
 //! What a `gcp_pubsub` instance has observed and shares between the provider handle
-//! ([`super::provider`]), its receive loops ([`super::receive`]) and the resource
-//! administration ([`super::admin`]): they import it, it imports none of them, so they
-//! never import each other.
+//! ([`super::provider`]), its receive loops ([`super::receive`]), the control plane
+//! ([`super::registry`]) and the command sender ([`super::commands`]): they import it, it
+//! imports none of them, so they never import each other.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

@@ -1,32 +1,25 @@
-//! [`MqttProvider`]: the [`Provider`] of a plain MQTT 5 broker.
-//!
-//! This file holds the request/response side of the trait (commands, device state,
-//! registration); the state it shares with its receive loop is in [`super::state`]. The receive loop lives in
-//! [`super::receive`], broker credentials in [`super::dynsec`].
+//! [`MqttProvider`]: the [`Provider`] implementation of a plain MQTT 5 broker, and only
+//! that: each method hands its work to its room (commands to [`super::commands`], broker
+//! credentials to [`super::dynsec`], `run` to [`super::receive`]) or answers from the state
+//! the receive loop keeps ([`super::state`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
-use iotgw_config::{CommandCorrelation, MqttConfig};
+use iotgw_config::MqttConfig;
 use iotgw_ids::DeviceId;
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use rumqttc::v5::mqttbytes::QoS;
 
 use super::dynsec::DynsecAdmin;
-use super::state::{lock, Barrier, Shared};
+use super::state::Shared;
 pub use super::state::{RECEIVE_MAXIMUM, SESSION_EXPIRY_SECS};
-use super::topics::{TopicKind, Topics};
+use super::topics::Topics;
 use crate::observed::{DeviceBook, HealthCell};
 use crate::{
     CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
     ProviderError, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
     CFS_MAX_COMMAND_BYTES,
 };
-
-/// How long `send_command` waits for room in the request queue before giving up.
-const COMMAND_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The plain MQTT 5 provider: one persistent session on one broker.
 ///
@@ -156,80 +149,10 @@ impl Provider for MqttProvider {
         }
     }
 
-    /// Publishes the command at QoS 1 to the device's command topic with MQTT 5
-    /// correlation data, response topic and user properties `command_name`,
-    /// `correlation_id` and `command_id`; with `command_correlation = "payload"` instead
-    /// the correlation id is a `"correlation_id"` field of the JSON payload and the publish
-    /// carries no properties (3.1.1 devices), with `"both"` it is in both places. While the broker is away rumqttc queues it in
-    /// memory and sends it after reconnecting (lost if the process stops first).
+    /// See [`super::commands`]: QoS 1 to the device's command topic, the correlation id
+    /// as MQTT 5 correlation data and/or in the payload (`command_correlation`).
     async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError> {
-        let limit = self.limits.max_command_bytes;
-        if cmd.message.len() > limit {
-            return Err(ProviderError::InvalidInput {
-                instance: self.shared.instance.to_string(),
-                field: "msdyn_message".into(),
-                message: format!(
-                    "command {} is {} bytes; at most {limit} bytes fit (Field Service's msdyn_message): shorten its parameters",
-                    cmd.name,
-                    cmd.message.len()
-                ),
-            });
-        }
-        let client = lock(&self.shared.client).clone().ok_or_else(|| {
-            self.shared.transient(
-                "the receive loop is not running (run not started or stopped): command not sent",
-            )
-        })?;
-        let topics = &self.shared.topics;
-        let device = cmd.device_id.as_str();
-        let properties = PublishProperties {
-            payload_format_indicator: Some(1),
-            content_type: Some("application/json".into()),
-            response_topic: Some(topics.reply.topic_for(device)),
-            correlation_data: Some(cmd.correlation_id.clone().into()),
-            user_properties: vec![
-                ("command_name".into(), cmd.name.clone()),
-                ("correlation_id".into(), cmd.correlation_id.clone()),
-                ("command_id".into(), cmd.id.to_string()),
-            ],
-            ..PublishProperties::default()
-        };
-        let mode = self.shared.config.command_correlation;
-        let payload = match mode {
-            CommandCorrelation::Properties => cmd.message.clone(),
-            CommandCorrelation::Payload | CommandCorrelation::Both => {
-                with_correlation(&cmd.message, &cmd.correlation_id)
-            }
-        };
-        let topic = topics.command.topic_for(device);
-        let publish = async {
-            match mode {
-                CommandCorrelation::Payload => {
-                    client
-                        .publish(topic, QoS::AtLeastOnce, false, payload)
-                        .await
-                }
-                CommandCorrelation::Properties | CommandCorrelation::Both => {
-                    client
-                        .publish_with_properties(
-                            topic,
-                            QoS::AtLeastOnce,
-                            false,
-                            payload,
-                            properties,
-                        )
-                        .await
-                }
-            }
-        };
-        match tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish).await {
-            Ok(Ok(())) => Ok(CommandOutcome::Published),
-            Ok(Err(e)) => Err(self.shared.transient(format!("command {} to {device} not queued: {e}", cmd.id))),
-            Err(_) => Err(self.shared.transient(format!(
-                "command {} to {device} not queued within {COMMAND_QUEUE_TIMEOUT:?}: the broker connection is backed up; retry later",
-                cmd.id
-            ))),
-        }
+        super::commands::send(&self.shared, self.limits.max_command_bytes, cmd).await
     }
 
     /// What the receive loop has seen of the device since it started: connection state
@@ -239,51 +162,16 @@ impl Provider for MqttProvider {
         Ok(self.shared.devices.state(id.as_str()))
     }
 
+    /// See [`super::receive::drain`]: markers through the gateway's own subscription
+    /// (nothing to wait for with a shared subscription).
+    async fn drain(&self) -> Result<(), ProviderError> {
+        super::receive::drain(&self.shared).await
+    }
+
     /// See [`super::receive`] for the loop: persistent session, manual acks, reconnects
     /// with backoff. Returns `Err` only when the broker refuses the gateway's credentials
     /// or client id (retrying cannot fix that), or when `run` is already active for this
     /// instance.
-    /// Publishes a marker on each subscribed topic (device id `iotgw-drain-<uuid>`) and
-    /// returns when all of them came back through the gateway's own subscription: every
-    /// message the broker delivered before them is then in the event channel. With a
-    /// shared subscription the markers may go to another replica, and the broker keeps what
-    /// this one did not ack anyway, so there is nothing to wait for.
-    async fn drain(&self) -> Result<(), ProviderError> {
-        if !self.shared.config.shared_group.is_empty() {
-            return Ok(());
-        }
-        let Some(client) = lock(&self.shared.client).clone() else {
-            return Ok(());
-        };
-        let marker = format!("iotgw-drain-{}", uuid::Uuid::new_v4().simple());
-        let (done, finished) = tokio::sync::oneshot::channel();
-        let t = &self.shared.topics;
-        let kinds = [
-            (TopicKind::Telemetry, t.telemetry.topic_for(&marker)),
-            (TopicKind::Status, t.status.topic_for(&marker)),
-            (TopicKind::Reply, t.reply.topic_for(&marker)),
-            (TopicKind::Reported, t.reported.topic_for(&marker)),
-        ];
-        *lock(&self.shared.barrier) = Some(Barrier {
-            marker: marker.clone(),
-            pending: kinds.iter().map(|(k, _)| *k).collect(),
-            done: Some(done),
-        });
-        for (_, topic) in kinds {
-            client
-                .publish(topic, QoS::AtLeastOnce, false, "drain")
-                .await
-                .map_err(|e| {
-                    self.shared
-                        .transient(format!("publishing the drain marker: {e}"))
-                })?;
-        }
-        let _ = finished.await;
-        *lock(&self.shared.barrier) = None;
-        tracing::info!(instance = %self.shared.instance, "mqtt: drained: everything the broker delivered before the stop is in the pipeline");
-        Ok(())
-    }
-
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError> {
         if !self.shared.try_start() {
             return Err(ProviderError::Conflict {
@@ -297,53 +185,9 @@ impl Provider for MqttProvider {
     }
 }
 
-/// The command message with `"correlation_id"` added to its top-level JSON object, so a
-/// device without MQTT 5 properties (3.1.1) can echo it in its reply. A message that is not
-/// a JSON object, or already names a correlation id, is sent as it is.
-fn with_correlation(message: &str, correlation_id: &str) -> String {
-    match serde_json::from_str::<serde_json::Value>(message) {
-        Ok(serde_json::Value::Object(mut fields)) if !fields.contains_key("correlation_id") => {
-            fields.insert(
-                "correlation_id".into(),
-                serde_json::Value::String(correlation_id.to_owned()),
-            );
-            serde_json::Value::Object(fields).to_string()
-        }
-        _ => message.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::{DateTime, Utc};
-
-    #[test]
-    fn the_correlation_id_is_added_to_a_json_object_command_and_nothing_else() {
-        let out: serde_json::Value = serde_json::from_str(&with_correlation(
-            r#"{"CommandName":"cool_down","Parameters":{"t":60}}"#,
-            "m-1/cool_down",
-        ))
-        .expect("json");
-        assert_eq!(
-            out,
-            serde_json::json!({"CommandName":"cool_down","Parameters":{"t":60},"correlation_id":"m-1/cool_down"})
-        );
-        assert_eq!(
-            with_correlation("reboot", "c"),
-            "reboot",
-            "not JSON: unchanged"
-        );
-        assert_eq!(
-            with_correlation("[1]", "c"),
-            "[1]",
-            "not an object: unchanged"
-        );
-        assert_eq!(
-            with_correlation(r#"{"correlation_id":"mine"}"#, "c"),
-            r#"{"correlation_id":"mine"}"#,
-            "a device-facing id the user chose is kept"
-        );
-    }
 
     use super::*;
     use crate::EventKind;

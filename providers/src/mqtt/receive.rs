@@ -25,7 +25,8 @@ use tracing::{info, warn};
 
 use super::inbound::{self, Inbound, Received, MESSAGE_ID_PROPERTY};
 use super::session::{self, Hooks, Settings};
-use super::state::{Shared, RECEIVE_MAXIMUM, REQUEST_CAPACITY};
+use super::state::{lock, Barrier, Shared, RECEIVE_MAXIMUM, REQUEST_CAPACITY};
+use super::topics::TopicKind;
 use crate::observed::HealthCell;
 use crate::{AckHandle, EventSender, InstanceName, ProviderError, ProviderEvent, Shutdown};
 
@@ -110,6 +111,44 @@ impl Hooks for MqttHooks {
         let cfg = &self.shared.config;
         format!("broker {}:{}: {e}", cfg.host, cfg.port)
     }
+}
+
+/// Publishes a marker on each subscribed topic (device id `iotgw-drain-<uuid>`) and
+/// returns when all of them came back through the gateway's own subscription: every
+/// message the broker delivered before them is then in the event channel. With a
+/// shared subscription the markers may go to another replica, and the broker keeps what
+/// this one did not ack anyway, so there is nothing to wait for.
+pub(super) async fn drain(shared: &Shared) -> Result<(), ProviderError> {
+    if !shared.config.shared_group.is_empty() {
+        return Ok(());
+    }
+    let Some(client) = lock(&shared.client).clone() else {
+        return Ok(());
+    };
+    let marker = format!("iotgw-drain-{}", uuid::Uuid::new_v4().simple());
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let t = &shared.topics;
+    let kinds = [
+        (TopicKind::Telemetry, t.telemetry.topic_for(&marker)),
+        (TopicKind::Status, t.status.topic_for(&marker)),
+        (TopicKind::Reply, t.reply.topic_for(&marker)),
+        (TopicKind::Reported, t.reported.topic_for(&marker)),
+    ];
+    *lock(&shared.barrier) = Some(Barrier {
+        marker: marker.clone(),
+        pending: kinds.iter().map(|(k, _)| *k).collect(),
+        done: Some(done),
+    });
+    for (_, topic) in kinds {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, "drain")
+            .await
+            .map_err(|e| shared.transient(format!("publishing the drain marker: {e}")))?;
+    }
+    let _ = finished.await;
+    *lock(&shared.barrier) = None;
+    tracing::info!(instance = %shared.instance, "mqtt: drained: everything the broker delivered before the stop is in the pipeline");
+    Ok(())
 }
 
 /// The filters of the gateway's session, in a fixed order (SUBACK codes follow it).

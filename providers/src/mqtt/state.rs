@@ -1,6 +1,7 @@
 //! What a plain MQTT instance has observed and shares between the provider handle
-//! ([`super::provider`]) and its receive loop ([`super::receive`]): both import it, it
-//! imports neither, so the two never import each other.
+//! ([`super::provider`]), its receive loop ([`super::receive`]) and the command sender
+//! ([`super::commands`]): they import it, it imports none of them, so they never import
+//! each other.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;

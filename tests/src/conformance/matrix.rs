@@ -12,8 +12,8 @@ use tokio::sync::Semaphore;
 use super::normalize::{check_golden, Golden};
 use super::scenarios::Scenario;
 use super::{Column, Names, ProviderFixture};
-use crate::harness::{self, DockerStatus};
 use crate::runner::{run_case, summary_line};
+use iotgw_testkit::{self, DockerStatus};
 
 /// Scenario runs at the same time (each has its own gateway; restarts have their own
 /// container). Two cores are the budget.
@@ -177,14 +177,14 @@ pub async fn run(columns: Vec<Column>) -> Report {
         .flatten()
         .map(|f| (f.kind(), f.against()))
         .collect();
-    let docker_problem = match harness::status() {
+    let docker_problem = match iotgw_testkit::status() {
         DockerStatus::Available { .. } => None,
         DockerStatus::Unavailable(why) => Some(format!(
             "Docker is unreachable ({why}): start Docker (or set DOCKER_HOST) and run scripts/test.sh"
         )),
     };
     if let Some(why) = &docker_problem {
-        if harness::ci() {
+        if iotgw_testkit::ci() {
             eprintln!("CI=true and {why}: every emulator scenario fails");
         } else {
             eprintln!("SKIPPED: the conformance suite: {why}");
@@ -210,7 +210,7 @@ pub async fn run(columns: Vec<Column>) -> Report {
                 (Some(f), _) if scenario.restarts_emulator() && f.emulator().is_none() => {
                     Cell::NotApplicable(format!("{kind} has no emulator to restart"))
                 }
-                (Some(_), Some(why)) if harness::ci() => Cell::Fail(why.clone()),
+                (Some(_), Some(why)) if iotgw_testkit::ci() => Cell::Fail(why.clone()),
                 (Some(_), Some(why)) => Cell::Skipped(why.clone()),
                 (Some(f), None) => {
                     let f = f.clone();

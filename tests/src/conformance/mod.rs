@@ -22,7 +22,7 @@
 //! # Adding a provider
 //! 1. Write `fixtures/<kind>.rs` with a type implementing [`ProviderFixture`] (and its
 //!    [`FixtureEnv`] and [`SimDevice`]); `fixtures/mqtt.rs` is the model. Start emulators
-//!    with [`crate::harness`]: the shared container for ordinary scenarios, a dedicated
+//!    with `iotgw_testkit`: the shared container for ordinary scenarios, a dedicated
 //!    one when `environment` is asked for a restartable environment, held in
 //!    [`fixtures::Held`].
 //! 2. Declare it in `fixtures/mod.rs` behind `#[cfg(feature = "<kind>")]` and put it in
@@ -70,7 +70,7 @@ pub trait ProviderFixture: Send + Sync {
     /// Prepares what one scenario needs: cloud-side resources named after `names`
     /// (topics, subscriptions, broker users...). With `restartable`, the scenario will
     /// call [`FixtureEnv::restart_emulator`]: give it an emulator of its own
-    /// (`harness::<emulator>::dedicated()`), never the shared one.
+    /// (`iotgw_testkit::<emulator>::dedicated()`), never the shared one.
     async fn environment(
         &self,
         names: &Names,
@@ -108,7 +108,7 @@ pub trait FixtureEnv: Send + Sync {
     }
 
     /// Removes what the environment created (dedicated containers, ...). The default
-    /// does nothing; shared containers are removed by the harness at the end of the run.
+    /// does nothing; shared containers are removed by `iotgw_testkit::cleanup` at the end of the run.
     async fn teardown(self: Box<Self>) {}
 }
 

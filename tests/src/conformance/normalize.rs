@@ -175,7 +175,7 @@ pub fn check_golden(scenario: &str, kind: &str, snapshot: &Value) -> anyhow::Res
         }
         Ok(_) | Err(_) => {
             anyhow::ensure!(
-                bless || !crate::harness::ci(),
+                bless || !iotgw_testkit::ci(),
                 "CI=true and the golden file {} is missing: run the suite locally once to create it and commit it",
                 path.display()
             );

@@ -32,7 +32,7 @@ async fn a_command_reaches_moto_as_a_qos_1_publish_on_the_device_topic_with_its_
     // The SDK sends the topic as one percent-encoded path segment; compare decoded paths
     // (moto records the URL as its web server rebuilt it).
     let path = format!("/topics/cmd/iotgw/{device}/req");
-    let recorded = recording(&env.moto_url).await;
+    let recorded = recording(&env).await;
     let publishes: Vec<_> = recorded
         .iter()
         .filter(|r| r.method == "POST" && r.decoded_url().contains(&path))
@@ -46,7 +46,7 @@ async fn a_command_reaches_moto_as_a_qos_1_publish_on_the_device_topic_with_its_
     let publish = publishes[0];
     assert!(publish.url.contains("qos=1"), "{}", publish.url);
     assert_eq!(
-        publish.body_bytes(),
+        publish.body_bytes().expect("recorded body"),
         cmd.message.as_bytes(),
         "payload as sent"
     );

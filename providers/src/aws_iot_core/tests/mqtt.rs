@@ -88,13 +88,13 @@ impl Drop for Client {
 
 impl Client {
     async fn connect(env: &Env, client_id: &str) -> Self {
-        let (cert, key) = env.pki.client_files(client_id);
-        let read = |p: &str| std::fs::read(p).expect("test certificate file");
+        let tls = env
+            .pki
+            .client_tls(client_id)
+            .expect("TLS with a client certificate of the test CA");
         let mut o = MqttOptions::new(client_id, env.host.clone(), env.mqtt_port);
         o.set_keep_alive(std::time::Duration::from_secs(5))
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                client_tls(env, read(&cert), read(&key)),
-            )));
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         let (client, mut eventloop) = AsyncClient::new(o, 16);
         let connack = tokio::time::timeout(WAIT, async {
             loop {
@@ -127,29 +127,6 @@ impl Client {
         };
         done.expect("publish queued");
     }
-}
-
-fn client_tls(env: &Env, cert: Vec<u8>, key: Vec<u8>) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(env.pki.ca_pem.as_bytes()).expect("CA PEM"))
-        .expect("CA added");
-    let certs = CertificateDer::pem_slice_iter(&cert)
-        .collect::<Result<Vec<_>, _>>()
-        .expect("certificate PEM");
-    let key = PrivateKeyDer::from_pem_slice(&key).expect("key PEM");
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .expect("client auth"),
-    )
 }
 
 #[tokio::test]
@@ -315,8 +292,10 @@ async fn a_gateway_certificate_the_endpoint_does_not_trust_shows_in_health_as_a_
     let mut c = env.config(&gw);
     // A certificate from another CA: the stand-in refuses it, as AWS refuses an
     // unregistered certificate.
-    let other = super::Pki::new();
-    let (cert, key) = other.client_files(&gw);
+    let other = iotgw_testkit::pki::Pki::new("another CA").expect("a second CA");
+    let (cert, key) = other
+        .client_files(&gw)
+        .expect("a certificate of the other CA");
     c.client_cert_path = Some(cert);
     c.client_key_path = Some(key);
     let provider = Arc::new(

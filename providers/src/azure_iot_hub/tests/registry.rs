@@ -11,11 +11,11 @@ use serde_json::{json, Value};
 use super::fake_hub::{sas_fields, FakeHub, Recorded};
 use super::pki::pki;
 use super::sdk::Sdk;
-use crate::azure_iot_hub::models::{
+use crate::azure_iot_hub::rest::HubClient;
+use crate::azure_iot_hub::rest::{
     Authentication, Capabilities, CloudToDeviceMethod, Device, ExportImportDevice, Twin,
     TwinProperties,
 };
-use crate::azure_iot_hub::rest::HubClient;
 use crate::azure_iot_hub::{sas, AzureIotHubProvider};
 use crate::{CommandRequest, DeviceSpec, Provider};
 

@@ -3,7 +3,6 @@
 use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use iotgw_ids::DeviceId;
 
-use super::emulator::Emulator;
 use super::*;
 use crate::{CommandOutcome, CommandRequest, DeviceSpec};
 
@@ -30,7 +29,7 @@ fn command(device: &str, name: &str, n: u32) -> CommandRequest {
 #[tokio::test]
 async fn registration_creates_a_filtered_ordered_command_subscription_and_unregistration_deletes_it(
 ) {
-    let Some(emu) = Emulator::acquire().await else {
+    let Some(emu) = emulator().await else {
         return;
     };
     let config = GcpPubSubConfig {
@@ -79,7 +78,7 @@ async fn registration_creates_a_filtered_ordered_command_subscription_and_unregi
 
 #[tokio::test]
 async fn commands_carry_their_attributes_and_keep_their_order_per_device() {
-    let Some(emu) = Emulator::acquire().await else {
+    let Some(emu) = emulator().await else {
         return;
     };
     let config = GcpPubSubConfig {
@@ -130,7 +129,7 @@ async fn commands_carry_their_attributes_and_keep_their_order_per_device() {
 
 #[tokio::test]
 async fn a_command_to_a_missing_topic_fails_with_an_error_naming_the_key() {
-    let Some(emu) = Emulator::acquire().await else {
+    let Some(emu) = emulator().await else {
         return;
     };
     let config = GcpPubSubConfig {

@@ -1,5 +1,7 @@
-//! The gcp_pubsub provider against the official Pub/Sub emulator (in Docker, shared by the
-//! tests running at the same time; each test uses topics and subscriptions of its own).
+//! The gcp_pubsub provider against the official Pub/Sub emulator (in Docker, started by
+//! `iotgw_testkit::pubsub`: shared by the tests running at the same time, each test with
+//! topics and subscriptions of its own; removed when the last test lets go). Without
+//! Docker a test prints `SKIPPED: <why>` and returns; with `CI=true` it fails.
 //!
 //! The device side (a bridge publishing telemetry, replies and lifecycle messages, and
 //! pulling its commands) uses the same `google-cloud-pubsub` crate.
@@ -20,7 +22,6 @@
 //!   publish time.
 
 mod commands;
-mod emulator;
 mod receive;
 mod resources;
 
@@ -33,11 +34,11 @@ use google_cloud_auth::credentials::anonymous;
 use google_cloud_pubsub::client::{Publisher, Subscriber, SubscriptionAdmin};
 use google_cloud_pubsub::model::Message;
 use iotgw_config::GcpPubSubConfig;
+use iotgw_testkit::pubsub::{PubSub, PROJECT};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use self::emulator::{Emulator, PROJECT};
 use super::names::topic_path;
 use super::GcpPubSubProvider;
 use crate::{AckHandle, EventKind, Provider, ProviderError, ProviderEvent, Shutdown, Telemetry};
@@ -45,13 +46,30 @@ use crate::{AckHandle, EventKind, Provider, ProviderError, ProviderEvent, Shutdo
 /// The longest any single wait in these tests may take.
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The emulator the tests share, or `None` (after `SKIPPED: ...`) when Docker is
+/// unreachable outside CI.
+async fn emulator() -> Option<Arc<PubSub>> {
+    iotgw_testkit::require_docker("this gcp_pubsub provider test").ok()?;
+    Some(PubSub::leased().await.expect("the Pub/Sub emulator starts"))
+}
+
+/// An emulator of the test's own, which it may restart; `None` as [`emulator`].
+async fn dedicated_emulator() -> Option<PubSub> {
+    iotgw_testkit::require_docker("this gcp_pubsub provider test").ok()?;
+    Some(
+        PubSub::dedicated()
+            .await
+            .expect("the Pub/Sub emulator starts"),
+    )
+}
+
 /// A test config on `emu`: every topic and subscription named after `tag` plus a random
 /// suffix, created on start-up, short ack deadline and fast reconnects.
-fn config(emu: &Emulator, tag: &str) -> GcpPubSubConfig {
+fn config(emu: &PubSub, tag: &str) -> GcpPubSubConfig {
     let u = format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     GcpPubSubConfig {
         project_id: PROJECT.into(),
-        emulator_host: Some(emu.host.clone()),
+        emulator_host: Some(emu.emulator_host()),
         create_if_missing: true,
         telemetry_topic: format!("{u}-telemetry"),
         telemetry_subscription: format!("{u}-telemetry"),
@@ -235,7 +253,7 @@ struct Bridge {
 }
 
 impl Bridge {
-    fn new(emu: &Emulator, config: &GcpPubSubConfig) -> Self {
+    fn new(emu: &PubSub, config: &GcpPubSubConfig) -> Self {
         Self {
             emu_endpoint: emu.endpoint(),
             config: config.clone(),

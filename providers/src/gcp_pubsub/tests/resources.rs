@@ -1,13 +1,12 @@
 //! Start-up: topics and subscriptions checked, created with `create_if_missing`, the
 //! dead-letter policy honoured.
 
-use super::emulator::Emulator;
 use super::*;
 use crate::gcp_pubsub::names::subscription_path;
 
 #[tokio::test]
 async fn missing_resources_end_run_with_an_error_naming_the_resource_and_its_key() {
-    let Some(emu) = Emulator::acquire().await else {
+    let Some(emu) = emulator().await else {
         return;
     };
     let config = GcpPubSubConfig {
@@ -42,7 +41,7 @@ async fn missing_resources_end_run_with_an_error_naming_the_resource_and_its_key
 
 #[tokio::test]
 async fn create_if_missing_creates_every_topic_and_subscription_with_the_dead_letter_policy() {
-    let Some(emu) = Emulator::acquire().await else {
+    let Some(emu) = emulator().await else {
         return;
     };
     let config = GcpPubSubConfig {
@@ -96,7 +95,7 @@ async fn create_if_missing_creates_every_topic_and_subscription_with_the_dead_le
 
 #[tokio::test]
 async fn an_existing_subscription_gets_the_configured_dead_letter_policy_or_a_clear_error() {
-    let Some(emu) = Emulator::acquire().await else {
+    let Some(emu) = emulator().await else {
         return;
     };
     let plain = config(&emu, "dlq-update");

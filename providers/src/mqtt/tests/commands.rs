@@ -5,7 +5,6 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use uuid::Uuid;
 
-use super::broker::Mosquitto;
 use super::*;
 use crate::{CommandOutcome, CommandRequest, CFS_MAX_COMMAND_BYTES};
 
@@ -21,11 +20,11 @@ fn command(device: &str, message: String) -> CommandRequest {
 
 #[tokio::test]
 async fn commands_reach_a_subscribed_device_with_correlation_data_and_its_reply_becomes_an_event() {
-    let Some(broker) = Mosquitto::start() else {
+    let Some(broker) = broker().await else {
         return;
     };
-    let mut run = Running::start_connected(provider(&broker.config("gw-commands"))).await;
-    let mut device = Device::connect(broker.port, "chiller-1", DeviceOptions::default())
+    let mut run = Running::start_connected(provider(&config(&broker, "gw-commands"))).await;
+    let mut device = Device::connect(broker.port(), "chiller-1", DeviceOptions::default())
         .await
         .expect("device connects");
     device

@@ -6,7 +6,6 @@ use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, Subscr
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
 
-use super::broker::Mosquitto;
 use super::*;
 use crate::mqtt::{DynsecAdmin, Topics};
 use crate::DeviceSpec;
@@ -16,10 +15,10 @@ const GATEWAY_PASSWORD: &str = "gateway-test-pw";
 /// Creates the gateway's own broker user (`gateway`) and returns a provider config using
 /// it, with dynsec administration on.
 async fn gateway_config(broker: &Mosquitto, client_id: &str) -> MqttConfig {
-    let mut config = broker.config(client_id);
-    config.dynsec = Some(broker.dynsec_config());
+    let mut config = config(broker, client_id);
+    config.dynsec = Some(dynsec_config());
     let topics = Topics::from_config(&config).expect("valid topics");
-    let admin = DynsecAdmin::new("test", &config, &broker.dynsec_config(), topics);
+    let admin = DynsecAdmin::new("test", &config, &dynsec_config(), topics);
     let acl = |t: &str, topic: &str| json!({"acltype": t, "topic": topic, "allow": true});
     let rs = admin
         .execute(vec![
@@ -68,7 +67,7 @@ fn refused(r: Result<Device, ConnectionError>) -> ConnectReturnCode {
 
 #[tokio::test]
 async fn dynsec_registration_creates_credentials_that_can_publish_only_own_topics() {
-    let Some(broker) = Mosquitto::start_with_dynsec() else {
+    let Some(broker) = dynsec_broker().await else {
         return;
     };
     let p = provider(&gateway_config(&broker, "gw-dynsec").await);
@@ -77,13 +76,13 @@ async fn dynsec_registration_creates_credentials_that_can_publish_only_own_topic
     let reg = p.register(&spec("meter-1")).await.expect("registered");
     let c = reg.credentials.expect("credentials issued");
     assert_eq!(c["username"], "meter-1");
-    assert_eq!(c["port"], broker.port);
+    assert_eq!(c["port"], broker.port());
     assert_eq!(c["telemetry_topic"], "devices/meter-1/telemetry");
     assert!(c["password"].as_str().expect("password").len() >= 24);
     // Other devices' credentials exist too, to show the ACLs keep them apart.
     p.register(&spec("meter-2")).await.expect("registered");
 
-    let mut device = Device::connect(broker.port, "meter-1", creds(&c))
+    let mut device = Device::connect(broker.port(), "meter-1", creds(&c))
         .await
         .expect("device connects");
     // Someone else's topic: the broker answers NotAuthorized and forwards nothing.
@@ -143,7 +142,7 @@ async fn dynsec_registration_creates_credentials_that_can_publish_only_own_topic
     if let Some((_, pw)) = wrong.credentials.as_mut() {
         pw.push('x');
     }
-    let code = refused(Device::connect(broker.port, "meter-1b", wrong).await);
+    let code = refused(Device::connect(broker.port(), "meter-1b", wrong).await);
     assert!(
         matches!(
             code,
@@ -167,8 +166,8 @@ async fn dynsec_registration_creates_credentials_that_can_publish_only_own_topic
     );
     let c2 = again.credentials.expect("new credentials");
     assert_ne!(c2["password"], c["password"]);
-    refused(Device::connect(broker.port, "meter-1", creds(&c)).await);
-    Device::connect(broker.port, "meter-1", creds(&c2))
+    refused(Device::connect(broker.port(), "meter-1", creds(&c)).await);
+    Device::connect(broker.port(), "meter-1", creds(&c2))
         .await
         .expect("new password works");
     run.stop().await.expect("clean stop");
@@ -176,11 +175,11 @@ async fn dynsec_registration_creates_credentials_that_can_publish_only_own_topic
 
 #[tokio::test]
 async fn dynsec_unregister_removes_the_device_credentials() {
-    let Some(broker) = Mosquitto::start_with_dynsec() else {
+    let Some(broker) = dynsec_broker().await else {
         return;
     };
-    let mut config = broker.config("gw-dynsec-unreg");
-    config.dynsec = Some(broker.dynsec_config());
+    let mut config = config(&broker, "gw-dynsec-unreg");
+    config.dynsec = Some(dynsec_config());
     let p = provider(&config);
     let id = DeviceId::parse("meter-5").expect("valid id");
 
@@ -190,13 +189,13 @@ async fn dynsec_unregister_removes_the_device_credentials() {
         .expect("registered")
         .credentials
         .expect("credentials");
-    Device::connect(broker.port, "meter-5", creds(&c))
+    Device::connect(broker.port(), "meter-5", creds(&c))
         .await
         .expect("device connects")
         .kill();
 
     p.unregister(&id).await.expect("unregistered");
-    refused(Device::connect(broker.port, "meter-5", creds(&c)).await);
+    refused(Device::connect(broker.port(), "meter-5", creds(&c)).await);
     match p.unregister(&id).await {
         Err(ProviderError::NotFound { .. }) => {}
         other => panic!("expected NotFound for an unknown client, got {other:?}"),
@@ -205,11 +204,11 @@ async fn dynsec_unregister_removes_the_device_credentials() {
 
 #[tokio::test]
 async fn dynsec_with_a_wrong_admin_password_is_unauthorized() {
-    let Some(broker) = Mosquitto::start_with_dynsec() else {
+    let Some(broker) = dynsec_broker().await else {
         return;
     };
-    let mut config = broker.config("gw-dynsec-bad");
-    let mut admin = broker.dynsec_config();
+    let mut config = config(&broker, "gw-dynsec-bad");
+    let mut admin = dynsec_config();
     admin.admin_password = Secret::new("not-the-password");
     config.dynsec = Some(admin);
     match provider(&config).register(&spec("meter-6")).await {
@@ -222,10 +221,10 @@ async fn dynsec_with_a_wrong_admin_password_is_unauthorized() {
 
 #[tokio::test]
 async fn run_with_credentials_the_broker_refuses_returns_unauthorized() {
-    let Some(broker) = Mosquitto::start_with_dynsec() else {
+    let Some(broker) = dynsec_broker().await else {
         return;
     };
-    let mut config = broker.config("gw-refused");
+    let mut config = config(&broker, "gw-refused");
     config.username = Some("nobody".into());
     config.password = Some(Secret::new("wrong"));
     let p = provider(&config);

@@ -1,9 +1,9 @@
-//! The mqtt provider against a real Mosquitto process (one broker per test).
+//! The mqtt provider against a real Mosquitto (`eclipse-mosquitto:2` in Docker, started by
+//! `iotgw_testkit::mosquitto` as everywhere else in the workspace): one broker per test,
+//! removed when the test ends.
 //!
-//! Tests skip with a printed line when Mosquitto is not installed, and fail on CI
-//! (`CI=true`); `scripts/install-test-deps.sh` installs it.
+//! Without Docker a test prints `SKIPPED: <why>` and returns; with `CI=true` it fails.
 
-mod broker;
 mod commands;
 mod dynsec;
 mod receive;
@@ -12,6 +12,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use iotgw_config::{DynsecConfig, MqttConfig, Secret};
+use iotgw_testkit::mosquitto::{Mosquitto, MosquittoSpec, ADMIN_PASSWORD, ADMIN_USER};
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use tokio::sync::mpsc;
@@ -23,6 +25,49 @@ use crate::{EventKind, Provider, ProviderError, ProviderEvent, Shutdown};
 
 /// The longest any single wait in these tests may take.
 const WAIT: Duration = Duration::from_secs(5);
+
+/// A broker of the test's own without authentication, or `None` (after `SKIPPED: ...`)
+/// when Docker is unreachable outside CI.
+async fn broker() -> Option<Mosquitto> {
+    start_broker(MosquittoSpec::anonymous()).await
+}
+
+/// A broker of the test's own with the dynamic-security plugin: admin user
+/// [`ADMIN_USER`] with [`ADMIN_PASSWORD`], no anonymous access. `None` as [`broker`].
+async fn dynsec_broker() -> Option<Mosquitto> {
+    start_broker(MosquittoSpec::default()).await
+}
+
+async fn start_broker(spec: MosquittoSpec) -> Option<Mosquitto> {
+    iotgw_testkit::require_docker("this mqtt provider test (Mosquitto)").ok()?;
+    Some(
+        Mosquitto::dedicated(spec)
+            .await
+            .expect("a Mosquitto of the test's own starts"),
+    )
+}
+
+/// A provider config for `broker` (fast reconnects for tests).
+fn config(broker: &Mosquitto, client_id: &str) -> MqttConfig {
+    MqttConfig {
+        host: broker.host().to_owned(),
+        port: broker.port(),
+        client_id: client_id.into(),
+        keep_alive_secs: 5,
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 400,
+        ..MqttConfig::default()
+    }
+}
+
+/// The dynsec admin settings of a [`dynsec_broker`].
+fn dynsec_config() -> DynsecConfig {
+    DynsecConfig {
+        admin_username: ADMIN_USER.into(),
+        admin_password: Secret::new(ADMIN_PASSWORD),
+        role_prefix: "iotgw-device-".into(),
+    }
+}
 
 /// A provider whose `run` is going.
 struct Running {
@@ -186,7 +231,7 @@ impl Device {
 }
 
 /// A provider on `config`.
-fn provider(config: &iotgw_config::MqttConfig) -> Arc<MqttProvider> {
+fn provider(config: &MqttConfig) -> Arc<MqttProvider> {
     Arc::new(
         MqttProvider::new(&crate::InstanceName::from("test"), config).expect("valid test config"),
     )

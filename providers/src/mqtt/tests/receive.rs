@@ -4,7 +4,6 @@ use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 
-use super::broker::Mosquitto;
 use super::*;
 use crate::{AckHandle, Telemetry};
 
@@ -18,12 +17,12 @@ async fn publish(device: &Device, topic: &str, payload: &'static [u8]) {
 
 #[tokio::test]
 async fn telemetry_from_a_device_topic_arrives_as_an_event_with_its_device_id() {
-    let Some(broker) = Mosquitto::start() else {
+    let Some(broker) = broker().await else {
         return;
     };
-    let p = provider(&broker.config("gw-telemetry"));
+    let p = provider(&config(&broker, "gw-telemetry"));
     let mut run = Running::start_connected(p.clone()).await;
-    let device = Device::connect(broker.port, "pump-1", DeviceOptions::default())
+    let device = Device::connect(broker.port(), "pump-1", DeviceOptions::default())
         .await
         .expect("device connects");
 
@@ -74,14 +73,14 @@ async fn telemetry_from_a_device_topic_arrives_as_an_event_with_its_device_id() 
 
 #[tokio::test]
 async fn unacked_telemetry_is_redelivered_after_the_provider_restarts() {
-    let Some(broker) = Mosquitto::start() else {
+    let Some(broker) = broker().await else {
         return;
     };
-    let mut config = broker.config("gw-redelivery");
+    let mut config = config(&broker, "gw-redelivery");
     // No nack-triggered session resume during this test: only the restart redelivers.
     config.reconnect_max_ms = 60_000;
     let p = provider(&config);
-    let device = Device::connect(broker.port, "valve-1", DeviceOptions::default())
+    let device = Device::connect(broker.port(), "valve-1", DeviceOptions::default())
         .await
         .expect("device connects");
 
@@ -131,7 +130,7 @@ async fn unacked_telemetry_is_redelivered_after_the_provider_restarts() {
         t.message_id,
         "valve-1:marker",
         "acked messages must not be redelivered: {}",
-        broker.log()
+        broker.logs().await
     );
     ack.ack();
     run.stop().await.expect("clean stop");
@@ -139,13 +138,13 @@ async fn unacked_telemetry_is_redelivered_after_the_provider_restarts() {
 
 #[tokio::test]
 async fn nacked_telemetry_is_redelivered_without_restarting_the_provider() {
-    let Some(broker) = Mosquitto::start() else {
+    let Some(broker) = broker().await else {
         return;
     };
-    let mut config = broker.config("gw-nack");
+    let mut config = config(&broker, "gw-nack");
     config.reconnect_max_ms = 200;
     let mut run = Running::start_connected(provider(&config)).await;
-    let device = Device::connect(broker.port, "fan-1", DeviceOptions::default())
+    let device = Device::connect(broker.port(), "fan-1", DeviceOptions::default())
         .await
         .expect("device connects");
 
@@ -190,7 +189,7 @@ async fn nacked_telemetry_is_redelivered_without_restarting_the_provider() {
 
 #[tokio::test]
 async fn retained_status_and_last_will_become_connection_events() {
-    let Some(broker) = Mosquitto::start() else {
+    let Some(broker) = broker().await else {
         return;
     };
     let will = LastWill::new(
@@ -201,7 +200,7 @@ async fn retained_status_and_last_will_become_connection_events() {
         None,
     );
     let device = Device::connect(
-        broker.port,
+        broker.port(),
         "pump-7",
         DeviceOptions {
             last_will: Some(will),
@@ -215,7 +214,7 @@ async fn retained_status_and_last_will_become_connection_events() {
         .publish("devices/pump-7/status", QoS::AtLeastOnce, true, "online")
         .await
         .expect("publish queued");
-    let p = provider(&broker.config("gw-status"));
+    let p = provider(&config(&broker, "gw-status"));
     // The retained status was published before the gateway subscribed: wait until the
     // broker holds it by reading it back through the provider.
     let mut run = Running::start(p.clone());
@@ -247,7 +246,7 @@ async fn retained_status_and_last_will_become_connection_events() {
     // A resumed session resubscribes without replaying the retained "offline": the next
     // status event is the device's new one.
     let mut run = Running::start_connected(p.clone()).await;
-    let device = Device::connect(broker.port, "pump-7", DeviceOptions::default())
+    let device = Device::connect(broker.port(), "pump-7", DeviceOptions::default())
         .await
         .expect("device reconnects");
     publish(
@@ -278,13 +277,13 @@ async fn retained_status_and_last_will_become_connection_events() {
 
 #[tokio::test]
 async fn provider_reconnects_and_resubscribes_after_a_broker_restart() {
-    let Some(mut broker) = Mosquitto::start() else {
+    let Some(broker) = broker().await else {
         return;
     };
-    let p = provider(&broker.config("gw-restart"));
+    let p = provider(&config(&broker, "gw-restart"));
     let mut run = Running::start_connected(p.clone()).await;
 
-    broker.kill();
+    broker.kill().await.expect("the broker is killed");
     run.wait_health(false).await;
     assert!(
         p.health().last_error.is_some(),
@@ -292,10 +291,10 @@ async fn provider_reconnects_and_resubscribes_after_a_broker_restart() {
         p.health()
     );
 
-    broker.restart();
+    broker.start_again().await.expect("the broker starts again");
     // SIGKILL lost the broker's state, so connected (SUBACK seen) means resubscribed.
     run.wait_health(true).await;
-    let device = Device::connect(broker.port, "pump-9", DeviceOptions::default())
+    let device = Device::connect(broker.port(), "pump-9", DeviceOptions::default())
         .await
         .expect("device connects");
     publish(
@@ -315,12 +314,12 @@ async fn provider_reconnects_and_resubscribes_after_a_broker_restart() {
 
 #[tokio::test]
 async fn unparsable_replies_are_acked_and_counted_without_an_event() {
-    let Some(broker) = Mosquitto::start() else {
+    let Some(broker) = broker().await else {
         return;
     };
-    let p = provider(&broker.config("gw-unparsable"));
+    let p = provider(&config(&broker, "gw-unparsable"));
     let mut run = Running::start_connected(p.clone()).await;
-    let device = Device::connect(broker.port, "pump-4", DeviceOptions::default())
+    let device = Device::connect(broker.port(), "pump-4", DeviceOptions::default())
         .await
         .expect("device connects");
     publish(&device, "devices/pump-4/replies", b"not json").await;

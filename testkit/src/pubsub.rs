@@ -9,6 +9,7 @@
 //! their own.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -42,6 +43,14 @@ impl PubSub {
         SHARED
             .get_or_try_init(|| Self::start(false, "pubsub/shared"))
             .await
+    }
+
+    /// The emulator the tests of a libtest binary share while any of them holds it
+    /// (removed when the last one lets go).
+    pub async fn leased() -> anyhow::Result<Arc<PubSub>> {
+        static LEASED: tokio::sync::Mutex<Weak<PubSub>> =
+            tokio::sync::Mutex::const_new(Weak::new());
+        super::lease(&LEASED, || Self::start(false, "pubsub/leased")).await
     }
 
     /// An emulator of the caller's own, on a fixed host port that survives

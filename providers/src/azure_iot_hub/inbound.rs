@@ -1,44 +1,100 @@
-//! Event Grid pushing IoT Hub events to iotgw (`POST|OPTIONS /hooks/{instance}`).
+//! Pure decoding of what IoT Hub sends iotgw into [`ProviderEvent`](crate::ProviderEvent)
+//! kinds, with no I/O: the events Event Grid pushes ([`parse_batch`], [`map_batch`]), the
+//! events read from the Event Hubs-compatible endpoint ([`HubEvent`], [`map_event`]) and a
+//! twin read back as a device state ([`device_state`]). Both event paths give a
+//! [`Mapped`]; connection events are ordered by their `sequenceNumber`
+//! ([`super::ordering`]). The receive paths that feed these are [`super::receive`] (the
+//! Event Grid webhook) and [`super::event_hubs`] (the Event Hubs consumer).
 //!
-//! Accepts both delivery schemas of the documented IoT Hub events — the Event Grid schema
-//! (`eventType`, `eventTime`, a JSON array) and CloudEvents 1.0 (`type`, `time`,
-//! `specversion`; a batch array or one structured event) — and:
-//! - answers the subscription validation handshake (`SubscriptionValidationEvent` →
-//!   `{"validationResponse": code}`; CloudEvents' `OPTIONS` with `WebHook-Request-Origin`
-//!   → `WebHook-Allowed-Origin`);
-//! - checks a shared secret (query parameter `secret` or header `X-Iotgw-Secret`,
-//!   constant-time);
-//! - turns `Microsoft.Devices.DeviceTelemetry` into telemetry (body as JSON, or base64
-//!   decoded as documented), `DeviceConnected`/`DeviceDisconnected` into connection states
-//!   ordered by `deviceConnectionStateEventInfo.sequenceNumber` (a late, older event is
-//!   dropped; event times are kept monotonic with the sequence), `DeviceCreated` into the
-//!   twin's reported properties and `DeviceDeleted` into a disconnected state;
-//! - answers 200 only after every event of the batch was acked by the gateway (committed),
-//!   otherwise 503 so Event Grid retries the batch.
+//! Event Grid: both delivery schemas of the documented IoT Hub events, the Event Grid
+//! schema (`eventType`, `eventTime`, a JSON array) and CloudEvents 1.0 (`type`, `time`,
+//! `specversion`; a batch array or one structured event).
+//! `Microsoft.Devices.DeviceTelemetry` becomes telemetry (body as JSON, or base64 decoded
+//! as documented), `DeviceConnected`/`DeviceDisconnected` connection states ordered by
+//! `deviceConnectionStateEventInfo.sequenceNumber` (a late, older event is dropped; event
+//! times are kept monotonic with the sequence), `DeviceCreated` the twin's reported
+//! properties and `DeviceDeleted` a disconnected state.
+//!
+//! Event Hubs (system property `iothub-message-source`, application property `opType`, as
+//! in IoT Hub's "non-telemetry event schemas"):
+//! - `Telemetry` (or no source): telemetry from `iothub-connection-device-id`; the alert
+//!   token is `{device}:{message-id}` when the device set a message id, else
+//!   `eh:{partition}:{sequence number}` (stable across redeliveries);
+//! - `deviceConnectionStateEvents`: `deviceConnected`/`deviceDisconnected`, ordered by the
+//!   body's `sequenceNumber` (shared with the Event Grid path), at `operationTimestamp`;
+//! - `twinChangeEvents`: the reported properties in the body (desired-only changes skip);
+//! - `deviceLifecycleEvents`: `createDeviceIdentity` gives the twin's reported properties,
+//!   `deleteDeviceIdentity` a disconnected state;
+//! - events of modules (`iothub-connection-module-id` or `moduleId`) are skipped: the
+//!   documentation says an event without `moduleId` is the device's own.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
 
-use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
-use tokio::sync::oneshot;
+use chrono::{DateTime, NaiveDateTime, TimeZone as _, Utc};
+use serde_json::{Map, Value};
 
-use super::models::{parse_time, without_metadata};
-pub use super::ordering::{compare_sequence, ConnectionSeqs, SharedConnectionSeqs};
-use super::state::{lock, Shared};
-use crate::{
-    Ack, AckHandle, EventKind, ProviderEvent, PushEndpoint, PushRequest, PushResponse, Telemetry,
-};
+use super::ordering::compare_sequence;
+use super::rest::Twin;
+use crate::{DeviceState, EventKind, Telemetry};
 
-/// Query parameter carrying the shared secret.
-pub const SECRET_QUERY: &str = "secret";
-/// Header carrying the shared secret (an Event Grid delivery property).
-pub const SECRET_HEADER: &str = "x-iotgw-secret";
+/// What one event becomes, on either event path.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mapped {
+    /// An event for the pipeline; `seq` is the connection sequence number to record once
+    /// it is committed.
+    Event {
+        /// The event.
+        kind: EventKind,
+        /// `(device, sequenceNumber, emitted time)` of a connection event.
+        seq: Option<(String, String, DateTime<Utc>)>,
+    },
+    /// Nothing to send (with the reason, for the log).
+    Skip(String),
+}
+
+/// Parses a hub timestamp (`2024-05-01T12:00:00.123Z`, also without the `Z` as in some
+/// documented samples). The hub's "never" (`0001-01-01T00:00:00`) is `None`.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    let t = DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|n| n.and_utc())
+        })?;
+    (t.timestamp() > 0).then_some(t)
+}
+
+/// Drops the twin bookkeeping (`$metadata`, `$version`) from a property set.
+pub fn without_metadata(props: &Map<String, Value>) -> Map<String, Value> {
+    props
+        .iter()
+        .filter(|(k, _)| !k.starts_with('$'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The device state a twin (`GET /twins/{id}`) shows: connection state, reported
+/// properties (without `$metadata`/`$version`), last activity.
+pub fn device_state(twin: Twin) -> DeviceState {
+    DeviceState {
+        connected: twin
+            .connection_state
+            .as_deref()
+            .map(|c| c.eq_ignore_ascii_case("connected")),
+        reported_properties: twin
+            .properties
+            .and_then(|p| p.reported)
+            .map(|r| Value::Object(without_metadata(&r))),
+        last_activity: twin.last_activity_time.as_deref().and_then(parse_time),
+    }
+}
+
+// --- Event Grid ---------------------------------------------------------------------
 
 /// Event types iotgw understands.
 pub mod types {
@@ -151,21 +207,6 @@ pub fn telemetry_payload(data: &Value) -> Bytes {
             .unwrap_or_else(|_| Bytes::from(s.clone())),
         Some(other) => Bytes::from(other.to_string()),
     }
-}
-
-/// What one event becomes.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Mapped {
-    /// An event for the pipeline; `seq` is the connection sequence number to record once
-    /// it is committed.
-    Event {
-        /// The event.
-        kind: EventKind,
-        /// Connection sequence number (device, seq, emitted time).
-        seq: Option<(String, String, DateTime<Utc>)>,
-    },
-    /// Nothing to do (with the reason, for the log).
-    Skip(String),
 }
 
 /// Maps a batch of IoT Hub events to pipeline events. Connection events are ordered by
@@ -301,200 +342,179 @@ pub fn map_batch(
         .collect()
 }
 
-/// The Event Grid endpoint of one provider instance.
-pub struct EventGridEndpoint {
-    shared: Arc<Shared>,
+// --- the Event Hubs-compatible endpoint ---------------------------------------------
+
+/// One event read from a partition.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HubEvent {
+    /// The partition.
+    pub partition: String,
+    /// The event's offset (what a checkpoint records).
+    pub offset: String,
+    /// The event's sequence number in the partition.
+    pub sequence_number: i64,
+    /// When Event Hubs enqueued it.
+    pub enqueued_time: Option<DateTime<Utc>>,
+    /// The AMQP message id (`message-id`), if the device set one.
+    pub message_id: Option<String>,
+    /// System properties / annotations (`iothub-connection-device-id`,
+    /// `iothub-message-source`, `iothub-enqueuedtime`, ...), as text.
+    pub system: BTreeMap<String, String>,
+    /// Application properties, as text.
+    pub application: BTreeMap<String, String>,
+    /// The body.
+    pub body: Bytes,
 }
 
-impl EventGridEndpoint {
-    pub(super) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
-    }
+fn op_time(e: &HubEvent) -> DateTime<Utc> {
+    e.application
+        .get("operationTimestamp")
+        .and_then(|t| parse_time(t))
+        .or_else(|| {
+            // An AMQP timestamp: RFC 3339 text from the client, or milliseconds.
+            e.system.get("iothub-enqueuedtime").and_then(|t| {
+                parse_time(t).or_else(|| {
+                    t.parse::<i64>()
+                        .ok()
+                        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+                })
+            })
+        })
+        .or(e.enqueued_time)
+        .unwrap_or_else(Utc::now)
+}
 
-    fn secret_ok(&self, req: &PushRequest) -> bool {
-        let Some(cfg) = &self.shared.config.event_grid else {
-            return false;
+/// Maps one event; `newest` gives the newest connection sequence (and its emitted time)
+/// already committed or in flight for a device.
+pub fn map_event(e: &HubEvent, newest: impl Fn(&str) -> Option<(String, DateTime<Utc>)>) -> Mapped {
+    let Some(device) = e
+        .system
+        .get("iothub-connection-device-id")
+        .or_else(|| e.application.get("deviceId"))
+        .filter(|d| !d.is_empty())
+        .cloned()
+    else {
+        return Mapped::Skip(format!(
+            "event {}:{} names no device",
+            e.partition, e.offset
+        ));
+    };
+    let source = e
+        .system
+        .get("iothub-message-source")
+        .map(String::as_str)
+        .unwrap_or("Telemetry");
+    let module = e
+        .system
+        .get("iothub-connection-module-id")
+        .or_else(|| e.application.get("moduleId"))
+        .is_some_and(|m| !m.is_empty());
+    if source == "Telemetry" {
+        let message_id = match &e.message_id {
+            Some(m) if !m.is_empty() => format!("{device}:{m}"),
+            _ => format!("eh:{}:{}", e.partition, e.sequence_number),
         };
-        let want = cfg.secret.expose().as_bytes();
-        let given = req
-            .query_param(SECRET_QUERY)
-            .or_else(|| req.header(SECRET_HEADER))
-            .unwrap_or_default()
-            .as_bytes();
-        constant_time_eq(given, want)
+        return Mapped::Event {
+            kind: EventKind::Telemetry(Telemetry {
+                device_id: device,
+                message_id,
+                payload: e.body.clone(),
+                received_at: e.enqueued_time.unwrap_or_else(Utc::now),
+            }),
+            seq: None,
+        };
     }
-
-    async fn deliver(&self, events: Vec<GridEvent>) -> PushResponse {
-        let s = &self.shared;
-        let Some(sender) = lock(&s.events).clone() else {
-            return reply(
-                503,
-                json!({"error": "the provider is not running yet; Event Grid will retry"}),
-            );
-        };
-        let mapped = {
-            let committed = lock(&s.connection_seq);
-            map_batch(&events, &committed, Utc::now())
-        };
-        let timeout = Duration::from_secs(
-            s.config
-                .event_grid
-                .as_ref()
-                .map_or(20, |c| c.commit_timeout_secs),
-        );
-        let work = async {
-            let mut pending = Vec::new();
-            let (mut skipped, mut accepted) = (0usize, 0usize);
-            for m in mapped {
-                match m {
-                    Mapped::Skip(why) => {
-                        skipped += 1;
-                        tracing::debug!(provider = %s.instance, reason = %why, "Event Grid event skipped");
-                    }
-                    Mapped::Event { kind, seq } => {
-                        let (tx, rx) = oneshot::channel();
-                        let ev = ProviderEvent {
-                            instance: s.instance.clone(),
-                            kind,
-                            ack: AckHandle::new(move |a| {
-                                let _ = tx.send(a);
-                            }),
-                        };
-                        if sender.send(ev).await.is_err() {
-                            return Err("the pipeline is shut down".to_owned());
-                        }
-                        accepted += 1;
-                        pending.push((rx, seq));
-                    }
+    if module {
+        return Mapped::Skip(format!("{source} of a module of {device}"));
+    }
+    let body: Value = serde_json::from_slice(&e.body).unwrap_or(Value::Null);
+    let op = e
+        .application
+        .get("opType")
+        .map(String::as_str)
+        .unwrap_or_default();
+    let at = op_time(e);
+    match (source, op) {
+        ("deviceConnectionStateEvents", "deviceConnected" | "deviceDisconnected") => {
+            let Some(seq) = body.get("sequenceNumber").and_then(Value::as_str) else {
+                return Mapped::Skip(format!("{op} of {device} without a sequenceNumber"));
+            };
+            let mut at = at;
+            if let Some((prev, prev_at)) = newest(&device) {
+                if compare_sequence(seq, &prev) != std::cmp::Ordering::Greater {
+                    return Mapped::Skip(format!(
+                        "{op} of {device} with sequence {seq} is not newer than {prev}"
+                    ));
+                }
+                if at <= prev_at {
+                    at = prev_at + chrono::Duration::microseconds(1);
                 }
             }
-            let mut committed_seqs = Vec::new();
-            let mut failure = None;
-            for (rx, seq) in pending {
-                match rx.await {
-                    Ok(Ack::Ack) => committed_seqs.extend(seq),
-                    Ok(Ack::Nack(why)) => {
-                        failure.get_or_insert(why);
-                    }
-                    Err(_) => {
-                        failure.get_or_insert_with(|| "dropped without a verdict".to_owned());
-                    }
-                }
-            }
-            {
-                let mut map = lock(&s.connection_seq);
-                for (device, seq, at) in committed_seqs {
-                    let newer = map
-                        .get(&device)
-                        .is_none_or(|(prev, _)| compare_sequence(&seq, prev) == Ordering::Greater);
-                    if newer {
-                        map.insert(device, (seq, at));
-                    }
-                }
-            }
-            match failure {
-                None => Ok((accepted, skipped)),
-                Some(why) => Err(format!("an event was not committed: {why}")),
-            }
-        };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(Ok((accepted, skipped))) => {
-                reply(200, json!({"accepted": accepted, "skipped": skipped}))
-            }
-            Ok(Err(why)) => {
-                tracing::warn!(provider = %s.instance, reason = %why, "Event Grid batch not committed; answering 503 so it is retried");
-                reply(503, json!({"error": why}))
-            }
-            Err(_) => {
-                tracing::warn!(provider = %s.instance, ?timeout, "Event Grid batch not committed in time; answering 503 so it is retried");
-                reply(
-                    503,
-                    json!({"error": format!("not committed within {timeout:?}; retry")}),
-                )
+            Mapped::Event {
+                kind: EventKind::Connection {
+                    device_id: device.clone(),
+                    connected: op == "deviceConnected",
+                    at,
+                },
+                seq: Some((device, seq.to_owned(), at)),
             }
         }
-    }
-}
-
-fn reply(status: u16, body: Value) -> PushResponse {
-    PushResponse {
-        status,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: Bytes::from(body.to_string()),
-    }
-}
-
-/// Compares without an early exit, so the time taken does not reveal how much matched.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[async_trait]
-impl PushEndpoint for EventGridEndpoint {
-    async fn handle(&self, req: PushRequest) -> PushResponse {
-        if !self.secret_ok(&req) {
-            tracing::warn!(provider = %self.shared.instance, "Event Grid request refused: missing or wrong shared secret");
-            return reply(
-                401,
-                json!({"error": "missing or wrong secret: put ?secret=<event_grid.secret> in the subscription's endpoint URL or send it as the X-Iotgw-Secret delivery header"}),
-            );
-        }
-        match req.method.to_ascii_uppercase().as_str() {
-            "OPTIONS" => {
-                // CloudEvents 1.0 webhook abuse protection.
-                let Some(origin) = req.header("webhook-request-origin") else {
-                    return reply(
-                        400,
-                        json!({"error": "OPTIONS without WebHook-Request-Origin"}),
-                    );
-                };
-                PushResponse {
-                    status: 200,
-                    headers: vec![
-                        ("webhook-allowed-origin".into(), origin.to_owned()),
-                        ("webhook-allowed-rate".into(), "*".into()),
-                        ("allow".into(), "POST, OPTIONS".into()),
-                    ],
-                    body: Bytes::new(),
-                }
-            }
-            "POST" => {
-                let events = match parse_batch(&req.body) {
-                    Ok(e) => e,
-                    Err(e) => return reply(400, json!({"error": e.0})),
-                };
-                if let Some(v) = events.iter().find(|e| e.event_type == types::VALIDATION) {
-                    let Some(code) = v.data.get("validationCode").and_then(Value::as_str) else {
-                        return reply(
-                            400,
-                            json!({"error": "SubscriptionValidationEvent without data.validationCode"}),
-                        );
-                    };
-                    tracing::info!(provider = %self.shared.instance, "Event Grid subscription validated");
-                    return reply(200, json!({"validationResponse": code}));
-                }
-                if events
-                    .iter()
-                    .all(|e| e.event_type == types::SUBSCRIPTION_DELETED)
-                    && !events.is_empty()
-                {
-                    tracing::warn!(provider = %self.shared.instance, "Event Grid says the subscription was deleted");
-                    return reply(200, json!({}));
-                }
-                self.deliver(events).await
-            }
-            other => PushResponse {
-                status: 405,
-                headers: vec![("allow".into(), "POST, OPTIONS".into())],
-                body: Bytes::from(json!({"error": format!("{other} is not accepted")}).to_string()),
+        ("twinChangeEvents", _) => match body
+            .pointer("/properties/reported")
+            .and_then(Value::as_object)
+        {
+            Some(reported) => Mapped::Event {
+                kind: EventKind::ReportedProperties {
+                    device_id: device,
+                    properties: Value::Object(without_metadata(reported)),
+                    at,
+                },
+                seq: None,
             },
-        }
+            None => Mapped::Skip(format!(
+                "twin change of {device} without reported properties"
+            )),
+        },
+        ("deviceLifecycleEvents", "createDeviceIdentity") => Mapped::Event {
+            kind: EventKind::ReportedProperties {
+                device_id: device,
+                properties: Value::Object(
+                    body.pointer("/properties/reported")
+                        .and_then(Value::as_object)
+                        .map(without_metadata)
+                        .unwrap_or_default(),
+                ),
+                at,
+            },
+            seq: None,
+        },
+        ("deviceLifecycleEvents", "deleteDeviceIdentity") => Mapped::Event {
+            kind: EventKind::Connection {
+                device_id: device,
+                connected: false,
+                at,
+            },
+            seq: None,
+        },
+        _ => Mapped::Skip(format!("{source}/{op} of {device} is not handled")),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    #[test]
+    fn hub_timestamps_parse_with_or_without_zone_and_never_is_none() {
+        assert!(parse_time("2019-01-07T20:58:30.48Z").is_some());
+        assert!(parse_time("2018-01-02T19:17:44.4383997Z").is_some());
+        assert!(parse_time("2018-01-02T19:17:44.4383997").is_some());
+        assert_eq!(parse_time("0001-01-01T00:00:00"), None);
+        assert_eq!(parse_time("0001-01-01T00:00:00Z"), None);
+        assert_eq!(parse_time("soon"), None);
+    }
 
     fn conn(id: &str, connected: bool, seq: &str, time: &str) -> GridEvent {
         GridEvent {
@@ -509,14 +529,6 @@ mod tests {
             time: parse_time(time),
             data: json!({"deviceId": "d1", "deviceConnectionStateEventInfo": {"sequenceNumber": seq}}),
         }
-    }
-
-    #[test]
-    fn sequence_numbers_compare_numerically_whatever_their_length_and_case() {
-        assert_eq!(compare_sequence("0002", "1"), Ordering::Greater);
-        assert_eq!(compare_sequence("00ff", "FE"), Ordering::Greater);
-        assert_eq!(compare_sequence("000A", "a"), Ordering::Equal);
-        assert_eq!(compare_sequence("0100", "FF"), Ordering::Greater);
     }
 
     #[test]

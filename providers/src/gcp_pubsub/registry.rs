@@ -1,6 +1,8 @@
-//! Topic and subscription administration: the start-up check (or creation, with
-//! `create_if_missing`) of every resource the instance uses, and the per-device command
-//! subscriptions created by `register` and deleted by `unregister`.
+//! The control plane of a Pub/Sub instance: Pub/Sub has no device registry (the
+//! gateway's is the only one), so this is topic and subscription administration: the
+//! start-up check (or creation, with `create_if_missing`) of every resource the instance
+//! uses, and `register`/`unregister`: the per-device command subscriptions (with
+//! `command_subscriptions`).
 //!
 //! Every call is bounded by `request_timeout_secs`; every error names the resource and the
 //! config key it comes from.
@@ -15,13 +17,51 @@ use tracing::{info, warn};
 use super::client::{classify, Call};
 use super::names::{Stream, StreamKind};
 use super::state::Shared;
-use crate::ProviderError;
+use crate::{DeviceSpec, ProviderError, Registration};
 
 /// Label put on the subscriptions the gateway creates (`managed-by=iotgw`), so an operator
 /// can tell them apart.
 const MANAGED_LABEL: (&str, &str) = ("managed-by", "iotgw");
 
 impl Shared {
+    /// Registers the device: Pub/Sub has no device registry, the gateway's is the only
+    /// one. With `command_subscriptions`, creates the device's subscription on the
+    /// commands topic, filtered on its id attribute with message ordering on (an identical
+    /// existing one is accepted, so registering twice is fine).
+    pub(super) async fn register(&self, spec: &DeviceSpec) -> Result<Registration, ProviderError> {
+        if !self.config.command_subscriptions {
+            return Ok(Registration {
+                message: Some(format!(
+                    "registry only: Pub/Sub has no devices; the device's bridge publishes with attribute {}={} to {}",
+                    self.names.device_id_attribute,
+                    spec.device_id,
+                    self.names.streams[0].topic
+                )),
+                credentials: None,
+            });
+        }
+        let name = self.create_command_subscription(&spec.device_id).await?;
+        Ok(Registration {
+            message: Some(format!(
+                "command subscription {name} (filter {}); the device's bridge publishes with attribute {}={} to {}",
+                self.names.command_filter(&spec.device_id),
+                self.names.device_id_attribute,
+                spec.device_id,
+                self.names.streams[0].topic
+            )),
+            credentials: None,
+        })
+    }
+
+    /// With `command_subscriptions`, deletes the device's command subscription (one
+    /// already gone counts as deleted); otherwise nothing to do.
+    pub(super) async fn unregister(&self, id: &DeviceId) -> Result<(), ProviderError> {
+        if self.config.command_subscriptions {
+            self.delete_command_subscription(id).await?;
+        }
+        Ok(())
+    }
+
     /// Runs one admin call within `request_timeout_secs`, classifying its error.
     async fn call<T>(
         &self,

@@ -1,17 +1,30 @@
-//! The emulators the providers are tested against, in Docker through testcontainers, under
-//! the public image names a user would pull (`eclipse-mosquitto:2`, `motoserver/moto:5.1.4`,
+//! Test support for every iotgw crate, in one place: the emulators the providers are
+//! tested against, in Docker through testcontainers, under the public image names a user
+//! would pull (`eclipse-mosquitto:2`, `motoserver/moto:5.1.4`,
 //! `gcr.io/google.com/cloudsdktool/google-cloud-cli:emulators`, `postgres:15`). Without a
 //! registry, `deploy/images/build-local-images.sh` builds images under exactly those names.
 //!
+//! Nothing here ships, and this crate depends on no iotgw crate, so the providers' in-crate
+//! tests, the gateway's tests and benches and the behaviour tests (`tests/`) all take it as
+//! a (dev-)dependency: one starter per emulator, written once.
+//!
 //! # Layout
 //! - this file: Docker availability and the skip/fail policy ([`init`], [`require_docker`]),
-//!   the runtime every Docker call runs on ([`on_docker`]), labels and cleanup.
+//!   the runtime every Docker call runs on ([`on_docker`]), labels, [`Running`] (a started
+//!   container) and cleanup.
 //! - [`docker`]: the engine below testcontainers (endpoint, API version shim, raw calls).
-//! - [`mosquitto`], [`moto`], [`pubsub`], [`postgres`]: one module per emulator. Each has a
-//!   `shared()` accessor that starts one container per test binary (reused by every test
-//!   of that binary; tests keep apart by using their own names) and a `dedicated()`
-//!   constructor for a test that must stop and start its emulator (restart scenarios), so
-//!   the shared one is never disturbed.
+//! - [`mosquitto`], [`moto`], [`pubsub`], [`postgres`]: one module per emulator, each with
+//!   three ways to hold one:
+//!   - `shared()`: one container per test binary, for the `harness = false` binaries
+//!     (reused by every test of the binary; tests keep apart by using their own names;
+//!     removed by [`cleanup`] at the end of `main`);
+//!   - `leased()` (where a libtest binary shares one): one container while any test of the
+//!     binary holds it, removed when the last holder lets go (libtest has no end-of-run
+//!     hook to call [`cleanup`] from);
+//!   - `dedicated()`: a container of the caller's own, on fixed host ports, for a test that
+//!     stops and starts its emulator (restart scenarios), so a shared one is never
+//!     disturbed; removed by `remove()` or when dropped.
+//! - [`pki`]: a throwaway certificate authority (TLS brokers, client certificates).
 //!
 //! # Lifecycle
 //! Shared containers live in statics and are never dropped, so each container carries the
@@ -23,15 +36,20 @@
 //! # Docker missing
 //! [`require_docker`]: with `CI=true` a test that needs Docker fails with the reason;
 //! elsewhere it prints `SKIPPED: <why>` and returns.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test support: plain-HTTP clients against local emulators; DOCKER_HOST is set once, inside a OnceLock, before any container starts"
+)]
 
 pub mod docker;
 pub mod mosquitto;
 pub mod moto;
+pub mod pki;
 pub mod postgres;
 pub mod pubsub;
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -90,7 +108,7 @@ pub fn init() -> &'static DockerStatus {
         let removed = docker::remove_stale(&ep);
         if !removed.is_empty() {
             eprintln!(
-                "harness: removed {} test container(s) left by runs that are gone",
+                "testkit: removed {} test container(s) left by runs that are gone",
                 removed.len()
             );
         }
@@ -251,7 +269,7 @@ pub fn cleanup() {
     };
     for id in ids {
         if let Err(e) = docker::remove(ep, &id) {
-            eprintln!("harness: {e}");
+            eprintln!("testkit: {e}");
         }
     }
 }
@@ -265,8 +283,12 @@ pub fn free_port() -> u16 {
 }
 
 /// A started container with its published ports; what every emulator module wraps.
+/// Dropping it removes the container (waiting for Docker, bounded); shared ones live in
+/// statics, are never dropped, and go in [`cleanup`].
 pub struct Running {
-    container: Arc<ContainerAsync<GenericImage>>,
+    /// `None` once removed.
+    container: Option<Arc<ContainerAsync<GenericImage>>>,
+    id: String,
     /// `(container port, host port)`.
     ports: Vec<(u16, u16)>,
 }
@@ -274,7 +296,7 @@ pub struct Running {
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Running")
-            .field("id", &self.container.id())
+            .field("id", &self.id)
             .field("ports", &self.ports)
             .finish()
     }
@@ -304,14 +326,21 @@ impl Running {
             }
         }
         Ok(Self {
-            container: Arc::new(container),
+            id: container.id().to_owned(),
+            container: Some(Arc::new(container)),
             ports: mapped,
         })
     }
 
+    fn handle(&self) -> Arc<ContainerAsync<GenericImage>> {
+        self.container
+            .clone()
+            .expect("the container is only taken by remove(self) and drop")
+    }
+
     /// The container id.
     pub fn id(&self) -> &str {
-        self.container.id()
+        &self.id
     }
 
     /// The host port published for `container_port` (one passed to [`Running::start`]).
@@ -325,15 +354,65 @@ impl Running {
 
     /// Stops the container: SIGTERM, SIGKILL after `grace_secs`.
     pub async fn stop(&self, grace_secs: i32) -> anyhow::Result<()> {
-        let c = self.container.clone();
+        let c = self.handle();
         on_docker(async move { c.stop_with_timeout(Some(grace_secs)).await })
             .await
             .with_context(|| format!("stopping container {}", self.id()))
     }
 
+    /// Kills the container's process at once (SIGKILL: nothing is saved, no client is
+    /// told), as a crash or power loss would, and returns once it is down.
+    pub async fn kill(&self) -> anyhow::Result<()> {
+        let ep = ENDPOINT.get().cloned().context(
+            "killing a container: the Docker engine's endpoint is unknown (init did not probe it)",
+        )?;
+        let id = self.id.clone();
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            docker::request(
+                &ep,
+                "POST",
+                &format!("/containers/{id}/kill?signal=SIGKILL"),
+            )
+        })
+        .await
+        .context("the kill request's thread")?
+        .with_context(|| format!("killing container {}", self.id))?;
+        anyhow::ensure!(
+            status == 204,
+            "killing container {}: {status} {body}",
+            self.id
+        );
+        let id = self.id.clone();
+        wait_ready(
+            &format!("container {id} to be down"),
+            Duration::from_secs(30),
+            || {
+                let ep = ENDPOINT.get().cloned();
+                let id = id.clone();
+                async move {
+                    let ep = ep.ok_or("no endpoint")?;
+                    let (status, body) = tokio::task::spawn_blocking(move || {
+                        docker::request(&ep, "GET", &format!("/containers/{id}/json"))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                    let running = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["State"]["Running"].as_bool());
+                    match (status, running) {
+                        (200, Some(false)) => Ok(()),
+                        _ => Err(format!("{status}: still running")),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
     /// Starts the stopped container again (the caller waits for its readiness).
     pub async fn start_again(&self) -> anyhow::Result<()> {
-        let c = self.container.clone();
+        let c = self.handle();
         on_docker(async move { c.start().await })
             .await
             .with_context(|| format!("starting container {} again", self.id()))
@@ -341,7 +420,7 @@ impl Running {
 
     /// Runs a command in the container: `(exit code, stdout + stderr)`.
     pub async fn exec(&self, cmd: Vec<String>) -> anyhow::Result<(i64, String)> {
-        let c = self.container.clone();
+        let c = self.handle();
         let shown = cmd.join(" ");
         // The exec handle is not Sync, so its future is not Send: drive it on a blocking
         // thread of the Docker runtime instead of as a task.
@@ -370,7 +449,7 @@ impl Running {
 
     /// The container's stdout and stderr so far (for failure messages).
     pub async fn logs(&self) -> String {
-        let c = self.container.clone();
+        let c = self.handle();
         on_docker(async move {
             let out = c.stdout_to_vec().await.unwrap_or_default();
             let err = c.stderr_to_vec().await.unwrap_or_default();
@@ -383,18 +462,88 @@ impl Running {
         .await
     }
 
-    /// Removes the container now (a dedicated one; shared ones go in [`cleanup`]).
-    pub async fn remove(self) {
-        let id = self.id().to_owned();
-        match Arc::try_unwrap(self.container) {
-            Ok(c) => {
-                if let Err(e) = on_docker(async move { c.rm().await }).await {
-                    eprintln!("harness: removing container {id}: {e}");
-                }
-            }
-            Err(_) => eprintln!("harness: container {id} still in use; cleanup() removes it"),
+    /// Connects the container to the Docker network `network` under `alias` (what
+    /// compose's service names are), e.g. for containers that reach it by name.
+    pub async fn connect_network(&self, network: &str, alias: &str) -> anyhow::Result<()> {
+        let ep = ENDPOINT
+            .get()
+            .cloned()
+            .context("the Docker engine's endpoint is unknown (init did not probe it)")?;
+        let body = serde_json::json!({
+            "Container": self.id,
+            "EndpointConfig": {"Aliases": [alias]},
+        })
+        .to_string();
+        let path = format!("/networks/{network}/connect");
+        let (status, answer) = tokio::task::spawn_blocking(move || {
+            docker::request_with_body(&ep, "POST", &path, &body)
+        })
+        .await
+        .context("the network request's thread")?
+        .with_context(|| format!("connecting container {} to {network}", self.id))?;
+        anyhow::ensure!(
+            status == 200,
+            "connecting container {} to network {network} as {alias}: {status} {answer}",
+            self.id
+        );
+        Ok(())
+    }
+
+    /// Removes the container now, waiting for Docker.
+    pub async fn remove(mut self) {
+        if let Some(c) = self.container.take() {
+            remove_now(&self.id, c).await;
         }
     }
+}
+
+/// Removes `c` on the Docker runtime when this is its last handle.
+async fn remove_now(id: &str, c: Arc<ContainerAsync<GenericImage>>) {
+    match Arc::try_unwrap(c) {
+        Ok(c) => {
+            if let Err(e) = on_docker(async move { c.rm().await }).await {
+                eprintln!("testkit: removing container {id}: {e}");
+            }
+        }
+        Err(_) => eprintln!("testkit: container {id} still in use; cleanup() removes it"),
+    }
+}
+
+impl Drop for Running {
+    /// Removes the container (bounded wait), so a test that ends, or panics, leaves
+    /// nothing behind; [`init`] and `scripts/test.sh` catch what a killed run left.
+    fn drop(&mut self) {
+        let Some(c) = self.container.take() else {
+            return;
+        };
+        let id = self.id.clone();
+        let (done, wait) = std::sync::mpsc::channel();
+        docker_runtime().spawn(async move {
+            remove_now(&id, c).await;
+            let _ = done.send(());
+        });
+        let _ = wait.recv_timeout(Duration::from_secs(30));
+    }
+}
+
+/// The emulator `slot` holds while any test holds it, started with `start` when no test
+/// does: what `leased()` of each emulator module returns. It is removed when the last
+/// holder drops it.
+pub async fn lease<T, F, Fut>(
+    slot: &'static tokio::sync::Mutex<Weak<T>>,
+    start: F,
+) -> anyhow::Result<Arc<T>>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut held = slot.lock().await;
+    if let Some(t) = held.upgrade() {
+        return Ok(t);
+    }
+    let t = Arc::new(start().await?);
+    *held = Arc::downgrade(&t);
+    Ok(t)
 }
 
 /// Polls `probe` every 100 ms until it answers `Ok`, for at most `limit`; the error

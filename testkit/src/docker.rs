@@ -88,7 +88,25 @@ pub fn endpoint() -> Result<Endpoint, String> {
 
 /// One raw HTTP/1.0 request to the engine: `(status, body)`.
 pub fn request(ep: &Endpoint, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let req = format!("{method} {path} HTTP/1.0\r\nHost: docker\r\nContent-Length: 0\r\n\r\n");
+    request_with_body(ep, method, path, "")
+}
+
+/// One raw HTTP/1.0 request with a JSON `body` (none when empty): `(status, body)`.
+pub fn request_with_body(
+    ep: &Endpoint,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let content_type = if body.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: docker\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     let mut raw = Vec::new();
     match ep {
         Endpoint::Unix(p) => {

@@ -8,9 +8,11 @@
 //!
 //! [`Mosquitto::shared`] is one broker per test binary: tests keep apart with topic prefixes
 //! and device ids of their own. [`Mosquitto::dedicated`] maps a fixed host port so the
-//! broker comes back on the same address after [`Mosquitto::restart`]; extra config lines
-//! and files (a TLS listener with its certificates, for instance) go through
-//! [`MosquittoSpec`].
+//! broker comes back on the same address after [`Mosquitto::restart`] (or
+//! [`Mosquitto::kill`] and [`Mosquitto::start_again`]); a whole config, extra config lines
+//! and files go through [`MosquittoSpec`], which also has the two other brokers the tests
+//! use: [`MosquittoSpec::anonymous`] (no authentication) and
+//! [`MosquittoSpec::client_certificate_tls`] (the AWS IoT Core endpoint's stand-in).
 
 use std::time::Duration;
 
@@ -32,6 +34,8 @@ pub const PORT: u16 = 1883;
 pub const ADMIN_USER: &str = "admin";
 /// Its password (test containers only).
 pub const ADMIN_PASSWORD: &str = "iotgw-test-admin-pw";
+/// The TLS listener of [`MosquittoSpec::client_certificate_tls`] inside the container.
+pub const TLS_PORT: u16 = 8883;
 
 const CONFIG_PATH: &str = "/mosquitto/config/mosquitto.conf";
 const DYNSEC_PATH: &str = "/mosquitto/config/dynamic-security.json";
@@ -58,6 +62,69 @@ pub struct Mosquitto {
     host: String,
 }
 
+impl MosquittoSpec {
+    /// A broker without authentication (`allow_anonymous true`, no dynsec), persistence on.
+    pub fn anonymous() -> Self {
+        Self {
+            config: Some(format!(
+                "# iotgw test broker without authentication (testkit/src/mosquitto.rs)\n\
+                 listener {PORT}\n\
+                 allow_anonymous true\n\
+                 persistence true\n\
+                 persistence_location /mosquitto/data/\n\
+                 max_queued_messages 100000\n\
+                 log_dest stderr\n\
+                 log_type all\n"
+            )),
+            ..Self::default()
+        }
+    }
+
+    /// The AWS IoT Core MQTT endpoint's stand-in: on [`TLS_PORT`] (published), TLS with
+    /// client certificates required, the certificate's CN as the client's identity, the
+    /// server certificate `server_cert`/`server_key` issued by the CA `ca_pem` (PEM); on
+    /// [`PORT`] a plain listener without authentication (AWS's own side: presence events,
+    /// shadow documents; and the readiness probe). Persistence on.
+    pub fn client_certificate_tls(ca_pem: &str, server_cert: &str, server_key: &str) -> Self {
+        let config = format!(
+            "# AWS IoT Core MQTT endpoint stand-in (testkit/src/mosquitto.rs)\n\
+             per_listener_settings true\n\
+             listener {PORT}\n\
+             allow_anonymous true\n\
+             listener {TLS_PORT}\n\
+             cafile /mosquitto/config/ca.crt\n\
+             certfile /mosquitto/config/server.crt\n\
+             keyfile /mosquitto/config/server.key\n\
+             require_certificate true\n\
+             use_identity_as_username true\n\
+             allow_anonymous false\n\
+             persistence true\n\
+             persistence_location /mosquitto/data/\n\
+             log_dest stderr\n\
+             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+        );
+        Self {
+            config: Some(config),
+            files: vec![
+                (
+                    "/mosquitto/config/ca.crt".into(),
+                    ca_pem.as_bytes().to_vec(),
+                ),
+                (
+                    "/mosquitto/config/server.crt".into(),
+                    server_cert.as_bytes().to_vec(),
+                ),
+                (
+                    "/mosquitto/config/server.key".into(),
+                    server_key.as_bytes().to_vec(),
+                ),
+            ],
+            extra_ports: vec![TLS_PORT],
+            ..Self::default()
+        }
+    }
+}
+
 fn config(spec: &MosquittoSpec) -> String {
     let mut c = spec.config.clone().unwrap_or_else(default_config);
     for line in &spec.extra_config {
@@ -69,7 +136,7 @@ fn config(spec: &MosquittoSpec) -> String {
 
 fn default_config() -> String {
     format!(
-        "# iotgw test broker (tests/src/harness/mosquitto.rs)\n\
+        "# iotgw test broker (testkit/src/mosquitto.rs)\n\
          per_listener_settings false\n\
          listener {PORT}\n\
          allow_anonymous false\n\
@@ -153,6 +220,19 @@ impl Mosquitto {
     /// messages), starts it again and waits until it accepts the admin user.
     pub async fn restart(&self) -> anyhow::Result<()> {
         self.running.stop(10).await?;
+        self.running.start_again().await?;
+        self.wait_ready().await
+    }
+
+    /// Kills the broker (SIGKILL: nothing saved, no goodbye to clients); bring it back
+    /// with [`Mosquitto::start_again`]. On a dedicated broker only.
+    pub async fn kill(&self) -> anyhow::Result<()> {
+        self.running.kill().await
+    }
+
+    /// Starts a stopped or killed broker again (same host port on a dedicated one) and
+    /// waits until it accepts the admin user.
+    pub async fn start_again(&self) -> anyhow::Result<()> {
         self.running.start_again().await?;
         self.wait_ready().await
     }
