@@ -14,10 +14,10 @@ use uuid::Uuid;
 
 use super::rows::*;
 use super::{
-    db, devices, finish_page, get, lock_all, lock_key, now, page_size, parse_uuid_cursor, retrying,
-    text, time_cursor, ts, PostgresStore,
+    db, finish_page, get, lock_key, now, page_size, parse_uuid_cursor, text, time_cursor, ts,
+    PostgresStore,
 };
-use crate::apply::{self, AlertRow, OutboxRow};
+use crate::apply::{AlertRow, OutboxRow};
 use crate::batch::BatchWrite;
 use crate::decide::DebounceMatch;
 use crate::fold::Probe;
@@ -36,7 +36,7 @@ const DEBOUNCE_LOOKUPS: &str = "SELECT q.i, m.id, m.alert_token, m.alert_time, m
      ORDER BY alert_time DESC, created_at DESC, id DESC LIMIT 1) m ON true";
 
 /// The advisory lock keys of a reading: its device and the debounce key of each alert.
-fn commit_locks(commit: &TelemetryCommit, keys: &mut Vec<i64>) {
+pub(super) fn commit_locks(commit: &TelemetryCommit, keys: &mut Vec<i64>) {
     keys.push(lock_key("device", commit.device_id.as_str()));
     keys.extend(
         commit
@@ -200,25 +200,6 @@ pub(super) async fn queue_outbox(
 }
 
 impl PostgresStore {
-    /// See [`crate::Store::commit_telemetry`].
-    pub(super) async fn telemetry(
-        &self,
-        commit: &TelemetryCommit,
-    ) -> StoreResult<Vec<CommittedAlert>> {
-        commit.check()?;
-        let mut keys = Vec::new();
-        commit_locks(commit, &mut keys);
-        retrying(|| async {
-            let mut tx = self.write().await?;
-            lock_all(&mut tx, keys.clone()).await?;
-            let device = devices::require_device(&mut tx, &commit.device_id).await?;
-            let out = apply::telemetry(&mut super::batch::Writer(&mut tx), &device, commit).await?;
-            tx.commit().await.map_err(db("committing telemetry"))?;
-            Ok(out)
-        })
-        .await
-    }
-
     /// See [`crate::Store::get_alert`].
     pub(super) async fn alert(&self, id: Uuid) -> StoreResult<Option<Alert>> {
         sqlx::query(&format!("SELECT {ALERT_COLS} FROM alerts WHERE id = $1"))

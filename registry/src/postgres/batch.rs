@@ -12,11 +12,13 @@ use uuid::Uuid;
 use sqlx::PgConnection;
 
 use super::alerts::{
-    alerts_by_token, debounce_matches, insert_alert_rows, queue_outbox, telemetry_locks,
+    alerts_by_token, commit_locks, debounce_matches, insert_alert_rows, queue_outbox,
+    telemetry_locks,
 };
 use super::commands::insert_command_row;
 use super::devices::{
-    bump_activity, fetch_devices, insert_unknown_device, write_connection_state, write_reported,
+    bump_activity, fetch_devices, insert_unknown_device, require_device, write_connection_state,
+    write_reported,
 };
 use super::outbox::write_dead_letter;
 use super::{db, lock_all, retrying, PostgresStore};
@@ -24,7 +26,9 @@ use crate::apply::{self, AlertRow, BatchWriter, OutboxRow};
 use crate::batch::{BatchOutcome, BatchWrite};
 use crate::decide::DebounceMatch;
 use crate::fold::Probe;
-use crate::model::{Alert, Command, Device, NewAlertCommand, NewDeadLetter};
+use crate::model::{
+    Alert, Command, CommittedAlert, Device, NewAlertCommand, NewDeadLetter, TelemetryCommit,
+};
 use crate::store::StoreResult;
 use crate::DeviceId;
 
@@ -41,6 +45,26 @@ impl PostgresStore {
         retrying(|| self.apply_batch_once(writes)).await
     }
 
+    /// See [`crate::Store::commit_telemetry`]: a batch of one reading, whose device must be
+    /// registered.
+    pub(super) async fn telemetry(
+        &self,
+        commit: &TelemetryCommit,
+    ) -> StoreResult<Vec<CommittedAlert>> {
+        commit.check()?;
+        let mut keys = Vec::new();
+        commit_locks(commit, &mut keys);
+        retrying(|| async {
+            let mut tx = self.write().await?;
+            lock_all(&mut tx, keys.clone()).await?;
+            let device = require_device(&mut tx, &commit.device_id).await?;
+            let out = apply::telemetry(&mut Writer(&mut tx), &device, commit).await?;
+            tx.commit().await.map_err(db("committing telemetry"))?;
+            Ok(out)
+        })
+        .await
+    }
+
     async fn apply_batch_once(&self, writes: &[BatchWrite]) -> StoreResult<Vec<BatchOutcome>> {
         let mut tx = self.write().await?;
         lock_all(&mut tx, telemetry_locks(writes)).await?;
@@ -51,7 +75,7 @@ impl PostgresStore {
 }
 
 /// This backend's statements for [`apply::apply`], on the batch's transaction.
-pub(super) struct Writer<'c>(pub(super) &'c mut PgConnection);
+struct Writer<'c>(&'c mut PgConnection);
 
 #[async_trait]
 impl BatchWriter for Writer<'_> {

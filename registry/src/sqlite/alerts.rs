@@ -4,7 +4,7 @@
 //! queries.
 
 use super::*;
-use crate::apply::{self, AlertRow, OutboxRow};
+use crate::apply::{AlertRow, OutboxRow};
 use crate::decide::DebounceMatch;
 use crate::fold::Probe;
 
@@ -170,19 +170,6 @@ pub(super) async fn queue_outbox(
 }
 
 impl SqliteStore {
-    /// See [`crate::Store::commit_telemetry`].
-    pub(super) async fn telemetry(
-        &self,
-        commit: &TelemetryCommit,
-    ) -> StoreResult<Vec<CommittedAlert>> {
-        commit.check()?;
-        let mut tx = self.write().await?;
-        let device = require_device(&mut tx, &commit.device_id).await?;
-        let out = apply::telemetry(&mut super::batch::Writer(&mut tx), &device, commit).await?;
-        tx.commit().await.map_err(db("committing telemetry"))?;
-        Ok(out)
-    }
-
     /// See [`crate::Store::get_alert`].
     pub(super) async fn alert(&self, id: Uuid) -> StoreResult<Option<Alert>> {
         sqlx::query(&format!("SELECT {ALERT_COLS} FROM alerts WHERE id = ?"))

@@ -12,14 +12,16 @@ use sqlx::SqliteConnection;
 
 use super::{
     alerts_by_token, bump_activity, db, debounce_matches, fetch_devices, insert_alert_rows,
-    insert_command_row, insert_unknown_device, queue_outbox, write_connection_state,
-    write_dead_letter, write_reported, SqliteStore,
+    insert_command_row, insert_unknown_device, queue_outbox, require_device,
+    write_connection_state, write_dead_letter, write_reported, SqliteStore,
 };
 use crate::apply::{self, AlertRow, BatchWriter, OutboxRow};
 use crate::batch::{BatchOutcome, BatchWrite};
 use crate::decide::DebounceMatch;
 use crate::fold::Probe;
-use crate::model::{Alert, Command, Device, NewAlertCommand, NewDeadLetter};
+use crate::model::{
+    Alert, Command, CommittedAlert, Device, NewAlertCommand, NewDeadLetter, TelemetryCommit,
+};
 use crate::store::StoreResult;
 use crate::DeviceId;
 
@@ -38,10 +40,24 @@ impl SqliteStore {
         tx.commit().await.map_err(db("committing a batch"))?;
         Ok(out)
     }
+
+    /// See [`crate::Store::commit_telemetry`]: a batch of one reading, whose device must be
+    /// registered.
+    pub(super) async fn telemetry(
+        &self,
+        commit: &TelemetryCommit,
+    ) -> StoreResult<Vec<CommittedAlert>> {
+        commit.check()?;
+        let mut tx = self.write().await?;
+        let device = require_device(&mut tx, &commit.device_id).await?;
+        let out = apply::telemetry(&mut Writer(&mut tx), &device, commit).await?;
+        tx.commit().await.map_err(db("committing telemetry"))?;
+        Ok(out)
+    }
 }
 
 /// This backend's statements for [`apply::apply`], on the batch's transaction.
-pub(super) struct Writer<'c>(pub(super) &'c mut SqliteConnection);
+struct Writer<'c>(&'c mut SqliteConnection);
 
 #[async_trait]
 impl BatchWriter for Writer<'_> {
