@@ -107,7 +107,7 @@ fn main() {
             let writes: Vec<BatchWrite> = (0..events)
                 .map(|i| {
                     seq += 1;
-                    reading(&names[i % devices], seq, seq % 10 == 0)
+                    reading(&names[i % devices], seq, seq.is_multiple_of(10))
                 })
                 .collect();
             let t = Instant::now();
