@@ -74,8 +74,8 @@ pub(crate) trait BatchWriter: Send {
     fn stored_text<'s>(&self, s: &'s str) -> Cow<'s, str> {
         Cow::Borrowed(s)
     }
-    /// The registered devices among `ids` (any order; the unregistered ones are missing).
-    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<Vec<Device>>;
+    /// The registered devices among `ids`, by id (the unregistered ones are missing).
+    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<HashMap<DeviceId, Device>>;
     /// Registers a device first seen in telemetry (`auto_register`).
     async fn insert_unknown_device(
         &mut self,
@@ -156,11 +156,7 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
     let mut devices: HashMap<DeviceId, Device> = if ids.is_empty() {
         HashMap::new()
     } else {
-        w.fetch_devices(&ids)
-            .await?
-            .into_iter()
-            .map(|d| (d.device_id.clone(), d))
-            .collect()
+        w.fetch_devices(&ids).await?
     };
 
     let mut activity: BTreeMap<Uuid, DateTime<Utc>> = BTreeMap::new();
@@ -180,11 +176,12 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
                         }
                         IfUnknown::Register { provider_instance } => {
                             w.insert_unknown_device(id, provider_instance).await?;
-                            let device = w.fetch_devices(&[id]).await?.pop().ok_or_else(|| {
-                                StoreError::Database(format!(
-                                    "device {id} was inserted but cannot be read back"
-                                ))
-                            })?;
+                            let device =
+                                w.fetch_devices(&[id]).await?.remove(id).ok_or_else(|| {
+                                    StoreError::Database(format!(
+                                        "device {id} was inserted but cannot be read back"
+                                    ))
+                                })?;
                             devices.insert(id.clone(), device);
                             registered = true;
                         }

@@ -5,6 +5,8 @@
 //! (`crate::apply`), as on SQLite; a batch's alerts, devices and activity bumps are one
 //! statement each, their rows passed as arrays (`unnest`).
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -17,8 +19,7 @@ use super::alerts::{
 };
 use super::commands::insert_command_row;
 use super::devices::{
-    bump_activity, fetch_devices, insert_unknown_device, require_device, write_connection_state,
-    write_reported,
+    bump_activity, insert_unknown_device, require_device, write_connection_state, write_reported,
 };
 use super::outbox::write_dead_letter;
 use super::{db, lock_all, retrying, PostgresStore};
@@ -82,8 +83,8 @@ impl BatchWriter for Writer<'_> {
     fn stored_text<'s>(&self, s: &'s str) -> std::borrow::Cow<'s, str> {
         super::text(s)
     }
-    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<Vec<Device>> {
-        fetch_devices(self.0, ids).await
+    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<HashMap<DeviceId, Device>> {
+        super::registration::fetch_devices(self.0, ids).await
     }
     async fn insert_unknown_device(
         &mut self,

@@ -34,24 +34,6 @@ pub(super) async fn fetch_device(
     .transpose()
 }
 
-/// The registered devices among `ids`, one statement.
-pub(super) async fn fetch_devices(
-    conn: &mut PgConnection,
-    ids: &[&DeviceId],
-) -> StoreResult<Vec<Device>> {
-    let ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
-    sqlx::query(&format!(
-        "SELECT {DEVICE_COLS} FROM devices WHERE device_id = ANY($1)"
-    ))
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db("reading devices"))?
-    .iter()
-    .map(device_from_row)
-    .collect()
-}
-
 pub(super) async fn require_device(conn: &mut PgConnection, id: &DeviceId) -> StoreResult<Device> {
     fetch_device(conn, id)
         .await?

@@ -4,6 +4,8 @@
 //! as one JSON array read with `json_each`: one hand-off to sqlx's SQLite worker thread
 //! per statement, whatever the batch's size, and one prepared statement reused.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -11,9 +13,9 @@ use uuid::Uuid;
 use sqlx::SqliteConnection;
 
 use super::{
-    alerts_by_token, bump_activity, db, debounce_matches, fetch_devices, insert_alert_rows,
-    insert_command_row, insert_unknown_device, queue_outbox, require_device,
-    write_connection_state, write_dead_letter, write_reported, SqliteStore,
+    alerts_by_token, bump_activity, db, debounce_matches, insert_alert_rows, insert_command_row,
+    insert_unknown_device, queue_outbox, require_device, write_connection_state, write_dead_letter,
+    write_reported, SqliteStore,
 };
 use crate::apply::{self, AlertRow, BatchWriter, OutboxRow};
 use crate::batch::{BatchOutcome, BatchWrite};
@@ -61,8 +63,8 @@ struct Writer<'c>(&'c mut SqliteConnection);
 
 #[async_trait]
 impl BatchWriter for Writer<'_> {
-    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<Vec<Device>> {
-        fetch_devices(self.0, ids).await
+    async fn fetch_devices(&mut self, ids: &[&DeviceId]) -> StoreResult<HashMap<DeviceId, Device>> {
+        super::registration::fetch_devices(self.0, ids).await
     }
     async fn insert_unknown_device(
         &mut self,

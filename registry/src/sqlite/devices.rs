@@ -24,33 +24,6 @@ pub(super) async fn fetch_device(
     .transpose()
 }
 
-/// The registered devices among `ids`, one statement per 1,000.
-pub(super) async fn fetch_devices(
-    conn: &mut SqliteConnection,
-    ids: &[&DeviceId],
-) -> StoreResult<Vec<Device>> {
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(1000) {
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {DEVICE_COLS} FROM devices WHERE device_id IN ("
-        ));
-        let mut list = qb.separated(", ");
-        for id in chunk {
-            list.push_bind(id.as_str());
-        }
-        qb.push(")");
-        for row in qb
-            .build()
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db("reading devices"))?
-        {
-            out.push(device_from_row(&row)?);
-        }
-    }
-    Ok(out)
-}
-
 pub(super) async fn require_device(
     conn: &mut SqliteConnection,
     id: &DeviceId,

@@ -75,7 +75,7 @@ pub(super) async fn insert_history(
 }
 
 /// The stored devices among `ids`, by id.
-async fn fetch_devices(
+pub(super) async fn fetch_devices(
     conn: &mut SqliteConnection,
     ids: &[&DeviceId],
 ) -> StoreResult<HashMap<DeviceId, Device>> {
