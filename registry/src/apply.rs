@@ -56,6 +56,8 @@ pub(crate) struct AlertRow<'a> {
     pub parent_token: Option<String>,
     /// Creation time (the same for the whole batch; the ids order it).
     pub created_at: DateTime<Utc>,
+    /// The sinks that get an outbox item for it (its reading's).
+    pub sinks: &'a [String],
 }
 
 /// One outbox item: an alert for a sink.
@@ -296,7 +298,7 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
         return Ok(vec![Vec::new(); readings.len()]);
     }
 
-    let mut tokens: Vec<&str> = pending.iter().map(|p| p.new.alert_token.as_str()).collect();
+    let mut tokens: Vec<&str> = pending.iter().map(|p| p.token.as_ref()).collect();
     tokens.sort_unstable();
     tokens.dedup();
     let stored: HashMap<String, Alert> = w
@@ -345,6 +347,7 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
                 parent: *parent,
                 parent_token: parent_token.clone(),
                 created_at,
+                sinks: &readings[r].1.sinks,
             }),
             Fate::Stored | Fate::Repeat(_) => None,
         })
@@ -376,14 +379,9 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
     }
     let outbox: Vec<OutboxRow<'_>> = rows
         .iter()
-        .zip(&owner_of_rows(&fates, &owner))
-        .flat_map(|(row, &r)| {
+        .flat_map(|row| {
             let alert = &inserted[&row.id];
-            readings[r]
-                .1
-                .sinks
-                .iter()
-                .map(move |sink| OutboxRow { sink, alert })
+            row.sinks.iter().map(move |sink| OutboxRow { sink, alert })
         })
         .collect();
     if !outbox.is_empty() {
@@ -420,16 +418,6 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
         out[r].push(committed);
     }
     Ok(out)
-}
-
-/// The reading of each inserted row, in row order.
-fn owner_of_rows(fates: &[Fate], owner: &[usize]) -> Vec<usize> {
-    fates
-        .iter()
-        .zip(owner)
-        .filter(|(f, _)| matches!(f, Fate::Insert { .. }))
-        .map(|(_, &r)| r)
-        .collect()
 }
 
 /// `s` cut to at most `max` characters, on a character boundary.
