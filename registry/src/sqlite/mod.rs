@@ -131,6 +131,9 @@ impl SqliteStore {
             .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(FILE_POOL_SIZE)
+            // No ping before handing a connection out: a local file connection does not go
+            // stale, and the ping is one more hand-off to the worker thread per batch.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|e| {
