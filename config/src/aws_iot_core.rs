@@ -49,8 +49,8 @@ pub struct AwsIotCoreConfig {
     /// `x-amzn-mqtt-ca` is sent as AWS IoT Core requires.
     pub mqtt_port: u16,
     /// MQTT client id of the gateway. The gateway's certificate policy must allow
-    /// `iot:Connect` on `client/<client_id>`; it names the persistent session, so each
-    /// replica needs its own (e.g. `IOTGW_PROVIDERS__<NAME>__CLIENT_ID=iotgw-2`).
+    /// `iot:Connect` on `client/<client_id>-*` (with a `shared_group`, the default, each
+    /// replica connects as `<client_id>-<replica.id>`); it names the persistent session.
     pub client_id: String,
     /// PEM file with the gateway's own X.509 certificate (registered and active in AWS IoT,
     /// with a policy allowing connect, subscribe and receive on the topics below and on

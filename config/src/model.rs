@@ -37,6 +37,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Readiness (`/ready`) policy.
     pub health: HealthConfig,
+    /// This gateway's identity among replicas sharing one store.
+    pub replica: ReplicaConfig,
 }
 
 impl Config {
@@ -226,6 +228,25 @@ impl ProviderConfig {
             Self::AzureIotHub(_) => "azure_iot_hub",
         }
     }
+
+    /// This instance as replica `replica` runs it: an MQTT client (kinds `mqtt` and
+    /// `aws_iot_core`) in a shared-subscription group gets the client id
+    /// `{client_id}-{replica}`, so replicas given one config never take over each other's
+    /// broker session. Without a group the client id is used as written (one gateway, one
+    /// session that survives its restarts).
+    pub fn for_replica(&self, replica: &str) -> Self {
+        let mut out = self.clone();
+        match &mut out {
+            Self::Mqtt(m) if !m.shared_group.is_empty() => {
+                m.client_id = format!("{}-{replica}", m.client_id);
+            }
+            Self::AwsIotCore(a) if !a.shared_group.is_empty() => {
+                a.client_id = format!("{}-{replica}", a.client_id);
+            }
+            _ => {}
+        }
+        out
+    }
 }
 
 /// Comparison of a rule.
@@ -361,6 +382,66 @@ pub struct HealthConfig {
     /// `/ready` turns false, so a short broker restart does not take the pod out of
     /// service. 0 turns `/ready` false as soon as a connection drops.
     pub provider_grace_secs: u64,
+}
+
+/// This gateway's identity among replicas sharing one store (`[replica]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// Names this replica: it suffixes the MQTT client id of a provider with a
+    /// `shared_group` (`{client_id}-{id}`, so replicas never take over each other's
+    /// session), and it names the holder of outbox leases in logs. Letters, digits, `_`,
+    /// `-` and `.`, at most 64. Empty (the default): the host name (`$HOSTNAME`, else the
+    /// kernel's), which is the pod name in a Kubernetes StatefulSet (`iotgw-0`, stable
+    /// across restarts, so a restarted replica finds its broker session again).
+    pub id: String,
+    /// Seconds an outbox item stays leased to the replica delivering it. The replica renews
+    /// the lease every third of it while it delivers; when a replica dies, the others take
+    /// its items over once the lease has run out (2..=3600).
+    pub outbox_lease_secs: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            outbox_lease_secs: 30,
+        }
+    }
+}
+
+impl ReplicaConfig {
+    /// The longest replica id.
+    pub const MAX_LEN: usize = 64;
+
+    /// The configured id, else the host name made fit (other characters become `-`), else
+    /// `iotgw`.
+    pub fn resolved_id(&self) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.trim().is_empty())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .unwrap_or_default();
+        let fitted: String = host
+            .trim()
+            .chars()
+            .map(|c| if Self::allowed(c) { c } else { '-' })
+            .take(Self::MAX_LEN)
+            .collect();
+        if fitted.is_empty() {
+            "iotgw".into()
+        } else {
+            fitted
+        }
+    }
+
+    /// Whether `c` may appear in a replica id.
+    pub fn allowed(c: char) -> bool {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
+    }
 }
 
 impl Default for HealthConfig {

@@ -12,8 +12,9 @@ pub struct MqttConfig {
     pub host: String,
     /// Broker port.
     pub port: u16,
-    /// Client id of the gateway; it names the broker-side persistent session, so each
-    /// replica needs its own (e.g. `IOTGW_PROVIDERS__<NAME>__CLIENT_ID=iotgw-2`).
+    /// Client id of the gateway; it names the broker-side persistent session. With a
+    /// `shared_group`, each replica connects as `<client_id>-<replica.id>`, so replicas
+    /// given one config never take over each other's session.
     pub client_id: String,
     /// Broker user name.
     pub username: Option<String>,

@@ -59,6 +59,23 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
     // store
     crate::store::validate(&c.store, &mut out);
 
+    // replica
+    let id = &c.replica.id;
+    if id.len() > crate::ReplicaConfig::MAX_LEN || !id.chars().all(crate::ReplicaConfig::allowed) {
+        out.push(p(
+            "replica.id",
+            format!("{id:?} is not a replica id"),
+            "use at most 64 letters, digits, `_`, `-` or `.` (e.g. iotgw-1), or leave it empty for the host name",
+        ));
+    }
+    if !(2..=3600).contains(&c.replica.outbox_lease_secs) {
+        out.push(p(
+            "replica.outbox_lease_secs",
+            format!("{} is outside 2..=3600", c.replica.outbox_lease_secs),
+            "use 30 (the default): longer than one delivery attempt, short enough for a quick takeover",
+        ));
+    }
+
     // pipeline
     if c.pipeline.debounce_window_secs == 0 || c.pipeline.debounce_window_secs > 86_400 {
         out.push(p(
@@ -340,6 +357,47 @@ mod tests {
         assert!(probs.iter().any(|x| x.path == "api.token"), "{probs:?}");
         c.api.token = Some(Secret::new("0123456789abcdef0123"));
         assert!(validate(&c, &["mqtt"]).is_empty());
+    }
+
+    #[test]
+    fn a_replica_id_with_a_slash_or_too_long_is_refused_and_an_empty_one_is_the_host_name() {
+        let mut c = Config::embedded_default();
+        for bad in ["iotgw/1", &"r".repeat(65), "iotgw 1"] {
+            c.replica.id = bad.into();
+            let probs = validate(&c, &["mqtt"]);
+            assert!(
+                probs.len() == 1 && probs[0].path == "replica.id",
+                "{bad}: {probs:?}"
+            );
+        }
+        c.replica.id = "iotgw-2.eu_west".into();
+        assert!(validate(&c, &["mqtt"]).is_empty());
+        assert_eq!(c.replica.resolved_id(), "iotgw-2.eu_west");
+        c.replica.id = String::new();
+        let host = c.replica.resolved_id();
+        assert!(
+            !host.is_empty() && host.len() <= 64 && host.chars().all(ReplicaConfig::allowed),
+            "{host:?}"
+        );
+    }
+
+    #[test]
+    fn replicas_in_a_shared_group_get_their_own_client_id_and_a_lone_gateway_keeps_its_own() {
+        let shared = ProviderConfig::Mqtt(MqttConfig {
+            shared_group: "iotgw".into(),
+            ..MqttConfig::default()
+        });
+        let ProviderConfig::Mqtt(m) = shared.for_replica("iotgw-1") else {
+            unreachable!()
+        };
+        assert_eq!(m.client_id, "iotgw-iotgw-1");
+        let lone = ProviderConfig::Mqtt(MqttConfig::default());
+        assert_eq!(lone.for_replica("iotgw-1"), lone);
+        let aws = ProviderConfig::AwsIotCore(crate::AwsIotCoreConfig::default());
+        let ProviderConfig::AwsIotCore(a) = aws.for_replica("b") else {
+            unreachable!()
+        };
+        assert_eq!(a.client_id, "iotgw-b", "aws shares by default");
     }
 
     #[test]

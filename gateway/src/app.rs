@@ -198,6 +198,8 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         );
     }
 
+    let replica = config.replica.resolved_id();
+    tracing::info!(replica = %replica, "replica identity");
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
     let mut on_embedded = Vec::new();
     for (name, pc) in &config.providers {
@@ -206,7 +208,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
                 on_embedded.push(name.clone());
                 internal
             }
-            None => pc.clone(),
+            None => pc.for_replica(&replica),
         };
         let provider = build_provider(name, &pc)
             .await
@@ -262,6 +264,10 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         metrics.clone(),
         outbox_stop.clone(),
         drain_rx,
+        sinks::Leasing {
+            holder: replica.clone(),
+            lease: Duration::from_secs(config.replica.outbox_lease_secs),
+        },
     );
 
     // API.

@@ -89,6 +89,7 @@ macro_rules! conformance_tests {
             alert_outside_window_is_a_new_primary,
             long_description_and_data_are_cut_on_char_boundaries,
             outbox_claim_retry_deliver_and_dead_letter,
+            an_expired_lease_taken_over_by_another_replica_is_fenced,
             paging_walks_every_device_once,
             device_filters_select_matching_devices,
             alerts_page_newest_first_with_filters,
@@ -156,6 +157,11 @@ fn base() -> DateTime<Utc> {
 }
 
 /// `base()` plus `secs` seconds.
+/// A time after every lease a scenario takes.
+fn far_future() -> DateTime<Utc> {
+    Utc::now() + Duration::days(1)
+}
+
 fn at(secs: i64) -> DateTime<Utc> {
     base() + Duration::seconds(secs)
 }
@@ -744,7 +750,7 @@ pub async fn commit_writes_alert_activity_and_outbox(store: &dyn Store) {
     for sink in ["dataverse", "webhook"] {
         let now = Utc::now();
         let items = store
-            .claim_outbox(sink, now, now + Duration::seconds(30), 10)
+            .claim_outbox(sink, "replica-1", now, now + Duration::seconds(30), 10)
             .await
             .expect("claim");
         assert_eq!(items.len(), 1, "{sink}");
@@ -1111,7 +1117,7 @@ pub async fn alert_inside_window_becomes_child_of_first(store: &dyn Store) {
     // A child is queued to sinks like any alert, carrying its parent.
     let now = Utc::now();
     let items = store
-        .claim_outbox("hook", now, now + Duration::seconds(30), 10)
+        .claim_outbox("hook", "replica-1", now, now + Duration::seconds(30), 10)
         .await
         .expect("claim");
     assert_eq!(items.len(), 2);
@@ -1292,7 +1298,7 @@ pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
 
     let now = Utc::now();
     let first = store
-        .claim_outbox("hook", now, now + Duration::seconds(30), 2)
+        .claim_outbox("hook", "replica-1", now, now + Duration::seconds(30), 2)
         .await
         .expect("claim 2");
     assert_eq!(first.len(), 2, "the limit is honoured");
@@ -1305,18 +1311,18 @@ pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
         vec![alerts[0].id.to_string(), alerts[1].id.to_string()]
     );
     let rest = store
-        .claim_outbox("hook", now, now + Duration::seconds(30), 10)
+        .claim_outbox("hook", "replica-1", now, now + Duration::seconds(30), 10)
         .await
         .expect("claim rest");
     assert_eq!(rest.len(), 1, "leased items are not handed out twice");
     assert_eq!(rest[0].idempotency_key, alerts[2].id.to_string());
     assert!(store
-        .claim_outbox("hook", now, now + Duration::seconds(30), 10)
+        .claim_outbox("hook", "replica-1", now, now + Duration::seconds(30), 10)
         .await
         .expect("claim")
         .is_empty());
     assert!(store
-        .claim_outbox("hook", now, now, 0)
+        .claim_outbox("hook", "replica-1", now, now, 0)
         .await
         .expect("limit 0")
         .is_empty());
@@ -1324,19 +1330,31 @@ pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
     // The leases run out: everything is due again.
     let later = now + Duration::seconds(31);
     let all = store
-        .claim_outbox("hook", later, later + Duration::seconds(30), 10)
+        .claim_outbox(
+            "hook",
+            "replica-1",
+            later,
+            later + Duration::seconds(30),
+            10,
+        )
         .await
         .expect("after lease");
     assert_eq!(all.len(), 3);
     let (a, b, c) = (all[0].clone(), all[1].clone(), all[2].clone());
 
-    store
-        .outbox_retry(a.id, now + Duration::seconds(300), "HTTP 503")
+    assert!(store
+        .outbox_retry(a.lease(), now + Duration::seconds(300), "HTTP 503")
         .await
-        .expect("retry");
+        .expect("retry"));
     let after_lease = now + Duration::seconds(62);
     let due = store
-        .claim_outbox("hook", after_lease, after_lease + Duration::seconds(30), 10)
+        .claim_outbox(
+            "hook",
+            "replica-1",
+            after_lease,
+            after_lease + Duration::seconds(30),
+            10,
+        )
         .await
         .expect("claim while waiting");
     assert_eq!(
@@ -1346,7 +1364,13 @@ pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
     );
     let retry_time = now + Duration::seconds(300);
     let retried = store
-        .claim_outbox("hook", retry_time, retry_time + Duration::seconds(30), 10)
+        .claim_outbox(
+            "hook",
+            "replica-1",
+            retry_time,
+            retry_time + Duration::seconds(30),
+            10,
+        )
         .await
         .expect("claim at retry time");
     let retried_a = retried
@@ -1357,15 +1381,19 @@ pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
     assert_eq!(retried_a.last_error.as_deref(), Some("HTTP 503"));
     assert_eq!(retried_a.payload, a.payload);
 
-    store.outbox_delivered(b.id).await.expect("delivered");
-    store
-        .outbox_delivered(b.id)
+    let (b, c) = (
+        retried.iter().find(|i| i.id == b.id).expect("b").clone(),
+        retried.iter().find(|i| i.id == c.id).expect("c").clone(),
+    );
+    assert!(store.outbox_delivered(b.lease()).await.expect("delivered"));
+    assert!(
+        !store.outbox_delivered(b.lease()).await.expect("again"),
+        "delivered twice is harmless, and says it changed nothing"
+    );
+    assert!(store
+        .outbox_dead_letter(c.lease(), "HTTP 400: schema rejected")
         .await
-        .expect("delivered twice is harmless");
-    store
-        .outbox_dead_letter(c.id, "HTTP 400: schema rejected")
-        .await
-        .expect("dead letter");
+        .expect("dead letter"));
     assert_eq!(
         depth(store).await,
         vec![("hook".to_owned(), 1), ("other".to_owned(), 3)]
@@ -1391,7 +1419,7 @@ pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
 
     let far = now + Duration::seconds(3600);
     let left = store
-        .claim_outbox("hook", far, far, 10)
+        .claim_outbox("hook", "replica-1", far, far, 10)
         .await
         .expect("claim");
     assert_eq!(
@@ -1399,21 +1427,119 @@ pub async fn outbox_claim_retry_deliver_and_dead_letter(store: &dyn Store) {
         vec![a.id],
         "delivered and dead items are gone"
     );
-    not_found(
-        store.outbox_retry(c.id, now, "x").await,
-        "outbox item",
-        "retrying a dead item",
+    assert!(
+        !store
+            .outbox_retry(c.lease(), now, "x")
+            .await
+            .expect("retry"),
+        "retrying a dead item changes nothing"
     );
-    not_found(
-        store.outbox_dead_letter(b.id, "x").await,
-        "outbox item",
-        "dead-lettering a delivered item",
+    assert!(
+        !store
+            .outbox_dead_letter(b.lease(), "x")
+            .await
+            .expect("dead"),
+        "dead-lettering a delivered item changes nothing"
     );
     let other = store
-        .claim_outbox("other", far, far, 10)
+        .claim_outbox("other", "replica-1", far, far, 10)
         .await
         .expect("claim other");
     assert_eq!(other.len(), 3, "sinks are independent");
+}
+
+/// A replica whose lease ran out and was claimed by another (it paused, or lost the
+/// network) can no longer mark the item: not delivered, not retried (which would free it
+/// for a third replica while the second delivers), not dead; renewing fails for it and
+/// works for the holder, whose renewed lease keeps everyone else out. Each claim's fencing
+/// token is larger than the one before.
+pub async fn an_expired_lease_taken_over_by_another_replica_is_fenced(store: &dyn Store) {
+    registered(store, "pump-17", "aws-east").await;
+    one(
+        store,
+        commit(
+            "pump-17",
+            vec![new_alert("evt-17", "k17", at(0))],
+            60,
+            &["hook"],
+        ),
+    )
+    .await;
+    let now = Utc::now();
+    let first = store
+        .claim_outbox("hook", "replica-1", now, now + Duration::seconds(5), 10)
+        .await
+        .expect("claim by replica-1");
+    assert_eq!(first.len(), 1);
+    let stale = first[0].lease();
+
+    let later = now + Duration::seconds(6);
+    let taken = store
+        .claim_outbox("hook", "replica-2", later, later + Duration::seconds(5), 10)
+        .await
+        .expect("claim by replica-2 after the lease ran out");
+    assert_eq!(taken.len(), 1, "an expired lease is taken over");
+    let held = taken[0].lease();
+    assert_eq!(held.id, stale.id);
+    assert!(held.token > stale.token, "{held:?} after {stale:?}");
+
+    assert!(!store.outbox_delivered(stale).await.expect("delivered"));
+    assert!(!store
+        .outbox_retry(stale, now, "HTTP 503")
+        .await
+        .expect("retry"));
+    assert!(!store
+        .outbox_dead_letter(stale, "HTTP 400")
+        .await
+        .expect("dead letter"));
+    assert!(
+        store
+            .renew_outbox(&[stale], later + Duration::seconds(60))
+            .await
+            .expect("renew")
+            .is_empty(),
+        "the stale holder cannot renew"
+    );
+    assert_eq!(depth(store).await, vec![("hook".to_owned(), 1)]);
+    assert!(store
+        .list_dead_letters(&PageRequest::default())
+        .await
+        .expect("dead letters")
+        .items
+        .is_empty());
+
+    // The holder renews; past its first lease nobody else can claim the item.
+    assert_eq!(
+        store
+            .renew_outbox(&[held, stale], later + Duration::seconds(60))
+            .await
+            .expect("renew"),
+        vec![held.id]
+    );
+    let past_first_lease = later + Duration::seconds(10);
+    assert!(store
+        .claim_outbox(
+            "hook",
+            "replica-3",
+            past_first_lease,
+            past_first_lease + Duration::seconds(5),
+            10
+        )
+        .await
+        .expect("claim by replica-3")
+        .is_empty());
+    let untried = store
+        .claim_outbox("hook", "replica-1", far_future(), far_future(), 10)
+        .await
+        .expect("claim after everything")
+        .pop()
+        .expect("still queued");
+    assert_eq!(untried.attempts, 0, "the stale retry was not recorded");
+    assert!(store
+        .outbox_delivered(untried.lease())
+        .await
+        .expect("delivered by the newest holder"));
+    assert!(depth(store).await.is_empty());
 }
 
 /// Keyset paging over devices visits every device exactly once, in device id order;

@@ -520,6 +520,28 @@ pub struct OutboxItem {
     pub last_error: Option<String>,
     /// Created on.
     pub created_at: DateTime<Utc>,
+    /// The fencing token of the claim that handed this item out: every claim increments
+    /// it, and only the holder of the newest claim can mark the item.
+    pub lease_token: i64,
+}
+
+impl OutboxItem {
+    /// The lease this item was claimed under.
+    pub fn lease(&self) -> OutboxLease {
+        OutboxLease {
+            id: self.id,
+            token: self.lease_token,
+        }
+    }
+}
+
+/// One claim on an outbox item: the item and the claim's fencing token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OutboxLease {
+    /// The item.
+    pub id: i64,
+    /// The claim's fencing token ([`OutboxItem::lease_token`]).
+    pub token: i64,
 }
 
 /// A message or delivery that can never succeed, kept with the reason.

@@ -182,29 +182,43 @@ pub trait Store: Send + Sync + 'static {
 
     // --- outbox and dead letters ---------------------------------------------------------
 
-    /// Leases up to `limit` due items of one sink, oldest first, until `lease_until`, so
-    /// another replica does not take them meanwhile.
+    /// Leases up to `limit` due items of one sink, oldest first, to `holder` (a replica id,
+    /// kept for operators) until `lease_until`, so another replica does not take them
+    /// meanwhile. Each claim gives the item a new, larger fencing token
+    /// ([`OutboxItem::lease_token`]).
     async fn claim_outbox(
         &self,
         sink: &str,
+        holder: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<OutboxItem>>;
 
-    /// Removes a delivered item.
-    async fn outbox_delivered(&self, id: i64) -> StoreResult<()>;
+    /// Extends the leases still held (token unchanged) until `lease_until`; returns the ids
+    /// renewed. A lease that is missing was taken over by another replica, or the item is
+    /// gone: its holder should stop working on it.
+    async fn renew_outbox(
+        &self,
+        leases: &[OutboxLease],
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<i64>>;
 
-    /// Records a failed attempt and when to try again.
+    /// Removes a delivered item; false (nothing changed) when the lease is no longer held.
+    async fn outbox_delivered(&self, lease: OutboxLease) -> StoreResult<bool>;
+
+    /// Records a failed attempt and when to try again, releasing the lease; false (nothing
+    /// changed) when the lease is no longer held.
     async fn outbox_retry(
         &self,
-        id: i64,
+        lease: OutboxLease,
         next_attempt_at: DateTime<Utc>,
         error: &str,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<bool>;
 
-    /// Moves an item that can never be delivered to the dead letters with the reason.
-    async fn outbox_dead_letter(&self, id: i64, reason: &str) -> StoreResult<()>;
+    /// Moves an item that can never be delivered to the dead letters with the reason; false
+    /// (nothing changed) when the lease is no longer held.
+    async fn outbox_dead_letter(&self, lease: OutboxLease, reason: &str) -> StoreResult<bool>;
 
     /// Items waiting per sink.
     async fn outbox_depth(&self) -> StoreResult<Vec<(String, u64)>>;

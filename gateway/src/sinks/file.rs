@@ -70,6 +70,7 @@ mod tests {
                 attempts: 0,
                 last_error: None,
                 created_at: chrono::Utc::now(),
+                lease_token: 1,
             };
             sink.deliver(&item).await.expect("deliver");
         }

@@ -11,7 +11,7 @@ mod stdout;
 mod webhook;
 
 pub use file::FileSink;
-pub use outbox::{spawn_workers, OutboxWorkers};
+pub use outbox::{spawn_workers, Leasing, OutboxWorkers};
 pub use stdout::StdoutSink;
 pub use webhook::{signature, WebhookSink, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 

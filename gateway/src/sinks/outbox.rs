@@ -1,10 +1,17 @@
 //! One delivery worker per sink, draining the outbox.
+//!
+//! Several replicas may drain one outbox. A worker claims a round of items under a lease
+//! (a fencing token per claim), renews the lease of what it has not finished every third
+//! of the lease while it delivers, and marks each item with its claim's token: once a
+//! lease ran out and another replica claimed the item, this worker can no longer mark it
+//! (the store says so, it is counted as `lease_lost`, and the holder delivers it; the
+//! receiver sees the same idempotency key twice at worst).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use iotgw_registry::Store;
+use iotgw_registry::{OutboxLease, Store};
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -14,12 +21,19 @@ use super::{DeliveryError, Sink};
 use crate::internal_events::{DeliveryFailed, DeliveryFailure, InternalEvent};
 use crate::metrics::Metrics;
 
-/// How long a claimed item stays leased to this worker.
-const LEASE: Duration = Duration::from_secs(30);
 /// Items claimed per round.
 const BATCH: u32 = 64;
 /// Poll interval when nothing wakes the worker (other replicas may have written).
 const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// Who claims outbox items and for how long (`[replica]` in the config).
+#[derive(Clone, Debug)]
+pub struct Leasing {
+    /// The replica id, stored with each lease for operators.
+    pub holder: String,
+    /// How long a claim lasts unless renewed.
+    pub lease: Duration,
+}
 
 /// The running workers.
 #[derive(Debug)]
@@ -59,97 +73,174 @@ pub fn spawn_workers(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     drain: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    leasing: Leasing,
 ) -> OutboxWorkers {
     let mut tasks = JoinSet::new();
     for sink in sinks {
-        let (store, wake, metrics, shutdown, drain) = (
-            store.clone(),
-            wake.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            drain.clone(),
-        );
-        tasks.spawn(async move { run(store, sink, wake, metrics, shutdown, drain).await });
+        let worker = Worker {
+            store: store.clone(),
+            sink,
+            metrics: metrics.clone(),
+            leasing: leasing.clone(),
+        };
+        let (wake, shutdown, drain) = (wake.clone(), shutdown.clone(), drain.clone());
+        tasks.spawn(async move { worker.run(wake, shutdown, drain).await });
     }
     OutboxWorkers { tasks }
 }
 
-async fn run(
+/// One sink's worker.
+struct Worker {
     store: Arc<dyn Store>,
     sink: Arc<dyn Sink>,
-    wake: Arc<Notify>,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    drain: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
-) {
-    let name = sink.name().to_string();
-    let (min, max) = sink.backoff();
-    loop {
-        let stopping = shutdown.is_cancelled();
-        if stopping {
-            // Draining: keep going while items are due and the deadline allows.
-            let deadline = *drain.borrow();
-            if deadline.is_none_or(|d| tokio::time::Instant::now() >= d) {
-                break;
+    leasing: Leasing,
+}
+
+impl Worker {
+    async fn run(
+        self,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+        drain: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    ) {
+        let name = self.sink.name().to_string();
+        loop {
+            let stopping = shutdown.is_cancelled();
+            if stopping {
+                // Draining: keep going while items are due and the deadline allows.
+                let deadline = *drain.borrow();
+                if deadline.is_none_or(|d| tokio::time::Instant::now() >= d) {
+                    break;
+                }
+            }
+            let now = Utc::now();
+            let items = match self
+                .store
+                .claim_outbox(&name, &self.leasing.holder, now, self.lease_until(), BATCH)
+                .await
+            {
+                Ok(items) => items,
+                Err(e) => {
+                    tracing::error!(sink = %name, error = %e, "claiming outbox items failed; retrying");
+                    Vec::new()
+                }
+            };
+            if items.is_empty() {
+                if stopping {
+                    break;
+                }
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = shutdown.cancelled() => {}
+                }
+                continue;
+            }
+            self.deliver_round(&name, items).await;
+        }
+    }
+
+    fn lease_until(&self) -> chrono::DateTime<Utc> {
+        Utc::now() + chrono::Duration::from_std(self.leasing.lease).unwrap_or_default()
+    }
+
+    /// Delivers one claimed round in order, renewing the leases of what is not finished
+    /// every third of the lease, and skipping items whose lease was taken over.
+    async fn deliver_round(&self, name: &str, items: Vec<iotgw_registry::OutboxItem>) {
+        let mut held: Vec<OutboxLease> = items.iter().map(|i| i.lease()).collect();
+        let renew_every = self.leasing.lease / 3;
+        let mut next_renewal = tokio::time::Instant::now() + renew_every;
+        for item in items {
+            if !held.contains(&item.lease()) {
+                self.lost(name, item.id, "before delivery");
+                continue;
+            }
+            let result = {
+                let deliver = self.sink.deliver(&item);
+                tokio::pin!(deliver);
+                loop {
+                    tokio::select! {
+                        r = &mut deliver => break r,
+                        () = tokio::time::sleep_until(next_renewal) => {
+                            self.renew(name, &mut held).await;
+                            next_renewal = tokio::time::Instant::now() + renew_every;
+                        }
+                    }
+                }
+            };
+            held.retain(|l| l.id != item.id);
+            self.settle(name, &item, result).await;
+        }
+    }
+
+    /// Renews `held`, keeping only the leases the store still gives this worker.
+    async fn renew(&self, name: &str, held: &mut Vec<OutboxLease>) {
+        match self.store.renew_outbox(held, self.lease_until()).await {
+            Ok(renewed) => held.retain(|l| renewed.contains(&l.id)),
+            Err(e) => {
+                tracing::warn!(sink = %name, error = %e, "renewing outbox leases failed; the marks are fenced if they ran out");
             }
         }
-        let now = Utc::now();
-        let lease_until = now + chrono::Duration::from_std(LEASE).unwrap_or_default();
-        let items = match store.claim_outbox(&name, now, lease_until, BATCH).await {
-            Ok(items) => items,
-            Err(e) => {
-                tracing::error!(sink = %name, error = %e, "claiming outbox items failed; retrying");
-                Vec::new()
+    }
+
+    fn lost(&self, name: &str, item: i64, when: &str) {
+        self.metrics.delivery(name, "lease_lost");
+        tracing::warn!(sink = %name, item, replica = %self.leasing.holder, "outbox lease taken over by another replica {when}; the holder delivers it");
+    }
+
+    /// Records the outcome of one delivery under the item's own claim.
+    async fn settle(
+        &self,
+        name: &str,
+        item: &iotgw_registry::OutboxItem,
+        result: Result<(), DeliveryError>,
+    ) {
+        let (min, max) = self.sink.backoff();
+        let marked = match result {
+            Ok(()) => {
+                self.metrics.delivery(name, "delivered");
+                self.store.outbox_delivered(item.lease()).await.map_err(|e| {
+                    tracing::error!(sink = %name, item = item.id, error = %e, "delivered but not marked; it may be delivered again (same idempotency key)");
+                })
+            }
+            Err(DeliveryError::Retry { message, after }) => {
+                let delay = backoff(item.attempts, min, max, after);
+                DeliveryFailed {
+                    sink: name,
+                    item: item.id,
+                    outcome: DeliveryFailure::Retry {
+                        attempts: item.attempts + 1,
+                        retry_in: delay,
+                        error: &message,
+                    },
+                }
+                .emit(&self.metrics);
+                let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                self.store
+                    .outbox_retry(item.lease(), next, &message)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(sink = %name, item = item.id, error = %e, "recording the retry failed; the lease will expire and it is retried");
+                    })
+            }
+            Err(DeliveryError::Permanent(reason)) => {
+                DeliveryFailed {
+                    sink: name,
+                    item: item.id,
+                    outcome: DeliveryFailure::Permanent { reason: &reason },
+                }
+                .emit(&self.metrics);
+                self.store
+                    .outbox_dead_letter(item.lease(), &reason)
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(sink = %name, item = item.id, error = %e, "dead-lettering failed; it will be retried");
+                    })
             }
         };
-        if items.is_empty() {
-            if stopping {
-                break;
-            }
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(IDLE_POLL) => {}
-                () = shutdown.cancelled() => {}
-            }
-            continue;
-        }
-        for item in items {
-            match sink.deliver(&item).await {
-                Ok(()) => {
-                    metrics.delivery(&name, "delivered");
-                    if let Err(e) = store.outbox_delivered(item.id).await {
-                        tracing::error!(sink = %name, item = item.id, error = %e, "delivered but not marked; it may be delivered again (same idempotency key)");
-                    }
-                }
-                Err(DeliveryError::Retry { message, after }) => {
-                    let delay = backoff(item.attempts, min, max, after);
-                    DeliveryFailed {
-                        sink: &name,
-                        item: item.id,
-                        outcome: DeliveryFailure::Retry {
-                            attempts: item.attempts + 1,
-                            retry_in: delay,
-                            error: &message,
-                        },
-                    }
-                    .emit(&metrics);
-                    let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                    if let Err(e) = store.outbox_retry(item.id, next, &message).await {
-                        tracing::error!(sink = %name, item = item.id, error = %e, "recording the retry failed; the lease will expire and it is retried");
-                    }
-                }
-                Err(DeliveryError::Permanent(reason)) => {
-                    DeliveryFailed {
-                        sink: &name,
-                        item: item.id,
-                        outcome: DeliveryFailure::Permanent { reason: &reason },
-                    }
-                    .emit(&metrics);
-                    if let Err(e) = store.outbox_dead_letter(item.id, &reason).await {
-                        tracing::error!(sink = %name, item = item.id, error = %e, "dead-lettering failed; it will be retried");
-                    }
-                }
-            }
+        if marked == Ok(false) {
+            self.lost(name, item.id, "while it was delivered");
         }
     }
 }

@@ -77,6 +77,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "debounce index",
         include_str!("../../migrations/postgres/0003_debounce_index.sql"),
     ),
+    (
+        4,
+        "outbox fencing",
+        include_str!("../../migrations/postgres/0004_outbox_fencing.sql"),
+    ),
 ];
 
 /// How often a transaction aborted as a deadlock or serialization failure is tried.
@@ -660,28 +665,37 @@ impl Store for PostgresStore {
     async fn claim_outbox(
         &self,
         sink: &str,
+        holder: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<OutboxItem>> {
-        self.claim(sink, now, lease_until, limit).await
+        self.claim(sink, holder, now, lease_until, limit).await
     }
 
-    async fn outbox_delivered(&self, id: i64) -> StoreResult<()> {
-        self.delivered(id).await
+    async fn renew_outbox(
+        &self,
+        leases: &[OutboxLease],
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<i64>> {
+        self.renew(leases, lease_until).await
+    }
+
+    async fn outbox_delivered(&self, lease: OutboxLease) -> StoreResult<bool> {
+        self.delivered(lease).await
     }
 
     async fn outbox_retry(
         &self,
-        id: i64,
+        lease: OutboxLease,
         next_attempt_at: DateTime<Utc>,
         error: &str,
-    ) -> StoreResult<()> {
-        self.retry(id, next_attempt_at, error).await
+    ) -> StoreResult<bool> {
+        self.retry(lease, next_attempt_at, error).await
     }
 
-    async fn outbox_dead_letter(&self, id: i64, reason: &str) -> StoreResult<()> {
-        self.dead_letter_item(id, reason).await
+    async fn outbox_dead_letter(&self, lease: OutboxLease, reason: &str) -> StoreResult<bool> {
+        self.dead_letter_item(lease, reason).await
     }
 
     async fn outbox_depth(&self) -> StoreResult<Vec<(String, u64)>> {

@@ -37,6 +37,7 @@ impl PostgresStore {
     pub(super) async fn claim(
         &self,
         sink: &str,
+        holder: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: u32,
@@ -45,7 +46,8 @@ impl PostgresStore {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(&format!(
-            "UPDATE outbox SET leased_until = $1 WHERE id IN (\
+            "UPDATE outbox SET leased_until = $1, lease_token = lease_token + 1, \
+             lease_holder = $5 WHERE id IN (\
                 SELECT id FROM outbox WHERE sink = $2 AND next_attempt_at <= $3 \
                 AND (leased_until IS NULL OR leased_until <= $3) ORDER BY id LIMIT $4 \
                 FOR UPDATE SKIP LOCKED) \
@@ -55,6 +57,7 @@ impl PostgresStore {
         .bind(sink)
         .bind(ts(now))
         .bind(i64::from(limit.min(MAX_PAGE)))
+        .bind(text(holder).as_ref())
         .fetch_all(&self.pool)
         .await
         .map_err(db("claiming outbox items"))?;
@@ -66,58 +69,87 @@ impl PostgresStore {
         Ok(items)
     }
 
+    /// See [`crate::Store::renew_outbox`].
+    pub(super) async fn renew(
+        &self,
+        leases: &[OutboxLease],
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<i64>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = leases.iter().map(|l| l.id).collect();
+        let tokens: Vec<i64> = leases.iter().map(|l| l.token).collect();
+        let rows = sqlx::query(
+            "UPDATE outbox SET leased_until = $1 FROM unnest($2::bigint[], $3::bigint[]) \
+             AS held(id, token) WHERE outbox.id = held.id AND outbox.lease_token = held.token \
+             RETURNING outbox.id",
+        )
+        .bind(ts(lease_until))
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("renewing outbox leases"))?;
+        let mut renewed = rows
+            .iter()
+            .map(|row| get::<i64>(row, "id"))
+            .collect::<StoreResult<Vec<_>>>()?;
+        renewed.sort_unstable();
+        Ok(renewed)
+    }
+
     /// See [`crate::Store::outbox_delivered`].
-    pub(super) async fn delivered(&self, id: i64) -> StoreResult<()> {
-        // Deleting an item that is already gone (another replica delivered it after our
-        // lease ran out) is fine: delivered is delivered.
-        sqlx::query("DELETE FROM outbox WHERE id = $1")
-            .bind(id)
+    pub(super) async fn delivered(&self, lease: OutboxLease) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM outbox WHERE id = $1 AND lease_token = $2")
+            .bind(lease.id)
+            .bind(lease.token)
             .execute(&self.pool)
             .await
             .map_err(db("removing a delivered outbox item"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// See [`crate::Store::outbox_retry`].
     pub(super) async fn retry(
         &self,
-        id: i64,
+        lease: OutboxLease,
         next_attempt_at: DateTime<Utc>,
         error: &str,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let done = sqlx::query(
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2, \
-             leased_until = NULL WHERE id = $3",
+             leased_until = NULL, lease_holder = NULL WHERE id = $3 AND lease_token = $4",
         )
         .bind(ts(next_attempt_at))
         .bind(text(error).as_ref())
-        .bind(id)
+        .bind(lease.id)
+        .bind(lease.token)
         .execute(&self.pool)
         .await
         .map_err(db("recording an outbox retry"))?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound {
-                entity: "outbox item",
-                key: id.to_string(),
-            });
-        }
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// See [`crate::Store::outbox_dead_letter`].
-    pub(super) async fn dead_letter_item(&self, id: i64, reason: &str) -> StoreResult<()> {
+    pub(super) async fn dead_letter_item(
+        &self,
+        lease: OutboxLease,
+        reason: &str,
+    ) -> StoreResult<bool> {
         let mut tx = self.write().await?;
-        let row = sqlx::query(
-            "SELECT sink, payload, idempotency_key FROM outbox WHERE id = $1 FOR UPDATE",
+        let Some(row) = sqlx::query(
+            "SELECT sink, payload, idempotency_key FROM outbox \
+             WHERE id = $1 AND lease_token = $2 FOR UPDATE",
         )
-        .bind(id)
+        .bind(lease.id)
+        .bind(lease.token)
         .fetch_optional(&mut *tx)
         .await
         .map_err(db("reading an outbox item"))?
-        .ok_or_else(|| StoreError::NotFound {
-            entity: "outbox item",
-            key: id.to_string(),
-        })?;
+        else {
+            return Ok(false);
+        };
         let sink: String = get(&row, "sink")?;
         let payload: serde_json::Value = get(&row, "payload")?;
         let key: String = get(&row, "idempotency_key")?;
@@ -126,7 +158,7 @@ impl PostgresStore {
             .and_then(|d| d.as_str())
             .map(str::to_owned);
         let payload = serde_json::to_string(&payload)
-            .map_err(|e| StoreError::Database(format!("outbox item {id} payload: {e}")))?;
+            .map_err(|e| StoreError::Database(format!("outbox item {} payload: {e}", lease.id)))?;
         sqlx::query(
             "INSERT INTO dead_letters (source, reason, device_id, message_id, payload, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -141,12 +173,12 @@ impl PostgresStore {
         .await
         .map_err(db("writing a dead letter"))?;
         sqlx::query("DELETE FROM outbox WHERE id = $1")
-            .bind(id)
+            .bind(lease.id)
             .execute(&mut *tx)
             .await
             .map_err(db("removing a dead outbox item"))?;
         tx.commit().await.map_err(db("committing a dead letter"))?;
-        Ok(())
+        Ok(true)
     }
 
     /// See [`crate::Store::outbox_depth`].

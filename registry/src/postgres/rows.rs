@@ -22,7 +22,7 @@ pub(super) const COMMAND_COLS: &str =
     "id, name, message, status, status_reason, device, device_id, \
      parent_alert, correlation_id, provider_instance, created_at, updated_at";
 pub(super) const OUTBOX_COLS: &str =
-    "id, sink, payload, idempotency_key, attempts, last_error, created_at";
+    "id, sink, payload, idempotency_key, attempts, last_error, created_at, lease_token";
 pub(super) const DEAD_LETTER_COLS: &str =
     "id, source, reason, device_id, message_id, payload, created_at";
 
@@ -136,6 +136,7 @@ pub(super) fn outbox_from_row(row: &PgRow) -> StoreResult<OutboxItem> {
         })?,
         last_error: get(row, "last_error")?,
         created_at: get(row, "created_at")?,
+        lease_token: get(row, "lease_token")?,
     })
 }
 

@@ -83,6 +83,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "debounce index",
         include_str!("../../migrations/sqlite/0003_debounce_index.sql"),
     ),
+    (
+        4,
+        "outbox fencing",
+        include_str!("../../migrations/sqlite/0004_outbox_fencing.sql"),
+    ),
 ];
 
 /// Connections in a file store's pool (readers run side by side under WAL).
@@ -555,28 +560,37 @@ impl Store for SqliteStore {
     async fn claim_outbox(
         &self,
         sink: &str,
+        holder: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<OutboxItem>> {
-        self.claim(sink, now, lease_until, limit).await
+        self.claim(sink, holder, now, lease_until, limit).await
     }
 
-    async fn outbox_delivered(&self, id: i64) -> StoreResult<()> {
-        self.delivered(id).await
+    async fn renew_outbox(
+        &self,
+        leases: &[OutboxLease],
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<i64>> {
+        self.renew(leases, lease_until).await
+    }
+
+    async fn outbox_delivered(&self, lease: OutboxLease) -> StoreResult<bool> {
+        self.delivered(lease).await
     }
 
     async fn outbox_retry(
         &self,
-        id: i64,
+        lease: OutboxLease,
         next_attempt_at: DateTime<Utc>,
         error: &str,
-    ) -> StoreResult<()> {
-        self.retry(id, next_attempt_at, error).await
+    ) -> StoreResult<bool> {
+        self.retry(lease, next_attempt_at, error).await
     }
 
-    async fn outbox_dead_letter(&self, id: i64, reason: &str) -> StoreResult<()> {
-        self.dead_letter_item(id, reason).await
+    async fn outbox_dead_letter(&self, lease: OutboxLease, reason: &str) -> StoreResult<bool> {
+        self.dead_letter_item(lease, reason).await
     }
 
     async fn outbox_depth(&self) -> StoreResult<Vec<(String, u64)>> {
@@ -696,10 +710,29 @@ mod tests {
                 .iter()
                 .map(|r| r.try_get("version").expect("version"))
                 .collect();
-        assert_eq!(versions, vec![1, 2, 3]);
+        let files = std::fs::read_dir(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"),
+        )
+        .expect("migrations dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count();
+        let expected: Vec<i64> = (1..=i64::try_from(files).expect("count")).collect();
+        assert_eq!(
+            versions, expected,
+            "every migration file applied once, in order"
+        );
         let now = Utc::now();
         let items = reopened
-            .claim_outbox("hook", now, now + chrono::Duration::seconds(30), 10)
+            .claim_outbox(
+                "hook",
+                "replica-1",
+                now,
+                now + chrono::Duration::seconds(30),
+                10,
+            )
             .await
             .expect("claim after reopen");
         assert_eq!(items.len(), 1, "the outbox item survived close and reopen");
@@ -750,11 +783,20 @@ mod tests {
                         .expect("connection state");
                     let now = Utc::now();
                     for item in store
-                        .claim_outbox("hook", now, now + chrono::Duration::seconds(60), 5)
+                        .claim_outbox(
+                            "hook",
+                            "replica-1",
+                            now,
+                            now + chrono::Duration::seconds(60),
+                            5,
+                        )
                         .await
                         .expect("claim")
                     {
-                        store.outbox_delivered(item.id).await.expect("delivered");
+                        store
+                            .outbox_delivered(item.lease())
+                            .await
+                            .expect("delivered");
                     }
                 }
             }));

@@ -28,6 +28,7 @@ impl SqliteStore {
     pub(super) async fn claim(
         &self,
         sink: &str,
+        holder: &str,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
         limit: u32,
@@ -38,12 +39,14 @@ impl SqliteStore {
         let now = ts(now);
         // One statement, so two replicas can never lease the same item.
         let rows = sqlx::query(&format!(
-            "UPDATE outbox SET leased_until = ? WHERE id IN (\
+            "UPDATE outbox SET leased_until = ?, lease_token = lease_token + 1, lease_holder = ? \
+             WHERE id IN (\
                 SELECT id FROM outbox WHERE sink = ? AND next_attempt_at <= ? \
                 AND (leased_until IS NULL OR leased_until <= ?) ORDER BY id LIMIT ?) \
              RETURNING {OUTBOX_COLS}"
         ))
         .bind(ts(lease_until))
+        .bind(holder)
         .bind(sink)
         .bind(&now)
         .bind(&now)
@@ -59,56 +62,92 @@ impl SqliteStore {
         Ok(items)
     }
 
+    /// See [`crate::Store::renew_outbox`].
+    pub(super) async fn renew(
+        &self,
+        leases: &[OutboxLease],
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Vec<i64>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut renewed = Vec::with_capacity(leases.len());
+        for chunk in leases.chunks(400) {
+            let mut q = QueryBuilder::<Sqlite>::new("UPDATE outbox SET leased_until = ");
+            q.push_bind(ts(lease_until));
+            q.push(" WHERE (id, lease_token) IN (VALUES ");
+            let mut sep = q.separated(", ");
+            for l in chunk {
+                sep.push("(")
+                    .push_bind_unseparated(l.id)
+                    .push_unseparated(", ")
+                    .push_bind_unseparated(l.token)
+                    .push_unseparated(")");
+            }
+            q.push(") RETURNING id");
+            let rows = q
+                .build()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("renewing outbox leases"))?;
+            for row in &rows {
+                renewed.push(get::<i64>(row, "id")?);
+            }
+        }
+        renewed.sort_unstable();
+        Ok(renewed)
+    }
+
     /// See [`crate::Store::outbox_delivered`].
-    pub(super) async fn delivered(&self, id: i64) -> StoreResult<()> {
-        // Deleting an item that is already gone (another replica delivered it after our
-        // lease ran out) is fine: delivered is delivered.
-        sqlx::query("DELETE FROM outbox WHERE id = ?")
-            .bind(id)
+    pub(super) async fn delivered(&self, lease: OutboxLease) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM outbox WHERE id = ? AND lease_token = ?")
+            .bind(lease.id)
+            .bind(lease.token)
             .execute(&self.pool)
             .await
             .map_err(db("removing a delivered outbox item"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// See [`crate::Store::outbox_retry`].
     pub(super) async fn retry(
         &self,
-        id: i64,
+        lease: OutboxLease,
         next_attempt_at: DateTime<Utc>,
         error: &str,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let done = sqlx::query(
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, \
-             leased_until = NULL WHERE id = ?",
+             leased_until = NULL, lease_holder = NULL WHERE id = ? AND lease_token = ?",
         )
         .bind(ts(next_attempt_at))
         .bind(error)
-        .bind(id)
+        .bind(lease.id)
+        .bind(lease.token)
         .execute(&self.pool)
         .await
         .map_err(db("recording an outbox retry"))?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound {
-                entity: "outbox item",
-                key: id.to_string(),
-            });
-        }
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// See [`crate::Store::outbox_dead_letter`].
-    pub(super) async fn dead_letter_item(&self, id: i64, reason: &str) -> StoreResult<()> {
+    pub(super) async fn dead_letter_item(
+        &self,
+        lease: OutboxLease,
+        reason: &str,
+    ) -> StoreResult<bool> {
         let mut tx = self.write().await?;
-        let row = sqlx::query("SELECT sink, payload, idempotency_key FROM outbox WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db("reading an outbox item"))?
-            .ok_or_else(|| StoreError::NotFound {
-                entity: "outbox item",
-                key: id.to_string(),
-            })?;
+        let Some(row) = sqlx::query(
+            "SELECT sink, payload, idempotency_key FROM outbox WHERE id = ? AND lease_token = ?",
+        )
+        .bind(lease.id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("reading an outbox item"))?
+        else {
+            return Ok(false);
+        };
         let sink: String = get(&row, "sink")?;
         let payload: String = get(&row, "payload")?;
         let key: String = get(&row, "idempotency_key")?;
@@ -133,12 +172,12 @@ impl SqliteStore {
         .await
         .map_err(db("writing a dead letter"))?;
         sqlx::query("DELETE FROM outbox WHERE id = ?")
-            .bind(id)
+            .bind(lease.id)
             .execute(&mut *tx)
             .await
             .map_err(db("removing a dead outbox item"))?;
         tx.commit().await.map_err(db("committing a dead letter"))?;
-        Ok(())
+        Ok(true)
     }
 
     /// See [`crate::Store::outbox_depth`].
