@@ -198,6 +198,13 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         );
     }
 
+    // This replica's name in the store's partition claims (Event Hubs): replicas sharing
+    // the store split the partitions by it.
+    // TODO(merge): config.replica.resolved_id()
+    let replica_id: String = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| format!("iotgw-{}", std::process::id()));
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
     let mut on_embedded = Vec::new();
     for (name, pc) in &config.providers {
@@ -215,6 +222,10 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
             store.clone(),
             name,
         )));
+        provider.set_ownership(
+            Arc::new(crate::ownership::StoreOwnership::new(store.clone(), name)),
+            &replica_id,
+        );
         providers.insert(name.clone(), provider);
     }
     let mut sink_list = Vec::new();
