@@ -197,10 +197,30 @@ pub struct EventHubsConfig {
     /// Unset: the connection string's `Endpoint` on port 5671 with TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_endpoint: Option<String>,
+    /// Milliseconds between two rounds of partition balancing: the replicas sharing the
+    /// store each list the partition claims, renew their own and claim their fair share
+    /// (Microsoft's event processors balance every 10 s, too).
+    #[serde(default = "default_load_balancing_interval")]
+    pub load_balancing_interval_ms: u64,
+    /// Milliseconds a partition claim holds unless its owner renews it: a replica that dies
+    /// loses its partitions to the others within this plus one interval. At least twice the
+    /// interval, so one missed renewal does not lose a partition.
+    #[serde(default = "default_ownership_expiry")]
+    pub ownership_expiry_ms: u64,
 }
 
 fn default_consumer_group() -> String {
     "$Default".into()
+}
+
+/// Default of [`EventHubsConfig::load_balancing_interval_ms`].
+pub const fn default_load_balancing_interval() -> u64 {
+    10_000
+}
+
+/// Default of [`EventHubsConfig::ownership_expiry_ms`].
+pub const fn default_ownership_expiry() -> u64 {
+    30_000
 }
 
 /// Where a partition without a checkpoint starts.
@@ -500,6 +520,26 @@ pub(crate) fn validate(base: &str, c: &AzureIotHubConfig, out: &mut Vec<Problem>
                 "use $Default or a consumer group created for this gateway",
             ));
         }
+        if !(100..=300_000).contains(&eh.load_balancing_interval_ms) {
+            out.push(problem(
+                format!("{base}.event_hubs.load_balancing_interval_ms"),
+                format!("{} is outside 100..=300000", eh.load_balancing_interval_ms),
+                "use e.g. 10000 (ten seconds)",
+            ));
+        }
+        if eh.ownership_expiry_ms < eh.load_balancing_interval_ms.saturating_mul(2) {
+            out.push(problem(
+                format!("{base}.event_hubs.ownership_expiry_ms"),
+                format!(
+                    "{} is less than twice load_balancing_interval_ms ({}): one late renewal would lose the partition to another replica",
+                    eh.ownership_expiry_ms, eh.load_balancing_interval_ms
+                ),
+                &format!(
+                    "use at least {} (e.g. three intervals; 30000 with the default 10000 interval)",
+                    eh.load_balancing_interval_ms.saturating_mul(2)
+                ),
+            ));
+        }
     }
 }
 
@@ -625,6 +665,32 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_expiry_shorter_than_two_balancing_intervals_is_refused_with_a_fix() {
+        let c: AzureIotHubConfig = toml::from_str(
+            "connection_string = \"x\"\n[event_hubs]\nconnection_string = \"Endpoint=sb://n.servicebus.windows.net/;SharedAccessKeyName=s;SharedAccessKey=k;EntityPath=h\"\nload_balancing_interval_ms = 50\nownership_expiry_ms = 15000\n",
+        )
+        .expect("parses");
+        let mut out = Vec::new();
+        validate("providers.hub", &c, &mut out);
+        let p = out
+            .iter()
+            .find(|p| p.path == "providers.hub.event_hubs.load_balancing_interval_ms")
+            .unwrap_or_else(|| panic!("no problem names the interval: {out:?}"));
+        assert!(p.fix.contains("10000"), "{p:?}");
+        let mut short = c.clone();
+        if let Some(eh) = short.event_hubs.as_mut() {
+            eh.load_balancing_interval_ms = 10_000;
+        }
+        let mut out = Vec::new();
+        validate("providers.hub", &short, &mut out);
+        let p = out
+            .iter()
+            .find(|p| p.path == "providers.hub.event_hubs.ownership_expiry_ms")
+            .unwrap_or_else(|| panic!("no problem names the expiry: {out:?}"));
+        assert!(p.fix.contains("20000"), "{p:?}");
+    }
+
+    #[test]
     fn a_custom_endpoint_that_is_not_amqp_is_refused_naming_the_key() {
         let c: AzureIotHubConfig = toml::from_str(
             "connection_string = \"x\"\n[event_hubs]\nconnection_string = \"Endpoint=sb://n.servicebus.windows.net/;SharedAccessKeyName=s;SharedAccessKey=k;EntityPath=h\"\ncustom_endpoint = \"http://127.0.0.1:5672\"\n",
@@ -649,6 +715,11 @@ mod tests {
         assert_eq!(
             (eh.consumer_group.as_str(), eh.start),
             ("$Default", EventHubsStart::Latest)
+        );
+        assert_eq!(
+            (eh.load_balancing_interval_ms, eh.ownership_expiry_ms),
+            (10_000, 30_000),
+            "balanced like Microsoft's event processors by default"
         );
         let mut out = Vec::new();
         validate(

@@ -162,6 +162,9 @@ async fn run(smoke: bool) -> anyhow::Result<()> {
             consumer_group: "iotgw".into(),
             start: EventHubsStart::Earliest,
             custom_endpoint: Some(endpoint.endpoint()),
+            load_balancing_interval_ms:
+                iotgw_config::azure_iot_hub::default_load_balancing_interval(),
+            ownership_expiry_ms: iotgw_config::azure_iot_hub::default_ownership_expiry(),
         }),
         ..AzureIotHubConfig::default()
     };

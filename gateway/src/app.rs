@@ -217,6 +217,10 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
             store.clone(),
             name,
         )));
+        provider.set_ownership(
+            Arc::new(crate::ownership::StoreOwnership::new(store.clone(), name)),
+            &replica,
+        );
         providers.insert(name.clone(), provider);
     }
     let mut sink_list = Vec::new();

@@ -43,9 +43,9 @@ impl Checkpoints for StoreCheckpoints {
             .map_err(|e| self.failed(&format!("reading checkpoint {key}"), e))
     }
 
-    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError> {
+    async fn save(&self, key: &str, value: &str, position: i64) -> Result<bool, ProviderError> {
         self.store
-            .save_checkpoint(&self.instance, key, value)
+            .save_checkpoint(&self.instance, key, value, position)
             .await
             .map_err(|e| self.failed(&format!("saving checkpoint {key}"), e))
     }
@@ -64,10 +64,14 @@ mod tests {
         {
             let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.expect("open"));
             let hub = StoreCheckpoints::new(store.clone(), "hub");
-            hub.save("partition-0", "4711").await.expect("saved");
-            hub.save("partition-0", "4712").await.expect("replaced");
+            assert!(hub.save("partition-0", "4711", 1).await.expect("saved"));
+            assert!(hub.save("partition-0", "4712", 2).await.expect("replaced"));
+            assert!(
+                !hub.save("partition-0", "4710", 0).await.expect("refused"),
+                "behind the stored position"
+            );
             StoreCheckpoints::new(store, "other")
-                .save("partition-0", "1")
+                .save("partition-0", "1", 1)
                 .await
                 .expect("saved");
         }

@@ -29,6 +29,7 @@ pub mod health;
 pub mod import;
 pub mod internal_events;
 pub mod metrics;
+pub mod ownership;
 pub mod pipeline;
 pub mod router;
 pub mod rules;

@@ -470,6 +470,12 @@ pub trait Provider: Send + Sync {
     /// [`Provider::run`], with checkpoints kept in its store; providers whose cloud keeps
     /// the position itself (MQTT sessions, Pub/Sub subscriptions) ignore it.
     fn set_checkpoints(&self, _checkpoints: std::sync::Arc<dyn Checkpoints>) {}
+    /// Where the provider claims the partitions of its streams, and who claims them: the
+    /// gateway calls it once, before [`Provider::run`], with claims kept in its store and
+    /// `owner` = this replica's identity, so replicas sharing the store split the partitions
+    /// (Event Hubs). Providers whose cloud balances its consumers itself (MQTT shared
+    /// subscriptions, Pub/Sub subscriptions) ignore it.
+    fn set_ownership(&self, _ownership: std::sync::Arc<dyn PartitionOwnership>, _owner: &str) {}
 }
 
 /// Where a provider keeps the positions its streams resume from after a restart (the
@@ -479,13 +485,16 @@ pub trait Provider: Send + Sync {
 pub trait Checkpoints: Send + Sync {
     /// The value saved under `key`.
     async fn load(&self, key: &str) -> Result<Option<String>, ProviderError>;
-    /// Saves `value` under `key`.
-    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError>;
+    /// Saves `value` under `key` at `position`, its place in the stream (the Event Hubs
+    /// sequence number), unless a checkpoint further along is saved there: a checkpoint
+    /// never moves backwards, so a replica that lost a partition and still settles its last
+    /// events cannot write behind the replica that took it over. Returns whether it saved.
+    async fn save(&self, key: &str, value: &str, position: i64) -> Result<bool, ProviderError>;
 }
 
 /// Checkpoints kept in memory (lost on restart: the configured start position applies).
 #[derive(Debug, Default)]
-pub struct MemoryCheckpoints(Mutex<HashMap<String, String>>);
+pub struct MemoryCheckpoints(Mutex<HashMap<String, (String, i64)>>);
 
 #[async_trait]
 impl Checkpoints for MemoryCheckpoints {
@@ -495,15 +504,105 @@ impl Checkpoints for MemoryCheckpoints {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(key)
-            .cloned())
+            .map(|(value, _)| value.clone()))
     }
 
-    async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError> {
-        self.0
+    async fn save(&self, key: &str, value: &str, position: i64) -> Result<bool, ProviderError> {
+        let mut saved = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if saved.get(key).is_some_and(|(_, stored)| *stored > position) {
+            return Ok(false);
+        }
+        saved.insert(key.to_owned(), (value.to_owned(), position));
+        Ok(true)
+    }
+}
+
+/// A replica's claim on one partition of a stream: while it has not expired, its owner
+/// alone reads the partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionClaim {
+    /// The partition, in the provider's terms (the Event Hubs consumer uses its checkpoint
+    /// key, so consumer groups never share claims).
+    pub partition: String,
+    /// The replica that holds it.
+    pub owner: String,
+    /// Bumped by every write; a claim names the version it read.
+    pub version: i64,
+    /// Until when it holds unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl PartitionClaim {
+    /// Whether the claim no longer holds at `now` (an expired claim is nobody's).
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at <= now
+    }
+}
+
+/// Where the replicas of one provider instance claim the partitions of its streams, the
+/// way Event Hubs processors claim partitions in their checkpoint store: list the claims,
+/// then claim with optimistic concurrency. The gateway hands every provider one backed by
+/// its store ([`Provider::set_ownership`]), scoped to the provider instance;
+/// [`MemoryOwnership`] serves a gateway on its own.
+#[async_trait]
+pub trait PartitionOwnership: Send + Sync {
+    /// Every claim, expired ones included.
+    async fn list(&self) -> Result<Vec<PartitionClaim>, ProviderError>;
+    /// Claims (renews; releases with an `expires_at` that has passed) `partition` for
+    /// `owner` until `expires_at` if the claim is still at `expected_version` (`None`: no
+    /// claim yet). `Ok(None)`: another replica wrote first, nothing was written.
+    async fn claim(
+        &self,
+        partition: &str,
+        owner: &str,
+        expected_version: Option<i64>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Option<PartitionClaim>, ProviderError>;
+}
+
+/// Claims kept in memory: the partitions of a gateway on its own, or of several consumers
+/// sharing it in one process (tests).
+#[derive(Debug, Default)]
+pub struct MemoryOwnership(Mutex<BTreeMap<String, PartitionClaim>>);
+
+#[async_trait]
+impl PartitionOwnership for MemoryOwnership {
+    async fn list(&self) -> Result<Vec<PartitionClaim>, ProviderError> {
+        Ok(self
+            .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.to_owned(), value.to_owned());
-        Ok(())
+            .values()
+            .cloned()
+            .collect())
+    }
+
+    async fn claim(
+        &self,
+        partition: &str,
+        owner: &str,
+        expected_version: Option<i64>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Option<PartitionClaim>, ProviderError> {
+        let mut claims = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stored = claims.get(partition).map(|c| c.version);
+        if stored != expected_version {
+            return Ok(None);
+        }
+        let claim = PartitionClaim {
+            partition: partition.to_owned(),
+            owner: owner.to_owned(),
+            version: stored.map_or(1, |v| v + 1),
+            expires_at,
+        };
+        claims.insert(partition.to_owned(), claim.clone());
+        Ok(Some(claim))
     }
 }
 
@@ -538,5 +637,31 @@ mod tests {
         };
         assert!(t.is_retryable() && !n.is_retryable());
         assert_eq!(n.class(), "not_found");
+    }
+
+    #[tokio::test]
+    async fn a_memory_checkpoint_never_moves_behind_the_saved_position() {
+        let c = MemoryCheckpoints::default();
+        assert!(c.save("p0", "500", 5).await.expect("save"));
+        assert!(
+            !c.save("p0", "400", 4).await.expect("save"),
+            "behind: refused"
+        );
+        assert_eq!(c.load("p0").await.expect("load").as_deref(), Some("500"));
+        assert!(c.save("p0", "600", 6).await.expect("save"));
+        assert_eq!(c.load("p0").await.expect("load").as_deref(), Some("600"));
+    }
+
+    #[tokio::test]
+    async fn a_memory_claim_wins_only_on_the_version_it_read() {
+        let o = MemoryOwnership::default();
+        let at = Utc::now();
+        let first = o.claim("p0", "a", None, at).await.expect("claim");
+        assert_eq!(first.as_ref().map(|c| c.version), Some(1));
+        assert_eq!(o.claim("p0", "b", None, at).await.expect("claim"), None);
+        let renewed = o.claim("p0", "a", Some(1), at).await.expect("claim");
+        assert_eq!(renewed.map(|c| c.version), Some(2));
+        assert_eq!(o.claim("p0", "b", Some(1), at).await.expect("claim"), None);
+        assert_eq!(o.list().await.expect("list")[0].owner, "a");
     }
 }

@@ -98,6 +98,10 @@ macro_rules! conformance_tests {
             insert_command_checks_device_alert_and_correlation,
             dead_letters_page_newest_first,
             checkpoints_are_replaced_per_scope_and_key,
+            a_checkpoint_never_moves_behind_the_stored_position,
+            of_two_claims_on_the_same_version_exactly_one_wins,
+            the_owner_renews_its_claim_and_each_write_bumps_the_version,
+            an_expired_claim_is_taken_over_and_scopes_keep_their_own_claims,
             batch_folds_dedupes_and_orders_like_single_commits,
             batch_applies_the_unknown_device_policy_and_lifecycle_writes,
             a_registration_batch_begins_each_device_by_the_single_device_rules,
@@ -2135,16 +2139,19 @@ pub async fn checkpoints_are_replaced_per_scope_and_key(store: &dyn Store) {
         "nothing saved yet"
     );
     store
-        .save_checkpoint("hub", "0", "100")
-        .await
-        .expect("save");
-    store.save_checkpoint("hub", "1", "7").await.expect("save");
-    store
-        .save_checkpoint("other", "0", "9")
+        .save_checkpoint("hub", "0", "100", 1)
         .await
         .expect("save");
     store
-        .save_checkpoint("hub", "0", "250")
+        .save_checkpoint("hub", "1", "7", 7)
+        .await
+        .expect("save");
+    store
+        .save_checkpoint("other", "0", "9", 9)
+        .await
+        .expect("save");
+    store
+        .save_checkpoint("hub", "0", "250", 2)
         .await
         .expect("save");
     assert_eq!(
@@ -2171,6 +2178,203 @@ pub async fn checkpoints_are_replaced_per_scope_and_key(store: &dyn Store) {
             .expect("load")
             .as_deref(),
         Some("9")
+    );
+}
+
+/// A save at a lower position than the stored one is refused (a replica that lost the
+/// partition writes behind the one that took it over), an equal or higher one replaces it.
+pub async fn a_checkpoint_never_moves_behind_the_stored_position(store: &dyn Store) {
+    let load = |key: &'static str| async move {
+        store
+            .load_checkpoint("hub", key)
+            .await
+            .expect("load")
+            .unwrap_or_default()
+    };
+    assert!(store
+        .save_checkpoint("hub", "0", "offset-50", 50)
+        .await
+        .expect("save"));
+    assert!(
+        !store
+            .save_checkpoint("hub", "0", "offset-40", 40)
+            .await
+            .expect("save"),
+        "position 40 is behind the stored 50: not saved"
+    );
+    assert_eq!(load("0").await, "offset-50", "the stored checkpoint stays");
+    assert!(
+        store
+            .save_checkpoint("hub", "0", "offset-50b", 50)
+            .await
+            .expect("save"),
+        "the same position saves again"
+    );
+    assert!(store
+        .save_checkpoint("hub", "0", "offset-60", 60)
+        .await
+        .expect("save"));
+    assert_eq!(load("0").await, "offset-60");
+    assert!(
+        store
+            .save_checkpoint("hub", "1", "offset-1", 1)
+            .await
+            .expect("save"),
+        "another key has a position of its own"
+    );
+}
+
+/// The time claims in these scenarios expire relative to (a whole second, so both
+/// backends keep it exactly).
+fn claim_time(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000 + secs, 0)
+        .single()
+        .expect("time")
+}
+
+/// Two replicas claiming the same partition from the same read (no claim yet, then the
+/// same version): exactly one claim is written, the other learns it lost.
+pub async fn of_two_claims_on_the_same_version_exactly_one_wins(store: &dyn Store) {
+    let until = claim_time(30);
+    let (a, b) = tokio::join!(
+        store.claim_ownership("hub", "p0", "replica-a", None, until),
+        store.claim_ownership("hub", "p0", "replica-b", None, until),
+    );
+    let (a, b) = (a.expect("claim a"), b.expect("claim b"));
+    assert!(
+        a.is_some() != b.is_some(),
+        "exactly one first claim wins: {a:?} / {b:?}"
+    );
+    let first = a.or(b).expect("a winner");
+    assert_eq!(first.version, 1, "a new claim has version 1");
+    assert_eq!(first.expires_at, until);
+
+    let (a, b) = tokio::join!(
+        store.claim_ownership("hub", "p0", "replica-a", Some(1), claim_time(60)),
+        store.claim_ownership("hub", "p0", "replica-b", Some(1), claim_time(60)),
+    );
+    let (a, b) = (a.expect("claim a"), b.expect("claim b"));
+    assert!(
+        a.is_some() != b.is_some(),
+        "exactly one claim on version 1 wins: {a:?} / {b:?}"
+    );
+    let winner = a.or(b).expect("a winner");
+    assert_eq!(winner.version, 2);
+    assert_eq!(
+        store.list_ownership("hub").await.expect("list"),
+        vec![winner],
+        "the stored claim is the winner's"
+    );
+    assert_eq!(
+        store
+            .claim_ownership("hub", "p0", "replica-c", Some(1), claim_time(90))
+            .await
+            .expect("claim"),
+        None,
+        "a claim on a stale version loses"
+    );
+}
+
+/// The owner renews its claim with the version it holds: the expiry moves and the version
+/// goes up, so a claim made on the version read before the renewal loses.
+pub async fn the_owner_renews_its_claim_and_each_write_bumps_the_version(store: &dyn Store) {
+    let first = store
+        .claim_ownership("hub", "p0", "replica-a", None, claim_time(30))
+        .await
+        .expect("claim")
+        .expect("first claim");
+    let renewed = store
+        .claim_ownership(
+            "hub",
+            "p0",
+            "replica-a",
+            Some(first.version),
+            claim_time(60),
+        )
+        .await
+        .expect("renew")
+        .expect("the owner renews");
+    assert_eq!(
+        (renewed.owner.as_str(), renewed.version, renewed.expires_at),
+        ("replica-a", first.version + 1, claim_time(60))
+    );
+    assert_eq!(
+        store
+            .claim_ownership(
+                "hub",
+                "p0",
+                "replica-b",
+                Some(first.version),
+                claim_time(90)
+            )
+            .await
+            .expect("claim"),
+        None,
+        "a steal on the version before the renewal loses"
+    );
+    assert_eq!(
+        store
+            .claim_ownership("hub", "p0", "replica-b", None, claim_time(90))
+            .await
+            .expect("claim"),
+        None,
+        "a first claim loses where a claim exists"
+    );
+    assert_eq!(
+        store.list_ownership("hub").await.expect("list"),
+        vec![renewed]
+    );
+}
+
+/// An expired claim is still listed (with its owner and time, for the caller to judge) and
+/// another replica takes it over with the version it read; each scope (provider instance)
+/// has claims of its own, listed in partition order.
+pub async fn an_expired_claim_is_taken_over_and_scopes_keep_their_own_claims(store: &dyn Store) {
+    let dead = store
+        .claim_ownership("hub", "p1", "replica-a", None, claim_time(30))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    store
+        .claim_ownership("hub", "p0", "replica-b", None, claim_time(90))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    store
+        .claim_ownership("other", "p1", "replica-c", None, claim_time(90))
+        .await
+        .expect("claim")
+        .expect("another scope's claim on the same partition name");
+    let listed = store.list_ownership("hub").await.expect("list");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|o| (o.partition.as_str(), o.owner.as_str()))
+            .collect::<Vec<_>>(),
+        [("p0", "replica-b"), ("p1", "replica-a")],
+        "listed by partition, within the scope"
+    );
+    let expired = &listed[1];
+    assert!(expired.expired(claim_time(31)) && !expired.expired(claim_time(29)));
+    let taken = store
+        .claim_ownership(
+            "hub",
+            "p1",
+            "replica-b",
+            Some(expired.version),
+            claim_time(120),
+        )
+        .await
+        .expect("take over")
+        .expect("an expired claim is taken with the version read");
+    assert_eq!(
+        (taken.owner.as_str(), taken.version),
+        ("replica-b", dead.version + 1)
+    );
+    assert_eq!(
+        store.list_ownership("other").await.expect("list")[0].owner,
+        "replica-c",
+        "the other scope's claim is untouched"
     );
 }
 

@@ -578,6 +578,31 @@ pub struct NewDeadLetter {
     pub payload: String,
 }
 
+/// A replica's claim on one partition of a provider's stream (an Event Hubs partition):
+/// while it has not expired, its owner alone reads the partition; the owner renews it
+/// before it expires, and once expired any replica may take it over. Written with
+/// optimistic concurrency on `version` ([`crate::Store::claim_ownership`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    /// The provider instance.
+    pub scope: String,
+    /// The partition, in the provider's own terms.
+    pub partition: String,
+    /// The replica that claimed it.
+    pub owner: String,
+    /// Bumped by every write; a claim names the version it read.
+    pub version: i64,
+    /// Until when the claim holds unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Ownership {
+    /// Whether the claim no longer holds at `now` (an expired claim is nobody's).
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at <= now
+    }
+}
+
 /// Filters for listing devices.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct DeviceFilter {

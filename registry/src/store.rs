@@ -233,6 +233,40 @@ pub trait Store: Send + Sync + 'static {
     /// (`scope` is the provider instance, `key` the provider's own, such as a partition).
     async fn load_checkpoint(&self, scope: &str, key: &str) -> StoreResult<Option<String>>;
 
-    /// Saves (replaces) the checkpoint under `(scope, key)`.
-    async fn save_checkpoint(&self, scope: &str, key: &str, value: &str) -> StoreResult<()>;
+    /// Saves `value` under `(scope, key)` at `position`, the checkpoint's place in its
+    /// stream (the Event Hubs sequence number), unless the stored checkpoint is further
+    /// along: positions never move backwards, so a replica that lost a partition and still
+    /// settles its last events cannot write behind the replica that took the partition
+    /// over. An equal position replaces the value; a checkpoint stored without a position
+    /// (before positions existed) is replaced by any save. Returns whether it was saved.
+    async fn save_checkpoint(
+        &self,
+        scope: &str,
+        key: &str,
+        value: &str,
+        position: i64,
+    ) -> StoreResult<bool>;
+
+    // --- partition ownership -------------------------------------------------------------
+
+    /// Every ownership claim of `scope` (a provider instance), expired ones included (the
+    /// caller decides what is expired: the store keeps claims, it does not balance them),
+    /// ordered by partition.
+    async fn list_ownership(&self, scope: &str) -> StoreResult<Vec<Ownership>>;
+
+    /// Claims (or renews, or releases with an `expires_at` in the past) `partition` of
+    /// `scope` for `owner` until `expires_at`, if nobody changed the claim since the caller
+    /// read it: `expected_version` is the version read (`None`: there must be no claim
+    /// yet). On success the claim's version is one more than before (1 for a new claim) and
+    /// the new claim is returned; `None` means another replica wrote first (the race is
+    /// lost, nothing was written). Optimistic concurrency, as Event Hubs processors do with
+    /// a blob's etag.
+    async fn claim_ownership(
+        &self,
+        scope: &str,
+        partition: &str,
+        owner: &str,
+        expected_version: Option<i64>,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<Option<Ownership>>;
 }

@@ -1,12 +1,15 @@
 //! The hub's Event Hubs-compatible built-in endpoint: telemetry and the non-telemetry
 //! events IoT Hub routes there (connection state, lifecycle, twin changes), one receiver
-//! per partition, checkpoints so a restart resumes where it stopped.
+//! per partition this replica owns, checkpoints so a restart (or the replica taking a
+//! partition over) resumes where the last reader stopped.
 //!
 //! The reading side is behind [`EventSource`] / [`PartitionReceiver`] so the consumer
 //! logic (mapping, ordering, ack-then-checkpoint, redelivery after a nack) is tested with
 //! injected events; where checkpoints live is behind [`Checkpoints`]: the gateway keeps
 //! them in its store (table `checkpoints`, scoped by instance, so a restarted gateway
 //! resumes where it stopped); [`MemoryCheckpoints`] keeps them for the life of the process.
+//! Which partitions this replica reads is decided in [`super::partitions`] (claims in a
+//! [`PartitionOwnership`], balanced by [`super::balance`]); this file reads one partition.
 //!
 //! What each event becomes (telemetry, connection states ordered by `sequenceNumber`,
 //! reported properties) is decided by [`super::inbound::map_event`], pure; this file is
@@ -39,18 +42,19 @@ pub const CHECKPOINT_EVERY: usize = 512;
 /// every way out of a receiver (nack, error, close, shutdown) saves what settled.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The newest settled offset of a partition that is not saved yet, and when to save it.
+/// The newest settled offset of a partition (with its sequence number, the checkpoint's
+/// position) that is not saved yet, and when to save it.
 #[derive(Debug, Default)]
-struct Unsaved {
-    offset: Option<String>,
+pub(super) struct Unsaved {
+    offset: Option<(String, i64)>,
     count: usize,
     since: Option<Instant>,
 }
 
 impl Unsaved {
-    /// Records that every event up to `offset` is settled.
-    fn settled(&mut self, offset: String, now: Instant) {
-        self.offset = Some(offset);
+    /// Records that every event up to `offset` (sequence number `position`) is settled.
+    fn settled(&mut self, offset: String, position: i64, now: Instant) {
+        self.offset = Some((offset, position));
         self.count += 1;
         self.since.get_or_insert(now);
     }
@@ -64,8 +68,8 @@ impl Unsaved {
                     .is_some_and(|s| now.duration_since(s) >= CHECKPOINT_INTERVAL))
     }
 
-    /// The offset to save, if any; afterwards nothing is unsaved.
-    fn take(&mut self) -> Option<String> {
+    /// The offset and position to save, if any; afterwards nothing is unsaved.
+    fn take(&mut self) -> Option<(String, i64)> {
         self.count = 0;
         self.since = None;
         self.offset.take()
@@ -104,12 +108,16 @@ pub trait PartitionReceiver: Send {
     async fn next(&mut self) -> Result<Option<HubEvent>, ProviderError>;
 }
 
-pub use crate::{Checkpoints, MemoryCheckpoints};
+pub use crate::{
+    Checkpoints, MemoryCheckpoints, MemoryOwnership, PartitionClaim, PartitionOwnership,
+};
 
-/// Consumes every partition of `source` until `shutdown`: maps events, sends them, and
-/// saves a partition's checkpoint (the offset) once every event up to it was acked. A
-/// nack, a closed receiver or an error reopens the partition after the last checkpoint, so
-/// uncommitted events are delivered again.
+/// Consumes the partitions of `source` this replica owns until `shutdown`: maps events,
+/// sends them, and saves a partition's checkpoint (the offset) once every event up to it
+/// was acked. A nack, a closed receiver or an error reopens the partition after the last
+/// checkpoint, so uncommitted events are delivered again. Which partitions it owns is
+/// balanced with the other replicas sharing [`Consumer::ownership`]
+/// ([`Consumer::run`], in [`super::partitions`]).
 pub struct Consumer {
     /// Provider instance.
     pub instance: String,
@@ -123,6 +131,15 @@ pub struct Consumer {
     pub connection_seq: SharedConnectionSeqs,
     /// Pause before reopening a partition after an error.
     pub retry: Duration,
+    /// Where the replicas claim partitions (keyed by checkpoint key).
+    pub ownership: Arc<dyn PartitionOwnership>,
+    /// This replica's identity in its claims.
+    pub owner: String,
+    /// How often claims are listed, renewed and balanced.
+    pub balance_interval: Duration,
+    /// How long a claim holds unless renewed: after a replica dies, its partitions are
+    /// taken over within this plus one interval.
+    pub claim_expiry: Duration,
 }
 
 impl Consumer {
@@ -131,47 +148,10 @@ impl Consumer {
         format!("{}/{partition}", self.key_prefix)
     }
 
-    /// Runs every partition until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        source: Arc<dyn EventSource>,
-        events: EventSender,
-        shutdown: Shutdown,
-    ) -> Result<(), ProviderError> {
-        // The endpoint may not answer yet: ask again until it does (or refuses the key).
-        let partitions = loop {
-            match source.partitions().await {
-                Ok(p) => break p,
-                Err(e @ ProviderError::Unauthorized { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(provider = %self.instance, error = %e, "reading the partitions failed; retrying");
-                    self.pause(&shutdown).await;
-                    if shutdown.is_cancelled() {
-                        return Ok(());
-                    }
-                }
-            }
-        };
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in partitions {
-            let (me, source, events, shutdown) = (
-                self.clone(),
-                source.clone(),
-                events.clone(),
-                shutdown.clone(),
-            );
-            tasks.spawn(async move { me.partition(source, &p, events, shutdown).await });
-        }
-        while let Some(r) = tasks.join_next().await {
-            if let Ok(Err(e)) = r {
-                shutdown.cancel();
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    async fn partition(
+    /// Reads `partition` until `shutdown` (the partition's own stop: shutdown, or the
+    /// partition lost), reopening it after its last checkpoint after each error; ends with
+    /// an error only for one retrying cannot fix.
+    pub(super) async fn partition(
         &self,
         source: Arc<dyn EventSource>,
         partition: &str,
@@ -204,7 +184,7 @@ impl Consumer {
         Ok(())
     }
 
-    async fn pause(&self, shutdown: &Shutdown) {
+    pub(super) async fn pause(&self, shutdown: &Shutdown) {
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = tokio::time::sleep(self.retry) => {}
@@ -226,10 +206,19 @@ impl Consumer {
         let read = self
             .read(source, partition, from, key, events, shutdown, &mut unsaved)
             .await;
-        if let Some(offset) = unsaved.take() {
-            self.checkpoints.save(key, &offset).await?;
+        if let Some((offset, position)) = unsaved.take() {
+            self.save(key, &offset, position).await?;
         }
         read
+    }
+
+    /// Saves a checkpoint; one refused because a newer one is stored (another replica read
+    /// further, having taken the partition over) is left as it is.
+    async fn save(&self, key: &str, offset: &str, position: i64) -> Result<(), ProviderError> {
+        if !self.checkpoints.save(key, offset, position).await? {
+            tracing::debug!(provider = %self.instance, key, position, "a newer checkpoint is stored (another replica read further); kept");
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -244,9 +233,11 @@ impl Consumer {
         unsaved: &mut Unsaved,
     ) -> Result<(), ProviderError> {
         let mut rx = source.open(partition, from).await?;
-        // Events sent and not yet acked, oldest first: (offset, verdict, connection seq).
+        // Events sent and not yet acked, oldest first: (offset, sequence number, verdict,
+        // connection seq).
         type Pending = (
             String,
+            i64,
             Option<oneshot::Receiver<Ack>>,
             Option<(String, String, DateTime<Utc>)>,
         );
@@ -257,7 +248,7 @@ impl Consumer {
             // Settle what is acked, in order; checkpoint the newest settled offset when due.
             loop {
                 let full = pending.len() >= IN_FLIGHT;
-                let Some((_, verdict, _)) = pending.front_mut() else {
+                let Some((_, _, verdict, _)) = pending.front_mut() else {
                     break;
                 };
                 let ready = match verdict {
@@ -281,7 +272,7 @@ impl Consumer {
                 match ready {
                     None => break,
                     Some(Ack::Ack) => {
-                        let (offset, _, seq) = pending.pop_front().expect("front exists");
+                        let (offset, position, _, seq) = pending.pop_front().expect("front exists");
                         if let Some((device, s, at)) = seq {
                             let mut map = self
                                 .connection_seq
@@ -294,7 +285,7 @@ impl Consumer {
                                 map.insert(device, (s, at));
                             }
                         }
-                        unsaved.settled(offset, Instant::now());
+                        unsaved.settled(offset, position, Instant::now());
                     }
                     Some(Ack::Nack(why)) => {
                         return Err(ProviderError::Transient {
@@ -305,8 +296,8 @@ impl Consumer {
                 }
             }
             if unsaved.due(Instant::now()) {
-                if let Some(offset) = unsaved.take() {
-                    self.checkpoints.save(key, &offset).await?;
+                if let Some((offset, position)) = unsaved.take() {
+                    self.save(key, &offset, position).await?;
                 }
             }
             let quiet_work = !pending.is_empty() || unsaved.offset.is_some();
@@ -344,7 +335,7 @@ impl Consumer {
             match mapped {
                 Mapped::Skip(why) => {
                     tracing::debug!(provider = %self.instance, partition, reason = %why, "event skipped");
-                    pending.push_back((event.offset, None, None));
+                    pending.push_back((event.offset, event.sequence_number, None, None));
                 }
                 Mapped::Event { kind, seq } => {
                     let (tx, verdict) = oneshot::channel();
@@ -361,7 +352,7 @@ impl Consumer {
                     if let Some((device, s, at)) = &seq {
                         in_flight.insert(device.clone(), (s.clone(), *at));
                     }
-                    pending.push_back((event.offset, Some(verdict), seq));
+                    pending.push_back((event.offset, event.sequence_number, Some(verdict), seq));
                 }
             }
         }
@@ -472,6 +463,10 @@ mod tests {
             checkpoints,
             connection_seq: Arc::default(),
             retry: Duration::from_millis(20),
+            ownership: Arc::new(MemoryOwnership::default()),
+            owner: "test".into(),
+            balance_interval: Duration::from_millis(50),
+            claim_expiry: Duration::from_millis(500),
         })
     }
 
@@ -556,21 +551,21 @@ mod tests {
         let mut u = Unsaved::default();
         assert!(!u.due(t0), "nothing settled, nothing to save");
         for i in 0..CHECKPOINT_EVERY - 1 {
-            u.settled(i.to_string(), t0);
+            u.settled(i.to_string(), i as i64, t0);
         }
         assert!(!u.due(t0 + Duration::from_millis(999)));
         assert!(
             u.due(t0 + CHECKPOINT_INTERVAL),
             "the oldest unsaved is 1 s old"
         );
-        u.settled("last".into(), t0);
+        u.settled("last".into(), 600, t0);
         assert!(u.due(t0), "{CHECKPOINT_EVERY} settled since the last save");
-        assert_eq!(u.take().as_deref(), Some("last"));
+        assert_eq!(u.take(), Some(("last".into(), 600)));
         assert!(
             !u.due(t0 + CHECKPOINT_INTERVAL * 2),
             "taken: nothing unsaved"
         );
-        u.settled("next".into(), t0 + CHECKPOINT_INTERVAL * 2);
+        u.settled("next".into(), 601, t0 + CHECKPOINT_INTERVAL * 2);
         assert!(!u.due(t0 + CHECKPOINT_INTERVAL * 2 + Duration::from_millis(10)));
     }
 
@@ -586,9 +581,9 @@ mod tests {
         async fn load(&self, key: &str) -> Result<Option<String>, ProviderError> {
             self.inner.load(key).await
         }
-        async fn save(&self, key: &str, value: &str) -> Result<(), ProviderError> {
+        async fn save(&self, key: &str, value: &str, position: i64) -> Result<bool, ProviderError> {
             self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.save(key, value).await
+            self.inner.save(key, value, position).await
         }
     }
 
@@ -629,7 +624,7 @@ mod tests {
         });
         let checkpoints: Arc<dyn Checkpoints> = Arc::new(MemoryCheckpoints::default());
         checkpoints
-            .save("hub/$Default/0", "100")
+            .save("hub/$Default/0", "100", 1)
             .await
             .expect("save");
         let got = collect(consumer(checkpoints.clone()), source.clone(), 2, |_| true).await;

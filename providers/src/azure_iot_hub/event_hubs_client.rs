@@ -36,7 +36,9 @@ use crate::ProviderError;
 pub struct AmqpEventSource {
     instance: String,
     config: EventHubsConfig,
-    client: Mutex<Option<Arc<ConsumerClient>>>,
+    /// The client (one AMQP connection), shared with the receiver tasks: a receiver whose
+    /// link fails forgets it, so the partition reopens on a new connection.
+    client: Arc<Mutex<Option<Arc<ConsumerClient>>>>,
     /// Per partition, the task of the receiver opened last (it closes its link when done).
     receivers: std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
@@ -53,7 +55,7 @@ impl AmqpEventSource {
         Self {
             instance: instance.to_owned(),
             config: config.clone(),
-            client: Mutex::new(None),
+            client: Arc::default(),
             receivers: std::sync::Mutex::default(),
         }
     }
@@ -186,9 +188,11 @@ impl EventSource for AmqpEventSource {
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
         let (stop, mut stopped) = oneshot::channel::<()>();
         let (instance, p) = (self.instance.clone(), partition.to_owned());
+        let slot = self.client.clone();
         let task = tokio::spawn(async move {
             // The client must outlive its receiver.
-            let _client = client;
+            let client = client;
+            let mut broken = false;
             {
                 let stream = receiver.stream_events();
                 futures::pin_mut!(stream);
@@ -216,9 +220,21 @@ impl EventSource for AmqpEventSource {
                                 message: format!("Event Hubs partition {p}: {e}"),
                             });
                     let failed = item.is_err();
+                    broken |= failed;
                     if tx.send(item).await.is_err() || failed {
                         break;
                     }
+                }
+            }
+            // A link that failed can leave its session broken in the client's cache (seen
+            // after another partition's link was closed: every later attach on it failed
+            // with "Link name is not unique"): forget this client, if it is still the
+            // current one, so the reopening gets a new connection. Receivers still reading
+            // on it keep it until they end.
+            if broken {
+                let mut current = slot.lock().await;
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                    *current = None;
                 }
             }
             // Detach the link and drop it from the client's cache.

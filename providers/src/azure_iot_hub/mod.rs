@@ -36,6 +36,9 @@
 //! - [`event_hubs`]: the consumer of the Event Hubs-compatible endpoint, the second receive
 //!   path: one receiver per partition behind traits, ack-then-checkpoint, the
 //!   [`event_hubs::Checkpoints`] it saves to.
+//! - `partitions` and [`balance`]: which partitions this replica reads: claims in a
+//!   [`crate::PartitionOwnership`] shared by the replicas, balanced each interval (fair
+//!   share, takeover of expired claims, stealing), a receiver per partition held.
 //! - `event_hubs_client` (feature `azure_event_hubs`): the real reader of the Event
 //!   Hubs-compatible endpoint on the official `azure_messaging_eventhubs` client.
 //! - [`ordering`]: connection-sequence ordering, which both event paths use.
@@ -44,6 +47,7 @@
 //!
 //! The provider keeps no device state of its own and never touches the store.
 
+pub mod balance;
 pub mod c2d;
 pub mod commands;
 pub mod event_hubs;
@@ -51,6 +55,7 @@ pub mod event_hubs;
 pub mod event_hubs_client;
 pub mod inbound;
 pub mod ordering;
+mod partitions;
 pub mod provider;
 pub mod receive;
 pub mod registry;
@@ -111,6 +116,8 @@ mod build_tests {
             consumer_group: "$Default".into(),
             start: Default::default(),
             custom_endpoint: None,
+            load_balancing_interval_ms: iotgw_config::azure_iot_hub::default_load_balancing_interval(),
+            ownership_expiry_ms: iotgw_config::azure_iot_hub::default_ownership_expiry(),
         });
         assert!(event_hubs_buildable("hub", &c, true).is_ok());
         match event_hubs_buildable("hub", &c, false) {

@@ -12,9 +12,15 @@ use iotgw_config::AzureIotHubConfig;
 use iotgw_ids::DeviceId;
 
 use super::c2d::C2dSender;
-use super::event_hubs::{Checkpoints, EventSource, MemoryCheckpoints};
+use super::event_hubs::{
+    Checkpoints, EventSource, MemoryCheckpoints, MemoryOwnership, PartitionOwnership,
+};
 use super::rest::HubClient;
 use super::state::{lock, Shared};
+
+/// This gateway's name in its partition claims until the gateway names the replica
+/// ([`Provider::set_ownership`]): alone, it reads every partition.
+pub const LOCAL_OWNER: &str = "local";
 use crate::observed::HealthCell;
 use crate::{
     CommandOutcome, CommandRequest, DeviceSpec, DeviceState, EventSender, InstanceName, Provider,
@@ -104,6 +110,10 @@ impl AzureIotHubProvider {
                 c2d,
                 event_source: Mutex::new(None),
                 checkpoints: Mutex::new(Arc::new(MemoryCheckpoints::default())),
+                ownership: Mutex::new((
+                    Arc::new(MemoryOwnership::default()),
+                    LOCAL_OWNER.to_owned(),
+                )),
             }),
         })
     }
@@ -158,6 +168,13 @@ impl Provider for AzureIotHubProvider {
     /// starts at `event_hubs.start`); the gateway passes checkpoints kept in its store.
     fn set_checkpoints(&self, checkpoints: Arc<dyn Checkpoints>) {
         *lock(&self.shared.checkpoints) = checkpoints;
+    }
+
+    /// Where the Event Hubs consumer claims its partitions and as whom (default: in memory,
+    /// as [`LOCAL_OWNER`], so this gateway reads every partition); the gateway passes claims
+    /// kept in its store and the replica's identity, so replicas split the partitions.
+    fn set_ownership(&self, ownership: Arc<dyn PartitionOwnership>, owner: &str) {
+        *lock(&self.shared.ownership) = (ownership, owner.to_owned());
     }
 
     /// Creates a symmetric-key device with generated keys (`PUT /devices/{id}`, no

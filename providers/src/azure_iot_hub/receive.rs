@@ -122,6 +122,7 @@ async fn consume_event_hubs(s: &Shared, stop: &Shutdown) -> Result<(), ProviderE
             what: "event_hubs: this build has no Event Hubs client; rebuild with `--features azure_event_hubs` (cargo build -p iotgw --features azure_event_hubs), or remove event_hubs and use event_grid".into(),
         });
     };
+    let (ownership, owner) = lock(&s.ownership).clone();
     let consumer = Arc::new(Consumer {
         instance: s.instance.to_string(),
         key_prefix: format!("{}/{}", s.instance, eh.consumer_group),
@@ -132,6 +133,10 @@ async fn consume_event_hubs(s: &Shared, stop: &Shutdown) -> Result<(), ProviderE
         checkpoints: lock(&s.checkpoints).clone(),
         connection_seq: s.connection_seq.clone(),
         retry: PROBE_RETRY,
+        ownership,
+        owner,
+        balance_interval: Duration::from_millis(eh.load_balancing_interval_ms),
+        claim_expiry: Duration::from_millis(eh.ownership_expiry_ms),
     });
     let sender = lock(&s.events).clone();
     match sender {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use iotgw_config::AzureIotHubConfig;
 
 use super::c2d::C2dSender;
-use super::event_hubs::{Checkpoints, EventSource};
+use super::event_hubs::{Checkpoints, EventSource, PartitionOwnership};
 use super::ordering::SharedConnectionSeqs;
 use super::rest::{HubClient, HubError};
 pub(super) use crate::observed::lock;
@@ -35,6 +35,8 @@ pub(super) struct Shared {
     pub(super) event_source: Mutex<Option<Arc<dyn EventSource>>>,
     /// Where the Event Hubs consumer keeps its checkpoints.
     pub(super) checkpoints: Mutex<Arc<dyn Checkpoints>>,
+    /// Where the Event Hubs consumer claims partitions, and this replica's name in claims.
+    pub(super) ownership: Mutex<(Arc<dyn PartitionOwnership>, String)>,
 }
 
 impl Shared {

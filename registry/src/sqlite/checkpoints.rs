@@ -15,24 +15,29 @@ impl SqliteStore {
             .transpose()
     }
 
-    /// See [`crate::Store::save_checkpoint`].
+    /// See [`crate::Store::save_checkpoint`]: the upsert's `WHERE` keeps a stored position
+    /// from moving backwards, and no row changed means a newer checkpoint is stored.
     pub(super) async fn put_checkpoint(
         &self,
         scope: &str,
         key: &str,
         value: &str,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO checkpoints (scope, key, value, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        position: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO checkpoints (scope, key, value, position, updated_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, position = excluded.position, \
+             updated_at = excluded.updated_at \
+             WHERE checkpoints.position IS NULL OR checkpoints.position <= excluded.position",
         )
         .bind(scope)
         .bind(key)
         .bind(value)
+        .bind(position)
         .bind(now())
         .execute(&self.pool)
         .await
         .map_err(db("saving a checkpoint"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 }

@@ -57,6 +57,7 @@ mod checkpoints;
 mod commands;
 mod devices;
 mod outbox;
+mod ownership;
 mod registration;
 mod rows;
 
@@ -87,6 +88,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "outbox fencing",
         include_str!("../../migrations/sqlite/0004_outbox_fencing.sql"),
+    ),
+    (
+        5,
+        "partition ownership",
+        include_str!("../../migrations/sqlite/0005_partition_ownership.sql"),
     ),
 ];
 
@@ -610,8 +616,30 @@ impl Store for SqliteStore {
         self.checkpoint(scope, key).await
     }
 
-    async fn save_checkpoint(&self, scope: &str, key: &str, value: &str) -> StoreResult<()> {
-        self.put_checkpoint(scope, key, value).await
+    async fn save_checkpoint(
+        &self,
+        scope: &str,
+        key: &str,
+        value: &str,
+        position: i64,
+    ) -> StoreResult<bool> {
+        self.put_checkpoint(scope, key, value, position).await
+    }
+
+    async fn list_ownership(&self, scope: &str) -> StoreResult<Vec<Ownership>> {
+        self.ownership(scope).await
+    }
+
+    async fn claim_ownership(
+        &self,
+        scope: &str,
+        partition: &str,
+        owner: &str,
+        expected_version: Option<i64>,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<Option<Ownership>> {
+        self.claim_partition(scope, partition, owner, expected_version, expires_at)
+            .await
     }
 }
 

@@ -5,6 +5,7 @@
 //! redelivery after a nack, reconnection, a refused key. Plus a live test against a real
 //! endpoint when a connection string is given.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,10 @@ use crate::azure_iot_hub::fakes::fake_event_hubs::{
     FakeEvent, FakeEventHubs, NAMESPACE, SAS_TOKEN_TYPE,
 };
 use crate::azure_iot_hub::AzureIotHubProvider;
-use crate::{Checkpoints, EventKind, MemoryCheckpoints, Provider, ProviderError, Shutdown};
+use crate::{
+    Checkpoints, EventKind, MemoryCheckpoints, MemoryOwnership, PartitionOwnership, Provider,
+    ProviderError, Shutdown,
+};
 
 const ENTITY: &str = "iotgw-fake-hub";
 const GROUP: &str = "iotgw";
@@ -34,6 +38,8 @@ fn event_hubs(fake: &FakeEventHubs, connection_string: String) -> EventHubsConfi
         consumer_group: GROUP.into(),
         start: EventHubsStart::Earliest,
         custom_endpoint: Some(fake.endpoint()),
+        load_balancing_interval_ms: iotgw_config::azure_iot_hub::default_load_balancing_interval(),
+        ownership_expiry_ms: iotgw_config::azure_iot_hub::default_ownership_expiry(),
     }
 }
 
@@ -470,6 +476,8 @@ async fn a_real_event_hubs_endpoint_is_read_when_a_connection_string_is_given() 
             .unwrap_or_else(|_| "$Default".into()),
         start: EventHubsStart::Latest,
         custom_endpoint: None,
+        load_balancing_interval_ms: iotgw_config::azure_iot_hub::default_load_balancing_interval(),
+        ownership_expiry_ms: iotgw_config::azure_iot_hub::default_ownership_expiry(),
     };
     let (partitions, mut rx) = partitions_and_a_receiver_at_latest(&config).await;
     println!("partitions: {partitions:?}");
@@ -501,6 +509,8 @@ async fn an_amqps_endpoint_is_opened_with_tls_checked_against_the_public_web_roo
         consumer_group: GROUP.into(),
         start: EventHubsStart::Earliest,
         custom_endpoint: Some(format!("amqps://127.0.0.1:{}", tls.port)),
+        load_balancing_interval_ms: iotgw_config::azure_iot_hub::default_load_balancing_interval(),
+        ownership_expiry_ms: iotgw_config::azure_iot_hub::default_ownership_expiry(),
     };
     let source = AmqpEventSource::new("tls", &config);
     let err = tokio::time::timeout(DEADLINE, source.partitions())
@@ -520,4 +530,187 @@ async fn an_amqps_endpoint_is_opened_with_tls_checked_against_the_public_web_roo
         "nothing reached AMQP over the refused TLS: {:?}",
         tls.peek()
     );
+}
+
+/// How many of the four partitions each replica holds an unexpired claim on.
+async fn held(ownership: &MemoryOwnership) -> BTreeMap<String, usize> {
+    let now = Utc::now();
+    let mut by_owner = BTreeMap::new();
+    for c in ownership.list().await.expect("list") {
+        if !c.expired(now) {
+            *by_owner.entry(c.owner).or_default() += 1;
+        }
+    }
+    by_owner
+}
+
+/// Telemetry from devices spread so that every partition of `eh` gets `per_partition`
+/// events; returns each event's message id by partition, in publishing order.
+fn publish_round(
+    eh: &FakeEventHubs,
+    round: &str,
+    per_partition: usize,
+) -> BTreeMap<String, Vec<String>> {
+    let mut by_partition: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in 0.. {
+        let device = format!("pump-{d}");
+        let partition = eh.partition_of(&device);
+        let ids = by_partition.entry(partition).or_default();
+        if ids.len() < per_partition {
+            let message = format!("{round}-{d}");
+            eh.publish(FakeEvent::telemetry(&device, &message, b"{}"));
+            ids.push(format!("{device}:{message}"));
+        }
+        if by_partition.len() == PARTITIONS
+            && by_partition.values().all(|v| v.len() == per_partition)
+        {
+            break;
+        }
+        assert!(d < 10_000, "devices spread over every partition");
+    }
+    by_partition
+}
+
+const PARTITIONS: usize = 4;
+
+/// Reads the replicas' events in turn until `done` holds for what was seen (message id ->
+/// the replicas that delivered it): a replica's events are acked when its flag says so,
+/// else kept unacked in `unacked` (a gateway that has not committed them yet).
+async fn read_until(
+    replicas: &mut [(&'static str, &mut Run, bool)],
+    unacked: &mut Vec<crate::ProviderEvent>,
+    seen: &mut BTreeMap<String, Vec<&'static str>>,
+    done: impl Fn(&BTreeMap<String, Vec<&'static str>>) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !done(seen) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events within {DEADLINE:?}: {seen:?}"
+        );
+        for (name, run, ack) in replicas.iter_mut() {
+            if let Some(ev) = run.next_within(Duration::from_millis(20)).await {
+                seen.entry(telemetry_id(&ev.kind)).or_default().push(*name);
+                if *ack {
+                    ev.ack.ack();
+                } else {
+                    unacked.push(ev);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_split_the_partitions_and_the_survivor_of_a_kill_takes_over_within_the_expiry_losing_nothing(
+) {
+    let hub = FakeHub::start().await;
+    let eh = FakeEventHubs::start(ENTITY, PARTITIONS).await;
+    let ownership = Arc::new(MemoryOwnership::default());
+    let checkpoints: Arc<dyn Checkpoints> = Arc::new(MemoryCheckpoints::default());
+    let expiry = Duration::from_millis(1_000);
+    let config = EventHubsConfig {
+        load_balancing_interval_ms: 100,
+        ownership_expiry_ms: expiry.as_millis() as u64,
+        ..event_hubs(&eh, eh.connection_string())
+    };
+    let replica = |name: &str| {
+        let p = provider(&hub, config.clone(), checkpoints.clone());
+        p.set_ownership(ownership.clone(), name);
+        Run::spawn(p)
+    };
+    let mut a = replica("replica-a");
+    let mut b = replica("replica-b");
+    eventually(
+        "the replicas split the four partitions two and two",
+        || async {
+            held(&ownership).await
+                == BTreeMap::from([("replica-a".to_owned(), 2), ("replica-b".to_owned(), 2)])
+        },
+    )
+    .await;
+    let a_partitions: Vec<String> = ownership
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|c| c.owner == "replica-a")
+        .map(|c| c.partition.rsplit('/').next().expect("id").to_owned())
+        .collect();
+
+    // Round 1: both read and ack their partitions' events; a's are checkpointed.
+    let round1 = publish_round(&eh, "r1", 2);
+    let mut seen = BTreeMap::new();
+    let mut unacked = Vec::new();
+    let all1: Vec<String> = round1.values().flatten().cloned().collect();
+    read_until(
+        &mut [("a", &mut a, true), ("b", &mut b, true)],
+        &mut unacked,
+        &mut seen,
+        |s| all1.iter().all(|id| s.contains_key(id)),
+    )
+    .await;
+    for p in &a_partitions {
+        let last = i64::try_from(round1[p].len()).expect("fits") - 1;
+        checkpoint_is(&checkpoints, p, &eh.offset(p, last).expect("offset")).await;
+    }
+    for (p, ids) in &round1 {
+        let reader = if a_partitions.contains(p) { "a" } else { "b" };
+        for id in ids {
+            assert!(
+                seen[id].contains(&reader),
+                "{id} of partition {p} read by its owner: {:?}",
+                seen[id]
+            );
+        }
+    }
+
+    // Round 2: a receives its events but dies before acking them.
+    let round2 = publish_round(&eh, "r2", 2);
+    let on_a: Vec<String> = a_partitions
+        .iter()
+        .flat_map(|p| round2[p].clone())
+        .collect();
+    read_until(
+        &mut [("a", &mut a, false), ("b", &mut b, true)],
+        &mut unacked,
+        &mut seen,
+        |s| on_a.iter().all(|id| s.contains_key(id)),
+    )
+    .await;
+    a.kill().await;
+    unacked.clear();
+    let killed = tokio::time::Instant::now();
+
+    eventually("replica-b holds all four partitions", || async {
+        held(&ownership).await == BTreeMap::from([("replica-b".to_owned(), PARTITIONS)])
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took < expiry * 3,
+        "the dead replica's partitions were taken over {took:?} after the kill (claims expire after {expiry:?})"
+    );
+
+    // Every event of round 2 was committed (acked) by b: a's unacked ones came again, from
+    // a's last checkpoint (round 1 is not read again).
+    let all2: Vec<String> = round2.values().flatten().cloned().collect();
+    let mut after = BTreeMap::new();
+    let acked_by_b = |id: &String, after: &BTreeMap<String, Vec<&str>>| {
+        after.contains_key(id) || seen.get(id).is_some_and(|r| r.contains(&"b"))
+    };
+    read_until(&mut [("b", &mut b, true)], &mut unacked, &mut after, |s| {
+        on_a.iter().all(|id| s.contains_key(id)) && all2.iter().all(|id| acked_by_b(id, s))
+    })
+    .await;
+    for id in &on_a {
+        assert!(after.contains_key(id), "{id} redelivered to the survivor");
+    }
+    for id in round1.values().flatten() {
+        assert!(
+            !after.contains_key(id),
+            "{id} was checkpointed by the dead replica and not read again"
+        );
+    }
+    b.stop().await;
 }

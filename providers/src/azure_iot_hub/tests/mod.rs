@@ -81,6 +81,21 @@ impl Run {
             .unwrap_or_else(|| panic!("{what}: run ended"))
     }
 
+    /// The next event if one comes within `wait` (`None` also when the run ended).
+    pub async fn next_within(&mut self, wait: Duration) -> Option<ProviderEvent> {
+        tokio::time::timeout(wait, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Ends the run the way `kill -9` ends a gateway: its task is dropped where it is,
+    /// nothing is stopped, saved or released.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+
     /// Shuts the run down; it must end cleanly within [`DEADLINE`].
     pub async fn stop(self) {
         self.stop.cancel();

@@ -446,6 +446,8 @@ mod event_hubs_in_run {
             consumer_group: "iotgw".into(),
             start: Default::default(),
             custom_endpoint: None,
+            load_balancing_interval_ms: iotgw_config::azure_iot_hub::default_load_balancing_interval(),
+            ownership_expiry_ms: iotgw_config::azure_iot_hub::default_ownership_expiry(),
         });
         AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &cfg).expect("provider")
     }
