@@ -9,7 +9,10 @@
 //!   device publishes telemetry, the alert reaches the app's webhook on localhost, and
 //!   `docker stop` makes iotgw drain its outbox and exit 0 within the grace period.
 //! - The other tests check the compose file, the Kubernetes manifests (wiring, and the
-//!   Kubernetes schemas through `deploy/k8s/validate.sh`) and their gateway configs.
+//!   Kubernetes schemas through `deploy/k8s/validate.sh`) and their gateway configs, and the
+//!   same for the scale-out examples: `deploy/compose/replicas.yml` (three replicas on
+//!   PostgreSQL) and `deploy/k8s/replicas` (a StatefulSet of three with a
+//!   PodDisruptionBudget).
 //!
 //! Docker missing: the test fails under `CI=true`, elsewhere it prints `SKIPPED: ...`.
 
@@ -616,6 +619,26 @@ fn check_config(file: &Path, env: &[(&str, &str)]) {
     );
 }
 
+/// Runs `deploy/k8s/validate.sh DIR`: the manifests rendered and checked strictly against
+/// the Kubernetes schemas. Skips (fails under CI) when the validator cannot be installed.
+fn validate_manifests(dir: &Path) {
+    let script = repo_root().join("deploy/k8s/validate.sh");
+    let out = output(Command::new("bash").arg(&script).arg(dir));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => eprintln!("{text}"),
+        Some(3) => skip(&format!("kubernetes-validate cannot be installed: {text}")),
+        _ => panic!(
+            "deploy/k8s/validate.sh {}: the manifests are not valid Kubernetes objects:\n{text}",
+            dir.display()
+        ),
+    }
+}
+
 #[test]
 fn compose_example_runs_the_app_in_the_gateways_network_namespace_and_outwaits_the_drain() {
     let dir = repo_root().join("deploy/compose");
@@ -898,18 +921,560 @@ fn kubernetes_manifests_wire_probes_resources_grace_config_and_secrets() {
 
 #[test]
 fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
-    let script = repo_root().join("deploy/k8s/validate.sh");
-    let out = output(Command::new("bash").arg(&script));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match out.status.code() {
-        Some(0) => eprintln!("{text}"),
-        Some(3) => skip(&format!("kubernetes-validate cannot be installed: {text}")),
-        _ => panic!(
-            "deploy/k8s/validate.sh: the manifests are not valid Kubernetes objects:\n{text}"
-        ),
+    validate_manifests(&repo_root().join("deploy/k8s/base"));
+}
+
+// --- offline checks of the scale-out examples: compose and Kubernetes replicas ----------
+
+/// `y` with YAML merge keys (`<<: *anchor`) resolved as compose resolves them: the keys of
+/// the merged mapping first, the node's own keys win. (yaml-rust2 substitutes aliases but
+/// leaves `<<` as an ordinary key.)
+fn merge_keys(y: &Yaml) -> Yaml {
+    match y {
+        Yaml::Hash(h) => {
+            let mut out = yaml_rust2::yaml::Hash::new();
+            let bases = match h.get(&Yaml::String("<<".into())) {
+                Some(Yaml::Array(a)) => a.clone(),
+                Some(b) => vec![b.clone()],
+                None => Vec::new(),
+            };
+            for b in &bases {
+                match merge_keys(b) {
+                    Yaml::Hash(bh) => out.extend(bh),
+                    other => panic!("`<<` merges a mapping, not {other:?}"),
+                }
+            }
+            for (k, v) in h {
+                if k.as_str() != Some("<<") {
+                    out.insert(k.clone(), merge_keys(v));
+                }
+            }
+            Yaml::Hash(out)
+        }
+        Yaml::Array(a) => Yaml::Array(a.iter().map(merge_keys).collect()),
+        other => other.clone(),
     }
+}
+
+/// A compose value with each `${NAME:-default}` replaced by its default, as compose reads
+/// it when NAME is not set. A `${NAME}` without a default is an error: the try-out must
+/// run without an .env file.
+fn compose_default(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .unwrap_or_else(|| panic!("unclosed ${{ in {value:?}"))
+            + start;
+        let (name, default) = rest[start + 2..end]
+            .split_once(":-")
+            .unwrap_or_else(|| panic!("{value:?} has a variable without a default"));
+        assert!(!name.is_empty() && !default.is_empty(), "{value:?}");
+        out.push_str(default);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The port of a `HOST:PORT` listen address.
+fn port_of(listen: &str) -> i64 {
+    listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("{listen:?} has no port"))
+}
+
+/// `USER@HOST:PORT/DATABASE` of a `postgres://` URL without a password.
+fn postgres_url_parts(url: &str) -> (String, String, String) {
+    let rest = url
+        .strip_prefix("postgres://")
+        .unwrap_or_else(|| panic!("{url} is not a postgres:// URL"));
+    let (user, rest) = rest
+        .split_once('@')
+        .unwrap_or_else(|| panic!("{url} names no user"));
+    assert!(
+        !user.contains(':'),
+        "{url} carries a password; it belongs in IOTGW_STORE__POSTGRES__PASSWORD"
+    );
+    let (host_port, db) = rest
+        .split_once('/')
+        .unwrap_or_else(|| panic!("{url} names no database"));
+    (user.into(), host_port.into(), db.into())
+}
+
+/// The seconds of a compose duration such as `15s`.
+fn compose_secs(y: &Yaml, what: &str) -> i64 {
+    y.as_str()
+        .and_then(|s| s.strip_suffix('s'))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what} is not a duration in seconds: {y:?}"))
+}
+
+#[test]
+fn scale_out_compose_runs_three_replicas_on_postgres_with_distinct_replica_ids_and_outwaits_the_drain(
+) {
+    let dir = repo_root().join("deploy/compose");
+    let file = dir.join("replicas.yml");
+    let doc = merge_keys(&yaml_file(&file)[0]);
+    let services = doc["services"]
+        .as_hash()
+        .unwrap_or_else(|| panic!("{} has no services", file.display()));
+    let service = |name: &str| -> &Yaml {
+        services
+            .get(&Yaml::String(name.into()))
+            .unwrap_or_else(|| panic!("service {name} missing in {}", file.display()))
+    };
+
+    // PostgreSQL: user and database iotgw, the password from the environment, pg_isready,
+    // a named volume.
+    let pg = service("postgres");
+    assert!(
+        pg["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("postgres:")),
+        "{:?}",
+        pg["image"]
+    );
+    let pg_env = |k: &str| {
+        pg["environment"][k]
+            .as_str()
+            .unwrap_or_else(|| panic!("postgres has no {k}"))
+            .to_string()
+    };
+    let pg_password = pg_env("POSTGRES_PASSWORD");
+    assert!(
+        pg_password.starts_with("${") && compose_default(&pg_password) != pg_password,
+        "the database password comes from the environment, with a try-out default: {pg_password}"
+    );
+    let pg_health = str_list(&pg["healthcheck"]["test"]).join(" ");
+    assert!(pg_health.contains("pg_isready"), "{pg_health}");
+    let pg_volume = str_list(&pg["volumes"])
+        .into_iter()
+        .find(|v| v.ends_with(":/var/lib/postgresql/data"))
+        .expect("the database lives on a volume");
+    let volume_name = pg_volume.split(':').next().unwrap_or_default();
+    assert!(
+        doc["volumes"]
+            .as_hash()
+            .is_some_and(|v| v.contains_key(&Yaml::String(volume_name.into()))),
+        "{volume_name} is not a named volume"
+    );
+    let mosquitto = service("mosquitto");
+    assert!(
+        str_list(&mosquitto["volumes"])
+            .iter()
+            .any(|v| v.starts_with("./mosquitto.conf:")),
+        "mosquitto runs the example's mosquitto.conf"
+    );
+    assert!(!mosquitto["healthcheck"]["test"].is_badvalue());
+
+    // The gateways: every service that runs the iotgw image.
+    let gateways: BTreeMap<String, &Yaml> = services
+        .iter()
+        .filter(|(_, s)| !s["environment"]["IOTGW_CONFIG"].is_badvalue())
+        .map(|(n, s)| (n.as_str().expect("service name").to_string(), s))
+        .collect();
+    assert_eq!(
+        gateways.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["iotgw-1", "iotgw-2", "iotgw-3"],
+        "three gateway replicas"
+    );
+
+    let config_file = dir.join("replicas.toml");
+    let config = toml_file(&config_file);
+    let grace = grace_secs_of(&config);
+    let api_port = port_of(config["api"]["listen"].as_str().expect("api.listen"));
+    let mut replica_ids = BTreeSet::new();
+    let mut host_ports = BTreeSet::new();
+    for (name, gw) in &gateways {
+        let env = |k: &str| -> String {
+            gw["environment"][k]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} has no {k}"))
+                .to_string()
+        };
+        // One image, built as the sidecar example builds it, with the MQTT provider.
+        let build = &gw["build"];
+        let dockerfile = dir
+            .join(build["context"].as_str().expect("build.context"))
+            .join(build["dockerfile"].as_str().expect("build.dockerfile"));
+        assert!(dockerfile.is_file(), "{name}: no {}", dockerfile.display());
+        assert!(
+            build["args"]["FEATURES"]
+                .as_str()
+                .is_some_and(|f| f.split_whitespace().any(|f| f == "mqtt")),
+            "{name} is built with the mqtt provider"
+        );
+        assert_eq!(gw["image"].as_str(), Some("iotgw:local"), "{name}");
+
+        // Its own replica id, also its host name.
+        let id = env("IOTGW_REPLICA__ID");
+        assert_eq!(
+            gw["hostname"].as_str(),
+            Some(id.as_str()),
+            "{name}: host name and replica id"
+        );
+        assert!(
+            replica_ids.insert(id.clone()),
+            "{name} repeats replica id {id}"
+        );
+
+        // Started once PostgreSQL and the broker are healthy; healthy itself once ready.
+        for dep in ["postgres", "mosquitto"] {
+            assert_eq!(
+                gw["depends_on"][dep]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name} waits for {dep} to be healthy"
+            );
+        }
+        let health = str_list(&gw["healthcheck"]["test"]).join(" ");
+        assert!(
+            health.contains("healthcheck") && health.contains("--path /ready"),
+            "{name}: {health}"
+        );
+        let stop = compose_secs(&gw["stop_grace_period"], "stop_grace_period");
+        assert!(
+            stop > grace,
+            "{name}: stop_grace_period {stop}s must exceed shutdown.grace_secs {grace}"
+        );
+
+        // The config where IOTGW_CONFIG points; secrets from the environment.
+        let config_path = env("IOTGW_CONFIG");
+        assert!(
+            str_list(&gw["volumes"])
+                .iter()
+                .any(|v| v.starts_with(&format!("./replicas.toml:{config_path}"))),
+            "{name}: replicas.toml is not mounted at {config_path}"
+        );
+        assert_eq!(
+            env("IOTGW_STORE__POSTGRES__PASSWORD"),
+            pg_password,
+            "{name} uses the database's password variable"
+        );
+        assert!(
+            env("IOTGW_API__TOKEN").starts_with("${"),
+            "{name}: token from env"
+        );
+
+        // The API on its own loopback port of the host.
+        for p in str_list(&gw["ports"]) {
+            let parts: Vec<&str> = p.split(':').collect();
+            assert!(
+                parts.len() == 3 && parts[0] == "127.0.0.1",
+                "{name} publishes {p} beyond loopback"
+            );
+            assert_eq!(parts[2].parse::<i64>().ok(), Some(api_port), "{name}: {p}");
+            assert!(host_ports.insert(parts[1].to_string()), "{name} reuses {p}");
+        }
+
+        // What this replica's environment makes of the config.
+        let vars: Vec<(String, String)> = gw["environment"]
+            .as_hash()
+            .expect("environment as a mapping")
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+            .filter(|(k, _)| k.starts_with("IOTGW_") && k != "IOTGW_CONFIG")
+            .map(|(k, v)| (k, compose_default(&v)))
+            .collect();
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (&**k, &**v)).collect();
+        check_config(&config_file, &vars);
+    }
+    assert!(!host_ports.is_empty(), "no replica publishes the API");
+
+    // The config: the compose file's database and broker, telemetry split by a group.
+    assert_eq!(config["store"]["kind"].as_str(), Some("postgres"));
+    let (user, host_port, db) = postgres_url_parts(
+        config["store"]["postgres"]["url"]
+            .as_str()
+            .expect("store.postgres.url"),
+    );
+    assert_eq!(user, pg_env("POSTGRES_USER"));
+    assert_eq!(db, pg_env("POSTGRES_DB"));
+    assert_eq!(host_port, "postgres:5432", "the postgres service");
+    let plant = &config["providers"]["plant"];
+    assert_eq!(plant["kind"].as_str(), Some("mqtt"));
+    assert_eq!(plant["host"].as_str(), Some("mosquitto"));
+    assert!(
+        plant["shared_group"]
+            .as_str()
+            .is_some_and(|g| !g.is_empty()),
+        "without a shared_group every replica would get every reading"
+    );
+
+    match Command::new("docker-compose")
+        .args(["-f"])
+        .arg(&file)
+        .args(["config", "--quiet"])
+        .output()
+    {
+        Ok(o) => assert!(
+            o.status.success(),
+            "docker-compose config rejects {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!("note: docker-compose not installed ({e}); checked by parsing only"),
+    }
+}
+
+#[test]
+fn kubernetes_replicas_are_a_statefulset_of_three_with_a_pdb_a_postgres_secret_and_a_store_readiness_gate(
+) {
+    let dir = repo_root().join("deploy/k8s/replicas");
+    let kustomization = &yaml_file(&dir.join("kustomization.yaml"))[0];
+    let mut objects = Vec::new();
+    for res in str_list(&kustomization["resources"]) {
+        objects.extend(yaml_file(&dir.join(&res)));
+    }
+    let by_kind = |kind: &str| -> Vec<&Yaml> {
+        objects
+            .iter()
+            .filter(|o| o["kind"].as_str() == Some(kind))
+            .collect()
+    };
+    // Whether every label of `selector` is on `labels`.
+    let selects = |selector: &Yaml, labels: &Yaml| -> bool {
+        selector.as_hash().is_some_and(|s| {
+            !s.is_empty()
+                && s.iter()
+                    .all(|(k, v)| labels.as_hash().and_then(|l| l.get(k)) == Some(v))
+        })
+    };
+
+    let sets = by_kind("StatefulSet");
+    assert_eq!(sets.len(), 1, "one StatefulSet");
+    assert!(
+        by_kind("Deployment").is_empty(),
+        "replicas need stable names"
+    );
+    let set = sets[0];
+    assert_eq!(set["metadata"]["name"].as_str(), Some("iotgw"));
+    let replicas = set["spec"]["replicas"].as_i64().expect("spec.replicas");
+    assert_eq!(replicas, 3);
+    let template = &set["spec"]["template"];
+    let labels = &template["metadata"]["labels"];
+    assert!(
+        selects(&set["spec"]["selector"]["matchLabels"], labels),
+        "the StatefulSet's selector does not match its pods"
+    );
+
+    // The governing Service is headless and selects the pods; the API Service too.
+    let services = by_kind("Service");
+    let governing = set["spec"]["serviceName"].as_str().expect("serviceName");
+    let headless = services
+        .iter()
+        .find(|s| s["metadata"]["name"].as_str() == Some(governing))
+        .unwrap_or_else(|| panic!("no Service {governing}"));
+    assert_eq!(headless["spec"]["clusterIP"].as_str(), Some("None"));
+    assert!(selects(&headless["spec"]["selector"], labels));
+    let api_services: Vec<&&Yaml> = services
+        .iter()
+        .filter(|s| s["spec"]["clusterIP"].as_str() != Some("None"))
+        .collect();
+    assert_eq!(api_services.len(), 1, "one Service for the API");
+    assert!(
+        selects(&api_services[0]["spec"]["selector"], labels),
+        "the API Service does not select the replicas"
+    );
+
+    // The PodDisruptionBudget keeps two of three up and lets one go.
+    let pdbs = by_kind("PodDisruptionBudget");
+    assert_eq!(pdbs.len(), 1, "one PodDisruptionBudget");
+    let pdb = pdbs[0];
+    assert_eq!(pdb["apiVersion"].as_str(), Some("policy/v1"));
+    assert!(
+        selects(&pdb["spec"]["selector"]["matchLabels"], labels),
+        "the PodDisruptionBudget's selector does not match the replicas"
+    );
+    let may_go = match (
+        pdb["spec"]["maxUnavailable"].as_i64(),
+        pdb["spec"]["minAvailable"].as_i64(),
+    ) {
+        (Some(max), None) => max,
+        (None, Some(min)) => replicas - min,
+        other => panic!(
+            "give the PodDisruptionBudget maxUnavailable or minAvailable as a number: {other:?}"
+        ),
+    };
+    assert_eq!(may_go, 1, "one replica at a time may be disrupted");
+
+    // The container.
+    let pod = &template["spec"];
+    let containers = pod["containers"].as_vec().expect("containers");
+    assert_eq!(containers.len(), 1, "the replicas are iotgw alone");
+    let gw = &containers[0];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(gw["securityContext"]["runAsUser"].as_i64(), Some(65532));
+    let env: BTreeMap<&str, &Yaml> = gw["env"]
+        .as_vec()
+        .expect("iotgw env")
+        .iter()
+        .map(|e| (e["name"].as_str().expect("env name"), e))
+        .collect();
+
+    // Secrets: every secretKeyRef names a key of a Secret of the kustomization; the
+    // database password and the API token come from one.
+    let secrets: BTreeMap<&str, &Yaml> = by_kind("Secret")
+        .into_iter()
+        .map(|s| (s["metadata"]["name"].as_str().expect("secret name"), s))
+        .collect();
+    // (stringData: the values are placeholders to replace, readable in the file.)
+    let secret_value = |name: &str, key: &str| -> Option<String> {
+        secrets.get(name)?["stringData"][key]
+            .as_str()
+            .map(str::to_string)
+    };
+    for (var, e) in &env {
+        let r = &e["valueFrom"]["secretKeyRef"];
+        if r.is_badvalue() {
+            continue;
+        }
+        let (name, key) = (
+            r["name"].as_str().expect("name"),
+            r["key"].as_str().expect("key"),
+        );
+        assert!(
+            secret_value(name, key).is_some(),
+            "{var} refers to {name}/{key}, which no Secret holds"
+        );
+    }
+    let from_secret = |var: &str| -> String {
+        let r = &env.get(var).unwrap_or_else(|| panic!("{var} is not set"))["valueFrom"]
+            ["secretKeyRef"];
+        assert!(!r.is_badvalue(), "{var} must come from a Secret");
+        secret_value(
+            r["name"].as_str().expect("name"),
+            r["key"].as_str().expect("key"),
+        )
+        .expect("checked above")
+    };
+    let pg_password = from_secret("IOTGW_STORE__POSTGRES__PASSWORD");
+    let token = from_secret("IOTGW_API__TOKEN");
+
+    // The replica id is the stable pod name: set from it, or left to the host name.
+    if let Some(e) = env.get("IOTGW_REPLICA__ID") {
+        assert_eq!(
+            e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            Some("metadata.name"),
+            "the replica id must be the pod name, stable across restarts"
+        );
+    }
+
+    // Config: the generated ConfigMap is mounted where IOTGW_CONFIG points.
+    let config_path = env["IOTGW_CONFIG"]["value"]
+        .as_str()
+        .expect("IOTGW_CONFIG value");
+    let mount = gw["volumeMounts"]
+        .as_vec()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| {
+            m["mountPath"]
+                .as_str()
+                .is_some_and(|p| Path::new(config_path).parent() == Some(Path::new(p)))
+        })
+        .unwrap_or_else(|| panic!("nothing mounted at {config_path}"));
+    let volume = pod["volumes"]
+        .as_vec()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mount's volume");
+    let map = volume["configMap"]["name"]
+        .as_str()
+        .expect("a configMap volume");
+    let file = Path::new(config_path)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .expect("a file name");
+    assert!(
+        kustomization["configMapGenerator"]
+            .as_vec()
+            .expect("a configMapGenerator")
+            .iter()
+            .any(|g| g["name"].as_str() == Some(map)
+                && str_list(&g["files"]).iter().any(|f| f == file)),
+        "no configMapGenerator {map} carries {file}"
+    );
+    let config_file = dir.join(file);
+    let config = toml_file(&config_file);
+    assert_eq!(config["store"]["kind"].as_str(), Some("postgres"));
+    postgres_url_parts(
+        config["store"]["postgres"]["url"]
+            .as_str()
+            .expect("store.postgres.url"),
+    );
+    assert!(
+        config["providers"]["plant"]["shared_group"]
+            .as_str()
+            .is_some_and(|g| !g.is_empty()),
+        "without a shared_group every replica would get every reading"
+    );
+
+    // Probes: readiness on /ready (the store gate), liveness and startup on /live, at the
+    // port the API listens on.
+    let api_port = port_of(config["api"]["listen"].as_str().expect("api.listen"));
+    let ports: BTreeMap<&str, i64> = gw["ports"]
+        .as_vec()
+        .expect("container ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default(),
+                p["containerPort"].as_i64().expect("containerPort"),
+            )
+        })
+        .collect();
+    assert!(ports.values().any(|p| *p == api_port), "{ports:?}");
+    for (probe, path) in [
+        ("readinessProbe", "/ready"),
+        ("livenessProbe", "/live"),
+        ("startupProbe", "/live"),
+    ] {
+        let p = &gw[probe];
+        if p["httpGet"].is_badvalue() {
+            let cmd = str_list(&p["exec"]["command"]).join(" ");
+            assert!(
+                cmd.contains("healthcheck") && cmd.contains(&format!("--path {path}")),
+                "{probe} should check {path}, runs `{cmd}`"
+            );
+        } else {
+            assert_eq!(p["httpGet"]["path"].as_str(), Some(path), "{probe}");
+            let port = &p["httpGet"]["port"];
+            let port = port
+                .as_i64()
+                .or_else(|| port.as_str().and_then(|n| ports.get(n).copied()));
+            assert_eq!(port, Some(api_port), "{probe} probes another port");
+        }
+    }
+    let service_port = &api_services[0]["spec"]["ports"][0]["targetPort"];
+    let service_port = service_port
+        .as_i64()
+        .or_else(|| service_port.as_str().and_then(|n| ports.get(n).copied()));
+    assert_eq!(service_port, Some(api_port), "the API Service's targetPort");
+
+    // Termination: the drain fits in the grace period.
+    let grace = grace_secs_of(&config);
+    let termination = pod["terminationGracePeriodSeconds"]
+        .as_i64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        termination >= grace + 5,
+        "terminationGracePeriodSeconds {termination} leaves no room for the drain ({grace} s)"
+    );
+
+    // The config with the Secret's values, as the StatefulSet wires them, for replica 0.
+    check_config(
+        &config_file,
+        &[
+            ("IOTGW_STORE__POSTGRES__PASSWORD", &pg_password),
+            ("IOTGW_API__TOKEN", &token),
+            ("IOTGW_REPLICA__ID", "iotgw-0"),
+        ],
+    );
+
+    validate_manifests(&dir);
 }
