@@ -88,6 +88,11 @@ impl SessionClock {
         Tag { seq, session }
     }
 
+    /// The number of the session now open.
+    pub(crate) fn session(&self) -> u64 {
+        self.session.load(Ordering::Acquire)
+    }
+
     /// Whether `tag` belongs to the session now open.
     pub(crate) fn is_current(&self, tag: Tag) -> bool {
         self.session.load(Ordering::Acquire) == tag.session

@@ -187,8 +187,19 @@ fn verdict_handle(
     })
 }
 
+/// How often the acker retries PUBACKs the client's request channel had no room for.
+const ACK_RETRY: Duration = Duration::from_millis(2);
+
 /// Sends the PUBACK of acked publishes of the current session, in arrival order (see
 /// [`super::acks`]); notes nacks. On stop it drains the acks already given, then ends.
+///
+/// It never waits for room in the client's request channel: that channel is emptied only
+/// while the receive loop polls the event loop, and the receive loop may itself be
+/// waiting for a verdict slot, which only this task frees by receiving. Waiting here
+/// deadlocked the session after a burst of nacks (PostgreSQL restarting under load). So
+/// PUBACKs the channel cannot take now wait in `unsent` (in order, at most one per
+/// unacknowledged publish) and are retried every [`ACK_RETRY`] while verdicts keep
+/// being received.
 async fn acker(
     client: AsyncClient,
     mut rx: mpsc::Receiver<Verdict<Publish>>,
@@ -197,20 +208,24 @@ async fn acker(
     name: &'static str,
 ) {
     let mut order = AckOrder::default();
+    let mut unsent: std::collections::VecDeque<(u64, Publish)> = std::collections::VecDeque::new();
     loop {
+        flush(&client, &clock, &mut unsent, name);
         let verdict = tokio::select! {
             biased;
             verdict = rx.recv() => verdict,
+            () = tokio::time::sleep(ACK_RETRY), if !unsent.is_empty() => continue,
             _ = stop.cancelled() => {
                 while let Ok(verdict) = rx.try_recv() {
                     order.push(verdict);
                 }
                 while let Some(step) = order.pop(&clock, Instant::now()) {
-                    // The event loop is no longer polled: do not wait for queue room.
                     if let Step::Send(publish) = step {
-                        let _ = client.try_ack(&publish);
+                        unsent.push_back((clock.session(), publish));
                     }
                 }
+                // The event loop is no longer polled: what does not fit now is redelivered.
+                flush(&client, &clock, &mut unsent, name);
                 return;
             }
         };
@@ -218,11 +233,7 @@ async fn acker(
         order.push(verdict);
         while let Some(step) = order.pop(&clock, Instant::now()) {
             match step {
-                Step::Send(publish) => {
-                    if client.ack(&publish).await.is_err() {
-                        return;
-                    }
-                }
+                Step::Send(publish) => unsent.push_back((clock.session(), publish)),
                 Step::Stale(publish) => {
                     debug!(
                         pkid = publish.pkid,
@@ -234,6 +245,31 @@ async fn acker(
                 }
             }
         }
+    }
+}
+
+/// Hands the waiting PUBACKs to the client in order, as far as its request channel has
+/// room; drops those of a session that ended meanwhile (their packet ids name other
+/// messages now).
+fn flush(
+    client: &AsyncClient,
+    clock: &SessionClock,
+    unsent: &mut std::collections::VecDeque<(u64, Publish)>,
+    name: &'static str,
+) {
+    while let Some((session, publish)) = unsent.front() {
+        if *session != clock.session() {
+            debug!(
+                pkid = publish.pkid,
+                "{name}: ack of an earlier session dropped"
+            );
+            unsent.pop_front();
+            continue;
+        }
+        if client.try_ack(publish).is_err() {
+            return;
+        }
+        unsent.pop_front();
     }
 }
 
@@ -250,4 +286,49 @@ async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
         while eventloop.poll().await.is_ok() {}
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::v5::MqttOptions;
+
+    use super::*;
+    use crate::Ack;
+
+    /// The deadlock this guards against: the receive loop waits for a verdict slot, which
+    /// only the acker frees by receiving, while the acker waits for room in the client's
+    /// request channel, which only the receive loop empties. With the event loop never
+    /// polled and a request channel of one, the acker must still take every verdict.
+    #[tokio::test]
+    async fn the_acker_keeps_taking_verdicts_while_the_request_channel_is_full() {
+        let (client, _eventloop) =
+            AsyncClient::new(MqttOptions::new("acker-test", "127.0.0.1", 1), 1);
+        let clock = Arc::new(SessionClock::default());
+        clock.connected(false);
+        let (tx, rx) = mpsc::channel(1);
+        let stop = Shutdown::new();
+        let acker = tokio::spawn(acker(client, rx, clock.clone(), stop.clone(), "test"));
+        let sent = tokio::time::timeout(Duration::from_secs(5), async {
+            for n in 0..100u16 {
+                let mut publish = Publish::new("devices/d/telemetry", QoS::AtLeastOnce, "x", None);
+                publish.pkid = n + 1;
+                let verdict = Verdict {
+                    tag: clock.tag(),
+                    verdict: Ack::Ack,
+                    publish,
+                };
+                tx.send(verdict).await.expect("the acker is running");
+            }
+        })
+        .await;
+        assert!(
+            sent.is_ok(),
+            "the acker stopped taking verdicts while its PUBACKs could not be queued"
+        );
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), acker)
+            .await
+            .expect("the acker stops")
+            .expect("no panic");
+    }
 }
