@@ -23,6 +23,7 @@
 
 mod commands;
 mod receive;
+mod replicas;
 mod resources;
 
 use std::collections::HashMap;
