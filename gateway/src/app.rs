@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::starting::{StartingReason, StartingServer};
 use crate::api::{self, ApiState};
 use crate::core::{Core, RegisterRequest};
 use crate::health::Readiness;
@@ -95,10 +96,10 @@ pub struct RunningGateway {
     broker: Option<(crate::broker::EmbeddedBroker, Vec<String>)>,
 }
 
-/// Opens the configured store (`store.kind`).
-pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the configured store (`store.kind`); `reason` tells `/ready` what it waits for.
+pub async fn open_store(cfg: &Config, reason: &StartingReason) -> anyhow::Result<Arc<dyn Store>> {
     match (cfg.store.kind, &cfg.store.postgres) {
-        (StoreKind::Postgres, Some(pg)) => open_postgres(pg).await,
+        (StoreKind::Postgres, Some(pg)) => open_postgres(pg, reason).await,
         (StoreKind::Postgres, None) => anyhow::bail!(
             "store.kind is `postgres` but [store.postgres] is missing: set store.postgres.url \
              (or IOTGW_STORE__POSTGRES__URL)"
@@ -139,12 +140,16 @@ pub fn postgres_options(pg: &PostgresStoreConfig) -> PostgresOptions {
 const POSTGRES_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Connects to PostgreSQL (and migrates), retrying with backoff while it does not answer:
-/// the gateway is not ready meanwhile (nothing listens yet, so `/ready` fails), and each
-/// attempt logs the URL without its password. A refusal that waiting cannot fix (a wrong
-/// password, a URL that does not parse) ends the start at once with the reason.
-async fn open_postgres(pg: &PostgresStoreConfig) -> anyhow::Result<Arc<dyn Store>> {
+/// the gateway is not ready meanwhile (`/ready` answers 503 with the reason, `/live` 200),
+/// and each attempt logs the URL without its password. A refusal that waiting cannot fix
+/// (a wrong password, a URL that does not parse) ends the start at once with the reason.
+async fn open_postgres(
+    pg: &PostgresStoreConfig,
+    reason: &StartingReason,
+) -> anyhow::Result<Arc<dyn Store>> {
     let options = postgres_options(pg);
     let url = options.display_url();
+    reason.set(format!("store: connecting to PostgreSQL at {url}"));
     let mut pause = Duration::from_millis(500);
     let mut attempt = 1_u32;
     loop {
@@ -166,6 +171,10 @@ async fn open_postgres(pg: &PostgresStoreConfig) -> anyhow::Result<Arc<dyn Store
                     error = %e,
                     "the PostgreSQL store does not answer; not ready, trying again (check store.postgres.url and that the database runs)"
                 );
+                reason.set(format!(
+                    "store: PostgreSQL at {url} does not answer (attempt {attempt}, next in {} ms): {e}",
+                    pause.as_millis()
+                ));
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(POSTGRES_RETRY_MAX);
                 attempt += 1;
@@ -178,7 +187,25 @@ async fn open_postgres(pg: &PostgresStoreConfig) -> anyhow::Result<Arc<dyn Store
 pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<RunningGateway> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let store = open_store(&config).await?;
+    // The API's port answers from the start: /live 200, /ready 503 with what the gateway
+    // waits for (a database that is not up yet), until the real API takes the socket over.
+    let listener = match opts.api_listener {
+        Some(l) => l,
+        None => TcpListener::bind(&config.api.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "the API cannot listen on {} (api.listen): is the port in use?",
+                    config.api.listen
+                )
+            })?,
+    };
+    let starting_reason = StartingReason::default();
+    starting_reason.set("store: opening");
+    let starting = StartingServer::start(&listener, starting_reason.clone())
+        .context("serving /live and /ready while starting")?;
+    let store = open_store(&config, &starting_reason).await?;
+    starting_reason.set("starting the providers, the pipeline and the sinks");
 
     let mut broker = None;
     if config.embedded_broker.enabled {
@@ -275,17 +302,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     );
 
     // API.
-    let listener = match opts.api_listener {
-        Some(l) => l,
-        None => TcpListener::bind(&config.api.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "the API cannot listen on {} (api.listen): is the port in use?",
-                    config.api.listen
-                )
-            })?,
-    };
+    starting.stop().await;
     let api_addr = listener.local_addr()?;
     let readiness = Arc::new(Readiness::new(Duration::from_secs(
         config.health.provider_grace_secs,

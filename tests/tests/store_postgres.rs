@@ -358,8 +358,8 @@ async fn a_wrong_password_is_a_clear_error_that_never_shows_the_secret() -> anyh
     Ok(())
 }
 
-/// The gateway starts while its database is down: it keeps trying (not ready: its API
-/// does not listen yet) and becomes ready once PostgreSQL answers.
+/// The gateway starts while its database is down: it keeps trying (live, not ready, and
+/// `/ready` says why without the password) and becomes ready once PostgreSQL answers.
 async fn a_gateway_waits_for_postgres_and_becomes_ready_when_it_answers() -> anyhow::Result<()> {
     use iotgw::app::{self, StartOptions};
     use iotgw_config::{Config, DatabaseUrl, PostgresStoreConfig, PostgresTlsMode, StoreKind};
@@ -393,6 +393,25 @@ async fn a_gateway_waits_for_postgres_and_becomes_ready_when_it_answers() -> any
             .is_err(),
         "the gateway started (or gave up) while its database was down"
     );
+    // Meanwhile the port answers: live, not ready, and why (the URL without its password).
+    let live = reqwest::get(format!("http://{addr}/live")).await?;
+    anyhow::ensure!(
+        live.status() == 200,
+        "/live while waiting: {}",
+        live.status()
+    );
+    let waiting = reqwest::get(format!("http://{addr}/ready")).await?;
+    anyhow::ensure!(
+        waiting.status() == 503,
+        "/ready while waiting: {}",
+        waiting.status()
+    );
+    let why = waiting.text().await?;
+    anyhow::ensure!(
+        why.contains("PostgreSQL at postgres://") && why.contains("does not answer"),
+        "/ready says why: {why}"
+    );
+    anyhow::ensure!(!why.contains(PASSWORD), "/ready shows the password: {why}");
     pg.container().start_again().await?;
     pg.wait_ready().await?;
     let running = tokio::time::timeout(Duration::from_secs(90), start)

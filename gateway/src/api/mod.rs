@@ -6,6 +6,7 @@
 //! `{"error": {"code": "...", "message": "..."}}`.
 
 mod handlers;
+pub mod starting;
 
 pub use handlers::{MAX_BATCH_BODY_BYTES, MAX_BATCH_DEVICES};
 
