@@ -9,12 +9,12 @@ when the consumer under test has all N:
               warm-up message on bench/warmup, which proves the subscription is in place
               before the clock starts): the clock stops when it exits;
   iotgw       the sum of iotgw_events_acked_total on --metrics-url, polled every --poll-ms,
-              reaches N;
+              reaches N (--metrics-url may be given once per replica: the sum over all);
   peer        the naive peer writes --done (its time of the N-th commit) when N are committed;
   wait-acked  no publishing: waits until iotgw_events_acked_total reaches --target.
 
 The clock starts just before the publishers are started. With --watch-pid the stage fails
-as soon as that process (iotgw, the naive peer) has exited. Prints one JSON object. Exit 0 on
+as soon as that process (iotgw, the naive peer) has exited (repeatable: any of them). Prints one JSON object. Exit 0 on
 success, 124 on timeout (the JSON says "timeout": true), 1 on any other failure.
 """
 
@@ -87,16 +87,27 @@ class Publishers:
 
 
 def check_alive(a):
-    """--watch-pid: fail at once when the consumer under test has exited."""
-    if not a.watch_pid:
-        return
-    try:
-        with open(f"/proc/{a.watch_pid}/stat", encoding="ascii") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        state = "gone"
-    if state in ("Z", "X", "gone"):
-        raise RuntimeError(f"the process under test (pid {a.watch_pid}) has exited")
+    """--watch-pid: fail at once when a consumer under test has exited."""
+    for pid in a.watch_pid or []:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            state = "gone"
+        if state in ("Z", "X", "gone"):
+            raise RuntimeError(f"the process under test (pid {pid}) has exited")
+
+
+class Scrapers:
+    """The sum of iotgw_events_acked_total over every --metrics-url (one per replica)."""
+
+    def __init__(self, urls):
+        if not urls:
+            raise RuntimeError("--metrics-url is required in this mode")
+        self.scrapers = [Scraper(u) for u in urls]
+
+    def acked(self):
+        return sum(s.acked() for s in self.scrapers)
 
 
 def result(a, mode, t0, t_end, pubs, **extra):
@@ -163,7 +174,7 @@ def ceiling(a, log):
 
 
 def iotgw(a, log):
-    scraper = Scraper(a.metrics_url)
+    scraper = Scrapers(a.metrics_url)
     before = scraper.acked()
     if before:
         raise RuntimeError(f"iotgw has already acked {before:.0f} events before publishing")
@@ -215,7 +226,7 @@ def peer(a, log):
 
 
 def wait_acked(a, _log):
-    scraper = Scraper(a.metrics_url)
+    scraper = Scrapers(a.metrics_url)
     t0 = now()
     deadline = time.monotonic() + a.timeout
     acked = 0.0
@@ -240,11 +251,13 @@ def main():
     ap.add_argument("--n", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--poll-ms", type=float, default=20)
-    ap.add_argument("--metrics-url")
+    ap.add_argument("--metrics-url", action="append",
+                    help="iotgw's /metrics; repeat it per replica to sum over them")
     ap.add_argument("--sub-output", help="ceiling: where mosquitto_sub writes the messages")
     ap.add_argument("--done", help="peer: the file the naive peer writes at N committed")
     ap.add_argument("--target", type=int, help="wait-acked: the acked count to wait for")
-    ap.add_argument("--watch-pid", type=int, help="fail when this process (the consumer) exits")
+    ap.add_argument("--watch-pid", type=int, action="append",
+                    help="fail when this process (the consumer) exits; repeatable")
     ap.add_argument("--log", default=os.devnull, help="stderr of the MQTT clients")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, on_term)
