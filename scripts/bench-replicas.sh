@@ -205,6 +205,24 @@ report() {
 
 load_now() { cut -d' ' -f1-3 /proc/loadavg; }
 
+# cpu_snapshot FILE: CPU time used so far by the gateways of the stage (utime + stime, clock
+# ticks), the PostgreSQL and Mosquitto containers (ns), and the whole machine (busy and
+# total ticks from /proc/stat), as JSON; the table turns two of them into CPU seconds.
+cpu_snapshot() {
+    local gw=0 p f pg=null mq=null
+    for p in "${gw_pids[@]+"${gw_pids[@]}"}"; do
+        f="$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null)" || continue
+        read -r -a f <<<"$f"
+        gw=$((gw + f[11] + f[12]))
+    done
+    [ ! -r "$cg_pg" ] || pg="$(cat "$cg_pg")"
+    [ ! -r "$cg_mq" ] || mq="$(cat "$cg_mq")"
+    awk -v gw="$gw" -v pg="$pg" -v mq="$mq" -v hz="$(getconf CLK_TCK)" '/^cpu / {
+        busy = $2 + $3 + $4 + $7 + $8 + $9; total = busy + $5 + $6
+        printf "{\"gw_ticks\": %d, \"pg_ns\": %s, \"mq_ns\": %s, \"busy_ticks\": %d, \"total_ticks\": %d, \"hz\": %d}\n", gw, pg, mq, busy, total, hz
+    }' /proc/stat >"$1"
+}
+
 # ---------------------------------------------------------------- set-up
 if ! command -v mosquitto_pub >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1; then
     say "installing mosquitto-clients (scripts/install-test-deps.sh)"
@@ -284,6 +302,9 @@ docker run -d --name "$pg_name" --label "$label" -p 127.0.0.1::5432 \
     postgres:15 postgres -c max_connections=200 >/dev/null || die "could not start postgres:15"
 containers+=("$pg_name")
 pg_port="$(container_port "$pg_name" 5432)"
+# CPU time of each container (cgroup v1 cpuacct; "-" in the table where it is not there).
+cg_pg="/sys/fs/cgroup/cpuacct/docker/$(docker inspect -f '{{.Id}}' "$pg_name")/cpuacct.usage"
+cg_mq="/sys/fs/cgroup/cpuacct/docker/$(docker inspect -f '{{.Id}}' "$mq_name")/cpuacct.usage"
 [ -n "$pg_port" ] || die "no loopback port published for PostgreSQL"
 
 # psql inside the container, over TCP (the image's init phase runs a socket-only server
@@ -438,9 +459,11 @@ run_gateway_stage() {
         args+=(--metrics-url "http://${gw_apis[$k]}/metrics" --watch-pid "${gw_pids[$k]}")
     done
     echo "$(load_now)" >"$results/$stage.load"
+    cpu_snapshot "$results/$stage.cpu0.json"
     "${bounded[@]}" "$py" "$bench/drive.py" iotgw --port "$mq_port" --files "${files[@]}" --n "$N" \
         "${args[@]}" --log "$dir/clients.log" --timeout "$STAGE_TIMEOUT" >"$results/$stage.json" &
     bg_wait $! || rc=$?
+    cpu_snapshot "$results/$stage.cpu1.json"
     set_status "$stage" "$rc" "$(jget "$results/$stage.json" error)"
     # Redeliveries would show as acked beyond N: let them arrive before the scrape.
     sleep 2
@@ -451,10 +474,12 @@ run_gateway_stage() {
 stage_ref() {
     local rc=0
     echo "$(load_now)" >"$results/ref.load"
+    cpu_snapshot "$results/ref.cpu0.json"
     "${bounded[@]}" "$py" "$bench/drive.py" ceiling --port "$mq_port" --files "${files[@]}" --n "$N" \
         --sub-output "$work/ref-sub.out" --log "$work/ref-clients.log" --timeout "$STAGE_TIMEOUT" \
         >"$results/ref.json" &
     bg_wait $! || rc=$?
+    cpu_snapshot "$results/ref.cpu1.json"
     set_status ref "$rc" "$(jget "$results/ref.json" error)"
     report ref
 }

@@ -7,8 +7,9 @@ Reads meta.env (key=value lines written by the script), <stage>.status (ok, time
 failed: ...), <stage>.json (scripts/bench/drive.py), <stage>.load (the load average when the
 stage started), <stage>.db.json (alerts, distinct tokens and message ids, primaries, dead
 letters), <stage>.metrics-<replica>.json (scripts/bench/analyze.py metrics, one per gateway)
-and <stage>.logerrors (ERROR/WARN lines in the gateways' logs) for the stages ref, sqlite
-and pg-R. A missing file shows as "-".
+<stage>.logerrors (ERROR/WARN lines in the gateways' logs) and <stage>.cpu0.json /
+<stage>.cpu1.json (CPU counters before and after the stage's drive.py run) for the stages
+ref, sqlite and pg-R. A missing file shows as "-".
 """
 
 import glob
@@ -62,6 +63,24 @@ def rate(d, stage):
     return st, None
 
 
+def cpu(d, stage):
+    """'iotgw / PostgreSQL / Mosquitto CPU seconds, machine busy %' over the stage."""
+    a, b = load(d, f"{stage}.cpu0.json"), load(d, f"{stage}.cpu1.json")
+    if not a or not b:
+        return "-"
+
+    def secs(key, scale):
+        if a.get(key) is None or b.get(key) is None:
+            return "-"
+        return f"{(b[key] - a[key]) / scale:.1f}"
+
+    hz = a.get("hz") or 100
+    gw = secs("gw_ticks", hz) if stage != "ref" else "-"
+    total = b["total_ticks"] - a["total_ticks"]
+    busy = f"{100 * (b['busy_ticks'] - a['busy_ticks']) / total:.0f} %" if total else "-"
+    return f"{gw} / {secs('pg_ns', 1e9)} / {secs('mq_ns', 1e9)}, {busy}"
+
+
 def per_replica(d, stage):
     """[(replica id, analyze.py metrics)] in replica order."""
     out = []
@@ -90,7 +109,8 @@ def main():
         f"(one alert each)")
     say("")
     head = ["stage", "msg/s", "÷ broker", "÷ SQLite", "acked (per replica)", "alerts ok",
-            "load at start", "log ERROR/WARN"]
+            "CPU s: iotgw / PostgreSQL / broker, machine busy", "load at start",
+            "log ERROR/WARN"]
     rows = []
     notes = []
     for stage in stages:
@@ -136,7 +156,7 @@ def main():
                          f"clock stopped at {r['elapsed_s']:.2f} s")
         name = {"ref": "broker alone (mosquitto_sub)", "sqlite": "iotgw × 1, SQLite"}.get(
             stage, f"iotgw × {stage[3:]}, PostgreSQL")
-        rows.append([name, cell, ratio_ref, ratio_sqlite, acked, alerts,
+        rows.append([name, cell, ratio_ref, ratio_sqlite, acked, alerts, cpu(d, stage),
                      text(d, f"{stage}.load"), errors])
 
     say("| " + " | ".join(head) + " |")
@@ -150,6 +170,8 @@ def main():
     say(f"iotgw {m.get('commit', '?')}, target/release/iotgw built {m.get('binary_built', '?')}{stale}; "
         f"pool_size {m.get('pool_size', '?')} per replica")
     say(f"{m.get('mosquitto', '?')}; PostgreSQL {m.get('postgres', '?')}")
+    say("CPU: seconds used while the stage's publishers ran (iotgw: all replicas; PostgreSQL and "
+        "the broker: their containers' cgroups); machine busy: all cores, every process")
     for note in notes:
         say(f"  {note}")
     print("\n".join(lines))
