@@ -569,6 +569,25 @@ fn sidecar_pair_registers_over_localhost_delivers_alerts_and_drains_on_docker_st
 
 // --- offline checks of the compose example and the Kubernetes manifests ----------------
 
+/// `docker-compose config` accepts the file (where docker-compose is installed; elsewhere
+/// the file was checked by parsing only).
+fn assert_compose_accepts(file: &Path) {
+    match Command::new("docker-compose")
+        .args(["-f"])
+        .arg(file)
+        .args(["config", "--quiet"])
+        .output()
+    {
+        Ok(o) => assert!(
+            o.status.success(),
+            "docker-compose config rejects {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!("note: docker-compose not installed ({e}); checked by parsing only"),
+    }
+}
+
 fn yaml_file(path: &Path) -> Vec<Yaml> {
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
@@ -682,20 +701,7 @@ fn compose_example_runs_the_app_in_the_gateways_network_namespace_and_outwaits_t
         "stop_grace_period {stop}s must exceed shutdown.grace_secs {grace}"
     );
 
-    match Command::new("docker-compose")
-        .args(["-f"])
-        .arg(&file)
-        .args(["config", "--quiet"])
-        .output()
-    {
-        Ok(o) => assert!(
-            o.status.success(),
-            "docker-compose config rejects {}: {}",
-            file.display(),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => eprintln!("note: docker-compose not installed ({e}); checked by parsing only"),
-    }
+    assert_compose_accepts(&file);
 }
 
 #[test]
@@ -1204,20 +1210,7 @@ fn scale_out_compose_runs_three_replicas_on_postgres_with_distinct_replica_ids_a
         "without a shared_group every replica would get every reading"
     );
 
-    match Command::new("docker-compose")
-        .args(["-f"])
-        .arg(&file)
-        .args(["config", "--quiet"])
-        .output()
-    {
-        Ok(o) => assert!(
-            o.status.success(),
-            "docker-compose config rejects {}: {}",
-            file.display(),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => eprintln!("note: docker-compose not installed ({e}); checked by parsing only"),
-    }
+    assert_compose_accepts(&file);
 }
 
 #[test]
