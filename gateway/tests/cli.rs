@@ -183,7 +183,8 @@ impl RunningGateway {
                 &[
                     "healthcheck",
                     "--url",
-                    &format!("{url}/live"),
+                    // /live answers from the first moment; /ready once the gateway serves.
+                    &format!("{url}/ready"),
                     "--timeout-ms",
                     "500",
                 ],
@@ -194,7 +195,7 @@ impl RunningGateway {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the gateway did not answer /live within 30 s:\n{}",
+                "the gateway was not ready within 30 s:\n{}",
                 gw.log_text()
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
