@@ -35,8 +35,10 @@ pub struct Config {
     pub simulate: SimulateConfig,
     /// Shutdown behaviour.
     pub shutdown: ShutdownConfig,
-    /// Readiness (`/ready`) policy.
+    /// Readiness (`/ready`) policy and failover.
     pub health: HealthConfig,
+    /// Command delivery: deadline and retries.
+    pub commands: CommandsConfig,
     /// This gateway's identity among replicas sharing one store.
     pub replica: ReplicaConfig,
 }
@@ -201,6 +203,10 @@ pub struct RouteRule {
     pub tag: Option<String>,
     /// Matches the device id: a glob with `*` and `?`.
     pub id_pattern: Option<String>,
+    /// Instances to use instead, in order, while `provider` has been unhealthy longer than
+    /// `health.failover_after_secs`: a new device goes to the first healthy one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
 }
 
 /// A provider instance: `kind` picks the cloud, the other keys are its settings.
@@ -382,6 +388,38 @@ pub struct HealthConfig {
     /// `/ready` turns false, so a short broker restart does not take the pod out of
     /// service. 0 turns `/ready` false as soon as a connection drops.
     pub provider_grace_secs: u64,
+    /// Provider instances whose outage does not make `/ready` false (`optional`); every
+    /// other instance is `required`. `/ready` names each instance that is down either
+    /// way. Use it for an instance the gateway can serve without, such as a fallback.
+    pub optional: Vec<String>,
+    /// Seconds an instance must have been unhealthy (not connected) before routing rules
+    /// send new registrations to their `fallback` instances (1..=86400).
+    pub failover_after_secs: u64,
+}
+
+/// Command delivery (`[commands]`). A command is In Progress until the device confirms it;
+/// until its provider instance took it, the gateway keeps trying to send it (also after a
+/// restart, with the same correlation id) for `ttl_secs`, like IoT Hub's cloud-to-device
+/// TTL, then it ends in Error with the reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Seconds from a command's creation by which it must have been sent (1..=172800, two
+    /// days, IoT Hub's longest TTL). A command whose instance stays unreachable that long
+    /// ends in Error "instance X unreachable for N s".
+    pub ttl_secs: u64,
+    /// Seconds between two attempts to send a command whose instance is unreachable or
+    /// failed transiently (1..=3600).
+    pub retry_secs: u64,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 3600,
+            retry_secs: 5,
+        }
+    }
 }
 
 /// This gateway's identity among replicas sharing one store (`[replica]`).
@@ -448,6 +486,8 @@ impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             provider_grace_secs: 30,
+            optional: Vec::new(),
+            failover_after_secs: 60,
         }
     }
 }

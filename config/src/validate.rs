@@ -76,6 +76,41 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
         ));
     }
 
+    // commands and health
+    if !(1..=172_800).contains(&c.commands.ttl_secs) {
+        out.push(p(
+            "commands.ttl_secs",
+            format!("{} is outside 1..=172800", c.commands.ttl_secs),
+            "use seconds up to two days (IoT Hub's longest TTL); 3600 (default) is one hour",
+        ));
+    }
+    if !(1..=3600).contains(&c.commands.retry_secs) {
+        out.push(p(
+            "commands.retry_secs",
+            format!("{} is outside 1..=3600", c.commands.retry_secs),
+            "use a few seconds, e.g. 5 (default)",
+        ));
+    }
+    if !(1..=86_400).contains(&c.health.failover_after_secs) {
+        out.push(p(
+            "health.failover_after_secs",
+            format!("{} is outside 1..=86400", c.health.failover_after_secs),
+            "use seconds, e.g. 60 (default): long enough to ride out a broker restart",
+        ));
+    }
+    for (i, name) in c.health.optional.iter().enumerate() {
+        if !c.providers.contains_key(name) {
+            out.push(p(
+                format!("health.optional[{i}]"),
+                format!("`{name}` is not a configured provider instance"),
+                format!(
+                    "name one of: {}",
+                    c.providers.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+
     // pipeline
     if c.pipeline.debounce_window_secs == 0 || c.pipeline.debounce_window_secs > 86_400 {
         out.push(p(
@@ -168,6 +203,22 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
                 format!("provider `{}` is not configured", r.provider),
                 format!("name one of: {names}"),
             ));
+        }
+        for (j, f) in r.fallback.iter().enumerate() {
+            let path = format!("{base}.fallback[{j}]");
+            if !known(f) {
+                out.push(p(
+                    path,
+                    format!("provider `{f}` is not configured"),
+                    format!("name one of: {names}"),
+                ));
+            } else if *f == r.provider || r.fallback[..j].contains(f) {
+                out.push(p(
+                    path,
+                    format!("`{f}` is already named by this rule"),
+                    "list each fallback instance once, and not the rule's own provider",
+                ));
+            }
         }
         if r.category.is_none() && r.tag.is_none() && r.id_pattern.is_none() {
             out.push(p(
@@ -348,6 +399,56 @@ fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fallbacks_optional_instances_and_command_timings_are_checked_with_their_keys() {
+        let mut c = Config::embedded_default();
+        c.providers.insert("b".into(), c.providers["local"].clone());
+        c.routing.rules.push(RouteRule {
+            provider: "local".into(),
+            category: Some("pumps".into()),
+            fallback: vec!["b".into(), "nowhere".into(), "local".into(), "b".into()],
+            ..RouteRule::default()
+        });
+        c.health.optional = vec!["b".into(), "typo".into()];
+        c.health.failover_after_secs = 0;
+        c.commands.ttl_secs = 0;
+        c.commands.retry_secs = 7200;
+        let mut paths: Vec<_> = validate(&c, &["mqtt"])
+            .into_iter()
+            .map(|x| x.path)
+            .collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            vec![
+                "commands.retry_secs",
+                "commands.ttl_secs",
+                "health.failover_after_secs",
+                "health.optional[1]",
+                "routing.rules[0].fallback[1]",
+                "routing.rules[0].fallback[2]",
+                "routing.rules[0].fallback[3]",
+            ]
+        );
+        c.routing.rules[0].fallback = vec!["b".into()];
+        c.health.optional = vec!["b".into()];
+        c.health.failover_after_secs = 30;
+        c.commands.ttl_secs = 60;
+        c.commands.retry_secs = 1;
+        assert!(validate(&c, &["mqtt"]).is_empty());
+    }
+
+    #[test]
+    fn the_hybrid_example_loads_with_a_fallback_and_an_optional_instance() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/hybrid.toml");
+        let c = crate::load::load_file(&path, &["mqtt", "gcp_pubsub"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.routing.rules[0].fallback, vec!["plant".to_owned()]);
+        assert_eq!(c.health.optional, vec!["plant".to_owned()]);
+        assert_eq!(c.providers.len(), 2);
+    }
 
     #[test]
     fn non_loopback_api_without_token_is_refused() {

@@ -92,6 +92,8 @@ pub struct RunningGateway {
     outbox: sinks::OutboxWorkers,
     api_task: JoinHandle<()>,
     fleet: Option<(CancellationToken, JoinHandle<()>)>,
+    /// The command sweeper (resends and expires waiting commands).
+    commands: (CancellationToken, JoinHandle<()>),
     /// The embedded broker and the provider instances on it (the ones to drain).
     broker: Option<(crate::broker::EmbeddedBroker, Vec<String>)>,
 }
@@ -261,6 +263,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         metrics: metrics.clone(),
         outbox_wake: Arc::new(Notify::new()),
         sinks: config.sinks.keys().cloned().collect(),
+        replica: replica.clone(),
         providers: providers.clone(),
         config: config.clone(),
     });
@@ -286,6 +289,12 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     );
 
     // Outbox -> sinks.
+    let commands_stop = CancellationToken::new();
+    let commands = (
+        commands_stop.clone(),
+        crate::commands::spawn_sweeper(core.clone(), commands_stop),
+    );
+
     let outbox_stop = CancellationToken::new();
     let (drain_until, drain_rx) = watch::channel(None);
     let outbox = sinks::spawn_workers(
@@ -336,6 +345,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         outbox,
         api_task,
         fleet,
+        commands,
         broker: broker.map(|b| (b, on_embedded)),
     })
 }
@@ -423,6 +433,10 @@ impl RunningGateway {
             stop.cancel();
             let _ = task.await;
         }
+        // Waiting commands stay in the store; the next start sends them.
+        let (stop, sweeper) = self.commands;
+        stop.cancel();
+        let _ = tokio::time::timeout_at(deadline, sweeper).await;
         // Nothing new may be confirmed to a device from here on; then every provider on the
         // embedded broker hands the pipeline what the broker already confirmed. (An external
         // broker or a cloud keeps what was not acked: nothing to drain there.)

@@ -95,6 +95,66 @@ pub enum DevicesCommand {
     /// Register every device listed in a CSV or JSON Lines file through a running gateway.
     #[command(long_about = IMPORT_ABOUT, after_long_help = IMPORT_AFTER)]
     Import(ImportArgs),
+    /// Move a device, or every device a filter selects, to another provider instance.
+    #[command(long_about = MOVE_ABOUT, after_long_help = MOVE_AFTER)]
+    Move(MoveArgs),
+}
+
+const MOVE_ABOUT: &str = "\
+Move a device, or every device that --from, --category and --tag select, to provider
+instance --to, through a running gateway's API (POST /api/v1/devices/{id}/move). For each
+device the target registers it first (if that fails, the device stays where it was), then
+one store transaction cuts over (history: Deactivate on the old instance, Register on the
+new one; its commands still In Progress end in Error and are not re-sent, since the old
+instance may have delivered them), then the old instance unregisters it (if that fails, the
+gateway keeps trying and the summary says so). From the cut-over on, readings that still
+arrive through the old instance are dead letters with reason wrong_instance.
+
+A bulk move shows a progress bar on stderr (on a terminal) and prints a summary: moved,
+already on the target, failed by reason with examples.";
+
+const MOVE_AFTER: &str = "\
+Examples:
+  iotgw devices move pump-001 --to aws-eu
+  iotgw devices move --category chiller --from mqtt-plant --to aws-eu
+  iotgw devices move --tag site=north --to gcp --url http://10.0.0.5:8080 --token \"$TOKEN\"
+
+Exit status: 0 when every selected device is on the target, 1 when some are not (or the
+gateway could not be reached), 64 for bad arguments.";
+
+/// `devices move` options.
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    /// The device to move; leave it out to move every device the filters select.
+    pub device_id: Option<String>,
+    /// The provider instance to move to.
+    #[arg(long)]
+    pub to: String,
+    /// Select the devices now on this instance.
+    #[arg(long, conflicts_with = "device_id")]
+    pub from: Option<String>,
+    /// Select the devices of this category.
+    #[arg(long, conflicts_with = "device_id")]
+    pub category: Option<String>,
+    /// Select the devices with this tag: `key` or `key=value`.
+    #[arg(long, conflicts_with = "device_id")]
+    pub tag: Option<String>,
+    /// The gateway's API base URL, e.g. http://127.0.0.1:8080; overrides --config.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// TOML config file whose api.listen (and api.token) reach the gateway; omit for the
+    /// embedded default.
+    #[arg(short, long, env = "IOTGW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Bearer token of the API; defaults to api.token of the config.
+    #[arg(long, env = "IOTGW_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Moves in flight at once (1 to 64).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub parallel: u8,
+    /// Give up on a request after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
 }
 
 const IMPORT_ABOUT: &str = "\
@@ -345,6 +405,7 @@ async fn dispatch(cmd: Command) -> ExitCode {
         Command::Simulate(a) => simulate(a).await,
         Command::Healthcheck(a) => healthcheck(a).await,
         Command::Devices(DevicesCommand::Import(a)) => import(a).await,
+        Command::Devices(DevicesCommand::Move(a)) => move_devices(a).await,
     }
 }
 
@@ -425,26 +486,67 @@ async fn healthcheck(a: HealthcheckArgs) -> ExitCode {
     }
 }
 
-async fn import(a: ImportArgs) -> ExitCode {
-    let checked = crate::import::check(&a.file);
-    if !checked.problems.is_empty() {
-        crate::import::report_problems(&a.file, &checked.problems, &mut std::io::stderr());
-        return ExitCode::from(EXIT_BAD_CONFIG);
-    }
-    let (url, config_token) = match a.url {
+/// The gateway's API base URL and token: --url, else api.listen (and api.token) of the
+/// config.
+fn api_target(
+    url: Option<String>,
+    config: Option<PathBuf>,
+    what: &str,
+) -> (String, Option<String>) {
+    match url {
         Some(u) => (u, None),
-        None => match load(a.config, true) {
+        None => match load(config, true) {
             Ok(c) => (
                 probe_url(&c.api.listen, ""),
                 c.api.token.map(|t| t.expose().to_owned()),
             ),
             Err(e) => {
                 let fallback = iotgw_config::ApiConfig::default().listen;
-                eprintln!("iotgw devices import: the config does not load ({} problem(s)); trying the default {fallback}", e.problems.len());
+                eprintln!("iotgw {what}: the config does not load ({} problem(s)); trying the default {fallback}", e.problems.len());
                 (probe_url(&fallback, ""), None)
             }
         },
+    }
+}
+
+async fn move_devices(a: MoveArgs) -> ExitCode {
+    let selection = match a.device_id {
+        Some(id) => crate::move_cli::Selection::One(id),
+        None if a.from.is_none() && a.category.is_none() && a.tag.is_none() => {
+            eprintln!("iotgw devices move: name a device, or select devices with --from, --category or --tag");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        None => crate::move_cli::Selection::Filter {
+            from: a.from,
+            category: a.category,
+            tag: a.tag,
+        },
     };
+    let (url, config_token) = api_target(a.url, a.config, "devices move");
+    let opts = crate::move_cli::Options {
+        url,
+        token: a.token.or(config_token),
+        to: a.to,
+        parallel: usize::from(a.parallel),
+        timeout: Duration::from_secs(a.timeout_secs.max(1)),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = crate::move_cli::run(&opts, &selection).await;
+    print!("{}", summary.render(&opts.to));
+    if summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn import(a: ImportArgs) -> ExitCode {
+    let checked = crate::import::check(&a.file);
+    if !checked.problems.is_empty() {
+        crate::import::report_problems(&a.file, &checked.problems, &mut std::io::stderr());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let (url, config_token) = api_target(a.url, a.config, "devices import");
     let opts = crate::import::Options {
         file: a.file.clone(),
         url,

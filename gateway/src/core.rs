@@ -7,13 +7,10 @@ use std::sync::Arc;
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
 use iotgw_config::Config;
-use iotgw_providers::{
-    CommandOutcome, CommandRequest, DeviceSpec, DeviceState, Provider, ProviderError,
-    CFS_MAX_COMMAND_BYTES,
-};
+use iotgw_providers::{DeviceSpec, DeviceState, Provider, ProviderError, CFS_MAX_COMMAND_BYTES};
 use iotgw_registry::{
-    AlertStatus, Command, CommandStatus, Device, DeviceId, IsSimulated, NewCommand, NewDevice,
-    RegistrationStatus, Store, StoreError,
+    Command, Device, DeviceId, IsSimulated, NewCommand, NewDevice, RegistrationStatus, Store,
+    StoreError,
 };
 use tokio::sync::Notify;
 
@@ -123,6 +120,8 @@ pub struct Core {
     pub outbox_wake: Arc<Notify>,
     /// Sink names (one outbox item per sink per alert).
     pub sinks: Vec<String>,
+    /// This replica's id (holder of its command claims).
+    pub replica: String,
 }
 
 impl std::fmt::Debug for Core {
@@ -175,6 +174,17 @@ impl Core {
                         .join(", ")
                 ),
             })
+    }
+
+    /// Whether an instance has been unhealthy for `health.failover_after_secs` or longer
+    /// (an instance that is not configured counts as down).
+    pub fn instance_down(&self, name: &str) -> bool {
+        let Some(p) = self.providers.get(name) else {
+            return true;
+        };
+        crate::health::unhealthy_for(&p.health(), Utc::now()).is_some_and(|d| {
+            d >= std::time::Duration::from_secs(self.config.health.failover_after_secs)
+        })
     }
 
     /// Registers a device: route, mark In Progress, call the provider, then Registered (with
@@ -316,14 +326,22 @@ impl Core {
         let device_id = parse_id(&req.msdyn_deviceid)?;
         let instance = match req.msdyn_iotproviderinstance {
             Some(i) => i,
-            None => self
-                .router
-                .route(RouteInput { device_id: &device_id, category: req.msdyn_category.as_deref(), tags: &req.msdyn_tags })
-                .map(str::to_string)
-                .ok_or_else(|| GatewayError::Invalid {
+            None => {
+                let input = RouteInput {
+                    device_id: &device_id,
+                    category: req.msdyn_category.as_deref(),
+                    tags: &req.msdyn_tags,
+                };
+                let route = self.router.route(input, |i| self.instance_down(i)).ok_or_else(|| GatewayError::Invalid {
                     field: "msdyn_iotproviderinstance".into(),
                     message: "no routing rule matches this device and routing.default is not set: name an instance or add a rule".into(),
-                })?,
+                })?;
+                if let Some(down) = route.instead_of {
+                    tracing::warn!(device = %device_id, down, fallback = route.instance, "failover: the rule's instance is down; the device goes to its fallback");
+                    self.metrics.failover(down, route.instance);
+                }
+                route.instance.to_string()
+            }
         };
         let provider = self.provider(&instance)?.clone();
         if let Some(s) = &req.msdyn_devicesettings {
@@ -421,7 +439,7 @@ impl Core {
         let core = self.clone();
         let sending = cmd.clone();
         tokio::spawn(async move {
-            core.dispatch(sending).await;
+            crate::commands::claim_and_deliver(&core, &sending).await;
         });
         Ok(cmd)
     }
@@ -478,71 +496,6 @@ impl Core {
             .await?;
         Ok(cmd)
     }
-
-    /// Sends a stored command through its device's provider and records the outcome on the
-    /// command and on its parent alert (Command Sent / Command Failed).
-    pub async fn dispatch(&self, cmd: Command) -> Command {
-        let outcome = match self.providers.get(&cmd.provider_instance) {
-            None => Err(format!(
-                "provider instance `{}` is not configured",
-                cmd.provider_instance
-            )),
-            Some(p) => {
-                let req = CommandRequest {
-                    id: cmd.id,
-                    device_id: cmd.device_id.clone(),
-                    name: cmd.name.clone(),
-                    message: cmd.message.clone(),
-                    correlation_id: cmd.correlation_id.clone(),
-                };
-                p.send_command(&req).await.map_err(|e| e.to_string())
-            }
-        };
-        let (status, reason, alert_status) = match &outcome {
-            Ok(CommandOutcome::Published) => (None, None, AlertStatus::CommandSent),
-            Ok(CommandOutcome::Delivered { .. }) => {
-                (Some(CommandStatus::Sent), None, AlertStatus::CommandSent)
-            }
-            Ok(CommandOutcome::Refused { reason }) => (
-                Some(CommandStatus::Error),
-                Some(reason.clone()),
-                AlertStatus::CommandFailed,
-            ),
-            Err(e) => (
-                Some(CommandStatus::Error),
-                Some(e.clone()),
-                AlertStatus::CommandFailed,
-            ),
-        };
-        self.metrics.command(
-            &cmd.provider_instance,
-            match &outcome {
-                Ok(CommandOutcome::Published) => "published",
-                Ok(CommandOutcome::Delivered { .. }) => "delivered",
-                Ok(CommandOutcome::Refused { .. }) => "refused",
-                Err(_) => "failed",
-            },
-        );
-        let mut cmd = cmd;
-        if let Some(status) = status {
-            match self.store.set_command_status(cmd.id, status, reason).await {
-                Ok(c) => cmd = c,
-                Err(e) => {
-                    tracing::error!(command = %cmd.id, error = %e, "recording the command status failed")
-                }
-            }
-        }
-        if let Some(alert) = cmd.parent_alert {
-            if let Err(e) = self
-                .store
-                .set_alert_status(alert, alert_status, Some((cmd.id, Utc::now())))
-                .await
-            {
-                tracing::error!(%alert, error = %e, "recording the alert's command status failed");
-            }
-        }
-        cmd
-    }
 }
 
 #[cfg(test)]
@@ -550,7 +503,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use iotgw_providers::{
-        EventSender, ProviderHealth, ProviderKind, ProviderLimits, Registration, Shutdown,
+        CommandOutcome, CommandRequest, EventSender, ProviderHealth, ProviderKind, ProviderLimits,
+        Registration, Shutdown,
     };
     use iotgw_registry::{RegistrationAction, SqliteStore};
 
@@ -646,6 +600,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             outbox_wake: Arc::new(Notify::new()),
             sinks: Vec::new(),
+            replica: "test".into(),
             providers,
             config: Arc::new(config),
             store: Arc::new(store),

@@ -1,6 +1,7 @@
-//! Liveness and readiness. Ready means the store answers and every configured provider is
-//! connected (or lost its connection less than the grace period ago) — not merely that the
-//! process started.
+//! Liveness and readiness. Ready means the store answers and every required provider
+//! instance is connected (or lost its connection less than the grace period ago) — not
+//! merely that the process started. An instance listed in `health.optional` may be down
+//! without making the gateway unready; `/ready` still names it.
 
 use std::time::Duration;
 
@@ -27,6 +28,18 @@ pub struct ReadyReport {
     pub providers: std::collections::BTreeMap<String, bool>,
     /// Why not ready.
     pub reasons: Vec<String>,
+    /// Optional instances that are down (they do not make the gateway unready).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
+}
+
+/// How long an instance has been unhealthy (not connected), `None` while it is healthy. An
+/// instance without a receive connection (control plane only) is never unhealthy.
+pub fn unhealthy_for(
+    h: &iotgw_providers::ProviderHealth,
+    now: chrono::DateTime<Utc>,
+) -> Option<Duration> {
+    (h.receiving && !h.connected).then(|| (now - h.since).to_std().unwrap_or_default())
 }
 
 /// Whether one provider counts as ready: connected now, or connected before and down for
@@ -61,6 +74,7 @@ impl Readiness {
             }
         };
         let mut providers = std::collections::BTreeMap::new();
+        let mut degraded = Vec::new();
         for (name, p) in &core.providers {
             let h = p.health();
             core.metrics.set_provider_connected(name, h.connected);
@@ -78,10 +92,18 @@ impl Readiness {
                 || provider_ready(h.connected, seen.contains(name), down_for, self.grace);
             drop(seen);
             if !ok {
-                reasons.push(format!(
-                    "provider {name}: not connected{}",
+                let optional = core.config.health.optional.contains(name);
+                let why = format!(
+                    "provider {name}{}: not connected since {}{}",
+                    if optional { " (optional)" } else { "" },
+                    h.since.format("%Y-%m-%dT%H:%M:%SZ"),
                     h.last_error.map(|e| format!(" ({e})")).unwrap_or_default()
-                ));
+                );
+                if optional {
+                    degraded.push(why);
+                } else {
+                    reasons.push(why);
+                }
             }
             providers.insert(name.clone(), ok);
         }
@@ -90,6 +112,7 @@ impl Readiness {
             store,
             providers,
             reasons,
+            degraded,
         }
     }
 }

@@ -3,9 +3,13 @@
 //! # Layout
 //! - [`cli`]: the command line (thin; `main.rs` only calls it); [`import`]: `iotgw devices
 //!   import`, a file of devices registered through a running gateway's batch route.
+//!   [`move_cli`]: `iotgw devices move`, through a running gateway's move route.
 //! - [`app`]: composition and graceful shutdown; [`errors`]: an error's cause chain in words.
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
-//! - [`router`]: which provider instance hosts a new device.
+//! - [`commands`]: command delivery (claim, send, wait for the instance, expire, resend
+//!   after a crash).
+//! - [`router`]: which provider instance hosts a new device; [`moves`]: moving a device
+//!   to another instance.
 //! - [`rules`]: alert rules over JSON telemetry.
 //! - [`pipeline`]: provider events -> committed effects -> ack.
 //! - [`sinks`]: outbox workers and the stdout, file and webhook sinks.
@@ -23,12 +27,15 @@ pub mod app;
 pub mod broker;
 pub mod checkpoints;
 pub mod cli;
+pub mod commands;
 pub mod core;
 pub mod errors;
 pub mod health;
 pub mod import;
 pub mod internal_events;
 pub mod metrics;
+pub mod move_cli;
+pub mod moves;
 pub mod ownership;
 pub mod pipeline;
 pub mod router;

@@ -22,6 +22,12 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailoverLabel {
+    from: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AlertLabel {
     provider: String,
     kind: String,
@@ -54,6 +60,8 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     alerts: Family<AlertLabel, Counter>,
     commands: Family<ReasonLabel, Counter>,
+    failovers: Family<FailoverLabel, Counter>,
+    moves: Family<FailoverLabel, Counter>,
     deliveries: Family<SinkLabel, Counter>,
     dead_letters: Family<SourceLabel, Counter>,
     in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -82,6 +90,8 @@ impl Metrics {
             rejected: Family::default(),
             alerts: Family::default(),
             commands: Family::default(),
+            failovers: Family::default(),
+            moves: Family::default(),
             deliveries: Family::default(),
             dead_letters: Family::default(),
             in_flight: Gauge::default(),
@@ -125,6 +135,16 @@ impl Metrics {
             m.alerts.clone(),
         );
         registry.register("commands", "Commands by outcome", m.commands.clone());
+        registry.register(
+            "failovers",
+            "New devices routed to a fallback instance because the rule's own was down",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "device_moves",
+            "Devices moved between provider instances",
+            m.moves.clone(),
+        );
         registry.register(
             "deliveries",
             "Sink delivery attempts by outcome",
@@ -259,6 +279,26 @@ impl Metrics {
             .get_or_create(&ReasonLabel {
                 provider: provider.into(),
                 reason: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// A new device went to fallback `to` because `from` was down.
+    pub fn failover(&self, from: &str, to: &str) {
+        self.failovers
+            .get_or_create(&FailoverLabel {
+                from: from.into(),
+                to: to.into(),
+            })
+            .inc();
+    }
+
+    /// A device moved from `from` to `to`.
+    pub fn moved(&self, from: &str, to: &str) {
+        self.moves
+            .get_or_create(&FailoverLabel {
+                from: from.into(),
+                to: to.into(),
             })
             .inc();
     }

@@ -1,5 +1,8 @@
 //! Which provider instance hosts a new device: the instance named in the request, else the
-//! first routing rule that matches (category, tag, id glob), else the default.
+//! first routing rule that matches (category, tag, id glob), else the default. A rule with
+//! `fallback` instances sends the device to the first of them that is not down while its
+//! own instance is down (down: unhealthy longer than `health.failover_after_secs`, which
+//! the caller judges).
 
 use std::collections::BTreeMap;
 
@@ -34,13 +37,44 @@ impl Router {
     }
 
     /// The instance for a device, or None when nothing matches and there is no default.
-    pub fn route(&self, input: RouteInput<'_>) -> Option<&str> {
-        self.rules
-            .iter()
-            .find(|r| matches(r, input))
-            .map(|r| r.provider.as_str())
-            .or(self.default.as_deref())
+    /// `down` says which instances are down: a matching rule's instance that is down gives
+    /// way to its first fallback that is not; when every one is down, the rule's own
+    /// instance is the answer (the registration then fails or waits there, as it would
+    /// without fallbacks).
+    pub fn route(&self, input: RouteInput<'_>, down: impl Fn(&str) -> bool) -> Option<Route<'_>> {
+        let Some(rule) = self.rules.iter().find(|r| matches(r, input)) else {
+            return self.default.as_deref().map(|instance| Route {
+                instance,
+                instead_of: None,
+            });
+        };
+        let own = rule.provider.as_str();
+        if !down(own) {
+            return Some(Route {
+                instance: own,
+                instead_of: None,
+            });
+        }
+        Some(rule.fallback.iter().find(|f| !down(f)).map_or(
+            Route {
+                instance: own,
+                instead_of: None,
+            },
+            |f| Route {
+                instance: f,
+                instead_of: Some(own),
+            },
+        ))
     }
+}
+
+/// Where a new device goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// The instance.
+    pub instance: &'a str,
+    /// The rule's own instance, when it was down and this is its fallback.
+    pub instead_of: Option<&'a str>,
 }
 
 fn matches(rule: &RouteRule, input: RouteInput<'_>) -> bool {
@@ -104,7 +138,61 @@ mod tests {
             category: category.map(Into::into),
             tag: tag.map(Into::into),
             id_pattern: id.map(Into::into),
+            fallback: Vec::new(),
         }
+    }
+
+    fn to(instance: &str) -> Option<Route<'_>> {
+        Some(Route {
+            instance,
+            instead_of: None,
+        })
+    }
+
+    #[test]
+    fn a_rule_whose_instance_is_down_sends_new_devices_to_its_first_fallback_that_is_up() {
+        let mut chillers = rule("aws", Some("chiller"), None, None);
+        chillers.fallback = vec!["gcp".into(), "mqtt".into()];
+        let r = Router::new(&RoutingConfig {
+            default: Some("local".into()),
+            rules: vec![chillers],
+        });
+        let d = DeviceId::parse("c-1").expect("id");
+        let tags = BTreeMap::new();
+        let input = RouteInput {
+            device_id: &d,
+            category: Some("chiller"),
+            tags: &tags,
+        };
+        assert_eq!(r.route(input, |_| false), to("aws"));
+        assert_eq!(
+            r.route(input, |i| i == "aws"),
+            Some(Route {
+                instance: "gcp",
+                instead_of: Some("aws")
+            })
+        );
+        assert_eq!(
+            r.route(input, |i| i != "mqtt"),
+            Some(Route {
+                instance: "mqtt",
+                instead_of: Some("aws")
+            })
+        );
+        assert_eq!(
+            r.route(input, |_| true),
+            to("aws"),
+            "with every instance down the rule's own is kept"
+        );
+        let other = RouteInput {
+            category: None,
+            ..input
+        };
+        assert_eq!(
+            r.route(other, |_| true),
+            to("local"),
+            "the default has no fallback"
+        );
     }
 
     #[test]
@@ -121,47 +209,67 @@ mod tests {
         let mut tags = BTreeMap::new();
         let d = id("pump-1");
         assert_eq!(
-            r.route(RouteInput {
-                device_id: &d,
-                category: Some("chiller"),
-                tags: &tags
-            }),
+            r.route(
+                RouteInput {
+                    device_id: &d,
+                    category: Some("chiller"),
+                    tags: &tags
+                },
+                |_| false
+            )
+            .map(|x| x.instance),
             Some("local")
         );
         tags.insert("region".to_string(), "eu".to_string());
         assert_eq!(
-            r.route(RouteInput {
-                device_id: &d,
-                category: Some("chiller"),
-                tags: &tags
-            }),
+            r.route(
+                RouteInput {
+                    device_id: &d,
+                    category: Some("chiller"),
+                    tags: &tags
+                },
+                |_| false
+            )
+            .map(|x| x.instance),
             Some("aws")
         );
         tags.insert("gcp".to_string(), String::new());
         assert_eq!(
-            r.route(RouteInput {
-                device_id: &d,
-                category: None,
-                tags: &tags
-            }),
+            r.route(
+                RouteInput {
+                    device_id: &d,
+                    category: None,
+                    tags: &tags
+                },
+                |_| false
+            )
+            .map(|x| x.instance),
             Some("gcp")
         );
         let az = id("az-pump-7");
         assert_eq!(
-            r.route(RouteInput {
-                device_id: &az,
-                category: None,
-                tags: &BTreeMap::new()
-            }),
+            r.route(
+                RouteInput {
+                    device_id: &az,
+                    category: None,
+                    tags: &BTreeMap::new()
+                },
+                |_| false
+            )
+            .map(|x| x.instance),
             Some("azure")
         );
         let no = id("az-pump-77");
         assert_eq!(
-            r.route(RouteInput {
-                device_id: &no,
-                category: None,
-                tags: &BTreeMap::new()
-            }),
+            r.route(
+                RouteInput {
+                    device_id: &no,
+                    category: None,
+                    tags: &BTreeMap::new()
+                },
+                |_| false
+            )
+            .map(|x| x.instance),
             Some("local")
         );
     }
@@ -174,11 +282,15 @@ mod tests {
         });
         let d = DeviceId::parse("x").expect("id");
         assert_eq!(
-            r.route(RouteInput {
-                device_id: &d,
-                category: None,
-                tags: &BTreeMap::new()
-            }),
+            r.route(
+                RouteInput {
+                    device_id: &d,
+                    category: None,
+                    tags: &BTreeMap::new()
+                },
+                |_| false
+            )
+            .map(|x| x.instance),
             None
         );
     }

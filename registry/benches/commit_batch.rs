@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use iotgw_registry::{
-    AlertType, BatchWrite, DeviceId, IfUnknown, IsSimulated, NewAlert, NewDeadLetter, NewDevice,
-    SqliteStore, Store, TelemetryCommit,
+    AlertType, Arrival, BatchWrite, DeviceId, IfUnknown, IsSimulated, NewAlert, NewDeadLetter,
+    NewDevice, SqliteStore, Store, TelemetryCommit,
 };
 
 fn env(name: &str, default: usize) -> usize {
@@ -50,13 +50,19 @@ fn reading(device: &str, seq: usize, alert: bool) -> BatchWrite {
             debounce_window: chrono::Duration::minutes(5),
             sinks: Vec::new(),
         },
-        if_unknown: IfUnknown::DeadLetter(NewDeadLetter {
-            source: "bench".into(),
+        from: Arrival {
+            instance: "mqtt".into(),
+            message: NewDeadLetter {
+                source: "bench".into(),
+                reason: String::new(),
+                device_id: Some(device.into()),
+                message_id: None,
+                payload: String::new(),
+            },
+        },
+        if_unknown: IfUnknown::DeadLetter {
             reason: "unknown device".into(),
-            device_id: Some(device.into()),
-            message_id: None,
-            payload: String::new(),
-        }),
+        },
     }
 }
 

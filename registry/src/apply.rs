@@ -28,7 +28,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::batch::{BatchOutcome, BatchWrite, IfUnknown, MAX_DATA_CHARS, MAX_DESCRIPTION_CHARS};
+use crate::batch::{
+    Arrival, BatchOutcome, BatchWrite, IfUnknown, MAX_DATA_CHARS, MAX_DESCRIPTION_CHARS,
+};
 use crate::decide::DebounceMatch;
 use crate::error::{StoreError, StoreResult};
 use crate::fold::{self, Fate, Pending, Probe};
@@ -166,18 +168,34 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
     let mut out = Vec::with_capacity(writes.len());
     for write in writes {
         let outcome = match write {
-            BatchWrite::Telemetry { commit, if_unknown } => {
+            BatchWrite::Telemetry {
+                commit,
+                from,
+                if_unknown,
+            } => {
                 let id = &commit.device_id;
                 let mut registered = false;
-                if !devices.contains_key(id) {
+                if let Some(device) = devices.get(id) {
+                    if device.provider_instance != from.instance {
+                        let hosted_on = device.provider_instance.clone();
+                        w.write_dead_letter(&wrong_instance(id, &hosted_on, from))
+                            .await?;
+                        out.push(BatchOutcome::WrongInstance { hosted_on });
+                        continue;
+                    }
+                } else {
                     match if_unknown {
-                        IfUnknown::DeadLetter(letter) => {
-                            w.write_dead_letter(letter).await?;
+                        IfUnknown::DeadLetter { reason } => {
+                            let letter = NewDeadLetter {
+                                reason: reason.clone(),
+                                ..from.message.clone()
+                            };
+                            w.write_dead_letter(&letter).await?;
                             out.push(BatchOutcome::DeadLettered);
                             continue;
                         }
-                        IfUnknown::Register { provider_instance } => {
-                            w.insert_unknown_device(id, provider_instance).await?;
+                        IfUnknown::Register => {
+                            w.insert_unknown_device(id, &from.instance).await?;
                             let device =
                                 w.fetch_devices(&[id]).await?.remove(id).ok_or_else(|| {
                                     StoreError::Database(format!(
@@ -246,6 +264,18 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
     }
     bump(w, activity).await?;
     Ok(out)
+}
+
+/// The dead letter of a reading that arrived through an instance that does not host its
+/// device.
+fn wrong_instance(id: &DeviceId, hosted_on: &str, from: &Arrival) -> NewDeadLetter {
+    NewDeadLetter {
+        reason: format!(
+            "wrong_instance: device {id} is hosted on provider instance `{hosted_on}`, but this reading arrived through `{}`; readings are taken only from the hosting instance (a device that moved must publish to `{hosted_on}`; move it back with POST /api/v1/devices/{id}/move if this is where it belongs)",
+            from.instance
+        ),
+        ..from.message.clone()
+    }
 }
 
 /// One reading of a registered device, on its own (`Store::commit_telemetry`): the same

@@ -33,6 +33,8 @@ pub enum BatchWrite {
     Telemetry {
         /// What the reading changes when its device is registered.
         commit: TelemetryCommit,
+        /// Where it arrived, and the message as a dead letter keeps it.
+        from: Arrival,
         /// What to do when the device is not in the registry.
         if_unknown: IfUnknown,
     },
@@ -58,17 +60,30 @@ pub enum BatchWrite {
     },
 }
 
+/// Where a reading arrived. A registered device's readings are taken only from the
+/// provider instance that hosts it: one arriving through another instance (a device
+/// spoofing an id hosted on another cloud, or one still publishing to its old instance
+/// after a move) becomes a dead letter, checked inside the batch transaction so that a
+/// move cannot race it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Arrival {
+    /// The provider instance it came through.
+    pub instance: String,
+    /// The message as a dead letter keeps it; the store writes the reason.
+    pub message: NewDeadLetter,
+}
+
 /// The gateway's policy for a reading from a device the registry does not hold; the store
 /// applies it inside the batch transaction, so the check and the action cannot race.
 #[derive(Clone, Debug, PartialEq)]
 pub enum IfUnknown {
-    /// Keep the reading as this dead letter.
-    DeadLetter(NewDeadLetter),
-    /// Register the device (status Unknown) on this provider instance, then commit.
-    Register {
-        /// The provider instance it arrived on.
-        provider_instance: String,
+    /// Keep the reading as a dead letter with this reason.
+    DeadLetter {
+        /// Why, and what to do.
+        reason: String,
     },
+    /// Register the device (status Unknown) on the instance it arrived on, then commit.
+    Register,
 }
 
 /// What one [`BatchWrite`] did, at the same index.
@@ -83,6 +98,12 @@ pub enum BatchOutcome {
     },
     /// The write became (or was) a dead letter.
     DeadLettered,
+    /// A reading of a device hosted on another provider instance: kept as a dead letter
+    /// with reason `wrong_instance`, nothing else written.
+    WrongInstance {
+        /// The instance that hosts the device.
+        hosted_on: String,
+    },
     /// A connection change; `applied` is false when a newer state was already stored.
     Connection {
         /// Whether the stored state changed.

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use uuid::Uuid;
 
-use crate::batch::{BatchOutcome, BatchWrite, IfUnknown};
+use crate::batch::{Arrival, BatchOutcome, BatchWrite, IfUnknown};
 use crate::model::*;
 use crate::store::{Store, StoreError, StoreResult};
 use crate::DeviceId;
@@ -95,6 +95,8 @@ macro_rules! conformance_tests {
             alerts_page_newest_first_with_filters,
             commands_page_newest_first_with_filters,
             status_updates_return_the_updated_record,
+            a_move_cuts_over_in_one_step_with_history_and_ends_open_commands,
+            commands_are_claimed_once_published_deferred_and_released,
             insert_command_checks_device_alert_and_correlation,
             dead_letters_page_newest_first,
             checkpoints_are_replaced_per_scope_and_key,
@@ -103,6 +105,7 @@ macro_rules! conformance_tests {
             the_owner_renews_its_claim_and_each_write_bumps_the_version,
             an_expired_claim_is_taken_over_and_scopes_keep_their_own_claims,
             batch_folds_dedupes_and_orders_like_single_commits,
+            a_reading_through_another_instance_is_a_wrong_instance_dead_letter,
             batch_applies_the_unknown_device_policy_and_lifecycle_writes,
             a_registration_batch_begins_each_device_by_the_single_device_rules,
             a_finishing_batch_registers_or_fails_each_device_on_its_own,
@@ -2028,6 +2031,236 @@ pub async fn status_updates_return_the_updated_record(store: &dyn Store) {
 }
 
 /// `insert_command`: NotFound for an unknown device or parent alert, Conflict for a taken
+/// Moving a device changes its instance, writes Deactivate on the old instance and
+/// Register on the new one, ends its In Progress commands in Error with the reason, and
+/// from then on only the new instance's readings count. A stale or pointless move is a
+/// conflict; an unknown device is not found.
+pub async fn a_move_cuts_over_in_one_step_with_history_and_ends_open_commands(store: &dyn Store) {
+    registered(store, "pump-40", "a").await;
+    let open = store
+        .insert_command(&NewCommand {
+            name: "open".into(),
+            message: "{}".into(),
+            device_id: did("pump-40"),
+            parent_alert: None,
+            correlation_id: "corr-40".into(),
+        })
+        .await
+        .expect("insert");
+    let (moved, failed) = store
+        .move_device(&did("pump-40"), "a", "b")
+        .await
+        .expect("move");
+    assert_eq!(moved.provider_instance, "b");
+    assert_eq!(moved.registration_status, RegistrationStatus::Registered);
+    assert_eq!(failed, 1);
+    registered(store, "pump-41", "a").await;
+    assert_eq!(
+        store.device_counts().await.expect("counts"),
+        vec![("a".to_owned(), 1), ("b".to_owned(), 1)],
+        "devices per instance, after the move"
+    );
+    let history: Vec<_> = store
+        .history(&did("pump-40"))
+        .await
+        .expect("history")
+        .into_iter()
+        .map(|h| (h.action, h.provider_instance))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (RegistrationAction::Register, "a".to_owned()),
+            (RegistrationAction::Deactivate, "a".to_owned()),
+            (RegistrationAction::Register, "b".to_owned()),
+        ]
+    );
+    let ended = store
+        .get_command(open.id)
+        .await
+        .expect("get")
+        .expect("command");
+    assert_eq!(ended.status, CommandStatus::Error);
+    assert!(
+        ended
+            .status_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("moved from provider instance a to b")),
+        "{:?}",
+        ended.status_reason
+    );
+    conflict(
+        store.move_device(&did("pump-40"), "a", "b").await,
+        "a move from an instance the device left",
+    );
+    conflict(
+        store.move_device(&did("pump-40"), "b", "b").await,
+        "a move to where the device is",
+    );
+    not_found(
+        store.move_device(&did("ghost-40"), "a", "b").await,
+        "device",
+        "moving an unknown device",
+    );
+    let reading = |instance: &str, token: &str| BatchWrite::Telemetry {
+        commit: commit(
+            "pump-40",
+            vec![new_alert(token, "pump-40/x", at(1))],
+            60,
+            &[],
+        ),
+        from: arrival(instance, "pump-40", token),
+        if_unknown: IfUnknown::Register,
+    };
+    let out = store
+        .commit_batch(&[reading("a", "m-1"), reading("b", "m-2")])
+        .await
+        .expect("commit");
+    assert_eq!(
+        out[0],
+        BatchOutcome::WrongInstance {
+            hosted_on: "b".into()
+        }
+    );
+    assert!(
+        matches!(&out[1], BatchOutcome::Telemetry { .. }),
+        "{:?}",
+        out[1]
+    );
+}
+
+/// A command waits to be sent until a sender claims it; a claim excludes every other
+/// sender until it runs out; a published command is never claimed again; a deferred one
+/// comes back at its retry time with the reason on the record; a restarted replica's claims
+/// are released; a command that left In Progress is never claimed.
+pub async fn commands_are_claimed_once_published_deferred_and_released(store: &dyn Store) {
+    registered(store, "pump-30", "edge").await;
+    let mut made = Vec::new();
+    for n in 0..3 {
+        made.push(
+            store
+                .insert_command(&NewCommand {
+                    name: format!("cmd-{n}"),
+                    message: "{}".into(),
+                    device_id: did("pump-30"),
+                    parent_alert: None,
+                    correlation_id: format!("corr-30-{n}"),
+                })
+                .await
+                .expect("insert"),
+        );
+    }
+    assert!(made.iter().all(|c| c.published_at.is_none()));
+    let now = Utc::now();
+    let later = |secs: i64| now + chrono::Duration::seconds(secs);
+    let claimed = store
+        .claim_unpublished_commands("r1", now, later(60), 2)
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![made[0].id, made[1].id],
+        "oldest first, at most the limit"
+    );
+    let rest = store
+        .claim_unpublished_commands("r2", now, later(60), 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        rest.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![made[2].id],
+        "claimed commands are not claimed twice"
+    );
+    assert!(store
+        .claim_command(made[0].id, "r2", now, later(60))
+        .await
+        .expect("claim one")
+        .is_none());
+    assert!(
+        !store
+            .command_published(made[0].id, "r2")
+            .await
+            .expect("published"),
+        "only the holder records the publish"
+    );
+    assert!(store
+        .command_published(made[0].id, "r1")
+        .await
+        .expect("published"));
+    let published = store
+        .get_command(made[0].id)
+        .await
+        .expect("get")
+        .expect("cmd-0");
+    assert!(published.published_at.is_some());
+    assert_eq!(
+        published.status,
+        CommandStatus::InProgress,
+        "published is not confirmed"
+    );
+    assert!(store
+        .claim_command(made[0].id, "r3", later(3600), later(3660))
+        .await
+        .expect("claim")
+        .is_none());
+
+    assert!(store
+        .defer_command(made[1].id, "r1", later(600), "instance edge unreachable")
+        .await
+        .expect("defer"));
+    let deferred = store
+        .get_command(made[1].id)
+        .await
+        .expect("get")
+        .expect("cmd-1");
+    assert_eq!(
+        deferred.status_reason.as_deref(),
+        Some("instance edge unreachable")
+    );
+    assert!(store
+        .claim_unpublished_commands("r2", later(61), later(120), 10)
+        .await
+        .expect("claim")
+        .iter()
+        .all(|c| c.id != made[1].id));
+    let again = store
+        .claim_unpublished_commands("r2", later(600), later(660), 10)
+        .await
+        .expect("claim");
+    assert!(
+        again.iter().any(|c| c.id == made[1].id),
+        "a deferred command comes back at its retry time"
+    );
+
+    assert_eq!(
+        store.release_command_claims("r2").await.expect("release"),
+        2
+    );
+    let taken = store
+        .claim_command(made[2].id, "r3", now, later(60))
+        .await
+        .expect("claim")
+        .expect("released claims can be taken");
+    assert_eq!(taken.correlation_id, "corr-30-2");
+    store
+        .set_command_status(made[2].id, CommandStatus::Error, Some("gave up".into()))
+        .await
+        .expect("status");
+    assert!(!store
+        .command_published(made[2].id, "r3")
+        .await
+        .expect("published"));
+    assert!(
+        store
+            .claim_unpublished_commands("r4", later(7200), later(7260), 10)
+            .await
+            .expect("claim")
+            .iter()
+            .all(|c| c.id != made[2].id),
+        "a command that left In Progress is never claimed"
+    );
+}
+
 /// correlation id, Invalid for a message longer than 8192 characters.
 pub async fn insert_command_checks_device_alert_and_correlation(store: &dyn Store) {
     registered(store, "pump-22", "aws-east").await;
@@ -2394,9 +2627,8 @@ pub async fn batch_folds_dedupes_and_orders_like_single_commits(store: &dyn Stor
                 &["hook"],
             )
         },
-        if_unknown: IfUnknown::Register {
-            provider_instance: "local".into(),
-        },
+        from: arrival("local", device, token),
+        if_unknown: IfUnknown::Register,
     };
     let letter = NewDeadLetter {
         source: "telemetry:local".into(),
@@ -2470,18 +2702,109 @@ pub async fn batch_folds_dedupes_and_orders_like_single_commits(store: &dyn Stor
     );
 }
 
+/// How the gateway hands a reading's origin to the store: the instance and the message as
+/// a dead letter would keep it.
+fn arrival(instance: &str, device: &str, message_id: &str) -> Arrival {
+    Arrival {
+        instance: instance.into(),
+        message: NewDeadLetter {
+            source: format!("telemetry:{instance}"),
+            reason: String::new(),
+            device_id: Some(device.into()),
+            message_id: Some(message_id.into()),
+            payload: format!(r#"{{"from":"{instance}"}}"#),
+        },
+    }
+}
+
+/// A reading of a registered device that arrives through an instance other than the one
+/// hosting it is kept as a `wrong_instance` dead letter naming both instances, and changes
+/// nothing else: no alert, no activity, no outbox item. Readings through the hosting
+/// instance around it commit as usual.
+pub async fn a_reading_through_another_instance_is_a_wrong_instance_dead_letter(store: &dyn Store) {
+    registered(store, "pump-1", "aws").await;
+    let reading = |instance: &str, token: &str, secs: i64| BatchWrite::Telemetry {
+        commit: TelemetryCommit {
+            received_at: at(secs),
+            ..commit(
+                "pump-1",
+                vec![new_alert(token, "pump-1/overheat", at(secs))],
+                60,
+                &["hook"],
+            )
+        },
+        from: arrival(instance, "pump-1", token),
+        if_unknown: IfUnknown::Register,
+    };
+    let out = store
+        .commit_batch(&[
+            reading("aws", "w-1", 1),
+            reading("gcp", "w-2", 2),
+            reading("aws", "w-3", 3),
+        ])
+        .await
+        .expect("commit_batch");
+    assert!(
+        matches!(&out[0], BatchOutcome::Telemetry { .. }),
+        "{:?}",
+        out[0]
+    );
+    assert_eq!(
+        out[1],
+        BatchOutcome::WrongInstance {
+            hosted_on: "aws".into()
+        }
+    );
+    assert!(
+        matches!(&out[2], BatchOutcome::Telemetry { .. }),
+        "{:?}",
+        out[2]
+    );
+    let alerts = all_alerts(store, &AlertFilter::default()).await;
+    assert_eq!(
+        alerts
+            .iter()
+            .map(|a| a.alert_token.as_str())
+            .collect::<Vec<_>>()
+            .len(),
+        2,
+        "no alert from the spoofed reading: {alerts:?}"
+    );
+    assert!(alerts.iter().all(|a| a.alert_token != "w-2"));
+    let dead = store
+        .list_dead_letters(&page(None, 10))
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.items.len(), 1);
+    let letter = &dead.items[0];
+    assert_eq!(letter.source, "telemetry:gcp");
+    assert_eq!(letter.message_id.as_deref(), Some("w-2"));
+    assert_eq!(letter.payload, r#"{"from":"gcp"}"#);
+    assert!(
+        letter.reason.starts_with("wrong_instance:")
+            && letter.reason.contains("`aws`")
+            && letter.reason.contains("`gcp`"),
+        "{}",
+        letter.reason
+    );
+    let device = store
+        .get_device(&did("pump-1"))
+        .await
+        .expect("get")
+        .expect("pump-1");
+    assert_eq!(
+        device.last_activity_time,
+        Some(at(3)),
+        "the spoofed reading does not move last activity"
+    );
+    assert_eq!(depth(store).await, vec![("hook".to_owned(), 2)]);
+}
+
 /// Inside a batch, a reading of an unknown device follows the policy it carries (a dead
 /// letter, or registration with status Unknown), and lifecycle writes for unknown devices
 /// write nothing.
 pub async fn batch_applies_the_unknown_device_policy_and_lifecycle_writes(store: &dyn Store) {
     registered(store, "pump-1", "local").await;
-    let letter = NewDeadLetter {
-        source: "telemetry:local".into(),
-        reason: "device ghost-1 is not in the registry".into(),
-        device_id: Some("ghost-1".into()),
-        message_id: Some("g-1".into()),
-        payload: "{}".into(),
-    };
     let out = store
         .commit_batch(&[
             BatchWrite::Telemetry {
@@ -2491,13 +2814,15 @@ pub async fn batch_applies_the_unknown_device_policy_and_lifecycle_writes(store:
                     60,
                     &[],
                 ),
-                if_unknown: IfUnknown::DeadLetter(letter),
+                from: arrival("local", "ghost-1", "g-1"),
+                if_unknown: IfUnknown::DeadLetter {
+                    reason: "device ghost-1 is not in the registry".into(),
+                },
             },
             BatchWrite::Telemetry {
                 commit: commit("new-1", vec![new_alert("n-1", "new-1/x", at(1))], 60, &[]),
-                if_unknown: IfUnknown::Register {
-                    provider_instance: "edge".into(),
-                },
+                from: arrival("edge", "new-1", "n-1"),
+                if_unknown: IfUnknown::Register,
             },
             BatchWrite::Connection {
                 device_id: did("pump-1"),

@@ -168,6 +168,40 @@ pub fn unregister_refusal(existing: &Device) -> Option<StoreError> {
     })
 }
 
+/// Why a stored device cannot move from `from` to `to`, if it cannot: it must be
+/// Registered (or Unknown: seen in telemetry) on `from`, and `to` must be another instance.
+pub fn move_refusal(existing: &Device, from: &str, to: &str) -> Option<StoreError> {
+    let id = &existing.device_id;
+    if !matches!(
+        existing.registration_status,
+        RegistrationStatus::Registered | RegistrationStatus::Unknown
+    ) {
+        return Some(StoreError::Conflict(format!(
+            "device {id} is {}: only a Registered device can move (register it first)",
+            existing.registration_status.label()
+        )));
+    }
+    if existing.provider_instance != from {
+        return Some(StoreError::Conflict(format!(
+            "device {id} is on provider instance {}, not {from}: it moved meanwhile; read it again",
+            existing.provider_instance
+        )));
+    }
+    (from == to).then(|| {
+        StoreError::Conflict(format!(
+            "device {id} is already on provider instance {to}: nothing to move"
+        ))
+    })
+}
+
+/// The status reason of a command that was In Progress when its device moved.
+pub fn moved_command_reason(from: &str, to: &str) -> String {
+    format!(
+        "the device moved from provider instance {from} to {to} before the command was confirmed; \
+         it is not re-sent (the old instance may have delivered it): send it again if it is still needed"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,7 @@ pub mod postgres;
 pub mod sqlite;
 pub mod store;
 
-pub use batch::{BatchOutcome, BatchWrite, IfUnknown};
+pub use batch::{Arrival, BatchOutcome, BatchWrite, IfUnknown};
 pub use iotgw_ids::device_id as id;
 pub use iotgw_ids::{DeviceId, DeviceIdError, InstanceName, MAX_DEVICE_ID_LEN};
 pub use model::*;

@@ -362,6 +362,10 @@ pub struct Command {
     /// Modified on.
     #[serde(rename = "modifiedon")]
     pub updated_at: DateTime<Utc>,
+    /// When the provider took the command (published it, or the device answered a direct
+    /// method); None while it waits to be sent.
+    #[serde(rename = "iotgw_publishedon")]
+    pub published_at: Option<DateTime<Utc>>,
 }
 
 /// A command to create.

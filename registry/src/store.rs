@@ -67,6 +67,15 @@ pub trait Store: Send + Sync + 'static {
         message: Option<String>,
     ) -> StoreResult<Device>;
 
+    /// Moves a device from provider instance `from` to `to` in one transaction: its
+    /// provider instance becomes `to`, history gets a Deactivate row on `from` and a
+    /// Register row on `to`, and its commands still In Progress end in Error with the
+    /// reason (they went through `from`, which may have delivered them; they are not
+    /// re-sent). `Conflict` when the device is not Registered/Unknown, is not on `from`
+    /// (it moved meanwhile) or already on `to`; `NotFound` when unknown. Returns the device
+    /// as moved and how many commands ended in Error.
+    async fn move_device(&self, id: &DeviceId, from: &str, to: &str) -> StoreResult<(Device, u64)>;
+
     /// Inserts a device seen only in telemetry, with status Unknown. Returns the existing
     /// device unchanged if there is one.
     async fn ensure_unknown_device(
@@ -84,6 +93,10 @@ pub trait Store: Send + Sync + 'static {
         filter: &DeviceFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<Device>>;
+
+    /// How many devices each provider instance hosts (Unregistered ones not counted), by
+    /// instance name.
+    async fn device_counts(&self) -> StoreResult<Vec<(String, u64)>>;
 
     /// Registration history of a device, oldest first.
     async fn history(&self, id: &DeviceId) -> StoreResult<Vec<RegistrationHistory>>;
@@ -166,6 +179,48 @@ pub trait Store: Send + Sync + 'static {
 
     /// One command.
     async fn get_command(&self, id: Uuid) -> StoreResult<Option<Command>>;
+
+    /// Claims a command for `holder` to send until `until`: returns it when it is In
+    /// Progress, not yet published, and not claimed by anyone whose claim runs past `now`
+    /// (a claim of a sender that died runs out and can be taken over). `None` otherwise.
+    async fn claim_command(
+        &self,
+        id: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Option<Command>>;
+
+    /// Claims, oldest first, up to `limit` commands that are In Progress, never published
+    /// and not under a live claim (see [`claim_command`](Self::claim_command)): the ones a
+    /// crash, a restart or an unreachable instance left behind, and the ones whose retry
+    /// time ([`defer_command`](Self::defer_command)) has come.
+    async fn claim_unpublished_commands(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Command>>;
+
+    /// Records that the provider took the command (published at now) and drops the claim;
+    /// false (nothing changed) when `holder` does not hold it or it is no longer In Progress.
+    async fn command_published(&self, id: Uuid, holder: &str) -> StoreResult<bool>;
+
+    /// Leaves a claimed command unsent for now: it stays In Progress with `reason` as its
+    /// status reason, and may be claimed again from `retry_at`. False (nothing changed) when
+    /// `holder` does not hold it or it is no longer In Progress.
+    async fn defer_command(
+        &self,
+        id: Uuid,
+        holder: &str,
+        retry_at: DateTime<Utc>,
+        reason: &str,
+    ) -> StoreResult<bool>;
+
+    /// Drops every command claim of `holder` (a replica that restarted under its id: what
+    /// it was sending when it stopped is free to be sent again). Returns how many.
+    async fn release_command_claims(&self, holder: &str) -> StoreResult<u64>;
 
     /// The command with this correlation id.
     async fn get_command_by_correlation(

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use iotgw_registry::{
-    AlertFilter, AlertType, BatchWrite, DeviceId, IfUnknown, NewAlert, PageRequest,
-    PostgresOptions, PostgresStore, Store, TelemetryCommit,
+    AlertFilter, AlertType, Arrival, BatchWrite, DeviceId, IfUnknown, NewAlert, NewDeadLetter,
+    PageRequest, PostgresOptions, PostgresStore, Store, TelemetryCommit,
 };
 use iotgw_testkit::postgres::{Postgres, PASSWORD};
 use iotgw_testkit::DockerStatus;
@@ -226,9 +226,17 @@ async fn two_replicas_committing_alerts_of_one_device_at_once_make_one_primary(
             let (b, start) = (b.clone(), start.clone());
             let write = BatchWrite::Telemetry {
                 commit: commit(&device, &format!("b-{round}"), &key),
-                if_unknown: IfUnknown::Register {
-                    provider_instance: "mqtt".into(),
+                from: Arrival {
+                    instance: "mqtt".into(),
+                    message: NewDeadLetter {
+                        source: "telemetry:mqtt".into(),
+                        reason: String::new(),
+                        device_id: Some(device.to_string()),
+                        message_id: None,
+                        payload: String::new(),
+                    },
                 },
+                if_unknown: IfUnknown::Register,
             };
             tokio::spawn(async move {
                 start.wait().await;

@@ -255,6 +255,21 @@ pub(super) async fn unregister_device(
     Ok(Json(s.core.unregister(&id).await?))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MoveBody {
+    to: String,
+}
+
+pub(super) async fn move_device(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    b: Result<Json<MoveBody>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let b = body(b)?;
+    Ok(Json(crate::moves::move_device(&s.core, &id, &b.to).await?))
+}
+
 pub(super) async fn device_history(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -389,12 +404,33 @@ pub(super) async fn list_dead_letters(
     Ok(Json(s.core.store.list_dead_letters(&page(p)?).await?))
 }
 
-pub(super) async fn providers(State(s): State<ApiState>) -> impl IntoResponse {
+pub(super) async fn providers(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
+    let counts = s.core.store.device_counts().await?;
+    let now = chrono::Utc::now();
     let list: Vec<_> = s
         .core
         .providers
         .iter()
-        .map(|(name, p)| serde_json::json!({"name": name, "kind": p.kind(), "health": p.health(), "limits": p.limits()}))
+        .map(|(name, p)| {
+            let health = p.health();
+            let down_for = crate::health::unhealthy_for(&health, now);
+            let devices = counts
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, c)| *c);
+            serde_json::json!({
+                "name": name,
+                "kind": p.kind(),
+                "healthy": down_for.is_none(),
+                "since": health.since,
+                "down_for_secs": down_for.map(|d| d.as_secs()),
+                "failed_over": s.core.instance_down(name),
+                "required": !s.core.config.health.optional.contains(name),
+                "devices": devices,
+                "health": health,
+                "limits": p.limits(),
+            })
+        })
         .collect();
-    Json(serde_json::json!({"items": list}))
+    Ok(Json(serde_json::json!({"items": list})))
 }

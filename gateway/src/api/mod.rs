@@ -196,6 +196,7 @@ pub fn router(state: ApiState) -> Router {
             "/api/v1/devices/{id}",
             get(get_device).delete(unregister_device),
         )
+        .route("/api/v1/devices/{id}/move", post(move_device))
         .route("/api/v1/devices/{id}/history", get(device_history))
         .route("/api/v1/devices/{id}/state", get(device_state))
         .route(

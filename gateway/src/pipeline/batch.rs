@@ -163,14 +163,24 @@ fn account(
         }
         (
             BatchWrite::Telemetry {
-                if_unknown: iotgw_registry::IfUnknown::DeadLetter(letter),
+                if_unknown: iotgw_registry::IfUnknown::DeadLetter { reason },
+                from,
                 ..
             },
             BatchOutcome::DeadLettered,
         ) => {
+            core.metrics.rejected(instance, "unknown_device", reason);
             core.metrics
-                .rejected(instance, "unknown_device", &letter.reason);
-            core.metrics.dead_letter(&letter.source, "unknown_device");
+                .dead_letter(&from.message.source, "unknown_device");
+        }
+        (BatchWrite::Telemetry { commit, from, .. }, BatchOutcome::WrongInstance { hosted_on }) => {
+            core.metrics.rejected(
+                instance,
+                "wrong_instance",
+                &format!("device {} is hosted on `{hosted_on}`", commit.device_id),
+            );
+            core.metrics
+                .dead_letter(&from.message.source, "wrong_instance");
         }
         (BatchWrite::Telemetry { commit, .. }, BatchOutcome::Telemetry { alerts, registered }) => {
             if *registered {

@@ -194,7 +194,7 @@ async fn dispatch(core: Arc<Core>, mut commands: mpsc::Receiver<Command>) {
         };
         let core = core.clone();
         running.spawn(async move {
-            core.dispatch(cmd).await;
+            crate::commands::claim_and_deliver(&core, &cmd).await;
             drop(slot);
         });
         while running.try_join_next().is_some() {}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use iotgw_config::UnknownDevicePolicy;
 use iotgw_providers::{EventKind, ProviderEvent, Telemetry};
-use iotgw_registry::{BatchWrite, DeviceId, IfUnknown, NewDeadLetter, TelemetryCommit};
+use iotgw_registry::{Arrival, BatchWrite, DeviceId, IfUnknown, NewDeadLetter, TelemetryCommit};
 
 use super::batch::{Batch, Entry, Step};
 use crate::core::Core;
@@ -193,12 +193,14 @@ impl Preparer {
             Err(r) => return refuse(&t, r),
         };
         let if_unknown = match self.unknown_devices {
-            UnknownDevicePolicy::DeadLetter => IfUnknown::DeadLetter(letter(&t, format!(
+            UnknownDevicePolicy::DeadLetter => IfUnknown::DeadLetter { reason: format!(
                 "device {device_id} is not in the registry: register it (POST /api/v1/devices) or set pipeline.unknown_devices = \"auto_register\""
-            ))),
-            UnknownDevicePolicy::AutoRegister => IfUnknown::Register {
-                provider_instance: instance.to_owned(),
-            },
+            ) },
+            UnknownDevicePolicy::AutoRegister => IfUnknown::Register,
+        };
+        let from = Arrival {
+            instance: instance.to_owned(),
+            message: letter(&t, String::new()),
         };
         let commit = TelemetryCommit {
             device_id,
@@ -210,7 +212,14 @@ impl Preparer {
         if let Err(e) = commit.check() {
             return refuse(&t, Reject::InvalidAlert(e.to_string()));
         }
-        (BatchWrite::Telemetry { commit, if_unknown }, None)
+        (
+            BatchWrite::Telemetry {
+                commit,
+                from,
+                if_unknown,
+            },
+            None,
+        )
     }
 }
 

@@ -32,6 +32,7 @@ fn core(store: Arc<dyn Store>) -> Core {
         metrics: Arc::new(Metrics::new()),
         outbox_wake: Arc::new(Notify::new()),
         sinks: config.sinks.keys().cloned().collect(),
+        replica: "test".into(),
         providers: BTreeMap::new(),
         config: Arc::new(config),
         store,

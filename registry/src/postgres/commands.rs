@@ -6,11 +6,12 @@ use uuid::Uuid;
 use super::rows::*;
 use super::{
     db, devices, finish_page, is_unique_violation, now, page_size, parse_uuid_cursor, text,
-    time_cursor, PostgresStore,
+    time_cursor, ts, PostgresStore, MAX_PAGE,
 };
 use crate::batch::check_command_message;
 use crate::model::*;
 use crate::store::{StoreError, StoreResult};
+use chrono::{DateTime, Utc};
 
 /// Inserts a command (In Progress) for a known device.
 pub(super) async fn insert_command_row(
@@ -179,5 +180,98 @@ impl PostgresStore {
         Ok(finish_page(items, size, |c| {
             time_cursor(c.created_at, &c.id.to_string())
         }))
+    }
+
+    /// See [`crate::Store::claim_command`] and [`crate::Store::claim_unpublished_commands`].
+    pub(super) async fn claim_commands(
+        &self,
+        id: Option<Uuid>,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Command>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // One statement, rows locked as they are picked, so two replicas never claim the
+        // same command.
+        let rows = sqlx::query(&format!(
+            "UPDATE commands SET claim_holder = $1, claimed_until = $2 WHERE id IN (\
+                SELECT id FROM commands WHERE published_at IS NULL AND status = $3 \
+                AND (claimed_until IS NULL OR claimed_until <= $4) \
+                AND ($5::uuid IS NULL OR id = $5) \
+                ORDER BY created_at, id LIMIT $6 FOR UPDATE SKIP LOCKED) \
+             RETURNING {COMMAND_COLS}"
+        ))
+        .bind(text(holder).as_ref())
+        .bind(ts(until))
+        .bind(CommandStatus::InProgress.value())
+        .bind(ts(now))
+        .bind(id)
+        .bind(i64::from(limit.min(MAX_PAGE)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claiming commands"))?;
+        let mut commands = rows
+            .iter()
+            .map(command_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        commands.sort_by_key(|c| (c.created_at, c.id));
+        Ok(commands)
+    }
+
+    /// See [`crate::Store::command_published`].
+    pub(super) async fn published(&self, id: Uuid, holder: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE commands SET published_at = $1, updated_at = $1, claim_holder = NULL, \
+             claimed_until = NULL, status_reason = NULL \
+             WHERE id = $2 AND claim_holder = $3 AND status = $4 AND published_at IS NULL",
+        )
+        .bind(now())
+        .bind(id)
+        .bind(text(holder).as_ref())
+        .bind(CommandStatus::InProgress.value())
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a published command"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// See [`crate::Store::defer_command`].
+    pub(super) async fn defer(
+        &self,
+        id: Uuid,
+        holder: &str,
+        retry_at: DateTime<Utc>,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE commands SET claimed_until = $1, status_reason = $2, updated_at = $3 \
+             WHERE id = $4 AND claim_holder = $5 AND status = $6 AND published_at IS NULL",
+        )
+        .bind(ts(retry_at))
+        .bind(text(reason).as_ref())
+        .bind(now())
+        .bind(id)
+        .bind(text(holder).as_ref())
+        .bind(CommandStatus::InProgress.value())
+        .execute(&self.pool)
+        .await
+        .map_err(db("deferring a command"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// See [`crate::Store::release_command_claims`].
+    pub(super) async fn release_claims(&self, holder: &str) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE commands SET claim_holder = NULL, claimed_until = NULL \
+             WHERE claim_holder = $1 AND published_at IS NULL",
+        )
+        .bind(text(holder).as_ref())
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing command claims"))?;
+        Ok(done.rows_affected())
     }
 }

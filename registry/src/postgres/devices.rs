@@ -190,6 +190,56 @@ impl PostgresStore {
         Ok(device)
     }
 
+    /// See [`crate::Store::move_device`].
+    pub(super) async fn relocate(
+        &self,
+        id: &DeviceId,
+        from: &str,
+        to: &str,
+    ) -> StoreResult<(Device, u64)> {
+        let mut tx = self.write().await?;
+        registration::take_turn(&mut tx).await?;
+        let existing = require_device(&mut tx, id).await?;
+        if let Some(refused) = decide::move_refusal(&existing, from, to) {
+            return Err(refused);
+        }
+        let at = now();
+        let row = sqlx::query(&format!(
+            "UPDATE devices SET provider_instance = $1, updated_at = $2 WHERE id = $3 RETURNING {DEVICE_COLS}"
+        ))
+        .bind(super::text(to).as_ref())
+        .bind(at)
+        .bind(existing.id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("moving a device"))?;
+        let device = device_from_row(&row)?;
+        registration::insert_history(
+            &mut tx,
+            &[
+                (&existing, RegistrationAction::Deactivate),
+                (&device, RegistrationAction::Register),
+            ],
+            at,
+        )
+        .await?;
+        let failed = sqlx::query(
+            "UPDATE commands SET status = $1, status_reason = $2, updated_at = $3, \
+             claim_holder = NULL, claimed_until = NULL WHERE device = $4 AND status = $5",
+        )
+        .bind(CommandStatus::Error.value())
+        .bind(decide::moved_command_reason(from, to))
+        .bind(at)
+        .bind(existing.id)
+        .bind(CommandStatus::InProgress.value())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("ending the commands of a moved device"))?
+        .rows_affected();
+        tx.commit().await.map_err(db("committing a move"))?;
+        Ok((device, failed))
+    }
+
     /// See [`crate::Store::list_devices`].
     pub(super) async fn devices_page(
         &self,

@@ -88,6 +88,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "partition ownership",
         include_str!("../../migrations/postgres/0005_partition_ownership.sql"),
     ),
+    (
+        6,
+        "command delivery",
+        include_str!("../../migrations/postgres/0006_command_delivery.sql"),
+    ),
 ];
 
 /// How often a transaction aborted as a deadlock or serialization failure is tried.
@@ -513,6 +518,25 @@ impl Store for PostgresStore {
         self.finish_batch(outcomes).await
     }
 
+    async fn device_counts(&self) -> StoreResult<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT provider_instance, COUNT(*) FROM devices WHERE registration_status <> $1 \
+             GROUP BY provider_instance ORDER BY provider_instance",
+        )
+        .bind(RegistrationStatus::Unregistered.value())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("counting devices per instance"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, n)| (name, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    async fn move_device(&self, id: &DeviceId, from: &str, to: &str) -> StoreResult<(Device, u64)> {
+        self.relocate(id, from, to).await
+    }
+
     async fn mark_unregistered(
         &self,
         id: &DeviceId,
@@ -649,6 +673,47 @@ impl Store for PostgresStore {
 
     async fn get_command(&self, id: Uuid) -> StoreResult<Option<Command>> {
         self.command(id).await
+    }
+
+    async fn claim_command(
+        &self,
+        id: Uuid,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<Option<Command>> {
+        Ok(self
+            .claim_commands(Some(id), holder, now, until, 1)
+            .await?
+            .pop())
+    }
+
+    async fn claim_unpublished_commands(
+        &self,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Command>> {
+        self.claim_commands(None, holder, now, until, limit).await
+    }
+
+    async fn command_published(&self, id: Uuid, holder: &str) -> StoreResult<bool> {
+        self.published(id, holder).await
+    }
+
+    async fn defer_command(
+        &self,
+        id: Uuid,
+        holder: &str,
+        retry_at: DateTime<Utc>,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        self.defer(id, holder, retry_at, reason).await
+    }
+
+    async fn release_command_claims(&self, holder: &str) -> StoreResult<u64> {
+        self.release_claims(holder).await
     }
 
     async fn get_command_by_correlation(

@@ -20,7 +20,7 @@ pub(super) const ALERT_COLS: &str =
      last_command_sent_time, statecode, statuscode, rule, provider_instance, created_at";
 pub(super) const COMMAND_COLS: &str =
     "id, name, message, status, status_reason, device, device_id, \
-     parent_alert, correlation_id, provider_instance, created_at, updated_at";
+     parent_alert, correlation_id, provider_instance, created_at, updated_at, published_at";
 pub(super) const OUTBOX_COLS: &str =
     "id, sink, payload, idempotency_key, attempts, last_error, created_at, lease_token";
 pub(super) const DEAD_LETTER_COLS: &str =
@@ -121,6 +121,7 @@ pub(super) fn command_from_row(row: &PgRow) -> StoreResult<Command> {
         provider_instance: get(row, "provider_instance")?,
         created_at: get(row, "created_at")?,
         updated_at: get(row, "updated_at")?,
+        published_at: get(row, "published_at")?,
     })
 }
 

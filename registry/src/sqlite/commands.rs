@@ -169,5 +169,98 @@ impl SqliteStore {
         }))
     }
 
-    // --- outbox and dead letters ---------------------------------------------------------
+    /// See [`crate::Store::claim_command`] and [`crate::Store::claim_unpublished_commands`].
+    pub(super) async fn claim_commands(
+        &self,
+        id: Option<Uuid>,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Command>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = ts(now);
+        // One statement, so two replicas never claim the same command.
+        let rows = sqlx::query(&format!(
+            "UPDATE commands SET claim_holder = ?, claimed_until = ? WHERE id IN (\
+                SELECT id FROM commands WHERE published_at IS NULL AND status = ? \
+                AND (claimed_until IS NULL OR claimed_until <= ?) AND (? IS NULL OR id = ?) \
+                ORDER BY created_at, id LIMIT ?) \
+             RETURNING {COMMAND_COLS}"
+        ))
+        .bind(holder)
+        .bind(ts(until))
+        .bind(CommandStatus::InProgress.value())
+        .bind(&now)
+        .bind(id.map(|i| i.to_string()))
+        .bind(id.map(|i| i.to_string()))
+        .bind(i64::from(limit.min(MAX_PAGE)))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claiming commands"))?;
+        let mut commands = rows
+            .iter()
+            .map(command_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        commands.sort_by_key(|c| (c.created_at, c.id));
+        Ok(commands)
+    }
+
+    /// See [`crate::Store::command_published`].
+    pub(super) async fn published(&self, id: Uuid, holder: &str) -> StoreResult<bool> {
+        let at = now();
+        let done = sqlx::query(
+            "UPDATE commands SET published_at = ?, updated_at = ?, claim_holder = NULL, \
+             claimed_until = NULL, status_reason = NULL \
+             WHERE id = ? AND claim_holder = ? AND status = ? AND published_at IS NULL",
+        )
+        .bind(&at)
+        .bind(&at)
+        .bind(id.to_string())
+        .bind(holder)
+        .bind(CommandStatus::InProgress.value())
+        .execute(&self.pool)
+        .await
+        .map_err(db("recording a published command"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// See [`crate::Store::defer_command`].
+    pub(super) async fn defer(
+        &self,
+        id: Uuid,
+        holder: &str,
+        retry_at: DateTime<Utc>,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE commands SET claimed_until = ?, status_reason = ?, updated_at = ? \
+             WHERE id = ? AND claim_holder = ? AND status = ? AND published_at IS NULL",
+        )
+        .bind(ts(retry_at))
+        .bind(reason)
+        .bind(now())
+        .bind(id.to_string())
+        .bind(holder)
+        .bind(CommandStatus::InProgress.value())
+        .execute(&self.pool)
+        .await
+        .map_err(db("deferring a command"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// See [`crate::Store::release_command_claims`].
+    pub(super) async fn release_claims(&self, holder: &str) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE commands SET claim_holder = NULL, claimed_until = NULL \
+             WHERE claim_holder = ? AND published_at IS NULL",
+        )
+        .bind(holder)
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing command claims"))?;
+        Ok(done.rows_affected())
+    }
 }

@@ -214,6 +214,55 @@ impl SqliteStore {
         Ok(device)
     }
 
+    /// See [`crate::Store::move_device`].
+    pub(super) async fn relocate(
+        &self,
+        id: &DeviceId,
+        from: &str,
+        to: &str,
+    ) -> StoreResult<(Device, u64)> {
+        let mut tx = self.write().await?;
+        let existing = require_device(&mut tx, id).await?;
+        if let Some(refused) = crate::decide::move_refusal(&existing, from, to) {
+            return Err(refused);
+        }
+        let at = now();
+        let row = sqlx::query(&format!(
+            "UPDATE devices SET provider_instance = ?, updated_at = ? WHERE id = ? RETURNING {DEVICE_COLS}"
+        ))
+        .bind(to)
+        .bind(&at)
+        .bind(existing.id.to_string())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("moving a device"))?;
+        let device = device_from_row(&row)?;
+        registration::insert_history(
+            &mut tx,
+            &[
+                (&existing, RegistrationAction::Deactivate),
+                (&device, RegistrationAction::Register),
+            ],
+            &at,
+        )
+        .await?;
+        let failed = sqlx::query(
+            "UPDATE commands SET status = ?, status_reason = ?, updated_at = ?, \
+             claim_holder = NULL, claimed_until = NULL WHERE device = ? AND status = ?",
+        )
+        .bind(CommandStatus::Error.value())
+        .bind(crate::decide::moved_command_reason(from, to))
+        .bind(&at)
+        .bind(existing.id.to_string())
+        .bind(CommandStatus::InProgress.value())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("ending the commands of a moved device"))?
+        .rows_affected();
+        tx.commit().await.map_err(db("committing a move"))?;
+        Ok((device, failed))
+    }
+
     /// See [`crate::Store::list_devices`].
     pub(super) async fn devices_page(
         &self,

@@ -1,0 +1,912 @@
+//! Hybrid routing through the real binary: provider instances of different kinds side by
+//! side (an `mqtt` instance on Mosquitto and a `gcp_pubsub` instance on the Pub/Sub
+//! emulator, or two Mosquitto brokers), real MQTT 3.1.1 devices, the Pub/Sub REST API as
+//! the cloud side's devices, and the gateway's HTTP API as the business app.
+//!
+//! - Devices routed to two clouds get alerts and commands whose records have one shape,
+//!   and a reading spoofed through the other cloud is a `wrong_instance` dead letter.
+//! - A device moves from one broker to the other while it publishes: every reading is
+//!   either committed once or kept as a `wrong_instance` dead letter (those that arrived
+//!   through the old broker after the cut-over), and history shows the move.
+//! - Failover: with broker A killed, new devices of A's rule go to its fallback B; a
+//!   command to a device on A waits and goes out when A returns, or ends in Error after
+//!   its TTL.
+//! - A command inserted but never published when the gateway is killed (`kill -9`) is sent
+//!   after the restart with its original correlation id.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: plain-HTTP clients against local processes and containers"
+)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iotgw_testkit::mosquitto::{Mosquitto, MosquittoSpec};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// Polls `f` every 100 ms until it gives a value; fails with `what` and `context()` after
+/// `deadline`.
+async fn wait_for<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut f: F,
+    context: impl Fn() -> String,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "{what}: not within {deadline:?}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One `iotgw run` process with its own API port and log file.
+struct Gateway {
+    child: Option<Child>,
+    api: String,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    /// Starts the binary on `config` and waits until its API answers `/live` (the
+    /// providers may still be connecting).
+    async fn start(config: &Path, dir: &Path, port: u16) -> Self {
+        let log = dir.join(format!("iotgw-{port}-{}.log", std::process::id()));
+        let child = Command::new(env!("CARGO_BIN_EXE_iotgw"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("IOTGW_API__LISTEN", format!("127.0.0.1:{port}"))
+            .env("IOTGW_REPLICA__ID", "hybrid-1")
+            .env("IOTGW_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("iotgw starts");
+        let mut g = Self {
+            child: Some(child),
+            api: format!("http://127.0.0.1:{port}"),
+            log,
+            http: reqwest::Client::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = g
+                .http
+                .get(format!("{}/api/v1/providers", g.api))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return g;
+                }
+            }
+            if let Some(status) = g.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("iotgw exited ({status}) before it served\n{}", g.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iotgw did not serve in 60 s\n{}",
+                g.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        format!(
+            "--- iotgw log (last lines) ---\n{}",
+            lines[from..].join("\n")
+        )
+    }
+
+    fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaped");
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.logs()));
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", self.logs()));
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn register(&self, id: &str, category: &str) -> Value {
+        let (status, body) = self
+            .post(
+                "/api/v1/devices",
+                json!({"msdyn_deviceid": id, "msdyn_category": category}),
+            )
+            .await;
+        assert_eq!(status, 201, "registering {id}: {body}\n{}", self.logs());
+        body["device"].clone()
+    }
+
+    async fn command(&self, id: &str, name: &str) -> Value {
+        let (status, body) = self
+            .post(
+                "/api/v1/commands",
+                json!({"msdyn_deviceid": id, "msdyn_name": name, "parameters": {"n": 1}}),
+            )
+            .await;
+        assert_eq!(status, 202, "command to {id}: {body}\n{}", self.logs());
+        body
+    }
+
+    async fn items(&self, path: &str) -> Vec<Value> {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The provider entry of `/api/v1/providers` named `name`.
+    async fn provider(&self, name: &str) -> Value {
+        self.items("/api/v1/providers")
+            .await
+            .into_iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("provider {name} listed"))
+    }
+
+    async fn wait_connected(&self, name: &str) {
+        wait_for(
+            &format!("provider {name} connected"),
+            Duration::from_secs(60),
+            || async { (self.provider(name).await["healthy"] == true).then_some(()) },
+            || self.logs(),
+        )
+        .await;
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+/// An MQTT 3.1.1 device: publishes readings at QoS 1 (counting the broker's PUBACKs) and
+/// hands over the commands it receives (the JSON payloads).
+struct Device {
+    client: AsyncClient,
+    acked: Arc<AtomicUsize>,
+    sent: usize,
+    commands: mpsc::UnboundedReceiver<Value>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    async fn connect(id: &str, port: u16) -> Self {
+        let mut opts = MqttOptions::new(format!("device-{id}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let acked = Arc::new(AtomicUsize::new(0));
+        let (tx, commands) = mpsc::unbounded_channel();
+        let (count, topic) = (acked.clone(), format!("devices/{id}/commands"));
+        let subscriber = client.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = subscriber.subscribe(topic.clone(), QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+                            let _ = tx.send(v);
+                        }
+                    }
+                    Ok(_) => {}
+                    // The broker went away (a test killed it): try again, as a device does.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        Self {
+            client,
+            acked,
+            sent: 0,
+            commands,
+            task,
+        }
+    }
+
+    /// Publishes one reading and waits until the broker confirmed it.
+    async fn publish(&mut self, id: &str, message_id: &str, temperature: i64) {
+        self.client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                json!({"message_id": message_id, "temperature": temperature}).to_string(),
+            )
+            .await
+            .expect("publish queued");
+        self.sent += 1;
+        let want = self.sent;
+        let acked = self.acked.clone();
+        wait_for(
+            &format!("PUBACK of {message_id}"),
+            Duration::from_secs(20),
+            || async { (acked.load(Ordering::SeqCst) >= want).then_some(()) },
+            String::new,
+        )
+        .await;
+    }
+
+    async fn next_command(&mut self, within: Duration) -> Option<Value> {
+        tokio::time::timeout(within, self.commands.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn mqtt_instance(name: &str, port: u16) -> String {
+    format!(
+        r#"
+[providers.{name}]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+client_id = "iotgw-{name}"
+command_correlation = "payload"
+reconnect_max_ms = 500
+"#
+    )
+}
+
+/// `[pipeline]`, one rule (hot above 75, with a command) and the store in `dir`.
+fn common(dir: &Path) -> String {
+    format!(
+        r#"
+[store]
+path = "{}/iotgw.db"
+[pipeline]
+debounce_window_secs = 3600
+[rules.hot]
+pointer = "/temperature"
+op = "gt"
+value = 75
+description = "hot on {{device_id}}"
+[rules.hot.command]
+name = "cool_down"
+parameters = {{ target_celsius = 60 }}
+[simulate]
+devices = 0
+"#,
+        dir.display()
+    )
+}
+
+fn write(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+/// The sorted keys of a JSON object: the record's shape.
+#[cfg(feature = "gcp_pubsub")]
+fn shape(v: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = v
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+// The binary must be built with the gcp_pubsub provider (scripts/test.sh builds every one).
+#[cfg(feature = "gcp_pubsub")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_on_two_clouds_get_alerts_and_commands_of_one_shape_and_spoofing_is_refused() {
+    use iotgw_testkit::pubsub::{PubSub, Rest};
+    iotgw_testkit::init();
+    let broker = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto");
+    let pubsub = PubSub::leased().await.expect("pub/sub emulator");
+    let rest = Rest::new(&pubsub.endpoint());
+    let tag = format!("hy{}", std::process::id());
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write(
+        dir.path(),
+        &format!(
+            r#"{common}{plant}
+[providers.cloud]
+kind = "gcp_pubsub"
+project_id = "{project}"
+emulator_host = "{emulator}"
+create_if_missing = true
+command_subscriptions = true
+telemetry_topic = "{tag}-telemetry"
+telemetry_subscription = "{tag}-telemetry"
+commands_topic = "{tag}-commands"
+command_subscription_prefix = "{tag}-cmd-"
+reply_topic = "{tag}-replies"
+reply_subscription = "{tag}-replies"
+[routing]
+[[routing.rules]]
+provider = "plant"
+category = "factory"
+[[routing.rules]]
+provider = "cloud"
+category = "field"
+"#,
+            common = common(dir.path()),
+            plant = mqtt_instance("plant", broker.port()),
+            project = iotgw_testkit::pubsub::PROJECT,
+            emulator = pubsub.emulator_host(),
+        ),
+    );
+    let gw = Gateway::start(&config, dir.path(), iotgw_testkit::free_port()).await;
+    gw.wait_connected("plant").await;
+    gw.wait_connected("cloud").await;
+
+    let m = gw.register("m-1", "factory").await;
+    let g = gw.register("g-1", "field").await;
+    assert_eq!(m["msdyn_iotproviderinstance"], "plant", "{m}");
+    assert_eq!(g["msdyn_iotproviderinstance"], "cloud", "{g}");
+    assert_eq!(shape(&m), shape(&g), "device records of one shape");
+
+    // A hot reading from each: the MQTT device through Mosquitto, the cloud device through
+    // Pub/Sub (the device id in the attribute, as its bridge sends it).
+    let mut device = Device::connect("m-1", broker.port()).await;
+    device.publish("m-1", "m-1-r1", 90).await;
+    rest.publish(
+        &format!("{tag}-telemetry"),
+        json!({"message_id": "g-1-r1", "temperature": 91})
+            .to_string()
+            .as_bytes(),
+        &[("device_id", "g-1")],
+    )
+    .await
+    .expect("publish to pub/sub");
+
+    let alerts = wait_for(
+        "one alert per cloud",
+        Duration::from_secs(60),
+        || async {
+            let a = gw.items("/api/v1/alerts").await;
+            (a.len() >= 2).then_some(a)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(shape(&alerts[0]), shape(&alerts[1]), "alerts of one shape");
+    let instances: BTreeSet<_> = alerts
+        .iter()
+        .map(|a| {
+            a["msdyn_iotproviderinstance"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        instances,
+        BTreeSet::from(["cloud".to_owned(), "plant".to_owned()])
+    );
+
+    // The rule's command reaches each device through its own cloud.
+    let on_mqtt = device
+        .next_command(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("the mqtt device got its command\n{}", gw.logs()));
+    assert_eq!(on_mqtt["CommandName"], "cool_down", "{on_mqtt}");
+    let subscription = format!("{tag}-cmd-g-1");
+    let on_cloud = wait_for(
+        "the cloud device's command in its subscription",
+        Duration::from_secs(30),
+        || async {
+            let pulled = rest.pull(&subscription, 10).await.ok()?;
+            pulled.into_iter().next()
+        },
+        || gw.logs(),
+    )
+    .await;
+    let body: Value = serde_json::from_slice(&on_cloud.data).expect("command JSON");
+    assert_eq!(body["CommandName"], "cool_down", "{body}");
+    let commands = wait_for(
+        "both commands published",
+        Duration::from_secs(30),
+        || async {
+            let c = gw.items("/api/v1/commands").await;
+            (c.len() == 2 && c.iter().all(|c| !c["iotgw_publishedon"].is_null())).then_some(c)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(
+        shape(&commands[0]),
+        shape(&commands[1]),
+        "commands of one shape"
+    );
+
+    // g-1 lives on the cloud instance: the same id through Mosquitto is refused.
+    device.publish("g-1", "spoof-1", 99).await;
+    let letter = wait_for(
+        "the spoofed reading dead-lettered",
+        Duration::from_secs(30),
+        || async {
+            gw.items("/api/v1/dead-letters")
+                .await
+                .into_iter()
+                .find(|d| {
+                    d["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("wrong_instance"))
+                })
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(letter["device_id"], "g-1", "{letter}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("`cloud`") && r.contains("`plant`")),
+        "{letter}"
+    );
+    assert_eq!(
+        gw.items("/api/v1/alerts").await.len(),
+        2,
+        "no alert from the spoof"
+    );
+    let (_, metrics) = (
+        0,
+        reqwest::get(format!("{}/metrics", gw.api))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text"),
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("iotgw_events_rejected_total") && l.contains("wrong_instance")),
+        "the refusal is counted"
+    );
+    broker.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moves_under_traffic_and_no_reading_is_lost_or_counted_twice() {
+    iotgw_testkit::init();
+    let a = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto a");
+    let b = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto b");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write(
+        dir.path(),
+        &format!(
+            "{}{}{}\n[routing]\ndefault = \"a\"\n",
+            common(dir.path()),
+            mqtt_instance("a", a.port()),
+            mqtt_instance("b", b.port())
+        ),
+    );
+    let gw = Gateway::start(&config, dir.path(), iotgw_testkit::free_port()).await;
+    gw.wait_connected("a").await;
+    gw.wait_connected("b").await;
+    gw.register("mv-1", "pumps").await;
+
+    // Every reading is hot: each one is an alert (the first a primary, the rest its
+    // children), so a lost reading is a missing alert and a doubled one a second alert.
+    let mut on_a = Device::connect("mv-1", a.port()).await;
+    let mut seq = 0;
+    let mut through_a = Vec::new();
+    for _ in 0..30 {
+        seq += 1;
+        on_a.publish("mv-1", &format!("r-{seq:03}"), 90).await;
+        through_a.push(format!("r-{seq:03}"));
+    }
+    // The move runs while the device keeps publishing to A.
+    let moving = {
+        let http = gw.http.clone();
+        let url = format!("{}/api/v1/devices/mv-1/move", gw.api);
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({"to": "b"}))
+                .send()
+                .await
+                .expect("move");
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.expect("move answer"),
+            )
+        })
+    };
+    while !moving.is_finished() {
+        seq += 1;
+        on_a.publish("mv-1", &format!("r-{seq:03}"), 90).await;
+        through_a.push(format!("r-{seq:03}"));
+    }
+    let (status, moved) = moving.await.expect("move task");
+    assert_eq!(status, 200, "{moved}\n{}", gw.logs());
+    assert_eq!(moved["from"], "a");
+    assert_eq!(moved["device"]["msdyn_iotproviderinstance"], "b");
+    assert_eq!(moved["source_unregistered"], true);
+    // Late readings through the old instance, after the cut-over.
+    let mut late = Vec::new();
+    for _ in 0..5 {
+        seq += 1;
+        on_a.publish("mv-1", &format!("r-{seq:03}"), 90).await;
+        late.push(format!("r-{seq:03}"));
+    }
+    drop(on_a);
+    let mut on_b = Device::connect("mv-1", b.port()).await;
+    let mut through_b = Vec::new();
+    for _ in 0..30 {
+        seq += 1;
+        on_b.publish("mv-1", &format!("r-{seq:03}"), 90).await;
+        through_b.push(format!("r-{seq:03}"));
+    }
+
+    let total = through_a.len() + late.len() + through_b.len();
+    let (alerts, letters) = wait_for(
+        "every reading committed or dead-lettered",
+        Duration::from_secs(60),
+        || async {
+            let alerts = gw.items("/api/v1/alerts?limit=1000").await;
+            let letters = gw.items("/api/v1/dead-letters?limit=1000").await;
+            (alerts.len() + letters.len() >= total).then_some((alerts, letters))
+        },
+        || gw.logs(),
+    )
+    .await;
+    let tokens: Vec<String> = alerts
+        .iter()
+        .map(|a| a["msdyn_alerttoken"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let distinct: BTreeSet<&String> = tokens.iter().collect();
+    assert_eq!(distinct.len(), tokens.len(), "no alert doubled: {tokens:?}");
+    let dead: BTreeSet<String> = letters
+        .iter()
+        .map(|d| {
+            assert!(
+                d["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("wrong_instance")),
+                "{d}"
+            );
+            d["message_id"].as_str().unwrap_or("").to_owned()
+        })
+        .collect();
+    let alerted = |m: &String| tokens.iter().any(|t| t.contains(m.as_str()));
+    let kept = |m: &String| dead.iter().any(|d| d.contains(m.as_str()));
+    for m in through_a.iter().chain(&late).chain(&through_b) {
+        assert!(
+            alerted(m) ^ kept(m),
+            "{m} is committed once or kept as a dead letter, never both or neither"
+        );
+    }
+    assert!(
+        late.iter().all(kept),
+        "late readings through A are wrong_instance dead letters"
+    );
+    assert!(
+        through_b.iter().all(alerted),
+        "every reading through B is committed"
+    );
+    assert_eq!(alerts.len() + letters.len(), total, "nothing extra");
+    let history: Vec<(String, String)> = gw
+        .items("/api/v1/devices/mv-1/history")
+        .await
+        .iter()
+        .map(|h| {
+            (
+                h["msdyn_action"]
+                    .as_str()
+                    .unwrap_or(&h["msdyn_action"].to_string())
+                    .to_owned(),
+                h["msdyn_iotproviderinstance"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(history.len(), 3, "{history:?}");
+    assert_eq!(history[1].1, "a", "Deactivate on the source: {history:?}");
+    assert_eq!(history[2].1, "b", "Register on the target: {history:?}");
+    a.remove().await;
+    b.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_broker_down_new_devices_fail_over_and_commands_wait_for_it_or_expire() {
+    iotgw_testkit::init();
+    let a = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto a");
+    let b = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto b");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write(
+        dir.path(),
+        &format!(
+            r#"{}{}{}
+[routing]
+default = "b"
+[[routing.rules]]
+provider = "a"
+category = "pumps"
+fallback = ["b"]
+[health]
+failover_after_secs = 2
+optional = ["a"]
+[commands]
+ttl_secs = 15
+retry_secs = 1
+"#,
+            common(dir.path()),
+            mqtt_instance("a", a.port()),
+            mqtt_instance("b", b.port())
+        ),
+    );
+    let gw = Gateway::start(&config, dir.path(), iotgw_testkit::free_port()).await;
+    gw.wait_connected("a").await;
+    gw.wait_connected("b").await;
+    let first = gw.register("p-1", "pumps").await;
+    assert_eq!(first["msdyn_iotproviderinstance"], "a");
+    let mut device = Device::connect("p-1", a.port()).await;
+
+    a.kill().await.expect("kill broker a");
+    let down = wait_for(
+        "instance a failed over",
+        Duration::from_secs(30),
+        || async {
+            let p = gw.provider("a").await;
+            (p["failed_over"] == true).then_some(p)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(down["healthy"], false, "{down}");
+    assert_eq!(down["required"], false, "{down}");
+    assert_eq!(down["devices"], 1, "{down}");
+    let (ready, report) = gw.get("/ready").await;
+    assert_eq!(
+        ready, 200,
+        "an optional instance down keeps the gateway ready: {report}"
+    );
+    assert!(
+        report["degraded"].to_string().contains("provider a"),
+        "{report}"
+    );
+
+    let second = gw.register("p-2", "pumps").await;
+    assert_eq!(
+        second["msdyn_iotproviderinstance"], "b",
+        "new devices go to the fallback"
+    );
+
+    // A command to p-1 while A is down waits and then expires after its TTL.
+    let expiring = gw.command("p-1", "too_late").await;
+    let id = expiring["msdyn_iotdevicecommandid"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let waiting = wait_for(
+        "the command waits with the reason",
+        Duration::from_secs(10),
+        || async {
+            let (_, c) = gw.get(&format!("/api/v1/commands/{id}")).await;
+            c["msdyn_commandstatusreason"]
+                .as_str()
+                .is_some_and(|r| r.contains("unreachable"))
+                .then_some(c)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(
+        waiting["msdyn_commandstatus"], 192_350_000,
+        "still In Progress: {waiting}"
+    );
+    assert!(waiting["iotgw_publishedon"].is_null());
+    let expired = wait_for(
+        "the command ends in Error after its TTL",
+        Duration::from_secs(40),
+        || async {
+            let (_, c) = gw.get(&format!("/api/v1/commands/{id}")).await;
+            (c["msdyn_commandstatus"] == 192_350_002).then_some(c)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert!(
+        expired["msdyn_commandstatusreason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("instance a unreachable for")),
+        "{expired}"
+    );
+
+    // A second command waits for A, and goes out once A is back.
+    let waits = gw.command("p-1", "reboot").await;
+    let correlation = waits["iotgw_correlationid"]
+        .as_str()
+        .expect("correlation")
+        .to_owned();
+    tokio::time::sleep(Duration::from_secs(2)).await; // it is In Progress meanwhile
+    a.start_again().await.expect("broker a back");
+    let got = device
+        .next_command(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("the waiting command reached the device\n{}", gw.logs()));
+    assert_eq!(got["CommandName"], "reboot", "{got}");
+    assert_eq!(got["correlation_id"], correlation.as_str(), "{got}");
+    assert!(
+        device.next_command(Duration::from_secs(2)).await.is_none(),
+        "the expired command is never sent"
+    );
+
+    // With A back, the operator moves the failed-over pumps home with the bulk move.
+    gw.wait_connected("a").await;
+    let out = Command::new(env!("CARGO_BIN_EXE_iotgw"))
+        .args([
+            "devices",
+            "move",
+            "--category",
+            "pumps",
+            "--from",
+            "b",
+            "--to",
+            "a",
+        ])
+        .args(["--url", &gw.api])
+        .output()
+        .expect("iotgw devices move runs");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{summary}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        summary.starts_with("1 device(s) selected: 1 moved to a, 0 already there, 0 failed"),
+        "{summary}"
+    );
+    let (_, back) = gw.get("/api/v1/devices/p-2").await;
+    assert_eq!(back["msdyn_iotproviderinstance"], "a", "{back}");
+    a.remove().await;
+    b.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_never_published_before_a_kill_is_sent_after_the_restart() {
+    iotgw_testkit::init();
+    let broker = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write(
+        dir.path(),
+        &format!(
+            "{}{}\n[routing]\ndefault = \"plant\"\n[commands]\nretry_secs = 1\n",
+            common(dir.path()),
+            mqtt_instance("plant", broker.port())
+        ),
+    );
+    let port = iotgw_testkit::free_port();
+    let mut gw = Gateway::start(&config, dir.path(), port).await;
+    gw.wait_connected("plant").await;
+    gw.register("k-1", "pumps").await;
+    let mut device = Device::connect("k-1", broker.port()).await;
+
+    // With the broker gone the gateway cannot publish: the command is stored, In
+    // Progress, never published, when the gateway is killed.
+    broker.kill().await.expect("kill the broker");
+    wait_for(
+        "the gateway sees the broker gone",
+        Duration::from_secs(30),
+        || async { (gw.provider("plant").await["healthy"] == false).then_some(()) },
+        || gw.logs(),
+    )
+    .await;
+    let cmd = gw.command("k-1", "reboot").await;
+    let (id, correlation) = (
+        cmd["msdyn_iotdevicecommandid"]
+            .as_str()
+            .expect("id")
+            .to_owned(),
+        cmd["iotgw_correlationid"]
+            .as_str()
+            .expect("correlation")
+            .to_owned(),
+    );
+    let (_, stored) = gw.get(&format!("/api/v1/commands/{id}")).await;
+    assert!(stored["iotgw_publishedon"].is_null(), "{stored}");
+    gw.kill_9();
+
+    broker.start_again().await.expect("broker back");
+    let gw = Gateway::start(&config, dir.path(), port).await;
+    let got = device
+        .next_command(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the command reached the device after the restart\n{}",
+                gw.logs()
+            )
+        });
+    assert_eq!(got["CommandName"], "reboot", "{got}");
+    assert_eq!(
+        got["correlation_id"],
+        correlation.as_str(),
+        "the same correlation id: {got}"
+    );
+    let published = wait_for(
+        "the command recorded as published",
+        Duration::from_secs(10),
+        || async {
+            let (_, c) = gw.get(&format!("/api/v1/commands/{id}")).await;
+            (!c["iotgw_publishedon"].is_null()).then_some(c)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(
+        published["msdyn_commandstatus"], 192_350_000,
+        "In Progress until the device answers"
+    );
+    assert!(
+        device.next_command(Duration::from_secs(2)).await.is_none(),
+        "sent once"
+    );
+    broker.remove().await;
+}
