@@ -191,6 +191,7 @@ async fn run(smoke: bool) -> anyhow::Result<()> {
         config,
         StartOptions {
             api_listener: Some(listener),
+            ..StartOptions::default()
         },
     )
     .await?;

@@ -81,11 +81,13 @@ async fn run(smoke: bool) -> anyhow::Result<()> {
         config,
         StartOptions {
             api_listener: Some(listener),
+            ..StartOptions::default()
         },
     )
     .await?;
     let provider = gw
         .core
+        .live()
         .providers
         .get(INSTANCE)
         .cloned()

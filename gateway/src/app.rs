@@ -20,10 +20,9 @@ use crate::api::starting::{StartingReason, StartingServer};
 use crate::api::{self, ApiState};
 use crate::core::{Core, RegisterRequest};
 use crate::health::Readiness;
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::pipeline;
-use crate::router::Router;
-use crate::rules::RuleSet;
 use crate::sinks;
 
 /// Provider kinds compiled into this binary.
@@ -74,6 +73,9 @@ pub async fn build_provider(name: &str, cfg: &ProviderConfig) -> anyhow::Result<
 pub struct StartOptions {
     /// A listener for the API (tests pass one bound to port 0); None binds `api.listen`.
     pub api_listener: Option<TcpListener>,
+    /// The config file the configuration came from: reloaded on SIGHUP and when it
+    /// changes. None (the embedded default, or a config built in code): no reloads.
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// A running gateway.
@@ -89,7 +91,10 @@ pub struct RunningGateway {
     drain_until: watch::Sender<Option<tokio::time::Instant>>,
     provider_tasks: Vec<JoinHandle<()>>,
     pipeline: pipeline::Pipeline,
-    outbox: sinks::OutboxWorkers,
+    outbox: Arc<tokio::sync::Mutex<sinks::OutboxWorkers>>,
+    /// Config hot reload (SIGHUP, file changes).
+    pub reloader: Arc<crate::reload::Reloader>,
+    reload_task: (CancellationToken, JoinHandle<()>),
     api_task: JoinHandle<()>,
     fleet: Option<(CancellationToken, JoinHandle<()>)>,
     /// The command sweeper (resends and expires waiting commands).
@@ -256,17 +261,13 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     for (name, sc) in &config.sinks {
         sink_list.push(sinks::build(name, sc).with_context(|| format!("building sink `{name}`"))?);
     }
-    let core = Arc::new(Core {
-        store: store.clone(),
-        router: Router::new(&config.routing),
-        rules: RuleSet::new(&config),
-        metrics: metrics.clone(),
-        outbox_wake: Arc::new(Notify::new()),
-        sinks: config.sinks.keys().cloned().collect(),
-        replica: replica.clone(),
-        providers: providers.clone(),
-        config: config.clone(),
-    });
+    let core = Arc::new(Core::new(
+        store.clone(),
+        metrics.clone(),
+        Arc::new(Notify::new()),
+        replica.clone(),
+        Live::new(1, config.clone(), providers.clone()),
+    ));
 
     // Providers -> pipeline.
     let (tx, rx) = mpsc::channel::<ProviderEvent>(config.pipeline.queue_capacity);
@@ -311,6 +312,15 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     );
 
     // API.
+    let outbox = Arc::new(tokio::sync::Mutex::new(outbox));
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        core.clone(),
+        opts.config_file.clone(),
+        outbox.clone(),
+    ));
+    let reload_stop = CancellationToken::new();
+    let reload_task = (reload_stop.clone(), reloader.clone().spawn(reload_stop));
+
     starting.stop().await;
     let api_addr = listener.local_addr()?;
     let readiness = Arc::new(Readiness::new(Duration::from_secs(
@@ -319,6 +329,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     let app = api::router(ApiState {
         core: core.clone(),
         readiness,
+        reloader: reloader.clone(),
     });
     let api_stop = CancellationToken::new();
     let stop = api_stop.clone();
@@ -343,6 +354,8 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         provider_tasks,
         pipeline,
         outbox,
+        reloader,
+        reload_task,
         api_task,
         fleet,
         commands,
@@ -433,6 +446,9 @@ impl RunningGateway {
             stop.cancel();
             let _ = task.await;
         }
+        let (stop, reloads) = self.reload_task;
+        stop.cancel();
+        let _ = reloads.await;
         // Waiting commands stay in the store; the next start sends them.
         let (stop, sweeper) = self.commands;
         stop.cancel();
@@ -445,7 +461,8 @@ impl RunningGateway {
             broker.close_doors().await;
             on_embedded = std::mem::take(instances);
         }
-        let providers = &self.core.providers;
+        let live = self.core.live();
+        let providers = &live.providers;
         let drains = on_embedded
             .iter()
             .filter_map(|name| providers.get(name).map(|p| (name, p)));
@@ -464,8 +481,12 @@ impl RunningGateway {
         let _ = tokio::time::timeout_at(deadline, self.pipeline.join()).await;
         let _ = self.drain_until.send(Some(deadline));
         self.outbox_stop.cancel();
-        let _ = tokio::time::timeout_at(deadline + Duration::from_millis(100), self.outbox.join())
-            .await;
+        let outbox = {
+            let mut workers = self.outbox.lock().await;
+            let empty = sinks::OutboxWorkers::empty_like(&workers);
+            std::mem::replace(&mut *workers, empty)
+        };
+        let _ = tokio::time::timeout_at(deadline + Duration::from_millis(100), outbox.join()).await;
         self.api_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.api_task).await;
         let depth: u64 = self

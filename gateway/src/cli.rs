@@ -69,6 +69,12 @@ pub enum Command {
     /// (temperature over 75 C) and three simulated devices. Alerts are printed on stdout as
     /// JSON lines, logs go to stderr. On SIGTERM or Ctrl-C it closes the device side first
     /// and commits every reading the broker already confirmed before it exits.
+    ///
+    /// With --config FILE it reloads FILE when it changes and on SIGHUP: rules, routing,
+    /// sinks, [commands] and the failover settings apply without a restart; a file that
+    /// does not validate, or that changes what is bound at start-up (api, store, replica,
+    /// a provider's settings), is refused whole and the running configuration stays (see
+    /// GET /api/v1/config/version).
     Run(RunArgs),
     /// Check a config file: every problem at once, each with its key path and a fix.
     /// Exit 0 when valid, 64 when not.
@@ -232,7 +238,7 @@ pub struct ImportArgs {
 /// `run` options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// TOML config file; omit for the embedded default.
+    /// TOML config file, reloaded when it changes; omit for the embedded default.
     #[arg(short, long, env = "IOTGW_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -598,7 +604,7 @@ async fn shutdown_signal() {
 
 async fn run(a: RunArgs) -> ExitCode {
     let embedded = a.config.is_none();
-    let config = match load(a.config, true) {
+    let config = match load(a.config.clone(), true) {
         Ok(c) => c,
         Err(e) => {
             eprint!("{e}");
@@ -609,7 +615,11 @@ async fn run(a: RunArgs) -> ExitCode {
         tracing::info!("no --config given: running the embedded default (broker on 127.0.0.1: MQTT 5 on {}, MQTT 3.1.1 on {}; SQLite at {}; {} simulated devices)", config.embedded_broker.port, config.embedded_broker.v311_port, config.store.path, config.simulate.devices);
     }
     let grace = Duration::from_secs(config.shutdown.grace_secs);
-    let gw = match app::start(config, app::StartOptions::default()).await {
+    let options = app::StartOptions {
+        config_file: a.config.clone(),
+        ..app::StartOptions::default()
+    };
+    let gw = match app::start(config, options).await {
         Ok(g) => g,
         Err(e) => {
             eprintln!("iotgw: cannot start: {e:#}");

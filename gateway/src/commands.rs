@@ -59,7 +59,8 @@ pub async fn claim_and_deliver(core: &Core, cmd: &Command) -> Option<Command> {
 /// comes back, until the command's deadline.
 pub async fn deliver(core: &Core, cmd: Command) -> Command {
     let instance = cmd.provider_instance.clone();
-    let provider = core.providers.get(&instance);
+    let live = core.live();
+    let provider = live.providers.get(&instance);
     let now = Utc::now();
     let down = provider.and_then(|p| unhealthy_for(&p.health(), now));
     let waiting = match (provider, down) {
@@ -106,7 +107,7 @@ pub async fn deliver(core: &Core, cmd: Command) -> Command {
 
 /// When a command must have been sent by.
 pub fn deadline(core: &Core, cmd: &Command) -> DateTime<Utc> {
-    cmd.created_at + chrono_of(Duration::from_secs(core.config.commands.ttl_secs))
+    cmd.created_at + chrono_of(Duration::from_secs(core.live().config.commands.ttl_secs))
 }
 
 fn failure(e: &ProviderError, deadline: DateTime<Utc>) -> String {
@@ -123,7 +124,7 @@ fn chrono_of(d: Duration) -> chrono::Duration {
 
 /// Leaves the command for the sweeper's next round.
 async fn wait(core: &Core, cmd: Command, reason: String, now: DateTime<Utc>) -> Command {
-    let retry_at = now + chrono_of(Duration::from_secs(core.config.commands.retry_secs));
+    let retry_at = now + chrono_of(Duration::from_secs(core.live().config.commands.retry_secs));
     match core
         .store
         .defer_command(cmd.id, &core.replica, retry_at, &reason)
@@ -213,9 +214,9 @@ pub fn spawn_sweeper(core: Arc<Core>, stop: CancellationToken) -> JoinHandle<()>
             }
             Err(e) => tracing::warn!(error = %e, "releasing this replica's command claims failed"),
         }
-        let every = Duration::from_secs(core.config.commands.retry_secs);
         loop {
             sweep(&core).await;
+            let every = Duration::from_secs(core.live().config.commands.retry_secs);
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(every) => {}

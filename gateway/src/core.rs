@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use chrono::Utc;
 use futures::stream::{self, StreamExt};
-use iotgw_config::Config;
 use iotgw_providers::{DeviceSpec, DeviceState, Provider, ProviderError, CFS_MAX_COMMAND_BYTES};
 use iotgw_registry::{
     Command, Device, DeviceId, IsSimulated, NewCommand, NewDevice, RegistrationStatus, Store,
@@ -14,9 +14,9 @@ use iotgw_registry::{
 };
 use tokio::sync::Notify;
 
+use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::router::{RouteInput, Router};
-use crate::rules::RuleSet;
+use crate::router::RouteInput;
 
 /// A failure of a gateway operation, classified for the API.
 #[derive(Debug, thiserror::Error)]
@@ -104,31 +104,22 @@ pub struct Registered {
 
 /// Everything the gateway's parts share.
 pub struct Core {
-    /// The effective configuration.
-    pub config: Arc<Config>,
     /// The registry.
     pub store: Arc<dyn Store>,
-    /// Provider instances by name.
-    pub providers: BTreeMap<String, Arc<dyn Provider>>,
-    /// Routing of new devices.
-    pub router: Router,
-    /// Compiled alert rules.
-    pub rules: RuleSet,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Woken when outbox items were written.
     pub outbox_wake: Arc<Notify>,
-    /// Sink names (one outbox item per sink per alert).
-    pub sinks: Vec<String>,
     /// This replica's id (holder of its command claims).
     pub replica: String,
+    /// What a reload replaces: configuration, routing, rules, sinks, providers.
+    live: ArcSwap<Live>,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("providers", &self.providers.keys().collect::<Vec<_>>())
-            .field("sinks", &self.sinks)
+            .field("live", &*self.live.load())
             .finish()
     }
 }
@@ -159,15 +150,44 @@ fn parse_id(raw: &str) -> Result<DeviceId, GatewayError> {
 }
 
 impl Core {
+    /// The composed state, starting at `live`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        outbox_wake: Arc<Notify>,
+        replica: String,
+        live: Live,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            outbox_wake,
+            replica,
+            live: ArcSwap::from_pointee(live),
+        }
+    }
+
+    /// The live version of the reloadable state; hold it for one operation.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Replaces the reloadable state (a configuration reload).
+    pub fn swap(&self, live: Live) {
+        self.live.store(Arc::new(live));
+    }
+
     /// The provider instance by name.
-    pub fn provider(&self, name: &str) -> Result<&Arc<dyn Provider>, GatewayError> {
-        self.providers
+    pub fn provider(&self, name: &str) -> Result<Arc<dyn Provider>, GatewayError> {
+        let live = self.live();
+        live.providers
             .get(name)
+            .cloned()
             .ok_or_else(|| GatewayError::Invalid {
                 field: "msdyn_iotproviderinstance".into(),
                 message: format!(
                     "provider instance `{name}` is not configured; configured: {}",
-                    self.providers
+                    live.providers
                         .keys()
                         .cloned()
                         .collect::<Vec<_>>()
@@ -179,11 +199,12 @@ impl Core {
     /// Whether an instance has been unhealthy for `health.failover_after_secs` or longer
     /// (an instance that is not configured counts as down).
     pub fn instance_down(&self, name: &str) -> bool {
-        let Some(p) = self.providers.get(name) else {
+        let live = self.live();
+        let Some(p) = live.providers.get(name) else {
             return true;
         };
         crate::health::unhealthy_for(&p.health(), Utc::now()).is_some_and(|d| {
-            d >= std::time::Duration::from_secs(self.config.health.failover_after_secs)
+            d >= std::time::Duration::from_secs(live.config.health.failover_after_secs)
         })
     }
 
@@ -332,7 +353,8 @@ impl Core {
                     category: req.msdyn_category.as_deref(),
                     tags: &req.msdyn_tags,
                 };
-                let route = self.router.route(input, |i| self.instance_down(i)).ok_or_else(|| GatewayError::Invalid {
+                let live = self.live();
+                let route = live.router.route(input, |i| self.instance_down(i)).ok_or_else(|| GatewayError::Invalid {
                     field: "msdyn_iotproviderinstance".into(),
                     message: "no routing rule matches this device and routing.default is not set: name an instance or add a rule".into(),
                 })?;
@@ -343,7 +365,7 @@ impl Core {
                 route.instance.to_string()
             }
         };
-        let provider = self.provider(&instance)?.clone();
+        let provider = self.provider(&instance)?;
         if let Some(s) = &req.msdyn_devicesettings {
             let size = s.to_string().len();
             if size > 8000 {
@@ -400,7 +422,12 @@ impl Core {
                 "device {id} is already unregistered"
             )));
         }
-        if let Some(p) = self.providers.get(&device.provider_instance) {
+        if let Some(p) = self
+            .live()
+            .providers
+            .get(&device.provider_instance)
+            .cloned()
+        {
             match p.unregister(&id).await {
                 Ok(()) => {}
                 Err(ProviderError::NotFound { .. }) => {
@@ -472,8 +499,8 @@ impl Core {
                 device.registration_status.label()
             )));
         }
-        let provider = self.provider(&device.provider_instance)?.clone();
-        let message = self.rules.command_message(name, parameters);
+        let provider = self.provider(&device.provider_instance)?;
+        let message = self.live().rules.command_message(name, parameters);
         let limit = provider
             .limits()
             .max_command_bytes
@@ -590,21 +617,20 @@ mod tests {
     }
 
     async fn core_with(provider: Arc<Counting>) -> Core {
+        use iotgw_config::Config;
         let config = Config::embedded_default();
         let store = SqliteStore::memory().await.expect("in-memory store");
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
         providers.insert("local".into(), provider);
-        Core {
-            router: Router::new(&config.routing),
-            rules: RuleSet::new(&config),
-            metrics: Arc::new(Metrics::new()),
-            outbox_wake: Arc::new(Notify::new()),
-            sinks: Vec::new(),
-            replica: "test".into(),
-            providers,
-            config: Arc::new(config),
-            store: Arc::new(store),
-        }
+        let mut config = config;
+        config.sinks.clear();
+        Core::new(
+            Arc::new(store),
+            Arc::new(Metrics::new()),
+            Arc::new(Notify::new()),
+            "test".into(),
+            Live::new(1, Arc::new(config), providers),
+        )
     }
 
     fn req(id: &str) -> RegisterRequest {

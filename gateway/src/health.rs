@@ -75,7 +75,8 @@ impl Readiness {
         };
         let mut providers = std::collections::BTreeMap::new();
         let mut degraded = Vec::new();
-        for (name, p) in &core.providers {
+        let live = core.live();
+        for (name, p) in &live.providers {
             let h = p.health();
             core.metrics.set_provider_connected(name, h.connected);
             let down_for = (Utc::now() - h.since).to_std().unwrap_or_default();
@@ -92,7 +93,7 @@ impl Readiness {
                 || provider_ready(h.connected, seen.contains(name), down_for, self.grace);
             drop(seen);
             if !ok {
-                let optional = core.config.health.optional.contains(name);
+                let optional = live.config.health.optional.contains(name);
                 let why = format!(
                     "provider {name}{}: not connected since {}{}",
                     if optional { " (optional)" } else { "" },

@@ -8,11 +8,14 @@
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
 //! - [`commands`]: command delivery (claim, send, wait for the instance, expire, resend
 //!   after a crash).
+//! - [`live`]: the reloadable state (config, routing, rules, sinks, providers), swapped
+//!   whole by a reload.
 //! - [`router`]: which provider instance hosts a new device; [`moves`]: moving a device
 //!   to another instance.
 //! - [`rules`]: alert rules over JSON telemetry.
 //! - [`pipeline`]: provider events -> committed effects -> ack.
 //! - [`sinks`]: outbox workers and the stdout, file and webhook sinks.
+//! - [`reload`]: configuration hot reload (SIGHUP, file changes, `POST /api/v1/config/reload`).
 //! - [`api`]: the HTTP API, `/live`, `/ready`, `/metrics`.
 //! - [`health`], [`metrics`]: readiness and Prometheus metrics.
 //! - [`internal_events`]: typed events (alert committed, event rejected, delivery
@@ -33,11 +36,13 @@ pub mod errors;
 pub mod health;
 pub mod import;
 pub mod internal_events;
+pub mod live;
 pub mod metrics;
 pub mod move_cli;
 pub mod moves;
 pub mod ownership;
 pub mod pipeline;
+pub mod reload;
 pub mod router;
 pub mod rules;
 pub mod simulate;

@@ -22,6 +22,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailoverLabel {
     from: String,
     to: String,
@@ -61,6 +66,7 @@ pub struct Metrics {
     alerts: Family<AlertLabel, Counter>,
     commands: Family<ReasonLabel, Counter>,
     failovers: Family<FailoverLabel, Counter>,
+    reloads: Family<OutcomeLabel, Counter>,
     moves: Family<FailoverLabel, Counter>,
     deliveries: Family<SinkLabel, Counter>,
     dead_letters: Family<SourceLabel, Counter>,
@@ -91,6 +97,7 @@ impl Metrics {
             alerts: Family::default(),
             commands: Family::default(),
             failovers: Family::default(),
+            reloads: Family::default(),
             moves: Family::default(),
             deliveries: Family::default(),
             dead_letters: Family::default(),
@@ -139,6 +146,11 @@ impl Metrics {
             "failovers",
             "New devices routed to a fallback instance because the rule's own was down",
             m.failovers.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome (applied, unchanged, refused)",
+            m.reloads.clone(),
         );
         registry.register(
             "device_moves",
@@ -289,6 +301,15 @@ impl Metrics {
             .get_or_create(&FailoverLabel {
                 from: from.into(),
                 to: to.into(),
+            })
+            .inc();
+    }
+
+    /// A configuration reload ended.
+    pub fn config_reload(&self, outcome: &str) {
+        self.reloads
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
             })
             .inc();
     }

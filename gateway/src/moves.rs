@@ -60,7 +60,8 @@ pub async fn move_device(core: &Core, raw_id: &str, to: &str) -> Result<Moved, G
         field: "id".into(),
         message: e.to_string(),
     })?;
-    let target = core
+    let live = core.live();
+    let target = live
         .providers
         .get(to)
         .cloned()
@@ -68,7 +69,7 @@ pub async fn move_device(core: &Core, raw_id: &str, to: &str) -> Result<Moved, G
             field: "to".into(),
             message: format!(
                 "provider instance `{to}` is not configured; configured: {}",
-                core.providers
+                live.providers
                     .keys()
                     .cloned()
                     .collect::<Vec<_>>()
@@ -105,7 +106,7 @@ pub async fn move_device(core: &Core, raw_id: &str, to: &str) -> Result<Moved, G
         }
     };
     core.metrics.moved(&from, to);
-    let source = core.providers.get(&from).cloned();
+    let source = live.providers.get(&from).cloned();
     let source_error = match &source {
         None => None, // the source is no longer configured: nothing to remove there
         Some(p) => match p.unregister(&id).await {

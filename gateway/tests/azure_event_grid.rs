@@ -48,6 +48,7 @@ async fn event_grid_pushes_reach_the_registry_through_the_hooks_route_without_th
         config,
         StartOptions {
             api_listener: Some(listener),
+            ..StartOptions::default()
         },
     )
     .await

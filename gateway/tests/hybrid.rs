@@ -910,3 +910,228 @@ async fn a_command_never_published_before_a_kill_is_sent_after_the_restart() {
     );
     broker.remove().await;
 }
+
+/// A webhook receiver that records the idempotency key (the alert id) of each request.
+async fn hook() -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let keys = seen.clone();
+    let app = axum::Router::new().route(
+        "/alerts",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let keys = keys.clone();
+            async move {
+                if let Some(k) = headers
+                    .get(iotgw::sinks::IDEMPOTENCY_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    keys.lock().expect("hook").push(k.to_owned());
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("hook listens");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, seen)
+}
+
+fn reload_config(dir: &Path, mqtt_port: u16, threshold: i64, hook: Option<u16>) -> String {
+    let mut text = format!(
+        r#"
+[store]
+path = "{}/iotgw.db"
+[pipeline]
+debounce_window_secs = 3600
+[rules.hot]
+pointer = "/temperature"
+op = "gt"
+value = {threshold}
+description = "hot on {{device_id}}"
+[simulate]
+devices = 0
+[routing]
+default = "plant"
+{}"#,
+        dir.display(),
+        mqtt_instance("plant", mqtt_port)
+    );
+    if let Some(port) = hook {
+        text.push_str(&format!(
+            "[sinks.hook]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:{port}/alerts\"\nbackoff_min_ms = 100\nbackoff_max_ms = 1000\n"
+        ));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_file_applies_new_rules_and_sinks_within_2_s_and_a_typo_is_refused() {
+    iotgw_testkit::init();
+    let broker = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write(
+        dir.path(),
+        &reload_config(dir.path(), broker.port(), 75, None),
+    );
+    let gw = Gateway::start(&config, dir.path(), iotgw_testkit::free_port()).await;
+    gw.wait_connected("plant").await;
+    gw.register("r-1", "pumps").await;
+    gw.register("r-2", "pumps").await;
+    let version = |v: &Value| v["version"].as_u64().unwrap_or(0);
+    assert_eq!(version(&gw.get("/api/v1/config/version").await.1), 1);
+    let alert_of = |message_id: &str| {
+        let message_id = message_id.to_owned();
+        let gw = &gw;
+        async move {
+            gw.items("/api/v1/alerts?limit=1000")
+                .await
+                .into_iter()
+                .find(|a| {
+                    a["msdyn_alerttoken"]
+                        .as_str()
+                        .is_some_and(|t| t.contains(&message_id))
+                })
+        }
+    };
+
+    // Background traffic from r-2 through the whole test: every reading is hot under
+    // both thresholds, so each must end up as exactly one alert.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background = {
+        let (stop, port) = (stop.clone(), broker.port());
+        tokio::spawn(async move {
+            let mut d = Device::connect("r-2", port).await;
+            let mut sent = 0;
+            while !stop.load(Ordering::SeqCst) {
+                sent += 1;
+                d.publish("r-2", &format!("bg-{sent:04}"), 99).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            sent
+        })
+    };
+
+    let mut device = Device::connect("r-1", broker.port()).await;
+    device.publish("r-1", "m-1", 80).await;
+    wait_for(
+        "m-1's alert (80 > 75)",
+        Duration::from_secs(20),
+        || alert_of("m-1"),
+        || gw.logs(),
+    )
+    .await;
+
+    // The new file: a higher threshold and a webhook sink.
+    let (hook_port, hooked) = hook().await;
+    std::fs::write(
+        &config,
+        reload_config(dir.path(), broker.port(), 85, Some(hook_port)),
+    )
+    .expect("config rewritten");
+    let written = Instant::now();
+    wait_for(
+        "version 2 live",
+        Duration::from_secs(10),
+        || async { (version(&gw.get("/api/v1/config/version").await.1) == 2).then_some(()) },
+        || gw.logs(),
+    )
+    .await;
+    let took = written.elapsed();
+    assert!(took < Duration::from_secs(2), "the reload took {took:?}");
+    device.publish("r-1", "m-2", 80).await;
+    device.publish("r-1", "m-3", 90).await;
+    let m3 = wait_for(
+        "m-3's alert (90 > 85)",
+        Duration::from_secs(20),
+        || alert_of("m-3"),
+        || gw.logs(),
+    )
+    .await;
+    assert!(
+        alert_of("m-2").await.is_none(),
+        "80 is below the new threshold"
+    );
+    let m3_id = m3["msdyn_iotalertid"]
+        .as_str()
+        .expect("alert id")
+        .to_owned();
+    wait_for(
+        "the new sink received m-3's alert",
+        Duration::from_secs(20),
+        || async { hooked.lock().expect("hook").contains(&m3_id).then_some(()) },
+        || gw.logs(),
+    )
+    .await;
+
+    // A typo: refused whole, named, counted; the running configuration stays.
+    let typo = reload_config(dir.path(), broker.port(), 70, Some(hook_port))
+        .replace("op = \"gt\"", "op = \"gt\"\nthreshhold = 1");
+    std::fs::write(&config, typo).expect("typo written");
+    let refused = wait_for(
+        "the typo refused",
+        Duration::from_secs(10),
+        || async {
+            let (_, v) = gw.get("/api/v1/config/version").await;
+            (v["last_reload"]["outcome"] == "refused").then_some(v)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(version(&refused), 2, "{refused}");
+    assert!(
+        refused["last_reload"]["problems"]
+            .to_string()
+            .contains("rules.hot.threshhold"),
+        "{refused}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", gw.api))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("iotgw_config_reloads_total{outcome=\"refused\"} ")),
+        "{metrics}"
+    );
+    device.publish("r-1", "m-4", 80).await;
+    device.publish("r-1", "m-5", 90).await;
+    wait_for(
+        "m-5's alert (the old rule still runs)",
+        Duration::from_secs(20),
+        || alert_of("m-5"),
+        || gw.logs(),
+    )
+    .await;
+    assert!(
+        alert_of("m-4").await.is_none(),
+        "threshold 85 still applies, not the typo's 70"
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    let sent = background.await.expect("background publisher");
+    let committed = wait_for(
+        "every background reading committed",
+        Duration::from_secs(30),
+        || async {
+            let n = gw
+                .items("/api/v1/alerts?device_id=r-2&limit=1000")
+                .await
+                .len();
+            (n >= sent).then_some(n)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(
+        committed, sent,
+        "one alert per background reading, none lost across two reloads"
+    );
+    broker.remove().await;
+}

@@ -393,6 +393,7 @@ async fn a_gateway_waits_for_postgres_and_becomes_ready_when_it_answers() -> any
         config,
         StartOptions {
             api_listener: Some(listener),
+            ..StartOptions::default()
         },
     ));
     anyhow::ensure!(

@@ -54,7 +54,7 @@ pub(super) async fn ready(State(s): State<ApiState>) -> impl IntoResponse {
 
 pub(super) async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     if let Ok(depths) = s.core.store.outbox_depth().await {
-        for sink in &s.core.sinks {
+        for sink in &s.core.live().sinks {
             let d = depths
                 .iter()
                 .find(|(n, _)| n == sink)
@@ -62,7 +62,7 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
             s.core.metrics.set_outbox_depth(sink, d);
         }
     }
-    for (name, p) in &s.core.providers {
+    for (name, p) in &s.core.live().providers {
         s.core
             .metrics
             .set_provider_connected(name, p.health().connected);
@@ -404,11 +404,27 @@ pub(super) async fn list_dead_letters(
     Ok(Json(s.core.store.list_dead_letters(&page(p)?).await?))
 }
 
+pub(super) async fn config_version(State(s): State<ApiState>) -> impl IntoResponse {
+    Json(s.reloader.version())
+}
+
+/// `POST /api/v1/config/reload`: what SIGHUP does, answered with the outcome (200 when
+/// applied or unchanged, 422 with the problems when refused).
+pub(super) async fn config_reload(State(s): State<ApiState>) -> impl IntoResponse {
+    let done = s.reloader.reload("API").await;
+    let status = if done.outcome == "refused" {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(done))
+}
+
 pub(super) async fn providers(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let counts = s.core.store.device_counts().await?;
     let now = chrono::Utc::now();
-    let list: Vec<_> = s
-        .core
+    let live = s.core.live();
+    let list: Vec<_> = live
         .providers
         .iter()
         .map(|(name, p)| {
@@ -425,7 +441,7 @@ pub(super) async fn providers(State(s): State<ApiState>) -> ApiResult<impl IntoR
                 "since": health.since,
                 "down_for_secs": down_for.map(|d| d.as_secs()),
                 "failed_over": s.core.instance_down(name),
-                "required": !s.core.config.health.optional.contains(name),
+                "required": !live.config.health.optional.contains(name),
                 "devices": devices,
                 "health": health,
                 "limits": p.limits(),

@@ -30,6 +30,8 @@ pub struct ApiState {
     pub core: Arc<Core>,
     /// Readiness tracking.
     pub readiness: Arc<Readiness>,
+    /// Config hot reload.
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// An API error: status, code, message.
@@ -104,7 +106,8 @@ impl From<iotgw_registry::StoreError> for ApiError {
 }
 
 async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let Some(token) = state.core.config.api.token.as_ref() else {
+    let live = state.core.live();
+    let Some(token) = live.config.api.token.as_ref() else {
         return next.run(req).await;
     };
     let given = req
@@ -143,6 +146,7 @@ async fn push_hook(
 ) -> Response {
     let Some(endpoint) = state
         .core
+        .live()
         .providers
         .get(&instance)
         .and_then(|p| p.push_endpoint())
@@ -210,6 +214,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/alerts/{id}/close", post(close_alert))
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/providers", get(providers))
+        .route("/api/v1/config/version", get(config_version))
+        .route("/api/v1/config/reload", post(config_reload))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

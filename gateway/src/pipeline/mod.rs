@@ -109,7 +109,7 @@ async fn collect(
     mut ready: mpsc::Receiver<oneshot::Sender<batch::Batch>>,
     batching: Batching,
 ) {
-    let preparer = prepare::Preparer::new(&core);
+    let mut preparer = prepare::Preparer::new(core.live());
     let max = batching.max_events;
     let mut buf = Vec::with_capacity(max);
     let mut batch = batch::Batch::default();
@@ -145,8 +145,12 @@ async fn collect(
                 } else {
                     oldest.get_or_insert_with(Instant::now);
                 }
+                let live = core.live();
+                if live.version != preparer.version() {
+                    preparer = prepare::Preparer::new(live);
+                }
                 for ev in buf.drain(..) {
-                    preparer.add(&core.rules, &core.metrics, &mut batch, ev);
+                    preparer.add(&core.metrics, &mut batch, ev);
                 }
             }
             () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),

@@ -8,7 +8,9 @@ use iotgw_providers::{EventKind, ProviderEvent, Telemetry};
 use iotgw_registry::{Arrival, BatchWrite, DeviceId, IfUnknown, NewDeadLetter, TelemetryCommit};
 
 use super::batch::{Batch, Entry, Step};
-use crate::core::Core;
+use std::sync::Arc;
+
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::rules::RuleSet;
 
@@ -72,8 +74,10 @@ pub fn prepare(
 }
 
 /// What the pure half needs, read once when the pipeline starts (the providers' limits are
-/// not asked per message).
+/// not asked per message). Built from one live version; the collector builds a new one
+/// when a reload swapped the live state.
 pub(crate) struct Preparer {
+    live: Arc<Live>,
     limits: HashMap<String, usize>,
     unknown_devices: UnknownDevicePolicy,
     debounce_window: chrono::Duration,
@@ -81,29 +85,29 @@ pub(crate) struct Preparer {
 }
 
 impl Preparer {
-    pub(crate) fn new(core: &Core) -> Self {
+    pub(crate) fn new(live: Arc<Live>) -> Self {
         Self {
-            limits: core
+            limits: live
                 .providers
                 .iter()
                 .map(|(name, p)| (name.clone(), p.limits().max_telemetry_bytes))
                 .collect(),
-            unknown_devices: core.config.pipeline.unknown_devices,
+            unknown_devices: live.config.pipeline.unknown_devices,
             debounce_window: chrono::Duration::seconds(
-                i64::try_from(core.config.pipeline.debounce_window_secs).unwrap_or(60),
+                i64::try_from(live.config.pipeline.debounce_window_secs).unwrap_or(60),
             ),
-            sinks: core.sinks.clone(),
+            sinks: live.sinks.clone(),
+            live,
         }
     }
 
+    /// The live version it was built from.
+    pub(crate) fn version(&self) -> u64 {
+        self.live.version
+    }
+
     /// Adds one event to `batch`: its write (if any) and its place in the ack order.
-    pub(crate) fn add(
-        &self,
-        rules: &RuleSet,
-        metrics: &Metrics,
-        batch: &mut Batch,
-        ev: ProviderEvent,
-    ) {
+    pub(crate) fn add(&self, metrics: &Metrics, batch: &mut Batch, ev: ProviderEvent) {
         let ProviderEvent {
             instance,
             kind,
@@ -112,7 +116,7 @@ impl Preparer {
         metrics.received(&instance);
         let step = match kind {
             EventKind::Telemetry(t) => {
-                let (write, rejected) = self.telemetry(rules, &instance, t);
+                let (write, rejected) = self.telemetry(&self.live.rules, &instance, t);
                 if let Some(r) = &rejected {
                     metrics.rejected(&instance, r.label(), &r.reason());
                 }

@@ -18,25 +18,20 @@ use tokio::sync::Notify;
 use super::batch::{self, Batch};
 use super::prepare::Preparer;
 use crate::core::Core;
+use crate::live::Live;
 use crate::metrics::Metrics;
-use crate::router::Router;
-use crate::rules::RuleSet;
 
 type Verdicts = Arc<Mutex<Vec<(String, Ack)>>>;
 
 fn core(store: Arc<dyn Store>) -> Core {
     let config = Config::embedded_default();
-    Core {
-        router: Router::new(&config.routing),
-        rules: RuleSet::new(&config),
-        metrics: Arc::new(Metrics::new()),
-        outbox_wake: Arc::new(Notify::new()),
-        sinks: config.sinks.keys().cloned().collect(),
-        replica: "test".into(),
-        providers: BTreeMap::new(),
-        config: Arc::new(config),
+    Core::new(
         store,
-    }
+        Arc::new(Metrics::new()),
+        Arc::new(Notify::new()),
+        "test".into(),
+        Live::new(1, Arc::new(config), BTreeMap::new()),
+    )
 }
 
 async fn registered(store: &dyn Store, ids: &[&str]) {
@@ -96,10 +91,10 @@ fn temperature(t: f64) -> String {
 
 /// Prepares `events` as one batch and commits it, as the pipeline does.
 async fn commit_as_one_batch(core: &Core, events: Vec<ProviderEvent>) {
-    let preparer = Preparer::new(core);
+    let preparer = Preparer::new(core.live());
     let mut b = Batch::default();
     for ev in events {
-        preparer.add(&core.rules, &core.metrics, &mut b, ev);
+        preparer.add(&core.metrics, &mut b, ev);
     }
     batch::commit(core, b).await;
 }

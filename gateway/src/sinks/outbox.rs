@@ -14,7 +14,6 @@ use chrono::Utc;
 use iotgw_registry::{OutboxLease, Store};
 use rand::Rng;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeliveryError, Sink};
@@ -35,16 +34,77 @@ pub struct Leasing {
     pub lease: Duration,
 }
 
-/// The running workers.
+/// The running workers, one per sink; a configuration reload starts and stops single
+/// ones.
 #[derive(Debug)]
 pub struct OutboxWorkers {
-    tasks: JoinSet<()>,
+    ctx: WorkerContext,
+    running: std::collections::BTreeMap<String, (CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+struct WorkerContext {
+    store: Arc<dyn Store>,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    drain: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    leasing: Leasing,
+}
+
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("leasing", &self.leasing)
+            .finish()
+    }
 }
 
 impl OutboxWorkers {
+    /// Starts the worker of `sink`, stopping one of the same name first (a changed sink).
+    pub fn start(&mut self, sink: Arc<dyn Sink>) {
+        let name = sink.name().to_owned();
+        self.stop(&name);
+        let worker = Worker {
+            store: self.ctx.store.clone(),
+            sink,
+            metrics: self.ctx.metrics.clone(),
+            leasing: self.ctx.leasing.clone(),
+        };
+        let stop = self.ctx.shutdown.child_token();
+        let (wake, drain, token) = (self.ctx.wake.clone(), self.ctx.drain.clone(), stop.clone());
+        let task = tokio::spawn(async move { worker.run(wake, token, drain).await });
+        self.running.insert(name, (stop, task));
+    }
+
+    /// Stops the worker of sink `name` after the round it is delivering (a removed sink:
+    /// its undelivered items stay in the outbox, delivered if it comes back).
+    pub fn stop(&mut self, name: &str) {
+        if let Some((stop, _task)) = self.running.remove(name) {
+            stop.cancel();
+        }
+    }
+
+    /// No workers, the same context (what is left behind when the workers are taken to be
+    /// joined).
+    pub fn empty_like(other: &Self) -> Self {
+        Self {
+            ctx: other.ctx.clone(),
+            running: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The sinks with a worker.
+    pub fn names(&self) -> Vec<String> {
+        self.running.keys().cloned().collect()
+    }
+
     /// Waits for every worker to stop.
-    pub async fn join(mut self) {
-        while self.tasks.join_next().await.is_some() {}
+    pub async fn join(self) {
+        for (_, (_, task)) in self.running {
+            let _ = task.await;
+        }
     }
 }
 
@@ -75,18 +135,21 @@ pub fn spawn_workers(
     drain: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
     leasing: Leasing,
 ) -> OutboxWorkers {
-    let mut tasks = JoinSet::new();
+    let mut workers = OutboxWorkers {
+        ctx: WorkerContext {
+            store,
+            wake,
+            metrics,
+            shutdown,
+            drain,
+            leasing,
+        },
+        running: std::collections::BTreeMap::new(),
+    };
     for sink in sinks {
-        let worker = Worker {
-            store: store.clone(),
-            sink,
-            metrics: metrics.clone(),
-            leasing: leasing.clone(),
-        };
-        let (wake, shutdown, drain) = (wake.clone(), shutdown.clone(), drain.clone());
-        tasks.spawn(async move { worker.run(wake, shutdown, drain).await });
+        workers.start(sink);
     }
-    OutboxWorkers { tasks }
+    workers
 }
 
 /// One sink's worker.

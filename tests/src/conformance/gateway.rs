@@ -77,6 +77,7 @@ impl Gateway {
             config,
             StartOptions {
                 api_listener: Some(listener),
+                ..StartOptions::default()
             },
         )
         .await

@@ -138,6 +138,7 @@ impl Gateway {
             config,
             StartOptions {
                 api_listener: Some(listener),
+                ..StartOptions::default()
             },
         )
         .await
