@@ -85,11 +85,10 @@ pub struct RunningGateway {
     pub api_addr: SocketAddr,
     /// The shared state.
     pub core: Arc<Core>,
-    providers_stop: CancellationToken,
     outbox_stop: CancellationToken,
     api_stop: CancellationToken,
     drain_until: watch::Sender<Option<tokio::time::Instant>>,
-    provider_tasks: Vec<JoinHandle<()>>,
+    instances: Arc<crate::instances::Instances>,
     pipeline: pipeline::Pipeline,
     outbox: Arc<tokio::sync::Mutex<sinks::OutboxWorkers>>,
     /// Config hot reload (SIGHUP, file changes).
@@ -234,6 +233,14 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
 
     let replica = config.replica.resolved_id();
     tracing::info!(replica = %replica, "replica identity");
+    // Providers -> pipeline: the instances hold the channel's sending half.
+    let (tx, rx) = mpsc::channel::<ProviderEvent>(config.pipeline.queue_capacity);
+    let instances = Arc::new(crate::instances::Instances::new(
+        tx,
+        store.clone(),
+        replica.clone(),
+        metrics.clone(),
+    ));
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
     let mut on_embedded = Vec::new();
     for (name, pc) in &config.providers {
@@ -247,14 +254,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         let provider = build_provider(name, &pc)
             .await
             .with_context(|| format!("starting provider `{name}`"))?;
-        provider.set_checkpoints(Arc::new(crate::checkpoints::StoreCheckpoints::new(
-            store.clone(),
-            name,
-        )));
-        provider.set_ownership(
-            Arc::new(crate::ownership::StoreOwnership::new(store.clone(), name)),
-            &replica,
-        );
+        instances.attach(name, &provider);
         providers.insert(name.clone(), provider);
     }
     let mut sink_list = Vec::new();
@@ -269,20 +269,9 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         Live::new(1, config.clone(), providers.clone()),
     ));
 
-    // Providers -> pipeline.
-    let (tx, rx) = mpsc::channel::<ProviderEvent>(config.pipeline.queue_capacity);
-    let providers_stop = CancellationToken::new();
-    let mut provider_tasks = Vec::new();
     for (name, p) in &providers {
-        let (p, tx, stop, name) = (p.clone(), tx.clone(), providers_stop.clone(), name.clone());
-        provider_tasks.push(tokio::spawn(async move {
-            tracing::info!(provider = %name, kind = %p.kind(), "provider starting");
-            if let Err(e) = p.run(tx, stop).await {
-                tracing::error!(provider = %name, error = %e, "provider stopped with an error it cannot recover from; fix the configuration and restart");
-            }
-        }));
+        instances.start(name, p.clone()).await;
     }
-    drop(tx);
     let pipeline = pipeline::spawn(
         core.clone(),
         rx,
@@ -317,6 +306,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         core.clone(),
         opts.config_file.clone(),
         outbox.clone(),
+        instances.clone(),
     ));
     let reload_stop = CancellationToken::new();
     let reload_task = (reload_stop.clone(), reloader.clone().spawn(reload_stop));
@@ -347,11 +337,10 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     Ok(RunningGateway {
         api_addr,
         core,
-        providers_stop,
         outbox_stop,
         api_stop,
         drain_until,
-        provider_tasks,
+        instances: instances.clone(),
         pipeline,
         outbox,
         reloader,
@@ -474,10 +463,7 @@ impl RunningGateway {
             }
         });
         futures::future::join_all(drains).await;
-        self.providers_stop.cancel();
-        for t in self.provider_tasks {
-            let _ = tokio::time::timeout_at(deadline, t).await;
-        }
+        self.instances.stop_all(deadline).await;
         let _ = tokio::time::timeout_at(deadline, self.pipeline.join()).await;
         let _ = self.drain_until.send(Some(deadline));
         self.outbox_stop.cancel();

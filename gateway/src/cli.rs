@@ -71,10 +71,10 @@ pub enum Command {
     /// and commits every reading the broker already confirmed before it exits.
     ///
     /// With --config FILE it reloads FILE when it changes and on SIGHUP: rules, routing,
-    /// sinks, [commands] and the failover settings apply without a restart; a file that
-    /// does not validate, or that changes what is bound at start-up (api, store, replica,
-    /// a provider's settings), is refused whole and the running configuration stays (see
-    /// GET /api/v1/config/version).
+    /// sinks, [commands], the failover settings and added or removed provider instances
+    /// apply without a restart; a file that does not validate, or that changes what is
+    /// bound at start-up (api, store, replica, a running instance's settings), is refused
+    /// whole and the running configuration stays (see GET /api/v1/config/version).
     Run(RunArgs),
     /// Check a config file: every problem at once, each with its key path and a fix.
     /// Exit 0 when valid, 64 when not.

@@ -8,6 +8,7 @@
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
 //! - [`commands`]: command delivery (claim, send, wait for the instance, expire, resend
 //!   after a crash).
+//! - [`instances`]: the running provider instances (start, drain and remove, stop).
 //! - [`live`]: the reloadable state (config, routing, rules, sinks, providers), swapped
 //!   whole by a reload.
 //! - [`router`]: which provider instance hosts a new device; [`moves`]: moving a device
@@ -35,6 +36,7 @@ pub mod core;
 pub mod errors;
 pub mod health;
 pub mod import;
+pub mod instances;
 pub mod internal_events;
 pub mod live;
 pub mod metrics;

@@ -4,9 +4,9 @@
 //! version: the pipeline takes the live version per batch, an API call per request.
 //!
 //! What a reload cannot change without a restart (the API address, the store, the replica
-//! identity, the embedded broker, the pipeline's queue and batch sizes, a provider
+//! identity, the embedded broker, the pipeline's queue and batch sizes, a running provider
 //! instance's settings) is listed by [`needs_restart`]; a reload that changes any of it is
-//! refused whole.
+//! refused whole. Instances may be added and removed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -71,6 +71,7 @@ pub struct Metrics {
     deliveries: Family<SinkLabel, Counter>,
     dead_letters: Family<SourceLabel, Counter>,
     in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    in_flight_by_provider: Family<ProviderLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     outbox_depth: Family<DepthLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     provider_connected: Family<ProviderLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     api_auth_failures: Counter<u64, AtomicU64>,
@@ -102,6 +103,7 @@ impl Metrics {
             deliveries: Family::default(),
             dead_letters: Family::default(),
             in_flight: Gauge::default(),
+            in_flight_by_provider: Family::default(),
             outbox_depth: Family::default(),
             provider_connected: Family::default(),
             api_auth_failures: Counter::default(),
@@ -146,6 +148,11 @@ impl Metrics {
             "failovers",
             "New devices routed to a fallback instance because the rule's own was down",
             m.failovers.clone(),
+        );
+        registry.register(
+            "provider_in_flight",
+            "Events received from a provider instance and not yet acknowledged or left for redelivery",
+            m.in_flight_by_provider.clone(),
         );
         registry.register(
             "config_reloads",
@@ -234,6 +241,20 @@ impl Metrics {
             })
             .inc();
         self.in_flight.inc();
+        self.provider_gauge(provider).inc();
+    }
+
+    fn provider_gauge(&self, provider: &str) -> Gauge<i64, std::sync::atomic::AtomicI64> {
+        self.in_flight_by_provider
+            .get_or_create(&ProviderLabel {
+                provider: provider.into(),
+            })
+            .clone()
+    }
+
+    /// Events of `provider` received and not yet acknowledged or nacked.
+    pub fn in_flight_of(&self, provider: &str) -> u64 {
+        u64::try_from(self.provider_gauge(provider).get()).unwrap_or(0)
     }
 
     /// An event was acknowledged.
@@ -244,6 +265,7 @@ impl Metrics {
             })
             .inc();
         self.in_flight.dec();
+        self.provider_gauge(provider).dec();
     }
 
     /// An event was left for redelivery.
@@ -261,6 +283,7 @@ impl Metrics {
             })
             .inc();
         self.in_flight.dec();
+        self.provider_gauge(provider).dec();
     }
 
     /// The counter of [`EventRejected`](crate::internal_events::EventRejected) alone;

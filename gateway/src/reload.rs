@@ -11,6 +11,9 @@
 //! - A new sink's worker starts before the swap (its first alerts find it running); a
 //!   removed sink's worker stops after its current round, its undelivered items staying
 //!   in the outbox.
+//! - An added provider instance is built before the swap (a failure refuses the reload)
+//!   and started after it; a removed one leaves the live state first (nothing new is
+//!   routed or sent through it), then drains and stops ([`crate::instances`]).
 //! - A file that does not load or validate, or that changes what only a restart can
 //!   ([`crate::live::needs_restart`]), is refused whole: the old configuration keeps
 //!   running, every problem is logged with its key path and fix, and
@@ -29,6 +32,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
+use crate::instances::Instances;
 use crate::live::{needs_restart, Live};
 use crate::sinks::{self, OutboxWorkers};
 
@@ -55,6 +59,7 @@ pub struct Reloader {
     core: Arc<Core>,
     file: Option<PathBuf>,
     outbox: Arc<Mutex<OutboxWorkers>>,
+    instances: Arc<Instances>,
     last: std::sync::Mutex<Option<LastReload>>,
     /// One reload at a time.
     running: Mutex<()>,
@@ -70,11 +75,17 @@ impl std::fmt::Debug for Reloader {
 
 impl Reloader {
     /// A reloader of `file` (None: the embedded default, nothing to reload).
-    pub fn new(core: Arc<Core>, file: Option<PathBuf>, outbox: Arc<Mutex<OutboxWorkers>>) -> Self {
+    pub fn new(
+        core: Arc<Core>,
+        file: Option<PathBuf>,
+        outbox: Arc<Mutex<OutboxWorkers>>,
+        instances: Arc<Instances>,
+    ) -> Self {
         Self {
             core,
             file,
             outbox,
+            instances,
             last: std::sync::Mutex::new(None),
             running: Mutex::new(()),
         }
@@ -158,20 +169,33 @@ impl Reloader {
             .into_iter()
             .map(|(key, why)| format!("{key}: changed, but {why} (fix: restart the gateway to apply it, or change it back)"))
             .collect();
-        let added: Vec<&String> = new
-            .providers
-            .keys()
-            .filter(|k| !old.providers.contains_key(*k))
-            .collect();
-        let removed: Vec<&String> = old
+        let removed: Vec<String> = old
             .providers
             .keys()
             .filter(|k| !new.providers.contains_key(*k))
+            .cloned()
             .collect();
-        for name in added.iter().chain(&removed) {
-            refused.push(format!(
-                "providers.{name}: adding or removing a provider instance needs a restart in this version (fix: restart the gateway)"
-            ));
+        let mut providers = live.providers.clone();
+        let mut added = Vec::new();
+        if refused.is_empty() {
+            for (name, cfg) in &new.providers {
+                if old.providers.contains_key(name) {
+                    continue;
+                }
+                match self
+                    .instances
+                    .build(name, &cfg.for_replica(&self.core.replica))
+                    .await
+                {
+                    Ok(p) => {
+                        providers.insert(name.clone(), p.clone());
+                        added.push((name.clone(), p));
+                    }
+                    Err(e) => refused.push(format!(
+                        "providers.{name}: the new instance cannot be built: {e:#} (fix: correct its settings)"
+                    )),
+                }
+            }
         }
         // Build every changed sink before touching anything, so a sink that cannot be built
         // refuses the reload instead of half-applying it.
@@ -197,20 +221,31 @@ impl Reloader {
             .collect();
         let changed = changed_sections(old, &new);
         let version = live.version + 1;
+        let gone: Vec<(String, Arc<dyn iotgw_providers::Provider>)> = removed
+            .iter()
+            .filter_map(|name| providers.remove(name).map(|p| (name.clone(), p)))
+            .collect();
+        let grace = Duration::from_secs(old.shutdown.grace_secs);
         {
             let mut outbox = self.outbox.lock().await;
             for sink in started {
                 outbox.start(sink);
             }
-            self.core
-                .swap(Live::new(version, Arc::new(new), live.providers.clone()));
+            self.core.swap(Live::new(version, Arc::new(new), providers));
             for name in &stopped {
                 outbox.stop(name);
             }
         }
         // Items the new sinks must deliver may already be waiting.
         self.core.outbox_wake.notify_waiters();
+        for (name, p) in added {
+            tracing::info!(provider = %name, "provider instance added");
+            self.instances.start(&name, p).await;
+        }
         tracing::info!(version, changed = %changed.join(", "), "configuration reloaded");
+        for (name, p) in gone {
+            self.instances.remove(&name, &p, grace).await;
+        }
         Ok(true)
     }
 
@@ -300,5 +335,6 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     note(old.pipeline != new.pipeline, "pipeline");
     note(old.commands != new.commands, "commands");
     note(old.health != new.health, "health");
+    note(old.providers != new.providers, "providers");
     out
 }

@@ -1135,3 +1135,120 @@ async fn a_changed_config_file_applies_new_rules_and_sinks_within_2_s_and_a_typo
     );
     broker.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_added_in_the_file_starts_and_a_removed_one_drains_before_it_stops() {
+    iotgw_testkit::init();
+    let a = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto a");
+    let b = Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto b");
+    let dir = tempfile::tempdir().expect("dir");
+    let only_a = format!(
+        "{}{}\n[routing]\ndefault = \"a\"\n",
+        common(dir.path()),
+        mqtt_instance("a", a.port())
+    );
+    let config = write(dir.path(), &only_a);
+    let gw = Gateway::start(&config, dir.path(), iotgw_testkit::free_port()).await;
+    gw.wait_connected("a").await;
+    gw.register("x-1", "pumps").await;
+    let version = |v: &Value| v["version"].as_u64().unwrap_or(0);
+    let wait_version = |n: u64| {
+        let gw = &gw;
+        async move {
+            wait_for(
+                &format!("config version {n}"),
+                Duration::from_secs(30),
+                || async {
+                    (version(&gw.get("/api/v1/config/version").await.1) == n).then_some(())
+                },
+                || gw.logs(),
+            )
+            .await;
+        }
+    };
+
+    // Add instance b with a rule that places "bees" there.
+    std::fs::write(
+        &config,
+        format!(
+            "{}{}{}\n[routing]\ndefault = \"a\"\n[[routing.rules]]\nprovider = \"b\"\ncategory = \"bees\"\n",
+            common(dir.path()),
+            mqtt_instance("a", a.port()),
+            mqtt_instance("b", b.port())
+        ),
+    )
+    .expect("config with b");
+    wait_version(2).await;
+    gw.wait_connected("b").await;
+    let y = gw.register("y-1", "bees").await;
+    assert_eq!(y["msdyn_iotproviderinstance"], "b", "{y}");
+    let mut on_b = Device::connect("y-1", b.port()).await;
+    on_b.publish("y-1", "y-r1", 90).await;
+
+    // Readings the broker confirmed to x-1 on A, then A removed at once: they are
+    // committed before A's loop stops.
+    let mut on_a = Device::connect("x-1", a.port()).await;
+    for n in 0..20 {
+        on_a.publish("x-1", &format!("x-r{n:02}"), 90).await;
+    }
+    std::fs::write(
+        &config,
+        format!(
+            "{}{}\n[routing]\ndefault = \"b\"\n",
+            common(dir.path()),
+            mqtt_instance("b", b.port())
+        ),
+    )
+    .expect("config without a");
+    wait_version(3).await;
+    let removed = wait_for(
+        "instance a gone from the providers",
+        Duration::from_secs(30),
+        || async {
+            let names: Vec<Value> = gw
+                .items("/api/v1/providers")
+                .await
+                .into_iter()
+                .map(|p| p["name"].clone())
+                .collect();
+            (!names.contains(&json!("a"))).then_some(names)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(removed, vec![json!("b")]);
+    let x_alerts = wait_for(
+        "x-1's readings committed",
+        Duration::from_secs(30),
+        || async {
+            let n = gw
+                .items("/api/v1/alerts?device_id=x-1&limit=1000")
+                .await
+                .len();
+            (n >= 20).then_some(n)
+        },
+        || gw.logs(),
+    )
+    .await;
+    assert_eq!(
+        x_alerts, 20,
+        "every reading A confirmed before its removal is committed once"
+    );
+    let y_alerts = gw.items("/api/v1/alerts?device_id=y-1").await;
+    assert_eq!(
+        y_alerts.len(),
+        1,
+        "the added instance's reading: {y_alerts:?}"
+    );
+    assert!(
+        !gw.logs().contains("with events in flight"),
+        "A drained before it stopped\n{}",
+        gw.logs()
+    );
+    a.remove().await;
+    b.remove().await;
+}
