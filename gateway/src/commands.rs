@@ -95,7 +95,12 @@ pub async fn deliver(core: &Core, cmd: Command) -> Command {
         Ok(CommandOutcome::Delivered { .. }) => {
             published(core, cmd, Some(CommandStatus::Sent), "delivered").await
         }
-        Ok(CommandOutcome::Refused { reason }) => fail(core, cmd, reason, "refused").await,
+        Ok(CommandOutcome::Refused { reason }) => {
+            // The device got it and answered no: published, then Error with its reason,
+            // as a refusing reply makes it on the other clouds.
+            let cmd = mark_published(core, cmd).await;
+            fail(core, cmd, reason, "refused").await
+        }
         Err(e) if e.is_retryable() && Utc::now() < deadline => {
             let reason = format!("the last attempt failed, trying again: {e}");
             core.metrics.command(&instance, "retried");
@@ -152,9 +157,7 @@ async fn published(
     outcome: &'static str,
 ) -> Command {
     core.metrics.command(&cmd.provider_instance, outcome);
-    if let Err(e) = core.store.command_published(cmd.id, &core.replica).await {
-        tracing::error!(command = %cmd.id, error = %e, "recording a published command failed; it may be sent again (same correlation id)");
-    }
+    cmd = mark_published(core, cmd).await;
     if let Some(status) = status {
         match core.store.set_command_status(cmd.id, status, None).await {
             Ok(c) => cmd = c,
@@ -162,10 +165,19 @@ async fn published(
                 tracing::error!(command = %cmd.id, error = %e, "recording the command status failed")
             }
         }
-    } else if let Ok(Some(c)) = core.store.get_command(cmd.id).await {
-        cmd = c;
     }
     alert_status(core, &cmd, AlertStatus::CommandSent).await;
+    cmd
+}
+
+/// Records that the provider took the command (it is not sent again).
+async fn mark_published(core: &Core, mut cmd: Command) -> Command {
+    match core.store.command_published(cmd.id, &core.replica).await {
+        Ok(_) => cmd.published_at = Some(Utc::now()),
+        Err(e) => {
+            tracing::error!(command = %cmd.id, error = %e, "recording a published command failed; it may be sent again (same correlation id)");
+        }
+    }
     cmd
 }
 

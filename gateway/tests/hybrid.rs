@@ -26,35 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iotgw_testkit::mosquitto::{Mosquitto, MosquittoSpec};
+use iotgw_testkit::wait_for;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-
-/// Polls `f` every 100 ms until it gives a value; fails with `what` and `context()` after
-/// `deadline`.
-async fn wait_for<T, F, Fut>(
-    what: &str,
-    deadline: Duration,
-    mut f: F,
-    context: impl Fn() -> String,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < until,
-            "{what}: not within {deadline:?}\n{}",
-            context()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// One `iotgw run` process with its own API port and log file.
 struct Gateway {
@@ -288,6 +263,13 @@ impl Drop for Device {
     }
 }
 
+/// A Mosquitto of the test's own (anonymous access, fixed port across restarts).
+async fn broker() -> Mosquitto {
+    Mosquitto::dedicated(MosquittoSpec::anonymous())
+        .await
+        .expect("mosquitto starts")
+}
+
 fn mqtt_instance(name: &str, port: u16) -> String {
     format!(
         r#"
@@ -348,9 +330,7 @@ fn shape(v: &Value) -> Vec<String> {
 async fn devices_on_two_clouds_get_alerts_and_commands_of_one_shape_and_spoofing_is_refused() {
     use iotgw_testkit::pubsub::{PubSub, Rest};
     iotgw_testkit::init();
-    let broker = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto");
+    let broker = broker().await;
     let pubsub = PubSub::leased().await.expect("pub/sub emulator");
     let rest = Rest::new(&pubsub.endpoint());
     let tag = format!("hy{}", std::process::id());
@@ -521,12 +501,8 @@ category = "field"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_moves_under_traffic_and_no_reading_is_lost_or_counted_twice() {
     iotgw_testkit::init();
-    let a = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto a");
-    let b = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto b");
+    let a = broker().await;
+    let b = broker().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = write(
         dir.path(),
@@ -669,12 +645,8 @@ async fn a_device_moves_under_traffic_and_no_reading_is_lost_or_counted_twice() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_broker_down_new_devices_fail_over_and_commands_wait_for_it_or_expire() {
     iotgw_testkit::init();
-    let a = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto a");
-    let b = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto b");
+    let a = broker().await;
+    let b = broker().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = write(
         dir.path(),
@@ -830,9 +802,7 @@ retry_secs = 1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_never_published_before_a_kill_is_sent_after_the_restart() {
     iotgw_testkit::init();
-    let broker = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto");
+    let broker = broker().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = write(
         dir.path(),
@@ -969,9 +939,7 @@ default = "plant"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_config_file_applies_new_rules_and_sinks_within_2_s_and_a_typo_is_refused() {
     iotgw_testkit::init();
-    let broker = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto");
+    let broker = broker().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = write(
         dir.path(),
@@ -1139,12 +1107,8 @@ async fn a_changed_config_file_applies_new_rules_and_sinks_within_2_s_and_a_typo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_added_in_the_file_starts_and_a_removed_one_drains_before_it_stops() {
     iotgw_testkit::init();
-    let a = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto a");
-    let b = Mosquitto::dedicated(MosquittoSpec::anonymous())
-        .await
-        .expect("mosquitto b");
+    let a = broker().await;
+    let b = broker().await;
     let dir = tempfile::tempdir().expect("dir");
     let only_a = format!(
         "{}{}\n[routing]\ndefault = \"a\"\n",

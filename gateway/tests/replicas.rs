@@ -20,38 +20,13 @@ use std::time::{Duration, Instant};
 
 use iotgw_testkit::mosquitto::{Mosquitto, MosquittoSpec};
 use iotgw_testkit::postgres::Postgres;
+use iotgw_testkit::wait_for;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 
 /// The outbox lease of the replicas under test: short, so the takeover is quick to see.
 const LEASE_SECS: u64 = 4;
-
-/// Polls `f` every 100 ms until it gives a value, failing with `what` and `context()`
-/// after `deadline`.
-async fn wait_for<T, F, Fut>(
-    what: &str,
-    deadline: Duration,
-    mut f: F,
-    context: impl Fn() -> String,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < until,
-            "{what}: not within {deadline:?}\n{}",
-            context()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Where configs and logs go: a temp dir, removed at the end unless
 /// `REPLICAS_TEST_KEEP=1` (its path is printed), to read the replicas' whole logs.

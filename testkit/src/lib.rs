@@ -548,6 +548,33 @@ where
 
 /// Polls `probe` every 100 ms until it answers `Ok`, for at most `limit`; the error
 /// carries the last failure.
+/// Polls `f` every 100 ms until it gives a value; panics with `what` and `context()` (the
+/// logs of whatever is being waited on) after `deadline`. For tests that wait on a
+/// condition, never on a bare sleep.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut f: F,
+    context: impl Fn() -> String,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = std::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{what}: not within {deadline:?}\n{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn wait_ready<F, Fut>(what: &str, limit: Duration, mut probe: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
