@@ -160,6 +160,12 @@ pub struct PipelineConfig {
     /// store is idle, in milliseconds from its first event (0: commit what is waiting at
     /// once). A busy store takes what arrived while it committed the previous batch.
     pub batch_max_wait_ms: u64,
+    /// How far in the future an event's own time (a reading's, a connection change's,
+    /// reported properties') may lie, in seconds past the moment the gateway takes the
+    /// event in (0..=86400). A later time is clamped to that limit and counted
+    /// (`iotgw_times_clamped_total`), so a device clock in 2999 cannot pin a connection
+    /// state or last activity forever.
+    pub max_clock_skew_secs: u64,
     /// Property name of the command name in a command message (Field Service setting).
     pub command_name_property: String,
     /// Property name of the parameters in a command message (Field Service setting).
@@ -175,6 +181,7 @@ impl Default for PipelineConfig {
             queue_capacity: 1024,
             batch_max_events: 512,
             batch_max_wait_ms: 5,
+            max_clock_skew_secs: 300,
             command_name_property: "CommandName".into(),
             command_parameters_property: "Parameters".into(),
         }

@@ -143,6 +143,13 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
             "use 1 to commit every event alone, or a batch size such as 512 (default)",
         ));
     }
+    if c.pipeline.max_clock_skew_secs > 86_400 {
+        out.push(p(
+            "pipeline.max_clock_skew_secs",
+            format!("{} is outside 0..=86400", c.pipeline.max_clock_skew_secs),
+            "use a few minutes of seconds, e.g. 300 (default)",
+        ));
+    }
     if c.pipeline.batch_max_wait_ms > 1_000 {
         out.push(p(
             "pipeline.batch_max_wait_ms",

@@ -66,6 +66,7 @@ pub struct Metrics {
     alerts: Family<AlertLabel, Counter>,
     commands: Family<ReasonLabel, Counter>,
     failovers: Family<FailoverLabel, Counter>,
+    clamped: Family<ReasonLabel, Counter>,
     reloads: Family<OutcomeLabel, Counter>,
     moves: Family<FailoverLabel, Counter>,
     deliveries: Family<SinkLabel, Counter>,
@@ -98,6 +99,7 @@ impl Metrics {
             alerts: Family::default(),
             commands: Family::default(),
             failovers: Family::default(),
+            clamped: Family::default(),
             reloads: Family::default(),
             moves: Family::default(),
             deliveries: Family::default(),
@@ -148,6 +150,11 @@ impl Metrics {
             "failovers",
             "New devices routed to a fallback instance because the rule's own was down",
             m.failovers.clone(),
+        );
+        registry.register(
+            "times_clamped",
+            "Event times later than pipeline.max_clock_skew_secs after their arrival, clamped, by field",
+            m.clamped.clone(),
         );
         registry.register(
             "provider_in_flight",
@@ -324,6 +331,16 @@ impl Metrics {
             .get_or_create(&FailoverLabel {
                 from: from.into(),
                 to: to.into(),
+            })
+            .inc();
+    }
+
+    /// An event time from `provider` lay too far in the future and was clamped.
+    pub fn clamped(&self, provider: &str, field: &str) {
+        self.clamped
+            .get_or_create(&ReasonLabel {
+                provider: provider.into(),
+                reason: field.into(),
             })
             .inc();
     }

@@ -36,7 +36,7 @@ use crate::error::{StoreError, StoreResult};
 use crate::fold::{self, Fate, Pending, Probe};
 use crate::model::{
     Alert, Command, CommittedAlert, Device, NewAlert, NewAlertCommand, NewDeadLetter,
-    TelemetryCommit,
+    RegistrationStatus, TelemetryCommit,
 };
 use crate::DeviceId;
 
@@ -176,6 +176,16 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
                 let id = &commit.device_id;
                 let mut registered = false;
                 if let Some(device) = devices.get(id) {
+                    let status = device.registration_status;
+                    if !matches!(
+                        status,
+                        RegistrationStatus::Registered | RegistrationStatus::Unknown
+                    ) {
+                        w.write_dead_letter(&not_registered(id, status, from))
+                            .await?;
+                        out.push(BatchOutcome::NotRegistered { status });
+                        continue;
+                    }
                     if device.provider_instance != from.instance {
                         let hosted_on = device.provider_instance.clone();
                         w.write_dead_letter(&wrong_instance(id, &hosted_on, from))
@@ -264,6 +274,17 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
     }
     bump(w, activity).await?;
     Ok(out)
+}
+
+/// The dead letter of a reading of a device that is not Registered.
+fn not_registered(id: &DeviceId, status: RegistrationStatus, from: &Arrival) -> NewDeadLetter {
+    NewDeadLetter {
+        reason: format!(
+            "not_registered: device {id} is {}; readings count only for Registered devices (register it again with POST /api/v1/devices if it is back in service)",
+            status.label()
+        ),
+        ..from.message.clone()
+    }
 }
 
 /// The dead letter of a reading that arrived through an instance that does not host its

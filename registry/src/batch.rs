@@ -98,6 +98,13 @@ pub enum BatchOutcome {
     },
     /// The write became (or was) a dead letter.
     DeadLettered,
+    /// A reading of a device that is stored but not Registered (nor Unknown): Unregistered,
+    /// In Progress or Error. Kept as a dead letter with reason `not_registered`, nothing
+    /// else written: no alert, no command for a device the business app took out.
+    NotRegistered {
+        /// Its registration status.
+        status: crate::model::RegistrationStatus,
+    },
     /// A reading of a device hosted on another provider instance: kept as a dead letter
     /// with reason `wrong_instance`, nothing else written.
     WrongInstance {

@@ -106,6 +106,7 @@ macro_rules! conformance_tests {
             an_expired_claim_is_taken_over_and_scopes_keep_their_own_claims,
             batch_folds_dedupes_and_orders_like_single_commits,
             a_reading_through_another_instance_is_a_wrong_instance_dead_letter,
+            readings_of_an_unregistered_or_failed_device_are_dead_letters_without_alerts,
             batch_applies_the_unknown_device_policy_and_lifecycle_writes,
             a_registration_batch_begins_each_device_by_the_single_device_rules,
             a_finishing_batch_registers_or_fails_each_device_on_its_own,
@@ -2798,6 +2799,77 @@ pub async fn a_reading_through_another_instance_is_a_wrong_instance_dead_letter(
         "the spoofed reading does not move last activity"
     );
     assert_eq!(depth(store).await, vec![("hook".to_owned(), 2)]);
+}
+
+/// A reading of a device that is stored but not Registered (Unregistered, Error, In
+/// Progress) is a `not_registered` dead letter naming the status: no alert, no command, no
+/// activity, whatever the unknown-device policy (an unregistered device is not registered
+/// again by its own telemetry).
+pub async fn readings_of_an_unregistered_or_failed_device_are_dead_letters_without_alerts(
+    store: &dyn Store,
+) {
+    registered(store, "gone-1", "local").await;
+    store
+        .mark_unregistered(&did("gone-1"), None)
+        .await
+        .expect("unregister");
+    store
+        .begin_registration(&new_device("broken-1", "local"))
+        .await
+        .expect("begin");
+    store
+        .finish_registration(&did("broken-1"), Err("the cloud refused it".into()))
+        .await
+        .expect("finish as Error");
+    let reading = |device: &str, token: &str| BatchWrite::Telemetry {
+        commit: commit(
+            device,
+            vec![new_alert(token, &format!("{device}/x"), at(1))],
+            60,
+            &["hook"],
+        ),
+        from: arrival("local", device, token),
+        if_unknown: IfUnknown::Register,
+    };
+    let out = store
+        .commit_batch(&[reading("gone-1", "n-1"), reading("broken-1", "n-2")])
+        .await
+        .expect("commit");
+    assert_eq!(
+        out,
+        vec![
+            BatchOutcome::NotRegistered {
+                status: RegistrationStatus::Unregistered
+            },
+            BatchOutcome::NotRegistered {
+                status: RegistrationStatus::Error
+            },
+        ]
+    );
+    assert!(all_alerts(store, &AlertFilter::default()).await.is_empty());
+    assert!(depth(store).await.is_empty(), "no outbox item");
+    let dead = store
+        .list_dead_letters(&page(None, 10))
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.items.len(), 2);
+    assert!(
+        dead.items
+            .iter()
+            .all(|d| d.reason.starts_with("not_registered:")),
+        "{:?}",
+        dead.items
+    );
+    let gone = store
+        .get_device(&did("gone-1"))
+        .await
+        .expect("get")
+        .expect("gone-1");
+    assert_eq!(gone.registration_status, RegistrationStatus::Unregistered);
+    assert_eq!(
+        gone.last_activity_time, None,
+        "no activity from a refused reading"
+    );
 }
 
 /// Inside a batch, a reading of an unknown device follows the policy it carries (a dead

@@ -32,12 +32,23 @@ pub fn connection_applies(stored: Option<DateTime<Utc>>, at: DateTime<Utc>) -> b
 /// The alert times a debounce lookup searches for an alert at `alert_time`: at most one
 /// window before (the burst it belongs to) and one window after (an alert delivered late,
 /// after later alerts of its burst, folds into that burst instead of opening a new
-/// primary). `None` when debounce is off (a window of zero or less).
+/// primary). `None` when debounce is off (a window of zero or less). A range that would
+/// leave the representable times is cut at their ends: a time from the input, however
+/// absurd, never panics here.
 pub fn debounce_range(
     alert_time: DateTime<Utc>,
     window: Duration,
 ) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-    (window > Duration::zero()).then(|| (alert_time - window, alert_time + window))
+    (window > Duration::zero()).then(|| {
+        (
+            alert_time
+                .checked_sub_signed(window)
+                .unwrap_or(DateTime::<Utc>::MIN_UTC),
+            alert_time
+                .checked_add_signed(window)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        )
+    })
 }
 
 /// The latest alert with the same debounce key inside the range, as a lookup found it.
@@ -205,6 +216,20 @@ pub fn moved_command_reason(from: &str, to: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_debounce_range_at_the_ends_of_time_is_cut_there_instead_of_overflowing() {
+        let hour = Duration::hours(1);
+        assert_eq!(
+            debounce_range(DateTime::<Utc>::MAX_UTC, hour),
+            Some((DateTime::<Utc>::MAX_UTC - hour, DateTime::<Utc>::MAX_UTC))
+        );
+        assert_eq!(
+            debounce_range(DateTime::<Utc>::MIN_UTC, hour),
+            Some((DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MIN_UTC + hour))
+        );
+        assert_eq!(debounce_range(Utc::now(), Duration::zero()), None);
+    }
 
     #[test]
     fn debounce_keeps_the_hierarchy_flat() {

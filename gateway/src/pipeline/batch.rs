@@ -173,6 +173,15 @@ fn account(
             core.metrics
                 .dead_letter(&from.message.source, "unknown_device");
         }
+        (BatchWrite::Telemetry { commit, from, .. }, BatchOutcome::NotRegistered { status }) => {
+            core.metrics.rejected(
+                instance,
+                "not_registered",
+                &format!("device {} is {}", commit.device_id, status.label()),
+            );
+            core.metrics
+                .dead_letter(&from.message.source, "not_registered");
+        }
         (BatchWrite::Telemetry { commit, from, .. }, BatchOutcome::WrongInstance { hosted_on }) => {
             core.metrics.rejected(
                 instance,

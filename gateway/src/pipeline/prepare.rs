@@ -2,14 +2,14 @@
 //! (or a dead letter naming why not), with no I/O. Runs before the batch is committed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use iotgw_config::UnknownDevicePolicy;
 use iotgw_providers::{EventKind, ProviderEvent, Telemetry};
 use iotgw_registry::{Arrival, BatchWrite, DeviceId, IfUnknown, NewDeadLetter, TelemetryCommit};
 
 use super::batch::{Batch, Entry, Step};
-use std::sync::Arc;
-
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::rules::RuleSet;
@@ -81,6 +81,7 @@ pub(crate) struct Preparer {
     limits: HashMap<String, usize>,
     unknown_devices: UnknownDevicePolicy,
     debounce_window: chrono::Duration,
+    max_skew: chrono::Duration,
     sinks: Vec<String>,
 }
 
@@ -95,6 +96,9 @@ impl Preparer {
             unknown_devices: live.config.pipeline.unknown_devices,
             debounce_window: chrono::Duration::seconds(
                 i64::try_from(live.config.pipeline.debounce_window_secs).unwrap_or(60),
+            ),
+            max_skew: chrono::Duration::seconds(
+                i64::try_from(live.config.pipeline.max_clock_skew_secs).unwrap_or(300),
             ),
             sinks: live.sinks.clone(),
             live,
@@ -114,8 +118,18 @@ impl Preparer {
             ack,
         } = ev;
         metrics.received(&instance);
+        let latest = Utc::now() + self.max_skew;
+        let clamp = |at: DateTime<Utc>, field: &'static str| {
+            if at > latest {
+                metrics.clamped(&instance, field);
+                latest
+            } else {
+                at
+            }
+        };
         let step = match kind {
-            EventKind::Telemetry(t) => {
+            EventKind::Telemetry(mut t) => {
+                t.received_at = clamp(t.received_at, "received_at");
                 let (write, rejected) = self.telemetry(&self.live.rules, &instance, t);
                 if let Some(r) = &rejected {
                     metrics.rejected(&instance, r.label(), &r.reason());
@@ -131,7 +145,7 @@ impl Preparer {
                     BatchWrite::Connection {
                         device_id,
                         connected,
-                        at,
+                        at: clamp(at, "connection"),
                     },
                     None,
                 ),
@@ -146,7 +160,7 @@ impl Preparer {
                     BatchWrite::Reported {
                         device_id,
                         properties,
-                        at,
+                        at: clamp(at, "reported"),
                     },
                     None,
                 ),

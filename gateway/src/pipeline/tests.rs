@@ -246,6 +246,71 @@ async fn a_batch_with_a_redelivery_a_child_and_a_poison_event_commits_what_singl
 }
 
 #[tokio::test]
+async fn times_from_the_far_future_are_clamped_to_the_allowed_skew_and_counted() {
+    let core = core(memory_store().await);
+    registered(core.store.as_ref(), &["pump-1"]).await;
+    let v = Verdicts::default();
+    let far = |year: i32| {
+        Utc.with_ymd_and_hms(year, 1, 1, 0, 0, 0)
+            .single()
+            .expect("time")
+    };
+    let mut hot = reading("pump-1", "m-1", &temperature(90.0), 0, &v);
+    if let EventKind::Telemetry(t) = &mut hot.kind {
+        t.received_at = far(2999);
+    }
+    // The end of chrono's calendar: adding the debounce window to it used to overflow.
+    let mut last = reading("pump-1", "m-2", &temperature(91.0), 0, &v);
+    if let EventKind::Telemetry(t) = &mut last.kind {
+        t.received_at = DateTime::<Utc>::MAX_UTC;
+    }
+    let status = ProviderEvent {
+        instance: "local".into(),
+        kind: EventKind::Connection {
+            device_id: "pump-1".into(),
+            connected: true,
+            at: far(2999),
+        },
+        ack: AckHandle::new(|_| {}),
+    };
+    let before = Utc::now();
+    commit_as_one_batch(&core, vec![hot, last, status]).await;
+    let limit = Utc::now() + Duration::seconds(300);
+    let device = core
+        .store
+        .get_device(&DeviceId::parse("pump-1").expect("id"))
+        .await
+        .expect("get")
+        .expect("pump-1");
+    for (what, t) in [
+        ("last activity", device.last_activity_time),
+        ("connection state time", device.connection_state_updated_at),
+    ] {
+        let t = t.unwrap_or_else(|| panic!("{what} set"));
+        assert!(
+            t <= limit && t >= before + Duration::seconds(299),
+            "{what} {t} is clamped to about now + 300 s"
+        );
+    }
+    let alerts = snapshot(core.store.as_ref()).await.alerts;
+    assert_eq!(alerts.len(), 2, "both readings committed: {alerts:?}");
+    let metrics = core.metrics.encode();
+    assert!(
+        metrics.contains(r#"iotgw_times_clamped_total{provider="local",reason="received_at"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"iotgw_times_clamped_total{provider="local",reason="connection"} 1"#),
+        "{metrics}"
+    );
+    assert!(v
+        .lock()
+        .expect("verdicts")
+        .iter()
+        .all(|(_, a)| *a == Ack::Ack));
+}
+
+#[tokio::test]
 async fn a_store_failure_in_the_middle_of_a_batch_commits_nothing_and_acks_no_event() {
     let dir = tempfile::tempdir().expect("dir");
     let file = SqliteStore::open(&dir.path().join("registry.db"))

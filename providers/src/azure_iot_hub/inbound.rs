@@ -256,7 +256,10 @@ pub fn map_batch(
         let mut at = e.time.unwrap_or(now);
         if let Some((_, prev_at)) = &prev {
             if at <= *prev_at {
-                at = *prev_at + chrono::Duration::microseconds(1);
+                // Checked: a time from the input at the end of the calendar stays there.
+                at = prev_at
+                    .checked_add_signed(chrono::Duration::microseconds(1))
+                    .unwrap_or(*prev_at);
             }
         }
         last.insert(device.clone(), (seq.clone(), at));
@@ -447,7 +450,9 @@ pub fn map_event(e: &HubEvent, newest: impl Fn(&str) -> Option<(String, DateTime
                     ));
                 }
                 if at <= prev_at {
-                    at = prev_at + chrono::Duration::microseconds(1);
+                    at = prev_at
+                        .checked_add_signed(chrono::Duration::microseconds(1))
+                        .unwrap_or(prev_at);
                 }
             }
             Mapped::Event {
