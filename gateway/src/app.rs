@@ -208,8 +208,12 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     };
     let starting_reason = StartingReason::default();
     starting_reason.set("store: opening");
-    let starting = StartingServer::start(&listener, starting_reason.clone())
-        .context("serving /live and /ready while starting")?;
+    let starting = StartingServer::start(
+        &listener,
+        starting_reason.clone(),
+        config.api.token.as_ref().map(|t| t.expose().to_owned()),
+    )
+    .context("serving /live and /ready while starting")?;
     let store = open_store(&config, &starting_reason).await?;
     starting_reason.set("starting the providers, the pipeline and the sinks");
 

@@ -425,6 +425,12 @@ pub struct PushResponse {
 /// (outside the API's bearer token; the endpoint checks its own secret).
 #[async_trait]
 pub trait PushEndpoint: Send + Sync {
+    /// Checks a request's credentials from its method, query and headers alone (its body
+    /// is empty here), before the body is read: `Some` is the refusal to send back. The
+    /// default accepts (an endpoint without credentials checks them in `handle`).
+    fn authorize(&self, _head: &PushRequest) -> Option<PushResponse> {
+        None
+    }
     /// Handles one pushed request. A success status must mean every event in it was
     /// committed (acked), so the cloud may forget them.
     async fn handle(&self, request: PushRequest) -> PushResponse;

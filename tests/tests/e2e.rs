@@ -446,6 +446,90 @@ async fn a_bearer_token_guards_the_api_but_not_the_probes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenless_api_answers_only_loopback_hosts_and_refuses_oversize_bodies() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", gw.api_addr());
+    // A page on a DNS name rebound to 127.0.0.1 sends its own name as Host.
+    let rebound = client
+        .get(url("/api/v1/devices"))
+        .header("host", "evil.example:8080")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(rebound.status(), 421);
+    let body: serde_json::Value = rebound.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "host_not_allowed", "{body}");
+    for host in ["localhost:8080", "127.0.0.1", "[::1]:8080"] {
+        let ok = client
+            .get(url("/api/v1/devices"))
+            .header("host", host)
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(ok.status(), 200, "Host {host}");
+    }
+    // 2 MiB of JSON to a route that takes 1 MiB.
+    let big =
+        serde_json::json!({"msdyn_deviceid": "big-1", "msdyn_name": "x".repeat(2 * 1024 * 1024)});
+    let refused = client
+        .post(url("/api/v1/devices"))
+        .json(&big)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(refused.status(), 413);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_scheme_is_case_insensitive_and_ready_hides_its_reasons_from_strangers() {
+    let token = "0123456789abcdef-test-token";
+    let gw = Gateway::start(GatewayOptions {
+        token: Some(token.into()),
+        ..Default::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", gw.api_addr());
+    let lower = client
+        .get(url("/api/v1/devices"))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(
+        lower.status(),
+        200,
+        "`bearer` in lower case is the same scheme"
+    );
+    let stranger: serde_json::Value = client
+        .get(url("/ready"))
+        .send()
+        .await
+        .expect("http")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stranger["ready"], true, "{stranger}");
+    assert!(
+        stranger.get("store").is_none() && stranger.get("reasons").is_none(),
+        "no internals without the token: {stranger}"
+    );
+    let operator: serde_json::Value = client
+        .get(url("/ready"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("http")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(operator["store"], true, "{operator}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_registers_each_device_and_reports_every_failure_with_its_index() {
     let token = "0123456789abcdef-test-token";
     let gw = Gateway::start(GatewayOptions {

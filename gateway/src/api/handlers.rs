@@ -17,8 +17,17 @@ use crate::core::{RegisterRequest, Registered};
 type ApiResult<T> = Result<T, ApiError>;
 
 fn body<T>(b: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    b.map(|Json(v)| v)
-        .map_err(|e| ApiError::invalid("request body", e.body_text()))
+    b.map(|Json(v)| v).map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!(
+                "the request body exceeds this route's limit ({} bytes; the batch route takes {} bytes): send less",
+                super::MAX_BODY_BYTES,
+                MAX_BATCH_BODY_BYTES
+            ))
+        } else {
+            ApiError::invalid("request body", e.body_text())
+        }
+    })
 }
 
 fn device_id(raw: &str) -> ApiResult<DeviceId> {
@@ -42,14 +51,32 @@ pub(super) async fn live() -> impl IntoResponse {
     Json(serde_json::json!({"live": true}))
 }
 
-pub(super) async fn ready(State(s): State<ApiState>) -> impl IntoResponse {
+/// The readiness verdict; its reasons (store errors, provider errors) only with the token
+/// when one is configured, since `/ready` is open to probes.
+pub(super) async fn ready(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
     let report = s.readiness.check(&s.core).await;
     let status = if report.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(report))
+    if super::authorized(&s, &headers) {
+        (
+            status,
+            Json(serde_json::to_value(report).unwrap_or_default()),
+        )
+    } else {
+        (
+            status,
+            Json(serde_json::json!({
+                "ready": report.ready,
+                "details": "send the API token (Authorization: Bearer ...) to see why",
+            })),
+        )
+    }
 }
 
 pub(super) async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {

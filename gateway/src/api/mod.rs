@@ -4,11 +4,29 @@
 //! Every route but `/live` and `/ready` requires `Authorization: Bearer <api.token>` when a
 //! token is configured (always, when listening beyond loopback). Errors are JSON:
 //! `{"error": {"code": "...", "message": "..."}}`.
+//!
+//! Limits: request bodies of at most [`MAX_BODY_BYTES`] (the batch route
+//! [`MAX_BATCH_BODY_BYTES`], a webhook [`MAX_HOOK_BODY_BYTES`], read only after the
+//! webhook's credentials passed); [`MAX_CONCURRENT_REQUESTS`] requests at once (more wait);
+//! [`REQUEST_TIMEOUT`] per request. Without a token (a loopback API), requests must name a
+//! loopback host (`Host: localhost:8080`, `127.0.0.1`, `[::1]`), so a web page cannot reach
+//! the API through a DNS name rebound to 127.0.0.1. Without the token `/ready` answers only
+//! whether the gateway is ready, not why.
 
 mod handlers;
 pub mod starting;
 
 pub use handlers::{MAX_BATCH_BODY_BYTES, MAX_BATCH_DEVICES};
+
+/// The largest request body of a route without a limit of its own.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The largest body a provider's webhook takes (Event Grid sends at most 1 MB per batch).
+pub const MAX_HOOK_BODY_BYTES: usize = 1024 * 1024;
+/// Requests served at once; more wait for a slot.
+pub const MAX_CONCURRENT_REQUESTS: usize = 256;
+/// How long one request may take before it is answered 408 (a batch of 1,000
+/// registrations, or a move waiting for a cloud, stays well inside it).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 use std::sync::Arc;
 
@@ -51,6 +69,15 @@ impl ApiError {
             message: format!("invalid {field}: {message}"),
         }
     }
+    /// 413: the body is over the route's limit.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "payload_too_large",
+            message: message.into(),
+        }
+    }
+
     /// A 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {
@@ -105,17 +132,40 @@ impl From<iotgw_registry::StoreError> for ApiError {
     }
 }
 
-async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+/// The credentials of an `Authorization` header value of scheme Bearer (any case).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
+/// Whether the request may use the API: no token is configured, or it carries it.
+pub(crate) fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
     let live = state.core.live();
-    let Some(token) = live.config.api.token.as_ref() else {
-        return next.run(req).await;
-    };
-    let given = req
-        .headers()
+    live.config
+        .api
+        .token
+        .as_ref()
+        .is_none_or(|token| carries_token(headers, token.expose()))
+}
+
+/// Whether the headers carry `token` as a bearer token (compared in constant time).
+pub(crate) fn carries_token(headers: &header::HeaderMap, token: &str) -> bool {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
+        .and_then(bearer)
+        .is_some_and(|given| {
+            bool::from(subtle::ConstantTimeEq::ct_eq(
+                given.as_bytes(),
+                token.as_bytes(),
+            ))
+        })
+}
+
+async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if authorized(&state, req.headers()) {
         next.run(req).await
     } else {
         state.core.metrics.api_auth_failure();
@@ -142,7 +192,7 @@ async fn push_hook(
     axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
     method: axum::http::Method,
     headers: axum::http::HeaderMap,
-    body: bytes::Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let Some(endpoint) = state
         .core
@@ -156,16 +206,31 @@ async fn push_hook(
         ))
         .into_response();
     };
-    let request = iotgw_providers::PushRequest {
+    let mut request = iotgw_providers::PushRequest {
         method: method.to_string(),
         headers: headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect(),
         query,
-        body,
+        body: bytes::Bytes::new(),
     };
-    let answer = endpoint.handle(request).await;
+    // The credentials first: a caller without them never gets the body read.
+    let answer = match endpoint.authorize(&request) {
+        Some(refused) => refused,
+        None => match axum::body::to_bytes(body, MAX_HOOK_BODY_BYTES).await {
+            Ok(body) => {
+                request.body = body;
+                endpoint.handle(request).await
+            }
+            Err(_) => {
+                return ApiError::too_large(format!(
+                    "the body exceeds {MAX_HOOK_BODY_BYTES} bytes (or could not be read): send smaller batches"
+                ))
+                .into_response()
+            }
+        },
+    };
     let mut resp = Response::new(axum::body::Body::from(answer.body));
     *resp.status_mut() =
         StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -180,8 +245,40 @@ async fn push_hook(
     resp
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `host` (a `Host` header value) names this machine's loopback.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Without a token the API answers only requests that name a loopback host.
+async fn guard_host(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if state.core.live().config.api.token.is_some() {
+        return next.run(req).await;
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if !loopback_host(&h) => ApiError {
+            status: StatusCode::MISDIRECTED_REQUEST,
+            code: "host_not_allowed",
+            message: format!(
+                "Host `{h}` is not this gateway's: without api.token the API answers only to localhost, 127.0.0.1 or [::1] (set api.token to serve other names)"
+            ),
+        }
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 /// The API router.
@@ -217,6 +314,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/config/version", get(config_version))
         .route("/api/v1/config/reload", post(config_reload))
         .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -229,5 +327,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/hooks/{instance}", post(push_hook).options(push_hook))
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such route; see the README's API summary") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard_host,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_CONCURRENT_REQUESTS,
+        ))
         .with_state(state)
 }

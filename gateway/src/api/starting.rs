@@ -47,7 +47,12 @@ pub struct StartingServer {
 impl StartingServer {
     /// Serves on a clone of `listener` until [`StartingServer::stop`]; `listener` stays
     /// open for the real API.
-    pub fn start(listener: &TcpListener, reason: StartingReason) -> std::io::Result<Self> {
+    /// With `token` (api.token), `/ready` names the reason only to a caller that sends it.
+    pub fn start(
+        listener: &TcpListener,
+        reason: StartingReason,
+        token: Option<String>,
+    ) -> std::io::Result<Self> {
         let clone = TcpListener::from_std(socket_clone(listener)?)?;
         let why = reason.clone();
         let app = Router::new()
@@ -57,8 +62,15 @@ impl StartingServer {
             )
             .route(
                 "/ready",
-                get(move || {
-                    let why = why.get();
+                get(move |headers: axum::http::HeaderMap| {
+                    let shown = token
+                        .as_deref()
+                        .is_none_or(|t| super::carries_token(&headers, t));
+                    let why = if shown {
+                        why.get()
+                    } else {
+                        "starting (send the API token to see why)".to_owned()
+                    };
                     async move {
                         (
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -127,7 +139,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let reason = StartingReason::default();
         reason.set("store: waiting for PostgreSQL at postgres://iotgw:<redacted>@db/iotgw");
-        let server = StartingServer::start(&listener, reason).expect("start");
+        let server = StartingServer::start(&listener, reason, None).expect("start");
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .build()

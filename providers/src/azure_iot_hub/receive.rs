@@ -275,6 +275,16 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[async_trait]
 impl PushEndpoint for EventGridEndpoint {
+    fn authorize(&self, head: &PushRequest) -> Option<PushResponse> {
+        (!self.secret_ok(head)).then(|| {
+            tracing::warn!(provider = %self.shared.instance, "Event Grid request refused before its body was read: missing or wrong shared secret");
+            reply(
+                401,
+                json!({"error": "missing or wrong secret: put ?secret=<event_grid.secret> in the subscription's endpoint URL or send it as the X-Iotgw-Secret delivery header"}),
+            )
+        })
+    }
+
     async fn handle(&self, req: PushRequest) -> PushResponse {
         if !self.secret_ok(&req) {
             tracing::warn!(provider = %self.shared.instance, "Event Grid request refused: missing or wrong shared secret");
