@@ -118,6 +118,17 @@ say "running the test suite (conformance providers: $providers)"
 t0=$(date +%s)
 status=0
 cargo test --workspace --no-fail-fast --features "$features" "$@" || status=$?
+# Tests that time a reconnect and miss their deadline when the machine is saturated by the
+# parallel run above (2 cores): each is #[ignore]d with that reason and run here, alone,
+# from the binaries already built.
+QUIET_TESTS=(
+    azure_iot_hub::tests::event_hubs::starting_at_latest_loses_nothing_published_while_the_connection_is_down
+)
+if [ "$#" -eq 0 ]; then
+    say "running the tests that need a quiet machine, one at a time: ${QUIET_TESTS[*]}"
+    cargo test --workspace --no-fail-fast --features "$features" --lib -- \
+        --ignored --exact --test-threads=1 "${QUIET_TESTS[@]}" || status=$?
+fi
 tests_secs=$(( $(date +%s) - t0 ))
 
 if [ "$docker_ok" = 1 ]; then

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::base::Secret;
 pub use crate::mqtt::{CommandCorrelation, DynsecConfig, MqttConfig};
 pub use crate::sinks::{FileSinkConfig, SinkConfig, StdoutSinkConfig, WebhookSinkConfig};
-pub use crate::store::{StoreConfig, StoreKind};
+pub use crate::store::{SqliteSynchronous, StoreConfig, StoreKind};
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -13,6 +13,11 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     /// SQLite database file; its directory is created when missing.
     pub path: String,
+    /// SQLite: `full` (default) syncs every commit to the disk before the events in it are
+    /// acknowledged, so an acknowledged reading survives a power loss; `normal` syncs at
+    /// checkpoints only (faster on slow disks; a process crash loses nothing, a power loss
+    /// can lose the last acknowledged commits). BENCHMARKS.md measures the difference.
+    pub sqlite_synchronous: SqliteSynchronous,
     /// The PostgreSQL store (`kind = "postgres"`): URL, pool, timeouts, TLS.
     pub postgres: Option<crate::postgres::PostgresStoreConfig>,
 }
@@ -22,9 +27,21 @@ impl Default for StoreConfig {
         Self {
             kind: StoreKind::Sqlite,
             path: "data/iotgw.db".into(),
+            sqlite_synchronous: SqliteSynchronous::Full,
             postgres: None,
         }
     }
+}
+
+/// SQLite's `synchronous` setting (`store.sqlite_synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SqliteSynchronous {
+    /// Every commit synced before its events are acknowledged.
+    #[default]
+    Full,
+    /// Synced at checkpoints.
+    Normal,
 }
 
 /// Store kinds.

@@ -112,12 +112,18 @@ pub async fn open_store(cfg: &Config, reason: &StartingReason) -> anyhow::Result
         ),
         (StoreKind::Sqlite, _) => {
             let path = Path::new(&cfg.store.path);
-            let store = SqliteStore::open(path).await.with_context(|| {
-                format!(
-                    "opening the SQLite store at {} (store.path)",
-                    path.display()
-                )
-            })?;
+            let durability = match cfg.store.sqlite_synchronous {
+                iotgw_config::SqliteSynchronous::Full => iotgw_registry::SqliteDurability::Full,
+                iotgw_config::SqliteSynchronous::Normal => iotgw_registry::SqliteDurability::Normal,
+            };
+            let store = SqliteStore::open_with(path, durability)
+                .await
+                .with_context(|| {
+                    format!(
+                        "opening the SQLite store at {} (store.path)",
+                        path.display()
+                    )
+                })?;
             tracing::info!(path = %path.display(), "store open (SQLite, WAL)");
             Ok(Arc::new(store))
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use iotgw_registry::{
     AlertType, Arrival, BatchWrite, DeviceId, IfUnknown, IsSimulated, NewAlert, NewDeadLetter,
-    NewDevice, SqliteStore, Store, TelemetryCommit,
+    NewDevice, SqliteDurability, SqliteStore, Store, TelemetryCommit,
 };
 
 fn env(name: &str, default: usize) -> usize {
@@ -82,7 +82,11 @@ fn main() {
         .expect("a tokio runtime");
     rt.block_on(async {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let store = SqliteStore::open(&dir.path().join("bench.db"))
+        let durability = match std::env::var("SYNCHRONOUS").as_deref() {
+            Ok("normal") => SqliteDurability::Normal,
+            _ => SqliteDurability::Full,
+        };
+        let store = SqliteStore::open_with(&dir.path().join("bench.db"), durability)
             .await
             .expect("the store opens");
         let names: Vec<String> = (0..devices).map(|d| format!("bench-device-{d}")).collect();
@@ -127,7 +131,7 @@ fn main() {
         times.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "commit_batch sqlite: {batches} batches of {events} events over {devices} devices, \
+            "commit_batch sqlite (synchronous={durability:?}): {batches} batches of {events} events over {devices} devices, \
              10 % alerts: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms per transaction; \
              {:.0} events/s",
             ms(percentile(&times, 50.0)),

@@ -36,5 +36,5 @@ pub use iotgw_ids::device_id as id;
 pub use iotgw_ids::{DeviceId, DeviceIdError, InstanceName, MAX_DEVICE_ID_LEN};
 pub use model::*;
 pub use postgres::{PostgresOptions, PostgresStore};
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteDurability, SqliteStore};
 pub use store::{Store, StoreError, StoreResult};

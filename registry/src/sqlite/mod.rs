@@ -119,16 +119,34 @@ pub struct SqliteStore {
     registration_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
+/// How a commit reaches the disk (SQLite's `synchronous` under WAL).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SqliteDurability {
+    /// `synchronous=FULL`: every commit is synced to the disk before it returns, so what
+    /// was acknowledged survives a power loss. The default.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: commits are synced at checkpoints only; a crash of the process
+    /// loses nothing, a power loss or kernel crash can lose the last commits (already
+    /// acknowledged to their devices and clouds).
+    Normal,
+}
+
 impl SqliteStore {
+    /// [`open_with`](Self::open_with) and [`SqliteDurability::Full`].
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with(path, SqliteDurability::Full).await
+    }
+
     /// Opens (creating the parent directory and the file if needed) the database at `path`
-    /// with a WAL journal, `synchronous=NORMAL`, foreign keys on and a 5 s busy timeout, and
-    /// runs the pending migrations.
+    /// with a WAL journal, `synchronous` as `durability` says, foreign keys on and a 5 s
+    /// busy timeout, and runs the pending migrations.
     ///
     /// The WAL is checkpointed by a background task every [`CHECKPOINT_EVERY`], not by the
     /// commit that happens to cross SQLite's 1,000-page threshold: a checkpoint copies pages
     /// and syncs the database file, which took a commit (and every ack waiting for it) from
     /// milliseconds to a tenth of a second. A passive checkpoint never blocks a writer.
-    pub async fn open(path: &Path) -> StoreResult<Self> {
+    pub async fn open_with(path: &Path, durability: SqliteDurability) -> StoreResult<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent).await.map_err(|e| {
                 StoreError::Database(format!(
@@ -141,7 +159,10 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(match durability {
+                SqliteDurability::Full => SqliteSynchronous::Full,
+                SqliteDurability::Normal => SqliteSynchronous::Normal,
+            })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
             .pragma("wal_autocheckpoint", "0");
@@ -764,8 +785,8 @@ mod tests {
         assert_eq!(pragma(&store, "journal_mode").await, "wal");
         assert_eq!(
             pragma(&store, "synchronous").await,
-            "1",
-            "synchronous=NORMAL"
+            "2",
+            "synchronous=FULL by default: an acknowledged commit survives a power loss"
         );
         assert_eq!(pragma(&store, "foreign_keys").await, "1");
         assert_eq!(pragma(&store, "busy_timeout").await, "5000");
@@ -790,6 +811,19 @@ mod tests {
             .await
             .expect("reopen (migrations are a no-op)");
         assert_eq!(pragma(&reopened, "journal_mode").await, "wal");
+        reopened.close().await;
+        drop(reopened);
+        let relaxed = SqliteStore::open_with(&path, SqliteDurability::Normal)
+            .await
+            .expect("reopen with NORMAL");
+        assert_eq!(
+            pragma(&relaxed, "synchronous").await,
+            "1",
+            "synchronous=NORMAL"
+        );
+        relaxed.close().await;
+        drop(relaxed);
+        let reopened = SqliteStore::open(&path).await.expect("reopen");
         assert_eq!(
             pragma(&reopened, "wal_autocheckpoint").await,
             "0",

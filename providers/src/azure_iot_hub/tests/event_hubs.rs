@@ -324,6 +324,7 @@ async fn events_published_after_the_connections_drop_still_arrive() {
 }
 
 #[tokio::test]
+#[ignore = "times the official AMQP client's reconnect, which missed the 60 s deadline twice under the parallel load of a 2-core clean-clone CI run (2026-12-03, 2026-12-07) and takes ~7 s alone; scripts/test.sh runs it alone after the parallel run (QUIET_TESTS)"]
 async fn starting_at_latest_loses_nothing_published_while_the_connection_is_down() {
     let hub = FakeHub::start().await;
     let eh = FakeEventHubs::start(ENTITY, 2).await;
