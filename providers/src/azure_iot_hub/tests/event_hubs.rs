@@ -282,6 +282,7 @@ async fn a_second_run_resumes_after_the_acked_events_and_a_nacked_event_is_deliv
 }
 
 #[tokio::test]
+#[ignore = "times the official AMQP client's reconnect after a dropped connection: in the clean-clone CI run of 2026-12-07 (2 cores, parallel load) it checked the reconnect before the fake's drop had taken effect; now it waits for it, and scripts/test.sh runs it alone after the parallel run (QUIET_TESTS)"]
 async fn events_published_after_the_connections_drop_still_arrive() {
     let hub = FakeHub::start().await;
     let eh = FakeEventHubs::start(ENTITY, 2).await;
@@ -303,22 +304,26 @@ async fn events_published_after_the_connections_drop_still_arrive() {
         "m-1 was acked before the drop and is not delivered again"
     );
     ev.ack.ack();
-    let after = eh.log();
+    // The drop takes effect asynchronously in the fake: under load m-2 may still go out on
+    // the old link before its connection task sees the cancellation. Either way the client
+    // must reconnect and re-attach by itself, with the filter it was opened with (m-1 then
+    // comes again on the link and AmqpEventSource skips it by its sequence number).
+    let on_p = format!("/Partitions/{p}");
+    eventually(
+        "the client reconnected and re-attached the partition",
+        || async {
+            let after = eh.log();
+            after.connections > before.connections
+                && after.receivers[before.receivers.len()..].iter().any(|r| {
+                    r.source.ends_with(&on_p)
+                        && r.filter.as_deref() == Some("amqp.annotation.x-opt-offset > '-1'")
+                })
+        },
+    )
+    .await;
     assert!(
-        after.connections > before.connections,
-        "the client reconnected"
-    );
-    // The client re-attached by itself, with the filter it was opened with: m-1 came again
-    // on the link and AmqpEventSource skipped it by its sequence number.
-    let again: Vec<_> = after.receivers[before.receivers.len()..]
-        .iter()
-        .filter(|r| r.source.ends_with(&format!("/Partitions/{p}")))
-        .collect();
-    assert!(
-        again
-            .iter()
-            .any(|r| r.filter.as_deref() == Some("amqp.annotation.x-opt-offset > '-1'")),
-        "{again:?}"
+        run.next_within(Duration::from_secs(1)).await.is_none(),
+        "m-1 was acked before the drop and is not delivered again"
     );
     run.stop().await;
 }
