@@ -406,6 +406,7 @@ async fn pool(url: &str) -> PgPool {
 /// once the lease has run out, with it still dead; restarted under the same id (as a
 /// StatefulSet pod is), it takes back the readings the broker queued for its session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "times the outbox takeover to within 5 s of the lease: in the cold clean-clone CI run of 2026-12-07 (parallel load) it took 7.9 s; scripts/test.sh runs it alone after the parallel run (QUIET_INTEGRATION)"]
 async fn three_replicas_lose_nothing_when_one_is_killed_mid_stream() {
     if iotgw_testkit::require_docker("the replica kill test").is_err() {
         return;
