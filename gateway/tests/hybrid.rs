@@ -643,7 +643,7 @@ async fn a_device_moves_under_traffic_and_no_reading_is_lost_or_counted_twice() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "races the device's own reconnect to broker A against the gateway's: in the cold clean-clone CI run of 2026-12-07 (parallel load) the waiting command went out before the device had subscribed again; scripts/test.sh runs it alone after the parallel run (QUIET_INTEGRATION)"]
+#[ignore = "fails intermittently, also alone (2 of the last 3 clean-clone CI runs of 2026-12-07): the command that waited for broker A does not reach the device after A restarts, probably published before the device subscribed again; under investigation (issue 15): cargo test -p iotgw --test hybrid -- --ignored fail_over"]
 async fn with_a_broker_down_new_devices_fail_over_and_commands_wait_for_it_or_expire() {
     iotgw_testkit::init();
     let a = broker().await;
