@@ -132,6 +132,7 @@ if [ "$#" -eq 0 ]; then
     # The same for end-to-end tests of the binary that race device or replica timing.
     QUIET_INTEGRATION=(
         three_replicas_lose_nothing_when_one_is_killed_mid_stream
+        with_a_broker_down_new_devices_fail_over_and_commands_wait_for_it_or_expire
     )
     say "running the end-to-end tests that need a quiet machine, one at a time: ${QUIET_INTEGRATION[*]}"
     cargo test --workspace --no-fail-fast --features "$features" --test hybrid --test replicas -- \

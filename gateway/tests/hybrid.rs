@@ -183,19 +183,45 @@ impl Drop for Gateway {
 struct Device {
     client: AsyncClient,
     acked: Arc<AtomicUsize>,
+    subscribed: Arc<AtomicUsize>,
     sent: usize,
     commands: mpsc::UnboundedReceiver<Value>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Device {
+    /// A device with a clean session: what it missed while disconnected is gone.
     async fn connect(id: &str, port: u16) -> Self {
+        Self::start(id, port, true).await
+    }
+
+    /// A device that must get the commands sent while it was away: a persistent session
+    /// (clean session off) with its QoS 1 subscription, kept by the broker across the
+    /// device's reconnects and, with [`saving_broker`], across the broker's restarts. It
+    /// returns once the broker confirmed the subscription.
+    async fn connect_persistent(id: &str, port: u16) -> Self {
+        let device = Self::start(id, port, false).await;
+        let subscribed = device.subscribed.clone();
+        wait_for(
+            &format!("the SUBACK of {id}'s command subscription"),
+            Duration::from_secs(20),
+            || async { (subscribed.load(Ordering::SeqCst) > 0).then_some(()) },
+            String::new,
+        )
+        .await;
+        device
+    }
+
+    async fn start(id: &str, port: u16, clean: bool) -> Self {
         let mut opts = MqttOptions::new(format!("device-{id}"), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_session(clean);
         let (client, mut events) = AsyncClient::new(opts, 64);
         let acked = Arc::new(AtomicUsize::new(0));
+        let subscribed = Arc::new(AtomicUsize::new(0));
         let (tx, commands) = mpsc::unbounded_channel();
         let (count, topic) = (acked.clone(), format!("devices/{id}/commands"));
+        let subacks = subscribed.clone();
         let subscriber = client.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -205,6 +231,9 @@ impl Device {
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subacks.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
@@ -220,6 +249,7 @@ impl Device {
         Self {
             client,
             acked,
+            subscribed,
             sent: 0,
             commands,
             task,
@@ -268,6 +298,19 @@ async fn broker() -> Mosquitto {
     Mosquitto::dedicated(MosquittoSpec::anonymous())
         .await
         .expect("mosquitto starts")
+}
+
+/// [`broker`] that writes its sessions to disk after every change, so a `kill -9` keeps
+/// them: the persistent sessions of its devices (and their subscriptions) survive the
+/// restart and it queues what is published to them meanwhile. Mosquitto's default saves
+/// every 30 minutes and on a clean stop only.
+async fn saving_broker() -> Mosquitto {
+    let mut spec = MosquittoSpec::anonymous();
+    spec.extra_config = vec![
+        "autosave_interval 1".into(),
+        "autosave_on_changes true".into(),
+    ];
+    Mosquitto::dedicated(spec).await.expect("mosquitto starts")
 }
 
 fn mqtt_instance(name: &str, port: u16) -> String {
@@ -643,10 +686,10 @@ async fn a_device_moves_under_traffic_and_no_reading_is_lost_or_counted_twice() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails intermittently, also alone (2 of the last 3 clean-clone CI runs of 2026-12-07): the command that waited for broker A does not reach the device after A restarts, probably published before the device subscribed again; under investigation (issue 15): cargo test -p iotgw --test hybrid -- --ignored fail_over"]
+#[ignore = "the waiting command must go out before its 15 s TTL, counted from before broker A restarts: under the parallel load of a cold CI run a container start can take most of that; scripts/test.sh runs it alone after the parallel run (QUIET_INTEGRATION)"]
 async fn with_a_broker_down_new_devices_fail_over_and_commands_wait_for_it_or_expire() {
     iotgw_testkit::init();
-    let a = broker().await;
+    let a = saving_broker().await;
     let b = broker().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = write(
@@ -676,7 +719,7 @@ retry_secs = 1
     gw.wait_connected("b").await;
     let first = gw.register("p-1", "pumps").await;
     assert_eq!(first["msdyn_iotproviderinstance"], "a");
-    let mut device = Device::connect("p-1", a.port()).await;
+    let mut device = Device::connect_persistent("p-1", a.port()).await;
 
     a.kill().await.expect("kill broker a");
     let down = wait_for(
@@ -803,7 +846,7 @@ retry_secs = 1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_never_published_before_a_kill_is_sent_after_the_restart() {
     iotgw_testkit::init();
-    let broker = broker().await;
+    let broker = saving_broker().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = write(
         dir.path(),
@@ -817,7 +860,7 @@ async fn a_command_never_published_before_a_kill_is_sent_after_the_restart() {
     let mut gw = Gateway::start(&config, dir.path(), port).await;
     gw.wait_connected("plant").await;
     gw.register("k-1", "pumps").await;
-    let mut device = Device::connect("k-1", broker.port()).await;
+    let mut device = Device::connect_persistent("k-1", broker.port()).await;
 
     // With the broker gone the gateway cannot publish: the command is stored, In
     // Progress, never published, when the gateway is killed.
