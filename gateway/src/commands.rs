@@ -62,26 +62,25 @@ pub async fn deliver(core: &Core, cmd: Command) -> Command {
     let live = core.live();
     let provider = live.providers.get(&instance);
     let now = Utc::now();
-    let down = provider.and_then(|p| unhealthy_for(&p.health(), now));
-    let waiting = match (provider, down) {
-        (None, _) => Some(format!(
+    let provider = match provider {
+        None => Err(format!(
             "provider instance `{instance}` is not configured (a reload may bring it back)"
         )),
-        (Some(_), Some(for_)) => Some(format!(
-            "instance {instance} unreachable for {} s",
-            for_.as_secs()
-        )),
-        (Some(_), None) => None,
+        Some(p) => match unhealthy_for(&p.health(), now) {
+            Some(for_) => Err(format!(
+                "instance {instance} unreachable for {} s",
+                for_.as_secs()
+            )),
+            None => Ok(p),
+        },
     };
     let deadline = deadline(core, &cmd);
-    if let Some(reason) = waiting {
-        if now >= deadline {
-            return fail(core, cmd, reason, "expired").await;
+    let provider = match provider {
+        Ok(p) => p,
+        Err(reason) if now >= deadline => {
+            return fail(core, cmd, reason, "expired").await
         }
-        return wait(core, cmd, reason, now).await;
-    }
-    let Some(provider) = provider else {
-        unreachable!("a missing provider waits above")
+        Err(reason) => return wait(core, cmd, reason, now).await,
     };
     let req = CommandRequest {
         id: cmd.id,

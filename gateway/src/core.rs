@@ -143,8 +143,13 @@ fn finish_answers(
 }
 
 fn parse_id(raw: &str) -> Result<DeviceId, GatewayError> {
+    parse_device_id("msdyn_deviceid", raw)
+}
+
+/// A device id from a request, refused naming the request's `field`.
+pub(crate) fn parse_device_id(field: &str, raw: &str) -> Result<DeviceId, GatewayError> {
     DeviceId::parse(raw).map_err(|e| GatewayError::Invalid {
-        field: "msdyn_deviceid".into(),
+        field: field.into(),
         message: e.to_string(),
     })
 }
@@ -179,21 +184,7 @@ impl Core {
 
     /// The provider instance by name.
     pub fn provider(&self, name: &str) -> Result<Arc<dyn Provider>, GatewayError> {
-        let live = self.live();
-        live.providers
-            .get(name)
-            .cloned()
-            .ok_or_else(|| GatewayError::Invalid {
-                field: "msdyn_iotproviderinstance".into(),
-                message: format!(
-                    "provider instance `{name}` is not configured; configured: {}",
-                    live.providers
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            })
+        self.live().provider("msdyn_iotproviderinstance", name)
     }
 
     /// Whether an instance has been unhealthy for `health.failover_after_secs` or longer

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use iotgw_config::Config;
 use iotgw_providers::Provider;
 
+use crate::core::GatewayError;
 use crate::router::Router;
 use crate::rules::RuleSet;
 
@@ -47,6 +48,25 @@ impl std::fmt::Debug for Live {
 }
 
 impl Live {
+    /// The provider instance `name`, or a refusal naming the request's `field` and the
+    /// instances that are configured.
+    pub fn provider(&self, field: &str, name: &str) -> Result<Arc<dyn Provider>, GatewayError> {
+        self.providers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GatewayError::Invalid {
+                field: field.into(),
+                message: format!(
+                    "provider instance `{name}` is not configured; configured: {}",
+                    self.providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
     /// The state `config` describes, with these provider instances.
     pub fn new(
         version: u64,

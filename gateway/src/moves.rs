@@ -56,26 +56,9 @@ pub struct Moved {
 /// Moves device `raw_id` to instance `to`; see the module docs for the order and what
 /// each failure leaves.
 pub async fn move_device(core: &Core, raw_id: &str, to: &str) -> Result<Moved, GatewayError> {
-    let id = DeviceId::parse(raw_id).map_err(|e| GatewayError::Invalid {
-        field: "id".into(),
-        message: e.to_string(),
-    })?;
+    let id = crate::core::parse_device_id("id", raw_id)?;
     let live = core.live();
-    let target = live
-        .providers
-        .get(to)
-        .cloned()
-        .ok_or_else(|| GatewayError::Invalid {
-            field: "to".into(),
-            message: format!(
-                "provider instance `{to}` is not configured; configured: {}",
-                live.providers
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })?;
+    let target = live.provider("to", to)?;
     let device = core
         .store
         .get_device(&id)
