@@ -262,6 +262,13 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
     // rules
     for (name, r) in &c.rules {
         let base = format!("rules.{name}");
+        if !valid_rule_name(name) {
+            out.push(p(
+                &base,
+                format!("rule name `{name}` is not valid (it becomes part of alert tokens and metric labels)"),
+                "use 1-64 characters from A-Z a-z 0-9 _ -",
+            ));
+        }
         if !r.pointer.is_empty() && !r.pointer.starts_with('/') {
             out.push(p(
                 format!("{base}.pointer"),
@@ -393,6 +400,13 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
         ));
     }
     out
+}
+
+fn valid_rule_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn valid_name(name: &str) -> bool {
@@ -595,6 +609,22 @@ mod tests {
         let probs = validate(&c, &["mqtt"]);
         assert!(probs.iter().any(|x| x.path == "routing.rules[0].provider"));
         assert!(probs.iter().any(|x| x.path == "routing.rules[0]"));
+    }
+
+    #[test]
+    fn rule_names_that_could_not_part_an_alert_token_are_refused() {
+        let mut c = Config::embedded_default();
+        let rule = c.rules["high_temperature"].clone();
+        c.rules.insert("hot/cold".into(), rule.clone());
+        c.rules.insert("Hot_2-b".into(), rule);
+        let probs = validate(&c, &["mqtt"]);
+        let named: Vec<_> = probs
+            .iter()
+            .filter(|x| x.path.starts_with("rules."))
+            .collect();
+        assert_eq!(named.len(), 1, "{probs:?}");
+        assert_eq!(named[0].path, "rules.hot/cold");
+        assert!(named[0].fix.contains("A-Z a-z 0-9 _ -"), "{:?}", named[0]);
     }
 
     #[test]

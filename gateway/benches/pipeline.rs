@@ -68,7 +68,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter_batched_ref(
                 || t.clone(),
-                |t| prepare(&rules, &device, t, 256 * 1024).expect("valid"),
+                |t| prepare(&rules, "local", &device, t, 256 * 1024).expect("valid"),
                 BatchSize::SmallInput,
             )
         });

@@ -77,9 +77,7 @@ pub async fn deliver(core: &Core, cmd: Command) -> Command {
     let deadline = deadline(core, &cmd);
     let provider = match provider {
         Ok(p) => p,
-        Err(reason) if now >= deadline => {
-            return fail(core, cmd, reason, "expired").await
-        }
+        Err(reason) if now >= deadline => return fail(core, cmd, reason, "expired").await,
         Err(reason) => return wait(core, cmd, reason, now).await,
     };
     let req = CommandRequest {

@@ -195,6 +195,25 @@ impl Rule {
     }
 }
 
+/// The alert token of a reading: `<instance>/<device>/<message id>` for the first rule
+/// that fires, `<instance>/<device>#<rule>/<message id>` for each later one, then made to
+/// fit ([`fit_token`]). Instance names, device ids and rule names never hold `/` or `#`, so
+/// two different (instance, device, rule, message id) never give one token: a device's ids
+/// cannot collide with another device's (device `a` with id `b:m1` against device `a:b`
+/// with id `m1`), nor an instance's with another instance's.
+pub fn alert_token(
+    instance: &str,
+    device_id: &DeviceId,
+    later_rule: Option<&str>,
+    message_id: &str,
+) -> String {
+    let raw = match later_rule {
+        None => format!("{instance}/{device_id}/{message_id}"),
+        Some(rule) => format!("{instance}/{device_id}#{rule}/{message_id}"),
+    };
+    fit_token(raw)
+}
+
 /// Makes a token fit `msdyn_alerttoken`: ids longer than 100 characters are replaced by
 /// `sha256:` and 64 hex digits of their hash (still deterministic, still unique).
 pub fn fit_token(raw: String) -> String {
@@ -253,6 +272,7 @@ impl RuleSet {
     /// Evaluates every rule on a parsed message and returns the alerts to commit.
     pub fn evaluate(
         &self,
+        instance: &str,
         device_id: &DeviceId,
         message_id: &str,
         raw: &str,
@@ -264,12 +284,8 @@ impl RuleSet {
             let Some(value) = rule.matches(doc) else {
                 continue;
             };
-            let token = if out.is_empty() {
-                message_id.to_string()
-            } else {
-                format!("{message_id}:{}", rule.name)
-            };
-            let alert_token = fit_token(token);
+            let later = (!out.is_empty()).then_some(rule.name.as_str());
+            let alert_token = alert_token(instance, device_id, later, message_id);
             let alert_data = if raw.len() > MAX_ALERT_DATA_LEN {
                 truncate_chars(raw, MAX_ALERT_DATA_LEN)
             } else {
@@ -348,12 +364,12 @@ mod tests {
     "#;
 
     #[test]
-    fn first_matching_rule_takes_the_message_id_as_token_later_ones_add_their_name() {
+    fn tokens_name_the_instance_the_device_and_the_message_and_later_rules_add_their_name() {
         let rs = set(TWO_RULES);
         let doc = serde_json::json!({"temperature": 80.5, "door": "open", "sensor": "s1"});
-        let alerts = rs.evaluate(&id("d1"), "m-1", "{}", &doc, Utc::now());
+        let alerts = rs.evaluate("edge", &id("d1"), "m-1", "{}", &doc, Utc::now());
         let tokens: Vec<_> = alerts.iter().map(|a| a.alert_token.as_str()).collect();
-        assert_eq!(tokens, ["m-1", "m-1:b_door"]);
+        assert_eq!(tokens, ["edge/d1/m-1", "edge/d1#b_door/m-1"]);
         assert_eq!(alerts[0].description, "d1 at 80.5");
         assert_eq!(alerts[1].description, "door open (b_door)");
         assert_eq!(alerts[1].alert_type, AlertType::Info);
@@ -366,6 +382,39 @@ mod tests {
     }
 
     #[test]
+    fn tokens_of_different_devices_instances_or_rules_never_collide() {
+        let t = |instance: &str, device: &str, rule: Option<&str>, message: &str| {
+            alert_token(instance, &id(device), rule, message)
+        };
+        // The colliding pair of the old `<device>:<id>` form.
+        assert_ne!(t("edge", "a", None, "b:m1"), t("edge", "a:b", None, "m1"));
+        assert_ne!(t("edge", "d", None, "m"), t("cloud", "d", None, "m"));
+        assert_ne!(t("edge", "d", Some("hot"), "m"), t("edge", "d", None, "m"));
+        assert_ne!(
+            t("edge", "d", Some("hot"), "m"),
+            t("edge", "d", None, "hot/m")
+        );
+        assert_ne!(
+            t("edge", "d", Some("hot"), "m"),
+            t("edge", "d", None, "m:hot")
+        );
+        assert_eq!(t("edge", "d", None, "m"), t("edge", "d", None, "m"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn distinct_readings_get_distinct_tokens(
+            a in ("[a-z]{1,3}", "[a-z:]{1,4}", proptest::option::of("[a-z]{1,2}"), "[a-z:/#]{0,5}"),
+            b in ("[a-z]{1,3}", "[a-z:]{1,4}", proptest::option::of("[a-z]{1,2}"), "[a-z:/#]{0,5}"),
+        ) {
+            let token = |(i, d, r, m): &(String, String, Option<String>, String)| {
+                alert_token(i, &id(d), r.as_deref(), m)
+            };
+            proptest::prop_assert_eq!(a == b, token(&a) == token(&b));
+        }
+    }
+
+    #[test]
     fn comparisons_need_the_right_type_and_missing_values_never_match() {
         let rs = set(TWO_RULES);
         for doc in [
@@ -375,7 +424,7 @@ mod tests {
             serde_json::json!([1, 2]),
         ] {
             assert!(
-                rs.evaluate(&id("d1"), "m", "{}", &doc, Utc::now())
+                rs.evaluate("edge", &id("d1"), "m", "{}", &doc, Utc::now())
                     .is_empty(),
                 "{doc}"
             );
@@ -393,7 +442,7 @@ mod tests {
         let long = "é".repeat(300);
         let raw = format!("{{\"v\":\"{long}\"}}").repeat(40);
         let doc = serde_json::json!({"v": long});
-        let a = &rs.evaluate(&id("d"), &"m".repeat(150), &raw, &doc, Utc::now())[0];
+        let a = &rs.evaluate("edge", &id("d"), &"m".repeat(150), &raw, &doc, Utc::now())[0];
         assert_eq!(a.description.chars().count(), 100);
         assert!(a.alert_token.starts_with("sha256:") && a.alert_token.len() <= 100);
         assert_eq!(a.alert_data.chars().count(), 8192);
@@ -411,7 +460,7 @@ mod tests {
         "#);
         let doc = serde_json::json!({"v": 3});
         assert_eq!(
-            rs.evaluate(&id("d"), "m", "{}", &doc, Utc::now())[0].description,
+            rs.evaluate("edge", &id("d"), "m", "{}", &doc, Utc::now())[0].description,
             "t: d at 3 {x}"
         );
     }
@@ -426,6 +475,10 @@ mod tests {
             description = "x"
         "#);
         let doc = serde_json::json!({"a/b": [{}, {"c": -1}]});
-        assert_eq!(rs.evaluate(&id("d"), "m", "{}", &doc, Utc::now()).len(), 1);
+        assert_eq!(
+            rs.evaluate("edge", &id("d"), "m", "{}", &doc, Utc::now())
+                .len(),
+            1
+        );
     }
 }

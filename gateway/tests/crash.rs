@@ -247,7 +247,7 @@ async fn committed(dir: &Path) -> BTreeSet<usize> {
         for a in page.items {
             let i: usize = a
                 .alert_token
-                .strip_prefix(&format!("{DEVICE}:r-"))
+                .strip_prefix(&format!("local/{DEVICE}/r-"))
                 .and_then(|i| i.parse().ok())
                 .unwrap_or_else(|| panic!("an alert of no reading: {}", a.alert_token));
             assert!(found.insert(i), "reading {i} counted twice");

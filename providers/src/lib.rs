@@ -246,7 +246,9 @@ impl ProviderError {
 pub struct Telemetry {
     /// Device id as received.
     pub device_id: String,
-    /// The provider's unique id of this message (becomes the alert token).
+    /// The id of this message, unique per device on this instance and the same when the
+    /// message is delivered again (the gateway makes the alert token of the instance, the
+    /// device and this id).
     pub message_id: String,
     /// Raw payload.
     pub payload: Bytes,

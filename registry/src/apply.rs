@@ -163,6 +163,17 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
         w.fetch_devices(&ids).await?
     };
 
+    let stored = stored_alerts(
+        w,
+        writes.iter().filter_map(|write| match write {
+            BatchWrite::Telemetry { commit, .. } => Some(commit),
+            _ => None,
+        }),
+    )
+    .await?;
+    // Which device each token accepted so far in this batch belongs to.
+    let mut claimed: HashMap<String, DeviceId> = HashMap::new();
+
     let mut activity: BTreeMap<Uuid, DateTime<Utc>> = BTreeMap::new();
     let mut readings = Vec::new();
     let mut out = Vec::with_capacity(writes.len());
@@ -175,6 +186,7 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
             } => {
                 let id = &commit.device_id;
                 let mut registered = false;
+                let owner = token_owner(w, commit, &stored, &claimed);
                 if let Some(device) = devices.get(id) {
                     let status = device.registration_status;
                     if !matches!(
@@ -193,29 +205,34 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
                         out.push(BatchOutcome::WrongInstance { hosted_on });
                         continue;
                     }
-                } else {
-                    match if_unknown {
-                        IfUnknown::DeadLetter { reason } => {
-                            let letter = NewDeadLetter {
-                                reason: reason.clone(),
-                                ..from.message.clone()
-                            };
-                            w.write_dead_letter(&letter).await?;
-                            out.push(BatchOutcome::DeadLettered);
-                            continue;
-                        }
-                        IfUnknown::Register => {
-                            w.insert_unknown_device(id, &from.instance).await?;
-                            let device =
-                                w.fetch_devices(&[id]).await?.remove(id).ok_or_else(|| {
-                                    StoreError::Database(format!(
-                                        "device {id} was inserted but cannot be read back"
-                                    ))
-                                })?;
-                            devices.insert(id.clone(), device);
-                            registered = true;
-                        }
-                    }
+                } else if let IfUnknown::DeadLetter { reason } = if_unknown {
+                    let letter = NewDeadLetter {
+                        reason: reason.clone(),
+                        ..from.message.clone()
+                    };
+                    w.write_dead_letter(&letter).await?;
+                    out.push(BatchOutcome::DeadLettered);
+                    continue;
+                }
+                if let Some((token, owner)) = owner {
+                    w.write_dead_letter(&token_conflict(id, &token, &owner, from))
+                        .await?;
+                    out.push(BatchOutcome::TokenConflict { owner });
+                    continue;
+                }
+                if !devices.contains_key(id) {
+                    // Unknown, under `IfUnknown::Register` (`DeadLetter` ended above).
+                    w.insert_unknown_device(id, &from.instance).await?;
+                    let device = w.fetch_devices(&[id]).await?.remove(id).ok_or_else(|| {
+                        StoreError::Database(format!(
+                            "device {id} was inserted but cannot be read back"
+                        ))
+                    })?;
+                    devices.insert(id.clone(), device);
+                    registered = true;
+                }
+                for alert in &commit.alerts {
+                    claimed.insert(w.stored_text(&alert.alert_token).into_owned(), id.clone());
                 }
                 let device = devices[id].clone();
                 activity
@@ -265,6 +282,7 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
             .iter()
             .map(|r| (&r.device, r.commit))
             .collect::<Vec<_>>(),
+        stored,
     )
     .await?;
     for (reading, alerts) in readings.iter().zip(committed) {
@@ -282,6 +300,59 @@ fn not_registered(id: &DeviceId, status: RegistrationStatus, from: &Arrival) -> 
         reason: format!(
             "not_registered: device {id} is {}; readings count only for Registered devices (register it again with POST /api/v1/devices if it is back in service)",
             status.label()
+        ),
+        ..from.message.clone()
+    }
+}
+
+/// The stored alerts whose tokens these readings' alerts carry, by token as stored.
+async fn stored_alerts<'c, W: BatchWriter + ?Sized>(
+    w: &mut W,
+    commits: impl Iterator<Item = &'c TelemetryCommit>,
+) -> StoreResult<HashMap<String, Alert>> {
+    let mut tokens: Vec<String> = commits
+        .flat_map(|c| &c.alerts)
+        .map(|a| w.stored_text(&a.alert_token).into_owned())
+        .collect();
+    if tokens.is_empty() {
+        return Ok(HashMap::new());
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    Ok(w.alerts_by_token(&tokens)
+        .await?
+        .into_iter()
+        .map(|a| (a.alert_token.clone(), a))
+        .collect())
+}
+
+/// The first token of `commit`'s alerts that belongs to another device, stored or taken
+/// earlier in this batch, with that device. A token is the idempotency key of one
+/// reading of one device: the same token from another device is a collision (a provider
+/// or an older token scheme that did not tell the two apart), not a redelivery, and
+/// counting it as one would lose the reading silently.
+fn token_owner<W: BatchWriter + ?Sized>(
+    w: &W,
+    commit: &TelemetryCommit,
+    stored: &HashMap<String, Alert>,
+    claimed: &HashMap<String, DeviceId>,
+) -> Option<(String, DeviceId)> {
+    commit.alerts.iter().find_map(|a| {
+        let token = w.stored_text(&a.alert_token);
+        let owner = stored
+            .get(token.as_ref())
+            .map(|s| &s.device_id)
+            .or_else(|| claimed.get(token.as_ref()))?;
+        (owner != &commit.device_id).then(|| (token.into_owned(), owner.clone()))
+    })
+}
+
+/// The dead letter of a reading whose alert token belongs to another device's reading.
+fn token_conflict(id: &DeviceId, token: &str, owner: &DeviceId, from: &Arrival) -> NewDeadLetter {
+    NewDeadLetter {
+        reason: format!(
+            "token_conflict: alert token {token} of a reading of device `{id}` is already the token of a reading of device `{owner}`; a token must name one reading of one device (the provider's message ids must be unique per device): nothing was written for this reading"
         ),
         ..from.message.clone()
     }
@@ -306,7 +377,14 @@ pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
     device: &Device,
     commit: &TelemetryCommit,
 ) -> StoreResult<Vec<CommittedAlert>> {
-    let alerts = commit_alerts(w, &[(device, commit)])
+    let stored = stored_alerts(w, std::iter::once(commit)).await?;
+    if let Some((token, owner)) = token_owner(w, commit, &stored, &HashMap::new()) {
+        return Err(StoreError::Conflict(format!(
+            "alert token {token} of a reading of device `{}` is already the token of a reading of device `{owner}`",
+            commit.device_id
+        )));
+    }
+    let alerts = commit_alerts(w, &[(device, commit)], stored)
         .await?
         .pop()
         .unwrap_or_default();
@@ -330,6 +408,7 @@ async fn bump<W: BatchWriter + ?Sized>(
 async fn commit_alerts<W: BatchWriter + ?Sized>(
     w: &mut W,
     readings: &[(&Device, &TelemetryCommit)],
+    stored: HashMap<String, Alert>,
 ) -> StoreResult<Vec<Vec<CommittedAlert>>> {
     // Every alert of the batch, in order, with the reading it belongs to.
     let mut owner = Vec::new();
@@ -349,15 +428,6 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
         return Ok(vec![Vec::new(); readings.len()]);
     }
 
-    let mut tokens: Vec<&str> = pending.iter().map(|p| p.token.as_ref()).collect();
-    tokens.sort_unstable();
-    tokens.dedup();
-    let stored: HashMap<String, Alert> = w
-        .alerts_by_token(&tokens)
-        .await?
-        .into_iter()
-        .map(|a| (a.alert_token.clone(), a))
-        .collect();
     let stored_tokens: HashSet<&str> = stored.keys().map(String::as_str).collect();
 
     // A redelivered alert needs no lookup: it writes nothing.

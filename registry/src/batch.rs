@@ -111,6 +111,12 @@ pub enum BatchOutcome {
         /// The instance that hosts the device.
         hosted_on: String,
     },
+    /// A reading with an alert token that belongs to another device's reading: kept as a
+    /// dead letter with reason `token_conflict`, nothing else written.
+    TokenConflict {
+        /// The device the token belongs to.
+        owner: crate::DeviceId,
+    },
     /// A connection change; `applied` is false when a newer state was already stored.
     Connection {
         /// Whether the stored state changed.

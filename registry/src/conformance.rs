@@ -106,6 +106,7 @@ macro_rules! conformance_tests {
             an_expired_claim_is_taken_over_and_scopes_keep_their_own_claims,
             batch_folds_dedupes_and_orders_like_single_commits,
             a_reading_through_another_instance_is_a_wrong_instance_dead_letter,
+            a_token_of_another_devices_reading_is_a_conflict_not_a_duplicate,
             readings_of_an_unregistered_or_failed_device_are_dead_letters_without_alerts,
             batch_applies_the_unknown_device_policy_and_lifecycle_writes,
             a_registration_batch_begins_each_device_by_the_single_device_rules,
@@ -2799,6 +2800,86 @@ pub async fn a_reading_through_another_instance_is_a_wrong_instance_dead_letter(
         "the spoofed reading does not move last activity"
     );
     assert_eq!(depth(store).await, vec![("hook".to_owned(), 2)]);
+}
+
+/// An alert token names one reading of one device. The same token from another device,
+/// stored before or taken earlier in the same batch, is a `token_conflict` dead letter:
+/// not counted as a redelivery (which would drop the reading silently), nothing written,
+/// while a true redelivery from the token's own device stays a duplicate.
+pub async fn a_token_of_another_devices_reading_is_a_conflict_not_a_duplicate(store: &dyn Store) {
+    registered(store, "a", "local").await;
+    registered(store, "a:b", "local").await;
+    let reading = |device: &str, token: &str, secs: i64| BatchWrite::Telemetry {
+        commit: TelemetryCommit {
+            received_at: at(secs),
+            ..commit(
+                device,
+                vec![new_alert(token, &format!("{device}/hot"), at(secs))],
+                60,
+                &["hook"],
+            )
+        },
+        from: arrival("local", device, token),
+        if_unknown: IfUnknown::Register,
+    };
+    let first = store
+        .commit_batch(&[reading("a", "a:b:m1", 1), reading("a:b", "a:b:m1", 2)])
+        .await
+        .expect("first batch");
+    assert!(
+        matches!(&first[0], BatchOutcome::Telemetry { alerts, .. } if !alerts[0].duplicate),
+        "{:?}",
+        first[0]
+    );
+    assert_eq!(first[1], BatchOutcome::TokenConflict { owner: did("a") });
+    let second = store
+        .commit_batch(&[reading("a:b", "a:b:m1", 3), reading("a", "a:b:m1", 4)])
+        .await
+        .expect("second batch");
+    assert_eq!(second[0], BatchOutcome::TokenConflict { owner: did("a") });
+    assert!(
+        matches!(&second[1], BatchOutcome::Telemetry { alerts, .. } if alerts[0].duplicate),
+        "a redelivery from the token's own device stays a duplicate: {:?}",
+        second[1]
+    );
+    let single = store
+        .commit_telemetry(&commit(
+            "a:b",
+            vec![new_alert("a:b:m1", "a:b/hot", at(5))],
+            60,
+            &["hook"],
+        ))
+        .await;
+    assert!(
+        matches!(&single, Err(StoreError::Conflict(m)) if m.contains("device `a`")),
+        "{single:?}"
+    );
+
+    let alerts = all_alerts(store, &AlertFilter::default()).await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].device_id, did("a"));
+    let dead = store
+        .list_dead_letters(&page(None, 10))
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.items.len(), 2, "{:?}", dead.items);
+    for letter in &dead.items {
+        assert_eq!(letter.device_id.as_deref(), Some("a:b"));
+        assert!(
+            letter.reason.starts_with("token_conflict:") && letter.reason.contains("device `a`"),
+            "{}",
+            letter.reason
+        );
+    }
+    let other = store
+        .get_device(&did("a:b"))
+        .await
+        .expect("get")
+        .expect("a:b");
+    assert_eq!(
+        other.last_activity_time, None,
+        "a conflicting reading does not move last activity"
+    );
 }
 
 /// A reading of a device that is stored but not Registered (Unregistered, Error, In

@@ -49,8 +49,8 @@ async fn register_telemetry_alert_child_webhook_command_reply_unregister() {
         .find(|a| !a["msdyn_parentalert"].is_null())
         .expect("a child alert");
     assert_eq!(child["msdyn_parentalert"], primary["msdyn_iotalertid"]);
-    assert_eq!(child["msdyn_parentalerttoken"], "pump-1:m-1");
-    assert_eq!(primary["msdyn_alerttoken"], "pump-1:m-1");
+    assert_eq!(child["msdyn_parentalerttoken"], "local/pump-1/m-1");
+    assert_eq!(primary["msdyn_alerttoken"], "local/pump-1/m-1");
     assert_eq!(primary["msdyn_alerttype"], 192350000);
 
     // The webhook receives both alerts exactly once, signed.
@@ -371,7 +371,10 @@ async fn an_alert_pending_when_the_gateway_stops_is_delivered_once_after_restart
     })
     .await;
     assert_eq!(hook.accepted().len(), 1, "{posts:?}");
-    assert_eq!(posts[0].body["data"]["msdyn_alerttoken"], "restart-1:r-1");
+    assert_eq!(
+        posts[0].body["data"]["msdyn_alerttoken"],
+        "local/restart-1/r-1"
+    );
     gw.stop().await;
 }
 
@@ -806,7 +809,7 @@ async fn a_311_device_and_a_5_device_each_get_alert_child_command_and_reply_on_t
     let cmd = old.next_command().await;
     assert_eq!(cmd.body["CommandName"], "cool_down");
     assert!(
-        cmd.correlation.starts_with("old-311:a"),
+        cmd.correlation.starts_with("local/old-311/a"),
         "the 3.1.1 device reads the correlation id from the payload: {:?}",
         cmd.body
     );
@@ -844,7 +847,7 @@ async fn a_400_kb_reading_is_a_dead_letter_and_the_devices_next_reading_is_proce
         let (_, body) = api.get("/api/v1/alerts?device_id=big-1").await;
         body["items"].as_array().and_then(|i| {
             i.iter()
-                .find(|a| a["msdyn_alerttoken"] == "big-1:after")
+                .find(|a| a["msdyn_alerttoken"] == "local/big-1/after")
                 .cloned()
         })
     })

@@ -191,6 +191,18 @@ fn account(
             core.metrics
                 .dead_letter(&from.message.source, "wrong_instance");
         }
+        (BatchWrite::Telemetry { commit, from, .. }, BatchOutcome::TokenConflict { owner }) => {
+            core.metrics.rejected(
+                instance,
+                "token_conflict",
+                &format!(
+                    "a reading of device {} carries the alert token of device {owner}",
+                    commit.device_id
+                ),
+            );
+            core.metrics
+                .dead_letter(&from.message.source, "token_conflict");
+        }
         (BatchWrite::Telemetry { commit, .. }, BatchOutcome::Telemetry { alerts, registered }) => {
             if *registered {
                 tracing::info!(device = %commit.device_id, provider = %instance, "unknown device registered from its telemetry (pipeline.unknown_devices = auto_register)");

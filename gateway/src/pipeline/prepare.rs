@@ -57,6 +57,7 @@ impl Reject {
 /// Parses and evaluates one telemetry message: everything before the commit, no I/O.
 pub fn prepare(
     core_rules: &RuleSet,
+    instance: &str,
     device_id: &DeviceId,
     t: &Telemetry,
     limit: usize,
@@ -70,7 +71,7 @@ pub fn prepare(
     let doc: serde_json::Value =
         serde_json::from_slice(&t.payload).map_err(|e| Reject::Malformed(e.to_string()))?;
     let raw = std::str::from_utf8(&t.payload).map_err(|e| Reject::Malformed(e.to_string()))?;
-    Ok(core_rules.evaluate(device_id, &t.message_id, raw, &doc, t.received_at))
+    Ok(core_rules.evaluate(instance, device_id, &t.message_id, raw, &doc, t.received_at))
 }
 
 /// What the pure half needs, read once when the pipeline starts (the providers' limits are
@@ -206,7 +207,7 @@ impl Preparer {
             Err(e) => return refuse(&t, Reject::InvalidDeviceId(e.to_string())),
         };
         let limit = self.limits.get(instance).copied().unwrap_or(usize::MAX);
-        let alerts = match prepare(rules, &device_id, &t, limit) {
+        let alerts = match prepare(rules, instance, &device_id, &t, limit) {
             Ok(a) => a,
             Err(r) => return refuse(&t, r),
         };

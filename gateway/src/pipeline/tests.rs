@@ -223,7 +223,11 @@ async fn a_batch_with_a_redelivery_a_child_and_a_poison_event_commits_what_singl
             .iter()
             .map(|(t, p, _, _)| (t.as_str(), p.as_deref()))
             .collect::<Vec<_>>(),
-        vec![("m-1", None), ("m-2", Some("m-1")), ("m-5", None)],
+        vec![
+            ("local/pump-1/m-1", None),
+            ("local/pump-1/m-2", Some("local/pump-1/m-1")),
+            ("local/pump-2/m-5", None)
+        ],
         "one alert per token, m-2 folded into m-1"
     );
     assert_eq!(
@@ -319,7 +323,7 @@ async fn a_store_failure_in_the_middle_of_a_batch_commits_nothing_and_acks_no_ev
     // A real failure inside the transaction, after earlier writes of the batch succeeded.
     sqlx_exec(
         &file,
-        "CREATE TRIGGER refuse_boom BEFORE INSERT ON alerts WHEN NEW.alert_token = 'boom' \
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON alerts WHEN NEW.alert_token = 'local/pump-2/boom' \
          BEGIN SELECT RAISE(ABORT, 'disk on fire'); END",
     )
     .await;

@@ -529,7 +529,7 @@ mod tests {
             [EventKind::Telemetry(a), EventKind::Telemetry(b)] => {
                 assert_eq!(
                     (a.device_id.as_str(), a.message_id.as_str()),
-                    ("pump-1", "pump-1:m-1")
+                    ("pump-1", "m-1")
                 );
                 assert_eq!(
                     (b.device_id.as_str(), b.message_id.as_str()),

@@ -17,8 +17,9 @@
 //!
 //! Event Hubs (system property `iothub-message-source`, application property `opType`, as
 //! in IoT Hub's "non-telemetry event schemas"):
-//! - `Telemetry` (or no source): telemetry from `iothub-connection-device-id`; the alert
-//!   token is `{device}:{message-id}` when the device set a message id, else
+//! - `Telemetry` (or no source): telemetry from `iothub-connection-device-id`; its message
+//!   id (the gateway scopes it by instance and device into the alert token) is the one the
+//!   device set, else
 //!   `eh:{partition}:{sequence number}` (stable across redeliveries);
 //! - `deviceConnectionStateEvents`: `deviceConnected`/`deviceDisconnected`, ordered by the
 //!   body's `sequenceNumber` (shared with the Event Grid path), at `operationTimestamp`;
@@ -414,7 +415,7 @@ pub fn map_event(e: &HubEvent, newest: impl Fn(&str) -> Option<(String, DateTime
         .is_some_and(|m| !m.is_empty());
     if source == "Telemetry" {
         let message_id = match &e.message_id {
-            Some(m) if !m.is_empty() => format!("{device}:{m}"),
+            Some(m) if !m.is_empty() => m.clone(),
             _ => format!("eh:{}:{}", e.partition, e.sequence_number),
         };
         return Mapped::Event {

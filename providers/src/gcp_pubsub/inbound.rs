@@ -3,7 +3,7 @@
 //!
 //! - telemetry: the payload as is; the device id from the device id attribute; as message
 //!   id (the alert token) the id the device or its bridge gave in the `message_id`
-//!   attribute, scoped by the device (`<device id>:<message_id>`), else Pub/Sub's
+//!   attribute (the gateway scopes it by instance and device), else Pub/Sub's
 //!   `message_id` qualified by the publish time,
 //!   `<message_id>@<publish time, RFC 3339 with nanoseconds>` (see [`alert_token`]); the
 //!   publish time as the receive time. A message
@@ -79,15 +79,15 @@ pub fn alert_token(message_id: &str, publish_time: Option<DateTime<Utc>>) -> Str
 
 /// The telemetry's alert token: a device-chosen `message_id` attribute wins, because a
 /// bridge that retries a publish makes a second Pub/Sub message (a new Pub/Sub id) of the
-/// same reading; it is unique only per device, hence the `<device id>:` scope (the same
-/// form the mqtt provider gives device-chosen ids). Without it, [`alert_token`].
-fn telemetry_token(device_id: &str, msg: &Received<'_>) -> String {
+/// same reading (the gateway scopes it by instance and device). Without it,
+/// [`alert_token`].
+fn telemetry_token(msg: &Received<'_>) -> String {
     match msg
         .attributes
         .get(MESSAGE_ID_ATTRIBUTE)
         .filter(|id| !id.is_empty())
     {
-        Some(id) => format!("{device_id}:{id}"),
+        Some(id) => id.clone(),
         None => alert_token(msg.message_id, msg.publish_time),
     }
 }
@@ -95,7 +95,7 @@ fn telemetry_token(device_id: &str, msg: &Received<'_>) -> String {
 fn telemetry(device_attr: &str, msg: &Received<'_>) -> Telemetry {
     let device_id = msg.attributes.get(device_attr).cloned().unwrap_or_default();
     Telemetry {
-        message_id: telemetry_token(&device_id, msg),
+        message_id: telemetry_token(msg),
         device_id,
         payload: msg.data.clone(),
         received_at: msg.publish_time.unwrap_or(msg.received_at),
@@ -282,13 +282,13 @@ mod tests {
     }
 
     #[test]
-    fn a_device_chosen_message_id_scoped_by_the_device_is_the_token_across_bridge_retries() {
+    fn a_device_chosen_message_id_is_the_message_id_across_bridge_retries() {
         let a = attrs(&[("device_id", "pump-1"), ("message_id", "m-7")]);
         let Inbound::Event(EventKind::Telemetry(t)) = decode_with(StreamKind::Telemetry, b"{}", &a)
         else {
             panic!("telemetry expected")
         };
-        assert_eq!(t.message_id, "pump-1:m-7");
+        assert_eq!(t.message_id, "m-7");
         let a = attrs(&[("device_id", "pump-1"), ("message_id", "")]);
         let Inbound::Event(EventKind::Telemetry(t)) = decode_with(StreamKind::Telemetry, b"{}", &a)
         else {

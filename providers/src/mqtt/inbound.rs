@@ -54,23 +54,13 @@ pub fn decode(
         TopicKind::Telemetry if msg.payload.is_empty() => Inbound::Ignore,
         TopicKind::Telemetry => Inbound::Event(EventKind::Telemetry(Telemetry {
             device_id: device_id.to_owned(),
-            message_id: scoped_message_id(device_id, msg, message_id_pointer),
+            message_id: message_id(msg, message_id_pointer),
             payload: msg.payload.clone(),
             received_at: msg.received_at,
         })),
         TopicKind::Status => decode_status(device_id, msg),
         TopicKind::Reply => decode_reply(device_id, msg),
         TopicKind::Reported => decode_reported(device_id, msg),
-    }
-}
-
-/// The telemetry's unique id: an id the device chose (property or payload) is unique only
-/// per device, so it is prefixed with the device id (`pump-1:m-7`); the hash fallback
-/// already covers the topic, hence the device.
-pub fn scoped_message_id(device_id: &str, msg: &Received<'_>, pointer: &str) -> String {
-    match device_message_id(msg, pointer) {
-        Some(id) => format!("{device_id}:{id}"),
-        None => hash_id(msg),
     }
 }
 
@@ -387,28 +377,5 @@ mod tests {
             decode(TopicKind::Reported, "d1", &msg("t", &p), ""),
             Inbound::Unparsable(_)
         ));
-    }
-}
-
-#[cfg(test)]
-mod scoping {
-    use super::*;
-    use bytes::Bytes;
-
-    #[test]
-    fn device_chosen_ids_are_scoped_by_device_and_hashes_are_left_alone() {
-        let payload = Bytes::from_static(br#"{"message_id":"7"}"#);
-        let m = Received {
-            topic: "devices/d1/telemetry",
-            payload: &payload,
-            message_id_property: None,
-            correlation_data: None,
-            received_at: chrono::Utc::now(),
-        };
-        assert_eq!(scoped_message_id("d1", &m, "/message_id"), "d1:7");
-        assert_eq!(
-            scoped_message_id("d1", &m, "/nothing"),
-            message_id(&m, "/nothing")
-        );
     }
 }
