@@ -280,7 +280,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
     ));
 
     for (name, p) in &providers {
-        instances.start(name, p.clone()).await;
+        instances.start(name, p.clone(), &core.vitals).await;
     }
     let pipeline = pipeline::spawn(
         core.clone(),
@@ -441,6 +441,7 @@ impl RunningGateway {
     /// what it received, the outbox gets until `grace` to deliver, then the API stops.
     pub async fn stop(mut self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
+        self.core.vitals.stopping();
         if let Some((stop, task)) = self.fleet {
             stop.cancel();
             let _ = task.await;

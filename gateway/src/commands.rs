@@ -211,8 +211,10 @@ async fn alert_status(core: &Core, cmd: &Command, status: AlertStatus) {
 /// Starts the sweeper: it first releases this replica's claims (what it was sending when
 /// it last stopped), then every `commands.retry_secs` claims the commands waiting to be
 /// sent and delivers them, until `stop`.
+/// Runs as a supervised task (`/live` fails if it ends before `stop`).
 pub fn spawn_sweeper(core: Arc<Core>, stop: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    let vitals = core.vitals.clone();
+    vitals.spawn("command sweeper", Some(stop.clone()), async move {
         match core.store.release_command_claims(&core.replica).await {
             Ok(0) => {}
             Ok(n) => {

@@ -112,6 +112,8 @@ pub struct Core {
     pub outbox_wake: Arc<Notify>,
     /// This replica's id (holder of its command claims).
     pub replica: String,
+    /// The long-running tasks and which of them ended before their time (`/live`).
+    pub vitals: Arc<crate::vitals::Vitals>,
     /// What a reload replaces: configuration, routing, rules, sinks, providers.
     live: ArcSwap<Live>,
 }
@@ -168,6 +170,7 @@ impl Core {
             metrics,
             outbox_wake,
             replica,
+            vitals: Arc::default(),
             live: ArcSwap::from_pointee(live),
         }
     }

@@ -23,6 +23,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::vitals::{panic_message, Vitals};
+
+/// The first pause before a provider's receive loop is started again; it doubles on every
+/// further end, up to [`RESTART_MAX`].
+pub const RESTART_FIRST: Duration = Duration::from_secs(1);
+/// The longest pause between two starts of a receive loop.
+pub const RESTART_MAX: Duration = Duration::from_secs(60);
+/// A loop that ran this long before it ended starts the backoff over.
+const RESTART_RESET_AFTER: Duration = Duration::from_secs(120);
 
 /// The provider loops and the sending half of the pipeline's event channel.
 pub struct Instances {
@@ -86,8 +95,15 @@ impl Instances {
         );
     }
 
-    /// Starts `provider`'s receive loop; false when the instances are already closed.
-    pub async fn start(&self, name: &str, provider: Arc<dyn Provider>) -> bool {
+    /// Starts `provider`'s receive loop under a supervisor that starts it again whenever
+    /// it ends before it was asked to stop (see [`supervise`]); false when the instances
+    /// are already closed.
+    pub async fn start(
+        &self,
+        name: &str,
+        provider: Arc<dyn Provider>,
+        vitals: &Arc<Vitals>,
+    ) -> bool {
         let Some(tx) = self
             .events
             .lock()
@@ -97,13 +113,18 @@ impl Instances {
             return false;
         };
         let stop = CancellationToken::new();
-        let (token, instance) = (stop.clone(), name.to_owned());
-        let task = tokio::spawn(async move {
-            tracing::info!(provider = %instance, kind = %provider.kind(), "provider starting");
-            if let Err(e) = provider.run(tx, token).await {
-                tracing::error!(provider = %instance, error = %e, "provider stopped with an error it cannot recover from; fix the configuration and restart");
-            }
-        });
+        let task = vitals.spawn(
+            format!("provider {name}"),
+            Some(stop.clone()),
+            supervise(
+                name.to_owned(),
+                provider,
+                tx,
+                stop.clone(),
+                self.metrics.clone(),
+                RESTART_FIRST,
+            ),
+        );
         self.running
             .lock()
             .await
@@ -165,5 +186,145 @@ impl Instances {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
+    }
+}
+
+/// Runs `provider`'s receive loop until `stop`, starting it again after `first`, then
+/// twice as long each time (at most [`RESTART_MAX`]) whenever it ends on its own: an error
+/// (the broker refused the credentials, the cloud removed the subscription), a panic, or a
+/// plain return. Each restart is logged with the reason and counted in
+/// `iotgw_provider_restarts_total{provider,reason}`; the instance reports itself down
+/// meanwhile (its health is not connected), so `/ready`, failover and commands see it.
+pub async fn supervise(
+    instance: String,
+    provider: Arc<dyn Provider>,
+    events: mpsc::Sender<ProviderEvent>,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+    first: Duration,
+) {
+    use futures::FutureExt;
+    let mut pause = first;
+    loop {
+        tracing::info!(provider = %instance, kind = %provider.kind(), "provider starting");
+        let started = tokio::time::Instant::now();
+        let ended = std::panic::AssertUnwindSafe(provider.run(events.clone(), stop.clone()))
+            .catch_unwind()
+            .await;
+        if stop.is_cancelled() {
+            return;
+        }
+        let (reason, why) = match ended {
+            Ok(Ok(())) => ("returned", "its receive loop returned".to_owned()),
+            Ok(Err(e)) => ("error", e.to_string()),
+            Err(panic) => (
+                "panic",
+                format!("panicked: {}", panic_message(panic.as_ref())),
+            ),
+        };
+        if started.elapsed() >= RESTART_RESET_AFTER {
+            pause = first;
+        }
+        metrics.provider_restart(&instance, reason);
+        tracing::error!(provider = %instance, error = %why, retry_in = ?pause, "provider receive loop ended; starting it again");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(RESTART_MAX);
+    }
+}
+
+#[cfg(all(test, feature = "mqtt"))]
+mod tests {
+    use std::time::Duration;
+
+    use iotgw_config::{MqttConfig, ProviderConfig, Secret};
+    use iotgw_testkit::mosquitto::{Mosquitto, ADMIN_PASSWORD, ADMIN_USER};
+    use iotgw_testkit::wait_for;
+
+    use super::*;
+
+    /// Runs `mosquitto_ctrl dynsec` with `args` on `broker`.
+    async fn dynsec(broker: &Mosquitto, args: &str) {
+        let script = format!(
+            "mosquitto_ctrl -h 127.0.0.1 -u {ADMIN_USER} -P {ADMIN_PASSWORD} dynsec {args}"
+        );
+        let (code, out) = broker
+            .container()
+            .exec(vec!["sh".into(), "-c".into(), script])
+            .await
+            .expect("exec");
+        assert_eq!(code, 0, "dynsec {args}: {out}");
+    }
+
+    #[tokio::test]
+    async fn a_provider_the_broker_refuses_is_started_again_with_backoff_until_it_is_let_in() {
+        iotgw_testkit::init();
+        let broker = Mosquitto::shared().await.expect("mosquitto");
+        let user = format!("late-{}", uuid::Uuid::new_v4().simple());
+        let cfg = ProviderConfig::Mqtt(MqttConfig {
+            host: broker.host().into(),
+            port: broker.port(),
+            client_id: user.clone(),
+            username: Some(user.clone()),
+            password: Some(Secret::new("late-password")),
+            reconnect_max_ms: 200,
+            ..MqttConfig::default()
+        });
+        let provider = crate::app::build_provider("edge", &cfg)
+            .await
+            .expect("provider");
+        let metrics = Arc::new(Metrics::new());
+        let (events, _rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(supervise(
+            "edge".into(),
+            provider.clone(),
+            events,
+            stop.clone(),
+            metrics.clone(),
+            Duration::from_millis(100),
+        ));
+        let restarts = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find(|l| {
+                    l.starts_with(
+                        "iotgw_provider_restarts_total{provider=\"edge\",reason=\"error\"}",
+                    )
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        wait_for(
+            "two restarts after the broker refused the gateway",
+            Duration::from_secs(20),
+            || async { (restarts(&metrics) >= 2).then_some(()) },
+            || metrics.encode(),
+        )
+        .await;
+        assert!(!provider.health().connected);
+
+        // The broker lets the user in: the next start connects, and the loop stays up.
+        dynsec(broker, &format!("createClient {user} -p late-password")).await;
+        dynsec(broker, &format!("addClientRole {user} admin")).await;
+        wait_for(
+            "the provider connected after the broker let it in",
+            Duration::from_secs(30),
+            || async { provider.health().connected.then_some(()) },
+            || metrics.encode(),
+        )
+        .await;
+        let settled = restarts(&metrics);
+        tokio::time::sleep(Duration::from_millis(500)).await; // no restart while connected
+        assert_eq!(restarts(&metrics), settled);
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the supervisor ends when asked")
+            .expect("joined");
+        dynsec(broker, &format!("deleteClient {user}")).await;
     }
 }

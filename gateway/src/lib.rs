@@ -49,3 +49,4 @@ pub mod router;
 pub mod rules;
 pub mod simulate;
 pub mod sinks;
+pub mod vitals;

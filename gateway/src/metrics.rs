@@ -22,6 +22,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabel {
+    task: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
 }
@@ -67,6 +72,8 @@ pub struct Metrics {
     commands: Family<ReasonLabel, Counter>,
     failovers: Family<FailoverLabel, Counter>,
     clamped: Family<ReasonLabel, Counter>,
+    provider_restarts: Family<ReasonLabel, Counter>,
+    panics: Family<TaskLabel, Counter>,
     reloads: Family<OutcomeLabel, Counter>,
     moves: Family<FailoverLabel, Counter>,
     deliveries: Family<SinkLabel, Counter>,
@@ -100,6 +107,8 @@ impl Metrics {
             commands: Family::default(),
             failovers: Family::default(),
             clamped: Family::default(),
+            provider_restarts: Family::default(),
+            panics: Family::default(),
             reloads: Family::default(),
             moves: Family::default(),
             deliveries: Family::default(),
@@ -150,6 +159,16 @@ impl Metrics {
             "failovers",
             "New devices routed to a fallback instance because the rule's own was down",
             m.failovers.clone(),
+        );
+        registry.register(
+            "provider_restarts",
+            "Provider receive loops started again after they ended (reason: error, panic, returned)",
+            m.provider_restarts.clone(),
+        );
+        registry.register(
+            "panics",
+            "Panics caught in the gateway's own tasks, by task; the event being handled was left for redelivery",
+            m.panics.clone(),
         );
         registry.register(
             "times_clamped",
@@ -342,6 +361,24 @@ impl Metrics {
                 provider: provider.into(),
                 reason: field.into(),
             })
+            .inc();
+    }
+
+    /// Provider `provider`'s receive loop ended (`reason`: error, panic, returned) and is
+    /// started again.
+    pub fn provider_restart(&self, provider: &str, reason: &str) {
+        self.provider_restarts
+            .get_or_create(&ReasonLabel {
+                provider: provider.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A panic was caught in `task`.
+    pub fn panic(&self, task: &str) {
+        self.panics
+            .get_or_create(&TaskLabel { task: task.into() })
             .inc();
     }
 

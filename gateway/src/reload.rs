@@ -240,7 +240,7 @@ impl Reloader {
         self.core.outbox_wake.notify_waiters();
         for (name, p) in added {
             tracing::info!(provider = %name, "provider instance added");
-            self.instances.start(&name, p).await;
+            self.instances.start(&name, p, &self.core.vitals).await;
         }
         tracing::info!(version, changed = %changed.join(", "), "configuration reloaded");
         for (name, p) in gone {

@@ -39,6 +39,7 @@ pub mod mqtt;
     feature = "azure_iot_hub"
 ))]
 mod observed;
+mod on_drop;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 

@@ -47,8 +47,27 @@ fn page(
     Ok(p)
 }
 
-pub(super) async fn live() -> impl IntoResponse {
-    Json(serde_json::json!({"live": true}))
+/// Liveness: 200 while every long-running task of the gateway is alive; 503 naming the
+/// ones that ended before their time (a restart is the remedy). Why they ended (a panic's
+/// message may quote input) only with the token when one is configured, as for `/ready`.
+pub(super) async fn live(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let ended = s.core.vitals.ended();
+    if ended.is_empty() {
+        return (StatusCode::OK, Json(serde_json::json!({"live": true})));
+    }
+    let body = if super::authorized(&s, &headers) {
+        serde_json::json!({"live": false, "ended": ended})
+    } else {
+        serde_json::json!({
+            "live": false,
+            "ended": ended.keys().collect::<Vec<_>>(),
+            "details": "send the API token (Authorization: Bearer ...) to see why",
+        })
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body))
 }
 
 /// The readiness verdict; its reasons (store errors, provider errors) only with the token

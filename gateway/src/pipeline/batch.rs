@@ -75,6 +75,7 @@ impl Batch {
 /// primary alerts, to be sent now that their telemetry is acked.
 pub(crate) async fn commit(core: &Core, batch: Batch) -> Vec<Command> {
     let Batch { entries, writes } = batch;
+    injected_commit_panic(&writes);
     let started = std::time::Instant::now();
     let committed = core.store.commit_batch(&writes).await;
     core.metrics.batch_store(started.elapsed());
@@ -301,4 +302,19 @@ async fn command_reply(
             .await?;
     }
     Ok(())
+}
+
+/// Fault injection for tests: configured `return(<device id>)`, a batch holding a reading
+/// of that device panics before its transaction. Compiled out unless the
+/// `fail/failpoints` feature is on (tests only).
+fn injected_commit_panic(writes: &[BatchWrite]) {
+    let _ = writes; // unused when the points are compiled out
+    fail::fail_point!("pipeline-commit", |device: Option<String>| {
+        let hit = writes.iter().any(|w| {
+            matches!(w, BatchWrite::Telemetry { commit, .. } if Some(commit.device_id.as_str()) == device.as_deref())
+        });
+        if hit {
+            panic!("injected panic committing a batch with a reading of {device:?}");
+        }
+    });
 }

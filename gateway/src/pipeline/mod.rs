@@ -35,6 +35,7 @@ pub mod prepare;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use iotgw_providers::ProviderEvent;
 use iotgw_registry::Command;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -53,7 +54,7 @@ const DISPATCH_CONCURRENCY: usize = 64;
 /// The running pipeline.
 #[derive(Debug)]
 pub struct Pipeline {
-    tasks: JoinSet<()>,
+    tasks: JoinSet<Result<(), tokio::task::JoinError>>,
 }
 
 impl Pipeline {
@@ -92,9 +93,22 @@ pub fn spawn(
     let mut tasks = JoinSet::new();
     let (ready_tx, ready_rx) = mpsc::channel::<oneshot::Sender<batch::Batch>>(1);
     let (commands_tx, commands_rx) = mpsc::channel::<Command>(DISPATCH_QUEUE);
-    tasks.spawn(collect(core.clone(), events, ready_rx, batching));
-    tasks.spawn(write(core.clone(), ready_tx, commands_tx));
-    tasks.spawn(dispatch(core, commands_rx));
+    let vitals = core.vitals.clone();
+    tasks.spawn(vitals.spawn(
+        "pipeline collector",
+        None,
+        collect(core.clone(), events, ready_rx, batching),
+    ));
+    tasks.spawn(vitals.spawn(
+        "pipeline writer",
+        None,
+        write(core.clone(), ready_tx, commands_tx),
+    ));
+    tasks.spawn(vitals.spawn(
+        "pipeline command dispatcher",
+        None,
+        dispatch(core, commands_rx),
+    ));
     Pipeline { tasks }
 }
 
@@ -150,7 +164,17 @@ async fn collect(
                     preparer = prepare::Preparer::new(live);
                 }
                 for ev in buf.drain(..) {
-                    preparer.add(&core.metrics, &mut batch, ev);
+                    injected_collector_panic(&ev);
+                    // A bug in preparing one event must not take the others down: the
+                    // event's ack handle, dropped while unwinding, leaves it for
+                    // redelivery, and the collector goes on.
+                    let added = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        preparer.add(&core.metrics, &mut batch, ev);
+                    }));
+                    if let Err(panic) = added {
+                        core.metrics.panic("prepare");
+                        tracing::error!(panic = %crate::vitals::panic_message(panic.as_ref()), "preparing an event panicked; it is left for redelivery");
+                    }
                 }
             }
             () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
@@ -176,7 +200,19 @@ async fn write(
         };
         let size = batch.len();
         let started = std::time::Instant::now();
-        let sent = batch::commit(&core, batch).await;
+        // A bug in one commit must not stop the writer: the batch's ack handles, dropped
+        // while unwinding, leave its events for redelivery.
+        let sent = match std::panic::AssertUnwindSafe(batch::commit(&core, batch))
+            .catch_unwind()
+            .await
+        {
+            Ok(sent) => sent,
+            Err(panic) => {
+                core.metrics.panic("commit");
+                tracing::error!(events = size, panic = %crate::vitals::panic_message(panic.as_ref()), "committing a batch panicked; its events are left for redelivery");
+                continue;
+            }
+        };
         core.metrics.batch(size, started.elapsed());
         for cmd in sent {
             if commands.send(cmd).await.is_err() {
@@ -196,14 +232,44 @@ async fn dispatch(core: Arc<Core>, mut commands: mpsc::Receiver<Command>) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
-        let core = core.clone();
+        let sender = core.clone();
         running.spawn(async move {
-            crate::commands::claim_and_deliver(&core, &cmd).await;
+            crate::commands::claim_and_deliver(&sender, &cmd).await;
             drop(slot);
         });
-        while running.try_join_next().is_some() {}
+        while let Some(done) = running.try_join_next() {
+            count_panic(&core, done);
+        }
     }
-    while running.join_next().await.is_some() {}
+    while let Some(done) = running.join_next().await {
+        count_panic(&core, done);
+    }
+}
+
+/// A command's delivery that panicked stays In Progress and claimed; the sweeper sends it
+/// again once its claim ran out.
+fn count_panic(core: &Core, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            core.metrics.panic("command");
+            tracing::error!(error = %e, "delivering a command panicked; the sweeper tries it again");
+        }
+    }
+}
+
+/// Fault injection for tests: configured `return(<instance>)`, the collector itself
+/// panics on an event of that instance (outside the per-event catch), as a bug in its
+/// loop would. Compiled out unless the `fail/failpoints` feature is on (tests only).
+fn injected_collector_panic(ev: &ProviderEvent) {
+    let _ = ev; // unused when the points are compiled out
+    fail::fail_point!("pipeline-collector", |instance: Option<String>| {
+        if instance.as_deref() == Some(ev.instance.as_str()) {
+            panic!(
+                "injected panic in the collector on an event of {}",
+                ev.instance
+            );
+        }
+    });
 }
 #[cfg(test)]
 mod tests;

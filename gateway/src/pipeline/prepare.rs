@@ -193,6 +193,7 @@ impl Preparer {
         instance: &str,
         t: Telemetry,
     ) -> (BatchWrite, Option<Reject>) {
+        injected_prepare_panic(&t.device_id);
         let letter = |t: &Telemetry, reason: String| NewDeadLetter {
             source: format!("telemetry:{instance}"),
             reason,
@@ -251,4 +252,16 @@ fn lifecycle_id(metrics: &Metrics, instance: &str, raw: &str) -> Option<DeviceId
             None
         }
     }
+}
+
+/// Fault injection for tests: configured `return(<device id>)`, preparing a reading of
+/// that device panics. Compiled out unless the `fail/failpoints` feature is on (tests
+/// only).
+fn injected_prepare_panic(device_id: &str) {
+    let _ = device_id; // unused when the points are compiled out
+    fail::fail_point!("pipeline-prepare", |device: Option<String>| {
+        if device.as_deref() == Some(device_id) {
+            panic!("injected panic preparing a reading of {device_id}");
+        }
+    });
 }

@@ -505,3 +505,118 @@ async fn with_no_batch_wait_a_lone_event_is_committed_at_once() {
     let seen = verdicts_reach(&v, 1).await;
     assert_eq!(seen, [("pump-1/m-1".to_owned(), Ack::Ack)]);
 }
+
+// Supervision: a panic, injected at the pipeline's fault points (`fail`, keyed on a device
+// or instance no other test uses), costs the event it hit and nothing else.
+
+/// The running pipeline over `core`, fed through the returned sender.
+fn pipeline_on(core: &Arc<Core>) -> tokio::sync::mpsc::Sender<ProviderEvent> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Dropping the pipeline handle leaves its tasks running; the test ends them.
+    drop(super::spawn(
+        core.clone(),
+        rx,
+        super::Batching {
+            max_events: 64,
+            max_wait: std::time::Duration::from_millis(5),
+        },
+    ));
+    tx
+}
+
+/// Waits until `n` verdicts are in and returns them by tag.
+async fn verdicts_of(v: &Verdicts, n: usize) -> BTreeMap<String, Ack> {
+    verdicts_reach(v, n).await.into_iter().collect()
+}
+
+#[tokio::test]
+async fn a_panic_preparing_one_reading_leaves_it_for_redelivery_and_the_others_commit() {
+    fail::cfg("pipeline-prepare", "return(bug-prepare)").expect("fail point");
+    let c = Arc::new(core(memory_store().await));
+    registered(c.store.as_ref(), &["pump-1", "bug-prepare"]).await;
+    let tx = pipeline_on(&c);
+    let v = Verdicts::default();
+    for ev in [
+        reading("pump-1", "m-1", &temperature(80.0), 0, &v),
+        reading("bug-prepare", "m-2", &temperature(80.0), 1, &v),
+        reading("pump-1", "m-3", &temperature(20.0), 2, &v),
+    ] {
+        tx.send(ev).await.expect("pipeline takes events");
+    }
+    let got = verdicts_of(&v, 3).await;
+    fail::remove("pipeline-prepare");
+    assert!(matches!(got["pump-1/m-1"], Ack::Ack), "{got:?}");
+    assert!(matches!(got["pump-1/m-3"], Ack::Ack), "{got:?}");
+    assert!(
+        matches!(&got["bug-prepare/m-2"], Ack::Nack(_)),
+        "the event that hit the panic is left for redelivery: {got:?}"
+    );
+
+    // The collector goes on.
+    tx.send(reading("pump-1", "m-4", &temperature(20.0), 3, &v))
+        .await
+        .expect("pipeline takes events");
+    assert!(matches!(verdicts_of(&v, 4).await["pump-1/m-4"], Ack::Ack));
+    assert!(c.vitals.ended().is_empty(), "{:?}", c.vitals.ended());
+    let alerts = snapshot(c.store.as_ref()).await.alerts;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(c
+        .metrics
+        .encode()
+        .contains("iotgw_panics_total{task=\"prepare\"} 1"));
+}
+
+#[tokio::test]
+async fn a_panic_committing_a_batch_leaves_its_events_for_redelivery_and_the_writer_goes_on() {
+    fail::cfg("pipeline-commit", "return(bug-commit)").expect("fail point");
+    let c = Arc::new(core(memory_store().await));
+    registered(c.store.as_ref(), &["pump-1", "bug-commit"]).await;
+    let tx = pipeline_on(&c);
+    let v = Verdicts::default();
+    tx.send(reading("bug-commit", "m-1", &temperature(80.0), 0, &v))
+        .await
+        .expect("pipeline takes events");
+    let got = verdicts_of(&v, 1).await;
+    fail::remove("pipeline-commit");
+    assert!(matches!(&got["bug-commit/m-1"], Ack::Nack(_)), "{got:?}");
+    assert!(snapshot(c.store.as_ref()).await.alerts.is_empty());
+
+    tx.send(reading("pump-1", "m-2", &temperature(80.0), 1, &v))
+        .await
+        .expect("pipeline takes events");
+    assert!(matches!(verdicts_of(&v, 2).await["pump-1/m-2"], Ack::Ack));
+    assert_eq!(snapshot(c.store.as_ref()).await.alerts.len(), 1);
+    assert!(c.vitals.ended().is_empty(), "{:?}", c.vitals.ended());
+    assert!(c
+        .metrics
+        .encode()
+        .contains("iotgw_panics_total{task=\"commit\"} 1"));
+}
+
+#[tokio::test]
+async fn a_collector_that_dies_is_named_by_vitals_and_its_event_is_left_for_redelivery() {
+    fail::cfg("pipeline-collector", "return(doomed)").expect("fail point");
+    let c = Arc::new(core(memory_store().await));
+    let tx = pipeline_on(&c);
+    let v = Verdicts::default();
+    let mut ev = reading("pump-1", "m-1", &temperature(80.0), 0, &v);
+    ev.instance = "doomed".into();
+    tx.send(ev).await.expect("pipeline takes events");
+    let got = verdicts_of(&v, 1).await;
+    fail::remove("pipeline-collector");
+    assert!(matches!(&got["pump-1/m-1"], Ack::Nack(_)), "{got:?}");
+    let ended = iotgw_testkit::wait_for(
+        "the collector recorded as ended",
+        std::time::Duration::from_secs(10),
+        || async {
+            let e = c.vitals.ended();
+            (!e.is_empty()).then_some(e)
+        },
+        String::new,
+    )
+    .await;
+    assert!(
+        ended["pipeline collector"].starts_with("panicked: injected panic in the collector"),
+        "{ended:?}"
+    );
+}

@@ -167,11 +167,13 @@ impl Provider for GcpPubSubProvider {
                 message: "run is already active for this instance; call it once".into(),
             });
         }
+        // Released however the loop ends (a panic or a dropped future too), so the
+        // gateway's supervisor can start it again.
+        let _stopped = crate::on_drop::OnDrop::new(|| self.shared.stopped());
         let result = super::receive::run(self.shared.clone(), events, shutdown).await;
         if let Err(e) = &result {
             self.shared.health.set_error(e.to_string());
         }
-        self.shared.stopped();
         result
     }
 }

@@ -179,9 +179,10 @@ impl Provider for MqttProvider {
                 message: "run is already active for this instance; call it once".into(),
             });
         }
-        let result = super::receive::run(self.shared.clone(), events, shutdown).await;
-        self.shared.stopped();
-        result
+        // Released however the loop ends (a panic or a dropped future too), so the
+        // gateway's supervisor can start it again.
+        let _stopped = crate::on_drop::OnDrop::new(|| self.shared.stopped());
+        super::receive::run(self.shared.clone(), events, shutdown).await
     }
 }
 
