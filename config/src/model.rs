@@ -418,6 +418,10 @@ pub struct CommandsConfig {
     /// Seconds between two attempts to send a command whose instance is unreachable or
     /// failed transiently (1..=3600).
     pub retry_secs: u64,
+    /// Commands being sent through one provider instance at once (1..=4096). A direct
+    /// method waits for its device (30 s and more); this bounds what one slow instance
+    /// holds, and never delays telemetry or the other instances' commands.
+    pub max_in_flight: usize,
 }
 
 impl Default for CommandsConfig {
@@ -425,6 +429,7 @@ impl Default for CommandsConfig {
         Self {
             ttl_secs: 3600,
             retry_secs: 5,
+            max_in_flight: 64,
         }
     }
 }

@@ -91,6 +91,13 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
             "use a few seconds, e.g. 5 (default)",
         ));
     }
+    if !(1..=4096).contains(&c.commands.max_in_flight) {
+        out.push(p(
+            "commands.max_in_flight",
+            format!("{} is outside 1..=4096", c.commands.max_in_flight),
+            "use 64 (default); more only if one instance must send many slow commands (direct methods) at once",
+        ));
+    }
     if !(1..=86_400).contains(&c.health.failover_after_secs) {
         out.push(p(
             "health.failover_after_secs",
@@ -435,6 +442,7 @@ mod tests {
         c.health.failover_after_secs = 0;
         c.commands.ttl_secs = 0;
         c.commands.retry_secs = 7200;
+        c.commands.max_in_flight = 0;
         let mut paths: Vec<_> = validate(&c, &["mqtt"])
             .into_iter()
             .map(|x| x.path)
@@ -443,6 +451,7 @@ mod tests {
         assert_eq!(
             paths,
             vec![
+                "commands.max_in_flight",
                 "commands.retry_secs",
                 "commands.ttl_secs",
                 "health.failover_after_secs",
@@ -457,6 +466,7 @@ mod tests {
         c.health.failover_after_secs = 30;
         c.commands.ttl_secs = 60;
         c.commands.retry_secs = 1;
+        c.commands.max_in_flight = 4096;
         assert!(validate(&c, &["mqtt"]).is_empty());
     }
 

@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::{self, StreamExt};
 use iotgw_providers::{CommandOutcome, CommandRequest, ProviderError};
 use iotgw_registry::{AlertStatus, Command, CommandStatus};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -34,9 +35,41 @@ const SWEEP_BATCH: u32 = 100;
 /// Commands the sweeper sends at once.
 const SWEEP_CONCURRENCY: usize = 16;
 
+/// How many commands each provider instance is sending at once: at most
+/// `commands.max_in_flight` per instance, so one slow instance (direct methods waiting for
+/// their devices) holds only its own slots.
+#[derive(Debug, Default)]
+pub struct Slots {
+    by_instance: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Slots {
+    /// Waits for a free slot of `instance` (`limit` slots; a changed limit applies to
+    /// instances seen after the change).
+    pub async fn acquire(&self, instance: &str, limit: usize) -> OwnedSemaphorePermit {
+        let slots = self
+            .by_instance
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(instance.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(limit.max(1))))
+            .clone();
+        slots
+            .acquire_owned()
+            .await
+            .expect("the slots' semaphores are never closed")
+    }
+}
+
 /// Claims a stored command and delivers it, unless another sender holds it or it is no
-/// longer waiting to be sent (then nothing happens and `None` is returned).
+/// longer waiting to be sent (then nothing happens and `None` is returned). Waits for a
+/// slot of the command's instance first, so a claim never runs out while it queues.
 pub async fn claim_and_deliver(core: &Core, cmd: &Command) -> Option<Command> {
+    let limit = core.live().config.commands.max_in_flight;
+    let _slot = core
+        .command_slots
+        .acquire(&cmd.provider_instance, limit)
+        .await;
     let now = Utc::now();
     match core
         .store
@@ -255,8 +288,13 @@ async fn sweep(core: &Arc<Core>) {
         if !due.is_empty() {
             tracing::debug!(commands = due.len(), "sending waiting commands");
         }
+        let limit = core.live().config.commands.max_in_flight;
         stream::iter(due)
             .for_each_concurrent(SWEEP_CONCURRENCY, |cmd| async move {
+                let _slot = core
+                    .command_slots
+                    .acquire(&cmd.provider_instance, limit)
+                    .await;
                 deliver(core, cmd).await;
             })
             .await;

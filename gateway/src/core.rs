@@ -114,6 +114,8 @@ pub struct Core {
     pub replica: String,
     /// The long-running tasks and which of them ended before their time (`/live`).
     pub vitals: Arc<crate::vitals::Vitals>,
+    /// Commands being sent, per provider instance (`commands.max_in_flight`).
+    pub command_slots: crate::commands::Slots,
     /// What a reload replaces: configuration, routing, rules, sinks, providers.
     live: ArcSwap<Live>,
 }
@@ -171,6 +173,7 @@ impl Core {
             outbox_wake,
             replica,
             vitals: Arc::default(),
+            command_slots: crate::commands::Slots::default(),
             live: ArcSwap::from_pointee(live),
         }
     }

@@ -14,7 +14,9 @@
 //!            when the writer asks and it is full (pipeline.batch_max_events), or its
 //!            oldest event waited pipeline.batch_max_wait_ms, or the input closed
 //!        --> writer: commit_batch (one transaction) --> ack every event --> commands
-//!        --> dispatcher: sends the rules' commands (bounded queue, bounded concurrency)
+//!        --> dispatcher: sends the rules' commands, at most commands.max_in_flight per
+//!            provider instance; the writer never waits for it (what does not fit is
+//!            left in the store for the command sweeper)
 //! ```
 //! One collector and one writer keep arrival order, so one device's events keep their
 //! order, and a second alert of a device in the same batch becomes the child of the first
@@ -38,7 +40,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use iotgw_providers::ProviderEvent;
 use iotgw_registry::Command;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -46,10 +48,13 @@ pub use prepare::{prepare, Reject};
 
 use crate::core::Core;
 
-/// Commands waiting for the dispatcher; beyond it the writer waits (back-pressure).
+/// Commands handed from the writer to the dispatcher and not taken yet. The writer never
+/// waits for room: a command that does not fit stays in the store, In Progress and
+/// unclaimed, and the command sweeper sends it (within `commands.retry_secs`).
 const DISPATCH_QUEUE: usize = 1024;
-/// Commands being sent at once (a direct method may wait for its device).
-const DISPATCH_CONCURRENCY: usize = 64;
+/// Commands the dispatcher holds at once: being sent, or waiting for a slot of their
+/// instance (`commands.max_in_flight` each). Beyond it, the sweeper sends them.
+const DISPATCH_HELD: usize = 4096;
 
 /// The running pipeline.
 #[derive(Debug)]
@@ -215,31 +220,40 @@ async fn write(
         };
         core.metrics.batch(size, started.elapsed());
         for cmd in sent {
-            if commands.send(cmd).await.is_err() {
-                tracing::error!(
-                    "the command dispatcher stopped; a committed command stays In Progress"
-                );
+            match commands.try_send(cmd) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    core.metrics
+                        .command(&cmd.provider_instance, "left_to_sweeper");
+                    tracing::debug!(command = %cmd.id, "the command dispatcher is full; the sweeper sends this command");
+                }
+                Err(mpsc::error::TrySendError::Closed(cmd)) => {
+                    tracing::error!(command = %cmd.id, "the command dispatcher stopped; the sweeper sends this command");
+                }
             }
         }
     }
 }
 
-/// Sends the rules' commands, a bounded number at a time.
+/// Sends the rules' commands: each waits for a slot of its own instance, so a slow
+/// instance holds only its own slots and never delays the others' commands; at most
+/// [`DISPATCH_HELD`] are held, the rest is left to the sweeper.
 async fn dispatch(core: Arc<Core>, mut commands: mpsc::Receiver<Command>) {
-    let slots = Arc::new(Semaphore::new(DISPATCH_CONCURRENCY));
     let mut running = JoinSet::new();
     while let Some(cmd) = commands.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let sender = core.clone();
-        running.spawn(async move {
-            crate::commands::claim_and_deliver(&sender, &cmd).await;
-            drop(slot);
-        });
         while let Some(done) = running.try_join_next() {
             count_panic(&core, done);
         }
+        if running.len() >= DISPATCH_HELD {
+            core.metrics
+                .command(&cmd.provider_instance, "left_to_sweeper");
+            tracing::debug!(command = %cmd.id, "the command dispatcher holds {DISPATCH_HELD} commands; the sweeper sends this one");
+            continue;
+        }
+        let sender = core.clone();
+        running.spawn(async move {
+            crate::commands::claim_and_deliver(&sender, &cmd).await;
+        });
     }
     while let Some(done) = running.join_next().await {
         count_panic(&core, done);

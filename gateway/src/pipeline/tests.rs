@@ -620,3 +620,111 @@ async fn a_collector_that_dies_is_named_by_vitals_and_its_event_is_left_for_rede
         "{ended:?}"
     );
 }
+
+/// One instance's commands never hold up telemetry nor other instances: 1,100 rule commands
+/// become direct methods on IoT Hub (the recording fake) to devices that do not answer
+/// (the hub waits 30 s for each), then readings of another instance keep being acked at
+/// once, and the hub sees at most `commands.max_in_flight` calls at a time.
+#[cfg(feature = "azure_fakes")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_direct_methods_hold_only_their_instances_slots_and_never_delay_telemetry() {
+    use iotgw_config::{AzureIotHubConfig, ProviderConfig, Secret};
+    use iotgw_providers::azure_iot_hub::fakes::{fake_hub::FakeHub, pki::pki};
+
+    const SLOW: usize = 1_100;
+    let hub = FakeHub::start().await;
+    let provider = crate::app::build_provider(
+        "hub",
+        &ProviderConfig::AzureIotHub(AzureIotHubConfig {
+            connection_string: Some(Secret::new(hub.connection_string())),
+            ca_file: Some(pki().ca_file.display().to_string()),
+            ..AzureIotHubConfig::default()
+        }),
+    )
+    .await
+    .expect("azure provider");
+    let (events, _unused) = tokio::sync::mpsc::channel(8);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = {
+        let (p, stop) = (provider.clone(), stop.clone());
+        tokio::spawn(async move { p.run(events, stop).await })
+    };
+    let mut config = Config::embedded_default();
+    config.commands.max_in_flight = 4;
+    let c = Arc::new(Core::new(
+        memory_store().await,
+        Arc::new(Metrics::new()),
+        Arc::new(Notify::new()),
+        "test".into(),
+        Live::new(
+            1,
+            Arc::new(config),
+            BTreeMap::from([("hub".to_owned(), provider.clone())]),
+        ),
+    ));
+    iotgw_testkit::wait_for(
+        "the hub provider connected",
+        std::time::Duration::from_secs(20),
+        || async { provider.health().connected.then_some(()) },
+        String::new,
+    )
+    .await;
+    registered(c.store.as_ref(), &["pump-1"]).await;
+    let ids: Vec<String> = (0..SLOW).map(|i| format!("slow-{i}")).collect();
+    let answers = c
+        .register_many(
+            ids.iter()
+                .map(|id| crate::core::RegisterRequest {
+                    msdyn_deviceid: id.clone(),
+                    msdyn_iotproviderinstance: Some("hub".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        )
+        .await;
+    assert!(answers.iter().all(Result::is_ok), "registered on the hub");
+    // Every slow device takes its direct methods and never answers.
+    let mut calls: Vec<_> = ids.iter().map(|id| hub.route_methods(id)).collect();
+
+    let tx = pipeline_on(&c);
+    let v = Verdicts::default();
+    for (i, id) in ids.iter().enumerate() {
+        let mut ev = reading(id, "hot", &temperature(90.0), i as i64, &v);
+        ev.instance = "hub".into();
+        tx.send(ev).await.expect("pipeline takes events");
+    }
+    verdicts_reach(&v, SLOW).await;
+
+    // 200 readings of another instance, one per millisecond, while the hub's calls hang.
+    let local = Verdicts::default();
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        tx.send(reading(
+            "pump-1",
+            &format!("m-{i}"),
+            &temperature(20.0),
+            i,
+            &local,
+        ))
+        .await
+        .expect("pipeline takes events");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let acked = verdicts_reach(&local, 200).await;
+    assert!(acked.iter().all(|(_, a)| *a == Ack::Ack), "{acked:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the readings were acked while the direct methods hung: {:?}",
+        started.elapsed()
+    );
+
+    // The hub holds exactly the instance's slots, no more.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let held: usize = calls
+        .iter_mut()
+        .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
+        .sum();
+    assert_eq!(held, 4, "commands.max_in_flight calls at the hub at once");
+    stop.cancel();
+    run.abort();
+}
