@@ -39,6 +39,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// Command delivery: deadline and retries.
     pub commands: CommandsConfig,
+    /// How long finished records are kept.
+    pub retention: RetentionConfig,
     /// This gateway's identity among replicas sharing one store.
     pub replica: ReplicaConfig,
 }
@@ -430,6 +432,34 @@ impl Default for CommandsConfig {
             ttl_secs: 3600,
             retry_secs: 5,
             max_in_flight: 64,
+        }
+    }
+}
+
+/// How long finished records are kept (`[retention]`); 0 keeps them forever. A replica
+/// deletes what is older every `interval_secs` (replicas sharing a store may all do it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days a dead letter is kept (0..=36500).
+    pub dead_letters_days: u32,
+    /// Days a command that is no longer In Progress is kept (0..=36500).
+    pub commands_days: u32,
+    /// Days an Inactive or Closed alert is kept (0..=36500); an alert with a child left
+    /// stays until the child goes. Its token goes with it: a reading delivered again after
+    /// that makes a new alert, so keep this above any redelivery window.
+    pub alerts_days: u32,
+    /// Seconds between two rounds (60..=86400).
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            dead_letters_days: 30,
+            commands_days: 90,
+            alerts_days: 90,
+            interval_secs: 3600,
         }
     }
 }

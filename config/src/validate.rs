@@ -98,6 +98,26 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
             "use 64 (default); more only if one instance must send many slow commands (direct methods) at once",
         ));
     }
+    for (key, days) in [
+        ("retention.dead_letters_days", c.retention.dead_letters_days),
+        ("retention.commands_days", c.retention.commands_days),
+        ("retention.alerts_days", c.retention.alerts_days),
+    ] {
+        if days > 36_500 {
+            out.push(p(
+                key,
+                format!("{days} is above 36500"),
+                "use days up to 36500, or 0 to keep the records forever",
+            ));
+        }
+    }
+    if !(60..=86_400).contains(&c.retention.interval_secs) {
+        out.push(p(
+            "retention.interval_secs",
+            format!("{} is outside 60..=86400", c.retention.interval_secs),
+            "use 3600 (default, hourly)",
+        ));
+    }
     if !(1..=86_400).contains(&c.health.failover_after_secs) {
         out.push(p(
             "health.failover_after_secs",
@@ -443,6 +463,8 @@ mod tests {
         c.commands.ttl_secs = 0;
         c.commands.retry_secs = 7200;
         c.commands.max_in_flight = 0;
+        c.retention.alerts_days = 40_000;
+        c.retention.interval_secs = 1;
         let mut paths: Vec<_> = validate(&c, &["mqtt"])
             .into_iter()
             .map(|x| x.path)
@@ -456,6 +478,8 @@ mod tests {
                 "commands.ttl_secs",
                 "health.failover_after_secs",
                 "health.optional[1]",
+                "retention.alerts_days",
+                "retention.interval_secs",
                 "routing.rules[0].fallback[1]",
                 "routing.rules[0].fallback[2]",
                 "routing.rules[0].fallback[3]",
@@ -467,6 +491,8 @@ mod tests {
         c.commands.ttl_secs = 60;
         c.commands.retry_secs = 1;
         c.commands.max_in_flight = 4096;
+        c.retention.alerts_days = 0;
+        c.retention.interval_secs = 60;
         assert!(validate(&c, &["mqtt"]).is_empty());
     }
 

@@ -98,6 +98,8 @@ pub struct RunningGateway {
     fleet: Option<(CancellationToken, JoinHandle<()>)>,
     /// The command sweeper (resends and expires waiting commands).
     commands: (CancellationToken, JoinHandle<()>),
+    /// Retention (deletes what `[retention]` no longer keeps).
+    retention: (CancellationToken, JoinHandle<()>),
     /// The embedded broker and the provider instances on it (the ones to drain).
     broker: Option<(crate::broker::EmbeddedBroker, Vec<String>)>,
 }
@@ -295,6 +297,12 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         crate::commands::spawn_sweeper(core.clone(), commands_stop),
     );
 
+    let retention_stop = CancellationToken::new();
+    let retention = (
+        retention_stop.clone(),
+        crate::retention::spawn(core.clone(), retention_stop),
+    );
+
     let outbox_stop = CancellationToken::new();
     let (drain_until, drain_rx) = watch::channel(None);
     let outbox = sinks::spawn_workers(
@@ -358,6 +366,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Running
         api_task,
         fleet,
         commands,
+        retention,
         broker: broker.map(|b| (b, on_embedded)),
     })
 }
@@ -449,6 +458,9 @@ impl RunningGateway {
         let (stop, reloads) = self.reload_task;
         stop.cancel();
         let _ = reloads.await;
+        let (stop, retention) = self.retention;
+        stop.cancel();
+        let _ = tokio::time::timeout_at(deadline, retention).await;
         // Waiting commands stay in the store; the next start sends them.
         let (stop, sweeper) = self.commands;
         stop.cancel();

@@ -22,6 +22,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabel {
+    table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabel {
     task: String,
 }
@@ -74,6 +79,7 @@ pub struct Metrics {
     clamped: Family<ReasonLabel, Counter>,
     provider_restarts: Family<ReasonLabel, Counter>,
     panics: Family<TaskLabel, Counter>,
+    retention_deleted: Family<TableLabel, Counter>,
     reloads: Family<OutcomeLabel, Counter>,
     moves: Family<FailoverLabel, Counter>,
     deliveries: Family<SinkLabel, Counter>,
@@ -109,6 +115,7 @@ impl Metrics {
             clamped: Family::default(),
             provider_restarts: Family::default(),
             panics: Family::default(),
+            retention_deleted: Family::default(),
             reloads: Family::default(),
             moves: Family::default(),
             deliveries: Family::default(),
@@ -169,6 +176,11 @@ impl Metrics {
             "panics",
             "Panics caught in the gateway's own tasks, by task; the event being handled was left for redelivery",
             m.panics.clone(),
+        );
+        registry.register(
+            "retention_deleted",
+            "Rows deleted because [retention] no longer keeps them, by table",
+            m.retention_deleted.clone(),
         );
         registry.register(
             "times_clamped",
@@ -373,6 +385,15 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// Retention deleted `n` rows of `table`.
+    pub fn retention_deleted(&self, table: &str, n: u64) {
+        self.retention_deleted
+            .get_or_create(&TableLabel {
+                table: table.into(),
+            })
+            .inc_by(n);
     }
 
     /// A panic was caught in `task`.

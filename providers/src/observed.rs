@@ -88,60 +88,127 @@ pub(crate) struct Seen {
     pub(crate) reported: Option<serde_json::Value>,
     /// The latest activity (any event of the device).
     pub(crate) last_activity: Option<DateTime<Utc>>,
+    /// The size of `reported` counted against the book's budget (0 for a note).
+    reported_bytes: usize,
 }
 
-/// Per device, what the inbound streams said since the provider started.
+/// How many devices a [`DeviceBook`] holds; beyond it, the device seen longest ago makes
+/// room (junk traffic with ever new ids cannot grow it).
+pub(crate) const MAX_DEVICES: usize = 100_000;
+/// The largest reported-properties document kept per device (as JSON text); a larger one
+/// is replaced by a note (the registry keeps the whole document).
+pub(crate) const MAX_REPORTED_BYTES: usize = 16 * 1024;
+/// The reported properties of all devices together, as JSON text; beyond it, new documents
+/// are replaced by the note until older ones shrink or their devices make room.
+pub(crate) const REPORTED_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Per device, what the inbound streams said since the provider started. Only valid device
+/// ids are kept (the id rule every provider shares), at most `max_devices` of them, and
+/// reported properties within a per-device and a total size: memory stays bounded whatever
+/// a broker or a cloud delivers.
+#[derive(Debug)]
+pub(crate) struct DeviceBook {
+    inner: Mutex<Book>,
+    max_devices: usize,
+    max_reported: usize,
+    reported_budget: usize,
+}
+
 #[derive(Debug, Default)]
-pub(crate) struct DeviceBook(Mutex<HashMap<String, Seen>>);
+struct Book {
+    devices: HashMap<String, Seen>,
+    /// The JSON size of every kept reported document together.
+    reported_bytes: usize,
+}
+
+impl Default for DeviceBook {
+    fn default() -> Self {
+        Self::with_limits(MAX_DEVICES, MAX_REPORTED_BYTES, REPORTED_BUDGET)
+    }
+}
 
 impl DeviceBook {
+    /// A book with its own limits (tests use small ones).
+    pub(crate) fn with_limits(
+        max_devices: usize,
+        max_reported: usize,
+        reported_budget: usize,
+    ) -> Self {
+        Self {
+            inner: Mutex::new(Book::default()),
+            max_devices: max_devices.max(1),
+            max_reported,
+            reported_budget,
+        }
+    }
+
     /// Folds an event in: connection state ordered by event time, reported properties,
     /// last activity. `received_at` dates events that carry no time of their own
-    /// (command replies).
+    /// (command replies). Events of an invalid device id are left out (the gateway
+    /// dead-letters them).
     pub(crate) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
-        let mut devices = lock(&self.0);
         let (id, activity) = match kind {
             EventKind::Telemetry(t) => (&t.device_id, t.received_at),
-            EventKind::Connection { device_id, .. }
-            | EventKind::ReportedProperties { device_id, .. }
-                if device_id.is_empty() =>
-            {
-                return;
-            }
-            EventKind::Connection {
-                device_id,
-                connected,
-                at,
-            } => {
-                let e = devices.entry(device_id.clone()).or_default();
-                if e.connected.is_none_or(|(_, prev)| *at >= prev) {
-                    e.connected = Some((*connected, *at));
-                }
-                (device_id, *at)
-            }
+            EventKind::Connection { device_id, at, .. }
+            | EventKind::ReportedProperties { device_id, at, .. } => (device_id, *at),
             EventKind::CommandReply { device_id, .. } => (device_id, received_at),
-            EventKind::ReportedProperties {
-                device_id,
-                properties,
-                at,
-            } => {
-                devices.entry(device_id.clone()).or_default().reported = Some(properties.clone());
-                (device_id, *at)
-            }
         };
-        if id.is_empty() {
-            // A message without a device id: the gateway dead-letters it.
+        if iotgw_ids::DeviceId::parse(id).is_err() {
             return;
         }
-        let e = devices.entry(id.clone()).or_default();
+        let mut book = lock(&self.inner);
+        if !book.devices.contains_key(id.as_str()) && book.devices.len() >= self.max_devices {
+            book.evict_oldest();
+        }
+        let reported = match kind {
+            EventKind::ReportedProperties { properties, .. } => {
+                let old = book
+                    .devices
+                    .get(id.as_str())
+                    .map_or(0, |e| e.reported_bytes);
+                let size = json_size(properties);
+                let kept = size <= self.max_reported
+                    && book.reported_bytes - old + size <= self.reported_budget;
+                book.reported_bytes -= old;
+                Some(if kept {
+                    book.reported_bytes += size;
+                    (properties.clone(), size)
+                } else {
+                    let note = serde_json::json!({
+                        "iotgw_not_kept": format!(
+                            "reported properties of {size} bytes: the provider keeps at most {} bytes per device and {} in all in memory; the registry keeps the whole document",
+                            self.max_reported, self.reported_budget
+                        )
+                    });
+                    (note, 0)
+                })
+            }
+            _ => None,
+        };
+        let e = book.devices.entry(id.clone()).or_default();
+        if let EventKind::Connection { connected, at, .. } = kind {
+            if e.connected.is_none_or(|(_, prev)| *at >= prev) {
+                e.connected = Some((*connected, *at));
+            }
+        }
+        if let Some((doc, counted)) = reported {
+            e.reported = Some(doc);
+            e.reported_bytes = counted;
+        }
         if e.last_activity.is_none_or(|prev| activity > prev) {
             e.last_activity = Some(activity);
         }
     }
 
+    /// How many devices are held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.inner).devices.len()
+    }
+
     /// What was seen of `device_id`, if anything.
     pub(crate) fn seen(&self, device_id: &str) -> Option<Seen> {
-        lock(&self.0).get(device_id).cloned()
+        lock(&self.inner).devices.get(device_id).cloned()
     }
 
     /// The device's state as seen (empty for a device never seen).
@@ -154,6 +221,25 @@ impl DeviceBook {
             })
             .unwrap_or_default()
     }
+}
+
+impl Book {
+    /// Drops the device whose last activity is the oldest (one scan; only when full).
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .devices
+            .iter()
+            .min_by_key(|(_, e)| e.last_activity)
+            .map(|(id, _)| id.clone());
+        if let Some(e) = oldest.and_then(|id| self.devices.remove(&id)) {
+            self.reported_bytes -= e.reported_bytes;
+        }
+    }
+}
+
+/// The size of `v` as JSON text.
+fn json_size(v: &serde_json::Value) -> usize {
+    serde_json::to_vec(v).map_or(0, |b| b.len())
 }
 
 #[cfg(test)]
@@ -229,5 +315,73 @@ mod tests {
         assert!(h.get().connected, "note_error keeps the connection state");
         h.set_error("broker gone".into());
         assert!(!h.get().connected);
+    }
+
+    #[test]
+    fn junk_ids_are_not_kept_and_new_ids_beyond_the_limit_push_out_the_oldest() {
+        let book = DeviceBook::with_limits(3, 1024, 1 << 20);
+        for bad in ["", "has space", "a/b", &"x".repeat(101)] {
+            book.observe(&telemetry(bad, t(1)), t(1));
+        }
+        assert_eq!(book.len(), 0, "invalid ids are never kept");
+        for (i, id) in ["d1", "d2", "d3", "d4", "d5"].iter().enumerate() {
+            book.observe(&telemetry(id, t(i as i64)), t(i as i64));
+        }
+        assert_eq!(book.len(), 3);
+        assert!(book.seen("d1").is_none() && book.seen("d2").is_none());
+        assert_eq!(book.state("d5").last_activity, Some(t(4)));
+    }
+
+    #[test]
+    fn reported_properties_above_the_per_device_or_total_size_are_replaced_by_a_note() {
+        let book = DeviceBook::with_limits(10, 100, 150);
+        let reported = |id: &str, v: serde_json::Value| EventKind::ReportedProperties {
+            device_id: id.into(),
+            properties: v,
+            at: t(1),
+        };
+        book.observe(
+            &reported("d1", serde_json::json!({"fw": "x".repeat(80)})),
+            t(1),
+        );
+        assert_eq!(
+            book.state("d1").reported_properties,
+            Some(serde_json::json!({"fw": "x".repeat(80)}))
+        );
+        book.observe(
+            &reported("d2", serde_json::json!({"fw": "y".repeat(500)})),
+            t(1),
+        );
+        let note = book.state("d2").reported_properties.expect("a note");
+        assert!(
+            note["iotgw_not_kept"]
+                .as_str()
+                .is_some_and(|n| n.contains("at most 100 bytes per device")),
+            "{note}"
+        );
+        // d1 holds ~90 of the 150 bytes: another 90 does not fit, until d1 shrinks.
+        book.observe(
+            &reported("d3", serde_json::json!({"fw": "z".repeat(80)})),
+            t(1),
+        );
+        assert!(book.state("d3").reported_properties.expect("doc")["iotgw_not_kept"].is_string());
+        book.observe(&reported("d1", serde_json::json!({})), t(2));
+        book.observe(
+            &reported("d3", serde_json::json!({"fw": "z".repeat(80)})),
+            t(2),
+        );
+        assert_eq!(
+            book.state("d3").reported_properties,
+            Some(serde_json::json!({"fw": "z".repeat(80)}))
+        );
+    }
+
+    fn telemetry(id: &str, at: DateTime<Utc>) -> EventKind {
+        EventKind::Telemetry(crate::Telemetry {
+            device_id: id.into(),
+            message_id: "m".into(),
+            payload: bytes::Bytes::new(),
+            received_at: at,
+        })
     }
 }

@@ -99,6 +99,8 @@ macro_rules! conformance_tests {
             commands_are_claimed_once_published_deferred_and_released,
             insert_command_checks_device_alert_and_correlation,
             dead_letters_page_newest_first,
+            a_dead_letter_keeps_a_bounded_payload_with_its_size_and_hash,
+            retention_purges_old_dead_letters_finished_commands_and_closed_alerts_children_first,
             checkpoints_are_replaced_per_scope_and_key,
             a_checkpoint_never_moves_behind_the_stored_position,
             of_two_claims_on_the_same_version_exactly_one_wins,
@@ -2362,6 +2364,173 @@ pub async fn dead_letters_page_newest_first(store: &dyn Store) {
             .list_dead_letters(&page(Some("garbage".into()), 2))
             .await,
         "a bad dead-letter cursor",
+    );
+}
+
+/// A dead letter keeps at most 64 KiB of its payload and 256 bytes of its ids: a longer
+/// one is cut on a character boundary and ends with its full size and SHA-256, so junk
+/// cannot grow the store by more per letter and the original can still be matched.
+pub async fn a_dead_letter_keeps_a_bounded_payload_with_its_size_and_hash(store: &dyn Store) {
+    let payload = format!("{}é", "x".repeat(MAX_DEAD_LETTER_PAYLOAD - 1));
+    let stored = store
+        .insert_dead_letter(&NewDeadLetter {
+            source: "telemetry:edge".into(),
+            reason: "oversize".into(),
+            device_id: Some("d".repeat(1000)),
+            message_id: Some("m-1".into()),
+            payload: payload.clone(),
+        })
+        .await
+        .expect("insert");
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(payload.as_bytes()));
+    assert!(
+        stored.payload.ends_with(&format!(
+            " [iotgw: cut, {} bytes, sha256 {hash}]",
+            payload.len()
+        )),
+        "{}",
+        &stored.payload[stored.payload.len() - 120..]
+    );
+    assert!(
+        stored
+            .payload
+            .starts_with(&"x".repeat(MAX_DEAD_LETTER_PAYLOAD - 1)),
+        "cut before the two-byte character, not through it"
+    );
+    assert!(stored.payload.len() < MAX_DEAD_LETTER_PAYLOAD + 200);
+    let id = stored.device_id.expect("device id");
+    assert!(
+        id.starts_with(&"d".repeat(MAX_DEAD_LETTER_ID)) && id.contains("1000 bytes"),
+        "{id}"
+    );
+    assert_eq!(
+        stored.message_id.as_deref(),
+        Some("m-1"),
+        "short ids stay whole"
+    );
+}
+
+/// Retention deletes what is old enough and finished: dead letters; commands no longer In
+/// Progress; Inactive or Closed alerts without a child left (a closed child first, its
+/// parent in the next call), unlinking the commands that name them. An open alert, an
+/// alert with an open child, an In Progress command and anything newer than the cutoff
+/// stay.
+pub async fn retention_purges_old_dead_letters_finished_commands_and_closed_alerts_children_first(
+    store: &dyn Store,
+) {
+    registered(store, "old-1", "local").await;
+    let out = store
+        .commit_batch(&[BatchWrite::Telemetry {
+            commit: commit(
+                "old-1",
+                vec![
+                    new_alert("r-1", "old-1/hot", at(1)),
+                    new_alert("r-2", "old-1/hot", at(2)),
+                ],
+                3600,
+                &[],
+            ),
+            from: arrival("local", "old-1", "r-1"),
+            if_unknown: IfUnknown::DeadLetter {
+                reason: "unknown".into(),
+            },
+        }])
+        .await
+        .expect("commit");
+    let BatchOutcome::Telemetry { alerts, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
+    let (primary, child) = (alerts[0].alert.id, alerts[1].alert.id);
+    assert_eq!(alerts[1].alert.parent_alert, Some(primary));
+    let command = |name: &str| NewCommand {
+        name: name.into(),
+        message: "{}".into(),
+        device_id: did("old-1"),
+        parent_alert: Some(primary),
+        correlation_id: format!("purge/{name}"),
+    };
+    let open = store
+        .insert_command(&command("open"))
+        .await
+        .expect("command");
+    let done = store
+        .insert_command(&command("done"))
+        .await
+        .expect("command");
+    store
+        .set_command_status(done.id, CommandStatus::Sent, None)
+        .await
+        .expect("sent");
+    store
+        .insert_dead_letter(&NewDeadLetter {
+            source: "telemetry:local".into(),
+            reason: "malformed".into(),
+            device_id: None,
+            message_id: None,
+            payload: "{".into(),
+        })
+        .await
+        .expect("dead letter");
+
+    let everything = Some(Utc::now() + Duration::hours(1));
+    let all = PurgeBefore {
+        dead_letters: everything,
+        commands: everything,
+        alerts: everything,
+    };
+    // Nothing is old enough yet.
+    let past = Some(Utc::now() - Duration::hours(1));
+    let none = PurgeBefore {
+        dead_letters: past,
+        commands: past,
+        alerts: past,
+    };
+    assert_eq!(
+        store.purge(&none, 100).await.expect("purge"),
+        Purged::default()
+    );
+
+    // Both alerts open: only the dead letter and the finished command go.
+    let first = store.purge(&all, 100).await.expect("purge");
+    assert_eq!(
+        first,
+        Purged {
+            dead_letters: 1,
+            commands: 1,
+            alerts: 0
+        }
+    );
+    assert!(store.get_command(done.id).await.expect("get").is_none());
+    assert!(store.get_command(open.id).await.expect("get").is_some());
+
+    // The parent closed, its child still open: the parent stays.
+    store
+        .set_alert_status(primary, AlertStatus::Closed, None)
+        .await
+        .expect("close");
+    assert_eq!(store.purge(&all, 100).await.expect("purge").alerts, 0);
+    // Both closed: the child goes first, then the parent, whose open command is unlinked.
+    store
+        .set_alert_status(child, AlertStatus::Inactive, None)
+        .await
+        .expect("close");
+    assert_eq!(store.purge(&all, 100).await.expect("purge").alerts, 1);
+    assert!(store.get_alert(child).await.expect("get").is_none());
+    assert_eq!(store.purge(&all, 100).await.expect("purge").alerts, 1);
+    assert!(store.get_alert(primary).await.expect("get").is_none());
+    let kept = store
+        .get_command(open.id)
+        .await
+        .expect("get")
+        .expect("open command");
+    assert_eq!(
+        kept.parent_alert, None,
+        "unlinked, not deleted: it is In Progress"
+    );
+    assert_eq!(
+        store.purge(&all, 100).await.expect("purge"),
+        Purged::default()
     );
 }
 

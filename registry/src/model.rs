@@ -561,11 +561,18 @@ pub struct DeadLetter {
     pub device_id: Option<String>,
     /// Provider message id or outbox idempotency key.
     pub message_id: Option<String>,
-    /// The payload, lossily decoded as UTF-8.
+    /// The payload, lossily decoded as UTF-8; beyond [`MAX_DEAD_LETTER_PAYLOAD`] bytes cut,
+    /// ending in a note with its full size and SHA-256.
     pub payload: String,
     /// When.
     pub created_at: DateTime<Utc>,
 }
+
+/// The most of a dead letter's payload the store keeps (bytes of UTF-8).
+pub const MAX_DEAD_LETTER_PAYLOAD: usize = 64 * 1024;
+/// The most of a dead letter's device id or message id the store keeps (they come from
+/// input: a device may send any string).
+pub const MAX_DEAD_LETTER_ID: usize = 256;
 
 /// A dead letter to record.
 #[derive(Clone, Debug, PartialEq)]
@@ -580,6 +587,49 @@ pub struct NewDeadLetter {
     pub message_id: Option<String>,
     /// See [`DeadLetter::payload`].
     pub payload: String,
+}
+
+impl NewDeadLetter {
+    /// The payload as stored: whole up to [`MAX_DEAD_LETTER_PAYLOAD`] bytes, else its
+    /// beginning and a note with the full size and the SHA-256 of the whole payload, so a
+    /// flood of big junk cannot grow the store by more than that per letter and the
+    /// original can still be matched.
+    pub fn stored_payload(&self) -> std::borrow::Cow<'_, str> {
+        cut_noting(&self.payload, MAX_DEAD_LETTER_PAYLOAD)
+    }
+
+    /// The device id as stored (at most [`MAX_DEAD_LETTER_ID`] bytes, then a note).
+    pub fn stored_device_id(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.device_id
+            .as_deref()
+            .map(|s| cut_noting(s, MAX_DEAD_LETTER_ID))
+    }
+
+    /// The message id as stored (at most [`MAX_DEAD_LETTER_ID`] bytes, then a note).
+    pub fn stored_message_id(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.message_id
+            .as_deref()
+            .map(|s| cut_noting(s, MAX_DEAD_LETTER_ID))
+    }
+}
+
+/// `s` whole when it has at most `max` bytes, else its first `max` bytes (on a character
+/// boundary) and ` [iotgw: cut, <n> bytes, sha256 <hex>]`.
+fn cut_noting(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    use sha2::Digest;
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{} [iotgw: cut, {} bytes, sha256 {}]",
+        &s[..end],
+        s.len(),
+        hex::encode(sha2::Sha256::digest(s.as_bytes()))
+    ))
 }
 
 /// A replica's claim on one partition of a provider's stream (an Event Hubs partition):
@@ -722,4 +772,27 @@ mod tests {
             Some(AlertStatus::CommandFailed)
         );
     }
+}
+
+/// What retention may delete, by age (`created_at` before the time; `None` keeps the table
+/// whole). See [`crate::Store::purge`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeBefore {
+    /// Dead letters.
+    pub dead_letters: Option<DateTime<Utc>>,
+    /// Commands that are no longer In Progress.
+    pub commands: Option<DateTime<Utc>>,
+    /// Alerts that are Inactive or Closed and have no child left.
+    pub alerts: Option<DateTime<Utc>>,
+}
+
+/// How many rows one [`crate::Store::purge`] deleted, per table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Dead letters.
+    pub dead_letters: u64,
+    /// Commands.
+    pub commands: u64,
+    /// Alerts.
+    pub alerts: u64,
 }

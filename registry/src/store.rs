@@ -284,6 +284,13 @@ pub trait Store: Send + Sync + 'static {
     /// Dead letters, newest first.
     async fn list_dead_letters(&self, page: &PageRequest) -> StoreResult<Page<DeadLetter>>;
 
+    /// Retention: deletes at most `limit` rows per table of what `before` allows, oldest
+    /// first, in one transaction: dead letters; commands no longer In Progress; Inactive or
+    /// Closed alerts that no alert names as its parent (a closed child goes first, its
+    /// parent in a later call), after unlinking the commands that name them. Call again
+    /// while a count reaches `limit`.
+    async fn purge(&self, before: &PurgeBefore, limit: u32) -> StoreResult<Purged>;
+
     /// The checkpoint saved under `(scope, key)`: where a provider's stream resumes
     /// (`scope` is the provider instance, `key` the provider's own, such as a partition).
     async fn load_checkpoint(&self, scope: &str, key: &str) -> StoreResult<Option<String>>;

@@ -275,3 +275,66 @@ impl PostgresStore {
         Ok(done.rows_affected())
     }
 }
+
+impl PostgresStore {
+    /// See [`crate::Store::purge`].
+    pub(super) async fn purge_old(&self, before: &PurgeBefore, limit: u32) -> StoreResult<Purged> {
+        let limit = i64::from(limit);
+        let mut tx = self.write().await?;
+        let mut out = Purged::default();
+        if let Some(t) = before.dead_letters {
+            out.dead_letters = sqlx::query(
+                "DELETE FROM dead_letters WHERE id IN \
+                 (SELECT id FROM dead_letters WHERE created_at < $1 ORDER BY created_at, id LIMIT $2)",
+            )
+            .bind(t)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("purging dead letters"))?
+            .rows_affected();
+        }
+        if let Some(t) = before.commands {
+            out.commands = sqlx::query(
+                "DELETE FROM commands WHERE id IN \
+                 (SELECT id FROM commands WHERE created_at < $1 AND status <> $2 \
+                  ORDER BY created_at, id LIMIT $3)",
+            )
+            .bind(t)
+            .bind(CommandStatus::InProgress.value())
+            .bind(limit)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("purging commands"))?
+            .rows_affected();
+        }
+        if let Some(t) = before.alerts {
+            // Locked, so a replica cannot link a new child to them before they are gone.
+            let ids: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT a.id FROM alerts a WHERE a.created_at < $1 AND a.statecode IN (1, 3) \
+                 AND NOT EXISTS (SELECT 1 FROM alerts c WHERE c.parent_alert = a.id) \
+                 ORDER BY a.created_at, a.id LIMIT $2 FOR UPDATE OF a",
+            )
+            .bind(t)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("finding alerts to purge"))?;
+            if !ids.is_empty() {
+                sqlx::query("UPDATE commands SET parent_alert = NULL WHERE parent_alert = ANY($1)")
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("unlinking the commands of purged alerts"))?;
+                out.alerts = sqlx::query("DELETE FROM alerts WHERE id = ANY($1)")
+                    .bind(&ids)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("purging alerts"))?
+                    .rows_affected();
+            }
+        }
+        tx.commit().await.map_err(db("committing a purge"))?;
+        Ok(out)
+    }
+}

@@ -782,6 +782,10 @@ impl Store for PostgresStore {
         self.dead_letters_page(page).await
     }
 
+    async fn purge(&self, before: &PurgeBefore, limit: u32) -> StoreResult<Purged> {
+        self.purge_old(before, limit).await
+    }
+
     async fn load_checkpoint(&self, scope: &str, key: &str) -> StoreResult<Option<String>> {
         self.checkpoint(scope, key).await
     }

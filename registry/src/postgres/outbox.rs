@@ -22,9 +22,9 @@ pub(super) async fn write_dead_letter(
     ))
     .bind(text(&letter.source).as_ref())
     .bind(text(&letter.reason).as_ref())
-    .bind(letter.device_id.as_deref().map(text).as_deref())
-    .bind(letter.message_id.as_deref().map(text).as_deref())
-    .bind(text(&letter.payload).as_ref())
+    .bind(letter.stored_device_id().as_deref().map(text).as_deref())
+    .bind(letter.stored_message_id().as_deref().map(text).as_deref())
+    .bind(text(&letter.stored_payload()).as_ref())
     .bind(now())
     .fetch_one(&mut *conn)
     .await

@@ -264,3 +264,72 @@ impl SqliteStore {
         Ok(done.rows_affected())
     }
 }
+
+impl SqliteStore {
+    /// See [`crate::Store::purge`].
+    pub(super) async fn purge_old(&self, before: &PurgeBefore, limit: u32) -> StoreResult<Purged> {
+        let limit = i64::from(limit);
+        let mut tx = self.write().await?;
+        let mut out = Purged::default();
+        if let Some(t) = before.dead_letters {
+            out.dead_letters = sqlx::query(
+                "DELETE FROM dead_letters WHERE id IN \
+                 (SELECT id FROM dead_letters WHERE created_at < ? ORDER BY created_at, id LIMIT ?)",
+            )
+            .bind(ts(t))
+            .bind(limit)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("purging dead letters"))?
+            .rows_affected();
+        }
+        if let Some(t) = before.commands {
+            out.commands = sqlx::query(
+                "DELETE FROM commands WHERE id IN \
+                 (SELECT id FROM commands WHERE created_at < ? AND status <> ? \
+                  ORDER BY created_at, id LIMIT ?)",
+            )
+            .bind(ts(t))
+            .bind(CommandStatus::InProgress.value())
+            .bind(limit)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("purging commands"))?
+            .rows_affected();
+        }
+        if let Some(t) = before.alerts {
+            // One write lock holds the whole transaction: the ids read here are the ones
+            // unlinked and deleted.
+            let ids: Vec<String> = sqlx::query_scalar(
+                "SELECT a.id FROM alerts a WHERE a.created_at < ? AND a.statecode IN (1, 3) \
+                 AND NOT EXISTS (SELECT 1 FROM alerts c WHERE c.parent_alert = a.id) \
+                 ORDER BY a.created_at, a.id LIMIT ?",
+            )
+            .bind(ts(t))
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("finding alerts to purge"))?;
+            if !ids.is_empty() {
+                let ids = serde_json::Value::from(ids).to_string();
+                sqlx::query(
+                    "UPDATE commands SET parent_alert = NULL \
+                     WHERE parent_alert IN (SELECT value FROM json_each(?))",
+                )
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("unlinking the commands of purged alerts"))?;
+                out.alerts =
+                    sqlx::query("DELETE FROM alerts WHERE id IN (SELECT value FROM json_each(?))")
+                        .bind(&ids)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db("purging alerts"))?
+                        .rows_affected();
+            }
+        }
+        tx.commit().await.map_err(db("committing a purge"))?;
+        Ok(out)
+    }
+}

@@ -13,9 +13,9 @@ pub(super) async fn write_dead_letter(
     ))
     .bind(&letter.source)
     .bind(&letter.reason)
-    .bind(&letter.device_id)
-    .bind(&letter.message_id)
-    .bind(&letter.payload)
+    .bind(letter.stored_device_id())
+    .bind(letter.stored_message_id())
+    .bind(letter.stored_payload())
     .bind(now())
     .fetch_one(&mut *conn)
     .await
