@@ -94,6 +94,18 @@ pub struct GcpPubSubConfig {
     /// Ack deadline in seconds (10..=600) of the subscriptions created and the lease the
     /// gateway extends while a message is being committed.
     pub ack_deadline_secs: u32,
+    /// The retry policy of the subscriptions the gateway creates: Pub/Sub waits at least
+    /// this many seconds (0..=600) before it redelivers a nacked message, doubling up to
+    /// `retry_max_backoff_secs`. With the default 10 s, a short store outage does not
+    /// spend `max_delivery_attempts` in a few seconds.
+    pub retry_min_backoff_secs: u32,
+    /// The longest redelivery delay of that retry policy, in seconds (0..=600, at least
+    /// `retry_min_backoff_secs`).
+    pub retry_max_backoff_secs: u32,
+    /// How long the gateway holds a message it could not commit before it nacks it, in
+    /// milliseconds (0..=60000, below the ack deadline): an emulator or a subscription
+    /// without a retry policy redelivers a nacked message at once.
+    pub nack_delay_ms: u64,
     /// Flow control: messages handed to the gateway but not yet acked, per subscription.
     pub max_outstanding_messages: u32,
     /// Flow control: bytes handed to the gateway but not yet acked, per subscription.
@@ -130,6 +142,9 @@ impl Default for GcpPubSubConfig {
             dead_letter_topic: String::new(),
             max_delivery_attempts: 5,
             ack_deadline_secs: 30,
+            retry_min_backoff_secs: 10,
+            retry_max_backoff_secs: 600,
+            nack_delay_ms: 1000,
             max_outstanding_messages: 1000,
             max_outstanding_bytes: 100 * 1024 * 1024,
             max_payload_bytes: 256 * 1024,
@@ -351,6 +366,33 @@ pub(crate) fn validate(base: &str, c: &GcpPubSubConfig, out: &mut Vec<Problem>) 
             "Pub/Sub accepts ack deadlines of 10 to 600 seconds (default 30)",
         );
     }
+    if c.retry_min_backoff_secs > 600 {
+        push(
+            "retry_min_backoff_secs",
+            format!("{} is above 600", c.retry_min_backoff_secs),
+            "Pub/Sub accepts 0 to 600 seconds (default 10)",
+        );
+    }
+    if c.retry_max_backoff_secs > 600 || c.retry_max_backoff_secs < c.retry_min_backoff_secs {
+        push(
+            "retry_max_backoff_secs",
+            format!(
+                "{} is outside {}..=600",
+                c.retry_max_backoff_secs, c.retry_min_backoff_secs
+            ),
+            "use at least retry_min_backoff_secs and at most 600 (default 600)",
+        );
+    }
+    if c.nack_delay_ms > 60_000 || c.nack_delay_ms >= u64::from(c.ack_deadline_secs) * 1000 {
+        push(
+            "nack_delay_ms",
+            format!(
+                "{} ms is not below both 60000 and the ack deadline ({} s)",
+                c.nack_delay_ms, c.ack_deadline_secs
+            ),
+            "use 1000 (default), or 0 to nack at once",
+        );
+    }
     if c.max_outstanding_messages == 0 {
         push(
             "max_outstanding_messages",
@@ -442,6 +484,9 @@ mod tests {
             dead_letter_topic: "goog-dead".into(),
             max_delivery_attempts: 2,
             ack_deadline_secs: 5,
+            retry_min_backoff_secs: 700,
+            retry_max_backoff_secs: 5,
+            nack_delay_ms: 90_000,
             reconnect_min_ms: 0,
             ..valid()
         };
@@ -454,6 +499,9 @@ mod tests {
             "dead_letter_topic",
             "max_delivery_attempts",
             "ack_deadline_secs",
+            "retry_min_backoff_secs",
+            "retry_max_backoff_secs",
+            "nack_delay_ms",
             "reconnect_min_ms",
         ] {
             assert!(

@@ -12,8 +12,10 @@
 //!   previous event went into the (bounded) event channel, so a slow pipeline slows the
 //!   streams down.
 //! - Acks: every event carries an [`AckHandle`] wrapping the message's lease. The gateway
-//!   acks after commit; a nack (or a dropped handle) nacks at once so Pub/Sub redelivers
-//!   right away, and after `max_delivery_attempts` a configured dead-letter topic takes the
+//!   acks after commit; a nack (or a dropped handle) is held `nack_delay_ms` then nacked,
+//!   Pub/Sub redelivers after the subscription's retry backoff (`retry_min_backoff_secs`
+//!   on the subscriptions the gateway creates), and after `max_delivery_attempts` a
+//!   configured dead-letter topic takes the
 //!   message. While the pipeline holds a message its lease is extended (`ack_deadline_secs`
 //!   at a time); if the gateway dies instead, the lease lapses and Pub/Sub redelivers. A
 //!   redelivery carries the same `message_id` and publish time, which make the alert token
@@ -279,6 +281,7 @@ fn to_event(
         .map(|t| (t.clone(), shared.config.max_delivery_attempts));
     let instance = shared.instance.clone();
     let message_id = msg.message_id.clone();
+    let nack_delay = Duration::from_millis(shared.config.nack_delay_ms);
     if attempt.is_some_and(|a| a > 1) {
         debug!(%instance, %message_id, attempt, "gcp_pubsub: redelivery");
     }
@@ -298,8 +301,20 @@ fn to_event(
                     debug!(%instance, %message_id, %reason, "gcp_pubsub: nacked; Pub/Sub redelivers it")
                 }
             }
-            handler.nack();
-            drop(permit);
+            // Held a moment before the nack: Pub/Sub (and its emulator, which has no
+            // retry policy) would redeliver at once, and a store that is down for a few
+            // seconds would spend every delivery attempt. The flow-control permit is held
+            // with it, so intake slows while commits fail.
+            if nack_delay.is_zero() {
+                handler.nack();
+                drop(permit);
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(nack_delay).await;
+                    handler.nack();
+                    drop(permit);
+                });
+            }
         }
     });
     match decoded {

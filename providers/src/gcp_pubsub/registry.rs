@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
+use google_cloud_pubsub::model::{DeadLetterPolicy, RetryPolicy, Subscription, Topic};
 use iotgw_ids::DeviceId;
 use tracing::{info, warn};
 
@@ -158,6 +158,14 @@ impl Shared {
         })
     }
 
+    /// The retry policy of the subscriptions the gateway creates (redelivery backoff).
+    pub(super) fn retry_policy(&self) -> RetryPolicy {
+        let secs = |s: u32| google_cloud_wkt::Duration::clamp(i64::from(s), 0);
+        RetryPolicy::new()
+            .set_minimum_backoff(secs(self.config.retry_min_backoff_secs))
+            .set_maximum_backoff(secs(self.config.retry_max_backoff_secs))
+    }
+
     async fn ensure_subscription(&self, stream: &Stream) -> Result<(), ProviderError> {
         let field = stream.subscription_key;
         let name = &stream.subscription;
@@ -180,6 +188,7 @@ impl Shared {
                     .set_topic(stream.topic.clone())
                     .set_ack_deadline_seconds(self.ack_deadline())
                     .set_labels([MANAGED_LABEL])
+                    .set_retry_policy(self.retry_policy())
                     .set_or_clear_dead_letter_policy(self.dead_letter_policy(stream));
                 return self.create_subscription(sub, field).await;
             }
@@ -277,6 +286,7 @@ impl Shared {
             .set_filter(filter.clone())
             .set_enable_message_ordering(true)
             .set_ack_deadline_seconds(self.ack_deadline())
+            .set_retry_policy(self.retry_policy())
             .set_labels([MANAGED_LABEL]);
         let what = format!("creating command subscription {name} of device {device}");
         let create = || {

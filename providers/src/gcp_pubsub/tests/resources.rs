@@ -40,7 +40,8 @@ async fn missing_resources_end_run_with_an_error_naming_the_resource_and_its_key
 }
 
 #[tokio::test]
-async fn create_if_missing_creates_every_topic_and_subscription_with_the_dead_letter_policy() {
+async fn create_if_missing_creates_every_topic_and_subscription_with_the_retry_and_dead_letter_policies(
+) {
     let Some(emu) = emulator().await else {
         return;
     };
@@ -82,6 +83,15 @@ async fn create_if_missing_creates_every_topic_and_subscription_with_the_dead_le
     assert_eq!(
         (dl.dead_letter_topic.as_str(), dl.max_delivery_attempts),
         (topic_path(PROJECT, &config.dead_letter_topic).as_str(), 7)
+    );
+    let retry = telemetry.retry_policy.expect("retry policy set");
+    assert_eq!(
+        (
+            retry.minimum_backoff.map(|d| d.seconds()),
+            retry.maximum_backoff.map(|d| d.seconds())
+        ),
+        (Some(10), Some(600)),
+        "redeliveries back off instead of spending the delivery attempts at once"
     );
     let replies = get(config.reply_subscription.clone()).await;
     assert_eq!(replies.topic, topic_path(PROJECT, &config.reply_topic));
