@@ -46,6 +46,23 @@ pub struct WebhookSinkConfig {
     /// Longest retry delay in milliseconds; a sink that is down is retried forever at this pace.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
+    /// Answers retried for `retry_statuses_for_secs` after the alert was queued, then
+    /// dead-lettered: by default 401, 403 and 404, which a receiver mid-deploy or mid key
+    /// rotation gives for a while. 408, 425, 429, 5xx and network errors are always retried;
+    /// any other answer dead-letters at once (replay it with
+    /// `POST /api/v1/dead-letters/{id}/replay`).
+    #[serde(default = "default_retry_statuses")]
+    pub retry_statuses: Vec<u16>,
+    /// How long `retry_statuses` are retried, in seconds from when the alert was queued.
+    #[serde(default = "default_retry_statuses_for")]
+    pub retry_statuses_for_secs: u64,
+}
+
+fn default_retry_statuses() -> Vec<u16> {
+    vec![401, 403, 404]
+}
+const fn default_retry_statuses_for() -> u64 {
+    3600
 }
 
 const fn default_webhook_timeout() -> u64 {
@@ -83,6 +100,24 @@ pub(crate) fn validate(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
                     format!("{base}.backoff_min_ms"),
                     "backoff_min_ms must be above 0 and not above backoff_max_ms",
                     "e.g. backoff_min_ms = 200, backoff_max_ms = 30000",
+                ));
+            }
+            for (i, code) in w.retry_statuses.iter().enumerate() {
+                if !(400..=499).contains(code) {
+                    out.push(Problem::new(
+                        format!("{base}.retry_statuses[{i}]"),
+                        format!(
+                            "{code} is not a 4xx status (5xx, 408, 425 and 429 are always retried)"
+                        ),
+                        "list 4xx statuses a receiver may answer for a while, e.g. [401, 403, 404]",
+                    ));
+                }
+            }
+            if w.retry_statuses_for_secs > 7 * 86_400 {
+                out.push(Problem::new(
+                    format!("{base}.retry_statuses_for_secs"),
+                    format!("{} is above a week", w.retry_statuses_for_secs),
+                    "use seconds up to 604800; 3600 (default) is an hour",
                 ));
             }
             if w.timeout_ms == 0 {

@@ -45,6 +45,7 @@ pub mod moves;
 pub mod ownership;
 pub mod pipeline;
 pub mod reload;
+pub mod replay;
 pub mod retention;
 pub mod router;
 pub mod rules;

@@ -80,6 +80,7 @@ pub struct Metrics {
     provider_restarts: Family<ReasonLabel, Counter>,
     panics: Family<TaskLabel, Counter>,
     retention_deleted: Family<TableLabel, Counter>,
+    replays: Family<OutcomeLabel, Counter>,
     reloads: Family<OutcomeLabel, Counter>,
     moves: Family<FailoverLabel, Counter>,
     deliveries: Family<SinkLabel, Counter>,
@@ -116,6 +117,7 @@ impl Metrics {
             provider_restarts: Family::default(),
             panics: Family::default(),
             retention_deleted: Family::default(),
+            replays: Family::default(),
             reloads: Family::default(),
             moves: Family::default(),
             deliveries: Family::default(),
@@ -176,6 +178,11 @@ impl Metrics {
             "panics",
             "Panics caught in the gateway's own tasks, by task; the event being handled was left for redelivery",
             m.panics.clone(),
+        );
+        registry.register(
+            "dead_letter_replays",
+            "Dead letters replayed, by outcome (committed, dead_lettered_again, requeued)",
+            m.replays.clone(),
         );
         registry.register(
             "retention_deleted",
@@ -383,6 +390,15 @@ impl Metrics {
             .get_or_create(&ReasonLabel {
                 provider: provider.into(),
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A dead letter was replayed.
+    pub fn replay(&self, outcome: &str) {
+        self.replays
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
             })
             .inc();
     }

@@ -101,6 +101,7 @@ macro_rules! conformance_tests {
             dead_letters_page_newest_first,
             a_dead_letter_keeps_a_bounded_payload_with_its_size_and_hash,
             retention_purges_old_dead_letters_finished_commands_and_closed_alerts_children_first,
+            a_dead_letter_is_read_and_deleted_and_a_sink_item_queued_again_once,
             checkpoints_are_replaced_per_scope_and_key,
             a_checkpoint_never_moves_behind_the_stored_position,
             of_two_claims_on_the_same_version_exactly_one_wins,
@@ -2532,6 +2533,63 @@ pub async fn retention_purges_old_dead_letters_finished_commands_and_closed_aler
         store.purge(&all, 100).await.expect("purge"),
         Purged::default()
     );
+}
+
+/// What a replay needs: a dead letter read by id and deleted once; a sink's item queued
+/// again, due now, and not twice while it waits.
+pub async fn a_dead_letter_is_read_and_deleted_and_a_sink_item_queued_again_once(
+    store: &dyn Store,
+) {
+    let letter = store
+        .insert_dead_letter(&NewDeadLetter {
+            source: "sink:hook".into(),
+            reason: "POST answered 410".into(),
+            device_id: Some("pump-1".into()),
+            message_id: Some("alert-1".into()),
+            payload: r#"{"msdyn_deviceid":"pump-1"}"#.into(),
+        })
+        .await
+        .expect("dead letter");
+    let read = store
+        .get_dead_letter(letter.id)
+        .await
+        .expect("get")
+        .expect("there");
+    assert_eq!(read, letter);
+    assert!(store
+        .get_dead_letter(letter.id + 1000)
+        .await
+        .expect("get")
+        .is_none());
+
+    let payload = serde_json::json!({"msdyn_deviceid": "pump-1"});
+    assert!(store
+        .requeue_outbox("hook", "alert-1", &payload)
+        .await
+        .expect("queue"));
+    assert!(
+        !store
+            .requeue_outbox("hook", "alert-1", &payload)
+            .await
+            .expect("queue"),
+        "not twice while it waits"
+    );
+    let now = Utc::now();
+    let claimed = store
+        .claim_outbox("hook", "r1", now, now + Duration::seconds(30), 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1, "due now");
+    assert_eq!(claimed[0].idempotency_key, "alert-1");
+    assert_eq!(claimed[0].payload, payload);
+
+    assert!(store.delete_dead_letter(letter.id).await.expect("delete"));
+    assert!(!store.delete_dead_letter(letter.id).await.expect("delete"));
+    assert!(store
+        .get_dead_letter(letter.id)
+        .await
+        .expect("get")
+        .is_none());
 }
 
 /// A checkpoint is replaced by a later save, and scopes (provider instances) and keys

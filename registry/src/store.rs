@@ -284,6 +284,21 @@ pub trait Store: Send + Sync + 'static {
     /// Dead letters, newest first.
     async fn list_dead_letters(&self, page: &PageRequest) -> StoreResult<Page<DeadLetter>>;
 
+    /// One dead letter.
+    async fn get_dead_letter(&self, id: i64) -> StoreResult<Option<DeadLetter>>;
+
+    /// Deletes a dead letter (after it was replayed); false when it was not there.
+    async fn delete_dead_letter(&self, id: i64) -> StoreResult<bool>;
+
+    /// Queues an outbox item for `sink` again (the replay of a sink's dead letter), due
+    /// now; false when an item with this key is already queued for the sink.
+    async fn requeue_outbox(
+        &self,
+        sink: &str,
+        idempotency_key: &str,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool>;
+
     /// Retention: deletes at most `limit` rows per table of what `before` allows, oldest
     /// first, in one transaction: dead letters; commands no longer In Progress; Inactive or
     /// Closed alerts that no alert names as its parent (a closed child goes first, its

@@ -1007,3 +1007,198 @@ async fn a_packet_over_the_brokers_limit_is_refused_counted_and_named_and_other_
     .await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn dead_letters_are_replayed_one_by_one_or_by_filter_once_their_cause_is_fixed() {
+    let hook = Webhook::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        webhook: Some(hook.url()),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+    let mut raw = Device::connect(gw.broker_port, "replay-client").await;
+    let letters_of = |device: &'static str| {
+        let api = api.clone();
+        async move {
+            let (_, body) = api.get("/api/v1/dead-letters?limit=100").await;
+            body["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| l["device_id"] == device)
+                .collect::<Vec<_>>()
+        }
+    };
+
+    // A reading of a device registered too late is a dead letter...
+    raw.publish_raw(
+        "devices/late-1/telemetry",
+        br#"{"message_id": "l-1", "temperature": 90}"#.to_vec(),
+    )
+    .await;
+    let letter = wait_for("late-1's dead letter", || async {
+        letters_of("late-1").await.into_iter().next()
+    })
+    .await;
+    let id = letter["id"].as_i64().expect("id");
+    // ... replayed before the fix, it is a dead letter again, with today's reason.
+    let (status, again) = api
+        .post(&format!("/api/v1/dead-letters/{id}/replay"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["outcome"], "dead_lettered_again", "{again}");
+    assert!(
+        again["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not in the registry")),
+        "{again}"
+    );
+    let (gone, _) = api
+        .post(&format!("/api/v1/dead-letters/{id}/replay"), json!({}))
+        .await;
+    assert_eq!(gone, 404, "the replayed dead letter is gone");
+
+    // Registered, the reading replays into an alert, with the token it would have had.
+    api.register("late-1").await;
+    let letter = letters_of("late-1")
+        .await
+        .into_iter()
+        .next()
+        .expect("the new dead letter");
+    let id = letter["id"].as_i64().expect("id");
+    let (status, done) = api
+        .post(&format!("/api/v1/dead-letters/{id}/replay"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done, json!({"outcome": "committed", "alerts": 1}));
+    let (_, alerts) = api.get("/api/v1/alerts?device_id=late-1").await;
+    assert_eq!(
+        alerts["items"][0]["msdyn_alerttoken"], "local/late-1/l-1",
+        "{alerts}"
+    );
+    assert!(letters_of("late-1").await.is_empty());
+
+    // By filter: every dead letter of late-2.
+    for m in ["l-2", "l-3"] {
+        raw.publish_raw(
+            "devices/late-2/telemetry",
+            format!(r#"{{"message_id": "{m}", "temperature": 20}}"#).into_bytes(),
+        )
+        .await;
+    }
+    wait_for("late-2's two dead letters", || async {
+        (letters_of("late-2").await.len() == 2).then_some(())
+    })
+    .await;
+    api.register("late-2").await;
+    let (status, bulk) = api
+        .post(
+            "/api/v1/dead-letters/replay",
+            json!({"device_id": "late-2", "reason_contains": "not in the registry"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{bulk}");
+    assert_eq!(
+        (&bulk["selected"], &bulk["committed"], &bulk["failed"]),
+        (&json!(2), &json!(2), &json!([])),
+        "{bulk}"
+    );
+    let (bad, why) = api
+        .post(
+            "/api/v1/dead-letters/replay",
+            json!({"devise_id": "late-2"}),
+        )
+        .await;
+    assert_eq!(bad, 400, "a typo in the filter is refused: {why}");
+
+    // A sink's dead letter: the receiver said 410 Gone; fixed, the alert is queued again
+    // with its idempotency key and delivered.
+    hook.refuse_with(Some(axum::http::StatusCode::GONE));
+    api.register("sink-1").await;
+    let mut dev = Device::connect(gw.broker_port, "sink-1").await;
+    dev.publish_telemetry(json!({"message_id": "s-1", "temperature": 95}))
+        .await;
+    let letter = wait_for("the sink's dead letter", || async {
+        let (_, body) = api.get("/api/v1/dead-letters?limit=100").await;
+        body["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|l| l["source"] == "sink:hook").cloned())
+    })
+    .await;
+    assert!(
+        letter["reason"].as_str().is_some_and(|r| r.contains("410")),
+        "{letter}"
+    );
+    hook.refuse_with(None);
+    let (status, requeued) = api
+        .post(
+            &format!("/api/v1/dead-letters/{}/replay", letter["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{requeued}");
+    assert_eq!(
+        requeued,
+        json!({"outcome": "requeued", "sink": "hook", "queued": true})
+    );
+    let posts = wait_for("the replayed alert at the webhook", || async {
+        let p = hook.accepted();
+        p.iter()
+            .any(|p| p.body["data"]["msdyn_deviceid"] == "sink-1")
+            .then_some(p)
+    })
+    .await;
+    let post = posts
+        .iter()
+        .find(|p| p.body["data"]["msdyn_deviceid"] == "sink-1")
+        .expect("post");
+    assert_eq!(
+        post.idempotency_key,
+        letter["message_id"].as_str().expect("key")
+    );
+    let m = api.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "iotgw_dead_letter_replays_total",
+            &["outcome=\"committed\""]
+        ),
+        3.0,
+        "{m}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_receiver_answering_401_mid_key_rotation_gets_the_alert_once_it_accepts_again() {
+    let hook = Webhook::start().await;
+    hook.refuse_with(Some(axum::http::StatusCode::UNAUTHORIZED));
+    let gw = Gateway::start(GatewayOptions {
+        webhook: Some(hook.url()),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+    api.register("rotate-1").await;
+    let mut dev = Device::connect(gw.broker_port, "rotate-1").await;
+    dev.publish_telemetry(json!({"message_id": "k-1", "temperature": 95}))
+        .await;
+    wait_for("two refused attempts", || async {
+        (hook.refused() >= 2).then_some(())
+    })
+    .await;
+    hook.refuse_with(None);
+    wait_for("the alert delivered after the rotation", || async {
+        (hook.accepted().len() == 1).then_some(())
+    })
+    .await;
+    let (_, letters) = api.get("/api/v1/dead-letters").await;
+    assert_eq!(
+        letters["items"],
+        json!([]),
+        "401 is retried, not dead-lettered"
+    );
+    gw.stop().await;
+}

@@ -443,6 +443,27 @@ pub(super) async fn close_alert(
     ))
 }
 
+pub(super) async fn replay_dead_letter(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::invalid(
+            "id",
+            format!("`{id}` is not a dead letter id: use the number from GET /api/v1/dead-letters"),
+        )
+    })?;
+    Ok(Json(crate::replay::replay(&s.core, id).await?))
+}
+
+pub(super) async fn replay_dead_letters(
+    State(s): State<ApiState>,
+    b: Result<Json<crate::replay::ReplayFilter>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let filter = body(b)?;
+    Ok(Json(crate::replay::replay_many(&s.core, &filter).await?))
+}
+
 pub(super) async fn list_dead_letters(
     State(s): State<ApiState>,
     p: Result<Query<PageRequest>, axum::extract::rejection::QueryRejection>,

@@ -310,6 +310,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/alerts/{id}", get(get_alert))
         .route("/api/v1/alerts/{id}/close", post(close_alert))
         .route("/api/v1/dead-letters", get(list_dead_letters))
+        .route("/api/v1/dead-letters/replay", post(replay_dead_letters))
+        .route("/api/v1/dead-letters/{id}/replay", post(replay_dead_letter))
         .route("/api/v1/providers", get(providers))
         .route("/api/v1/config/version", get(config_version))
         .route("/api/v1/config/reload", post(config_reload))

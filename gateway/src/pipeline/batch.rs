@@ -74,6 +74,19 @@ impl Batch {
 /// Commits `batch`, gives every event its verdict and returns the commands of the new
 /// primary alerts, to be sent now that their telemetry is acked.
 pub(crate) async fn commit(core: &Core, batch: Batch) -> Vec<Command> {
+    commit_reporting(core, batch).await.commands
+}
+
+/// What [`commit_reporting`] did: the commands to send, and each write with its outcome
+/// (or why the commit failed).
+pub(crate) struct Committed {
+    pub(crate) commands: Vec<Command>,
+    pub(crate) writes: Vec<BatchWrite>,
+    pub(crate) outcomes: Result<Vec<BatchOutcome>, String>,
+}
+
+/// [`commit`], also telling what each write came to (a dead letter replayed asks).
+pub(crate) async fn commit_reporting(core: &Core, batch: Batch) -> Committed {
     let Batch { entries, writes } = batch;
     injected_commit_panic(&writes);
     let started = std::time::Instant::now();
@@ -88,7 +101,11 @@ pub(crate) async fn commit(core: &Core, batch: Batch) -> Vec<Command> {
                 core.metrics.nacked(&entry.instance, "store_error", &reason);
                 entry.ack.nack(reason.clone());
             }
-            return Vec::new();
+            return Committed {
+                commands: Vec::new(),
+                writes,
+                outcomes: Err(reason),
+            };
         }
     };
     let mut commands = Vec::new();
@@ -144,7 +161,11 @@ pub(crate) async fn commit(core: &Core, batch: Batch) -> Vec<Command> {
             }
         }
     }
-    commands
+    Committed {
+        commands,
+        writes,
+        outcomes: Ok(outcomes),
+    }
 }
 
 /// Counts and logs what one committed write did.

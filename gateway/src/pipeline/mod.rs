@@ -31,7 +31,7 @@
 //! fails its batch. A command is sent only after its telemetry is acked (a direct method
 //! may wait for its device far longer than a cloud waits for an ack).
 
-mod batch;
+pub(crate) mod batch;
 pub mod prepare;
 
 use std::sync::Arc;

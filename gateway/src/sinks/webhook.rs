@@ -3,7 +3,9 @@
 //! Headers: `Idempotency-Key` (the same on every retry of one item, so the receiver can drop
 //! duplicates) and, with a secret, `X-Iotgw-Signature: sha256=<hex HMAC-SHA256 of the body>`.
 //! 2xx is delivered; 408, 425, 429 and 5xx and network errors are retried (honouring
-//! `Retry-After` in seconds); any other answer is permanent and dead-letters the item.
+//! `Retry-After` in seconds); `retry_statuses` (401, 403, 404 by default: a receiver mid
+//! deploy or mid key rotation) are retried until `retry_statuses_for_secs` after the item
+//! was queued; any other answer is permanent and dead-letters the item.
 
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ pub struct WebhookSink {
     secret: Option<Vec<u8>>,
     client: reqwest::Client,
     backoff: (Duration, Duration),
+    retry_statuses: Vec<u16>,
+    retry_statuses_for: chrono::Duration,
 }
 
 /// `sha256=<hex>` HMAC of `body` with `secret`.
@@ -52,6 +56,10 @@ impl WebhookSink {
             backoff: (
                 Duration::from_millis(cfg.backoff_min_ms),
                 Duration::from_millis(cfg.backoff_max_ms),
+            ),
+            retry_statuses: cfg.retry_statuses.clone(),
+            retry_statuses_for: chrono::Duration::seconds(
+                i64::try_from(cfg.retry_statuses_for_secs).unwrap_or(i64::MAX / 1000),
             ),
         })
     }
@@ -106,10 +114,52 @@ impl Sink for WebhookSink {
             self.url,
             text.chars().take(200).collect::<String>()
         );
-        if status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429) {
-            Err(DeliveryError::Retry { message, after })
+        match self.verdict(status.as_u16(), item.created_at, chrono::Utc::now()) {
+            Verdict::Retry => Err(DeliveryError::Retry { message, after }),
+            Verdict::RetryUntil(until) => Err(DeliveryError::Retry {
+                message: format!("{message} (retried until {until}, then dead-lettered)"),
+                after,
+            }),
+            Verdict::Permanent => Err(DeliveryError::Permanent(message)),
+            Verdict::GaveUp => Err(DeliveryError::Permanent(format!(
+                "{message}; retried for retry_statuses_for_secs ({} s) since the alert was queued: replay it with POST /api/v1/dead-letters/{{id}}/replay once the receiver accepts it",
+                self.retry_statuses_for.num_seconds()
+            ))),
+        }
+    }
+}
+
+/// What an answer that is not 2xx means for the item.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Retried whatever its age.
+    Retry,
+    /// Retried, until then.
+    RetryUntil(chrono::DateTime<chrono::Utc>),
+    /// Dead-lettered now.
+    Permanent,
+    /// A `retry_statuses` answer after `retry_statuses_for_secs`: dead-lettered now.
+    GaveUp,
+}
+
+impl WebhookSink {
+    fn verdict(
+        &self,
+        status: u16,
+        queued: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Verdict {
+        if (500..=599).contains(&status) || matches!(status, 408 | 425 | 429) {
+            return Verdict::Retry;
+        }
+        if !self.retry_statuses.contains(&status) {
+            return Verdict::Permanent;
+        }
+        let until = queued + self.retry_statuses_for;
+        if now < until {
+            Verdict::RetryUntil(until)
         } else {
-            Err(DeliveryError::Permanent(message))
+            Verdict::GaveUp
         }
     }
 }
@@ -117,6 +167,51 @@ impl Sink for WebhookSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_retry_always_for_a_while_or_never() {
+        let sink = WebhookSink::new(
+            "hook",
+            &WebhookSinkConfig {
+                url: "http://127.0.0.1:9/alerts".into(),
+                secret: None,
+                timeout_ms: 1000,
+                backoff_min_ms: 200,
+                backoff_max_ms: 30_000,
+                retry_statuses: vec![401, 403, 404],
+                retry_statuses_for_secs: 3600,
+            },
+        )
+        .expect("sink");
+        let queued = chrono::Utc::now();
+        let soon = queued + chrono::Duration::minutes(59);
+        let late = queued + chrono::Duration::minutes(61);
+        for status in [500, 503, 408, 425, 429] {
+            assert_eq!(
+                sink.verdict(status, queued, late),
+                Verdict::Retry,
+                "{status}"
+            );
+        }
+        for status in [401, 403, 404] {
+            assert!(
+                matches!(sink.verdict(status, queued, soon), Verdict::RetryUntil(u) if u == queued + chrono::Duration::hours(1)),
+                "{status}"
+            );
+            assert_eq!(
+                sink.verdict(status, queued, late),
+                Verdict::GaveUp,
+                "{status}"
+            );
+        }
+        for status in [400, 410, 413, 422] {
+            assert_eq!(
+                sink.verdict(status, queued, soon),
+                Verdict::Permanent,
+                "{status}"
+            );
+        }
+    }
 
     #[test]
     fn signature_is_hex_hmac_sha256_of_the_body() {

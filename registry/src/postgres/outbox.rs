@@ -231,3 +231,50 @@ impl PostgresStore {
         }))
     }
 }
+
+impl PostgresStore {
+    /// See [`crate::Store::get_dead_letter`].
+    pub(super) async fn dead_letter(&self, id: i64) -> StoreResult<Option<DeadLetter>> {
+        sqlx::query(&format!(
+            "SELECT {DEAD_LETTER_COLS} FROM dead_letters WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a dead letter"))?
+        .as_ref()
+        .map(dead_letter_from_row)
+        .transpose()
+    }
+
+    /// See [`crate::Store::delete_dead_letter`].
+    pub(super) async fn remove_dead_letter(&self, id: i64) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db("deleting a dead letter"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// See [`crate::Store::requeue_outbox`].
+    pub(super) async fn queue_again(
+        &self,
+        sink: &str,
+        key: &str,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at) \
+             VALUES ($1, $2, $3, 0, $4, $4) ON CONFLICT (sink, idempotency_key) DO NOTHING",
+        )
+        .bind(text(sink).as_ref())
+        .bind(payload)
+        .bind(text(key).as_ref())
+        .bind(now())
+        .execute(&self.pool)
+        .await
+        .map_err(db("queueing an outbox item again"))?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -698,6 +698,23 @@ impl Store for SqliteStore {
         self.dead_letters_page(page).await
     }
 
+    async fn get_dead_letter(&self, id: i64) -> StoreResult<Option<DeadLetter>> {
+        self.dead_letter(id).await
+    }
+
+    async fn delete_dead_letter(&self, id: i64) -> StoreResult<bool> {
+        self.remove_dead_letter(id).await
+    }
+
+    async fn requeue_outbox(
+        &self,
+        sink: &str,
+        idempotency_key: &str,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        self.queue_again(sink, idempotency_key, payload).await
+    }
+
     async fn purge(&self, before: &PurgeBefore, limit: u32) -> StoreResult<Purged> {
         self.purge_old(before, limit).await
     }

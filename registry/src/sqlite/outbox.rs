@@ -229,3 +229,58 @@ impl SqliteStore {
         }))
     }
 }
+
+impl SqliteStore {
+    /// See [`crate::Store::get_dead_letter`].
+    pub(super) async fn dead_letter(&self, id: i64) -> StoreResult<Option<DeadLetter>> {
+        sqlx::query(&format!(
+            "SELECT {DEAD_LETTER_COLS} FROM dead_letters WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("reading a dead letter"))?
+        .as_ref()
+        .map(dead_letter_from_row)
+        .transpose()
+    }
+
+    /// See [`crate::Store::delete_dead_letter`].
+    pub(super) async fn remove_dead_letter(&self, id: i64) -> StoreResult<bool> {
+        let mut tx = self.write().await?;
+        let done = sqlx::query("DELETE FROM dead_letters WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("deleting a dead letter"))?;
+        tx.commit().await.map_err(db("deleting a dead letter"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// See [`crate::Store::requeue_outbox`].
+    pub(super) async fn queue_again(
+        &self,
+        sink: &str,
+        key: &str,
+        payload: &serde_json::Value,
+    ) -> StoreResult<bool> {
+        let at = now();
+        let mut tx = self.write().await?;
+        let done = sqlx::query(
+            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+             created_at) VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (sink, idempotency_key) DO NOTHING",
+        )
+        .bind(sink)
+        .bind(payload.to_string())
+        .bind(key)
+        .bind(&at)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("queueing an outbox item again"))?;
+        tx.commit()
+            .await
+            .map_err(db("queueing an outbox item again"))?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -105,6 +105,8 @@ pub fn test_config(
                 timeout_ms: 2_000,
                 backoff_min_ms: 50,
                 backoff_max_ms: 300,
+                retry_statuses: vec![401, 403, 404],
+                retry_statuses_for_secs: 3600,
             }),
         );
     }
@@ -195,6 +197,8 @@ pub struct Post {
 #[derive(Default)]
 struct HookState {
     down: bool,
+    /// Answered instead of accepting (e.g. 410 Gone, which dead-letters at once).
+    refuse_with: Option<StatusCode>,
     accepted: Vec<Post>,
     refused: usize,
 }
@@ -214,6 +218,10 @@ async fn receive(
     if s.down {
         s.refused += 1;
         return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if let Some(status) = s.refuse_with {
+        s.refused += 1;
+        return status;
     }
     let header = |n: &str| {
         headers
@@ -254,6 +262,11 @@ impl Webhook {
     /// Switches 503 answers on or off.
     pub fn set_down(&self, down: bool) {
         self.state.lock().expect("lock").down = down;
+    }
+
+    /// Answers every request with `status` (`None`: accepts again).
+    pub fn refuse_with(&self, status: Option<StatusCode>) {
+        self.state.lock().expect("lock").refuse_with = status;
     }
 
     /// Requests accepted so far.
