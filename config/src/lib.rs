@@ -34,4 +34,4 @@ pub use base::{Problem, Secret};
 pub use gcp_pubsub::GcpPubSubConfig;
 pub use load::{load, ConfigError, LoadOptions};
 pub use model::*;
-pub use postgres::{DatabaseUrl, PostgresStoreConfig, PostgresTlsMode};
+pub use postgres::{redact_url, DatabaseUrl, PostgresStoreConfig, PostgresTlsMode, SecretUrl};

@@ -244,12 +244,15 @@ fn problem_from(fig: &Figment, err: &figment::Error) -> Problem {
         Kind::InvalidType(actual, expected) => {
             let expected = plain_type(expected);
             (
-                format!("expected {expected}, found {actual}"),
+                format!("expected {expected}, found {}", shown(actual, &path)),
                 format!("give {expected}"),
             )
         }
         Kind::InvalidValue(actual, expected) => (
-            format!("invalid value {actual}, expected {expected}"),
+            format!(
+                "invalid value {}, expected {expected}",
+                shown(actual, &path)
+            ),
             format!("give {expected}"),
         ),
         Kind::Message(m) => (
@@ -274,6 +277,36 @@ fn problem_from(fig: &Figment, err: &figment::Error) -> Problem {
         message,
         fix,
         source,
+    }
+}
+
+/// Keys whose values are secrets (or carry them): a wrong value there is described by its
+/// kind only, never echoed.
+const SECRET_KEYS: &[&str] = &[
+    "token",
+    "password",
+    "secret",
+    "key",
+    "connection_string",
+    "url",
+    "credentials",
+];
+
+/// The value figment found, as an error may show it: itself, or only its kind when the key
+/// at `path` holds secrets.
+fn shown(actual: &figment::error::Actual, path: &str) -> String {
+    use figment::error::Actual;
+    let leaf = path.rsplit('.').next().unwrap_or(path).to_ascii_lowercase();
+    if !SECRET_KEYS.iter().any(|k| leaf.contains(k)) {
+        return actual.to_string();
+    }
+    match actual {
+        Actual::Bool(_) => "a boolean".into(),
+        Actual::Unsigned(_) | Actual::Signed(_) => "a whole number".into(),
+        Actual::Float(_) => "a number".into(),
+        Actual::Char(_) | Actual::Str(_) => "text (not shown: the key holds a secret)".into(),
+        Actual::Bytes(_) => "bytes".into(),
+        other => other.to_string(),
     }
 }
 
@@ -345,6 +378,19 @@ mod tests {
             env: true,
             built_kinds: vec!["mqtt"],
         }
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_named_but_never_echoed() {
+        Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "[api]\ntoken = 314159265358979\n")?;
+            let err = load(&opts("gw.toml")).expect_err("a number is not a token");
+            let text = format!("{err}");
+            assert!(text.contains("api.token"), "{text}");
+            assert!(text.contains("a whole number"), "{text}");
+            assert!(!text.contains("314159265358979"), "{text}");
+            Ok(())
+        });
     }
 
     #[test]

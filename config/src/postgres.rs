@@ -13,15 +13,20 @@ use crate::base::{Problem, Secret};
 /// What replaces a password wherever a URL is shown.
 pub const REDACTED: &str = "<redacted>";
 
-/// A PostgreSQL connection URL (`postgres://user:password@host:5432/db?...`). `Debug`,
-/// `Display` and serialization (hence `config show`) replace its password (in the user
-/// info or in a `password=` query parameter) with `<redacted>`; only [`DatabaseUrl::expose`]
-/// gives the URL itself, for the one place that connects.
+/// A URL that may carry credentials: a PostgreSQL connection URL
+/// (`postgres://user:password@host:5432/db?...`) or a webhook's
+/// (`https://user:pass@app/hook?code=...`). `Debug`, `Display` and serialization (hence
+/// `config show`, logs and error texts) replace its secrets (the user info's password, and
+/// query parameters such as `password`, `token`, `code`, `key`, `sig`) with `<redacted>`;
+/// only [`SecretUrl::expose`] gives the URL itself, for the one place that connects.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct DatabaseUrl(String);
+pub struct SecretUrl(String);
 
-impl DatabaseUrl {
+/// The PostgreSQL connection URL.
+pub type DatabaseUrl = SecretUrl;
+
+impl SecretUrl {
     /// Wraps a URL.
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())
@@ -43,26 +48,43 @@ impl DatabaseUrl {
     }
 }
 
-impl fmt::Debug for DatabaseUrl {
+impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
 }
 
-impl fmt::Display for DatabaseUrl {
+impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
 }
 
-impl Serialize for DatabaseUrl {
+impl Serialize for SecretUrl {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.redacted())
     }
 }
 
-/// `url` with the password of its user info and of any `password=` query parameter
-/// replaced by `<redacted>`. Text that is not a URL is returned as it is, unless it holds
+/// Query parameters whose values are secrets wherever they appear in a URL (compared
+/// without case): passwords, tokens, API keys, signatures, Azure Functions' `code`.
+const SECRET_PARAMS: &[&str] = &[
+    "password",
+    "pass",
+    "pwd",
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "key",
+    "code",
+    "secret",
+    "sig",
+    "signature",
+];
+
+/// `url` with the password of its user info and the values of its secret query parameters
+/// ([`SECRET_PARAMS`]) replaced by `<redacted>`. Text that is not a URL is returned as it is, unless it holds
 /// an `@` (then everything before the last `@` could be a secret and is redacted).
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
@@ -103,7 +125,7 @@ pub fn redact_url(url: &str) -> String {
             let params: Vec<String> = query
                 .split('&')
                 .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => {
+                    Some((k, _)) if SECRET_PARAMS.iter().any(|p| k.eq_ignore_ascii_case(p)) => {
                         format!("{k}={REDACTED}")
                     }
                     _ => kv.to_owned(),
@@ -282,6 +304,10 @@ mod tests {
             "postgres://iotgw@db/iotgw"
         );
         assert_eq!(redact_url("postgres://db"), "postgres://db");
+        assert_eq!(
+            redact_url("https://crm:hunter2@app.example.com/hook?code=AbC&tenant=t1&Token=z"),
+            "https://crm:<redacted>@app.example.com/hook?code=<redacted>&tenant=t1&Token=<redacted>"
+        );
         assert_eq!(redact_url("user:pw@host"), "<redacted>@host");
         let url = DatabaseUrl::new("postgres://a:hunter2@h/d");
         assert!(url.has_password());

@@ -33,8 +33,9 @@ pub struct FileSinkConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSinkConfig {
-    /// `http://` or `https://` URL to POST each alert to.
-    pub url: String,
+    /// `http://` or `https://` URL to POST each alert to. Credentials in it (user info,
+    /// `?code=`/`?token=`...) are redacted wherever it is shown.
+    pub url: crate::SecretUrl,
     /// Shared secret: the body is signed with HMAC-SHA256 into `X-Iotgw-Signature: sha256=<hex>`.
     pub secret: Option<Secret>,
     /// Per-request timeout in milliseconds.
@@ -87,8 +88,8 @@ pub(crate) fn validate(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
         )),
         SinkConfig::File(_) => {}
         SinkConfig::Webhook(w) => {
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) || w.url.len() < 10
-            {
+            let url = w.url.expose();
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
                 out.push(Problem::new(
                     format!("{base}.url"),
                     format!("`{}` is not an http(s) URL", w.url),
@@ -128,5 +129,39 @@ pub(crate) fn validate(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_webhook_url_shows_without_its_credentials_wherever_it_is_printed() {
+        let c = WebhookSinkConfig {
+            url: crate::SecretUrl::new("https://crm:hunter2@app.example/hook?code=s3cr3t&t=1"),
+            secret: None,
+            timeout_ms: 5000,
+            backoff_min_ms: 200,
+            backoff_max_ms: 30_000,
+            retry_statuses: default_retry_statuses(),
+            retry_statuses_for_secs: default_retry_statuses_for(),
+        };
+        let shown = [
+            toml::to_string(&c).expect("config show serializes"),
+            format!("{c:?}"),
+            c.url.to_string(),
+        ];
+        for text in shown {
+            assert!(
+                !text.contains("hunter2") && !text.contains("s3cr3t"),
+                "{text}"
+            );
+            assert!(text.contains("app.example/hook"), "{text}");
+        }
+        assert_eq!(
+            c.url.expose(),
+            "https://crm:hunter2@app.example/hook?code=s3cr3t&t=1"
+        );
     }
 }

@@ -26,7 +26,7 @@ pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 #[derive(Debug)]
 pub struct WebhookSink {
     name: String,
-    url: String,
+    url: iotgw_config::SecretUrl,
     secret: Option<Vec<u8>>,
     client: reqwest::Client,
     backoff: (Duration, Duration),
@@ -84,7 +84,7 @@ impl Sink for WebhookSink {
         .map_err(|e| DeliveryError::Permanent(format!("payload cannot be encoded: {e}")))?;
         let mut req = self
             .client
-            .post(&self.url)
+            .post(self.url.expose())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(IDEMPOTENCY_HEADER, &item.idempotency_key);
         if let Some(secret) = &self.secret {
@@ -95,7 +95,8 @@ impl Sink for WebhookSink {
             .send()
             .await
             .map_err(|e| DeliveryError::Retry {
-                message: format!("POST {}: {e}", self.url),
+                // reqwest's text names the URL: left out, the redacted one is shown.
+                message: format!("POST {}: {}", self.url, e.without_url()),
                 after: None,
             })?;
         let status = resp.status();
@@ -173,7 +174,7 @@ mod tests {
         let sink = WebhookSink::new(
             "hook",
             &WebhookSinkConfig {
-                url: "http://127.0.0.1:9/alerts".into(),
+                url: iotgw_config::SecretUrl::new("http://127.0.0.1:9/alerts"),
                 secret: None,
                 timeout_ms: 1000,
                 backoff_min_ms: 200,

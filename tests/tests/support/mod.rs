@@ -100,7 +100,7 @@ pub fn test_config(
         c.sinks.insert(
             "hook".into(),
             SinkConfig::Webhook(WebhookSinkConfig {
-                url: url.clone(),
+                url: iotgw_config::SecretUrl::new(url.clone()),
                 secret: Some(Secret::new(HOOK_SECRET)),
                 timeout_ms: 2_000,
                 backoff_min_ms: 50,
