@@ -291,6 +291,20 @@ pub enum EventKind {
         /// Event time.
         at: DateTime<Utc>,
     },
+    /// A message the provider could not read: an unparsable status, reply, reported or
+    /// lifecycle message, or one on a topic that matches no template. The gateway keeps it
+    /// as a dead letter (source `<what>:<instance>`) with the reason, so nothing is dropped
+    /// silently, and acks it once that is committed.
+    Unusable {
+        /// What it was meant to be (`status`, `reply`, `reported`, `lifecycle`, `topic`).
+        what: String,
+        /// Device id as far as it could be told (may be empty).
+        device_id: String,
+        /// Why it cannot be used, and what to do.
+        reason: String,
+        /// The payload as received.
+        payload: Bytes,
+    },
 }
 
 /// The verdict on an event.

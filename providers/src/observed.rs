@@ -152,6 +152,7 @@ impl DeviceBook {
             EventKind::Connection { device_id, at, .. }
             | EventKind::ReportedProperties { device_id, at, .. } => (device_id, *at),
             EventKind::CommandReply { device_id, .. } => (device_id, received_at),
+            EventKind::Unusable { .. } => return,
         };
         if iotgw_ids::DeviceId::parse(id).is_err() {
             return;

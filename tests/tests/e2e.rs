@@ -182,18 +182,27 @@ async fn bad_telemetry_is_dead_lettered_with_a_reason_and_counted_while_good_dat
     let big = format!(r#"{{"temperature": 99, "blob": "{}"}}"#, "x".repeat(4096));
     raw.publish_raw("devices/good-1/telemetry", big.into_bytes())
         .await;
+    // Not telemetry, and unreadable: a status that is no status.
+    raw.publish_raw("devices/good-1/status", b"sort of online".to_vec())
+        .await;
     raw.publish_raw(
         "devices/good-1/telemetry",
         br#"{"message_id": "ok-1", "temperature": 99}"#.to_vec(),
     )
     .await;
 
-    let letters = wait_for("four dead letters", || async {
+    let letters = wait_for("five dead letters", || async {
         let (_, body) = api.get("/api/v1/dead-letters").await;
         let items = body["items"].as_array().cloned().unwrap_or_default();
-        (items.len() >= 4).then_some(items)
+        (items.len() >= 5).then_some(items)
     })
     .await;
+    let status = letters
+        .iter()
+        .find(|l| l["source"] == "status:local")
+        .unwrap_or_else(|| panic!("the unreadable status is a dead letter: {letters:?}"));
+    assert_eq!(status["device_id"], "good-1", "{status}");
+    assert_eq!(status["payload"], "sort of online", "{status}");
     let reasons: Vec<String> = letters
         .iter()
         .map(|l| l["reason"].as_str().unwrap_or_default().to_string())
@@ -222,6 +231,7 @@ async fn bad_telemetry_is_dead_lettered_with_a_reason_and_counted_while_good_dat
         "unknown_device",
         "invalid_device_id",
         "oversize",
+        "unusable",
     ] {
         assert!(
             metric(
@@ -232,7 +242,7 @@ async fn bad_telemetry_is_dead_lettered_with_a_reason_and_counted_while_good_dat
             "{reason} not counted:\n{m}"
         );
     }
-    assert!(metric(&m, "iotgw_dead_letters_total", &[]) >= 4.0);
+    assert!(metric(&m, "iotgw_dead_letters_total", &[]) >= 5.0);
     let (live, _) = api.get("/live").await;
     assert_eq!(live, 200, "still running");
     gw.stop().await;

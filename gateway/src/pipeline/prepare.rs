@@ -178,6 +178,24 @@ impl Preparer {
                 ok,
                 reason,
             },
+            EventKind::Unusable {
+                what,
+                device_id,
+                reason,
+                payload,
+            } => {
+                metrics.rejected(&instance, "unusable", &reason);
+                batch.push_write(
+                    BatchWrite::DeadLetter(NewDeadLetter {
+                        source: format!("{what}:{instance}"),
+                        reason: format!("unusable: {reason}"),
+                        device_id: (!device_id.is_empty()).then_some(device_id),
+                        message_id: None,
+                        payload: String::from_utf8_lossy(&payload).into_owned(),
+                    }),
+                    Some("unusable"),
+                )
+            }
         };
         batch.entries.push(Entry {
             instance: instance.into(),

@@ -333,10 +333,22 @@ fn to_event(
             })
         }
         Inbound::Unparsable(reason) => {
-            warn!(instance = %shared.instance, message_id = %msg.message_id, stream = kind.as_str(), %reason, "gcp_pubsub: unparsable message acked and dropped");
+            warn!(instance = %shared.instance, message_id = %msg.message_id, stream = kind.as_str(), %reason, "gcp_pubsub: unparsable message; the gateway dead-letters it");
             shared.count_dropped();
-            ack.ack();
-            None
+            Some(ProviderEvent {
+                instance: shared.instance.clone(),
+                kind: EventKind::Unusable {
+                    what: kind.as_str().into(),
+                    device_id: msg
+                        .attributes
+                        .get(&shared.names.device_id_attribute)
+                        .cloned()
+                        .unwrap_or_default(),
+                    reason: format!("{reason} (Pub/Sub message {})", msg.message_id),
+                    payload: msg.data.clone(),
+                },
+                ack,
+            })
         }
     }
 }

@@ -28,7 +28,9 @@ use super::session::{self, Hooks, Settings};
 use super::state::{lock, Barrier, Shared, RECEIVE_MAXIMUM, REQUEST_CAPACITY};
 use super::topics::TopicKind;
 use crate::observed::HealthCell;
-use crate::{AckHandle, EventSender, InstanceName, ProviderError, ProviderEvent, Shutdown};
+use crate::{
+    AckHandle, EventKind, EventSender, InstanceName, ProviderError, ProviderEvent, Shutdown,
+};
 
 /// Runs until `shutdown`; see the module docs.
 pub(super) async fn run(
@@ -218,10 +220,20 @@ fn fatal(shared: &Shared, e: &ConnectionError) -> Option<ProviderError> {
 fn to_event(shared: &Shared, publish: &Publish, handle: AckHandle) -> Option<ProviderEvent> {
     let topic = String::from_utf8_lossy(&publish.topic);
     let Some((kind, device_id)) = shared.topics.classify(&topic) else {
-        warn!(instance = %shared.instance, %topic, "mqtt: message on a topic matching no template, dropped");
+        warn!(instance = %shared.instance, %topic, "mqtt: message on a topic matching no template; the gateway dead-letters it");
         shared.count_dropped();
-        handle.ack();
-        return None;
+        return Some(ProviderEvent {
+            instance: shared.instance.clone(),
+            kind: EventKind::Unusable {
+                what: "topic".into(),
+                device_id: String::new(),
+                reason: format!(
+                    "topic {topic} matches none of the instance's topic templates (telemetry_topic, status_topic, reply_topic, reported_topic): publish to one of them, or narrow the broker ACL"
+                ),
+                payload: publish.payload.clone(),
+            },
+            ack: handle,
+        });
     };
     if shared.barrier_passed(kind, device_id) {
         handle.ack();
@@ -255,10 +267,24 @@ fn to_event(shared: &Shared, publish: &Publish, handle: AckHandle) -> Option<Pro
             None
         }
         Inbound::Unparsable(reason) => {
-            warn!(instance = %shared.instance, %topic, %reason, "mqtt: unparsable message acked and dropped");
+            warn!(instance = %shared.instance, %topic, %reason, "mqtt: unparsable message; the gateway dead-letters it");
             shared.count_dropped();
-            handle.ack();
-            None
+            Some(ProviderEvent {
+                instance: shared.instance.clone(),
+                kind: EventKind::Unusable {
+                    what: match kind {
+                        TopicKind::Telemetry => "telemetry",
+                        TopicKind::Status => "status",
+                        TopicKind::Reply => "reply",
+                        TopicKind::Reported => "reported",
+                    }
+                    .into(),
+                    device_id: device_id.to_owned(),
+                    reason: format!("{reason} (topic {topic})"),
+                    payload: publish.payload.clone(),
+                },
+                ack: handle,
+            })
         }
     }
 }

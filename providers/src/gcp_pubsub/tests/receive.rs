@@ -172,7 +172,7 @@ async fn flow_control_holds_back_messages_beyond_max_outstanding_until_earlier_o
 }
 
 #[tokio::test]
-async fn replies_and_lifecycle_messages_become_events_and_malformed_ones_are_counted() {
+async fn replies_and_lifecycle_messages_become_events_and_malformed_ones_unusable_events() {
     let Some(emu) = emulator().await else {
         return;
     };
@@ -239,7 +239,8 @@ async fn replies_and_lifecycle_messages_become_events_and_malformed_ones_are_cou
         Some(true)
     );
 
-    // A reply without a status is acked and counted, the stream goes on.
+    // A reply without a status becomes an unusable event (the gateway dead-letters it),
+    // counted, and the stream goes on.
     bridge
         .publish(
             &config.reply_topic,
@@ -247,6 +248,18 @@ async fn replies_and_lifecycle_messages_become_events_and_malformed_ones_are_cou
             &[("device_id", "pump-2"), ("correlation_id", "corr-2")],
         )
         .await;
+    let ev = run
+        .next("the unusable reply", |k| {
+            matches!(k, EventKind::Unusable { .. })
+        })
+        .await;
+    assert!(
+        matches!(&ev.kind, EventKind::Unusable { what, device_id, payload, .. }
+            if what == "reply" && device_id == "pump-2" && payload.as_ref() == b"not json"),
+        "{:?}",
+        ev.kind
+    );
+    ev.ack.ack();
     bridge
         .publish(
             &config.reply_topic,

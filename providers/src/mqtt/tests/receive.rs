@@ -313,7 +313,7 @@ async fn provider_reconnects_and_resubscribes_after_a_broker_restart() {
 }
 
 #[tokio::test]
-async fn unparsable_replies_are_acked_and_counted_without_an_event() {
+async fn unparsable_replies_and_stray_topics_become_unusable_events_for_the_dead_letters() {
     let Some(broker) = broker().await else {
         return;
     };
@@ -323,6 +323,25 @@ async fn unparsable_replies_are_acked_and_counted_without_an_event() {
         .await
         .expect("device connects");
     publish(&device, "devices/pump-4/replies", b"not json").await;
+    let ev = run
+        .next("the unusable reply", |k| {
+            matches!(k, EventKind::Unusable { .. })
+        })
+        .await;
+    match &ev.kind {
+        EventKind::Unusable {
+            what,
+            device_id,
+            reason,
+            payload,
+        } => {
+            assert_eq!((what.as_str(), device_id.as_str()), ("reply", "pump-4"));
+            assert!(reason.contains("devices/pump-4/replies"), "{reason}");
+            assert_eq!(payload.as_ref(), b"not json");
+        }
+        other => unreachable!("filtered above: {other:?}"),
+    }
+    ev.ack.ack();
     publish(
         &device,
         "devices/pump-4/telemetry",
