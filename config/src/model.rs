@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use crate::base::Secret;
-pub use crate::mqtt::{CommandCorrelation, DynsecConfig, MqttConfig};
+pub use crate::mqtt::{CommandCorrelation, DynsecConfig, MqttConfig, MqttTlsConfig};
 pub use crate::sinks::{FileSinkConfig, SinkConfig, StdoutSinkConfig, WebhookSinkConfig};
 pub use crate::store::{SqliteSynchronous, StoreConfig, StoreKind};
 

@@ -47,9 +47,9 @@ pub struct MqttConfig {
     /// Longest reconnect delay in milliseconds.
     pub reconnect_max_ms: u64,
     /// JSON pointer of a message id inside the payload, used when the message carries no
-    /// MQTT 5 `message_id` user property. Device-chosen ids are prefixed with the device id
-    /// (`pump-1:m-7`) to make the alert token unique; without either, the token is a hash
-    /// of topic and payload (two byte-identical readings then count as one).
+    /// MQTT 5 `message_id` user property (the gateway scopes it by instance and device into
+    /// the alert token); without either, the id is a hash of topic and payload (two
+    /// byte-identical readings then count as one).
     pub message_id_pointer: String,
     /// Mosquitto dynamic security: create broker credentials and ACLs per device.
     pub dynsec: Option<DynsecConfig>,
@@ -59,6 +59,25 @@ pub struct MqttConfig {
     /// device that speaks MQTT 3.1.1 has no properties: it needs `payload` or `both`, and
     /// echoes the id in its reply. The stored command message is unchanged.
     pub command_correlation: CommandCorrelation,
+    /// TLS to the broker (`[providers.NAME.tls]`, usually with `port = 8883`): the broker's
+    /// certificate is verified against `ca_file` (else the system's roots), and a client
+    /// certificate is presented when one is given. Absent: plain TCP, where the password
+    /// (and the dynsec admin's) travels in clear; use it only on loopback or a private
+    /// network.
+    pub tls: Option<MqttTlsConfig>,
+}
+
+/// TLS settings of an mqtt instance (`[providers.NAME.tls]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttTlsConfig {
+    /// PEM file of the CA certificates that sign the broker's certificate; absent: the
+    /// system's trust store.
+    pub ca_file: Option<String>,
+    /// PEM certificate the gateway presents (mutual TLS), with `client_key_file`.
+    pub client_cert_file: Option<String>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<String>,
 }
 
 impl Default for MqttConfig {
@@ -82,6 +101,7 @@ impl Default for MqttConfig {
             message_id_pointer: "/message_id".into(),
             dynsec: None,
             command_correlation: CommandCorrelation::Properties,
+            tls: None,
         }
     }
 }
@@ -120,6 +140,15 @@ fn default_role_prefix() -> String {
 
 /// The checks serde cannot express for one `kind = "mqtt"` instance at `base`.
 pub(crate) fn validate(base: &str, m: &MqttConfig, out: &mut Vec<Problem>) {
+    if let Some(t) = &m.tls {
+        if t.client_cert_file.is_some() != t.client_key_file.is_some() {
+            out.push(Problem::new(
+                format!("{base}.tls.client_key_file"),
+                "client_cert_file and client_key_file go together",
+                "give both (mutual TLS) or neither",
+            ));
+        }
+    }
     if m.host.trim().is_empty() {
         out.push(Problem::new(
             format!("{base}.host"),

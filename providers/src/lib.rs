@@ -40,6 +40,8 @@ pub mod mqtt;
 ))]
 mod observed;
 mod on_drop;
+#[cfg(feature = "mqtt")]
+mod tls;
 
 pub use tokio_util::sync::CancellationToken as Shutdown;
 

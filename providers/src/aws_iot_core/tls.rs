@@ -1,15 +1,11 @@
-//! The rustls client configuration of the gateway's MQTT connection: its own certificate
-//! and key (mutual TLS), the trusted CAs, ALPN `x-amzn-mqtt-ca` on port 443.
-//!
-//! rustls runs on ring, chosen explicitly here (not through a process-wide default), the
-//! same crypto provider as the AWS SDK's HTTPS client: one TLS stack in the binary.
+//! The rustls client configuration of the gateway's MQTT connection to AWS IoT Core: its
+//! own certificate and key (mutual TLS, required), the trusted CAs ([`crate::tls`]), ALPN
+//! `x-amzn-mqtt-ca` on port 443.
 
 use std::sync::Arc;
 
 use iotgw_config::AwsIotCoreConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 
 use crate::ProviderError;
 
@@ -25,76 +21,14 @@ pub fn client_config(
     let (Some(cert_path), Some(key_path)) = (&c.client_cert_path, &c.client_key_path) else {
         return Ok(None);
     };
-    let invalid = |field: &str, message: String| ProviderError::InvalidInput {
-        instance: instance.to_owned(),
-        field: field.to_owned(),
-        message,
-    };
-    let certs = CertificateDer::pem_file_iter(cert_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            invalid(
-                "client_cert_path",
-                format!("cannot read the certificates of {cert_path}: {e}"),
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(invalid(
-            "client_cert_path",
-            format!("{cert_path} holds no PEM certificate: give the gateway's certificate (-----BEGIN CERTIFICATE-----)"),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
-        invalid(
-            "client_key_path",
-            format!("cannot read a private key from {key_path} (PKCS#8, PKCS#1 or SEC1 PEM): {e}"),
-        )
-    })?;
-    let mut roots = RootCertStore::empty();
-    match &c.ca_cert_path {
-        Some(ca_path) => {
-            let cas = CertificateDer::pem_file_iter(ca_path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    invalid(
-                        "ca_cert_path",
-                        format!("cannot read the CA certificates of {ca_path}: {e}"),
-                    )
-                })?;
-            let (added, _) = roots.add_parsable_certificates(cas);
-            if added == 0 {
-                return Err(invalid(
-                    "ca_cert_path",
-                    format!("{ca_path} holds no usable CA certificate (e.g. AmazonRootCA1.pem)"),
-                ));
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(native.certs);
-            if roots.is_empty() {
-                return Err(invalid(
-                    "ca_cert_path",
-                    format!(
-                        "the system trust store has no CA certificates ({} errors): install ca-certificates or set ca_cert_path to AmazonRootCA1.pem",
-                        native.errors.len()
-                    ),
-                ));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("client_cert_path", format!("TLS setup failed: {e}")))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .map_err(|e| {
-            invalid(
-                "client_key_path",
-                format!("{key_path} does not fit the certificate of {cert_path}: {e}"),
-            )
-        })?;
+    let mut config = crate::tls::client_config(
+        instance,
+        &crate::tls::TlsFiles {
+            cert: Some(("client_cert_path", cert_path)),
+            key: Some(("client_key_path", key_path)),
+            ca: ("ca_cert_path", c.ca_cert_path.as_deref()),
+        },
+    )?;
     if c.mqtt_port == 443 {
         config.alpn_protocols = vec![AWS_MQTT_ALPN.to_vec()];
     }

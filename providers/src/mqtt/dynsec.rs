@@ -70,12 +70,21 @@ pub struct DynsecAdmin {
     client_id: String,
     admin: DynsecConfig,
     topics: Topics,
+    /// The instance's TLS to the broker, if any: the admin's password travels over it too.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl DynsecAdmin {
     /// An admin for the broker of `mqtt`, with the credentials of `admin`.
-    pub fn new(instance: &str, mqtt: &MqttConfig, admin: &DynsecConfig, topics: Topics) -> Self {
+    pub fn new(
+        instance: &str,
+        mqtt: &MqttConfig,
+        admin: &DynsecConfig,
+        topics: Topics,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Self {
         Self {
+            tls,
             instance: instance.to_owned(),
             host: mqtt.host.clone(),
             port: mqtt.port,
@@ -334,6 +343,11 @@ impl DynsecAdmin {
                 self.admin.admin_username.clone(),
                 self.admin.admin_password.expose().to_owned(),
             );
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         let (client, eventloop) = AsyncClient::new(o, 16);
         let s = Session {
             admin: self.clone(),

@@ -75,10 +75,31 @@ impl MqttProvider {
                 format!("{:?} may not hold '/', '+' or '#'", config.shared_group),
             ));
         }
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|t| {
+                crate::tls::client_config(
+                    instance,
+                    &crate::tls::TlsFiles {
+                        cert: t
+                            .client_cert_file
+                            .as_deref()
+                            .map(|p| ("tls.client_cert_file", p)),
+                        key: t
+                            .client_key_file
+                            .as_deref()
+                            .map(|p| ("tls.client_key_file", p)),
+                        ca: ("tls.ca_file", t.ca_file.as_deref()),
+                    },
+                )
+                .map(Arc::new)
+            })
+            .transpose()?;
         let dynsec = config
             .dynsec
             .as_ref()
-            .map(|d| DynsecAdmin::new(instance, config, d, topics.clone()));
+            .map(|d| DynsecAdmin::new(instance, config, d, topics.clone(), tls.clone()));
         Ok(Self {
             shared: Arc::new(Shared {
                 instance: instance.to_owned(),
@@ -90,6 +111,7 @@ impl MqttProvider {
                 running: AtomicBool::new(false),
                 dropped: AtomicU64::new(0),
                 barrier: Mutex::new(None),
+                tls,
             }),
             limits: ProviderLimits {
                 max_telemetry_bytes: config.max_payload_bytes,

@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub(super) dropped: AtomicU64,
     /// The drain barrier in flight, if any (see [`crate::Provider::drain`]).
     pub(super) barrier: Mutex<Option<Barrier>>,
+    /// TLS to the broker (`tls`), built once from the configured files.
+    pub(super) tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// A drain barrier: one marker message published on each subscribed topic; the broker
@@ -88,6 +90,11 @@ impl Shared {
                 )
                 .unwrap_or(u32::MAX),
             ));
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         if let Some(user) = &c.username {
             o.set_credentials(
                 user.clone(),

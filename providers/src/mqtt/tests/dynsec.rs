@@ -18,7 +18,7 @@ async fn gateway_config(broker: &Mosquitto, client_id: &str) -> MqttConfig {
     let mut config = config(broker, client_id);
     config.dynsec = Some(dynsec_config());
     let topics = Topics::from_config(&config).expect("valid topics");
-    let admin = DynsecAdmin::new("test", &config, &dynsec_config(), topics);
+    let admin = DynsecAdmin::new("test", &config, &dynsec_config(), topics, None);
     let acl = |t: &str, topic: &str| json!({"acltype": t, "topic": topic, "allow": true});
     let rs = admin
         .execute(vec![

@@ -7,6 +7,7 @@
 mod commands;
 mod dynsec;
 mod receive;
+mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
