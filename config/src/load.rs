@@ -380,6 +380,45 @@ mod tests {
         }
     }
 
+    use proptest::strategy::Strategy;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever a config file holds, loading it answers `Ok` or problems that each
+        /// name a key path (or the file) and a fix; it never panics.
+        #[test]
+        fn any_config_file_loads_or_is_refused_with_named_problems(
+            section in proptest::sample::select(vec![
+                "api", "store", "pipeline", "commands", "retention", "health", "routing",
+                "providers.edge", "sinks.hook", "rules.hot", "replica", "embedded_broker",
+            ]),
+            key in "[a-z_]{1,20}",
+            value in proptest::prop_oneof![
+                proptest::prelude::any::<i64>().prop_map(|v| v.to_string()),
+                "[a-z0-9 ./:_-]{0,30}".prop_map(|v| format!("{v:?}")),
+                proptest::prelude::Just("true".to_owned()),
+                proptest::prelude::Just("[1, \"a\"]".to_owned()),
+                proptest::prelude::Just("{ x = 1 }".to_owned()),
+            ],
+            kind in proptest::sample::select(vec!["", "kind = \"mqtt\"\n", "kind = \"webhook\"\n", "kind = \"nope\"\n"]),
+            junk in ".{0,40}",
+        ) {
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().join("gw.toml");
+            for text in [format!("[{section}]\n{kind}{key} = {value}\n"), junk.clone()] {
+                std::fs::write(&path, &text).expect("write");
+                if let Err(e) = load(&LoadOptions {
+                    file: Some(path.clone()),
+                    env: false,
+                    built_kinds: vec!["mqtt"],
+                }) {
+                    let shown = e.to_string();
+                    proptest::prop_assert!(!shown.is_empty());
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_secret_of_the_wrong_type_is_named_but_never_echoed() {
         Jail::expect_with(|jail| {

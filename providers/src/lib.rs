@@ -28,6 +28,8 @@ use uuid::Uuid;
 pub mod aws_iot_core;
 #[cfg(feature = "azure_iot_hub")]
 pub mod azure_iot_hub;
+#[cfg(test)]
+mod decode_props;
 #[cfg(feature = "gcp_pubsub")]
 pub mod gcp_pubsub;
 #[cfg(feature = "mqtt")]

@@ -92,6 +92,10 @@ pub(crate) struct Seen {
     reported_bytes: usize,
 }
 
+/// How far after its arrival an event's own time may be (the gateway's default
+/// `pipeline.max_clock_skew_secs`); later times count as arrival plus this.
+pub(crate) const MAX_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(300);
+
 /// How many devices a [`DeviceBook`] holds; beyond it, the device seen longest ago makes
 /// room (junk traffic with ever new ids cannot grow it).
 pub(crate) const MAX_DEVICES: usize = 100_000;
@@ -147,10 +151,13 @@ impl DeviceBook {
     /// (command replies). Events of an invalid device id are left out (the gateway
     /// dead-letters them).
     pub(crate) fn observe(&self, kind: &EventKind, received_at: DateTime<Utc>) {
+        // A device's clock may be far ahead (or a message forged): an event time later than
+        // MAX_SKEW after its arrival counts as that, so it cannot pin the state for years.
+        let latest = received_at + MAX_SKEW;
         let (id, activity) = match kind {
-            EventKind::Telemetry(t) => (&t.device_id, t.received_at),
+            EventKind::Telemetry(t) => (&t.device_id, t.received_at.min(latest)),
             EventKind::Connection { device_id, at, .. }
-            | EventKind::ReportedProperties { device_id, at, .. } => (device_id, *at),
+            | EventKind::ReportedProperties { device_id, at, .. } => (device_id, (*at).min(latest)),
             EventKind::CommandReply { device_id, .. } => (device_id, received_at),
             EventKind::Unusable { .. } => return,
         };
@@ -187,9 +194,9 @@ impl DeviceBook {
             _ => None,
         };
         let e = book.devices.entry(id.clone()).or_default();
-        if let EventKind::Connection { connected, at, .. } = kind {
-            if e.connected.is_none_or(|(_, prev)| *at >= prev) {
-                e.connected = Some((*connected, *at));
+        if let EventKind::Connection { connected, .. } = kind {
+            if e.connected.is_none_or(|(_, prev)| activity >= prev) {
+                e.connected = Some((*connected, activity));
             }
         }
         if let Some((doc, counted)) = reported {
@@ -384,5 +391,22 @@ mod tests {
             payload: bytes::Bytes::new(),
             received_at: at,
         })
+    }
+
+    #[test]
+    fn a_status_dated_far_ahead_counts_as_its_arrival_plus_the_skew_and_pins_nothing() {
+        let book = DeviceBook::default();
+        let year_2999 = DateTime::from_timestamp(32_503_680_000, 0).expect("time");
+        book.observe(&conn(true, year_2999), t(100));
+        assert_eq!(
+            book.seen("d1").expect("seen").connected,
+            Some((true, t(100) + MAX_SKEW))
+        );
+        // A genuine later event (past the clamped time) still wins.
+        book.observe(
+            &conn(false, t(100) + MAX_SKEW + chrono::TimeDelta::seconds(1)),
+            t(500),
+        );
+        assert_eq!(book.state("d1").connected, Some(false));
     }
 }
