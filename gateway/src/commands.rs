@@ -32,6 +32,9 @@ use crate::health::unhealthy_for;
 pub const CLAIM: Duration = Duration::from_secs(120);
 /// Commands the sweeper takes per round.
 const SWEEP_BATCH: u32 = 100;
+/// A claimed command is sent only while this much of its claim is left (a direct method
+/// may take 30 s and more).
+const CLAIM_MARGIN: Duration = Duration::from_secs(60);
 /// Commands the sweeper sends at once.
 const SWEEP_CONCURRENCY: usize = 16;
 
@@ -289,12 +292,20 @@ async fn sweep(core: &Arc<Core>) {
             tracing::debug!(commands = due.len(), "sending waiting commands");
         }
         let limit = core.live().config.commands.max_in_flight;
+        let claimed_until = now + chrono_of(CLAIM);
         stream::iter(due)
             .for_each_concurrent(SWEEP_CONCURRENCY, |cmd| async move {
                 let _slot = core
                     .command_slots
                     .acquire(&cmd.provider_instance, limit)
                     .await;
+                // A claim that ran out while the command waited for a slot may already be
+                // another sender's: sending now could send it twice. Left alone, the claim
+                // lapses and a later round sends it.
+                if Utc::now() + chrono_of(CLAIM_MARGIN) >= claimed_until {
+                    tracing::debug!(command = %cmd.id, "its claim ran out while it waited for a slot; a later round sends it");
+                    return;
+                }
                 deliver(core, cmd).await;
             })
             .await;

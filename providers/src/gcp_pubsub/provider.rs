@@ -263,13 +263,13 @@ mod tests {
         };
         p.shared
             .devices
-            .observe(&conn(true, "2030-01-01T00:00:02Z"), Utc::now());
+            .observe(&conn(true, "2026-01-01T00:00:02Z"), Utc::now());
         p.shared
             .devices
-            .observe(&conn(false, "2030-01-01T00:00:01Z"), Utc::now());
+            .observe(&conn(false, "2026-01-01T00:00:01Z"), Utc::now());
         let id = DeviceId::parse("pump-1").expect("valid id");
         let state = p.device_state(&id).await.expect("state");
         assert_eq!(state.connected, Some(true));
-        assert_eq!(state.last_activity, Some(at("2030-01-01T00:00:02Z")));
+        assert_eq!(state.last_activity, Some(at("2026-01-01T00:00:02Z")));
     }
 }

@@ -212,8 +212,8 @@ async fn replies_and_lifecycle_messages_become_events_and_malformed_ones_unusabl
     // Newer state first, then an older one arriving late: both are reported with their
     // event time (the gateway orders them); the provider's own view keeps the newer.
     for (connected, at) in [
-        ("true", "2030-01-01T00:00:02Z"),
-        ("false", "2030-01-01T00:00:01Z"),
+        ("true", "2026-01-01T00:00:02Z"),
+        ("false", "2026-01-01T00:00:01Z"),
     ] {
         bridge
             .publish(
