@@ -30,6 +30,12 @@ use iotgw_config::azure_iot_hub::EventHubsConfig;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::event_hubs::{EventSource, HubEvent, PartitionReceiver, Position, IN_FLIGHT};
+
+/// How often a receiver that has gone quiet asks the partition how far it is.
+const STALL_CHECK: Duration = Duration::from_secs(5);
+/// Quiet checks in a row, with events waiting beyond the last one received, after which
+/// the receiver counts as stalled and is reopened after its last checkpoint.
+const STALL_CHECKS: u32 = 2;
 use crate::ProviderError;
 
 /// Reads the Event Hubs-compatible endpoint with the official client.
@@ -200,11 +206,48 @@ impl EventSource for AmqpEventSource {
                 // filter, and the partition's events come again from there: skip those
                 // already passed on.
                 let mut last: Option<i64> = None;
+                // The client does not always resume after its connection drops (seen
+                // against the fake endpoint: no event and no error any more). A quiet
+                // receiver therefore asks the partition how far it is; events waiting
+                // beyond the last one received for STALL_CHECKS checks in a row mean
+                // it is stuck, and it fails so that the consumer reopens it.
+                let mut check = tokio::time::interval(STALL_CHECK);
+                check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                check.tick().await;
+                let (mut received, mut quiet) = (false, 0_u32);
                 loop {
                     let item = tokio::select! {
                         _ = &mut stopped => break,
-                        item = stream.next() => match item { Some(i) => i, None => break },
+                        item = stream.next() => match item {
+                            Some(i) => i.map_err(|e| e.to_string()),
+                            None => break,
+                        },
+                        _ = check.tick() => {
+                            if std::mem::take(&mut received) {
+                                quiet = 0;
+                                continue;
+                            }
+                            let Some(seen) = last else { continue };
+                            let waiting = tokio::time::timeout(
+                                STALL_CHECK,
+                                client.get_partition_properties(&p),
+                            )
+                            .await;
+                            match waiting {
+                                Ok(Ok(props)) if props.last_enqueued_sequence_number <= seen => {
+                                    quiet = 0;
+                                    continue;
+                                }
+                                _ => quiet += 1,
+                            }
+                            if quiet < STALL_CHECKS {
+                                continue;
+                            }
+                            tracing::warn!(provider = %instance, partition = %p, last_received = seen, "Event Hubs receiver stalled (events are waiting, none arrives); reopening it after the last checkpoint");
+                            Err(format!("the receiver stalled after sequence number {seen} while the partition holds later events"))
+                        }
                     };
+                    received = true;
                     if let Ok(e) = &item {
                         if let (Some(seq), Some(last)) = (e.sequence_number(), last) {
                             if seq <= last {

@@ -240,6 +240,9 @@ struct State {
     next_offset: Vec<u64>,
     log: EventHubsLog,
     connections: Vec<CancellationToken>,
+    /// One switch per open partition link: set, the link stays attached and delivers
+    /// nothing more ([`FakeEventHubs::freeze_open_links`]).
+    frozen: Vec<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 struct Shared {
@@ -379,6 +382,14 @@ impl FakeEventHubs {
     /// What the fake saw so far.
     pub fn log(&self) -> EventHubsLog {
         self.shared.state().log.clone()
+    }
+
+    /// Every partition link open now stays attached but delivers nothing more, with no
+    /// error, as a stalled connection does; links opened later deliver as usual.
+    pub fn freeze_open_links(&self) {
+        for f in std::mem::take(&mut self.shared.state().frozen) {
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     /// Closes every open connection (`amqp:connection:forced`): the client must reconnect.
@@ -777,7 +788,15 @@ fn event_message(s: &Stored) -> Message<Data> {
 /// Sends a partition's events from `next` on, as link credit allows, then new ones.
 async fn serve_partition(mut sender: Sender, partition: usize, mut next: usize, cx: Arc<Conn>) {
     let mut published = cx.shared.published.subscribe();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    cx.shared.state().frozen.push(frozen.clone());
     loop {
+        if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::select! {
+                () = cx.stop.cancelled() => return,
+                _ = sender.on_detach() => return,
+            }
+        }
         let batch: Vec<Stored> = cx
             .shared
             .state()

@@ -278,7 +278,39 @@ async fn a_second_run_resumes_after_the_acked_events_and_a_nacked_event_is_deliv
 }
 
 #[tokio::test]
-#[ignore = "the official AMQP client does not always resume after the fake drops its connections: in 1 of 7 runs on 2026-12-07 (4 in the quiet stage of scripts/test.sh, 3 alone) m-2 never came within 60 s. A stalled receiver would be a real gap, to be found and fixed (a receiver watchdog); until then this runs by hand: cargo test -p iotgw-providers --features azure_event_hubs,azure_fakes -- --ignored events_published_after_the_connections_drop"]
+async fn a_receiver_that_stalls_without_an_error_is_reopened_after_its_last_checkpoint() {
+    let hub = FakeHub::start().await;
+    let eh = FakeEventHubs::start(ENTITY, 2).await;
+    let checkpoints: Arc<dyn Checkpoints> = Arc::new(MemoryCheckpoints::default());
+    let (p, first) = eh.publish(FakeEvent::telemetry("pump-1", "s-1", b"1"));
+    let mut run = start(&hub, &eh, checkpoints.clone());
+    let ev = run.next("s-1").await;
+    assert_eq!(telemetry_id(&ev.kind), "s-1");
+    ev.ack.ack();
+    checkpoint_is(&checkpoints, &p, &eh.offset(&p, first).expect("offset")).await;
+
+    // The link stays attached and says nothing: the receiver sees neither an event nor an
+    // error. The partition holds s-2, so the watchdog reopens the receiver.
+    eh.freeze_open_links();
+    let started = std::time::Instant::now();
+    eh.publish(FakeEvent::telemetry("pump-1", "s-2", b"2"));
+    let ev = run.next("s-2 through the reopened receiver").await;
+    assert_eq!(
+        telemetry_id(&ev.kind),
+        "s-2",
+        "s-1 was acked before and is not delivered again"
+    );
+    ev.ack.ack();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(5),
+        "it took the stall checks, not a regular delivery: {:?}",
+        started.elapsed()
+    );
+    run.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "times the official AMQP client's reconnect after a dropped connection (it stalled now and then: 1 of 7 runs on 2026-12-07, now recovered by the receiver watchdog, see a_receiver_that_stalls_...); scripts/test.sh runs it alone after the parallel run (QUIET_TESTS)"]
 async fn events_published_after_the_connections_drop_still_arrive() {
     let hub = FakeHub::start().await;
     let eh = FakeEventHubs::start(ENTITY, 2).await;
