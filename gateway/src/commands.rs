@@ -64,15 +64,17 @@ impl Slots {
     }
 }
 
+/// Waits for a slot of `instance` under the live `commands.max_in_flight`.
+async fn slot(core: &Core, instance: &str) -> OwnedSemaphorePermit {
+    let limit = core.live().config.commands.max_in_flight;
+    core.command_slots.acquire(instance, limit).await
+}
+
 /// Claims a stored command and delivers it, unless another sender holds it or it is no
 /// longer waiting to be sent (then nothing happens and `None` is returned). Waits for a
 /// slot of the command's instance first, so a claim never runs out while it queues.
 pub async fn claim_and_deliver(core: &Core, cmd: &Command) -> Option<Command> {
-    let limit = core.live().config.commands.max_in_flight;
-    let _slot = core
-        .command_slots
-        .acquire(&cmd.provider_instance, limit)
-        .await;
+    let _slot = slot(core, &cmd.provider_instance).await;
     let now = Utc::now();
     match core
         .store
@@ -291,14 +293,10 @@ async fn sweep(core: &Arc<Core>) {
         if !due.is_empty() {
             tracing::debug!(commands = due.len(), "sending waiting commands");
         }
-        let limit = core.live().config.commands.max_in_flight;
         let claimed_until = now + chrono_of(CLAIM);
         stream::iter(due)
             .for_each_concurrent(SWEEP_CONCURRENCY, |cmd| async move {
-                let _slot = core
-                    .command_slots
-                    .acquire(&cmd.provider_instance, limit)
-                    .await;
+                let _slot = slot(core, &cmd.provider_instance).await;
                 // A claim that ran out while the command waited for a slot may already be
                 // another sender's: sending now could send it twice. Left alone, the claim
                 // lapses and a later round sends it.

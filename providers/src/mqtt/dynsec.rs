@@ -343,11 +343,7 @@ impl DynsecAdmin {
                 self.admin.admin_username.clone(),
                 self.admin.admin_password.expose().to_owned(),
             );
-        if let Some(tls) = &self.tls {
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
-        }
+        super::state::with_tls(&mut o, self.tls.as_ref());
         let (client, eventloop) = AsyncClient::new(o, 16);
         let s = Session {
             admin: self.clone(),

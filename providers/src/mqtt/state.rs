@@ -62,6 +62,16 @@ pub(super) struct Barrier {
     pub(super) done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// Sets `o` to speak TLS with `tls`, if the instance has it (the gateway's session and the
+/// dynsec admin's alike).
+pub(super) fn with_tls(o: &mut MqttOptions, tls: Option<&std::sync::Arc<rustls::ClientConfig>>) {
+    if let Some(tls) = tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+}
+
 impl Shared {
     pub(super) fn transient(&self, message: impl Into<String>) -> ProviderError {
         ProviderError::Transient {
@@ -90,11 +100,7 @@ impl Shared {
                 )
                 .unwrap_or(u32::MAX),
             ));
-        if let Some(tls) = &self.tls {
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
-        }
+        with_tls(&mut o, self.tls.as_ref());
         if let Some(user) = &c.username {
             o.set_credentials(
                 user.clone(),
