@@ -135,7 +135,7 @@ if [ "$#" -eq 0 ]; then
         with_a_broker_down_new_devices_fail_over_and_commands_wait_for_it_or_expire
     )
     say "running the end-to-end tests that need a quiet machine, one at a time: ${QUIET_INTEGRATION[*]}"
-    cargo test --workspace --no-fail-fast --features "$features" --test hybrid --test replicas -- \
+    cargo test --workspace --no-fail-fast --features "$features" --test hybrid --test faults -- \
         --ignored --exact --test-threads=1 "${QUIET_INTEGRATION[@]}" || status=$?
 fi
 tests_secs=$(( $(date +%s) - t0 ))

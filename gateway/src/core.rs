@@ -116,6 +116,8 @@ pub struct Core {
     pub vitals: Arc<crate::vitals::Vitals>,
     /// Commands being sent, per provider instance (`commands.max_in_flight`).
     pub command_slots: crate::commands::Slots,
+    /// Whether the pipeline's commits go through (`/ready`).
+    pub commits: crate::health::Commits,
     /// What a reload replaces: configuration, routing, rules, sinks, providers.
     live: ArcSwap<Live>,
 }
@@ -174,6 +176,7 @@ impl Core {
             replica,
             vitals: Arc::default(),
             command_slots: crate::commands::Slots::default(),
+            commits: crate::health::Commits::default(),
             live: ArcSwap::from_pointee(live),
         }
     }

@@ -93,9 +93,13 @@ pub(crate) async fn commit_reporting(core: &Core, batch: Batch) -> Committed {
     let committed = core.store.commit_batch(&writes).await;
     core.metrics.batch_store(started.elapsed());
     let outcomes = match committed {
-        Ok(o) => o,
+        Ok(o) => {
+            core.commits.succeeded();
+            o
+        }
         Err(e) => {
             let reason = e.to_string();
+            core.commits.failed(&reason);
             tracing::warn!(events = entries.len(), error = %reason, "a batch commit failed; its events are left for redelivery");
             for entry in entries {
                 core.metrics.nacked(&entry.instance, "store_error", &reason);

@@ -171,6 +171,7 @@ impl SqliteStore {
             // No ping before handing a connection out: a local file connection does not go
             // stale, and the ping is one more hand-off to the worker thread per batch.
             .test_before_acquire(false)
+            .after_release(|conn, _| Box::pin(settled_after_release(conn)))
             .connect_with(options)
             .await
             .map_err(|e| {
@@ -243,6 +244,32 @@ impl SqliteStore {
             .await
             .map_err(db("acquiring a connection"))
     }
+}
+
+/// Whether a connection given back to the pool may be handed out again: yes unless it is
+/// still marked inside a transaction. That happens after a failed `COMMIT` (a full disk:
+/// SQLite rolls the transaction back itself, so the rollback sqlx then sends fails and its
+/// transaction count stays at one); such a connection would refuse every later `BEGIN`
+/// ("non-zero transaction depth") and the store could never write again, so it is closed
+/// and the pool opens a new one. The check costs nothing while the count is zero.
+async fn settled_after_release(conn: &mut SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::TransactionManager;
+    type Tm = <Sqlite as sqlx::Database>::TransactionManager;
+    if Tm::get_transaction_depth(conn) == 0 {
+        return Ok(true);
+    }
+    // A dropped transaction's rollback is queued on the connection's worker: let it run.
+    if let Err(e) = sqlx::query("SELECT 1").execute(&mut *conn).await {
+        tracing::debug!(error = %e, "a released connection failed its check; closing it");
+        return Ok(false);
+    }
+    let clean = Tm::get_transaction_depth(conn) == 0;
+    if !clean {
+        tracing::warn!(
+            "a store connection was left inside a transaction by a failed commit; closing it"
+        );
+    }
+    Ok(clean)
 }
 
 /// How often the background task checkpoints the WAL of a file store.
