@@ -4,7 +4,8 @@
 #   ./scripts/test.sh            [extra args passed to cargo test]
 #
 # 1. installs what the tests need beside Docker: Microsoft's Python service SDK for the
-#    Azure differential tests from PyPI (scripts/install-azure-test-deps.sh); every broker
+#    Azure differential tests from PyPI (scripts/install-azure-test-deps.sh) and
+#    schemathesis for the API fuzzing (scripts/install-api-fuzz-deps.sh); every broker
 #    and emulator is a container started by iotgw-testkit (testkit/);
 # 2. makes sure the emulator images exist in Docker under their public names
 #    (eclipse-mosquitto:2, motoserver/moto:5.1.4, postgres:15,
@@ -62,6 +63,8 @@ remove_stale_containers() {
 
 say "installing the official Azure IoT Hub Python SDK the azure_iot_hub differential tests compare against (PyPI, venv under target/)"
 bash scripts/install-azure-test-deps.sh
+say "installing schemathesis, which fuzzes the API from docs/openapi.yaml (PyPI, venv under target/)"
+bash scripts/install-api-fuzz-deps.sh
 
 images_secs=0
 docker_ok=0

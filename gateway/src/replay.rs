@@ -121,21 +121,27 @@ pub async fn replay_many(
     filter: &ReplayFilter,
 ) -> Result<BulkReplay, GatewayError> {
     let limit = filter.limit.unwrap_or(MAX_BULK).clamp(1, MAX_BULK);
-    let mut ids = Vec::new();
+    // The list is newest first: the oldest `limit` selected ones are the last seen, so only
+    // those are kept while walking it (memory bounded by `limit`, not by the dead letters).
+    let mut ids = std::collections::VecDeque::with_capacity(limit);
     let mut after = None;
     loop {
         let page = core
             .store
             .list_dead_letters(&PageRequest { after, limit: 1000 })
             .await?;
-        ids.extend(page.items.iter().filter(|d| filter.takes(d)).map(|d| d.id));
+        for d in page.items.iter().filter(|d| filter.takes(d)) {
+            if ids.len() == limit {
+                ids.pop_front();
+            }
+            ids.push_back(d.id);
+        }
         match page.next {
             Some(next) => after = Some(next),
             None => break,
         }
     }
-    ids.reverse(); // the list is newest first
-    ids.truncate(limit);
+    let ids: Vec<i64> = ids.into_iter().rev().collect();
     let mut out = BulkReplay {
         selected: ids.len(),
         ..BulkReplay::default()

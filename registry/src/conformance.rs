@@ -1719,6 +1719,33 @@ pub async fn device_filters_select_matching_devices(store: &dyn Store) {
         vec!["z-1"],
         "filters combine"
     );
+    // A filter value no device has, NUL included (PostgreSQL text cannot hold NUL), finds
+    // nothing instead of failing.
+    for odd in ["aws\0east", "\0"] {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(
+            ids(
+                store,
+                DeviceFilter {
+                    provider_instance: Some(odd.into()),
+                    ..Default::default()
+                }
+            )
+            .await,
+            none
+        );
+        assert_eq!(
+            ids(
+                store,
+                DeviceFilter {
+                    category: Some(odd.into()),
+                    ..Default::default()
+                }
+            )
+            .await,
+            none
+        );
+    }
     // Paging with a filter stays inside the filter.
     let p = store
         .list_devices(

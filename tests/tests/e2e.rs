@@ -1103,6 +1103,25 @@ async fn dead_letters_are_replayed_one_by_one_or_by_filter_once_their_cause_is_f
     })
     .await;
     api.register("late-2").await;
+    // With a limit, the oldest go first.
+    let (status, bulk) = api
+        .post(
+            "/api/v1/dead-letters/replay",
+            json!({"device_id": "late-2", "limit": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{bulk}");
+    assert_eq!(
+        (&bulk["selected"], &bulk["committed"]),
+        (&json!(1), &json!(1)),
+        "{bulk}"
+    );
+    let left = letters_of("late-2").await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        left[0]["message_id"], "l-3",
+        "the older one was replayed first"
+    );
     let (status, bulk) = api
         .post(
             "/api/v1/dead-letters/replay",
@@ -1112,7 +1131,7 @@ async fn dead_letters_are_replayed_one_by_one_or_by_filter_once_their_cause_is_f
     assert_eq!(status, 200, "{bulk}");
     assert_eq!(
         (&bulk["selected"], &bulk["committed"], &bulk["failed"]),
-        (&json!(2), &json!(2), &json!([])),
+        (&json!(1), &json!(1), &json!([])),
         "{bulk}"
     );
     let (bad, why) = api

@@ -30,6 +30,24 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
     })
 }
 
+/// A route's `{id}` segment. axum's own refusal of one that is not UTF-8 once
+/// percent-decoded is plain text; this one is the API's JSON error naming `id`.
+pub(super) struct IdPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Self(id))
+            .map_err(|e| ApiError::invalid("id", e.body_text()))
+    }
+}
+
 fn device_id(raw: &str) -> ApiResult<DeviceId> {
     DeviceId::parse(raw).map_err(|e| ApiError::invalid("msdyn_deviceid", e))
 }
@@ -96,6 +114,14 @@ pub(super) async fn ready(
             })),
         )
     }
+}
+
+/// The API's OpenAPI document (`docs/openapi.yaml`, compiled in).
+pub(super) async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+        super::OPENAPI_YAML,
+    )
 }
 
 pub(super) async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
@@ -263,7 +289,7 @@ pub(super) async fn list_devices(
 
 pub(super) async fn get_device(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     device_by_id(&s, &id).await
 }
@@ -296,7 +322,7 @@ async fn device_by_id(s: &ApiState, id: &str) -> ApiResult<Json<iotgw_registry::
 
 pub(super) async fn unregister_device(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.core.unregister(&id).await?))
 }
@@ -309,7 +335,7 @@ pub(super) struct MoveBody {
 
 pub(super) async fn move_device(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     b: Result<Json<MoveBody>, JsonRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let b = body(b)?;
@@ -318,7 +344,7 @@ pub(super) async fn move_device(
 
 pub(super) async fn device_history(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     let id = device_id(&id)?;
     if s.core.store.get_device(&id).await?.is_none() {
@@ -331,7 +357,7 @@ pub(super) async fn device_history(
 
 pub(super) async fn device_state(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.core.device_state(&id).await?))
 }
@@ -391,7 +417,7 @@ pub(super) async fn send_command(
 
 pub(super) async fn get_command(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     let id = uuid(&id, "command id")?;
     Ok(Json(s.core.store.get_command(id).await?.ok_or_else(
@@ -419,7 +445,7 @@ pub(super) async fn list_alerts(
 
 pub(super) async fn get_alert(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     let id = uuid(&id, "alert id")?;
     Ok(Json(s.core.store.get_alert(id).await?.ok_or_else(
@@ -429,7 +455,7 @@ pub(super) async fn get_alert(
 
 pub(super) async fn close_alert(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     let id = uuid(&id, "alert id")?;
     if s.core.store.get_alert(id).await?.is_none() {
@@ -445,7 +471,7 @@ pub(super) async fn close_alert(
 
 pub(super) async fn replay_dead_letter(
     State(s): State<ApiState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     let id: i64 = id.parse().map_err(|_| {
         ApiError::invalid(

@@ -78,6 +78,17 @@ impl ApiError {
         }
     }
 
+    /// A 405: the route exists, the method does not.
+    pub fn method_not_allowed() -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message:
+                "this route does not take this method; the `Allow` header lists the ones it takes"
+                    .into(),
+        }
+    }
+
     /// A 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self {
@@ -281,6 +292,9 @@ async fn guard_host(State(state): State<ApiState>, req: Request, next: Next) -> 
     }
 }
 
+/// The API's OpenAPI document; a test keeps it and [`router`] describing the same routes.
+pub const OPENAPI_YAML: &str = include_str!("../../../docs/openapi.yaml");
+
 /// The API router.
 pub fn router(state: ApiState) -> Router {
     use handlers::*;
@@ -315,6 +329,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/providers", get(providers))
         .route("/api/v1/config/version", get(config_version))
         .route("/api/v1/config/reload", post(config_reload))
+        .route("/api/v1/openapi.yaml", get(openapi))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
@@ -329,6 +344,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/hooks/{instance}", post(push_hook).options(push_hook))
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such route; see the README's API summary") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             guard_host,
@@ -341,4 +357,74 @@ pub fn router(state: ApiState) -> Router {
             MAX_CONCURRENT_REQUESTS,
         ))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    const METHODS: [&str; 6] = ["get", "post", "put", "patch", "delete", "options"];
+
+    /// Every (path, method) [`super::router`] registers, read from this file's source (axum
+    /// cannot list a router's routes). The cloud webhooks are not part of the API.
+    fn routed() -> BTreeSet<(String, String)> {
+        let src = include_str!("mod.rs");
+        let start = src.find("pub fn router(").expect("the router");
+        let body = &src[start..];
+        let body = &body[..body.find("\n}\n").expect("its end")];
+        let mut routes = BTreeSet::new();
+        for chunk in body.split(".route(").skip(1) {
+            let path = chunk.split('"').nth(1).expect("a route's path");
+            if path.starts_with("/hooks/") {
+                continue;
+            }
+            for (i, _) in chunk.match_indices('(') {
+                let before = &chunk[..i];
+                let word = before
+                    .rsplit(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                    .next()
+                    .unwrap_or_default();
+                if METHODS.contains(&word) {
+                    routes.insert((path.to_owned(), word.to_owned()));
+                }
+            }
+        }
+        routes
+    }
+
+    fn documented() -> BTreeSet<(String, String)> {
+        let docs = yaml_rust2::YamlLoader::load_from_str(super::OPENAPI_YAML).expect("YAML");
+        let paths = docs[0]["paths"].as_hash().expect("paths");
+        let mut routes = BTreeSet::new();
+        for (path, ops) in paths {
+            for method in ops.as_hash().expect("operations").keys() {
+                let method = method.as_str().expect("a method");
+                if METHODS.contains(&method) {
+                    routes.insert((path.as_str().expect("a path").to_owned(), method.to_owned()));
+                }
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
+        let (routed, documented) = (routed(), documented());
+        assert!(routed.len() > 20, "the source scan found {routed:?}");
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let unrouted: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty() && unrouted.is_empty(),
+            "served but not in docs/openapi.yaml: {undocumented:?}; in docs/openapi.yaml but not served: {unrouted:?}"
+        );
+    }
+
+    #[test]
+    fn the_openapi_document_names_the_workspace_version() {
+        let docs = yaml_rust2::YamlLoader::load_from_str(super::OPENAPI_YAML).expect("YAML");
+        assert_eq!(
+            docs[0]["info"]["version"].as_str(),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+    }
 }

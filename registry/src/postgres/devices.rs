@@ -7,7 +7,9 @@ use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::{bad_cursor, db, finish_page, jsonb, now, page_size, registration, ts, PostgresStore};
+use super::{
+    bad_cursor, db, finish_page, jsonb, now, page_size, registration, text, ts, PostgresStore,
+};
 use crate::decide;
 use crate::model::*;
 use crate::store::{StoreError, StoreResult};
@@ -255,10 +257,11 @@ impl PostgresStore {
                 .push_bind(after.as_str().to_owned());
         }
         if let Some(p) = &filter.provider_instance {
-            qb.push(" AND provider_instance = ").push_bind(p.clone());
+            qb.push(" AND provider_instance = ")
+                .push_bind(text(p).into_owned());
         }
         if let Some(c) = &filter.category {
-            qb.push(" AND category = ").push_bind(c.clone());
+            qb.push(" AND category = ").push_bind(text(c).into_owned());
         }
         if let Some(s) = filter.registration_status {
             qb.push(" AND registration_status = ").push_bind(s.value());
