@@ -41,6 +41,8 @@ pub struct Config {
     pub commands: CommandsConfig,
     /// How long finished records are kept.
     pub retention: RetentionConfig,
+    /// The measures kept from telemetry.
+    pub readings: ReadingsConfig,
     /// This gateway's identity among replicas sharing one store.
     pub replica: ReplicaConfig,
 }
@@ -460,6 +462,46 @@ impl Default for RetentionConfig {
             commands_days: 90,
             alerts_days: 90,
             interval_secs: 3600,
+        }
+    }
+}
+
+/// The readings kept from telemetry (`[readings]`): every number and boolean of an accepted
+/// message (booleans as 0 and 1), by JSON pointer (`/engine/temp`), at the message's time,
+/// with per-minute and hourly rollups (min, max, sum, count) for the readings query. Days
+/// of 0 keep that table forever.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadingsConfig {
+    /// Keep readings.
+    pub enabled: bool,
+    /// Only these measures (JSON pointers, e.g. `"/engine/temp"`); empty: every one.
+    pub measures: Vec<String>,
+    /// At most this many measures of one message are kept, the first in key order
+    /// (1..=1024).
+    pub max_per_message: usize,
+    /// The JSON pointer of the message's own time: an RFC 3339 string or Unix
+    /// milliseconds. Missing or unreadable: the time the gateway received it. A time
+    /// later than arrival plus `pipeline.max_clock_skew_secs` is clamped to that.
+    pub time_pointer: String,
+    /// Days a reading is kept (0..=36500).
+    pub retention_days: u32,
+    /// Days a per-minute rollup is kept (0..=36500).
+    pub minute_rollups_days: u32,
+    /// Days an hourly rollup is kept (0..=36500).
+    pub hour_rollups_days: u32,
+}
+
+impl Default for ReadingsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            measures: Vec::new(),
+            max_per_message: 64,
+            time_pointer: "/timestamp".into(),
+            retention_days: 30,
+            minute_rollups_days: 90,
+            hour_rollups_days: 800,
         }
     }
 }

@@ -102,6 +102,12 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
         ("retention.dead_letters_days", c.retention.dead_letters_days),
         ("retention.commands_days", c.retention.commands_days),
         ("retention.alerts_days", c.retention.alerts_days),
+        ("readings.retention_days", c.readings.retention_days),
+        (
+            "readings.minute_rollups_days",
+            c.readings.minute_rollups_days,
+        ),
+        ("readings.hour_rollups_days", c.readings.hour_rollups_days),
     ] {
         if days > 36_500 {
             out.push(p(
@@ -110,6 +116,29 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
                 "use days up to 36500, or 0 to keep the records forever",
             ));
         }
+    }
+    if !(1..=1024).contains(&c.readings.max_per_message) {
+        out.push(p(
+            "readings.max_per_message",
+            format!("{} is outside 1..=1024", c.readings.max_per_message),
+            "use 64 (default), or list the measures to keep in readings.measures",
+        ));
+    }
+    for (i, m) in c.readings.measures.iter().enumerate() {
+        if !m.starts_with('/') {
+            out.push(p(
+                format!("readings.measures[{i}]"),
+                format!("{m:?} is not a JSON pointer"),
+                "write measures as JSON pointers from the message's root, e.g. \"/engine/temp\"",
+            ));
+        }
+    }
+    if !c.readings.time_pointer.is_empty() && !c.readings.time_pointer.starts_with('/') {
+        out.push(p(
+            "readings.time_pointer",
+            format!("{:?} is not a JSON pointer", c.readings.time_pointer),
+            "use \"/timestamp\" (default), another JSON pointer, or \"\" to use the arrival time",
+        ));
     }
     if !(60..=86_400).contains(&c.retention.interval_secs) {
         out.push(p(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use iotgw_config::RetentionConfig;
+use iotgw_config::{ReadingsConfig, RetentionConfig};
 use iotgw_registry::{PurgeBefore, Purged};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -18,13 +18,20 @@ use crate::core::Core;
 /// Rows deleted per table in one transaction.
 pub const PURGE_BATCH: u32 = 1000;
 
-/// What `config` lets go at `now` (a 0 keeps the table whole).
-pub fn cutoffs(config: &RetentionConfig, now: DateTime<Utc>) -> PurgeBefore {
+/// What `config` and `readings` let go at `now` (a 0 keeps the table whole).
+pub fn cutoffs(
+    config: &RetentionConfig,
+    readings: &ReadingsConfig,
+    now: DateTime<Utc>,
+) -> PurgeBefore {
     let before = |days: u32| (days > 0).then(|| now - chrono::Duration::days(i64::from(days)));
     PurgeBefore {
         dead_letters: before(config.dead_letters_days),
         commands: before(config.commands_days),
         alerts: before(config.alerts_days),
+        readings: before(readings.retention_days),
+        minute_rollups: before(readings.minute_rollups_days),
+        hour_rollups: before(readings.hour_rollups_days),
     }
 }
 
@@ -32,7 +39,8 @@ pub fn cutoffs(config: &RetentionConfig, now: DateTime<Utc>) -> PurgeBefore {
 /// in one batch and its closed parent in the next, so the round goes on while anything
 /// was deleted.
 pub async fn round(core: &Core, now: DateTime<Utc>) -> Purged {
-    let before = cutoffs(&core.live().config.retention, now);
+    let live = core.live();
+    let before = cutoffs(&live.config.retention, &live.config.readings, now);
     let mut total = Purged::default();
     if before == PurgeBefore::default() {
         return total;
@@ -49,12 +57,16 @@ pub async fn round(core: &Core, now: DateTime<Utc>) -> Purged {
             ("dead_letters", done.dead_letters),
             ("commands", done.commands),
             ("alerts", done.alerts),
+            ("readings", done.readings),
+            ("reading_rollups", done.rollups),
         ] {
             core.metrics.retention_deleted(table, n);
         }
         total.dead_letters += done.dead_letters;
         total.commands += done.commands;
         total.alerts += done.alerts;
+        total.readings += done.readings;
+        total.rollups += done.rollups;
         if done == Purged::default() {
             break;
         }
@@ -65,6 +77,8 @@ pub async fn round(core: &Core, now: DateTime<Utc>) -> Purged {
             dead_letters = total.dead_letters,
             commands = total.commands,
             alerts = total.alerts,
+            readings = total.readings,
+            rollups = total.rollups,
             "retention: deleted what [retention] no longer keeps"
         );
     }
@@ -107,10 +121,18 @@ mod tests {
             alerts_days: 1,
             interval_secs: 3600,
         };
-        let c = cutoffs(&config, now);
+        let readings = ReadingsConfig {
+            retention_days: 7,
+            minute_rollups_days: 0,
+            ..ReadingsConfig::default()
+        };
+        let c = cutoffs(&config, &readings, now);
         assert_eq!(c.dead_letters, Some(now - chrono::Duration::days(30)));
         assert_eq!(c.commands, None);
         assert_eq!(c.alerts, Some(now - chrono::Duration::days(1)));
+        assert_eq!(c.readings, Some(now - chrono::Duration::days(7)));
+        assert_eq!(c.minute_rollups, None);
+        assert_eq!(c.hour_rollups, Some(now - chrono::Duration::days(800)));
     }
 
     #[tokio::test]

@@ -49,6 +49,7 @@ fn reading(device: &str, seq: usize, alert: bool) -> BatchWrite {
             alerts,
             debounce_window: chrono::Duration::minutes(5),
             sinks: Vec::new(),
+            readings: Default::default(),
         },
         from: Arrival {
             instance: "mqtt".into(),

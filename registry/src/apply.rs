@@ -38,6 +38,7 @@ use crate::model::{
     Alert, Command, CommittedAlert, Device, NewAlert, NewAlertCommand, NewDeadLetter,
     RegistrationStatus, TelemetryCommit,
 };
+use crate::readings::{self, ReadingRow, RollupRow};
 use crate::DeviceId;
 
 /// A new alert row, decided; the backend binds these fields as they are.
@@ -123,6 +124,15 @@ pub(crate) trait BatchWriter: Send {
     async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()>;
     /// Moves each device's last activity to its time unless it is already later.
     async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()>;
+    /// Inserts the reading rows whose key is not stored yet (the rows have distinct keys)
+    /// and returns the keys it inserted.
+    async fn insert_readings(
+        &mut self,
+        rows: &[ReadingRow],
+    ) -> StoreResult<HashSet<(String, i64, String)>>;
+    /// Adds each row to its stored rollup (min of mins, max of maxes, sums), creating it
+    /// when missing (the rows have distinct keys).
+    async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()>;
 }
 
 /// What a backend refuses for one write alone, checked before its transaction opens.
@@ -290,6 +300,13 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
             *slot = alerts;
         }
     }
+    keep_readings(
+        w,
+        readings
+            .iter()
+            .map(|r| (&r.commit.device_id, &*r.commit.readings)),
+    )
+    .await?;
     bump(w, activity).await?;
     Ok(out)
 }
@@ -388,8 +405,30 @@ pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
         .await?
         .pop()
         .unwrap_or_default();
+    keep_readings(w, std::iter::once((&commit.device_id, &*commit.readings))).await?;
     bump(w, BTreeMap::from([(device.id, commit.received_at)])).await?;
     Ok(alerts)
+}
+
+/// Keeps the measures of these readings: the rows not stored yet (a message delivered
+/// again writes nothing), then what those new rows add to the rollups. Two statements.
+async fn keep_readings<'a, W: BatchWriter + ?Sized>(
+    w: &mut W,
+    of: impl IntoIterator<Item = (&'a DeviceId, &'a readings::Readings)>,
+) -> StoreResult<()> {
+    let rows = readings::rows(of);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let inserted = w.insert_readings(&rows).await?;
+    let new: Vec<ReadingRow> = rows
+        .into_iter()
+        .filter(|r| inserted.contains(&r.key()))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    w.add_rollups(&readings::rollups(&new)).await
 }
 
 async fn bump<W: BatchWriter + ?Sized>(

@@ -146,7 +146,7 @@ impl TelemetryCommit {
                 check_command_message(&command.message)?;
             }
         }
-        Ok(())
+        self.readings.check()
     }
 }
 

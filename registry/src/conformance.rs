@@ -114,6 +114,7 @@ macro_rules! conformance_tests {
             batch_applies_the_unknown_device_policy_and_lifecycle_writes,
             a_registration_batch_begins_each_device_by_the_single_device_rules,
             a_finishing_batch_registers_or_fails_each_device_on_its_own,
+            readings_are_kept_once_and_answered_per_bucket,
         }
     };
     (@scenarios $($name:ident),+ $(,)?) => {
@@ -232,6 +233,7 @@ fn commit(
         alerts,
         debounce_window: Duration::seconds(window_secs),
         sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+        readings: Default::default(),
     }
 }
 
@@ -2506,6 +2508,7 @@ pub async fn retention_purges_old_dead_letters_finished_commands_and_closed_aler
         dead_letters: everything,
         commands: everything,
         alerts: everything,
+        ..PurgeBefore::default()
     };
     // Nothing is old enough yet.
     let past = Some(Utc::now() - Duration::hours(1));
@@ -2513,6 +2516,7 @@ pub async fn retention_purges_old_dead_letters_finished_commands_and_closed_aler
         dead_letters: past,
         commands: past,
         alerts: past,
+        ..PurgeBefore::default()
     };
     assert_eq!(
         store.purge(&none, 100).await.expect("purge"),
@@ -2526,7 +2530,8 @@ pub async fn retention_purges_old_dead_letters_finished_commands_and_closed_aler
         Purged {
             dead_letters: 1,
             commands: 1,
-            alerts: 0
+            alerts: 0,
+            ..Purged::default()
         }
     );
     assert!(store.get_command(done.id).await.expect("get").is_none());
@@ -3530,6 +3535,145 @@ pub async fn a_finishing_batch_registers_or_fails_each_device_on_its_own(store: 
             .expect("empty batch")
             .is_empty(),
         "an empty batch finishes nothing"
+    );
+}
+
+/// Readings: each message's measures are kept once (its redelivery in the same batch or a
+/// later one adds nothing, to the readings or the rollups), a dead-lettered message keeps
+/// none, and a query answers min, max, sum and count per bucket, from the readings (an
+/// interval that is not whole minutes) or the rollups (whole minutes, whole hours), as
+/// the scenario computes them from the values it sent.
+pub async fn readings_are_kept_once_and_answered_per_bucket(store: &dyn Store) {
+    use crate::readings::{ReadingQuery, Readings};
+    /// (measure, bucket start) -> (min, max, sum, count).
+    type Buckets = BTreeMap<(String, DateTime<Utc>), (f64, f64, f64, i64)>;
+
+    registered(store, "meter-1", "local").await;
+    // Ten minutes from an hour's start, one message every 20 s: /temp = i, /on = i % 2.
+    let start = base();
+    let value = |i: i64| (i as f64, (i % 2) as f64);
+    let reading = |device: &str, i: i64| BatchWrite::Telemetry {
+        commit: TelemetryCommit {
+            received_at: start + Duration::seconds(20 * i),
+            readings: Box::new(Readings {
+                at: start + Duration::seconds(20 * i),
+                message_id: format!("r-{i}"),
+                measures: vec![("/temp".into(), value(i).0), ("/on".into(), value(i).1)],
+            }),
+            ..commit(device, Vec::new(), 60, &[])
+        },
+        from: arrival("local", device, &format!("r-{i}")),
+        if_unknown: IfUnknown::DeadLetter {
+            reason: "not registered".into(),
+        },
+    };
+    let mut first: Vec<BatchWrite> = (0..20).map(|i| reading("meter-1", i)).collect();
+    first.push(reading("meter-1", 3)); // delivered twice in one batch
+    first.push(reading("ghost-1", 0)); // not registered: a dead letter
+    store.commit_batch(&first).await.expect("first batch");
+    // The second batch repeats five of the first.
+    let second: Vec<BatchWrite> = (15..30).map(|i| reading("meter-1", i)).collect();
+    store.commit_batch(&second).await.expect("second batch");
+
+    let query = |interval_s: i64, measures: &[&str]| ReadingQuery {
+        device_id: did("meter-1"),
+        from: start,
+        to: start + Duration::seconds(600),
+        interval_s,
+        measures: measures.iter().map(|m| (*m).to_owned()).collect(),
+    };
+    // What each bucket must hold, computed from the values sent: (measure, start) ->
+    // (min, max, sum, count).
+    let expected = |interval_s: i64| {
+        let mut out = Buckets::new();
+        for i in 0..30 {
+            let b = start + Duration::seconds((20 * i) / interval_s * interval_s);
+            for (measure, v) in [("/on", value(i).1), ("/temp", value(i).0)] {
+                let e = out
+                    .entry((measure.to_owned(), b))
+                    .or_insert((f64::MAX, f64::MIN, 0.0, 0));
+                *e = (e.0.min(v), e.1.max(v), e.2 + v, e.3 + 1);
+            }
+        }
+        out
+    };
+    for interval_s in [40, 60, 300, 3600] {
+        let got: Buckets = store
+            .query_readings(&query(interval_s, &[]))
+            .await
+            .expect("query")
+            .into_iter()
+            .map(|b| ((b.measure, b.start), (b.min, b.max, b.sum, b.count)))
+            .collect();
+        assert_eq!(got, expected(interval_s), "interval {interval_s} s");
+    }
+    let temps = store
+        .query_readings(&query(3600, &["/temp"]))
+        .await
+        .expect("one measure");
+    assert_eq!(temps.len(), 1);
+    assert_eq!((temps[0].count, temps[0].avg()), (30, 14.5));
+    assert!(
+        store
+            .query_readings(&ReadingQuery {
+                device_id: did("ghost-1"),
+                ..query(60, &[])
+            })
+            .await
+            .expect("ghost")
+            .is_empty(),
+        "a dead-lettered message keeps no reading"
+    );
+    // A bucket is answered when its start is in the range: from 10:00:30 the first minute
+    // bucket is 10:01.
+    let later = store
+        .query_readings(&ReadingQuery {
+            from: start + Duration::seconds(30),
+            ..query(60, &["/temp"])
+        })
+        .await
+        .expect("query");
+    assert_eq!(
+        later.first().map(|b| b.start),
+        Some(start + Duration::seconds(60))
+    );
+    assert!(matches!(
+        store
+            .query_readings(&ReadingQuery {
+                to: start,
+                ..query(60, &[])
+            })
+            .await,
+        Err(StoreError::Invalid { .. })
+    ));
+
+    // Retention: the readings and minute rollups of the first five minutes go, the hour
+    // rollup stays.
+    let cut = Some(start + Duration::seconds(300));
+    let purged = store
+        .purge(
+            &PurgeBefore {
+                readings: cut,
+                minute_rollups: cut,
+                ..PurgeBefore::default()
+            },
+            1000,
+        )
+        .await
+        .expect("purge");
+    assert_eq!((purged.readings, purged.rollups), (30, 10), "{purged:?}");
+    let raw = store
+        .query_readings(&query(40, &["/temp"]))
+        .await
+        .expect("raw after the purge");
+    assert_eq!(raw.iter().map(|b| b.count).sum::<i64>(), 15);
+    assert_eq!(
+        store
+            .query_readings(&query(3600, &["/temp"]))
+            .await
+            .expect("hour")[0]
+            .count,
+        30
     );
 }
 

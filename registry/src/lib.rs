@@ -9,6 +9,7 @@
 //!   read of the stored tokens and one debounce lookup per alert.
 //! - `page`: paging (size bounds, next-page cursor, bad cursors), the same for every backend.
 //! - [`model`]: `msdyn_iotdevice`, history, category, command, alert, outbox, dead letter.
+//! - [`readings`]: the measures a reading keeps, their rollups, the readings query.
 //! - [`store`]: the [`Store`] trait every backend implements.
 //! - [`error`]: [`StoreError`], shared by the trait and the group-commit types.
 //! - [`decide`]: the store's decisions (debounce, connection-state order, registration
@@ -28,6 +29,7 @@ mod fold;
 pub mod model;
 mod page;
 pub mod postgres;
+pub mod readings;
 pub mod sqlite;
 pub mod store;
 
@@ -36,5 +38,6 @@ pub use iotgw_ids::device_id as id;
 pub use iotgw_ids::{DeviceId, DeviceIdError, InstanceName, MAX_DEVICE_ID_LEN};
 pub use model::*;
 pub use postgres::{PostgresOptions, PostgresStore};
+pub use readings::{ReadingBucket, ReadingQuery, Readings};
 pub use sqlite::{SqliteDurability, SqliteStore};
 pub use store::{Store, StoreError, StoreResult};

@@ -494,6 +494,9 @@ pub struct TelemetryCommit {
     pub debounce_window: chrono::Duration,
     /// Sinks that get an outbox item per new alert.
     pub sinks: Vec<String>,
+    /// The message's measures, kept as readings (none when readings are off); boxed, as
+    /// most of a batch's other writes do not carry it.
+    pub readings: Box<crate::readings::Readings>,
 }
 
 /// One alert after commit.
@@ -784,6 +787,12 @@ pub struct PurgeBefore {
     pub commands: Option<DateTime<Utc>>,
     /// Alerts that are Inactive or Closed and have no child left.
     pub alerts: Option<DateTime<Utc>>,
+    /// Readings measured before.
+    pub readings: Option<DateTime<Utc>>,
+    /// Per-minute reading rollups whose minute started before.
+    pub minute_rollups: Option<DateTime<Utc>>,
+    /// Hourly reading rollups whose hour started before.
+    pub hour_rollups: Option<DateTime<Utc>>,
 }
 
 /// How many rows one [`crate::Store::purge`] deleted, per table.
@@ -795,4 +804,8 @@ pub struct Purged {
     pub commands: u64,
     /// Alerts.
     pub alerts: u64,
+    /// Readings.
+    pub readings: u64,
+    /// Reading rollups, both resolutions.
+    pub rollups: u64,
 }

@@ -146,6 +146,13 @@ pub trait Store: Send + Sync + 'static {
     /// Call [`crate::TelemetryCommit::check`] first: a write that fails it fails the batch.
     async fn commit_batch(&self, writes: &[BatchWrite]) -> StoreResult<Vec<BatchOutcome>>;
 
+    /// One device's readings in buckets (see [`crate::readings::ReadingQuery`]), ordered by
+    /// measure then time; an empty bucket is not listed.
+    async fn query_readings(
+        &self,
+        query: &crate::readings::ReadingQuery,
+    ) -> StoreResult<Vec<crate::readings::ReadingBucket>>;
+
     /// One alert.
     async fn get_alert(&self, id: Uuid) -> StoreResult<Option<Alert>>;
 

@@ -1304,3 +1304,110 @@ fn arbitrary_request_bodies_get_a_4xx_naming_the_field_never_a_5xx() {
         .unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(gw.stop());
 }
+
+/// Readings through the real boundaries: three devices publish ten minutes of telemetry
+/// (one message every 10 s, the time in the payload, a few delivered twice), and the
+/// readings query answers each minute and each five minutes with the min, max, avg, sum
+/// and count the test computes from what it sent; a device's other measures and a string
+/// are not mixed in, and a bad interval is a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_of_ten_minutes_are_answered_per_minute_and_per_five_minutes() {
+    use chrono::{DateTime, Duration as Span, DurationRound, Utc};
+    use std::collections::BTreeMap;
+
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    // Ten minutes that ended at least an hour ago, from a whole hour.
+    let start = (Utc::now() - Span::hours(2))
+        .duration_trunc(Span::hours(1))
+        .expect("an hour");
+    let value = |d: usize, i: i64| ((d as i64 * 100) + (i * 7) % 23) as f64 / 4.0;
+    let mut sent: BTreeMap<(String, DateTime<Utc>, i64), Vec<f64>> = BTreeMap::new();
+    for d in 0..3 {
+        let id = format!("meter-{d}");
+        api.register(&id).await;
+        let mut dev = Device::connect(gw.broker_port, &id).await;
+        for i in 0..60 {
+            let at = start + Span::seconds(10 * i);
+            let body = json!({
+                "message_id": format!("r-{i}"),
+                "timestamp": at.to_rfc3339(),
+                "flow": {"litres": value(d, i)},
+                "valve_open": i % 3 == 0,
+                "site": "north",
+            });
+            dev.publish_telemetry(body.clone()).await;
+            if i % 17 == 0 {
+                dev.publish_telemetry(body).await; // delivered twice: kept once
+            }
+            for interval in [60, 300] {
+                let bucket = start + Span::seconds((10 * i) / interval * interval);
+                sent.entry((id.clone(), bucket, interval))
+                    .or_default()
+                    .push(value(d, i));
+            }
+        }
+    }
+    let from = start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let to = (start + Span::minutes(10)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for d in 0..3 {
+        let id = format!("meter-{d}");
+        for (interval, name) in [(60, "PT1M"), (300, "PT5M")] {
+            let path = format!(
+                "/api/v1/devices/{id}/readings?from={from}&to={to}&interval={name}&measures=/flow/litres"
+            );
+            let body = wait_for("every reading of the ten minutes", || async {
+                let (status, body) = api.get(&path).await;
+                assert_eq!(status, 200, "{body}");
+                let series = body[&id]["/flow/litres"].as_object()?;
+                let count: i64 = series.values().filter_map(|b| b["count"].as_i64()).sum();
+                (count == 60).then_some(body)
+            })
+            .await;
+            let series = body[&id]["/flow/litres"].as_object().expect("series");
+            assert_eq!(series.len(), 600 / interval as usize, "{name}: {body}");
+            for ((dev, bucket, i), values) in sent
+                .iter()
+                .filter(|((dev, _, i), _)| *dev == id && *i == interval)
+            {
+                let key = bucket.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                let got = &series[&key];
+                let sum: f64 = values.iter().sum();
+                let expected = json!({
+                    "min": values.iter().copied().fold(f64::MAX, f64::min),
+                    "max": values.iter().copied().fold(f64::MIN, f64::max),
+                    "sum": sum,
+                    "avg": sum / values.len() as f64,
+                    "count": values.len(),
+                });
+                assert_eq!(got, &expected, "{dev} {name} {key} (every {i} s)");
+            }
+            assert!(
+                body[&id].get("/site").is_none() && body[&id].get("/valve_open").is_none(),
+                "only the measure asked for: {body}"
+            );
+        }
+        let (_, all) = api
+            .get(&format!(
+                "/api/v1/devices/{id}/readings?from={from}&to={to}&interval=PT10M"
+            ))
+            .await;
+        assert_eq!(
+            all[&id]["/valve_open"][&from]["sum"],
+            json!(20.0),
+            "a boolean counts as 0 and 1: {all}"
+        );
+        assert!(all[&id].get("/site").is_none(), "strings are not readings");
+    }
+    let (status, bad) = api
+        .get("/api/v1/devices/meter-0/readings?interval=P1M")
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("invalid interval:")),
+        "{bad}"
+    );
+    gw.stop().await;
+}

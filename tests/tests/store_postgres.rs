@@ -194,6 +194,7 @@ fn commit(device: &DeviceId, token: &str, key: &str) -> TelemetryCommit {
         alerts: vec![alert(token, key, 0)],
         debounce_window: chrono::Duration::seconds(60),
         sinks: vec!["hook".into()],
+        readings: Default::default(),
     }
 }
 

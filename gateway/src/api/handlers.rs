@@ -32,7 +32,7 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
 
 /// A route's `{id}` segment. axum's own refusal of one that is not UTF-8 once
 /// percent-decoded is plain text; this one is the API's JSON error naming `id`.
-pub(super) struct IdPath(String);
+pub(super) struct IdPath(pub(super) String);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
     type Rejection = ApiError;

@@ -14,6 +14,7 @@
 //! whether the gateway is ready, not why.
 
 mod handlers;
+mod readings;
 pub mod starting;
 
 pub use handlers::{MAX_BATCH_BODY_BYTES, MAX_BATCH_DEVICES};
@@ -314,6 +315,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{id}/move", post(move_device))
         .route("/api/v1/devices/{id}/history", get(device_history))
         .route("/api/v1/devices/{id}/state", get(device_state))
+        .route(
+            "/api/v1/devices/{id}/readings",
+            get(readings::device_readings),
+        )
         .route(
             "/api/v1/categories",
             get(list_categories).post(upsert_category),

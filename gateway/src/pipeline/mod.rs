@@ -32,6 +32,7 @@
 //! may wait for its device far longer than a cloud waits for an ack).
 
 pub(crate) mod batch;
+mod measures;
 pub mod prepare;
 
 use std::sync::Arc;

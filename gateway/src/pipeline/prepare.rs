@@ -7,7 +7,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use iotgw_config::UnknownDevicePolicy;
 use iotgw_providers::{EventKind, ProviderEvent, Telemetry};
-use iotgw_registry::{Arrival, BatchWrite, DeviceId, IfUnknown, NewDeadLetter, TelemetryCommit};
+use iotgw_registry::{
+    Arrival, BatchWrite, DeviceId, IfUnknown, NewDeadLetter, Readings, TelemetryCommit,
+};
 
 use super::batch::{Batch, Entry, Step};
 use crate::live::Live;
@@ -62,6 +64,17 @@ pub fn prepare(
     t: &Telemetry,
     limit: usize,
 ) -> Result<Vec<iotgw_registry::NewAlert>, Reject> {
+    prepare_parsed(core_rules, instance, device_id, t, limit).map(|(alerts, _)| alerts)
+}
+
+/// [`prepare`], also handing back the parsed document.
+fn prepare_parsed(
+    core_rules: &RuleSet,
+    instance: &str,
+    device_id: &DeviceId,
+    t: &Telemetry,
+    limit: usize,
+) -> Result<(Vec<iotgw_registry::NewAlert>, serde_json::Value), Reject> {
     if t.payload.len() > limit {
         return Err(Reject::Oversize {
             size: t.payload.len(),
@@ -71,7 +84,8 @@ pub fn prepare(
     let doc: serde_json::Value =
         serde_json::from_slice(&t.payload).map_err(|e| Reject::Malformed(e.to_string()))?;
     let raw = std::str::from_utf8(&t.payload).map_err(|e| Reject::Malformed(e.to_string()))?;
-    Ok(core_rules.evaluate(instance, device_id, &t.message_id, raw, &doc, t.received_at))
+    let alerts = core_rules.evaluate(instance, device_id, &t.message_id, raw, &doc, t.received_at);
+    Ok((alerts, doc))
 }
 
 /// What the pure half needs, read once when the pipeline starts (the providers' limits are
@@ -84,6 +98,7 @@ pub(crate) struct Preparer {
     debounce_window: chrono::Duration,
     max_skew: chrono::Duration,
     sinks: Vec<String>,
+    measures: super::measures::Measures,
 }
 
 impl Preparer {
@@ -102,6 +117,7 @@ impl Preparer {
                 i64::try_from(live.config.pipeline.max_clock_skew_secs).unwrap_or(300),
             ),
             sinks: live.sinks.clone(),
+            measures: super::measures::Measures::new(&live.config.readings),
             live,
         }
     }
@@ -226,10 +242,17 @@ impl Preparer {
             Err(e) => return refuse(&t, Reject::InvalidDeviceId(e.to_string())),
         };
         let limit = self.limits.get(instance).copied().unwrap_or(usize::MAX);
-        let alerts = match prepare(rules, instance, &device_id, &t, limit) {
-            Ok(a) => a,
+        let (alerts, doc) = match prepare_parsed(rules, instance, &device_id, &t, limit) {
+            Ok(parsed) => parsed,
             Err(r) => return refuse(&t, r),
         };
+        let readings = Box::new(Readings {
+            at: self
+                .measures
+                .time(&doc, t.received_at, Utc::now() + self.max_skew),
+            message_id: t.message_id.clone(),
+            measures: self.measures.of(&doc),
+        });
         let if_unknown = match self.unknown_devices {
             UnknownDevicePolicy::DeadLetter => IfUnknown::DeadLetter { reason: format!(
                 "device {device_id} is not in the registry: register it (POST /api/v1/devices) or set pipeline.unknown_devices = \"auto_register\""
@@ -246,6 +269,7 @@ impl Preparer {
             alerts,
             debounce_window: self.debounce_window,
             sinks: self.sinks.clone(),
+            readings,
         };
         if let Err(e) = commit.check() {
             return refuse(&t, Reject::InvalidAlert(e.to_string()));

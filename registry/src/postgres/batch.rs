@@ -5,7 +5,7 @@
 //! (`crate::apply`), as on SQLite; a batch's alerts, devices and activity bumps are one
 //! statement each, their rows passed as arrays (`unnest`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -30,6 +30,7 @@ use crate::fold::Probe;
 use crate::model::{
     Alert, Command, CommittedAlert, Device, NewAlertCommand, NewDeadLetter, TelemetryCommit,
 };
+use crate::readings::{ReadingRow, RollupRow};
 use crate::store::StoreResult;
 use crate::DeviceId;
 
@@ -145,5 +146,14 @@ impl BatchWriter for Writer<'_> {
     }
     async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()> {
         bump_activity(self.0, devices).await
+    }
+    async fn insert_readings(
+        &mut self,
+        rows: &[ReadingRow],
+    ) -> StoreResult<HashSet<(String, i64, String)>> {
+        super::readings::insert_readings(self.0, rows).await
+    }
+    async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()> {
+        super::readings::add_rollups(self.0, rows).await
     }
 }

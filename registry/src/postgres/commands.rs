@@ -334,6 +334,33 @@ impl PostgresStore {
                     .rows_affected();
             }
         }
+        if let Some(t) = before.readings {
+            out.readings = sqlx::query(
+                "DELETE FROM readings WHERE (device_id, msg, measure) IN \
+                 (SELECT device_id, msg, measure FROM readings WHERE at_ms < $1 ORDER BY at_ms LIMIT $2)",
+            )
+            .bind(t.timestamp_millis())
+            .bind(limit)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("purging readings"))?
+            .rows_affected();
+        }
+        for (resolution_s, t) in [(60_i64, before.minute_rollups), (3600, before.hour_rollups)] {
+            let Some(t) = t else { continue };
+            out.rollups += sqlx::query(
+                "DELETE FROM reading_rollups WHERE (device_id, measure, resolution_s, bucket_ms) IN \
+                 (SELECT device_id, measure, resolution_s, bucket_ms FROM reading_rollups \
+                  WHERE resolution_s = $1 AND bucket_ms < $2 ORDER BY bucket_ms LIMIT $3)",
+            )
+            .bind(resolution_s)
+            .bind(t.timestamp_millis())
+            .bind(limit)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("purging reading rollups"))?
+            .rows_affected();
+        }
         tx.commit().await.map_err(db("committing a purge"))?;
         Ok(out)
     }

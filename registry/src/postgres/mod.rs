@@ -58,6 +58,7 @@ mod commands;
 mod devices;
 mod outbox;
 mod ownership;
+mod readings;
 mod registration;
 mod rows;
 
@@ -92,6 +93,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "command delivery",
         include_str!("../../migrations/postgres/0006_command_delivery.sql"),
+    ),
+    (
+        7,
+        "readings",
+        include_str!("../../migrations/postgres/0007_readings.sql"),
     ),
 ];
 
@@ -633,6 +639,13 @@ impl Store for PostgresStore {
 
     async fn commit_batch(&self, writes: &[BatchWrite]) -> StoreResult<Vec<BatchOutcome>> {
         self.apply_batch(writes).await
+    }
+
+    async fn query_readings(
+        &self,
+        query: &crate::readings::ReadingQuery,
+    ) -> StoreResult<Vec<crate::readings::ReadingBucket>> {
+        self.readings(query).await
     }
 
     async fn get_alert(&self, id: Uuid) -> StoreResult<Option<Alert>> {

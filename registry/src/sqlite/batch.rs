@@ -4,7 +4,7 @@
 //! as one JSON array read with `json_each`: one hand-off to sqlx's SQLite worker thread
 //! per statement, whatever the batch's size, and one prepared statement reused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -24,6 +24,7 @@ use crate::fold::Probe;
 use crate::model::{
     Alert, Command, CommittedAlert, Device, NewAlertCommand, NewDeadLetter, TelemetryCommit,
 };
+use crate::readings::{ReadingRow, RollupRow};
 use crate::store::StoreResult;
 use crate::DeviceId;
 
@@ -125,5 +126,14 @@ impl BatchWriter for Writer<'_> {
     }
     async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()> {
         bump_activity(self.0, devices).await
+    }
+    async fn insert_readings(
+        &mut self,
+        rows: &[ReadingRow],
+    ) -> StoreResult<HashSet<(String, i64, String)>> {
+        super::readings::insert_readings(self.0, rows).await
+    }
+    async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()> {
+        super::readings::add_rollups(self.0, rows).await
     }
 }

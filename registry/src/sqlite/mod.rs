@@ -58,6 +58,7 @@ mod commands;
 mod devices;
 mod outbox;
 mod ownership;
+mod readings;
 mod registration;
 mod rows;
 
@@ -98,6 +99,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "command delivery",
         include_str!("../../migrations/sqlite/0006_command_delivery.sql"),
+    ),
+    (
+        7,
+        "readings",
+        include_str!("../../migrations/sqlite/0007_readings.sql"),
     ),
 ];
 
@@ -582,6 +588,13 @@ impl Store for SqliteStore {
         self.apply_batch(writes).await
     }
 
+    async fn query_readings(
+        &self,
+        query: &crate::readings::ReadingQuery,
+    ) -> StoreResult<Vec<crate::readings::ReadingBucket>> {
+        self.readings(query).await
+    }
+
     async fn get_alert(&self, id: Uuid) -> StoreResult<Option<Alert>> {
         self.alert(id).await
     }
@@ -849,6 +862,7 @@ mod tests {
                 alerts: vec![alert("evt-durable")],
                 debounce_window: chrono::Duration::seconds(60),
                 sinks: vec!["hook".into()],
+                readings: Default::default(),
             })
             .await
             .expect("commit");
@@ -949,6 +963,7 @@ mod tests {
                             alerts: vec![alert(&token)],
                             debounce_window: chrono::Duration::seconds(60),
                             sinks: vec!["hook".into()],
+                            readings: Default::default(),
                         })
                         .await
                         .expect("commit");
