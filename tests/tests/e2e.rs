@@ -1411,3 +1411,178 @@ async fn readings_of_ten_minutes_are_answered_per_minute_and_per_five_minutes() 
     );
     gw.stop().await;
 }
+
+/// Field Service's provider actions with its own JSON, on the embedded default: register
+/// three devices by their Dataverse GUIDs, readings through MQTT, "query device readings"
+/// at PT1M, "aggregated device readings", and "pull device data" after a gateway restart
+/// (the connection state and reported properties come from the registry, not from memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_service_actions_register_query_aggregate_and_pull_after_a_restart() {
+    use chrono::{Duration as Span, DurationRound, Utc};
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let opts = || GatewayOptions {
+        data_dir: Some(dir.path().to_owned()),
+        ..Default::default()
+    };
+    let gw = Gateway::start(opts()).await;
+    let api = gw.api();
+    let guids = [
+        "5754578d-1f9a-4720-bc21-3c3042c05b2f",
+        "5754578d-1f9a-4720-bc21-3c3042c06c5f",
+        "5754578d-1f9a-4720-bc21-3c3042c07d6f",
+    ];
+    let collection = json!({"EntityCollection": guids.iter().enumerate().map(|(i, g)| json!({
+        "msdyn_iotdeviceid": g,
+        "msdyn_name": format!(" Coffee maker {i}"),
+        "@odata.type": "Microsoft.Dynamics.CRM.msdyn_iotdevice",
+    })).collect::<Vec<_>>()});
+    let (status, registered) = api
+        .post("/api/cfs/v1/register-devices", collection.clone())
+        .await;
+    assert_eq!(status, 200, "{registered}");
+    let results = registered["RegistrationResultsJSON"]
+        .as_array()
+        .expect("results");
+    assert_eq!(results.len(), 3, "{registered}");
+    for (r, g) in results.iter().zip(guids) {
+        assert_eq!(r["Id"], g);
+        assert_eq!(
+            r["DeviceId"], g,
+            "without msdyn_deviceid the GUID is the device id"
+        );
+        assert_eq!(r["RegistrationStatus"], json!({"Value": 192350003}), "{r}");
+    }
+    // Registering again reports Registered, with why nothing changed.
+    let (_, again) = api
+        .post("/api/cfs/v1/register-devices", collection.clone())
+        .await;
+    assert_eq!(
+        again["RegistrationResultsJSON"][0]["RegistrationStatus"]["Value"],
+        192350003
+    );
+
+    // Five minutes of readings of the first device, an hour or more ago, and its state.
+    let start = (Utc::now() - Span::hours(2))
+        .duration_trunc(Span::hours(1))
+        .expect("an hour");
+    let mut dev = Device::connect(gw.broker_port, guids[0]).await;
+    for i in 0..30 {
+        dev.publish_telemetry(json!({
+            "message_id": format!("c-{i}"),
+            "timestamp": (start + Span::seconds(10 * i)).to_rfc3339(),
+            "Temperature": 60 + i,
+        }))
+        .await;
+    }
+    dev.publish_raw(
+        &format!("devices/{}/reported", guids[0]),
+        br#"{"firmware": "2.1", "humidity": 21.5}"#.to_vec(),
+    )
+    .await;
+    dev.publish_raw(&format!("devices/{}/status", guids[0]), b"online".to_vec())
+        .await;
+    let query = json!({
+        "From": start.to_rfc3339(),
+        "To": (start + Span::minutes(5)).to_rfc3339(),
+        "IoTDeviceId": guids[0],
+        "Interval": "PT1M",
+    });
+    let readings = wait_for("thirty readings in five minutes", || async {
+        let (status, body) = api
+            .post("/api/cfs/v1/query-device-readings", query.clone())
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let series = body["AggregatedDeviceReadings"][guids[0]]["Temperature"].as_object()?;
+        (series
+            .values()
+            .filter_map(|b| b["count"].as_i64())
+            .sum::<i64>()
+            == 30)
+            .then_some(body)
+    })
+    .await;
+    let first_minute = &readings["AggregatedDeviceReadings"][guids[0]]["Temperature"]
+        [start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)];
+    // Readings 0..5 of the first minute: 60..65.
+    assert_eq!(
+        first_minute,
+        &json!({"min": 60.0, "max": 65.0, "avg": 62.5, "sum": 375.0, "count": 6}),
+        "{readings}"
+    );
+    let mut sub_second = query.clone();
+    sub_second["Interval"] = json!("PT0.001S");
+    let (status, bad) = api
+        .post("/api/cfs/v1/query-device-readings", sub_second)
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("invalid Interval:")),
+        "{bad}"
+    );
+
+    // The aggregates over the last day; `measures` as Field Service passes it, a string.
+    let (status, aggregated) = api
+        .post(
+            "/api/cfs/v1/aggregated-device-readings",
+            json!({
+                "deviceId": guids[0],
+                "measures": json!([
+                    {"Measure": "Temperature", "Aggregate": "Max", "TimeRangeType": "Days", "TimeRangeValue": 1},
+                    {"Measure": "Temperature", "Aggregate": "Avg", "TimeRangeType": "Days", "TimeRangeValue": 1, "Unit": "F"},
+                    {"Measure": "Humidity", "Aggregate": "Min", "TimeRangeType": "Days", "TimeRangeValue": 7},
+                ]).to_string(),
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{aggregated}");
+    assert_eq!(
+        aggregated,
+        json!([
+            {"Name": "Temperature", "Aggregate": "Max", "Unit": "", "TimeRangeValue": 1, "TimeRangeType": "Days", "Position": 1, "Value": "89"},
+            {"Name": "Temperature", "Aggregate": "Avg", "Unit": "F", "TimeRangeValue": 1, "TimeRangeType": "Days", "Position": 2, "Value": "74.5"},
+            {"Name": "Humidity", "Aggregate": "Min", "Unit": "", "TimeRangeValue": 7, "TimeRangeType": "Days", "Position": 3, "Value": ""},
+        ])
+    );
+
+    // The state the device reported, then a restart: pull device data answers from the
+    // registry.
+    let api_for_wait = api.clone();
+    wait_for(
+        "the reported properties and the connection committed",
+        || async {
+            let (_, d) = api_for_wait
+                .get(&format!("/api/v1/devices/{}", guids[0]))
+                .await;
+            (d["msdyn_connectionstate"] == json!(true)
+                && d["msdyn_devicereportedproperties"]["firmware"] == "2.1")
+                .then_some(())
+        },
+    )
+    .await;
+    drop(dev);
+    gw.stop().await;
+    let gw = Gateway::start(opts()).await;
+    let api = gw.api();
+    let (status, pulled) = api.post("/api/cfs/v1/pull-device-data", collection).await;
+    assert_eq!(status, 200, "{pulled}");
+    let pulled = pulled["PullDeviceDataResultsJSON"]
+        .as_array()
+        .expect("results")
+        .clone();
+    assert_eq!(pulled.len(), 3);
+    assert_eq!(pulled[0]["Id"], guids[0]);
+    assert_eq!(
+        pulled[0]["DeviceReportedProperties"],
+        json!({"firmware": "2.1", "humidity": 21.5})
+    );
+    assert!(pulled[0]["LastActivityTime"].is_string(), "{pulled:?}");
+    assert!(
+        pulled[0]["ConnectionStateUpdatedTime"].is_string(),
+        "{pulled:?}"
+    );
+    assert_eq!(pulled[1]["DeviceReportedProperties"], json!({}));
+    gw.stop().await;
+}

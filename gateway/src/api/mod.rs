@@ -13,6 +13,7 @@
 //! the API through a DNS name rebound to 127.0.0.1. Without the token `/ready` answers only
 //! whether the gateway is ready, not why.
 
+mod cfs;
 mod handlers;
 mod readings;
 pub mod starting;
@@ -335,6 +336,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/config/version", get(config_version))
         .route("/api/v1/config/reload", post(config_reload))
         .route("/api/v1/openapi.yaml", get(openapi))
+        .route("/api/cfs/v1/register-devices", post(cfs::register_devices))
+        .route("/api/cfs/v1/pull-device-data", post(cfs::pull_device_data))
+        .route(
+            "/api/cfs/v1/query-device-readings",
+            post(cfs::query_device_readings),
+        )
+        .route(
+            "/api/cfs/v1/aggregated-device-readings",
+            post(cfs::aggregated_device_readings),
+        )
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(

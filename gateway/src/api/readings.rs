@@ -20,18 +20,18 @@ pub(super) struct ReadingsParams {
     from: Option<String>,
     /// End, excluded (RFC 3339); default: now.
     to: Option<String>,
-    /// Bucket width, an ISO-8601 duration of days, hours, minutes and seconds (`PT1M`,
-    /// `PT5M`, `PT1H`, `P1D`, `PT30S`); default `PT1M`.
+    /// Bucket width, an ISO-8601 duration of whole seconds (`PT1M`, `PT5M`, `PT1H`, `P1D`,
+    /// `PT30S`; a month is 30 days, a year 365); default `PT1M`.
     interval: Option<String>,
     /// Only these measures, comma-separated JSON pointers (`/temp,/engine/rpm`).
     measures: Option<String>,
 }
 
-/// Seconds in an ISO-8601 duration of days, hours, minutes and seconds (`P1DT2H`, `PT90S`);
-/// years, months and weeks are refused (their length varies).
+/// Seconds in an ISO-8601 duration (`P1DT2H`, `PT90S`, `P1M`), whole seconds only. As Field
+/// Service counts them, a year is 365 days and a month 30.
 pub(crate) fn iso8601_seconds(raw: &str) -> Result<i64, String> {
     let bad = || {
-        format!("`{raw}` is not an ISO-8601 duration of days, hours, minutes and seconds (e.g. PT1M, PT5M, PT1H, P1D)")
+        format!("`{raw}` is not an ISO-8601 duration of whole seconds (e.g. PT1M, PT5M, PT1H, P1D, P1M)")
     };
     let rest = raw.strip_prefix('P').ok_or_else(bad)?;
     let (days, time) = match rest.split_once('T') {
@@ -65,7 +65,15 @@ pub(crate) fn iso8601_seconds(raw: &str) -> Result<i64, String> {
             Err(bad())
         }
     };
-    add(days, &[('D', 86_400)])?;
+    add(
+        days,
+        &[
+            ('Y', 365 * 86_400),
+            ('M', 30 * 86_400),
+            ('W', 7 * 86_400),
+            ('D', 86_400),
+        ],
+    )?;
     if let Some(time) = time {
         if time.is_empty() {
             return Err(bad());
@@ -152,11 +160,14 @@ mod tests {
             ("PT30S", 30),
             ("P1DT2H3M4S", 93_784),
             ("PT90S", 90),
+            ("P1M", 30 * 86_400),
+            ("P1W", 7 * 86_400),
+            ("P1Y", 365 * 86_400),
         ] {
             assert_eq!(iso8601_seconds(raw), Ok(secs), "{raw}");
         }
         for bad in [
-            "", "P", "PT", "1M", "PT1", "P1M", "PT0S", "PTM", "PT1H1H", "P1W", "PT-1M",
+            "", "P", "PT", "1M", "PT1", "PT0S", "PTM", "PT1H1H", "P1D1Y", "PT-1M", "PT0.5S",
         ] {
             assert!(iso8601_seconds(bad).is_err(), "{bad}");
         }

@@ -1,0 +1,343 @@
+//! Field Service's IoT provider actions over HTTP (`/api/cfs/v1/...`), with the request and
+//! response JSON Field Service sends and expects (Microsoft's "Configure IoT provider
+//! actions"): register devices, pull device data, query device readings, aggregated
+//! device readings.
+//!
+//! Field Service names a device by its `msdyn_iotdeviceid` (the GUID of its record in
+//! Dataverse). A request's entity may carry `msdyn_deviceid` too; without it the GUID
+//! itself is the device's id here, so the actions that follow find it by that GUID again.
+//! A measure is answered under its JSON pointer without the leading `/` (`Temperature`,
+//! `engine/temp`), as Field Service shows measure names.
+
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use iotgw_registry::{DeviceId, ReadingBucket, ReadingQuery, RegistrationStatus};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::readings::iso8601_seconds;
+use super::{ApiError, ApiState};
+use crate::core::{GatewayError, RegisterRequest};
+
+/// Devices one register or pull request may name.
+const MAX_ENTITIES: usize = 1000;
+
+/// One entity of an `EntityCollection`.
+#[derive(Debug, Deserialize)]
+pub(super) struct Entity {
+    msdyn_iotdeviceid: String,
+    #[serde(default)]
+    msdyn_name: Option<String>,
+    /// The device's id at the provider, when the caller knows it.
+    #[serde(default)]
+    msdyn_deviceid: Option<String>,
+    #[serde(rename = "@odata.type", default)]
+    _odata_type: Option<String>,
+}
+
+impl Entity {
+    /// The device's id here: `msdyn_deviceid`, else the record's GUID.
+    fn device_id(&self) -> &str {
+        self.msdyn_deviceid
+            .as_deref()
+            .unwrap_or(&self.msdyn_iotdeviceid)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct EntityCollection {
+    #[serde(rename = "EntityCollection")]
+    entities: Vec<Entity>,
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| ApiError::invalid("request body", e.body_text()))
+}
+
+fn entities(b: Result<Json<EntityCollection>, JsonRejection>) -> Result<Vec<Entity>, ApiError> {
+    let c = body(b)?;
+    if c.entities.len() > MAX_ENTITIES {
+        return Err(ApiError::invalid(
+            "EntityCollection",
+            format!(
+                "{} entities: at most {MAX_ENTITIES} per request; send several",
+                c.entities.len()
+            ),
+        ));
+    }
+    Ok(c.entities)
+}
+
+/// The measure name Field Service shows: the pointer without its leading `/`.
+fn measure_name(pointer: &str) -> &str {
+    pointer.strip_prefix('/').unwrap_or(pointer)
+}
+
+/// Register Device: `RegistrationResultsJSON`, one result per entity, in order.
+pub(super) async fn register_devices(
+    State(s): State<ApiState>,
+    b: Result<Json<EntityCollection>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let entities = entities(b)?;
+    let requests = entities
+        .iter()
+        .map(|e| RegisterRequest {
+            msdyn_deviceid: e.device_id().to_owned(),
+            msdyn_name: e.msdyn_name.as_deref().map(str::trim).map(str::to_owned),
+            ..RegisterRequest::default()
+        })
+        .collect();
+    let outcomes = s.core.register_many(requests).await;
+    let mut results = Vec::with_capacity(entities.len());
+    for (e, outcome) in entities.iter().zip(outcomes) {
+        let (status, message) = match outcome {
+            Ok(r) => (
+                r.device.registration_status,
+                r.device.registration_message.unwrap_or_default(),
+            ),
+            Err(GatewayError::AlreadyRegistered(m)) => (RegistrationStatus::Registered, m),
+            Err(GatewayError::Invalid { field, message }) => (
+                RegistrationStatus::Error,
+                format!("invalid {field}: {message}"),
+            ),
+            Err(other) => (RegistrationStatus::Error, other.to_string()),
+        };
+        results.push(json!({
+            "Id": e.msdyn_iotdeviceid,
+            "RegistrationStatus": {"Value": status.value()},
+            "DeviceId": e.device_id(),
+            "Message": message,
+        }));
+    }
+    Ok(Json(json!({ "RegistrationResultsJSON": results })))
+}
+
+/// Pull Device Data: `PullDeviceDataResultsJSON`, from the registry (what the providers
+/// reported and the gateway committed, so it survives a restart). A device not stored is
+/// left out.
+pub(super) async fn pull_device_data(
+    State(s): State<ApiState>,
+    b: Result<Json<EntityCollection>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut results = Vec::new();
+    for e in entities(b)? {
+        let Ok(id) = DeviceId::parse(e.device_id()) else {
+            continue;
+        };
+        let Some(d) = s
+            .core
+            .store
+            .get_device(&id)
+            .await
+            .map_err(GatewayError::from)?
+        else {
+            continue;
+        };
+        results.push(json!({
+            "Id": e.msdyn_iotdeviceid,
+            "ConnectionState": d.connection_state,
+            "ConnectionStateUpdatedTime": d.connection_state_updated_at,
+            "DeviceReportedProperties": d.reported_properties.unwrap_or_else(|| json!({})),
+            "LastActivityTime": d.last_activity_time,
+        }));
+    }
+    Ok(Json(json!({ "PullDeviceDataResultsJSON": results })))
+}
+
+/// Query Device Readings' input.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct QueryReadings {
+    #[serde(rename = "From")]
+    from: DateTime<Utc>,
+    #[serde(rename = "To")]
+    to: DateTime<Utc>,
+    #[serde(rename = "IoTDeviceId")]
+    device: String,
+    #[serde(rename = "Interval")]
+    interval: String,
+}
+
+fn device_id(field: &str, raw: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(raw).map_err(|e| ApiError::invalid(field, e))
+}
+
+async fn buckets(s: &ApiState, q: ReadingQuery) -> Result<Vec<ReadingBucket>, ApiError> {
+    Ok(s.core
+        .store
+        .query_readings(&q)
+        .await
+        .map_err(GatewayError::from)?)
+}
+
+/// Query Device Readings: `AggregatedDeviceReadings` = `{device: {measure: {start: {min,
+/// max, avg, sum, count}}}}`.
+pub(super) async fn query_device_readings(
+    State(s): State<ApiState>,
+    b: Result<Json<QueryReadings>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let q = body(b)?;
+    let id = device_id("IoTDeviceId", &q.device)?;
+    let interval_s = iso8601_seconds(&q.interval).map_err(|e| ApiError::invalid("Interval", e))?;
+    let found = buckets(
+        &s,
+        ReadingQuery {
+            device_id: id,
+            from: q.from,
+            to: q.to,
+            interval_s,
+            measures: Vec::new(),
+        },
+    )
+    .await?;
+    let mut series: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
+    for b in &found {
+        series.entry(measure_name(&b.measure)).or_default().insert(
+            b.start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            json!({"min": b.min, "max": b.max, "avg": b.avg(), "sum": b.sum, "count": b.count}),
+        );
+    }
+    Ok(Json(
+        json!({ "AggregatedDeviceReadings": { q.device: series } }),
+    ))
+}
+
+/// One measure of an Aggregated Device Readings request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AggregateMeasure {
+    #[serde(rename = "Measure")]
+    measure: String,
+    #[serde(rename = "Aggregate")]
+    aggregate: String,
+    #[serde(rename = "TimeRangeType")]
+    range_type: String,
+    #[serde(rename = "TimeRangeValue")]
+    range_value: i64,
+    #[serde(rename = "Unit", default)]
+    unit: Option<String>,
+}
+
+/// Aggregated Device Readings' input; `measures` is the list, or the list as a JSON string
+/// (as Field Service passes it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AggregatedReadings {
+    #[serde(rename = "deviceId")]
+    device: String,
+    measures: Value,
+}
+
+/// Seconds in `value` units of `range_type` (a month is 30 days, a year 365).
+fn range_seconds(range_type: &str, value: i64) -> Result<i64, String> {
+    let unit = match range_type.to_ascii_lowercase().as_str() {
+        "minutes" => 60,
+        "hours" => 3600,
+        "days" => 86_400,
+        "weeks" => 7 * 86_400,
+        "months" => 30 * 86_400,
+        "years" => 365 * 86_400,
+        other => {
+            return Err(format!(
+            "`{other}` is not a time range type: use Minutes, Hours, Days, Weeks, Months or Years"
+        ))
+        }
+    };
+    if !(1..=36_500).contains(&value) {
+        return Err(format!("{value} is outside 1..=36500"));
+    }
+    Ok(unit * value)
+}
+
+/// Aggregated Device Readings: per measure, its aggregate over the last range, `Value` as
+/// a string (empty when there is no reading in the range).
+pub(super) async fn aggregated_device_readings(
+    State(s): State<ApiState>,
+    b: Result<Json<AggregatedReadings>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let req = body(b)?;
+    let id = device_id("deviceId", &req.device)?;
+    let measures = match req.measures {
+        Value::String(text) => serde_json::from_str(&text),
+        other => serde_json::from_value(other),
+    };
+    let measures: Vec<AggregateMeasure> = measures.map_err(|e| ApiError::invalid("measures", e))?;
+    let now = Utc::now();
+    let mut out = Vec::with_capacity(measures.len());
+    for (position, m) in measures.into_iter().enumerate() {
+        let secs = range_seconds(&m.range_type, m.range_value)
+            .map_err(|e| ApiError::invalid("TimeRangeType", e))?;
+        // Whole minutes (hours beyond a week) tile the range; the buckets are combined.
+        let interval_s = if secs > 7 * 86_400 { 3600 } else { 60 };
+        let pointer = if m.measure.starts_with('/') {
+            m.measure.clone()
+        } else {
+            format!("/{}", m.measure)
+        };
+        let found = buckets(
+            &s,
+            ReadingQuery {
+                device_id: id.clone(),
+                from: now - chrono::Duration::seconds(secs),
+                to: now,
+                interval_s,
+                measures: vec![pointer],
+            },
+        )
+        .await?;
+        let (min, max, sum, count) = found.iter().fold(
+            (f64::INFINITY, f64::NEG_INFINITY, 0.0, 0i64),
+            |(lo, hi, sum, n), b| (lo.min(b.min), hi.max(b.max), sum + b.sum, n + b.count),
+        );
+        let value = match (m.aggregate.to_ascii_lowercase().as_str(), count) {
+            ("count", _) => Some(count as f64),
+            (_, 0) => None,
+            ("min", _) => Some(min),
+            ("max", _) => Some(max),
+            ("avg" | "average", _) => Some(sum / count as f64),
+            ("sum", _) => Some(sum),
+            (other, _) => {
+                return Err(ApiError::invalid(
+                    "Aggregate",
+                    format!("`{other}` is not an aggregate: use Min, Max, Avg, Sum or Count"),
+                ))
+            }
+        };
+        out.push(json!({
+            "Name": m.measure,
+            "Aggregate": m.aggregate,
+            "Unit": m.unit.unwrap_or_default(),
+            "TimeRangeValue": m.range_value,
+            "TimeRangeType": m.range_type,
+            "Position": position + 1,
+            "Value": value.map(|v| v.to_string()).unwrap_or_default(),
+        }));
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_ranges_count_a_month_as_30_days_and_refuse_unknown_units() {
+        assert_eq!(range_seconds("Days", 7), Ok(7 * 86_400));
+        assert_eq!(range_seconds("months", 1), Ok(30 * 86_400));
+        assert_eq!(range_seconds("Years", 1), Ok(365 * 86_400));
+        assert!(range_seconds("Fortnights", 1).is_err());
+        assert!(range_seconds("Days", 0).is_err());
+    }
+
+    #[test]
+    fn measure_names_drop_the_pointers_leading_slash() {
+        assert_eq!(measure_name("/Temperature"), "Temperature");
+        assert_eq!(measure_name("/engine/temp"), "engine/temp");
+    }
+}
