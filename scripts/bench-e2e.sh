@@ -41,6 +41,9 @@ Environment (defaults in brackets):
   READY_TIMEOUT   seconds iotgw may take to answer 200 on /ready                 [60]
   SINK            iotgw alert sink: none, or file (JSON lines in the temp dir)   [none]
   BATCH_WAIT_MS   iotgw's pipeline.batch_max_wait_ms; empty: the config default  []
+  SYNC            iotgw's store.sqlite_synchronous (full, normal); empty: the default []
+  READINGS        1: iotgw keeps readings (readings.enabled = true), 0: it keeps none;
+                  empty: the config default (off)                               []
   REBUILD         1: run `cargo build --release -p iotgw` even if the binary exists [0]
   BUILD_TIMEOUT   seconds that build may take, waiting for the cargo lock included [3600]
   KEEP            1: keep the temp directory (configs, logs, databases)          [0]
@@ -72,6 +75,8 @@ STAGE_TIMEOUT="${STAGE_TIMEOUT:-300}"
 READY_TIMEOUT="${READY_TIMEOUT:-60}"
 SINK="${SINK:-none}"
 BATCH_WAIT_MS="${BATCH_WAIT_MS:-}"
+SYNC="${SYNC:-}"
+READINGS="${READINGS:-}"
 REBUILD="${REBUILD:-0}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-3600}"
 KEEP="${KEEP:-0}"
@@ -286,6 +291,8 @@ start_iotgw() {
     api_port="$(free_port)"
     gw_api="127.0.0.1:$api_port"
     gw_client="iotgw-bench-$stage-$$"
+    local sync_line=""
+    [ -z "$SYNC" ] || sync_line="sqlite_synchronous = \"$SYNC\""
     cat >"$cfg" <<EOF
 # bench-e2e stage ($stage): the mqtt provider on the benchmark's Mosquitto, a fresh SQLite file.
 [api]
@@ -294,6 +301,7 @@ listen = "$gw_api"
 [store]
 kind = "sqlite"
 path = "$dir/iotgw.db"
+$sync_line
 
 [routing]
 default = "bench"
@@ -323,6 +331,10 @@ EOF
     if [ -n "$BATCH_WAIT_MS" ]; then
         printf '\n[pipeline]\nbatch_max_wait_ms = %s\n' "$BATCH_WAIT_MS" >>"$cfg"
     fi
+    case "$READINGS" in
+        1) printf '\n[readings]\nenabled = true\n' >>"$cfg" ;;
+        0) printf '\n[readings]\nenabled = false\n' >>"$cfg" ;;
+    esac
     if [ "$SINK" = file ]; then
         printf '\n[sinks.archive]\nkind = "file"\npath = "%s"\n' "$dir/alerts.jsonl" >>"$cfg"
     fi

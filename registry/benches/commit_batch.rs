@@ -7,7 +7,9 @@
 //! device's burst. A batch of `EVENTS` readings is committed `BATCHES` times on a SQLite
 //! file in WAL mode; the figures are per transaction (p50, p99, max) and events/s.
 //!
-//! Environment: `EVENTS` per batch [80], `BATCHES` [400], `DEVICES` [10].
+//! Environment: `EVENTS` per batch [80], `BATCHES` [400], `DEVICES` [10], `MEASURES` kept
+//! as readings per event [2, as the end-to-end bench's payload has: temperature, sent_us;
+//! 0: readings off].
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,7 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn reading(device: &str, seq: usize, alert: bool) -> BatchWrite {
+fn reading(device: &str, seq: usize, alert: bool, measures: usize) -> BatchWrite {
     let device_id = DeviceId::parse(device).expect("bench device ids are valid");
     let now = Utc::now();
     let alerts = if alert {
@@ -49,7 +51,13 @@ fn reading(device: &str, seq: usize, alert: bool) -> BatchWrite {
             alerts,
             debounce_window: chrono::Duration::minutes(5),
             sinks: Vec::new(),
-            readings: Default::default(),
+            readings: Box::new(iotgw_registry::Readings {
+                at: now,
+                message_id: format!("{device}-{seq}"),
+                measures: (0..measures)
+                    .map(|m| (format!("/m{m}"), (seq % 97) as f64))
+                    .collect(),
+            }),
         },
         from: Arrival {
             instance: "mqtt".into(),
@@ -76,6 +84,7 @@ fn main() {
     let events = env("EVENTS", 80);
     let batches = env("BATCHES", 400);
     let devices = env("DEVICES", 10);
+    let measures = env("MEASURES", 2);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -118,7 +127,7 @@ fn main() {
             let writes: Vec<BatchWrite> = (0..events)
                 .map(|i| {
                     seq += 1;
-                    reading(&names[i % devices], seq, seq.is_multiple_of(10))
+                    reading(&names[i % devices], seq, seq.is_multiple_of(10), measures)
                 })
                 .collect();
             let t = Instant::now();
@@ -133,6 +142,7 @@ fn main() {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
             "commit_batch sqlite (synchronous={durability:?}): {batches} batches of {events} events over {devices} devices, \
+             {measures} readings each, \
              10 % alerts: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms per transaction; \
              {:.0} events/s",
             ms(percentile(&times, 50.0)),

@@ -124,12 +124,14 @@ pub(crate) trait BatchWriter: Send {
     async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()>;
     /// Moves each device's last activity to its time unless it is already later.
     async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()>;
-    /// Inserts the reading rows whose key is not stored yet (the rows have distinct keys)
-    /// and returns the keys it inserted.
-    async fn insert_readings(
+    /// The keys among these rows' that are stored already (a message delivered again);
+    /// usually none, so little comes back (each row read back is a hand-off on SQLite).
+    async fn stored_readings(
         &mut self,
         rows: &[ReadingRow],
     ) -> StoreResult<HashSet<(String, i64, String)>>;
+    /// Inserts reading rows whose keys are not stored (the rows have distinct keys).
+    async fn insert_readings(&mut self, rows: &[ReadingRow]) -> StoreResult<()>;
     /// Adds each row to its stored rollup (min of mins, max of maxes, sums), creating it
     /// when missing (the rows have distinct keys).
     async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()>;
@@ -411,7 +413,9 @@ pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
 }
 
 /// Keeps the measures of these readings: the rows not stored yet (a message delivered
-/// again writes nothing), then what those new rows add to the rollups. Two statements.
+/// again writes nothing), then what those new rows add to the rollups. Three statements;
+/// the batch's write lock (and on PostgreSQL its device locks) keeps the stored set true
+/// until the insert.
 async fn keep_readings<'a, W: BatchWriter + ?Sized>(
     w: &mut W,
     of: impl IntoIterator<Item = (&'a DeviceId, &'a readings::Readings)>,
@@ -420,14 +424,15 @@ async fn keep_readings<'a, W: BatchWriter + ?Sized>(
     if rows.is_empty() {
         return Ok(());
     }
-    let inserted = w.insert_readings(&rows).await?;
+    let stored = w.stored_readings(&rows).await?;
     let new: Vec<ReadingRow> = rows
         .into_iter()
-        .filter(|r| inserted.contains(&r.key()))
+        .filter(|r| !stored.contains(&r.key()))
         .collect();
     if new.is_empty() {
         return Ok(());
     }
+    w.insert_readings(&new).await?;
     w.add_rollups(&readings::rollups(&new)).await
 }
 

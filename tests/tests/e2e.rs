@@ -1400,7 +1400,7 @@ async fn readings_of_ten_minutes_are_answered_per_minute_and_per_five_minutes() 
         assert!(all[&id].get("/site").is_none(), "strings are not readings");
     }
     let (status, bad) = api
-        .get("/api/v1/devices/meter-0/readings?interval=P1M")
+        .get("/api/v1/devices/meter-0/readings?interval=PT0.5S")
         .await;
     assert_eq!(status, 400, "{bad}");
     assert!(

@@ -8,16 +8,29 @@ use super::{db, text, PostgresStore};
 use crate::readings::{bucket_of, ReadingBucket, ReadingQuery, ReadingRow, RollupRow, Source};
 use crate::store::StoreResult;
 
-/// Rows per statement (8 parameters at most each; PostgreSQL takes 65,535).
+/// Rows per rollup statement (8 parameters each; PostgreSQL takes 65,535).
 const CHUNK: usize = 1000;
 
-/// Inserts the rows whose key is not stored; returns the keys inserted (as given: a measure
-/// PostgreSQL cannot hold as is, with NUL, is stored with U+FFFD).
-pub(super) async fn insert_readings(
+/// The rows' columns as arrays for `unnest`: device, msg, measure (as PostgreSQL stores
+/// text), at, value.
+type Columns<'a> = (Vec<&'a str>, Vec<i64>, Vec<String>, Vec<i64>, Vec<f64>);
+
+fn columns(rows: &[ReadingRow]) -> Columns<'_> {
+    (
+        rows.iter().map(|r| r.device_id.as_str()).collect(),
+        rows.iter().map(|r| r.msg).collect(),
+        rows.iter().map(|r| text(&r.measure).into_owned()).collect(),
+        rows.iter().map(|r| r.at_ms).collect(),
+        rows.iter().map(|r| r.value).collect(),
+    )
+}
+
+/// The keys among the rows' that are stored already (as given: a measure PostgreSQL holds
+/// with U+FFFD for NUL is mapped back).
+pub(super) async fn stored_readings(
     conn: &mut PgConnection,
     rows: &[ReadingRow],
 ) -> StoreResult<HashSet<(String, i64, String)>> {
-    let mut inserted = HashSet::with_capacity(rows.len());
     let given: HashMap<(&str, i64, String), &str> = rows
         .iter()
         .map(|r| {
@@ -27,32 +40,50 @@ pub(super) async fn insert_readings(
             )
         })
         .collect();
-    for chunk in rows.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "INSERT INTO readings (device_id, msg, measure, at_ms, value) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(&r.device_id)
-                .push_bind(r.msg)
-                .push_bind(text(&r.measure).into_owned())
-                .push_bind(r.at_ms)
-                .push_bind(r.value);
-        });
-        qb.push(" ON CONFLICT DO NOTHING RETURNING device_id, msg, measure");
-        let returned = qb
-            .build()
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db("keeping readings"))?;
-        for row in returned {
+    let (devices, msgs, measures, _, _) = columns(rows);
+    let found = sqlx::query(
+        "SELECT r.device_id, r.msg, r.measure FROM readings r \
+         JOIN unnest($1::text[], $2::int8[], $3::text[]) AS k (device_id, msg, measure) \
+         ON r.device_id = k.device_id AND r.msg = k.msg AND r.measure = k.measure",
+    )
+    .bind(&devices)
+    .bind(&msgs)
+    .bind(&measures)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("reading the stored readings"))?;
+    Ok(found
+        .into_iter()
+        .map(|row| {
             let (device, msg, stored): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
             let measure = given
                 .get(&(device.as_str(), msg, stored.clone()))
                 .map_or(stored, |m| (*m).to_owned());
-            inserted.insert((device, msg, measure));
-        }
-    }
-    Ok(inserted)
+            (device, msg, measure)
+        })
+        .collect())
+}
+
+/// Inserts the rows (their keys are not stored); one statement, the columns as arrays.
+pub(super) async fn insert_readings(
+    conn: &mut PgConnection,
+    rows: &[ReadingRow],
+) -> StoreResult<()> {
+    let (devices, msgs, measures, at, values) = columns(rows);
+    sqlx::query(
+        "INSERT INTO readings (device_id, msg, measure, at_ms, value) \
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::float8[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&devices)
+    .bind(&msgs)
+    .bind(&measures)
+    .bind(&at)
+    .bind(&values)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("keeping readings"))?;
+    Ok(())
 }
 
 /// Adds each row to its stored rollup.

@@ -127,10 +127,13 @@ impl BatchWriter for Writer<'_> {
     async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()> {
         bump_activity(self.0, devices).await
     }
-    async fn insert_readings(
+    async fn stored_readings(
         &mut self,
         rows: &[ReadingRow],
     ) -> StoreResult<HashSet<(String, i64, String)>> {
+        super::readings::stored_readings(self.0, rows).await
+    }
+    async fn insert_readings(&mut self, rows: &[ReadingRow]) -> StoreResult<()> {
         super::readings::insert_readings(self.0, rows).await
     }
     async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()> {

@@ -8,17 +8,50 @@ use super::{db, SqliteStore};
 use crate::readings::{bucket_of, ReadingBucket, ReadingQuery, ReadingRow, RollupRow, Source};
 use crate::store::StoreResult;
 
-/// Rows per statement (5 parameters each; SQLite takes 32,766).
-const CHUNK: usize = 1000;
+/// The rows as one JSON array, read in SQL with `json_each`: one parameter, so the same
+/// prepared statement serves every batch whatever its size (a VALUES list of thousands of
+/// parameters was parsed again for every batch).
+fn as_json(rows: &[ReadingRow]) -> String {
+    serde_json::Value::Array(
+        rows.iter()
+            .map(|r| serde_json::json!([r.device_id, r.msg, r.measure, r.at_ms, r.value]))
+            .collect(),
+    )
+    .to_string()
+}
 
-/// Inserts the rows whose key is not stored; returns the keys inserted.
-pub(super) async fn insert_readings(
+/// The keys among the rows' that are stored already.
+pub(super) async fn stored_readings(
     conn: &mut SqliteConnection,
     rows: &[ReadingRow],
 ) -> StoreResult<HashSet<(String, i64, String)>> {
-    let mut inserted = HashSet::with_capacity(rows.len());
-    for chunk in rows.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
+    let found = sqlx::query(
+        // The rows drive the join (CROSS JOIN keeps that order), one primary-key lookup
+        // each; a row-value IN list made SQLite scan the device's readings instead.
+        "SELECT r.device_id, r.msg, r.measure FROM json_each(?) AS j CROSS JOIN readings AS r \
+         ON r.device_id = j.value ->> 0 AND r.msg = j.value ->> 1 AND r.measure = j.value ->> 2",
+    )
+    .bind(as_json(rows))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("reading the stored readings"))?;
+    Ok(found
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
+}
+
+/// Rows per insert statement: every full chunk is the same statement text, prepared once
+/// and taken from the connection's statement cache after that.
+const INSERT_CHUNK: usize = 128;
+
+/// Inserts the rows (their keys are not stored).
+pub(super) async fn insert_readings(
+    conn: &mut SqliteConnection,
+    rows: &[ReadingRow],
+) -> StoreResult<()> {
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO readings (device_id, msg, measure, at_ms, value) ",
         );
         qb.push_values(chunk, |mut b, r| {
@@ -28,51 +61,54 @@ pub(super) async fn insert_readings(
                 .push_bind(r.at_ms)
                 .push_bind(r.value);
         });
-        qb.push(" ON CONFLICT DO NOTHING RETURNING device_id, msg, measure");
-        let returned = qb
-            .build()
-            .fetch_all(&mut *conn)
+        qb.push(" ON CONFLICT DO NOTHING");
+        qb.build()
+            .persistent(true)
+            .execute(&mut *conn)
             .await
             .map_err(db("keeping readings"))?;
-        for row in returned {
-            inserted.insert((row.get(0), row.get(1), row.get(2)));
-        }
     }
-    Ok(inserted)
+    Ok(())
 }
 
-/// Adds each row to its stored rollup.
+/// Adds each row to its stored rollup; one statement, the rows as one JSON array.
 pub(super) async fn add_rollups(
     conn: &mut SqliteConnection,
     rows: &[RollupRow],
 ) -> StoreResult<()> {
-    for chunk in rows.chunks(CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO reading_rollups \
-             (device_id, measure, resolution_s, bucket_ms, min, max, sum, count) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(&r.device_id)
-                .push_bind(&r.measure)
-                .push_bind(r.resolution_s)
-                .push_bind(r.bucket_ms)
-                .push_bind(r.min)
-                .push_bind(r.max)
-                .push_bind(r.sum)
-                .push_bind(r.count);
-        });
-        qb.push(
-            " ON CONFLICT (device_id, measure, resolution_s, bucket_ms) DO UPDATE SET \
-             min = min(reading_rollups.min, excluded.min), \
-             max = max(reading_rollups.max, excluded.max), \
-             sum = reading_rollups.sum + excluded.sum, \
-             count = reading_rollups.count + excluded.count",
-        );
-        qb.build()
-            .execute(&mut *conn)
-            .await
-            .map_err(db("adding to reading rollups"))?;
-    }
+    let data = serde_json::Value::Array(
+        rows.iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.device_id,
+                    r.measure,
+                    r.resolution_s,
+                    r.bucket_ms,
+                    r.min,
+                    r.max,
+                    r.sum,
+                    r.count
+                ])
+            })
+            .collect(),
+    )
+    .to_string();
+    sqlx::query(
+        "INSERT INTO reading_rollups \
+         (device_id, measure, resolution_s, bucket_ms, min, max, sum, count) \
+         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, \
+                j.value ->> 4, j.value ->> 5, j.value ->> 6, j.value ->> 7 \
+         FROM json_each(?) AS j WHERE true \
+         ON CONFLICT (device_id, measure, resolution_s, bucket_ms) DO UPDATE SET \
+         min = min(reading_rollups.min, excluded.min), \
+         max = max(reading_rollups.max, excluded.max), \
+         sum = reading_rollups.sum + excluded.sum, \
+         count = reading_rollups.count + excluded.count",
+    )
+    .bind(data)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("adding to reading rollups"))?;
     Ok(())
 }
 

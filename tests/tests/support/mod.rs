@@ -66,6 +66,8 @@ pub fn test_config(
     c.embedded_broker.enabled = true;
     c.embedded_broker.port = broker_port;
     c.embedded_broker.v311_port = v311_port;
+    // Readings are off by default (their write cost, BENCHMARKS.md); the tests keep them.
+    c.readings.enabled = true;
     // As in the embedded default: no shared subscription on rumqttd (see Config::embedded_default).
     let mut mqtt = MqttConfig {
         port: broker_port,
