@@ -1547,6 +1547,23 @@ async fn field_service_actions_register_query_aggregate_and_pull_after_a_restart
         ])
     );
 
+    // An aggregate Field Service does not know is refused, naming it, even with no data.
+    let (status, bad) = api
+        .post(
+            "/api/cfs/v1/aggregated-device-readings",
+            json!({"deviceId": guids[2], "measures": [
+                {"Measure": "Temperature", "Aggregate": "Median", "TimeRangeType": "Days", "TimeRangeValue": 1},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("invalid Aggregate:")),
+        "{bad}"
+    );
+
     // The state the device reported, then a restart: pull device data answers from the
     // registry.
     let api_for_wait = api.clone();

@@ -26,6 +26,10 @@ use crate::core::{GatewayError, RegisterRequest};
 
 /// Devices one register or pull request may name.
 const MAX_ENTITIES: usize = 1000;
+/// Measures one aggregated-readings request may ask for.
+const MAX_AGGREGATES: usize = 100;
+/// The aggregates Field Service asks for (any case).
+const AGGREGATES: [&str; 6] = ["min", "max", "avg", "average", "sum", "count"];
 
 /// One entity of an `EntityCollection`.
 #[derive(Debug, Deserialize)]
@@ -268,6 +272,26 @@ pub(super) async fn aggregated_device_readings(
         other => serde_json::from_value(other),
     };
     let measures: Vec<AggregateMeasure> = measures.map_err(|e| ApiError::invalid("measures", e))?;
+    if measures.len() > MAX_AGGREGATES {
+        return Err(ApiError::invalid(
+            "measures",
+            format!(
+                "{} measures: at most {MAX_AGGREGATES} per request",
+                measures.len()
+            ),
+        ));
+    }
+    for m in &measures {
+        if !AGGREGATES.contains(&m.aggregate.to_ascii_lowercase().as_str()) {
+            return Err(ApiError::invalid(
+                "Aggregate",
+                format!(
+                    "`{}` is not an aggregate: use Min, Max, Avg, Sum or Count",
+                    m.aggregate
+                ),
+            ));
+        }
+    }
     let now = Utc::now();
     let mut out = Vec::with_capacity(measures.len());
     for (position, m) in measures.into_iter().enumerate() {
@@ -300,14 +324,8 @@ pub(super) async fn aggregated_device_readings(
             (_, 0) => None,
             ("min", _) => Some(min),
             ("max", _) => Some(max),
-            ("avg" | "average", _) => Some(sum / count as f64),
             ("sum", _) => Some(sum),
-            (other, _) => {
-                return Err(ApiError::invalid(
-                    "Aggregate",
-                    format!("`{other}` is not an aggregate: use Min, Max, Avg, Sum or Count"),
-                ))
-            }
+            _ => Some(sum / count as f64), // avg or average: checked above
         };
         out.push(json!({
             "Name": m.measure,
