@@ -22,6 +22,8 @@ pub const ROLLUP_RESOLUTIONS: [i64; 2] = [60, 3600];
 pub const MAX_MEASURE_BYTES: usize = 256;
 /// Most buckets one query may return.
 pub const MAX_QUERY_BUCKETS: i64 = 100_000;
+/// The widest bucket, seconds (100 years of 365 days).
+pub const MAX_INTERVAL_S: i64 = 100 * 365 * 86_400;
 
 /// The measures of one message, kept with its commit.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -194,10 +196,13 @@ impl ReadingQuery {
     /// Refuses what cannot be answered: an empty or reversed range, a non-positive
     /// interval, more than [`MAX_QUERY_BUCKETS`] buckets.
     pub fn check(&self) -> StoreResult<()> {
-        if self.interval_s <= 0 {
+        if !(1..=MAX_INTERVAL_S).contains(&self.interval_s) {
             return Err(StoreError::Invalid {
                 field: "interval",
-                message: "it must be at least one second".into(),
+                message: format!(
+                    "{} s: it must be at least one second and at most {MAX_INTERVAL_S} (100 years)",
+                    self.interval_s
+                ),
             });
         }
         if self.to <= self.from {
@@ -367,6 +372,9 @@ mod tests {
         assert_eq!(q(86_400).source(), Source::Rollup(3600));
         assert!(q(0).check().is_err());
         assert!(q(1).check().is_ok());
+        assert!(q(MAX_INTERVAL_S).check().is_ok());
+        assert!(q(MAX_INTERVAL_S + 1).check().is_err());
+        assert!(q(i64::MAX).check().is_err(), "refused, not an overflow");
     }
 
     #[test]

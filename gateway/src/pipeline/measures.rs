@@ -120,8 +120,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Readings on (they are off by default), everything else as configured by default.
+    fn on() -> ReadingsConfig {
+        ReadingsConfig {
+            enabled: true,
+            ..ReadingsConfig::default()
+        }
+    }
+
     fn all() -> Measures {
-        Measures::new(&ReadingsConfig::default())
+        Measures::new(&on())
     }
 
     #[test]
@@ -156,7 +164,7 @@ mod tests {
         let doc = json!({"a": 1, "b": 2, "c": 3, "ctl\u{1}": 4});
         let only = Measures::new(&ReadingsConfig {
             measures: vec!["/c".into(), "/a".into()],
-            ..ReadingsConfig::default()
+            ..on()
         });
         assert_eq!(
             only.of(&doc),
@@ -164,13 +172,10 @@ mod tests {
         );
         let two = Measures::new(&ReadingsConfig {
             max_per_message: 2,
-            ..ReadingsConfig::default()
+            ..on()
         });
         assert_eq!(two.of(&doc).len(), 2);
-        let off = Measures::new(&ReadingsConfig {
-            enabled: false,
-            ..ReadingsConfig::default()
-        });
+        let off = Measures::new(&ReadingsConfig::default());
         assert!(off.of(&doc).is_empty());
     }
 
