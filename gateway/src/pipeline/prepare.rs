@@ -246,12 +246,19 @@ impl Preparer {
             Ok(parsed) => parsed,
             Err(r) => return refuse(&t, r),
         };
-        let readings = Box::new(Readings {
-            at: self
-                .measures
-                .time(&doc, t.received_at, Utc::now() + self.max_skew),
-            message_id: t.message_id.clone(),
-            measures: self.measures.of(&doc),
+        // Nothing to keep (readings off, or no number in the message): no time to read,
+        // no id to copy on the hot path.
+        let measures = self.measures.of(&doc);
+        let readings = Box::new(if measures.is_empty() {
+            Readings::default()
+        } else {
+            Readings {
+                at: self
+                    .measures
+                    .time(&doc, t.received_at, Utc::now() + self.max_skew),
+                message_id: t.message_id.clone(),
+                measures,
+            }
         });
         let if_unknown = match self.unknown_devices {
             UnknownDevicePolicy::DeadLetter => IfUnknown::DeadLetter { reason: format!(
