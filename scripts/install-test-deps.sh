@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Installs Mosquitto from Debian's packages for scripts/bench-e2e.sh (the end-to-end
-# benchmark runs a broker process of its own); safe to run again. The test suite needs
-# neither: its brokers are eclipse-mosquitto:2 containers (iotgw-testkit).
+# Installs from Debian's packages what scripts beside `cargo test` need; safe to run again:
+# Mosquitto for scripts/bench-e2e.sh (the end-to-end benchmark runs a broker process of its
+# own; the test suite's brokers are eclipse-mosquitto:2 containers, iotgw-testkit), and
+# promtool for scripts/check-observability.sh (run by scripts/test.sh), which checks and
+# unit-tests deploy/prometheus/rules.yml.
 #
 #   mosquitto          the broker bench-e2e.sh starts
 #   mosquitto-clients  mosquitto_pub/mosquitto_sub, its publishers and subscriber
+#   prometheus         ships promtool; skipped when a promtool is already on PATH (a
+#                      Prometheus release tarball, say)
 set -euo pipefail
 
 packages=(mosquitto mosquitto-clients)
@@ -15,6 +19,12 @@ for p in "${packages[@]}"; do
         missing+=("$p")
     fi
 done
+if command -v promtool >/dev/null 2>&1; then
+    packages+=("promtool ($(command -v promtool))")
+else
+    packages+=(prometheus)
+    missing+=(prometheus)
+fi
 
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "install-test-deps: already installed: ${packages[*]}"
@@ -34,5 +44,9 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recomme
 # their own on free ports and need none, so stop it where a service manager is present.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
     $SUDO systemctl stop mosquitto || true
+fi
+# Likewise the prometheus package's server (port 9090): only its promtool is wanted.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    $SUDO systemctl stop prometheus || true
 fi
 echo "install-test-deps: done"

@@ -3,20 +3,23 @@
 #
 #   ./scripts/test.sh            [extra args passed to cargo test]
 #
-# 1. installs what the tests need beside Docker: Microsoft's Python service SDK for the
+# 1. checks the Grafana dashboard and the Prometheus alert rules under deploy/
+#    (scripts/check-observability.sh), first installing promtool with Debian's prometheus
+#    package (scripts/install-test-deps.sh) when it is missing;
+# 2. installs what the tests need beside Docker: Microsoft's Python service SDK for the
 #    Azure differential tests from PyPI (scripts/install-azure-test-deps.sh) and
 #    schemathesis for the API fuzzing (scripts/install-api-fuzz-deps.sh); every broker
 #    and emulator is a container started by iotgw-testkit (testkit/);
-# 2. makes sure the emulator images exist in Docker under their public names
+# 3. makes sure the emulator images exist in Docker under their public names
 #    (eclipse-mosquitto:2, motoserver/moto:5.1.4, postgres:15,
 #    gcr.io/google.com/cloudsdktool/google-cloud-cli:emulators): a missing one is pulled;
 #    when no registry answers (our CI), deploy/images/build-local-images.sh builds it
 #    locally under the same name. Images already present are used as they are, so a
 #    second run builds nothing;
-# 3. removes test containers left behind by runs that are gone (label org.iotgw.test=1);
-# 4. runs the whole workspace's tests with `cargo test`, with every provider that has a
+# 4. removes test containers left behind by runs that are gone (label org.iotgw.test=1);
+# 5. runs the whole workspace's tests with `cargo test`, with every provider that has a
 #    conformance fixture (tests/src/conformance/fixtures/<kind>.rs) turned on;
-# 5. prints the conformance matrix (scenario x provider) and the timings.
+# 6. prints the conformance matrix (scenario x provider) and the timings.
 #
 # cargo test, not cargo nextest: nextest runs every test in a process of its own, so each
 # test would start its own emulator containers instead of sharing one per test binary,
@@ -60,6 +63,13 @@ remove_stale_containers() {
     done
     [ "$n" -eq 0 ] || say "removed $n test container(s) left by earlier runs"
 }
+
+if ! command -v promtool >/dev/null 2>&1; then
+    say "installing promtool (Debian's prometheus package), which checks the alert rules (scripts/install-test-deps.sh)"
+    bash scripts/install-test-deps.sh
+fi
+say "checking the Grafana dashboard and the Prometheus alert rules with promtool (scripts/check-observability.sh)"
+bash scripts/check-observability.sh
 
 say "installing the official Azure IoT Hub Python SDK the azure_iot_hub differential tests compare against (PyPI, venv under target/)"
 bash scripts/install-azure-test-deps.sh

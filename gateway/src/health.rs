@@ -184,6 +184,7 @@ impl Readiness {
             }
             providers.insert(name.clone(), ok);
         }
+        core.metrics.set_ready(reasons.is_empty());
         ReadyReport {
             ready: reasons.is_empty(),
             store,

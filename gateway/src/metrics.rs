@@ -89,6 +89,7 @@ pub struct Metrics {
     in_flight_by_provider: Family<ProviderLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     outbox_depth: Family<DepthLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     provider_connected: Family<ProviderLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    ready: Gauge<i64, std::sync::atomic::AtomicI64>,
     api_auth_failures: Counter<u64, AtomicU64>,
     batch_events: Histogram,
     batch_commit_seconds: Histogram,
@@ -126,6 +127,7 @@ impl Metrics {
             in_flight_by_provider: Family::default(),
             outbox_depth: Family::default(),
             provider_connected: Family::default(),
+            ready: Gauge::default(),
             api_auth_failures: Counter::default(),
             batch_events: Histogram::new([
                 1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
@@ -233,6 +235,11 @@ impl Metrics {
             "provider_connected",
             "1 when the provider instance is connected",
             m.provider_connected.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when the gateway is ready (/ready answers 200: the store takes writes and every required provider instance is connected), else 0",
+            m.ready.clone(),
         );
         registry.register(
             "api_auth_failures",
@@ -474,6 +481,12 @@ impl Metrics {
             .set(i64::from(connected));
     }
 
+    /// Sets the readiness gauge: `ready` is whether `/ready` answers 200 (the verdict of
+    /// [`Readiness::check`](crate::health::Readiness::check)).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
     /// An API request was refused for its token.
     pub fn api_auth_failure(&self) {
         self.api_auth_failures.inc();
@@ -500,6 +513,105 @@ mod tests {
             "iotgw_in_flight 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+
+    /// The names of the series `exposition` holds (`iotgw_events_received_total`,
+    /// `iotgw_batch_events_bucket`, ...: what Prometheus stores and PromQL can name), and
+    /// the names its `# TYPE` lines declare (`iotgw_events_received`, without `_total`).
+    fn series_and_families(
+        exposition: &str,
+    ) -> (
+        std::collections::BTreeSet<String>,
+        std::collections::BTreeSet<String>,
+    ) {
+        let mut series = std::collections::BTreeSet::new();
+        let mut families = std::collections::BTreeSet::new();
+        for line in exposition.lines() {
+            if let Some(declared) = line.strip_prefix("# TYPE ") {
+                if let Some(name) = declared.split(' ').next() {
+                    families.insert(name.to_owned());
+                }
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let end = line.find(['{', ' ']).unwrap_or(line.len());
+                series.insert(line[..end].to_owned());
+            }
+        }
+        (series, families)
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alert_rules_name_only_metrics_the_gateway_exports() {
+        // Every public counting and setting method once, so that every family, labelled
+        // ones included, has a series in the exposition.
+        let m = Metrics::new();
+        m.batch(3, std::time::Duration::from_millis(2));
+        m.batch_store(std::time::Duration::from_millis(1));
+        m.received("local");
+        m.received("local");
+        m.acked("local");
+        m.nacked("local", "store_error", "test");
+        m.count_rejected("local", "malformed");
+        m.alert("local", "primary");
+        m.command("local", "published");
+        m.failover("a", "b");
+        m.clamped("local", "enqueued_time");
+        m.provider_restart("local", "error");
+        m.replay("committed");
+        m.retention_deleted("alerts", 2);
+        m.panic("commit");
+        m.config_reload("applied");
+        m.moved("a", "b");
+        m.delivery("hook", "delivered");
+        m.dead_letter("local", "unknown_device");
+        m.set_outbox_depth("hook", 1);
+        m.set_provider_connected("local", true);
+        m.set_ready(true);
+        m.api_auth_failure();
+        let exposition = m.encode();
+        let (series, families) = series_and_families(&exposition);
+
+        // Every family needs a series here, or a dashboard naming it would be refused: a
+        // metric added to Metrics needs its method called above.
+        for family in &families {
+            assert!(
+                series.iter().any(|s| s == family
+                    || s.strip_prefix(family.as_str())
+                        .is_some_and(
+                            |suffix| ["_total", "_bucket", "_sum", "_count"].contains(&suffix)
+                        )),
+                "family {family} has no series: call its method in this test\n{exposition}"
+            );
+        }
+
+        // Every iotgw_ name in the files must be a series name, exactly. A histogram's
+        // series are its _bucket, _sum and _count; the bare name of a histogram, or of a
+        // counter without its _total, is only a `# TYPE` line and finds no data in
+        // Prometheus, so it is refused too.
+        let token = regex::Regex::new(r"iotgw_[a-z0-9_]+").expect("regex");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (file, at_least) in [
+            ("deploy/grafana/iotgw.json", 20),
+            ("deploy/prometheus/rules.yml", 4),
+        ] {
+            let text = std::fs::read_to_string(root.join(file))
+                .unwrap_or_else(|e| panic!("reading {file}: {e}"));
+            let named: std::collections::BTreeSet<&str> =
+                token.find_iter(&text).map(|t| t.as_str()).collect();
+            assert!(
+                named.len() >= at_least,
+                "{file} names only {} iotgw_ metrics ({named:?}): is it the right file?",
+                named.len()
+            );
+            let unknown: Vec<&str> = named
+                .iter()
+                .copied()
+                .filter(|name| !series.contains(*name))
+                .collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} names metrics the gateway does not export: {unknown:?}\nexported series: {series:?}"
+            );
         }
     }
 }

@@ -455,6 +455,7 @@ async fn a_bearer_token_guards_the_api_but_not_the_probes() {
         metric(&m, "iotgw_api_auth_failures_total", &[]) >= 2.0,
         "{m}"
     );
+    assert_eq!(metric(&m, "iotgw_ready", &[]), 1.0, "{m}");
     gw.stop().await;
 }
 

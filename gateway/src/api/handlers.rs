@@ -134,11 +134,9 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
             s.core.metrics.set_outbox_depth(sink, d);
         }
     }
-    for (name, p) in &s.core.live().providers {
-        s.core
-            .metrics
-            .set_provider_connected(name, p.health().connected);
-    }
+    // The readiness verdict as `/ready` gives it, into `iotgw_ready` and
+    // `iotgw_provider_connected`: a scrape alone keeps them true.
+    let _ = s.readiness.check(&s.core).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
