@@ -43,7 +43,7 @@ Environment (defaults in brackets):
   BATCH_WAIT_MS   iotgw's pipeline.batch_max_wait_ms; empty: the config default  []
   SYNC            iotgw's store.sqlite_synchronous (full, normal); empty: the default []
   READINGS        1: iotgw keeps readings (readings.enabled = true), 0: it keeps none;
-                  empty: the config default (off)                               []
+                  empty: the config default (on)                                []
   REBUILD         1: run `cargo build --release -p iotgw` even if the binary exists [0]
   BUILD_TIMEOUT   seconds that build may take, waiting for the cargo lock included [3600]
   KEEP            1: keep the temp directory (configs, logs, databases)          [0]

@@ -391,6 +391,7 @@ mod tests {
             section in proptest::sample::select(vec![
                 "api", "store", "pipeline", "commands", "retention", "health", "routing",
                 "providers.edge", "sinks.hook", "rules.hot", "replica", "embedded_broker",
+                "readings", "alerts", "definitions.commands.go", "definitions.properties.p",
             ]),
             key in "[a-z_]{1,20}",
             value in proptest::prop_oneof![

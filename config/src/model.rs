@@ -45,6 +45,10 @@ pub struct Config {
     pub readings: ReadingsConfig,
     /// This gateway's identity among replicas sharing one store.
     pub replica: ReplicaConfig,
+    /// Field Service's command and property definitions.
+    pub definitions: DefinitionsConfig,
+    /// What happens to alerts after they are raised.
+    pub alerts: AlertsConfig,
 }
 
 impl Config {
@@ -473,8 +477,9 @@ impl Default for RetentionConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReadingsConfig {
-    /// Keep readings. Off by default for now: on SQLite they cost about three quarters of
-    /// the end-to-end throughput (BENCHMARKS.md, "Readings: the write cost").
+    /// Keep readings (on by default; they cost about half the end-to-end throughput on
+    /// SQLite, BENCHMARKS.md "Readings: the write cost": turn them off, or list the
+    /// `measures` to keep, when no one reads them).
     pub enabled: bool,
     /// Only these measures (JSON pointers, e.g. `"/engine/temp"`); empty: every one.
     pub measures: Vec<String>,
@@ -496,13 +501,109 @@ pub struct ReadingsConfig {
 impl Default for ReadingsConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             measures: Vec::new(),
             max_per_message: 64,
             time_pointer: "/timestamp".into(),
             retention_days: 30,
             minute_rollups_days: 90,
             hour_rollups_days: 800,
+        }
+    }
+}
+
+/// Alerts after they are raised (`[alerts]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Closing a parent alert (`POST /api/v1/alerts/{id}/close`) closes its children too,
+    /// as Field Service does when the case or work order made from the parent is resolved.
+    pub close_children_with_parent: bool,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            close_children_with_parent: true,
+        }
+    }
+}
+
+/// Field Service's command and property definitions (`[definitions]`):
+/// `msdyn_iotdevicecommanddefinition` and `msdyn_iotpropertydefinition`. A command sent by
+/// definition has its parameters checked against their property definitions' types; a
+/// device's reported properties are read through the property definitions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefinitionsConfig {
+    /// Command definitions by name (the command name the device receives).
+    pub commands: BTreeMap<String, CommandDefinitionConfig>,
+    /// Property definitions by name: command parameters and reported properties.
+    pub properties: BTreeMap<String, PropertyDefinitionConfig>,
+}
+
+/// One command definition (`[definitions.commands.NAME]`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandDefinitionConfig {
+    /// What it does, for people.
+    pub description: String,
+    /// Its parameters: names of property definitions (a parameter with a parent property
+    /// sits inside that parent's object).
+    pub parameters: Vec<String>,
+    /// Parameters that must be given (a subset of `parameters`).
+    pub required: Vec<String>,
+    /// The device categories it is linked to; a device of another category cannot be sent
+    /// it. Empty: every device.
+    pub categories: Vec<String>,
+}
+
+/// One property definition (`[definitions.properties.NAME]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyDefinitionConfig {
+    /// Its type, as Field Service names it.
+    #[serde(rename = "type")]
+    pub kind: PropertyType,
+    /// Its unit, for people (`"°C"`).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// The property (of type Object) it sits inside; none: at the top level.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// What it means, for people.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `msdyn_iotpropertydefinition`'s types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PropertyType {
+    /// A JSON string.
+    String,
+    /// A JSON object (other properties name it as their parent).
+    Object,
+    /// An RFC 3339 date and time, as a JSON string.
+    DateTime,
+    /// `true` or `false`.
+    Boolean,
+    /// A whole number ("Whole Number" in Field Service).
+    #[serde(alias = "WholeNumber", alias = "Whole Number")]
+    Whole,
+    /// Any number.
+    Decimal,
+}
+
+impl PropertyType {
+    /// Its name as Field Service shows it.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::String => "String",
+            Self::Object => "Object",
+            Self::DateTime => "DateTime",
+            Self::Boolean => "Boolean",
+            Self::Whole => "Whole Number",
+            Self::Decimal => "Decimal",
         }
     }
 }

@@ -140,6 +140,7 @@ pub fn validate(c: &Config, built_kinds: &[&'static str]) -> Vec<Problem> {
             "use \"/timestamp\" (default), another JSON pointer, or \"\" to use the arrival time",
         ));
     }
+    definitions(c, &mut out);
     if !(60..=86_400).contains(&c.retention.interval_secs) {
         out.push(p(
             "retention.interval_secs",
@@ -473,6 +474,72 @@ fn valid_name(name: &str) -> bool {
             .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-')
 }
 
+/// `[definitions]`: parents exist, are objects and form no loop; parameters name property
+/// definitions; required parameters are parameters.
+fn definitions(c: &Config, out: &mut Vec<Problem>) {
+    let props = &c.definitions.properties;
+    for (name, d) in props {
+        if name.is_empty() || name.contains('/') {
+            out.push(p(
+                format!("definitions.properties.{name:?}"),
+                "a property name must be non-empty and without `/`",
+                "name it as the JSON key it is, e.g. \"threshold\"",
+            ));
+        }
+        let Some(parent) = &d.parent else { continue };
+        match props.get(parent) {
+            None => out.push(p(
+                format!("definitions.properties.{name}.parent"),
+                format!("`{parent}` is not a property definition"),
+                format!("define [definitions.properties.{parent}] with type = \"Object\", or remove the parent"),
+            )),
+            Some(pd) if pd.kind != PropertyType::Object => out.push(p(
+                format!("definitions.properties.{name}.parent"),
+                format!("`{parent}` is of type {}, not Object", pd.kind.label()),
+                format!("give [definitions.properties.{parent}] type = \"Object\""),
+            )),
+            Some(_) => {
+                // Walk up: a loop never reaches the top.
+                let mut at = parent.as_str();
+                for _ in 0..=props.len() {
+                    match props.get(at).and_then(|d| d.parent.as_deref()) {
+                        Some(up) => at = up,
+                        None => break,
+                    }
+                    if at == name {
+                        out.push(p(
+                            format!("definitions.properties.{name}.parent"),
+                            "the parents form a loop",
+                            "make one property of the loop a top-level one (no parent)",
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    for (name, d) in &c.definitions.commands {
+        for (i, param) in d.parameters.iter().enumerate() {
+            if !props.contains_key(param) {
+                out.push(p(
+                    format!("definitions.commands.{name}.parameters[{i}]"),
+                    format!("`{param}` is not a property definition"),
+                    format!("define it under [definitions.properties.{param}] with its type"),
+                ));
+            }
+        }
+        for (i, r) in d.required.iter().enumerate() {
+            if !d.parameters.contains(r) {
+                out.push(p(
+                    format!("definitions.commands.{name}.required[{i}]"),
+                    format!("`{r}` is not one of the command's parameters"),
+                    "list it in parameters too, or remove it from required",
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,6 +601,45 @@ mod tests {
         assert_eq!(c.routing.rules[0].fallback, vec!["plant".to_owned()]);
         assert_eq!(c.health.optional, vec!["plant".to_owned()]);
         assert_eq!(c.providers.len(), 2);
+    }
+
+    #[test]
+    fn definitions_name_the_missing_parent_the_loop_and_the_unknown_parameter() {
+        let toml = r#"
+            [definitions.properties.settings]
+            type = "Object"
+            [definitions.properties.threshold]
+            type = "Decimal"
+            parent = "settings"
+            [definitions.properties.a]
+            type = "Object"
+            parent = "b"
+            [definitions.properties.b]
+            type = "Object"
+            parent = "a"
+            [definitions.properties.orphan]
+            type = "Whole Number"
+            parent = "nowhere"
+            [definitions.commands.set_threshold]
+            parameters = ["threshold", "typo"]
+            required = ["threshold", "other"]
+        "#;
+        let c: Config = toml::from_str(toml).expect("parses");
+        let probs = validate(&c, &["mqtt"]);
+        let paths: Vec<&str> = probs.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "definitions.properties.a.parent",
+                "definitions.properties.b.parent",
+                "definitions.properties.orphan.parent",
+                "definitions.commands.set_threshold.parameters[1]",
+                "definitions.commands.set_threshold.required[1]",
+            ],
+            "{probs:?}"
+        );
+        let bad: Result<Config, _> = toml::from_str("[definitions.properties.x]\ntype = \"Float\"");
+        assert!(bad.is_err(), "an unknown type is refused");
     }
 
     #[test]

@@ -462,13 +462,7 @@ impl Core {
         name: &str,
         parameters: &serde_json::Value,
     ) -> Result<Command, GatewayError> {
-        let cmd = self.create_command(raw_id, name, parameters).await?;
-        let core = self.clone();
-        let sending = cmd.clone();
-        tokio::spawn(async move {
-            crate::commands::claim_and_deliver(&core, &sending).await;
-        });
-        Ok(cmd)
+        self.send_command_of(raw_id, name, parameters, None).await
     }
 
     /// Checks and stores a command (In Progress) without sending it.
@@ -477,6 +471,36 @@ impl Core {
         raw_id: &str,
         name: &str,
         parameters: &serde_json::Value,
+    ) -> Result<Command, GatewayError> {
+        self.create_command_of(raw_id, name, parameters, None).await
+    }
+
+    /// Stores a command as [`Self::create_command`] does, and sends it in the background;
+    /// `request` ties it to a send-to-all request.
+    pub async fn send_command_of(
+        self: &Arc<Self>,
+        raw_id: &str,
+        name: &str,
+        parameters: &serde_json::Value,
+        request: Option<uuid::Uuid>,
+    ) -> Result<Command, GatewayError> {
+        let cmd = self
+            .create_command_of(raw_id, name, parameters, request)
+            .await?;
+        let core = self.clone();
+        let sending = cmd.clone();
+        tokio::spawn(async move {
+            crate::commands::claim_and_deliver(&core, &sending).await;
+        });
+        Ok(cmd)
+    }
+
+    async fn create_command_of(
+        &self,
+        raw_id: &str,
+        name: &str,
+        parameters: &serde_json::Value,
+        request: Option<uuid::Uuid>,
     ) -> Result<Command, GatewayError> {
         let id = parse_id(raw_id)?;
         if name.trim().is_empty() {
@@ -519,6 +543,7 @@ impl Core {
                 device_id: id,
                 parent_alert: None,
                 correlation_id: uuid::Uuid::new_v4().to_string(),
+                request_id: request,
             })
             .await?;
         Ok(cmd)

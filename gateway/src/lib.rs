@@ -33,6 +33,7 @@ pub mod checkpoints;
 pub mod cli;
 pub mod commands;
 pub mod core;
+pub mod definitions;
 pub mod errors;
 pub mod health;
 pub mod import;

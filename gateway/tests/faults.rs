@@ -412,8 +412,13 @@ async fn publish_paced(
                         }
                         sent += 1;
                         let temperature = if hot(*d, round) { 90 } else { 20 };
-                        let body =
-                            format!(r#"{{"message_id":"m-{round}","temperature":{temperature}}}"#);
+                        // The device's own time: a redelivery after a kill keeps its
+                        // reading's key (device, measure, time, message).
+                        let now = chrono::Utc::now()
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                        let body = format!(
+                            r#"{{"message_id":"m-{round}","timestamp":"{now}","temperature":{temperature}}}"#
+                        );
                         if client
                             .publish(
                                 format!("devices/dev-{d:04}/telemetry"),
@@ -1030,6 +1035,11 @@ async fn a_full_disk_leaves_telemetry_unacknowledged_names_the_cause_and_loses_n
     .await;
     eprintln!("while full, /ready said: {why}");
     assert!(why.contains("free space"), "what to do: {why}");
+    assert_eq!(
+        gateway.counter("iotgw_ready").await,
+        0.0,
+        "a scrape says not ready"
+    );
     assert!(
         gateway.counter("iotgw_events_nacked_total").await > 0.0,
         "the readings were left unacknowledged"
@@ -1086,6 +1096,11 @@ async fn a_full_disk_leaves_telemetry_unacknowledged_names_the_cause_and_loses_n
         || gateway.logs(),
     )
     .await;
+    assert_eq!(
+        gateway.counter("iotgw_ready").await,
+        1.0,
+        "a scrape says ready again"
+    );
     drop(gateway);
     broker.remove().await;
 }

@@ -129,7 +129,7 @@ pub(crate) trait BatchWriter: Send {
     async fn stored_readings(
         &mut self,
         rows: &[ReadingRow],
-    ) -> StoreResult<HashSet<(String, i64, String)>>;
+    ) -> StoreResult<HashSet<readings::ReadingKey>>;
     /// Inserts reading rows whose keys are not stored (the rows have distinct keys).
     async fn insert_readings(&mut self, rows: &[ReadingRow]) -> StoreResult<()>;
     /// Adds each row to its stored rollup (min of mins, max of maxes, sums), creating it
@@ -413,7 +413,7 @@ pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
 }
 
 /// Keeps the measures of these readings: the rows not stored yet (a message delivered
-/// again writes nothing), then what those new rows add to the rollups. Three statements;
+/// again with the same time writes nothing), then what those new rows add to the rollups. Three statements;
 /// the batch's write lock (and on PostgreSQL its device locks) keeps the stored set true
 /// until the insert.
 async fn keep_readings<'a, W: BatchWriter + ?Sized>(

@@ -115,6 +115,7 @@ macro_rules! conformance_tests {
             a_registration_batch_begins_each_device_by_the_single_device_rules,
             a_finishing_batch_registers_or_fails_each_device_on_its_own,
             readings_are_kept_once_and_answered_per_bucket,
+            service_work_is_recorded_children_close_and_a_request_groups_its_commands,
         }
     };
     (@scenarios $($name:ident),+ $(,)?) => {
@@ -897,6 +898,7 @@ pub async fn telemetry_commit_is_all_or_nothing(store: &dyn Store) {
     let device = registered(store, "pump-09", "aws-east").await;
     store
         .insert_command(&NewCommand {
+            request_id: None,
             name: "ping".into(),
             message: "{}".into(),
             device_id: device.device_id.clone(),
@@ -1903,6 +1905,7 @@ pub async fn commands_page_newest_first_with_filters(store: &dyn Store) {
         made.push(
             store
                 .insert_command(&NewCommand {
+                    request_id: None,
                     name: format!("cmd-{n}"),
                     message: "{}".into(),
                     device_id: did(device),
@@ -1997,6 +2000,7 @@ pub async fn status_updates_return_the_updated_record(store: &dyn Store) {
     .await;
     let command = store
         .insert_command(&NewCommand {
+            request_id: None,
             name: "reset".into(),
             message: "{}".into(),
             device_id: did("pump-21"),
@@ -2073,6 +2077,7 @@ pub async fn a_move_cuts_over_in_one_step_with_history_and_ends_open_commands(st
     registered(store, "pump-40", "a").await;
     let open = store
         .insert_command(&NewCommand {
+            request_id: None,
             name: "open".into(),
             message: "{}".into(),
             device_id: did("pump-40"),
@@ -2174,6 +2179,7 @@ pub async fn commands_are_claimed_once_published_deferred_and_released(store: &d
         made.push(
             store
                 .insert_command(&NewCommand {
+                    request_id: None,
                     name: format!("cmd-{n}"),
                     message: "{}".into(),
                     device_id: did("pump-30"),
@@ -2299,6 +2305,7 @@ pub async fn commands_are_claimed_once_published_deferred_and_released(store: &d
 pub async fn insert_command_checks_device_alert_and_correlation(store: &dyn Store) {
     registered(store, "pump-22", "aws-east").await;
     let base_cmd = NewCommand {
+        request_id: None,
         name: "reset".into(),
         message: "{}".into(),
         device_id: did("pump-22"),
@@ -2308,6 +2315,7 @@ pub async fn insert_command_checks_device_alert_and_correlation(store: &dyn Stor
     not_found(
         store
             .insert_command(&NewCommand {
+                request_id: None,
                 device_id: did("ghost"),
                 ..base_cmd.clone()
             })
@@ -2318,6 +2326,7 @@ pub async fn insert_command_checks_device_alert_and_correlation(store: &dyn Stor
     not_found(
         store
             .insert_command(&NewCommand {
+                request_id: None,
                 parent_alert: Some(Uuid::now_v7()),
                 ..base_cmd.clone()
             })
@@ -2328,6 +2337,7 @@ pub async fn insert_command_checks_device_alert_and_correlation(store: &dyn Stor
     invalid(
         store
             .insert_command(&NewCommand {
+                request_id: None,
                 message: "x".repeat(8193),
                 ..base_cmd.clone()
             })
@@ -2474,6 +2484,7 @@ pub async fn retention_purges_old_dead_letters_finished_commands_and_closed_aler
     let (primary, child) = (alerts[0].alert.id, alerts[1].alert.id);
     assert_eq!(alerts[1].alert.parent_alert, Some(primary));
     let command = |name: &str| NewCommand {
+        request_id: None,
         name: name.into(),
         message: "{}".into(),
         device_id: did("old-1"),
@@ -3705,4 +3716,141 @@ mod tests {
             "list every scenario in conformance_tests!, in file order"
         );
     }
+}
+
+/// An alert's case and work order are recorded with Field Service's status codes; closing
+/// a parent's children leaves the parent and other alerts as they are; the commands of one
+/// send-to-all request are found by its id.
+pub async fn service_work_is_recorded_children_close_and_a_request_groups_its_commands(
+    store: &dyn Store,
+) {
+    registered(store, "work-1", "local").await;
+    registered(store, "work-2", "local").await;
+    let parent = one(
+        store,
+        commit(
+            "work-1",
+            vec![new_alert("w-1", "work-1/hot", at(1))],
+            60,
+            &[],
+        ),
+    )
+    .await;
+    let child = one(
+        store,
+        commit(
+            "work-1",
+            vec![new_alert("w-2", "work-1/hot", at(2))],
+            60,
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!(child.parent_alert, Some(parent.id));
+    let other = one(
+        store,
+        commit(
+            "work-2",
+            vec![new_alert("w-3", "work-2/hot", at(1))],
+            60,
+            &[],
+        ),
+    )
+    .await;
+    assert_eq!((parent.case, parent.work_order), (None, None));
+
+    let order = Uuid::now_v7();
+    let ordered = store
+        .set_alert_service_work(parent.id, ServiceWork::WorkOrder(order))
+        .await
+        .expect("work order");
+    assert_eq!(
+        (
+            ordered.work_order,
+            ordered.case,
+            ordered.statecode,
+            ordered.statuscode
+        ),
+        (Some(order), None, 2, 4)
+    );
+    let case = Uuid::now_v7();
+    let cased = store
+        .set_alert_service_work(parent.id, ServiceWork::Case(case))
+        .await
+        .expect("case");
+    assert_eq!(
+        (cased.work_order, cased.case, cased.statuscode),
+        (Some(order), Some(case), 3),
+        "the work order stays recorded"
+    );
+    assert_eq!(store.get_alert(parent.id).await.expect("read"), Some(cased));
+    not_found(
+        store
+            .set_alert_service_work(Uuid::now_v7(), ServiceWork::Case(case))
+            .await,
+        "alert",
+        "an unknown alert",
+    );
+
+    assert_eq!(store.close_child_alerts(parent.id).await.expect("close"), 1);
+    assert_eq!(store.close_child_alerts(parent.id).await.expect("again"), 0);
+    let state = |id| async move {
+        let a = store.get_alert(id).await.expect("read").expect("stored");
+        (a.statecode, a.statuscode)
+    };
+    assert_eq!(state(child.id).await, (3, 6));
+    assert_eq!(
+        state(parent.id).await,
+        (2, 3),
+        "the parent is left as it was"
+    );
+    assert_eq!(
+        state(other.id).await,
+        (0, 1),
+        "another device's alert is untouched"
+    );
+
+    let request = Uuid::now_v7();
+    for (i, device) in ["work-1", "work-2"].iter().enumerate() {
+        let c = store
+            .insert_command(&NewCommand {
+                name: "set_threshold".into(),
+                message: "{}".into(),
+                device_id: did(device),
+                parent_alert: None,
+                correlation_id: format!("req-{i}"),
+                request_id: Some(request),
+            })
+            .await
+            .expect("a command of the request");
+        assert_eq!(c.request_id, Some(request));
+    }
+    store
+        .insert_command(&NewCommand {
+            name: "reboot".into(),
+            message: "{}".into(),
+            device_id: did("work-1"),
+            parent_alert: None,
+            correlation_id: "alone".into(),
+            request_id: None,
+        })
+        .await
+        .expect("a command of no request");
+    let of_request = store
+        .list_commands(
+            &CommandFilter {
+                request_id: Some(request),
+                ..CommandFilter::default()
+            },
+            &PageRequest::default(),
+        )
+        .await
+        .expect("by request");
+    let mut devices: Vec<&str> = of_request
+        .items
+        .iter()
+        .map(|c| c.device_id.as_str())
+        .collect();
+    devices.sort_unstable();
+    assert_eq!(devices, ["work-1", "work-2"]);
 }

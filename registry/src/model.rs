@@ -350,6 +350,9 @@ pub struct Command {
     /// The alert that caused it, if any.
     #[serde(rename = "msdyn_parentalert")]
     pub parent_alert: Option<Uuid>,
+    /// The send-to-all request it is one of (one command per connected device).
+    #[serde(rename = "iotgw_requestid")]
+    pub request_id: Option<Uuid>,
     /// The id that ties the device's reply to this command.
     #[serde(rename = "iotgw_correlationid")]
     pub correlation_id: String,
@@ -381,6 +384,8 @@ pub struct NewCommand {
     pub parent_alert: Option<Uuid>,
     /// Correlation id (unique).
     pub correlation_id: String,
+    /// The send-to-all request it is one of.
+    pub request_id: Option<Uuid>,
 }
 
 /// `msdyn_iotalert`.
@@ -425,6 +430,12 @@ pub struct Alert {
     /// When it was sent.
     #[serde(rename = "msdyn_lastcommandsenttime")]
     pub last_command_sent_time: Option<DateTime<Utc>>,
+    /// The Field Service case created from it (a Dataverse record id).
+    #[serde(rename = "msdyn_case")]
+    pub case: Option<Uuid>,
+    /// The work order created from it (a Dataverse record id).
+    #[serde(rename = "msdyn_workorder")]
+    pub work_order: Option<Uuid>,
     /// `statecode`.
     pub statecode: i32,
     /// `statuscode`.
@@ -438,6 +449,25 @@ pub struct Alert {
     /// Created on.
     #[serde(rename = "createdon")]
     pub created_at: DateTime<Utc>,
+}
+
+/// What Field Service made of an alert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceWork {
+    /// A case (statuscode 3, In Progress – Case Created).
+    Case(Uuid),
+    /// A work order (statuscode 4, In Progress – Work Order Created).
+    WorkOrder(Uuid),
+}
+
+impl ServiceWork {
+    /// The status it gives the alert.
+    pub const fn status(self) -> AlertStatus {
+        match self {
+            Self::Case(_) => AlertStatus::CaseCreated,
+            Self::WorkOrder(_) => AlertStatus::WorkOrderCreated,
+        }
+    }
 }
 
 impl Alert {
@@ -697,6 +727,8 @@ pub struct CommandFilter {
     pub status: Option<CommandStatus>,
     /// Only commands caused by this alert.
     pub parent_alert: Option<Uuid>,
+    /// Only the commands of this send-to-all request.
+    pub request_id: Option<Uuid>,
 }
 
 /// Keyset paging: items after `after` (an opaque cursor from the previous page), at most `limit`.

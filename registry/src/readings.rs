@@ -69,6 +69,11 @@ pub fn message_key(message_id: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
+/// A reading's stored key: device, measure, time (ms), message key. Time-ordered, so a
+/// batch appends at the end of each device's measure range; a message delivered again
+/// with the same time (a device timestamp, a cloud's enqueue time) has the same key.
+pub(crate) type ReadingKey = (String, String, i64, i64);
+
 /// One reading row.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct ReadingRow {
@@ -80,9 +85,14 @@ pub(crate) struct ReadingRow {
 }
 
 impl ReadingRow {
-    /// The row's key.
-    pub fn key(&self) -> (String, i64, String) {
-        (self.device_id.clone(), self.msg, self.measure.clone())
+    /// The row's key as stored: device, measure, time, message.
+    pub fn key(&self) -> ReadingKey {
+        (
+            self.device_id.clone(),
+            self.measure.clone(),
+            self.at_ms,
+            self.msg,
+        )
     }
 }
 

@@ -171,6 +171,14 @@ pub trait Store: Send + Sync + 'static {
         last_command: Option<(Uuid, DateTime<Utc>)>,
     ) -> StoreResult<Alert>;
 
+    /// Records the case or work order Field Service created from an alert and sets its
+    /// status (In Progress – Case Created / Work Order Created). `NotFound` for an unknown
+    /// alert.
+    async fn set_alert_service_work(&self, id: Uuid, work: ServiceWork) -> StoreResult<Alert>;
+
+    /// Closes the children of a parent alert that are not closed yet; how many.
+    async fn close_child_alerts(&self, parent: Uuid) -> StoreResult<u64>;
+
     // --- commands ------------------------------------------------------------------------
 
     /// Creates a command, In Progress. `NotFound` for an unknown device.

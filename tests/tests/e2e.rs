@@ -1454,6 +1454,7 @@ async fn field_service_actions_register_query_aggregate_and_pull_after_a_restart
         );
         assert_eq!(r["RegistrationStatus"], json!({"Value": 192350003}), "{r}");
     }
+    assert_golden("cfs_register_devices", &registered, &[]);
     // Registering again reports Registered, with why nothing changed.
     let (_, again) = api
         .post("/api/cfs/v1/register-devices", collection.clone())
@@ -1503,6 +1504,7 @@ async fn field_service_actions_register_query_aggregate_and_pull_after_a_restart
             .then_some(body)
     })
     .await;
+    assert_golden("cfs_query_device_readings", &readings, &[]);
     let first_minute = &readings["AggregatedDeviceReadings"][guids[0]]["Temperature"]
         [start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)];
     // Readings 0..5 of the first minute: 60..65.
@@ -1539,6 +1541,7 @@ async fn field_service_actions_register_query_aggregate_and_pull_after_a_restart
         )
         .await;
     assert_eq!(status, 200, "{aggregated}");
+    assert_golden("cfs_aggregated_device_readings", &aggregated, &[]);
     assert_eq!(
         aggregated,
         json!([
@@ -1586,6 +1589,7 @@ async fn field_service_actions_register_query_aggregate_and_pull_after_a_restart
     let api = gw.api();
     let (status, pulled) = api.post("/api/cfs/v1/pull-device-data", collection).await;
     assert_eq!(status, 200, "{pulled}");
+    assert_golden("cfs_pull_device_data", &pulled, &[]);
     let pulled = pulled["PullDeviceDataResultsJSON"]
         .as_array()
         .expect("results")
@@ -1602,5 +1606,274 @@ async fn field_service_actions_register_query_aggregate_and_pull_after_a_restart
         "{pulled:?}"
     );
     assert_eq!(pulled[1]["DeviceReportedProperties"], json!({}));
+    gw.stop().await;
+}
+
+/// Field Service's send command, to every connected device and by definition; a device's
+/// reported properties read through property definitions; an alert's case and work order;
+/// closing a parent closes its child; the JSON getters. The responses are checked against
+/// golden files (`tests/golden/`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_service_sends_to_every_connected_device_by_definition_and_links_alerts_to_service_work(
+) {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    let ids = ["fs-a", "fs-b", "fs-c"];
+    for id in ids {
+        let (status, body) = api
+            .post(
+                "/api/v1/devices",
+                json!({"msdyn_deviceid": id, "msdyn_category": "chiller"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // a and b are connected; c is subscribed to its commands but said it is offline.
+    let mut devices = Vec::new();
+    for (id, state) in ids.iter().zip(["online", "online", "offline"]) {
+        let mut d = Device::connect(gw.broker_port, id).await;
+        d.publish_raw(&format!("devices/{id}/status"), state.as_bytes().to_vec())
+            .await;
+        devices.push(d);
+    }
+    wait_for("a and b connected, c not", || async {
+        let (_, on) = api.get("/api/v1/devices?connected=true").await;
+        let (_, off) = api.get("/api/v1/devices?connected=false").await;
+        let names = |v: &Value| {
+            v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d["msdyn_deviceid"].as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        (names(&on).len() == 2 && names(&off) == ["fs-c"]).then_some(())
+    })
+    .await;
+
+    // A wrong parameter type is refused, naming the parameter; nothing is stored or sent.
+    let by_definition = |params: Value, all: bool| {
+        let mut body = json!({
+            "msdyn_iotdevicecommandid": "7f1c3c1e-0c8f-4a4e-9d4b-3f7f0f6d2a11",
+            "msdyn_name": "Raise the threshold",
+            "msdyn_command": "set_threshold",
+            "msdyn_message": json!({"CommandName": "set_threshold", "Parameters": params}).to_string(),
+            "@odata.type": "Microsoft.Dynamics.CRM.msdyn_iotdevicecommand",
+        });
+        if all {
+            body["msdyn_sendtoallconnecteddevices"] = json!(true);
+        } else {
+            body["msdyn_deviceid"] = json!("fs-a");
+        }
+        body
+    };
+    let (status, refused) = api
+        .post(
+            "/api/cfs/v1/send-command",
+            by_definition(json!({"settings": {"threshold": "hot"}}), true),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    let message = refused["error"]["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("invalid Parameters.settings.threshold:")
+            && message.contains("is not a Decimal"),
+        "{message}"
+    );
+    let (status, missing) = api
+        .post("/api/cfs/v1/send-command", by_definition(json!({}), false))
+        .await;
+    assert_eq!(status, 400, "{missing}");
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("invalid Parameters.settings.threshold: missing")),
+        "{missing}"
+    );
+    let (_, none) = api.get("/api/v1/commands").await;
+    assert_eq!(none["items"], json!([]), "a refused command is not stored");
+
+    // Send to all: one command per connected device, all of one request.
+    let (status, sent) = api
+        .post(
+            "/api/cfs/v1/send-command",
+            by_definition(json!({"settings": {"threshold": 4.5}}), true),
+        )
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    let request = sent["RequestId"].as_str().expect("a request id").to_owned();
+    let targets: std::collections::BTreeSet<&str> = sent["Commands"]
+        .as_array()
+        .expect("commands")
+        .iter()
+        .map(|c| {
+            assert_eq!(c["iotgw_requestid"], request.as_str(), "{c}");
+            c["msdyn_deviceid"].as_str().expect("device")
+        })
+        .collect();
+    assert_eq!(targets, ["fs-a", "fs-b"].into(), "{sent}");
+    assert_golden(
+        "cfs_send_command_to_all",
+        &json!({"Id": sent["Id"], "RequestId": sent["RequestId"], "Commands": [sent["Commands"][0]]}),
+        &["msdyn_deviceid", "iotgw_correlationid"],
+    );
+    for d in &mut devices[..2] {
+        let cmd = d.next_command().await;
+        assert_eq!(cmd.body["CommandName"], "set_threshold", "{:?}", cmd.body);
+        assert_eq!(
+            cmd.body["Parameters"],
+            json!({"settings": {"threshold": 4.5}})
+        );
+        d.reply(&cmd, true).await;
+    }
+    assert!(
+        devices[2]
+            .command_within(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "the disconnected device got no command"
+    );
+    let (_, of_request) = api
+        .get(&format!("/api/v1/commands?request_id={request}"))
+        .await;
+    assert_eq!(
+        of_request["items"].as_array().map(Vec::len),
+        Some(2),
+        "{of_request}"
+    );
+    wait_for("both commands Sent", || async {
+        let (_, page) = api
+            .get(&format!("/api/v1/commands?request_id={request}"))
+            .await;
+        page["items"]
+            .as_array()?
+            .iter()
+            .all(|c| c["msdyn_commandstatus"] == 192350001)
+            .then_some(())
+    })
+    .await;
+
+    // Reported properties through their definitions.
+    devices[0]
+        .publish_raw(
+            "devices/fs-a/reported",
+            br#"{"settings": {"threshold": 4.5}, "firmware": 2}"#.to_vec(),
+        )
+        .await;
+    let props = wait_for("fs-a's reported properties", || async {
+        let (status, body) = api.get("/api/v1/devices/fs-a/properties").await;
+        assert_eq!(status, 200, "{body}");
+        (body["items"].as_array()?.iter().any(|p| p["value"] == 4.5)).then_some(body)
+    })
+    .await;
+    assert_golden("device_properties", &props, &[]);
+
+    // An alert and its child; a work order, then a case; closing the parent closes the child.
+    devices[0]
+        .publish_telemetry(json!({"message_id": "hot-1", "temperature": 90}))
+        .await;
+    devices[0]
+        .publish_telemetry(json!({"message_id": "hot-2", "temperature": 91}))
+        .await;
+    let (parent, child) = wait_for("a parent alert and its child", || async {
+        let (_, page) = api.get("/api/v1/alerts?device_id=fs-a").await;
+        let items = page["items"].as_array()?;
+        let parent = items.iter().find(|a| a["msdyn_parentalert"].is_null())?;
+        let child = items
+            .iter()
+            .find(|a| a["msdyn_parentalert"] == parent["msdyn_iotalertid"])?;
+        Some((
+            parent["msdyn_iotalertid"].as_str()?.to_owned(),
+            child["msdyn_iotalertid"].as_str()?.to_owned(),
+        ))
+    })
+    .await;
+    let order = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+    let (status, ordered) = api
+        .post(
+            &format!("/api/v1/alerts/{parent}/work-order"),
+            json!({"msdyn_workorder": order}),
+        )
+        .await;
+    assert_eq!(status, 200, "{ordered}");
+    assert_eq!(
+        (
+            &ordered["msdyn_workorder"],
+            &ordered["statecode"],
+            &ordered["statuscode"]
+        ),
+        (&json!(order), &json!(2), &json!(4))
+    );
+    let case = "3f2504e0-4f89-11d3-9a0c-0305e82c3302";
+    let (status, cased) = api
+        .post(
+            &format!("/api/v1/alerts/{parent}/case"),
+            json!({"msdyn_case": case}),
+        )
+        .await;
+    assert_eq!(status, 200, "{cased}");
+    assert_eq!(
+        (
+            &cased["msdyn_case"],
+            &cased["msdyn_workorder"],
+            &cased["statuscode"]
+        ),
+        (&json!(case), &json!(order), &json!(3)),
+        "the work order stays recorded"
+    );
+    let (status, bad) = api
+        .post(
+            &format!("/api/v1/alerts/{parent}/case"),
+            json!({"msdyn_case": "case-1"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(bad["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("invalid msdyn_case:")));
+    let (status, closed) = api
+        .post(&format!("/api/v1/alerts/{parent}/close"), json!({}))
+        .await;
+    assert_eq!((status, &closed["statecode"]), (200, &json!(3)), "{closed}");
+    let (_, child_now) = api.get(&format!("/api/v1/alerts/{child}")).await;
+    assert_eq!(
+        (&child_now["statecode"], &child_now["statuscode"]),
+        (&json!(3), &json!(6)),
+        "the child is closed with its parent: {child_now}"
+    );
+
+    // The JSON getters.
+    let doc =
+        json!({"engine": {"temp": 71.5, "on": true, "name": "main"}, "axes": [1, 2]}).to_string();
+    for (getter, path, want) in [
+        ("json-get-number", "engine.temp", json!(71.5)),
+        ("json-get-number", "/axes/1", json!(2)),
+        ("json-get-boolean", "engine.on", json!(true)),
+        ("json-get-string", "engine.name", json!("main")),
+        ("json-get-string", "engine.temp", json!("71.5")),
+        ("json-get-number", "engine.name", Value::Null),
+        ("json-get-boolean", "engine.missing", Value::Null),
+    ] {
+        let (status, got) = api
+            .post(
+                &format!("/api/cfs/v1/{getter}"),
+                json!({"Json": doc, "Path": path}),
+            )
+            .await;
+        assert_eq!(
+            (status, &got),
+            (200, &json!({"Value": want})),
+            "{getter} {path}"
+        );
+    }
+    let (status, bad) = api
+        .post(
+            "/api/cfs/v1/json-get-number",
+            json!({"Json": "{", "Path": "a"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
     gw.stop().await;
 }

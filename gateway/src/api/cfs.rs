@@ -1,7 +1,8 @@
 //! Field Service's IoT provider actions over HTTP (`/api/cfs/v1/...`), with the request and
 //! response JSON Field Service sends and expects (Microsoft's "Configure IoT provider
 //! actions"): register devices, pull device data, query device readings, aggregated
-//! device readings.
+//! device readings, send command (to one device or to every connected one), and the JSON
+//! getters.
 //!
 //! Field Service names a device by its `msdyn_iotdeviceid` (the GUID of its record in
 //! Dataverse). A request's entity may carry `msdyn_deviceid` too; without it the GUID
@@ -28,6 +29,9 @@ use crate::core::{GatewayError, RegisterRequest};
 const MAX_ENTITIES: usize = 1000;
 /// Measures one aggregated-readings request may ask for.
 const MAX_AGGREGATES: usize = 100;
+/// Devices one send-to-all request may reach; narrow a larger fleet by instance or
+/// category.
+const MAX_SEND_TO_ALL: usize = 10_000;
 /// The aggregates Field Service asks for (any case).
 const AGGREGATES: [&str; 6] = ["min", "max", "avg", "average", "sum", "count"];
 
@@ -340,9 +344,285 @@ pub(super) async fn aggregated_device_readings(
     Ok(Json(Value::Array(out)))
 }
 
+/// Send Command's input: the `msdyn_iotdevicecommand` record Field Service creates.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SendCommand {
+    /// The record's GUID in Dataverse, echoed back.
+    #[serde(default)]
+    msdyn_iotdevicecommandid: Option<String>,
+    #[serde(default)]
+    msdyn_name: Option<String>,
+    /// `{"CommandName": "...", "Parameters": {...}}` as JSON text (or as an object).
+    #[serde(default)]
+    msdyn_message: Option<Value>,
+    /// The target device's id (leave out with send-to-all).
+    #[serde(default)]
+    msdyn_deviceid: Option<String>,
+    /// The command definition (`[definitions.commands.NAME]`) to check the parameters by.
+    #[serde(default)]
+    msdyn_command: Option<String>,
+    #[serde(default)]
+    msdyn_sendtoallconnecteddevices: bool,
+    /// Send-to-all only to this provider instance's devices.
+    #[serde(default)]
+    msdyn_iotproviderinstance: Option<String>,
+    /// Send-to-all only to this category's devices.
+    #[serde(default)]
+    msdyn_category: Option<String>,
+    #[serde(rename = "@odata.type", default)]
+    _odata_type: Option<String>,
+}
+
+/// The command name and parameters of a Send Command request: `msdyn_message`'s
+/// `CommandName` and `Parameters`, the name falling back on `msdyn_command`, then
+/// `msdyn_name`.
+fn name_and_parameters(c: &SendCommand) -> Result<(String, Value), ApiError> {
+    let message = match &c.msdyn_message {
+        None => Value::Null,
+        Some(Value::String(text)) if text.trim().is_empty() => Value::Null,
+        Some(Value::String(text)) => serde_json::from_str(text).map_err(|e| {
+            ApiError::invalid(
+                "msdyn_message",
+                format!(
+                    "not JSON ({e}): send {{\"CommandName\": \"...\", \"Parameters\": {{...}}}}"
+                ),
+            )
+        })?,
+        Some(v) => v.clone(),
+    };
+    let named = message.get("CommandName").and_then(Value::as_str);
+    let name = named
+        .or(c.msdyn_command.as_deref())
+        .or(c.msdyn_name.as_deref())
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "msdyn_message",
+                "no command name: give CommandName in msdyn_message, or msdyn_command",
+            )
+        })?;
+    let parameters = message.get("Parameters").cloned().unwrap_or(Value::Null);
+    Ok((name.to_owned(), parameters))
+}
+
+/// Send Command: one command to `msdyn_deviceid`, or with
+/// `msdyn_sendtoallconnecteddevices` one command per connected, registered device (all of
+/// one request, `iotgw_requestid`). A command by definition (`msdyn_command`) is checked
+/// against its parameters' types first; a wrong one is a 400 naming the parameter.
+pub(super) async fn send_command(
+    State(s): State<ApiState>,
+    b: Result<Json<SendCommand>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let c = body(b)?;
+    let (name, parameters) = name_and_parameters(&c)?;
+    let live = s.core.live();
+    let defs = &live.config.definitions;
+    let definition = c
+        .msdyn_command
+        .as_deref()
+        .map(|d| crate::definitions::command(defs, d))
+        .transpose()?;
+    let check = |category: Option<&str>| match definition {
+        Some(def) => crate::definitions::check_command(defs, &name, def, &parameters, category),
+        None => Ok(()),
+    };
+    if !c.msdyn_sendtoallconnecteddevices {
+        let raw = c.msdyn_deviceid.as_deref().ok_or_else(|| {
+            ApiError::invalid(
+                "msdyn_deviceid",
+                "missing: name the device, or set msdyn_sendtoallconnecteddevices",
+            )
+        })?;
+        let id = device_id("msdyn_deviceid", raw)?;
+        let device = s
+            .core
+            .store
+            .get_device(&id)
+            .await
+            .map_err(GatewayError::from)?
+            .ok_or_else(|| {
+                ApiError::not_found(format!("device {id} not found: register it first"))
+            })?;
+        check(device.category.as_deref())?;
+        let cmd = s.core.send_command(raw, &name, &parameters).await?;
+        return Ok((
+            axum::http::StatusCode::ACCEPTED,
+            Json(json!({
+                "Id": c.msdyn_iotdevicecommandid,
+                "Commands": [cmd],
+            })),
+        ));
+    }
+    if c.msdyn_deviceid.is_some() {
+        return Err(ApiError::invalid(
+            "msdyn_deviceid",
+            "give either a device or msdyn_sendtoallconnecteddevices, not both",
+        ));
+    }
+    let filter = iotgw_registry::DeviceFilter {
+        provider_instance: c.msdyn_iotproviderinstance.clone(),
+        category: c.msdyn_category.clone(),
+        registration_status: Some(RegistrationStatus::Registered),
+        connected: Some(true),
+    };
+    let mut targets = Vec::new();
+    let mut page = iotgw_registry::PageRequest {
+        after: None,
+        limit: 1000,
+    };
+    loop {
+        let got = s
+            .core
+            .store
+            .list_devices(&filter, &page)
+            .await
+            .map_err(GatewayError::from)?;
+        targets.extend(got.items);
+        if targets.len() > MAX_SEND_TO_ALL {
+            return Err(ApiError::invalid(
+                "msdyn_sendtoallconnecteddevices",
+                format!("more than {MAX_SEND_TO_ALL} connected devices: narrow the request with msdyn_iotproviderinstance or msdyn_category"),
+            ));
+        }
+        match got.next {
+            Some(next) => page.after = Some(next),
+            None => break,
+        }
+    }
+    // Every device is checked before any command is stored: all or nothing.
+    for d in &targets {
+        check(d.category.as_deref()).map_err(|e| match e {
+            GatewayError::Invalid { field, message } => {
+                ApiError::invalid(&field, format!("device {}: {message}", d.device_id))
+            }
+            other => other.into(),
+        })?;
+    }
+    let request = uuid::Uuid::now_v7();
+    let mut commands = Vec::with_capacity(targets.len());
+    for d in &targets {
+        commands.push(
+            s.core
+                .send_command_of(d.device_id.as_str(), &name, &parameters, Some(request))
+                .await?,
+        );
+    }
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(json!({
+            "Id": c.msdyn_iotdevicecommandid,
+            "RequestId": request,
+            "Commands": commands,
+        })),
+    ))
+}
+
+/// The JSON getters' input: `Json` (a JSON document as text) and `Path` (a JSON pointer,
+/// or a dotted path such as `engine.temp`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct JsonGet {
+    #[serde(rename = "Json")]
+    json: String,
+    #[serde(rename = "Path")]
+    path: String,
+}
+
+/// The value at `path` (a JSON pointer, or dotted keys with `[n]` for array items).
+fn json_at<'v>(doc: &'v Value, path: &str) -> Option<&'v Value> {
+    if path.is_empty() || path.starts_with('/') {
+        return doc.pointer(path);
+    }
+    let mut at = doc;
+    for part in path.split('.') {
+        let (key, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            at = at.get(key)?;
+        }
+        for index in indexes.split('[').skip(1) {
+            at = at.get(index.strip_suffix(']')?.parse::<usize>().ok()?)?;
+        }
+    }
+    Some(at)
+}
+
+/// `JsonGetBoolean`, `JsonGetNumber`, `JsonGetString`: `{"Value": ...}`, null when the
+/// path leads nowhere or to another type (a string is returned as it is; a number or a
+/// boolean as its JSON text).
+fn json_get(kind: &str, b: Result<Json<JsonGet>, JsonRejection>) -> Result<Json<Value>, ApiError> {
+    let q = body(b)?;
+    let doc: Value = serde_json::from_str(&q.json)
+        .map_err(|e| ApiError::invalid("Json", format!("not a JSON document: {e}")))?;
+    let found = json_at(&doc, &q.path);
+    let value = match kind {
+        "boolean" => found.and_then(Value::as_bool).map(Value::Bool),
+        "number" => found.filter(|v| v.is_number()).cloned(),
+        _ => found.map(|v| match v {
+            Value::String(s) => Value::String(s.clone()),
+            other => Value::String(other.to_string()),
+        }),
+    };
+    Ok(Json(json!({ "Value": value })))
+}
+
+/// `JsonGetBoolean`.
+pub(super) async fn json_get_boolean(
+    b: Result<Json<JsonGet>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    json_get("boolean", b)
+}
+
+/// `JsonGetNumber`.
+pub(super) async fn json_get_number(
+    b: Result<Json<JsonGet>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    json_get("number", b)
+}
+
+/// `JsonGetString`.
+pub(super) async fn json_get_string(
+    b: Result<Json<JsonGet>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    json_get("string", b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_paths_are_pointers_or_dotted_keys_with_indexes() {
+        let doc = json!({"engine": {"temp": 71.5, "on": true}, "axes": [{"x": 1}, {"x": 2}]});
+        assert_eq!(json_at(&doc, "/engine/temp"), Some(&json!(71.5)));
+        assert_eq!(json_at(&doc, "engine.on"), Some(&json!(true)));
+        assert_eq!(json_at(&doc, "axes[1].x"), Some(&json!(2)));
+        assert_eq!(json_at(&doc, "axes[9].x"), None);
+        assert_eq!(json_at(&doc, "engine.rpm"), None);
+        assert_eq!(json_at(&doc, "axes[x]"), None);
+    }
+
+    #[test]
+    fn a_command_name_comes_from_the_message_then_the_definition_then_the_record_name() {
+        let parse = |v: Value| {
+            let c: SendCommand = serde_json::from_value(v).expect("parses");
+            name_and_parameters(&c)
+        };
+        let (name, params) = parse(json!({
+            "msdyn_message": "{\"CommandName\": \"reboot\", \"Parameters\": {\"delay\": 5}}",
+            "msdyn_name": "Reboot pump 7"
+        }))
+        .expect("named");
+        assert_eq!((name.as_str(), params), ("reboot", json!({"delay": 5})));
+        let (name, _) = parse(json!({"msdyn_command": "configure"})).expect("by definition");
+        assert_eq!(name, "configure");
+        assert!(parse(json!({"msdyn_message": "{"})).is_err());
+        assert!(parse(json!({})).is_err());
+    }
 
     #[test]
     fn time_ranges_count_a_month_as_30_days_and_refuse_unknown_units() {

@@ -6,7 +6,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use iotgw_registry::{
-    AlertFilter, AlertStatus, CommandFilter, DeviceFilter, DeviceId, PageRequest,
+    Alert, AlertFilter, AlertStatus, CommandFilter, DeviceFilter, DeviceId, PageRequest,
+    ServiceWork,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -456,15 +457,84 @@ pub(super) async fn close_alert(
     IdPath(id): IdPath,
 ) -> ApiResult<impl IntoResponse> {
     let id = uuid(&id, "alert id")?;
+    let Some(before) = s.core.store.get_alert(id).await? else {
+        return Err(ApiError::not_found(format!("alert {id} not found")));
+    };
+    let closed = s
+        .core
+        .store
+        .set_alert_status(id, AlertStatus::Closed, None)
+        .await?;
+    if before.parent_alert.is_none() && s.core.live().config.alerts.close_children_with_parent {
+        s.core.store.close_child_alerts(id).await?;
+    }
+    Ok(Json(closed))
+}
+
+/// `POST /api/v1/alerts/{id}/case`'s body: the case Field Service created.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CaseBody {
+    msdyn_case: String,
+}
+
+/// `POST /api/v1/alerts/{id}/work-order`'s body: the work order Field Service created.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WorkOrderBody {
+    msdyn_workorder: String,
+}
+
+async fn service_work(s: &ApiState, id: &str, work: ServiceWork) -> ApiResult<Json<Alert>> {
+    let id = uuid(id, "alert id")?;
     if s.core.store.get_alert(id).await?.is_none() {
         return Err(ApiError::not_found(format!("alert {id} not found")));
     }
-    Ok(Json(
-        s.core
-            .store
-            .set_alert_status(id, AlertStatus::Closed, None)
-            .await?,
-    ))
+    Ok(Json(s.core.store.set_alert_service_work(id, work).await?))
+}
+
+/// Records the case created from an alert: statuscode 3 (In Progress – Case Created).
+pub(super) async fn alert_case(
+    State(s): State<ApiState>,
+    IdPath(id): IdPath,
+    b: Result<Json<CaseBody>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let case = uuid(&body(b)?.msdyn_case, "msdyn_case")?;
+    service_work(&s, &id, ServiceWork::Case(case)).await
+}
+
+/// Records the work order created from an alert: statuscode 4 (In Progress – Work Order
+/// Created).
+pub(super) async fn alert_work_order(
+    State(s): State<ApiState>,
+    IdPath(id): IdPath,
+    b: Result<Json<WorkOrderBody>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let order = uuid(&body(b)?.msdyn_workorder, "msdyn_workorder")?;
+    service_work(&s, &id, ServiceWork::WorkOrder(order)).await
+}
+
+/// A device's reported properties read through the property definitions
+/// (`[definitions.properties]`).
+pub(super) async fn device_properties(
+    State(s): State<ApiState>,
+    IdPath(id): IdPath,
+) -> ApiResult<impl IntoResponse> {
+    let did = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
+    let device = s
+        .core
+        .store
+        .get_device(&did)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("device {did} not found")))?;
+    let reported = device
+        .reported_properties
+        .unwrap_or(serde_json::Value::Null);
+    let live = s.core.live();
+    Ok(Json(serde_json::json!({
+        "msdyn_deviceid": did,
+        "items": crate::definitions::read_properties(&live.config.definitions, &reported),
+    })))
 }
 
 pub(super) async fn replay_dead_letter(

@@ -316,6 +316,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/devices/{id}/move", post(move_device))
         .route("/api/v1/devices/{id}/history", get(device_history))
         .route("/api/v1/devices/{id}/state", get(device_state))
+        .route("/api/v1/devices/{id}/properties", get(device_properties))
         .route(
             "/api/v1/devices/{id}/readings",
             get(readings::device_readings),
@@ -329,6 +330,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/alerts", get(list_alerts))
         .route("/api/v1/alerts/{id}", get(get_alert))
         .route("/api/v1/alerts/{id}/close", post(close_alert))
+        .route("/api/v1/alerts/{id}/case", post(alert_case))
+        .route("/api/v1/alerts/{id}/work-order", post(alert_work_order))
         .route("/api/v1/dead-letters", get(list_dead_letters))
         .route("/api/v1/dead-letters/replay", post(replay_dead_letters))
         .route("/api/v1/dead-letters/{id}/replay", post(replay_dead_letter))
@@ -338,6 +341,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/openapi.yaml", get(openapi))
         .route("/api/cfs/v1/register-devices", post(cfs::register_devices))
         .route("/api/cfs/v1/pull-device-data", post(cfs::pull_device_data))
+        .route("/api/cfs/v1/send-command", post(cfs::send_command))
+        .route("/api/cfs/v1/json-get-boolean", post(cfs::json_get_boolean))
+        .route("/api/cfs/v1/json-get-number", post(cfs::json_get_number))
+        .route("/api/cfs/v1/json-get-string", post(cfs::json_get_string))
         .route(
             "/api/cfs/v1/query-device-readings",
             post(cfs::query_device_readings),

@@ -1,7 +1,7 @@
 //! What a telemetry message keeps as readings: every number and boolean of its JSON
 //! document by JSON pointer (RFC 6901: `/engine/temp`, `~1` for a `/` in a key, `~0` for a
 //! `~`), booleans as 0 and 1, in key order (objects' keys sorted, arrays in order), and the
-//! message's own time. Pure, no I/O.
+//! message's own time (which is not a measure itself). Pure, no I/O.
 
 use chrono::{DateTime, TimeZone, Utc};
 use iotgw_config::ReadingsConfig;
@@ -33,6 +33,7 @@ impl Measures {
             walk(doc, &mut String::new(), &mut |pointer, value| {
                 if out.len() < self.max
                     && pointer.len() <= MAX_MEASURE_BYTES
+                    && pointer != self.time_pointer
                     && (self.only.is_empty() || self.only.contains(pointer))
                 {
                     out.push((pointer.to_owned(), value));
@@ -120,7 +121,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// Readings on (they are off by default), everything else as configured by default.
+    /// Readings on, everything else as configured by default.
     fn on() -> ReadingsConfig {
         ReadingsConfig {
             enabled: true,
@@ -175,7 +176,10 @@ mod tests {
             ..on()
         });
         assert_eq!(two.of(&doc).len(), 2);
-        let off = Measures::new(&ReadingsConfig::default());
+        let off = Measures::new(&ReadingsConfig {
+            enabled: false,
+            ..on()
+        });
         assert!(off.of(&doc).is_empty());
     }
 
@@ -199,5 +203,10 @@ mod tests {
         assert_eq!(t(json!({"timestamp": "2999-01-01T00:00:00Z"})), latest);
         assert_eq!(t(json!({"timestamp": "yesterday"})), received);
         assert_eq!(t(json!({})), received);
+        // The time is the message's time, not one of its measures.
+        assert_eq!(
+            m.of(&json!({"timestamp": received.timestamp_millis(), "t": 1})),
+            vec![("/t".to_owned(), 1.0)]
+        );
     }
 }

@@ -298,4 +298,51 @@ impl PostgresStore {
         })?;
         alert_from_row(&row)
     }
+
+    /// See [`crate::Store::set_alert_service_work`].
+    pub(super) async fn alert_service_work(
+        &self,
+        id: Uuid,
+        work: ServiceWork,
+    ) -> StoreResult<Alert> {
+        let status = work.status();
+        let (case, order) = match work {
+            ServiceWork::Case(c) => (Some(c), None),
+            ServiceWork::WorkOrder(w) => (None, Some(w)),
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE alerts SET statecode = $1, statuscode = $2, \
+             case_id = COALESCE($3, case_id), workorder_id = COALESCE($4, workorder_id) \
+             WHERE id = $5 RETURNING {ALERT_COLS}"
+        ))
+        .bind(status.statecode())
+        .bind(status.statuscode())
+        .bind(case)
+        .bind(order)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("recording an alert's case or work order"))?
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "alert",
+            key: id.to_string(),
+        })?;
+        alert_from_row(&row)
+    }
+
+    /// See [`crate::Store::close_child_alerts`].
+    pub(super) async fn close_children(&self, parent: Uuid) -> StoreResult<u64> {
+        let closed = AlertStatus::Closed;
+        Ok(sqlx::query(
+            "UPDATE alerts SET statecode = $1, statuscode = $2 \
+             WHERE parent_alert = $3 AND statecode <> $1",
+        )
+        .bind(closed.statecode())
+        .bind(closed.statuscode())
+        .bind(parent)
+        .execute(&self.pool)
+        .await
+        .map_err(db("closing child alerts"))?
+        .rows_affected())
+    }
 }

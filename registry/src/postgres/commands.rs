@@ -21,11 +21,12 @@ pub(super) async fn insert_command_row(
     message: &str,
     parent_alert: Option<Uuid>,
     correlation_id: &str,
+    request_id: Option<Uuid>,
 ) -> StoreResult<Command> {
     let row = sqlx::query(&format!(
         "INSERT INTO commands (id, name, message, status, status_reason, device, device_id, \
-         parent_alert, correlation_id, provider_instance, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10, $10) RETURNING {COMMAND_COLS}"
+         parent_alert, correlation_id, provider_instance, created_at, updated_at, request_id) \
+         VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING {COMMAND_COLS}"
     ))
     .bind(Uuid::now_v7())
     .bind(text(name).as_ref())
@@ -37,6 +38,7 @@ pub(super) async fn insert_command_row(
     .bind(text(correlation_id).as_ref())
     .bind(&device.provider_instance)
     .bind(now())
+    .bind(request_id)
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| {
@@ -77,6 +79,7 @@ impl PostgresStore {
             &command.message,
             command.parent_alert,
             &command.correlation_id,
+            command.request_id,
         )
         .await?;
         tx.commit().await.map_err(db("committing a command"))?;
@@ -165,6 +168,9 @@ impl PostgresStore {
         }
         if let Some(p) = filter.parent_alert {
             qb.push(" AND parent_alert = ").push_bind(p);
+        }
+        if let Some(r) = filter.request_id {
+            qb.push(" AND request_id = ").push_bind(r);
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(size as i64 + 1);
@@ -336,8 +342,8 @@ impl PostgresStore {
         }
         if let Some(t) = before.readings {
             out.readings = sqlx::query(
-                "DELETE FROM readings WHERE (device_id, msg, measure) IN \
-                 (SELECT device_id, msg, measure FROM readings WHERE at_ms < $1 ORDER BY at_ms LIMIT $2)",
+                "DELETE FROM readings WHERE (device_id, measure, at_ms, msg) IN \
+                 (SELECT device_id, measure, at_ms, msg FROM readings WHERE at_ms < $1 ORDER BY at_ms LIMIT $2)",
             )
             .bind(t.timestamp_millis())
             .bind(limit)

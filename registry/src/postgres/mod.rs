@@ -99,6 +99,16 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "readings",
         include_str!("../../migrations/postgres/0007_readings.sql"),
     ),
+    (
+        8,
+        "readings by time",
+        include_str!("../../migrations/postgres/0008_readings_by_time.sql"),
+    ),
+    (
+        9,
+        "service work",
+        include_str!("../../migrations/postgres/0009_service_work.sql"),
+    ),
 ];
 
 /// How often a transaction aborted as a deadlock or serialization failure is tried.
@@ -667,6 +677,14 @@ impl Store for PostgresStore {
         last_command: Option<(Uuid, DateTime<Utc>)>,
     ) -> StoreResult<Alert> {
         self.alert_status(id, status, last_command).await
+    }
+
+    async fn set_alert_service_work(&self, id: Uuid, work: ServiceWork) -> StoreResult<Alert> {
+        self.alert_service_work(id, work).await
+    }
+
+    async fn close_child_alerts(&self, parent: Uuid) -> StoreResult<u64> {
+        self.close_children(parent).await
     }
 
     // --- commands ------------------------------------------------------------------------

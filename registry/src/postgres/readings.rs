@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use super::{db, text, PostgresStore};
-use crate::readings::{bucket_of, ReadingBucket, ReadingQuery, ReadingRow, RollupRow, Source};
+use crate::readings::{
+    bucket_of, ReadingBucket, ReadingKey, ReadingQuery, ReadingRow, RollupRow, Source,
+};
 use crate::store::StoreResult;
 
 /// Rows per rollup statement (8 parameters each; PostgreSQL takes 65,535).
@@ -30,36 +32,45 @@ fn columns(rows: &[ReadingRow]) -> Columns<'_> {
 pub(super) async fn stored_readings(
     conn: &mut PgConnection,
     rows: &[ReadingRow],
-) -> StoreResult<HashSet<(String, i64, String)>> {
-    let given: HashMap<(&str, i64, String), &str> = rows
+) -> StoreResult<HashSet<ReadingKey>> {
+    let given: HashMap<(&str, String, i64, i64), &str> = rows
         .iter()
         .map(|r| {
             (
-                (r.device_id.as_str(), r.msg, text(&r.measure).into_owned()),
+                (
+                    r.device_id.as_str(),
+                    text(&r.measure).into_owned(),
+                    r.at_ms,
+                    r.msg,
+                ),
                 r.measure.as_str(),
             )
         })
         .collect();
-    let (devices, msgs, measures, _, _) = columns(rows);
+    let (devices, msgs, measures, at, _) = columns(rows);
     let found = sqlx::query(
-        "SELECT r.device_id, r.msg, r.measure FROM readings r \
-         JOIN unnest($1::text[], $2::int8[], $3::text[]) AS k (device_id, msg, measure) \
-         ON r.device_id = k.device_id AND r.msg = k.msg AND r.measure = k.measure",
+        "SELECT r.device_id, r.measure, r.at_ms, r.msg FROM readings r \
+         JOIN unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) \
+         AS k (device_id, measure, at_ms, msg) \
+         ON r.device_id = k.device_id AND r.measure = k.measure AND r.at_ms = k.at_ms \
+         AND r.msg = k.msg",
     )
     .bind(&devices)
-    .bind(&msgs)
     .bind(&measures)
+    .bind(&at)
+    .bind(&msgs)
     .fetch_all(&mut *conn)
     .await
     .map_err(db("reading the stored readings"))?;
     Ok(found
         .into_iter()
         .map(|row| {
-            let (device, msg, stored): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
+            let (device, stored, at_ms, msg): (String, String, i64, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
             let measure = given
-                .get(&(device.as_str(), msg, stored.clone()))
+                .get(&(device.as_str(), stored.clone(), at_ms, msg))
                 .map_or(stored, |m| (*m).to_owned());
-            (device, msg, measure)
+            (device, measure, at_ms, msg)
         })
         .collect())
 }

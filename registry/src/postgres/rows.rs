@@ -17,10 +17,12 @@ pub(super) const CATEGORY_COLS: &str = "id, name, description, created_at";
 pub(super) const ALERT_COLS: &str =
     "id, description, alert_data, alert_time, alert_token, alert_type, \
      priority_score, device, device_id, parent_alert, parent_alert_token, last_command_sent, \
-     last_command_sent_time, statecode, statuscode, rule, provider_instance, created_at";
+     last_command_sent_time, statecode, statuscode, rule, provider_instance, created_at, \
+     case_id, workorder_id";
 pub(super) const COMMAND_COLS: &str =
     "id, name, message, status, status_reason, device, device_id, \
-     parent_alert, correlation_id, provider_instance, created_at, updated_at, published_at";
+     parent_alert, correlation_id, provider_instance, created_at, updated_at, published_at, \
+     request_id";
 pub(super) const OUTBOX_COLS: &str =
     "id, sink, payload, idempotency_key, attempts, last_error, created_at, lease_token";
 pub(super) const DEAD_LETTER_COLS: &str =
@@ -99,6 +101,8 @@ pub(super) fn alert_from_row(row: &PgRow) -> StoreResult<Alert> {
         parent_alert_token: get(row, "parent_alert_token")?,
         last_command_sent: get(row, "last_command_sent")?,
         last_command_sent_time: get(row, "last_command_sent_time")?,
+        case: get(row, "case_id")?,
+        work_order: get(row, "workorder_id")?,
         statecode: get(row, "statecode")?,
         statuscode: get(row, "statuscode")?,
         rule: get(row, "rule")?,
@@ -117,6 +121,7 @@ pub(super) fn command_from_row(row: &PgRow) -> StoreResult<Command> {
         device: get(row, "device")?,
         device_id: get_device_id(row, "device_id")?,
         parent_alert: get(row, "parent_alert")?,
+        request_id: get(row, "request_id")?,
         correlation_id: get(row, "correlation_id")?,
         provider_instance: get(row, "provider_instance")?,
         created_at: get(row, "created_at")?,

@@ -269,5 +269,53 @@ impl SqliteStore {
         alert_from_row(&row)
     }
 
+    /// See [`crate::Store::set_alert_service_work`].
+    pub(super) async fn alert_service_work(
+        &self,
+        id: Uuid,
+        work: ServiceWork,
+    ) -> StoreResult<Alert> {
+        let status = work.status();
+        let (case, order) = match work {
+            ServiceWork::Case(c) => (Some(c.to_string()), None),
+            ServiceWork::WorkOrder(w) => (None, Some(w.to_string())),
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE alerts SET statecode = ?, statuscode = ?, \
+             case_id = COALESCE(?, case_id), workorder_id = COALESCE(?, workorder_id) \
+             WHERE id = ? RETURNING {ALERT_COLS}"
+        ))
+        .bind(status.statecode())
+        .bind(status.statuscode())
+        .bind(case)
+        .bind(order)
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("recording an alert's case or work order"))?
+        .ok_or_else(|| StoreError::NotFound {
+            entity: "alert",
+            key: id.to_string(),
+        })?;
+        alert_from_row(&row)
+    }
+
+    /// See [`crate::Store::close_child_alerts`].
+    pub(super) async fn close_children(&self, parent: Uuid) -> StoreResult<u64> {
+        let closed = AlertStatus::Closed;
+        Ok(sqlx::query(
+            "UPDATE alerts SET statecode = ?, statuscode = ? \
+             WHERE parent_alert = ? AND statecode <> ?",
+        )
+        .bind(closed.statecode())
+        .bind(closed.statuscode())
+        .bind(parent.to_string())
+        .bind(closed.statecode())
+        .execute(&self.pool)
+        .await
+        .map_err(db("closing child alerts"))?
+        .rows_affected())
+    }
+
     // --- commands ------------------------------------------------------------------------
 }

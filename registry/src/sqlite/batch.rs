@@ -118,6 +118,7 @@ impl BatchWriter for Writer<'_> {
             &command.message,
             Some(alert),
             &command.correlation_id,
+            None,
         )
         .await
     }
@@ -130,7 +131,7 @@ impl BatchWriter for Writer<'_> {
     async fn stored_readings(
         &mut self,
         rows: &[ReadingRow],
-    ) -> StoreResult<HashSet<(String, i64, String)>> {
+    ) -> StoreResult<HashSet<crate::readings::ReadingKey>> {
         super::readings::stored_readings(self.0, rows).await
     }
     async fn insert_readings(&mut self, rows: &[ReadingRow]) -> StoreResult<()> {

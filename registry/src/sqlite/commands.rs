@@ -9,12 +9,13 @@ pub(super) async fn insert_command_row(
     message: &str,
     parent_alert: Option<Uuid>,
     correlation_id: &str,
+    request_id: Option<Uuid>,
 ) -> StoreResult<Command> {
     let at = now();
     let row = sqlx::query(&format!(
         "INSERT INTO commands (id, name, message, status, status_reason, device, device_id, \
-         parent_alert, correlation_id, provider_instance, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?) RETURNING {COMMAND_COLS}"
+         parent_alert, correlation_id, provider_instance, created_at, updated_at, request_id) \
+         VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COMMAND_COLS}"
     ))
     .bind(Uuid::now_v7().to_string())
     .bind(name)
@@ -27,6 +28,7 @@ pub(super) async fn insert_command_row(
     .bind(&device.provider_instance)
     .bind(&at)
     .bind(&at)
+    .bind(request_id.map(|u| u.to_string()))
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| {
@@ -67,6 +69,7 @@ impl SqliteStore {
             &command.message,
             command.parent_alert,
             &command.correlation_id,
+            command.request_id,
         )
         .await?;
         tx.commit().await.map_err(db("committing a command"))?;
@@ -152,6 +155,9 @@ impl SqliteStore {
         }
         if let Some(p) = filter.parent_alert {
             qb.push(" AND parent_alert = ").push_bind(p.to_string());
+        }
+        if let Some(r) = filter.request_id {
+            qb.push(" AND request_id = ").push_bind(r.to_string());
         }
         qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
             .push_bind(size as i64 + 1);
@@ -331,8 +337,8 @@ impl SqliteStore {
         }
         if let Some(t) = before.readings {
             out.readings = sqlx::query(
-                "DELETE FROM readings WHERE (device_id, msg, measure) IN \
-                 (SELECT device_id, msg, measure FROM readings WHERE at_ms < ? ORDER BY at_ms LIMIT ?)",
+                "DELETE FROM readings WHERE (device_id, measure, at_ms, msg) IN \
+                 (SELECT device_id, measure, at_ms, msg FROM readings WHERE at_ms < ? ORDER BY at_ms LIMIT ?)",
             )
             .bind(t.timestamp_millis())
             .bind(limit)

@@ -105,6 +105,16 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "readings",
         include_str!("../../migrations/sqlite/0007_readings.sql"),
     ),
+    (
+        8,
+        "readings by time",
+        include_str!("../../migrations/sqlite/0008_readings_by_time.sql"),
+    ),
+    (
+        9,
+        "service work",
+        include_str!("../../migrations/sqlite/0009_service_work.sql"),
+    ),
 ];
 
 /// Connections in a file store's pool (readers run side by side under WAL).
@@ -614,6 +624,14 @@ impl Store for SqliteStore {
         last_command: Option<(Uuid, DateTime<Utc>)>,
     ) -> StoreResult<Alert> {
         self.alert_status(id, status, last_command).await
+    }
+
+    async fn set_alert_service_work(&self, id: Uuid, work: ServiceWork) -> StoreResult<Alert> {
+        self.alert_service_work(id, work).await
+    }
+
+    async fn close_child_alerts(&self, parent: Uuid) -> StoreResult<u64> {
+        self.close_children(parent).await
     }
 
     async fn insert_command(&self, command: &NewCommand) -> StoreResult<Command> {

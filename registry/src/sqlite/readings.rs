@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::{db, SqliteStore};
-use crate::readings::{bucket_of, ReadingBucket, ReadingQuery, ReadingRow, RollupRow, Source};
+use crate::readings::{
+    bucket_of, ReadingBucket, ReadingKey, ReadingQuery, ReadingRow, RollupRow, Source,
+};
 use crate::store::StoreResult;
 
 /// The rows as one JSON array, read in SQL with `json_each`: one parameter, so the same
@@ -24,12 +26,13 @@ fn as_json(rows: &[ReadingRow]) -> String {
 pub(super) async fn stored_readings(
     conn: &mut SqliteConnection,
     rows: &[ReadingRow],
-) -> StoreResult<HashSet<(String, i64, String)>> {
+) -> StoreResult<HashSet<ReadingKey>> {
     let found = sqlx::query(
         // The rows drive the join (CROSS JOIN keeps that order), one primary-key lookup
-        // each; a row-value IN list made SQLite scan the device's readings instead.
-        "SELECT r.device_id, r.msg, r.measure FROM json_each(?) AS j CROSS JOIN readings AS r \
-         ON r.device_id = j.value ->> 0 AND r.msg = j.value ->> 1 AND r.measure = j.value ->> 2",
+        // each, at the end of the device's measure range where the insert writes next.
+        "SELECT r.device_id, r.measure, r.at_ms, r.msg FROM json_each(?) AS j \
+         CROSS JOIN readings AS r ON r.device_id = j.value ->> 0 \
+         AND r.measure = j.value ->> 2 AND r.at_ms = j.value ->> 3 AND r.msg = j.value ->> 1",
     )
     .bind(as_json(rows))
     .fetch_all(&mut *conn)
@@ -37,7 +40,7 @@ pub(super) async fn stored_readings(
     .map_err(db("reading the stored readings"))?;
     Ok(found
         .into_iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
         .collect())
 }
 

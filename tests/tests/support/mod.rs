@@ -14,8 +14,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use iotgw::app::{self, RunningGateway, StartOptions};
 use iotgw_config::{
-    Config, MqttConfig, ProviderConfig, RuleCommandConfig, RuleConfig, Secret, SinkConfig,
-    WebhookSinkConfig,
+    CommandDefinitionConfig, Config, MqttConfig, PropertyDefinitionConfig, PropertyType,
+    ProviderConfig, RuleCommandConfig, RuleConfig, Secret, SinkConfig, WebhookSinkConfig,
 };
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
@@ -66,8 +66,35 @@ pub fn test_config(
     c.embedded_broker.enabled = true;
     c.embedded_broker.port = broker_port;
     c.embedded_broker.v311_port = v311_port;
-    // Readings are off by default (their write cost, BENCHMARKS.md); the tests keep them.
-    c.readings.enabled = true;
+    // A command definition whose parameter sits in an object: `set_threshold` takes
+    // `{"settings": {"threshold": <Decimal>}}`, for chillers; and a reported property.
+    let property = |kind, parent: Option<&str>, unit: Option<&str>| PropertyDefinitionConfig {
+        kind,
+        unit: unit.map(str::to_owned),
+        parent: parent.map(str::to_owned),
+        description: String::new(),
+    };
+    c.definitions.properties.insert(
+        "settings".into(),
+        property(PropertyType::Object, None, None),
+    );
+    c.definitions.properties.insert(
+        "threshold".into(),
+        property(PropertyType::Decimal, Some("settings"), Some("°C")),
+    );
+    c.definitions.properties.insert(
+        "firmware".into(),
+        property(PropertyType::String, None, None),
+    );
+    c.definitions.commands.insert(
+        "set_threshold".into(),
+        CommandDefinitionConfig {
+            description: "the temperature above which the chiller starts".into(),
+            parameters: vec!["threshold".into()],
+            required: vec!["threshold".into()],
+            categories: vec!["chiller".into()],
+        },
+    );
     // As in the embedded default: no shared subscription on rumqttd (see Config::embedded_default).
     let mut mqtt = MqttConfig {
         port: broker_port,
@@ -371,6 +398,14 @@ impl Device {
             .expect("publish queued");
     }
 
+    /// Whether a command arrives within `wait` (for a device that must get none).
+    pub async fn command_within(&mut self, wait: Duration) -> Option<ReceivedCommand> {
+        tokio::time::timeout(wait, self.commands.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// The next command, failing the test after [`DEADLINE`].
     pub async fn next_command(&mut self) -> ReceivedCommand {
         tokio::time::timeout(DEADLINE, self.commands.recv())
@@ -516,4 +551,77 @@ impl Device311 {
             .await
             .expect("reply queued");
     }
+}
+
+/// `value` with what changes from run to run replaced: UUIDs by `<uuid>`, RFC 3339 times
+/// by `<time>` (as keys, `<time #n>` in order), and the values of `volatile` keys by
+/// `<KEY>`.
+pub fn normalized(value: &Value, volatile: &[&str]) -> Value {
+    match value {
+        Value::String(s) if uuid::Uuid::parse_str(s).is_ok() => Value::String("<uuid>".into()),
+        Value::String(s) if chrono::DateTime::parse_from_rfc3339(s).is_ok() => {
+            Value::String("<time>".into())
+        }
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| normalized(v, volatile)).collect())
+        }
+        Value::Object(m) => {
+            // Time keys (bucket starts) become `<time #n>` in their order.
+            let mut times = 0;
+            Value::Object(
+                m.iter()
+                    .map(|(k, v)| {
+                        let v = if volatile.contains(&k.as_str()) && !v.is_null() {
+                            Value::String(format!("<{k}>"))
+                        } else {
+                            normalized(v, volatile)
+                        };
+                        let key = if chrono::DateTime::parse_from_rfc3339(k).is_ok() {
+                            times += 1;
+                            format!("<time #{times}>")
+                        } else {
+                            normalized_key(k)
+                        };
+                        (key, v)
+                    })
+                    .collect(),
+            )
+        }
+        other => other.clone(),
+    }
+}
+
+fn normalized_key(k: &str) -> String {
+    if uuid::Uuid::parse_str(k).is_ok() {
+        "<uuid>".into()
+    } else {
+        k.to_owned()
+    }
+}
+
+/// Compares `value` (normalized) with the golden file `tests/golden/NAME.json`; with
+/// `GOLDEN_UPDATE=1` in the environment, writes it instead. The golden files are the
+/// Field Service actions' response JSON as CFS receives it, field for field.
+pub fn assert_golden(name: &str, value: &Value, volatile: &[&str]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(format!("{name}.json"));
+    let got = serde_json::to_string_pretty(&normalized(value, volatile)).expect("json") + "\n";
+    if std::env::var("GOLDEN_UPDATE").as_deref() == Ok("1") {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("golden dir");
+        std::fs::write(&path, &got).expect("golden written");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; write it with GOLDEN_UPDATE=1 and review it",
+            path.display()
+        )
+    });
+    assert_eq!(
+        got,
+        want,
+        "{} differs (GOLDEN_UPDATE=1 rewrites it; review the diff)",
+        path.display()
+    );
 }
