@@ -3688,36 +3688,6 @@ pub async fn readings_are_kept_once_and_answered_per_bucket(store: &dyn Store) {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    /// A scenario left out of `conformance_tests!` would silently never run.
-    #[test]
-    fn every_scenario_is_in_the_macro() {
-        let src = include_str!("conformance.rs");
-        let macro_body = &src[src
-            .find("macro_rules! conformance_tests")
-            .expect("the macro")..];
-        let macro_body = &macro_body[..macro_body
-            .find("(@scenarios $($name")
-            .expect("the @scenarios arm")];
-        let listed: Vec<&str> = macro_body
-            .lines()
-            .map(|l| l.trim().trim_end_matches(','))
-            .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
-            .collect();
-        let defined: Vec<&str> = src
-            .lines()
-            .filter_map(|l| l.strip_prefix("pub async fn "))
-            .map(|l| &l[..l.find('(').expect("a parameter list")])
-            .collect();
-        assert!(!defined.is_empty());
-        assert_eq!(
-            listed, defined,
-            "list every scenario in conformance_tests!, in file order"
-        );
-    }
-}
-
 /// An alert's case and work order are recorded with Field Service's status codes; closing
 /// a parent's children leaves the parent and other alerts as they are; the commands of one
 /// send-to-all request are found by its id.
@@ -3853,4 +3823,34 @@ pub async fn service_work_is_recorded_children_close_and_a_request_groups_its_co
         .collect();
     devices.sort_unstable();
     assert_eq!(devices, ["work-1", "work-2"]);
+}
+
+#[cfg(test)]
+mod tests {
+    /// A scenario left out of `conformance_tests!` would silently never run.
+    #[test]
+    fn every_scenario_is_in_the_macro() {
+        let src = include_str!("conformance.rs");
+        let macro_body = &src[src
+            .find("macro_rules! conformance_tests")
+            .expect("the macro")..];
+        let macro_body = &macro_body[..macro_body
+            .find("(@scenarios $($name")
+            .expect("the @scenarios arm")];
+        let listed: Vec<&str> = macro_body
+            .lines()
+            .map(|l| l.trim().trim_end_matches(','))
+            .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let defined: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub async fn "))
+            .map(|l| &l[..l.find('(').expect("a parameter list")])
+            .collect();
+        assert!(!defined.is_empty());
+        assert_eq!(
+            listed, defined,
+            "list every scenario in conformance_tests!, in file order"
+        );
+    }
 }
