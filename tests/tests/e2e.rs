@@ -1844,6 +1844,46 @@ async fn field_service_sends_to_every_connected_device_by_definition_and_links_a
         "the child is closed with its parent: {child_now}"
     );
 
+    // A test alert: type Test, from a registered device; a second one is its child.
+    let (status, test) = api
+        .post(
+            "/api/cfs/v1/send-test-alert",
+            json!({"msdyn_deviceid": "fs-b"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{test}");
+    assert_eq!(
+        (
+            &test["msdyn_alerttype"],
+            &test["msdyn_description"],
+            &test["msdyn_parentalert"]
+        ),
+        (
+            &json!(192350003),
+            &json!("Test alert from fs-b"),
+            &Value::Null
+        )
+    );
+    assert_golden("cfs_send_test_alert", &test, &["msdyn_alerttoken"]);
+    let (_, again) = api
+        .post(
+            "/api/cfs/v1/send-test-alert",
+            json!({"msdyn_deviceid": "fs-b", "msdyn_alertdata": {"source": "flow"}}),
+        )
+        .await;
+    assert_eq!(
+        again["msdyn_parentalert"], test["msdyn_iotalertid"],
+        "{again}"
+    );
+    assert_eq!(again["msdyn_alertdata"], r#"{"source":"flow"}"#);
+    let (status, ghost) = api
+        .post(
+            "/api/cfs/v1/send-test-alert",
+            json!({"msdyn_deviceid": "ghost"}),
+        )
+        .await;
+    assert_eq!(status, 404, "{ghost}");
+
     // The JSON getters.
     let doc =
         json!({"engine": {"temp": 71.5, "on": true, "name": "main"}, "axes": [1, 2]}).to_string();

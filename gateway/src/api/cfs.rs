@@ -1,8 +1,8 @@
 //! Field Service's IoT provider actions over HTTP (`/api/cfs/v1/...`), with the request and
 //! response JSON Field Service sends and expects (Microsoft's "Configure IoT provider
 //! actions"): register devices, pull device data, query device readings, aggregated
-//! device readings, send command (to one device or to every connected one), and the JSON
-//! getters.
+//! device readings, send command (to one device or to every connected one), send test
+//! alert, and the JSON getters.
 //!
 //! Field Service names a device by its `msdyn_iotdeviceid` (the GUID of its record in
 //! Dataverse). A request's entity may carry `msdyn_deviceid` too; without it the GUID
@@ -517,6 +517,93 @@ pub(super) async fn send_command(
             "Commands": commands,
         })),
     ))
+}
+
+/// Send Test Alert's input.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TestAlert {
+    msdyn_deviceid: String,
+    /// The alert's description (default "Test alert from DEVICE").
+    #[serde(default)]
+    msdyn_description: Option<String>,
+    /// The data it carries, any JSON (default `{"test": true}`).
+    #[serde(default)]
+    msdyn_alertdata: Option<Value>,
+}
+
+/// Send Test Alert: an alert of type Test (192350003) from a Registered device, stored as
+/// a rule's alert is (debounced per device as `DEVICE/test`, queued for every sink), so a
+/// Field Service flow can be tried end to end without a device.
+pub(super) async fn send_test_alert(
+    State(s): State<ApiState>,
+    b: Result<Json<TestAlert>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let t = body(b)?;
+    let id = device_id("msdyn_deviceid", &t.msdyn_deviceid)?;
+    let device = s
+        .core
+        .store
+        .get_device(&id)
+        .await
+        .map_err(GatewayError::from)?
+        .ok_or_else(|| ApiError::not_found(format!("device {id} not found: register it first")))?;
+    if device.registration_status != RegistrationStatus::Registered {
+        return Err(GatewayError::Conflict(format!(
+            "device {id} is {}: only a Registered device raises alerts",
+            device.registration_status.label()
+        ))
+        .into());
+    }
+    let live = s.core.live();
+    let now = Utc::now();
+    let alert = iotgw_registry::NewAlert {
+        description: t
+            .msdyn_description
+            .unwrap_or_else(|| format!("Test alert from {id}")),
+        alert_data: t
+            .msdyn_alertdata
+            .unwrap_or_else(|| json!({"test": true}))
+            .to_string(),
+        alert_time: now,
+        alert_token: format!("test-{}", uuid::Uuid::now_v7()),
+        alert_type: iotgw_registry::AlertType::Test,
+        priority_score: None,
+        rule: "test".into(),
+        debounce_key: format!("{id}/test"),
+        command: None,
+    };
+    let commit = iotgw_registry::TelemetryCommit {
+        device_id: id,
+        received_at: now,
+        alerts: vec![alert],
+        debounce_window: chrono::Duration::seconds(
+            i64::try_from(live.config.pipeline.debounce_window_secs).unwrap_or(60),
+        ),
+        sinks: live.sinks.clone(),
+        readings: Box::default(),
+    };
+    commit.check().map_err(GatewayError::from)?;
+    let committed = s
+        .core
+        .store
+        .commit_telemetry(&commit)
+        .await
+        .map_err(GatewayError::from)?;
+    let alert = committed
+        .into_iter()
+        .next()
+        .map(|c| c.alert)
+        .ok_or_else(|| ApiError::not_found("the test alert was not stored"))?;
+    s.core.metrics.alert(
+        &device.provider_instance,
+        if alert.parent_alert.is_some() {
+            "child"
+        } else {
+            "primary"
+        },
+    );
+    Ok((axum::http::StatusCode::CREATED, Json(alert)))
 }
 
 /// The JSON getters' input: `Json` (a JSON document as text) and `Path` (a JSON pointer,

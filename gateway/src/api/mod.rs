@@ -342,6 +342,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/cfs/v1/register-devices", post(cfs::register_devices))
         .route("/api/cfs/v1/pull-device-data", post(cfs::pull_device_data))
         .route("/api/cfs/v1/send-command", post(cfs::send_command))
+        .route("/api/cfs/v1/send-test-alert", post(cfs::send_test_alert))
         .route("/api/cfs/v1/json-get-boolean", post(cfs::json_get_boolean))
         .route("/api/cfs/v1/json-get-number", post(cfs::json_get_number))
         .route("/api/cfs/v1/json-get-string", post(cfs::json_get_string))
