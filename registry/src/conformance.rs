@@ -116,6 +116,7 @@ macro_rules! conformance_tests {
             a_finishing_batch_registers_or_fails_each_device_on_its_own,
             readings_are_kept_once_and_answered_per_bucket,
             service_work_is_recorded_children_close_and_a_request_groups_its_commands,
+            entities_link_to_devices_once_and_are_found_both_ways,
         }
     };
     (@scenarios $($name:ident),+ $(,)?) => {
@@ -3823,6 +3824,81 @@ pub async fn service_work_is_recorded_children_close_and_a_request_groups_its_co
         .collect();
     devices.sort_unstable();
     assert_eq!(devices, ["work-1", "work-2"]);
+}
+
+/// A Field Service record links to several devices and a device to several records;
+/// linking again answers the stored link; an unknown device is `NotFound`.
+pub async fn entities_link_to_devices_once_and_are_found_both_ways(store: &dyn Store) {
+    registered(store, "asset-dev-1", "local").await;
+    registered(store, "asset-dev-2", "local").await;
+    let asset = "msdyn_customerasset";
+    let first = store
+        .link_entity(asset, "a-1", &did("asset-dev-1"))
+        .await
+        .expect("link");
+    assert_eq!(
+        (
+            first.entity_logical_name.as_str(),
+            first.entity_id.as_str(),
+            first.device_id.as_str()
+        ),
+        (asset, "a-1", "asset-dev-1")
+    );
+    let again = store
+        .link_entity(asset, "a-1", &did("asset-dev-1"))
+        .await
+        .expect("link again");
+    assert_eq!(again, first, "linking again answers the stored link");
+    store
+        .link_entity(asset, "a-1", &did("asset-dev-2"))
+        .await
+        .expect("a second device");
+    store
+        .link_entity("account", "acc-9", &did("asset-dev-1"))
+        .await
+        .expect("another entity");
+    not_found(
+        store
+            .link_entity(asset, "a-2", &did("no-such-device"))
+            .await,
+        "device",
+        "an unknown device",
+    );
+    let devices_of = |id: &str| EntityLinkFilter {
+        entity_logical_name: Some(asset.into()),
+        entity_id: Some(id.into()),
+        device_id: None,
+    };
+    let of_asset: Vec<String> = store
+        .entity_links(&devices_of("a-1"))
+        .await
+        .expect("by entity")
+        .into_iter()
+        .map(|l| l.device_id.to_string())
+        .collect();
+    assert_eq!(of_asset, ["asset-dev-1", "asset-dev-2"]);
+    let of_device: Vec<(String, String)> = store
+        .entity_links(&EntityLinkFilter {
+            device_id: Some(did("asset-dev-1")),
+            ..EntityLinkFilter::default()
+        })
+        .await
+        .expect("by device")
+        .into_iter()
+        .map(|l| (l.entity_logical_name, l.entity_id))
+        .collect();
+    assert_eq!(
+        of_device,
+        [
+            ("account".into(), "acc-9".into()),
+            (asset.into(), "a-1".into())
+        ]
+    );
+    assert!(store
+        .entity_links(&devices_of("a-2"))
+        .await
+        .expect("none")
+        .is_empty());
 }
 
 #[cfg(test)]

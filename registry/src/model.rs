@@ -451,6 +451,39 @@ pub struct Alert {
     pub created_at: DateTime<Utc>,
 }
 
+/// The most entity links one listing answers.
+pub const MAX_ENTITY_LINKS: u32 = 1000;
+
+/// A Field Service record linked to a device (Register Custom Entity): a customer asset
+/// or any other entity, by logical name and record id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EntityLink {
+    /// The entity's logical name (`msdyn_customerasset`).
+    #[serde(rename = "EntityLogicalName")]
+    pub entity_logical_name: String,
+    /// The record's id.
+    #[serde(rename = "EntityId")]
+    pub entity_id: String,
+    /// The device.
+    #[serde(rename = "msdyn_deviceid")]
+    pub device_id: DeviceId,
+    /// When it was linked.
+    #[serde(rename = "createdon")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters for listing entity links.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityLinkFilter {
+    /// Only this entity's logical name.
+    pub entity_logical_name: Option<String>,
+    /// Only this record.
+    pub entity_id: Option<String>,
+    /// Only this device.
+    pub device_id: Option<DeviceId>,
+}
+
 /// What Field Service made of an alert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServiceWork {

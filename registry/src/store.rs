@@ -179,6 +179,20 @@ pub trait Store: Send + Sync + 'static {
     /// Closes the children of a parent alert that are not closed yet; how many.
     async fn close_child_alerts(&self, parent: Uuid) -> StoreResult<u64>;
 
+    // --- entity links --------------------------------------------------------------------
+
+    /// Links a Field Service record (logical name, id) to a stored device; linking again
+    /// answers the stored link. `NotFound` for an unknown device.
+    async fn link_entity(
+        &self,
+        logical_name: &str,
+        entity_id: &str,
+        device: &DeviceId,
+    ) -> StoreResult<EntityLink>;
+
+    /// The links matching the filter, at most [`MAX_ENTITY_LINKS`], by entity then device.
+    async fn entity_links(&self, filter: &EntityLinkFilter) -> StoreResult<Vec<EntityLink>>;
+
     // --- commands ------------------------------------------------------------------------
 
     /// Creates a command, In Progress. `NotFound` for an unknown device.

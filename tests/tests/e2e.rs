@@ -1884,6 +1884,55 @@ async fn field_service_sends_to_every_connected_device_by_definition_and_links_a
         .await;
     assert_eq!(status, 404, "{ghost}");
 
+    // Custom entities: an asset linked to an existing device, another to a new one.
+    let (status, linked) = api
+        .post(
+            "/api/cfs/v1/register-custom-entity",
+            json!({
+                "EntityIds": ["asset-1", "asset-2"],
+                "EntityLogicalName": "msdyn_customerasset",
+                "DeviceIds": ["fs-a", ""],
+                "Names": ["", "Chiller 2"],
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{linked}");
+    assert_golden("cfs_register_custom_entity", &linked, &[]);
+    let (_, new_device) = api.get("/api/v1/devices/asset-2").await;
+    assert_eq!(
+        (
+            &new_device["msdyn_name"],
+            &new_device["msdyn_registrationstatus"]
+        ),
+        (&json!("Chiller 2"), &json!(192350003)),
+        "{new_device}"
+    );
+    let (_, links) = api
+        .get("/api/v1/entity-links?entity_logical_name=msdyn_customerasset")
+        .await;
+    let pairs: Vec<(&str, &str)> = links["items"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| {
+            (
+                l["EntityId"].as_str().unwrap_or(""),
+                l["msdyn_deviceid"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(pairs, [("asset-1", "fs-a"), ("asset-2", "asset-2")]);
+    let (status, bad) = api
+        .post(
+            "/api/cfs/v1/register-custom-entity",
+            json!({"EntityIds": ["a"], "EntityLogicalName": "Customer Asset"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(bad["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("invalid EntityLogicalName:")));
+
     // The JSON getters.
     let doc =
         json!({"engine": {"temp": 71.5, "on": true, "name": "main"}, "axes": [1, 2]}).to_string();

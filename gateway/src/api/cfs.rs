@@ -87,6 +87,155 @@ fn measure_name(pointer: &str) -> &str {
     pointer.strip_prefix('/').unwrap_or(pointer)
 }
 
+/// A registration's status and message as Field Service shows them: a device already
+/// Registered is Registered (with why nothing changed), a refusal is Error with why.
+fn registration_result(
+    outcome: Result<crate::core::Registered, GatewayError>,
+) -> (RegistrationStatus, String) {
+    match outcome {
+        Ok(r) => (
+            r.device.registration_status,
+            r.device.registration_message.unwrap_or_default(),
+        ),
+        Err(GatewayError::AlreadyRegistered(m)) => (RegistrationStatus::Registered, m),
+        Err(GatewayError::Invalid { field, message }) => (
+            RegistrationStatus::Error,
+            format!("invalid {field}: {message}"),
+        ),
+        Err(other) => (RegistrationStatus::Error, other.to_string()),
+    }
+}
+
+/// Register Custom Entity's input: records of one entity, each with its device (an empty
+/// or missing one: a new device whose id is the record's id) and the name for a new
+/// device.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CustomEntities {
+    #[serde(rename = "EntityIds")]
+    entity_ids: Vec<String>,
+    #[serde(rename = "EntityLogicalName")]
+    logical_name: String,
+    #[serde(rename = "DeviceIds", default)]
+    device_ids: Vec<String>,
+    #[serde(rename = "Names", default)]
+    names: Vec<String>,
+}
+
+/// The longest entity logical name or record id kept.
+const MAX_ENTITY_KEY: usize = 100;
+
+impl CustomEntities {
+    fn check(&self) -> Result<(), ApiError> {
+        let n = self.entity_ids.len();
+        if n > MAX_ENTITIES {
+            return Err(ApiError::invalid(
+                "EntityIds",
+                format!("{n} records: at most {MAX_ENTITIES} per request; send several"),
+            ));
+        }
+        let name_ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+        if self.logical_name.is_empty()
+            || self.logical_name.len() > MAX_ENTITY_KEY
+            || !self.logical_name.chars().all(name_ok)
+        {
+            return Err(ApiError::invalid(
+                "EntityLogicalName",
+                format!(
+                    "{:?} is not a logical name: lowercase letters, digits and `_`, at most {MAX_ENTITY_KEY} (e.g. msdyn_customerasset)",
+                    self.logical_name
+                ),
+            ));
+        }
+        if let Some((i, _)) = self
+            .entity_ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| id.trim().is_empty() || id.len() > MAX_ENTITY_KEY)
+        {
+            return Err(ApiError::invalid(
+                &format!("EntityIds[{i}]"),
+                format!("a record id must be non-blank and at most {MAX_ENTITY_KEY} bytes"),
+            ));
+        }
+        for (field, list) in [("DeviceIds", &self.device_ids), ("Names", &self.names)] {
+            if !list.is_empty() && list.len() != n {
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "{} items for {n} EntityIds: give one per record, or none",
+                        list.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Record `i`'s device id: its `DeviceIds` item, else the record's id.
+    fn device(&self, i: usize) -> &str {
+        self.device_ids
+            .get(i)
+            .map(|d| d.trim())
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&self.entity_ids[i])
+    }
+}
+
+/// Register Custom Entity: registers each record's device (as Register Device does, a
+/// device already Registered stays as it is) and links the record to it. One result per
+/// record, in order, shaped as Register Device's.
+pub(super) async fn register_custom_entity(
+    State(s): State<ApiState>,
+    b: Result<Json<CustomEntities>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let c = body(b)?;
+    c.check()?;
+    let requests = (0..c.entity_ids.len())
+        .map(|i| RegisterRequest {
+            msdyn_deviceid: c.device(i).to_owned(),
+            msdyn_name: c
+                .names
+                .get(i)
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty()),
+            ..RegisterRequest::default()
+        })
+        .collect();
+    let outcomes = s.core.register_many(requests).await;
+    let mut results = Vec::with_capacity(c.entity_ids.len());
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let existing = matches!(outcome, Err(GatewayError::AlreadyRegistered(_)));
+        let (status, mut message) = registration_result(outcome);
+        if existing {
+            message = format!(
+                "{} {} linked to device {}, already Registered",
+                c.logical_name,
+                c.entity_ids[i],
+                c.device(i)
+            );
+        }
+        if status == RegistrationStatus::Registered {
+            let device = device_id("DeviceIds", c.device(i))?;
+            s.core
+                .store
+                .link_entity(&c.logical_name, &c.entity_ids[i], &device)
+                .await
+                .map_err(GatewayError::from)?;
+            if message.is_empty() {
+                message = format!("{} {} linked", c.logical_name, c.entity_ids[i]);
+            }
+        }
+        results.push(json!({
+            "Id": c.entity_ids[i],
+            "RegistrationStatus": {"Value": status.value()},
+            "DeviceId": c.device(i),
+            "Message": message,
+        }));
+    }
+    Ok(Json(json!({ "RegistrationResultsJSON": results })))
+}
+
 /// Register Device: `RegistrationResultsJSON`, one result per entity, in order.
 pub(super) async fn register_devices(
     State(s): State<ApiState>,
@@ -104,18 +253,7 @@ pub(super) async fn register_devices(
     let outcomes = s.core.register_many(requests).await;
     let mut results = Vec::with_capacity(entities.len());
     for (e, outcome) in entities.iter().zip(outcomes) {
-        let (status, message) = match outcome {
-            Ok(r) => (
-                r.device.registration_status,
-                r.device.registration_message.unwrap_or_default(),
-            ),
-            Err(GatewayError::AlreadyRegistered(m)) => (RegistrationStatus::Registered, m),
-            Err(GatewayError::Invalid { field, message }) => (
-                RegistrationStatus::Error,
-                format!("invalid {field}: {message}"),
-            ),
-            Err(other) => (RegistrationStatus::Error, other.to_string()),
-        };
+        let (status, message) = registration_result(outcome);
         results.push(json!({
             "Id": e.msdyn_iotdeviceid,
             "RegistrationStatus": {"Value": status.value()},

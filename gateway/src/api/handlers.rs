@@ -514,6 +514,18 @@ pub(super) async fn alert_work_order(
     service_work(&s, &id, ServiceWork::WorkOrder(order)).await
 }
 
+/// The Field Service records linked to devices (Register Custom Entity), by entity or by
+/// device, at most 1,000.
+pub(super) async fn list_entity_links(
+    State(s): State<ApiState>,
+    f: Result<Query<iotgw_registry::EntityLinkFilter>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(f) = f.map_err(|e| ApiError::invalid("filter", e.body_text()))?;
+    Ok(Json(
+        serde_json::json!({"items": s.core.store.entity_links(&f).await?}),
+    ))
+}
+
 /// A device's reported properties read through the property definitions
 /// (`[definitions.properties]`).
 pub(super) async fn device_properties(

@@ -327,6 +327,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/commands", post(send_command).get(list_commands))
         .route("/api/v1/commands/{id}", get(get_command))
+        .route("/api/v1/entity-links", get(list_entity_links))
         .route("/api/v1/alerts", get(list_alerts))
         .route("/api/v1/alerts/{id}", get(get_alert))
         .route("/api/v1/alerts/{id}/close", post(close_alert))
@@ -343,6 +344,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/cfs/v1/pull-device-data", post(cfs::pull_device_data))
         .route("/api/cfs/v1/send-command", post(cfs::send_command))
         .route("/api/cfs/v1/send-test-alert", post(cfs::send_test_alert))
+        .route(
+            "/api/cfs/v1/register-custom-entity",
+            post(cfs::register_custom_entity),
+        )
         .route("/api/cfs/v1/json-get-boolean", post(cfs::json_get_boolean))
         .route("/api/cfs/v1/json-get-number", post(cfs::json_get_number))
         .route("/api/cfs/v1/json-get-string", post(cfs::json_get_string))

@@ -56,6 +56,7 @@ mod batch;
 mod checkpoints;
 mod commands;
 mod devices;
+mod entities;
 mod outbox;
 mod ownership;
 mod readings;
@@ -108,6 +109,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "service work",
         include_str!("../../migrations/postgres/0009_service_work.sql"),
+    ),
+    (
+        10,
+        "entity links",
+        include_str!("../../migrations/postgres/0010_entity_links.sql"),
     ),
 ];
 
@@ -685,6 +691,19 @@ impl Store for PostgresStore {
 
     async fn close_child_alerts(&self, parent: Uuid) -> StoreResult<u64> {
         self.close_children(parent).await
+    }
+
+    async fn link_entity(
+        &self,
+        logical_name: &str,
+        entity_id: &str,
+        device: &DeviceId,
+    ) -> StoreResult<EntityLink> {
+        self.link(logical_name, entity_id, device).await
+    }
+
+    async fn entity_links(&self, filter: &EntityLinkFilter) -> StoreResult<Vec<EntityLink>> {
+        self.links(filter).await
     }
 
     // --- commands ------------------------------------------------------------------------

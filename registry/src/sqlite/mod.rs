@@ -56,6 +56,7 @@ mod batch;
 mod checkpoints;
 mod commands;
 mod devices;
+mod entities;
 mod outbox;
 mod ownership;
 mod readings;
@@ -114,6 +115,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "service work",
         include_str!("../../migrations/sqlite/0009_service_work.sql"),
+    ),
+    (
+        10,
+        "entity links",
+        include_str!("../../migrations/sqlite/0010_entity_links.sql"),
     ),
 ];
 
@@ -632,6 +638,19 @@ impl Store for SqliteStore {
 
     async fn close_child_alerts(&self, parent: Uuid) -> StoreResult<u64> {
         self.close_children(parent).await
+    }
+
+    async fn link_entity(
+        &self,
+        logical_name: &str,
+        entity_id: &str,
+        device: &DeviceId,
+    ) -> StoreResult<EntityLink> {
+        self.link(logical_name, entity_id, device).await
+    }
+
+    async fn entity_links(&self, filter: &EntityLinkFilter) -> StoreResult<Vec<EntityLink>> {
+        self.links(filter).await
     }
 
     async fn insert_command(&self, command: &NewCommand) -> StoreResult<Command> {
