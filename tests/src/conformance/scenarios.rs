@@ -44,15 +44,18 @@ pub enum Scenario {
     Poison,
     /// The emulator restarts mid-stream; messages published after it is back all arrive.
     Restart,
+    /// Readings and Field Service's pull device data come out the same.
+    Readings,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::Lifecycle,
         Scenario::Duplicate,
         Scenario::Poison,
         Scenario::Restart,
+        Scenario::Readings,
     ];
 
     /// The scenario's name (a sentence), also its golden file's name.
@@ -64,6 +67,7 @@ impl Scenario {
             Self::Restart => {
                 "provider_recovers_after_the_emulator_restarts_without_losing_later_messages"
             }
+            Self::Readings => "readings_and_pull_device_data_are_identical_on_every_provider",
         }
     }
 
@@ -85,6 +89,7 @@ impl Scenario {
                     Self::Duplicate => duplicate(env.as_ref(), &gw, names).await,
                     Self::Poison => poison(env.as_ref(), &gw, names).await,
                     Self::Restart => restart(env.as_ref(), &gw, names).await,
+                    Self::Readings => readings(env.as_ref(), &gw, names).await,
                 };
                 gw.stop().await;
                 r
@@ -474,4 +479,96 @@ async fn restart(env: &dyn FixtureEnv, gw: &Gateway, names: &Names) -> anyhow::R
     anyhow::ensure!(alerts.len() == 3, "expected 3 alerts: {alerts:?}");
     dev.disconnect().await;
     Ok(records)
+}
+
+/// Six readings with the device's own timestamps, 20 s apart from the start of an hour two
+/// hours ago, each with a top-level and a nested measure; the buckets Field Service's
+/// "query device readings" answers at PT1M (keyed by their offset from that hour, so the
+/// golden file holds no date) and its "pull device data".
+async fn readings(env: &dyn FixtureEnv, gw: &Gateway, names: &Names) -> anyhow::Result<Value> {
+    use chrono::DurationRound;
+    let api = gw.api();
+    let id = names.device("gauge");
+    let (_, mut dev) = register_and_connect(env, gw, names, &id).await?;
+    let properties = json!({"firmware": "3.0.1", "mode": "eco"});
+    dev.report_connection(true, Utc::now()).await?;
+    dev.report_properties(&properties).await?;
+    let start = (Utc::now() - chrono::Duration::hours(2))
+        .duration_trunc(chrono::Duration::hours(1))
+        .context("an hour's start")?;
+    for i in 0..6i64 {
+        let at = start + chrono::Duration::seconds(20 * i);
+        let body = json!({
+            "timestamp": at.to_rfc3339(),
+            "temperature": 20 + i,
+            "engine": {"rpm": 900 + 10 * i, "on": i % 2 == 0},
+        });
+        dev.publish_telemetry(&format!("r-{i}"), body.to_string().as_bytes())
+            .await?;
+    }
+    let query = json!({
+        "From": start.to_rfc3339(),
+        "To": (start + chrono::Duration::minutes(5)).to_rfc3339(),
+        "IoTDeviceId": id,
+        "Interval": "PT1M",
+    });
+    let (api_ref, query_ref, id_ref) = (&api, &query, id.as_str());
+    let answered = until("six readings of each measure", WAIT, || async move {
+        let (status, body) = api_ref
+            .post("/api/cfs/v1/query-device-readings", query_ref.clone())
+            .await;
+        let series = body["AggregatedDeviceReadings"][id_ref].as_object()?;
+        let count = |m: &str| -> Option<i64> {
+            Some(
+                series
+                    .get(m)?
+                    .as_object()?
+                    .values()
+                    .filter_map(|b| b["count"].as_i64())
+                    .sum(),
+            )
+        };
+        (status == 200
+            && ["temperature", "engine/rpm", "engine/on"]
+                .iter()
+                .all(|m| count(m) == Some(6)))
+        .then_some(body)
+    })
+    .await?;
+    // Bucket starts as offsets from the hour, in seconds.
+    let mut by_offset = serde_json::Map::new();
+    for (measure, buckets) in answered["AggregatedDeviceReadings"][id.as_str()]
+        .as_object()
+        .context("the device's series")?
+    {
+        let mut out = serde_json::Map::new();
+        for (at, stats) in buckets.as_object().context("buckets")? {
+            let at = chrono::DateTime::parse_from_rfc3339(at).context("a bucket time")?;
+            let offset = (at.with_timezone(&Utc) - start).num_seconds();
+            out.insert(format!("+{offset}s"), stats.clone());
+        }
+        by_offset.insert(measure.clone(), Value::Object(out));
+    }
+    wait_records(
+        api,
+        &id,
+        "the connection state and reported properties",
+        |r| {
+            r["device"]["msdyn_connectionstate"] == true
+                && r["device"]["msdyn_devicereportedproperties"] == properties
+        },
+    )
+    .await?;
+    let (status, pulled) = api
+        .post(
+            "/api/cfs/v1/pull-device-data",
+            json!({"EntityCollection": [{
+                "msdyn_iotdeviceid": "0f8fad5b-d9cb-469f-a165-70867728950e",
+                "msdyn_deviceid": id,
+            }]}),
+        )
+        .await;
+    anyhow::ensure!(status == 200, "pull device data: {status} {pulled}");
+    dev.disconnect().await;
+    Ok(json!({"readings": by_offset, "pulled": pulled}))
 }
