@@ -1,11 +1,11 @@
 //! The command line: `run`, `check-config`, `config show`, `simulate`, `healthcheck`,
-//! `devices import`.
+//! `devices import`, `devices move`, `status`, `completions`, `man`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use iotgw_config::{Config, LoadOptions, ProviderConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,8 @@ Quick start:
   iotgw check-config gateway.toml    every problem in a config file, with its key and a fix
   iotgw config show -c gateway.toml  the effective config (file + IOTGW_* env), secrets redacted
   iotgw devices import fleet.csv     register a file of devices through the running gateway
+  iotgw status                       the running gateway at a glance: ready?, instances, outbox
+  iotgw completions bash             tab completion for your shell (bash, zsh, fish, ...)
 
 Configuration layers: built-in defaults, then the TOML file, then IOTGW_* environment variables
 with `__` between levels (IOTGW_API__LISTEN=0.0.0.0:8080, IOTGW_PROVIDERS__LOCAL__PORT=1884).
@@ -93,6 +95,88 @@ pub enum Command {
     /// Manage the devices of a running gateway through its API.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Show a running gateway at a glance: readiness, provider instances with their devices
+    /// and events, outbox depth per sink, dead letters.
+    #[command(long_about = STATUS_ABOUT, after_help = STATUS_AFTER)]
+    Status(StatusArgs),
+    /// Print a shell completion script for iotgw on stdout (bash, zsh, fish, powershell,
+    /// elvish).
+    #[command(after_help = COMPLETIONS_AFTER)]
+    Completions(CompletionsArgs),
+    /// Print iotgw's man page (roff) on stdout; `iotgw man COMMAND` prints a command's.
+    #[command(after_help = MAN_AFTER)]
+    Man(ManArgs),
+}
+
+const STATUS_ABOUT: &str = "\
+Show a running gateway at a glance, read from its HTTP API: whether it is ready and why not
+(GET /ready), each provider instance's health, the devices it hosts and how many of them are
+connected (GET /api/v1/providers, GET /api/v1/devices), the events each instance received,
+acked and nacked since the gateway started and the outbox depth per sink (GET /metrics), and
+the dead letters (the first page of GET /api/v1/dead-letters: up to 1000, by reason).
+
+Without --url the gateway is found at api.listen of the effective config (--config /
+IOTGW_CONFIG and IOTGW_* variables, as for `iotgw run`), and the token is api.token of that
+config unless --token or IOTGW_API_TOKEN gives one. Without its token a gateway tells only
+whether it is ready; the other parts show why they could not be read.";
+
+const STATUS_AFTER: &str = "\
+Examples:
+  iotgw status
+  iotgw status --url http://10.0.0.5:8080 --token \"$TOKEN\"
+  watch -n 5 iotgw status -c gateway.toml
+
+Exit status: 0 when the gateway is ready and every part was read, 1 when it is not ready or a
+part could not be read (a refused token, for one), 69 when the gateway cannot be reached.";
+
+const COMPLETIONS_AFTER: &str = "\
+Examples:
+  iotgw completions bash > ~/.local/share/bash-completion/completions/iotgw
+  iotgw completions zsh > \"${fpath[1]}/_iotgw\"
+  iotgw completions fish > ~/.config/fish/completions/iotgw.fish
+  iotgw completions powershell >> $PROFILE
+  iotgw completions elvish >> ~/.config/elvish/rc.elv
+
+Open a new shell afterwards; `iotgw <TAB>` then offers the commands and options.";
+
+const MAN_AFTER: &str = "\
+Examples:
+  iotgw man | man -l -
+  iotgw man devices import | man -l -
+  iotgw man > /usr/local/share/man/man1/iotgw.1   (then: man iotgw)";
+
+/// `status` options.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The gateway's API base URL, e.g. http://127.0.0.1:8080; overrides --config.
+    #[arg(long, visible_alias = "api")]
+    pub url: Option<String>,
+    /// TOML config file whose api.listen (and api.token) reach the gateway; omit for the
+    /// embedded default.
+    #[arg(short, long, env = "IOTGW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Bearer token of the API; defaults to api.token of the config.
+    #[arg(long, env = "IOTGW_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Give up on a request after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_secs: u64,
+}
+
+/// `completions` options.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to write the script for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `man` options.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The command whose page to print, e.g. `status` or `devices import`; omit for iotgw's
+    /// own page.
+    pub command: Vec<String>,
 }
 
 /// `devices` subcommands.
@@ -412,6 +496,109 @@ async fn dispatch(cmd: Command) -> ExitCode {
         Command::Healthcheck(a) => healthcheck(a).await,
         Command::Devices(DevicesCommand::Import(a)) => import(a).await,
         Command::Devices(DevicesCommand::Move(a)) => move_devices(a).await,
+        Command::Status(a) => status(a).await,
+        Command::Completions(a) => {
+            let mut script = Vec::new();
+            clap_complete::generate(a.shell, &mut Cli::command(), "iotgw", &mut script);
+            write_stdout(&script, "completions")
+        }
+        Command::Man(a) => man(&a.command),
+    }
+}
+
+/// Writes `bytes` to stdout; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iotgw {what}: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The man page of iotgw, or of the command `path` names (`["devices", "import"]`).
+pub fn man_page(path: &[String]) -> Result<String, String> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut page = &cmd;
+    for name in path {
+        page = match page.find_subcommand(name) {
+            Some(sub) => sub,
+            None => {
+                let names: Vec<&str> = page.get_subcommands().map(|c| c.get_name()).collect();
+                return Err(if names.is_empty() {
+                    format!(
+                        "`{}` has no commands; its page is `iotgw man {}`",
+                        page.get_bin_name().unwrap_or("iotgw"),
+                        path[..path.len() - 1].join(" ")
+                    )
+                } else {
+                    format!(
+                        "`{name}` is not a command of `{}`; these are: {}",
+                        page.get_bin_name().unwrap_or("iotgw"),
+                        names.join(", ")
+                    )
+                });
+            }
+        };
+    }
+    let mut roff = Vec::new();
+    clap_mangen::Man::new(page.clone())
+        .source(format!("iotgw {}", env!("CARGO_PKG_VERSION")))
+        .manual("iotgw manual")
+        .render(&mut roff)
+        .map_err(|e| format!("cannot render the page: {e}"))?;
+    Ok(title_first(&String::from_utf8_lossy(&roff)))
+}
+
+/// Moves the `.TH` line to the top: roff's apostrophe preamble (two requests defining the
+/// string `Aq`, used only further down the page) comes before it as generated, and man(7)
+/// pages begin with `.TH`.
+pub fn title_first(page: &str) -> String {
+    let Some(at) = page.find("\n.TH ") else {
+        return page.to_owned();
+    };
+    let (preamble, rest) = page.split_at(at + 1);
+    if !preamble
+        .lines()
+        .all(|l| l.starts_with(".ie ") || l.starts_with(".el "))
+    {
+        return page.to_owned();
+    }
+    let end = rest.find('\n').map_or(rest.len(), |i| i + 1);
+    format!("{}{preamble}{}", &rest[..end], &rest[end..])
+}
+
+fn man(path: &[String]) -> ExitCode {
+    match man_page(path) {
+        Ok(page) => write_stdout(page.as_bytes(), "man"),
+        Err(why) => {
+            eprintln!("iotgw man: {why}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+async fn status(a: StatusArgs) -> ExitCode {
+    let (url, config_token) = api_target(a.url, a.config, "status");
+    let opts = crate::status::Options {
+        url,
+        token: a.token.or(config_token),
+        timeout: Duration::from_secs(a.timeout_secs.max(1)),
+    };
+    match crate::status::fetch(&opts).await {
+        Ok(overview) => {
+            print!("{}", overview.render());
+            ExitCode::from(overview.exit_code())
+        }
+        Err(why) => {
+            eprintln!("{why}");
+            ExitCode::from(crate::status::EXIT_UNAVAILABLE)
+        }
     }
 }
 
@@ -721,11 +908,26 @@ async fn simulate(a: SimulateArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_man_page_begins_with_its_title_and_keeps_the_apostrophe_string() {
+        let page = man_page(&[]).expect("the page renders");
+        assert!(page.starts_with(".TH iotgw 1 "), "{}", &page[..200]);
+        assert!(page.contains("\n.ie \\n(.g .ds Aq"), "{}", &page[..200]);
+        let sub = man_page(&["devices".into(), "import".into()]).expect("renders");
+        assert!(
+            sub.starts_with(".TH iotgw-devices-import 1 "),
+            "{}",
+            &sub[..200]
+        );
+        assert!(sub.contains("batch\\-size"), "{sub}");
+        let bad = man_page(&["devices".into(), "imprt".into()]).expect_err("no such command");
+        assert!(bad.contains("import, move"), "{bad}");
     }
 
     #[test]

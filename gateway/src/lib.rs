@@ -4,6 +4,8 @@
 //! - [`cli`]: the command line (thin; `main.rs` only calls it); [`import`]: `iotgw devices
 //!   import`, a file of devices registered through a running gateway's batch route.
 //!   [`move_cli`]: `iotgw devices move`, through a running gateway's move route.
+//!   [`status`]: `iotgw status`, a running gateway's overview read from its API.
+//! - [`definitions`]: Field Service's command and property definitions (type checks).
 //! - [`app`]: composition and graceful shutdown; [`errors`]: an error's cause chain in words.
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
 //! - [`commands`]: command delivery (claim, send, wait for the instance, expire, resend
@@ -52,4 +54,5 @@ pub mod router;
 pub mod rules;
 pub mod simulate;
 pub mod sinks;
+pub mod status;
 pub mod vitals;

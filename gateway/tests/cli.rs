@@ -32,6 +32,9 @@ fn help_names_every_command_and_the_quick_start() {
         "config",
         "simulate",
         "devices",
+        "status",
+        "completions",
+        "man",
         "Quick start",
         "IOTGW_API__LISTEN",
     ] {
@@ -138,6 +141,8 @@ fn free_port() -> u16 {
 struct RunningGateway {
     child: std::process::Child,
     log: std::path::PathBuf,
+    /// The embedded broker's (MQTT 5) port.
+    broker: u16,
 }
 
 impl Drop for RunningGateway {
@@ -172,7 +177,7 @@ impl RunningGateway {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("iotgw run starts");
-        let mut gw = Self { child, log };
+        let mut gw = Self { child, log, broker };
         let url = format!("http://127.0.0.1:{api}");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
@@ -350,6 +355,221 @@ fn devices_import_registers_a_csv_and_a_jsonl_through_a_running_gateway() {
         "{stdout}"
     );
     drop(gw);
+}
+
+/// The top-level commands, as `iotgw --help` lists them.
+const COMMANDS: [&str; 9] = [
+    "run",
+    "check-config",
+    "config",
+    "simulate",
+    "healthcheck",
+    "devices",
+    "status",
+    "completions",
+    "man",
+];
+
+#[test]
+fn completions_print_a_script_for_each_shell_and_the_bash_one_offers_every_command() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = iotgw(&["completions", "bash"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let script = text(&out.stdout);
+    assert!(script.contains("_iotgw()"), "no _iotgw function:\n{script}");
+    for name in COMMANDS.iter().chain(&["import", "move"]) {
+        assert!(
+            script.contains(name),
+            "the bash script lacks {name}:\n{script}"
+        );
+    }
+    for shell in ["zsh", "fish", "powershell", "elvish"] {
+        let out = iotgw(&["completions", shell], dir.path());
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains("status"),
+            "the {shell} script lacks the status command"
+        );
+    }
+    let out = iotgw(&["completions", "tcsh"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    assert!(text(&out.stderr).contains("bash"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn man_prints_a_roff_page_that_starts_with_th_and_names_every_command() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = iotgw(&["man"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(
+        page.starts_with(".TH iotgw 1"),
+        "{}",
+        &page[..page.len().min(300)]
+    );
+    // roff writes a hyphen as `\-`.
+    let plain = page.replace("\\-", "-");
+    for name in COMMANDS {
+        assert!(
+            plain.contains(&format!("iotgw-{name}(1)")),
+            "the page does not name {name}:\n{plain}"
+        );
+    }
+    let out = iotgw(&["man", "devices", "import"], dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sub = text(&out.stdout);
+    assert!(sub.starts_with(".TH iotgw-devices-import 1"), "{sub}");
+    assert!(sub.contains("batch\\-size"), "{sub}");
+    let out = iotgw(&["man", "devices", "imprt"], dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("import, move"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// `iotgw status ARGS` in `dir`, without a config or token from the environment.
+fn status(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iotgw"))
+        .arg("status")
+        .args(args)
+        .current_dir(dir)
+        .env_remove("IOTGW_CONFIG")
+        .env_remove("IOTGW_API_TOKEN")
+        .env("IOTGW_LOG", "warn")
+        .output()
+        .expect("the iotgw binary runs")
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn status_shows_the_instance_local_with_the_devices_the_test_registered_and_exits_0() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = "cli-status-test-token-0123456789";
+    let (gw, url) = RunningGateway::start(dir.path(), token);
+
+    // Three devices registered from a file, two more by the simulator, which then connects
+    // them to the embedded broker.
+    std::fs::write(
+        dir.path().join("fleet.csv"),
+        "msdyn_deviceid,msdyn_category\npump-001,chiller\npump-002,chiller\npump-003,meter\n",
+    )
+    .expect("write csv");
+    let out = import(dir.path(), &["--config", "gw.toml", "fleet.csv"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let broker = gw.broker.to_string();
+    let _simulator = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_iotgw"))
+            .args([
+                "simulate",
+                "-n",
+                "2",
+                "--port",
+                &broker,
+                "--interval-ms",
+                "200",
+            ])
+            .args([
+                "--register",
+                &url,
+                "--token",
+                token,
+                "--duration-secs",
+                "120",
+            ])
+            .current_dir(dir.path())
+            .env("IOTGW_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iotgw simulate starts"),
+    );
+
+    // URL and token from the config, as for `devices import`; until both simulated
+    // devices are registered and connected and their readings were acknowledged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (out, shown) = loop {
+        let out = status(dir.path(), &["--config", "gw.toml"]);
+        let shown = text(&out.stdout);
+        let local: Vec<String> = shown
+            .lines()
+            .find(|l| l.trim_start().starts_with("local "))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        // INSTANCE KIND HEALTH DEVICES CONNECTED RECEIVED ACKED NACKED
+        let acked: u64 = local.get(6).and_then(|n| n.parse().ok()).unwrap_or(0);
+        if local.get(3).map(String::as_str) == Some("5")
+            && local.get(4).map(String::as_str) == Some("2")
+            && acked > 0
+        {
+            break (out, shown);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never showed local with 5 devices, 2 connected and events acked within 30 s:\n\
+             {shown}{}\n--- gateway log ---\n{}",
+            text(&out.stderr),
+            gw.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    eprintln!("iotgw status printed:\n{shown}");
+    assert_eq!(out.status.code(), Some(0), "{shown}{}", text(&out.stderr));
+    assert!(
+        shown.starts_with(&format!("Gateway {url}: ready\n")),
+        "{shown}"
+    );
+    for needle in [
+        "INSTANCE  KIND  HEALTH     DEVICES  CONNECTED  RECEIVED  ACKED  NACKED",
+        "  local     mqtt  connected        5          2",
+        "Outbox (items waiting per sink)",
+        "Dead letters: 0",
+    ] {
+        assert!(shown.contains(needle), "status lacks {needle:?}:\n{shown}");
+    }
+
+    // Without the token the gateway only says it is ready; status says what is missing.
+    let out = status(dir.path(), &["--api", &url]);
+    let shown = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{shown}{}", text(&out.stderr));
+    assert!(
+        shown.contains("refused the token (HTTP 401)") && shown.contains("--token"),
+        "{shown}"
+    );
+    drop(gw);
+}
+
+#[test]
+fn status_against_an_unused_port_exits_69_naming_the_url_and_what_to_check() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let out = status(dir.path(), &["--api", &url, "--timeout-secs", "5"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{}{err}", text(&out.stdout));
+    assert!(
+        err.contains(&format!("cannot reach the gateway at {url}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("iotgw run") && err.contains("--url") && err.contains("--config"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).is_empty(), "nothing on stdout");
 }
 
 /// The API fuzzed from its OpenAPI document (`docs/openapi.yaml`) by schemathesis, from
