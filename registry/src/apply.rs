@@ -132,6 +132,9 @@ pub(crate) trait BatchWriter: Send {
     ) -> StoreResult<HashSet<readings::ReadingKey>>;
     /// Inserts reading rows whose keys are not stored (the rows have distinct keys).
     async fn insert_readings(&mut self, rows: &[ReadingRow]) -> StoreResult<()>;
+    /// Inserts the rows if none of their keys is stored, answering true; else writes
+    /// nothing (a savepoint undoes the rows that went in) and answers false.
+    async fn insert_readings_if_all_new(&mut self, rows: &[ReadingRow]) -> StoreResult<bool>;
     /// Adds each row to its stored rollup (min of mins, max of maxes, sums), creating it
     /// when missing (the rows have distinct keys).
     async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()>;
@@ -413,9 +416,10 @@ pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
 }
 
 /// Keeps the measures of these readings: the rows not stored yet (a message delivered
-/// again with the same time writes nothing), then what those new rows add to the rollups. Three statements;
-/// the batch's write lock (and on PostgreSQL its device locks) keeps the stored set true
-/// until the insert.
+/// again with the same time writes nothing), then what those new rows add to the rollups.
+/// Usually every row is new: one insert, then the rollups. When the insert finds a key
+/// stored (a redelivery), it is undone and only the rows not stored go in; the batch's
+/// write lock (and on PostgreSQL its device locks) keeps the stored set true until then.
 async fn keep_readings<'a, W: BatchWriter + ?Sized>(
     w: &mut W,
     of: impl IntoIterator<Item = (&'a DeviceId, &'a readings::Readings)>,
@@ -423,6 +427,9 @@ async fn keep_readings<'a, W: BatchWriter + ?Sized>(
     let rows = readings::rows(of);
     if rows.is_empty() {
         return Ok(());
+    }
+    if w.insert_readings_if_all_new(&rows).await? {
+        return w.add_rollups(&readings::rollups(&rows)).await;
     }
     let stored = w.stored_readings(&rows).await?;
     let new: Vec<ReadingRow> = rows

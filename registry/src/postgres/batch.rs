@@ -155,7 +155,12 @@ impl BatchWriter for Writer<'_> {
         super::readings::stored_readings(self.0, rows).await
     }
     async fn insert_readings(&mut self, rows: &[ReadingRow]) -> StoreResult<()> {
-        super::readings::insert_readings(self.0, rows).await
+        super::readings::insert_readings(self.0, rows)
+            .await
+            .map(drop)
+    }
+    async fn insert_readings_if_all_new(&mut self, rows: &[ReadingRow]) -> StoreResult<bool> {
+        super::readings::insert_if_all_new(self.0, rows).await
     }
     async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()> {
         super::readings::add_rollups(self.0, rows).await

@@ -75,11 +75,12 @@ pub(super) async fn stored_readings(
         .collect())
 }
 
-/// Inserts the rows (their keys are not stored); one statement, the columns as arrays.
+/// Inserts the rows whose keys are not stored; one statement, the columns as arrays; how
+/// many went in.
 pub(super) async fn insert_readings(
     conn: &mut PgConnection,
     rows: &[ReadingRow],
-) -> StoreResult<()> {
+) -> StoreResult<u64> {
     let (devices, msgs, measures, at, values) = columns(rows);
     sqlx::query(
         "INSERT INTO readings (device_id, msg, measure, at_ms, value) \
@@ -93,8 +94,32 @@ pub(super) async fn insert_readings(
     .bind(&values)
     .execute(&mut *conn)
     .await
-    .map_err(db("keeping readings"))?;
-    Ok(())
+    .map_err(db("keeping readings"))
+    .map(|r| r.rows_affected())
+}
+
+/// Inserts the rows if none is stored (true); else undoes what went in (false).
+pub(super) async fn insert_if_all_new(
+    conn: &mut PgConnection,
+    rows: &[ReadingRow],
+) -> StoreResult<bool> {
+    let run = |sql: &'static str| sqlx::query(sql);
+    run("SAVEPOINT iotgw_readings")
+        .execute(&mut *conn)
+        .await
+        .map_err(db("opening a savepoint for readings"))?;
+    let all = insert_readings(conn, rows).await? == rows.len() as u64;
+    if !all {
+        run("ROLLBACK TO SAVEPOINT iotgw_readings")
+            .execute(&mut *conn)
+            .await
+            .map_err(db("undoing readings stored already"))?;
+    }
+    run("RELEASE SAVEPOINT iotgw_readings")
+        .execute(&mut *conn)
+        .await
+        .map_err(db("releasing the readings savepoint"))?;
+    Ok(all)
 }
 
 /// Adds each row to its stored rollup.

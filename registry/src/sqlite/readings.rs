@@ -48,11 +48,12 @@ pub(super) async fn stored_readings(
 /// and taken from the connection's statement cache after that.
 const INSERT_CHUNK: usize = 128;
 
-/// Inserts the rows (their keys are not stored).
+/// Inserts the rows whose keys are not stored; how many went in.
 pub(super) async fn insert_readings(
     conn: &mut SqliteConnection,
     rows: &[ReadingRow],
-) -> StoreResult<()> {
+) -> StoreResult<u64> {
+    let mut inserted = 0;
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO readings (device_id, msg, measure, at_ms, value) ",
@@ -65,13 +66,39 @@ pub(super) async fn insert_readings(
                 .push_bind(r.value);
         });
         qb.push(" ON CONFLICT DO NOTHING");
-        qb.build()
+        inserted += qb
+            .build()
             .persistent(true)
             .execute(&mut *conn)
             .await
-            .map_err(db("keeping readings"))?;
+            .map_err(db("keeping readings"))?
+            .rows_affected();
     }
-    Ok(())
+    Ok(inserted)
+}
+
+/// Inserts the rows if none is stored (true); else undoes what went in (false).
+pub(super) async fn insert_if_all_new(
+    conn: &mut SqliteConnection,
+    rows: &[ReadingRow],
+) -> StoreResult<bool> {
+    let run = |sql: &'static str| sqlx::query(sql);
+    run("SAVEPOINT iotgw_readings")
+        .execute(&mut *conn)
+        .await
+        .map_err(db("opening a savepoint for readings"))?;
+    let all = insert_readings(conn, rows).await? == rows.len() as u64;
+    if !all {
+        run("ROLLBACK TO iotgw_readings")
+            .execute(&mut *conn)
+            .await
+            .map_err(db("undoing readings stored already"))?;
+    }
+    run("RELEASE iotgw_readings")
+        .execute(&mut *conn)
+        .await
+        .map_err(db("releasing the readings savepoint"))?;
+    Ok(all)
 }
 
 /// Adds each row to its stored rollup; one statement, the rows as one JSON array.
