@@ -31,6 +31,10 @@ pub struct MqttConfig {
     pub reply_topic: String,
     /// Topic devices publish reported properties to (JSON object).
     pub reported_topic: String,
+    /// Topic a device's desired settings are published to (Field Service's Update Device
+    /// Data, `msdyn_devicesettings`): retained, QoS 1, so a device subscribing later still
+    /// gets the latest settings.
+    pub settings_topic: String,
     /// Shared-subscription group (`$share/<group>/...`) so several gateway replicas split
     /// the telemetry. Empty (the default) subscribes without sharing: the broker keeps the
     /// subscription in the gateway's persistent session, so nothing published while the
@@ -93,6 +97,7 @@ impl Default for MqttConfig {
             command_topic: "devices/{device_id}/commands".into(),
             reply_topic: "devices/{device_id}/replies".into(),
             reported_topic: "devices/{device_id}/reported".into(),
+            settings_topic: "devices/{device_id}/settings".into(),
             shared_group: String::new(),
             max_payload_bytes: 256 * 1024,
             keep_alive_secs: 30,
@@ -169,6 +174,7 @@ pub(crate) fn validate(base: &str, m: &MqttConfig, out: &mut Vec<Problem>) {
         ("command_topic", &m.command_topic),
         ("reply_topic", &m.reply_topic),
         ("reported_topic", &m.reported_topic),
+        ("settings_topic", &m.settings_topic),
     ] {
         let levels: Vec<&str> = t.split('/').collect();
         let whole = levels.iter().filter(|l| **l == "{device_id}").count();

@@ -130,6 +130,21 @@ impl std::fmt::Debug for Core {
     }
 }
 
+/// The largest settings document [`Core::update_device_data`] takes (compact JSON).
+pub const MAX_DEVICE_SETTINGS_BYTES: usize = 8 * 1024;
+
+/// What kind of JSON value `v` is, for error messages.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 /// Provider registrations in flight at once in one [`Core::register_many`] call.
 pub const PROVIDER_CONCURRENCY: usize = 32;
 
@@ -453,6 +468,52 @@ impl Core {
         Ok(p.device_state(&id).await?)
     }
 
+    /// Field Service's Update Device Data: the device's provider hands it `settings` (a
+    /// JSON object of at most [`MAX_DEVICE_SETTINGS_BYTES`]: twin desired properties,
+    /// shadow desired state, a retained settings message...), then the settings are stored
+    /// as the device's `msdyn_devicesettings`. Answers the device record. The device must
+    /// exist (else NotFound) and be Registered (else Conflict); nothing is stored when the
+    /// provider fails.
+    pub async fn update_device_data(
+        &self,
+        raw_id: &str,
+        settings: &serde_json::Value,
+    ) -> Result<Device, GatewayError> {
+        let id = parse_id(raw_id)?;
+        if !settings.is_object() {
+            return Err(GatewayError::Invalid {
+                field: "msdyn_devicesettings".into(),
+                message: format!(
+                    "must be a JSON object of settings (e.g. {{\"interval\": 30}}), found {}",
+                    json_kind(settings)
+                ),
+            });
+        }
+        let size = settings.to_string().len();
+        if size > MAX_DEVICE_SETTINGS_BYTES {
+            return Err(GatewayError::Invalid {
+                field: "msdyn_devicesettings".into(),
+                message: format!(
+                    "{size} bytes; at most {MAX_DEVICE_SETTINGS_BYTES} bytes (8 KiB) of settings fit: send fewer or shorter settings"
+                ),
+            });
+        }
+        let device = self.store.get_device(&id).await?.ok_or_else(|| {
+            GatewayError::NotFound(format!("device {id} not found: register it first"))
+        })?;
+        if device.registration_status != RegistrationStatus::Registered {
+            return Err(GatewayError::Conflict(format!(
+                "device {id} is {}: only a Registered device takes settings",
+                device.registration_status.label()
+            )));
+        }
+        let provider = self.provider(&device.provider_instance)?;
+        provider.update_settings(&id, settings).await?;
+        let stored = self.store.set_device_settings(&id, settings).await?;
+        tracing::info!(device = %id, provider = %device.provider_instance, bytes = size, "device settings updated");
+        Ok(stored)
+    }
+
     /// Creates a command (In Progress) and sends it in the background: the answer does not
     /// wait for the device (an Azure direct method may wait up to its response timeout);
     /// the command's status follows on the record.
@@ -636,6 +697,19 @@ mod tests {
         async fn device_state(&self, _: &DeviceId) -> Result<DeviceState, ProviderError> {
             Ok(DeviceState::default())
         }
+        async fn update_settings(
+            &self,
+            _: &DeviceId,
+            settings: &serde_json::Value,
+        ) -> Result<(), ProviderError> {
+            if settings.get("refuse").is_some() {
+                return Err(ProviderError::Unsupported {
+                    instance: "local".into(),
+                    what: "settings named refuse".into(),
+                });
+            }
+            Ok(())
+        }
         async fn run(&self, _: EventSender, _: Shutdown) -> Result<(), ProviderError> {
             Ok(())
         }
@@ -768,6 +842,59 @@ mod tests {
             provider.most_in_flight.load(Ordering::SeqCst),
             PROVIDER_CONCURRENCY,
             "the batch fills the concurrency bound and never exceeds it"
+        );
+    }
+
+    #[tokio::test]
+    async fn update_device_data_checks_the_settings_and_the_device_then_stores_them() {
+        let core = core_with(Arc::new(Counting::new())).await;
+        core.register(req("ok-1")).await.expect("ok-1 registered");
+        let _ = core.register(req("fail-1")).await;
+        let settings = serde_json::json!({"interval": 30, "mode": "eco"});
+        let device = core
+            .update_device_data("ok-1", &settings)
+            .await
+            .expect("settings updated");
+        assert_eq!(device.settings.as_ref(), Some(&settings));
+
+        let invalid = |r: Result<Device, GatewayError>| match r {
+            Err(GatewayError::Invalid { field, message }) => {
+                assert_eq!(field, "msdyn_devicesettings");
+                message
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        };
+        let m = invalid(
+            core.update_device_data("ok-1", &serde_json::json!([1]))
+                .await,
+        );
+        assert!(m.contains("JSON object") && m.contains("array"), "{m}");
+        let big = serde_json::json!({"blob": "x".repeat(MAX_DEVICE_SETTINGS_BYTES)});
+        let m = invalid(core.update_device_data("ok-1", &big).await);
+        assert!(m.contains("8192"), "names the limit: {m}");
+        assert!(matches!(
+            core.update_device_data("nobody", &settings).await,
+            Err(GatewayError::NotFound(m)) if m.contains("register it first")
+        ));
+        assert!(matches!(
+            core.update_device_data("fail-1", &settings).await,
+            Err(GatewayError::Conflict(m)) if m.contains("Registered")
+        ));
+        assert!(matches!(
+            core.update_device_data("ok-1", &serde_json::json!({"refuse": 1}))
+                .await,
+            Err(GatewayError::Provider(ProviderError::Unsupported { .. }))
+        ));
+        let stored = core
+            .store
+            .get_device(&DeviceId::parse("ok-1").expect("id"))
+            .await
+            .expect("get")
+            .expect("ok-1");
+        assert_eq!(
+            stored.settings.as_ref(),
+            Some(&settings),
+            "a provider failure stores nothing"
         );
     }
 }

@@ -477,6 +477,15 @@ pub trait Provider: Send + Sync {
     async fn send_command(&self, cmd: &CommandRequest) -> Result<CommandOutcome, ProviderError>;
     /// What the provider knows of the device.
     async fn device_state(&self, id: &DeviceId) -> Result<DeviceState, ProviderError>;
+    /// Hands the device its desired settings (Field Service's Update Device Data,
+    /// `msdyn_devicesettings`, a JSON object): IoT Hub twin desired properties, the AWS
+    /// shadow's desired state, a retained settings message on MQTT, a settings message on
+    /// Pub/Sub. [`ProviderError::Unsupported`] when the provider cannot.
+    async fn update_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> Result<(), ProviderError>;
     /// Receives until `shutdown` fires, sending events; reconnects on its own. Returns an
     /// error only for failures retrying cannot fix (bad credentials, bad config).
     async fn run(&self, events: EventSender, shutdown: Shutdown) -> Result<(), ProviderError>;

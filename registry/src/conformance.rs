@@ -117,6 +117,7 @@ macro_rules! conformance_tests {
             readings_are_kept_once_and_answered_per_bucket,
             service_work_is_recorded_children_close_and_a_request_groups_its_commands,
             entities_link_to_devices_once_and_are_found_both_ways,
+            device_settings_are_replaced_and_bump_updated_at,
         }
     };
     (@scenarios $($name:ident),+ $(,)?) => {
@@ -3899,6 +3900,66 @@ pub async fn entities_link_to_devices_once_and_are_found_both_ways(store: &dyn S
         .await
         .expect("none")
         .is_empty());
+}
+
+/// Update Device Data: the settings replace the stored ones (not merged), the device is
+/// answered as stored with `updated_at` bumped and nothing else changed; an unknown
+/// device is `NotFound`.
+pub async fn device_settings_are_replaced_and_bump_updated_at(store: &dyn Store) {
+    let before = registered(store, "settings-dev-1", "local").await;
+    assert_eq!(
+        before.settings,
+        Some(serde_json::json!({"interval": 30})),
+        "registered with settings"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let first = serde_json::json!({"setpoint": 21.5, "mode": "eco", "zones": [1, 2]});
+    let got = store
+        .set_device_settings(&did("settings-dev-1"), &first)
+        .await
+        .expect("settings stored");
+    assert_eq!(got.settings.as_ref(), Some(&first));
+    assert!(
+        got.updated_at > before.updated_at,
+        "updated_at bumped: {} then {}",
+        before.updated_at,
+        got.updated_at
+    );
+    assert_eq!(
+        (
+            got.id,
+            got.registration_status,
+            &got.provider_instance,
+            &got.reported_properties
+        ),
+        (
+            before.id,
+            before.registration_status,
+            &before.provider_instance,
+            &before.reported_properties
+        ),
+        "nothing else changes"
+    );
+    let second = serde_json::json!({"mode": "boost"});
+    let got = store
+        .set_device_settings(&did("settings-dev-1"), &second)
+        .await
+        .expect("settings replaced");
+    assert_eq!(got.settings.as_ref(), Some(&second), "replaced, not merged");
+    let read = store
+        .get_device(&did("settings-dev-1"))
+        .await
+        .expect("read")
+        .expect("the device");
+    assert_eq!(read.settings.as_ref(), Some(&second));
+    assert_eq!(read, got, "the answer is the stored device");
+    not_found(
+        store
+            .set_device_settings(&did("no-such-device"), &first)
+            .await,
+        "device",
+        "an unknown device",
+    );
 }
 
 #[cfg(test)]

@@ -119,6 +119,15 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> StoreResult<()>;
 
+    /// Replaces the device's desired settings (`msdyn_devicesettings`, Update Device Data)
+    /// and bumps `updated_at`; answers the device as stored. `NotFound` for an unknown
+    /// device.
+    async fn set_device_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> StoreResult<Device>;
+
     // --- categories ----------------------------------------------------------------------
 
     /// Creates the category or updates its description.

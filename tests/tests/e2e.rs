@@ -1966,3 +1966,138 @@ async fn field_service_sends_to_every_connected_device_by_definition_and_links_a
     assert_eq!(status, 400, "{bad}");
     gw.stop().await;
 }
+
+/// The first message a fresh MQTT 5 client subscribing to `topic` receives (a retained
+/// one, when the broker holds it), with its retain flag.
+async fn first_message_on(port: u16, topic: &str) -> (Value, bool) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut opts = MqttOptions::new(
+        format!("settings-reader-{}", free_port()),
+        "127.0.0.1",
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = AsyncClient::new(opts, 16);
+    client
+        .subscribe(topic, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    let got = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let body: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    return (body, p.retain);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing on {topic} within {DEADLINE:?}"));
+    let _ = client.disconnect().await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_service_update_device_data_publishes_retained_settings_and_stores_them() {
+    let gw = Gateway::start(GatewayOptions::default()).await;
+    let api = gw.api();
+    let (status, body) = api
+        .post("/api/v1/devices", json!({"msdyn_deviceid": "boiler-7"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let settings = json!({"setpoint": 21.5, "mode": "eco", "schedule": {"on": "06:00"}});
+    let (status, updated) = api
+        .post(
+            "/api/cfs/v1/update-device-data",
+            json!({
+                "msdyn_deviceid": "boiler-7",
+                "msdyn_devicesettings": settings,
+                "@odata.type": "Microsoft.Dynamics.CRM.msdyn_iotdevice",
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["Id"], "boiler-7");
+    assert_eq!(updated["DeviceSettings"], settings);
+    assert_golden("cfs_update_device_data", &updated, &[]);
+
+    // A device connecting afterwards gets the settings: the broker retained them.
+    let (got, retained) = first_message_on(gw.broker_port, "devices/boiler-7/settings").await;
+    assert_eq!(got, settings);
+    assert!(retained, "the settings message is retained");
+    let (_, device) = api.get("/api/v1/devices/boiler-7").await;
+    assert_eq!(device["msdyn_devicesettings"], settings, "{device}");
+
+    // The same settings as JSON text (as Dataverse keeps them) replace the stored ones.
+    let newer = json!({"mode": "boost"});
+    let (status, body) = api
+        .post(
+            "/api/cfs/v1/update-device-data",
+            json!({"msdyn_deviceid": "boiler-7", "msdyn_devicesettings": newer.to_string()}),
+        )
+        .await;
+    assert_eq!((status, &body["DeviceSettings"]), (200, &newer), "{body}");
+    let (got, _) = first_message_on(gw.broker_port, "devices/boiler-7/settings").await;
+    assert_eq!(got, newer, "the latest settings are the retained ones");
+
+    for bad in [json!([1, 2]), json!(42), json!("not json"), json!("[1]")] {
+        let (status, refused) = api
+            .post(
+                "/api/cfs/v1/update-device-data",
+                json!({"msdyn_deviceid": "boiler-7", "msdyn_devicesettings": bad}),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad}: {refused}");
+        let message = refused["error"]["message"].as_str().expect("message");
+        assert!(
+            message.starts_with("invalid msdyn_devicesettings:"),
+            "{message}"
+        );
+    }
+    let (status, big) = api
+        .post(
+            "/api/cfs/v1/update-device-data",
+            json!({"msdyn_deviceid": "boiler-7", "msdyn_devicesettings": {"blob": "x".repeat(9000)}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{big}");
+    assert!(
+        big["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("invalid msdyn_devicesettings:") && m.contains("8192")),
+        "{big}"
+    );
+    let (_, device) = api.get("/api/v1/devices/boiler-7").await;
+    assert_eq!(
+        device["msdyn_devicesettings"], newer,
+        "refused settings change nothing"
+    );
+
+    let (status, missing) = api
+        .post(
+            "/api/cfs/v1/update-device-data",
+            json!({"msdyn_deviceid": "nobody-here", "msdyn_devicesettings": {"a": 1}}),
+        )
+        .await;
+    assert_eq!(status, 404, "{missing}");
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("register it first")),
+        "{missing}"
+    );
+    let (status, unknown) = api
+        .post(
+            "/api/cfs/v1/update-device-data",
+            json!({"msdyn_deviceid": "boiler-7", "msdyn_devicesettings": {}, "extra": 1}),
+        )
+        .await;
+    assert_eq!(status, 400, "unknown fields are refused: {unknown}");
+    gw.stop().await;
+}

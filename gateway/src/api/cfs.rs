@@ -2,7 +2,7 @@
 //! response JSON Field Service sends and expects (Microsoft's "Configure IoT provider
 //! actions"): register devices, pull device data, query device readings, aggregated
 //! device readings, send command (to one device or to every connected one), send test
-//! alert, and the JSON getters.
+//! alert, update device data, and the JSON getters.
 //!
 //! Field Service names a device by its `msdyn_iotdeviceid` (the GUID of its record in
 //! Dataverse). A request's entity may carry `msdyn_deviceid` too; without it the GUID
@@ -742,6 +742,48 @@ pub(super) async fn send_test_alert(
         },
     );
     Ok((axum::http::StatusCode::CREATED, Json(alert)))
+}
+
+/// Update Device Data's input: the device and its settings, a JSON object or the same
+/// object as JSON text (as Dataverse keeps `msdyn_devicesettings`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpdateDeviceData {
+    msdyn_deviceid: String,
+    msdyn_devicesettings: Value,
+    #[serde(rename = "@odata.type", default)]
+    _odata_type: Option<String>,
+}
+
+/// Update Device Data: the device's provider hands it the settings (IoT Hub twin desired
+/// properties, the AWS shadow's desired state, a retained MQTT settings message, a Pub/Sub
+/// settings message), then they are stored as the device's `msdyn_devicesettings`.
+pub(super) async fn update_device_data(
+    State(s): State<ApiState>,
+    b: Result<Json<UpdateDeviceData>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let u = body(b)?;
+    let settings = match u.msdyn_devicesettings {
+        Value::String(text) => serde_json::from_str(&text).map_err(|e| {
+            ApiError::invalid(
+                "msdyn_devicesettings",
+                format!("the text is not JSON ({e}): give a JSON object of settings"),
+            )
+        })?,
+        other => other,
+    };
+    let device = s
+        .core
+        .update_device_data(&u.msdyn_deviceid, &settings)
+        .await?;
+    Ok(Json(json!({
+        "Id": device.device_id,
+        "DeviceSettings": device.settings,
+        "Message": format!(
+            "settings sent to device {} through {}",
+            device.device_id, device.provider_instance
+        ),
+    })))
 }
 
 /// The JSON getters' input: `Json` (a JSON document as text) and `Path` (a JSON pointer,

@@ -345,6 +345,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/cfs/v1/send-command", post(cfs::send_command))
         .route("/api/cfs/v1/send-test-alert", post(cfs::send_test_alert))
         .route(
+            "/api/cfs/v1/update-device-data",
+            post(cfs::update_device_data),
+        )
+        .route(
             "/api/cfs/v1/register-custom-entity",
             post(cfs::register_custom_entity),
         )

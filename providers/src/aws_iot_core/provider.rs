@@ -96,6 +96,20 @@ impl AwsIotCoreProvider {
 
 #[async_trait]
 impl Provider for AwsIotCoreProvider {
+    /// Update Device Data: the settings become the thing shadow's desired state
+    /// (`UpdateThingShadow` with `{"state":{"desired": settings}}`, merged by AWS into the
+    /// desired state already there; the device gets the delta on
+    /// `$aws/things/{thing}/shadow/update/delta`).
+    async fn update_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> Result<(), ProviderError> {
+        Registrar::of(&self.shared)
+            .set_desired(id.as_str(), settings)
+            .await
+    }
+
     fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }

@@ -816,8 +816,14 @@ impl Registrar<'_> {
         .await
     }
 
-    /// Writes `desired` as the shadow's desired state.
-    async fn set_desired(&self, thing: &str, desired: &Value) -> Result<(), ProviderError> {
+    /// Writes `desired` as the shadow's desired state (`UpdateThingShadow`,
+    /// `{"state":{"desired":...}}`): AWS merges it into the desired state already there
+    /// (a key set to null is removed). Also Update Device Data's path.
+    pub(super) async fn set_desired(
+        &self,
+        thing: &str,
+        desired: &Value,
+    ) -> Result<(), ProviderError> {
         let res = format!("the shadow of {thing}");
         let body = json!({ "state": { "desired": desired } }).to_string();
         self.clients

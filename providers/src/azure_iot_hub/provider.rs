@@ -148,6 +148,40 @@ impl AzureIotHubProvider {
 
 #[async_trait]
 impl Provider for AzureIotHubProvider {
+    /// Update Device Data: the settings become the twin's desired properties
+    /// (`PATCH /twins/{id}` with `{"properties":{"desired": settings}}` and `If-Match: "*"`;
+    /// IoT Hub merges them into the desired properties already there, a property set to
+    /// null is removed). Settings that are not a JSON object are refused.
+    async fn update_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> Result<(), ProviderError> {
+        let Some(desired) = settings.as_object() else {
+            return Err(ProviderError::InvalidInput {
+                instance: self.shared.instance.to_string(),
+                field: "msdyn_devicesettings".into(),
+                message:
+                    "IoT Hub desired properties must be a JSON object, e.g. {\"interval_s\": 30}"
+                        .into(),
+            });
+        };
+        let patch = super::rest::Twin {
+            properties: Some(super::rest::TwinProperties {
+                desired: Some(desired.clone()),
+                reported: None,
+            }),
+            ..super::rest::Twin::default()
+        };
+        self.shared
+            .hub
+            .update_twin(id.as_str(), &patch)
+            .await
+            .map_err(|e| self.shared.fail(e))?;
+        self.shared.ok();
+        Ok(())
+    }
+
     fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }

@@ -13,6 +13,11 @@ pub const COMMAND_NAME_ATTRIBUTE: &str = "command_name";
 pub const CORRELATION_ID_ATTRIBUTE: &str = "correlation_id";
 /// Attribute of a command: the gateway's command record id.
 pub const COMMAND_ID_ATTRIBUTE: &str = "command_id";
+/// Attribute of a message on the commands topic that is not a command: `settings` for a
+/// device's desired settings (Update Device Data). Commands carry no such attribute.
+pub const KIND_ATTRIBUTE: &str = "iotgw_kind";
+/// [`KIND_ATTRIBUTE`]'s value on a settings message.
+pub const SETTINGS_KIND: &str = "settings";
 /// Attribute of a reply: `ok` or `error`.
 pub const STATUS_ATTRIBUTE: &str = "status";
 /// Attribute of a reply: the device's reason.

@@ -111,6 +111,23 @@ impl GcpPubSubProvider {
 
 #[async_trait]
 impl Provider for GcpPubSubProvider {
+    /// Update Device Data: see [`super::commands::send_settings`]: the settings JSON on
+    /// the commands topic with attributes `<device_id_attribute>` and
+    /// `iotgw_kind=settings`, the device id as ordering key.
+    async fn update_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> Result<(), ProviderError> {
+        super::commands::send_settings(
+            &self.shared,
+            self.limits.max_command_bytes,
+            id.as_str(),
+            settings,
+        )
+        .await
+    }
+
     fn instance(&self) -> &InstanceName {
         &self.shared.instance
     }

@@ -88,6 +88,60 @@ pub(super) async fn send(
     }
 }
 
+/// Publishes `settings` (Update Device Data) as JSON, retained, at QoS 1 to the device's
+/// settings topic (`settings_topic`), on the receive loop's session as commands go: the
+/// broker keeps the latest settings and hands them to the device whenever it subscribes.
+/// Settings above `limit` bytes are refused before anything is sent.
+pub(super) async fn send_settings(
+    shared: &Shared,
+    limit: usize,
+    device: &str,
+    settings: &serde_json::Value,
+) -> Result<(), ProviderError> {
+    let payload = settings.to_string();
+    if payload.len() > limit {
+        return Err(ProviderError::InvalidInput {
+            instance: shared.instance.to_string(),
+            field: "msdyn_devicesettings".into(),
+            message: format!(
+                "the settings of {device} are {} bytes; at most {limit} bytes fit",
+                payload.len()
+            ),
+        });
+    }
+    let client = lock(&shared.client).clone().ok_or_else(|| {
+        shared.transient(
+            "the receive loop is not running (run not started or stopped): settings not sent",
+        )
+    })?;
+    let topic = shared.topics.settings.topic_for(device);
+    let properties = PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".into()),
+        ..PublishProperties::default()
+    };
+    let publish = async {
+        match shared.config.command_correlation {
+            // 3.1.1 devices: no MQTT 5 properties at all, as for commands.
+            CommandCorrelation::Payload => {
+                client.publish(topic, QoS::AtLeastOnce, true, payload).await
+            }
+            CommandCorrelation::Properties | CommandCorrelation::Both => {
+                client
+                    .publish_with_properties(topic, QoS::AtLeastOnce, true, payload, properties)
+                    .await
+            }
+        }
+    };
+    match tokio::time::timeout(COMMAND_QUEUE_TIMEOUT, publish).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(shared.transient(format!("settings for {device} not queued: {e}"))),
+        Err(_) => Err(shared.transient(format!(
+            "settings for {device} not queued within {COMMAND_QUEUE_TIMEOUT:?}: the broker connection is backed up; retry later"
+        ))),
+    }
+}
+
 /// The command message with `"correlation_id"` added to its top-level JSON object, so a
 /// device without MQTT 5 properties (3.1.1) can echo it in its reply. A message that is not
 /// a JSON object, or already names a correlation id, is sent as it is.

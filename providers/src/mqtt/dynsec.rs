@@ -8,12 +8,12 @@
 //! Per device `D` it manages:
 //! - role `{role_prefix}D` with ACLs: `publishClientSend` on D's telemetry, status, reply
 //!   and reported topics; `subscribeLiteral` and `publishClientReceive` on D's command
-//!   topic. Nothing else (the plugin's default denies publishing and subscribing);
+//!   and settings topics. Nothing else (the plugin's default denies publishing and subscribing);
 //! - client (user name) `D`, client id `D`, a random 32-character password, that role.
 //!
 //! The gateway's own broker user (the instance's `username`) needs, besides: subscribe to
 //! the four inbound filters (including `$share/{shared_group}/...`), receive them, and
-//! publish to every command topic. The admin user needs publish/subscribe on
+//! publish to every command and settings topic. The admin user needs publish/subscribe on
 //! `$CONTROL/dynamic-security/#` (what `mosquitto_ctrl dynsec init` grants).
 
 use std::time::Duration;
@@ -109,6 +109,8 @@ impl DynsecAdmin {
             acl("publishClientSend", t.reported.topic_for(d)),
             acl("subscribeLiteral", t.command.topic_for(d)),
             acl("publishClientReceive", t.command.topic_for(d)),
+            acl("subscribeLiteral", t.settings.topic_for(d)),
+            acl("publishClientReceive", t.settings.topic_for(d)),
         ]
     }
 
@@ -198,6 +200,7 @@ impl DynsecAdmin {
                 "reply_topic": t.reply.topic_for(d),
                 "reported_topic": t.reported.topic_for(d),
                 "command_topic": t.command.topic_for(d),
+                "settings_topic": t.settings.topic_for(d),
             })),
         })
     }

@@ -177,6 +177,22 @@ impl Provider for MqttProvider {
         super::commands::send(&self.shared, self.limits.max_command_bytes, cmd).await
     }
 
+    /// See [`super::commands::send_settings`]: the settings JSON, retained, QoS 1, to the
+    /// device's settings topic.
+    async fn update_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> Result<(), ProviderError> {
+        super::commands::send_settings(
+            &self.shared,
+            self.limits.max_command_bytes,
+            id.as_str(),
+            settings,
+        )
+        .await
+    }
+
     /// What the receive loop has seen of the device since it started: connection state
     /// (from the status topic, ordered by event time), last reported properties, last
     /// activity. Unknown devices get an empty state.

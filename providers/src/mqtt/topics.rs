@@ -211,7 +211,7 @@ pub enum TopicKind {
     Reported,
 }
 
-/// The five templates of one provider instance.
+/// The six templates of one provider instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topics {
     /// `telemetry_topic`.
@@ -224,6 +224,8 @@ pub struct Topics {
     pub reply: TopicTemplate,
     /// `reported_topic`.
     pub reported: TopicTemplate,
+    /// `settings_topic` (outbound, retained).
+    pub settings: TopicTemplate,
 }
 
 impl Topics {
@@ -235,6 +237,7 @@ impl Topics {
             command: TopicTemplate::parse("command_topic", &config.command_topic)?,
             reply: TopicTemplate::parse("reply_topic", &config.reply_topic)?,
             reported: TopicTemplate::parse("reported_topic", &config.reported_topic)?,
+            settings: TopicTemplate::parse("settings_topic", &config.settings_topic)?,
         };
         let named = topics.named();
         for (i, (first, a)) in named.iter().enumerate() {
@@ -251,13 +254,14 @@ impl Topics {
         Ok(topics)
     }
 
-    fn named(&self) -> [(&'static str, &TopicTemplate); 5] {
+    fn named(&self) -> [(&'static str, &TopicTemplate); 6] {
         [
             ("telemetry_topic", &self.telemetry),
             ("status_topic", &self.status),
             ("command_topic", &self.command),
             ("reply_topic", &self.reply),
             ("reported_topic", &self.reported),
+            ("settings_topic", &self.settings),
         ]
     }
 
@@ -400,5 +404,10 @@ mod tests {
             Some((TopicKind::Reported, "d1"))
         );
         assert_eq!(topics.classify("devices/d1/commands"), None);
+        assert_eq!(
+            topics.classify("devices/d1/settings"),
+            None,
+            "outbound only"
+        );
     }
 }

@@ -112,6 +112,26 @@ pub(super) async fn write_reported(
     Ok(done.rows_affected() > 0)
 }
 
+/// Replaces the settings of device `id`; `None` when there is no such device.
+pub(super) async fn write_settings(
+    conn: &mut PgConnection,
+    id: &DeviceId,
+    settings: &serde_json::Value,
+) -> StoreResult<Option<Device>> {
+    sqlx::query(&format!(
+        "UPDATE devices SET settings = $1, updated_at = $2 WHERE device_id = $3 RETURNING {DEVICE_COLS}"
+    ))
+    .bind(jsonb(settings))
+    .bind(now())
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("writing device settings"))?
+    .as_ref()
+    .map(device_from_row)
+    .transpose()
+}
+
 /// Inserts a device seen only in telemetry (status Unknown) unless it exists.
 pub(super) async fn insert_unknown_device(
     conn: &mut PgConnection,

@@ -632,6 +632,20 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn set_device_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> StoreResult<Device> {
+        let mut conn = self.conn().await?;
+        devices::write_settings(&mut conn, id, settings)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                entity: "device",
+                key: id.to_string(),
+            })
+    }
+
     // --- categories ----------------------------------------------------------------------
 
     async fn upsert_category(

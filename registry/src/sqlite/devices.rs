@@ -130,6 +130,27 @@ pub(super) async fn write_reported(
     Ok(done.rows_affected() > 0)
 }
 
+/// Replaces the settings of device `id`; `None` when there is no such device.
+pub(super) async fn write_settings(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    settings: &serde_json::Value,
+) -> StoreResult<Option<Device>> {
+    let settings = json_text(settings, "settings")?;
+    sqlx::query(&format!(
+        "UPDATE devices SET settings = ?, updated_at = ? WHERE device_id = ? RETURNING {DEVICE_COLS}"
+    ))
+    .bind(&settings)
+    .bind(now())
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("writing device settings"))?
+    .as_ref()
+    .map(device_from_row)
+    .transpose()
+}
+
 pub(super) async fn insert_unknown_device(
     conn: &mut SqliteConnection,
     id: &DeviceId,

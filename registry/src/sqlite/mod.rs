@@ -581,6 +581,20 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn set_device_settings(
+        &self,
+        id: &DeviceId,
+        settings: &serde_json::Value,
+    ) -> StoreResult<Device> {
+        let mut conn = self.conn().await?;
+        write_settings(&mut conn, id, settings)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                entity: "device",
+                key: id.to_string(),
+            })
+    }
+
     // --- categories ----------------------------------------------------------------------
 
     async fn upsert_category(

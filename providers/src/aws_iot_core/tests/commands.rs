@@ -145,3 +145,37 @@ async fn device_state_reads_reported_properties_from_the_shadow_and_unknown_thin
         other => panic!("expected NotFound, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn settings_become_the_shadows_desired_state() {
+    let env = env_or_skip!();
+    let p = env.provider(&unique("gw")).await;
+    let id = unique("settings");
+    let spec = DeviceSpec {
+        device_id: DeviceId::parse(&id).expect("valid id"),
+        name: id.clone(),
+        category: None,
+        tags: Default::default(),
+        settings: None,
+    };
+    p.register(&spec).await.expect("registered");
+    let settings = serde_json::json!({"setpoint": 19.5, "mode": "eco"});
+    p.update_settings(&spec.device_id, &settings)
+        .await
+        .expect("settings sent");
+    let shadow = env
+        .data_inspector()
+        .await
+        .get_thing_shadow()
+        .thing_name(&id)
+        .send()
+        .await
+        .expect("shadow");
+    let shadow: serde_json::Value =
+        serde_json::from_slice(shadow.payload().expect("payload").as_ref()).expect("JSON");
+    assert_eq!(
+        shadow["state"]["desired"], settings,
+        "the settings are the shadow's desired state: {shadow}"
+    );
+    p.unregister(&spec.device_id).await.expect("unregistered");
+}

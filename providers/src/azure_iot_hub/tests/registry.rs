@@ -360,3 +360,63 @@ async fn provider_operations_send_what_the_sdk_sends_for_the_same_operations() {
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_all_equivalent("register, command, state, unregister", &fake.take(), &ours);
 }
+
+/// Update Device Data: the provider's twin update is `PATCH /twins/{id}` with the settings
+/// as desired properties, request for request what the SDK's `update_twin` sends for a
+/// twin of only those desired properties.
+#[tokio::test]
+async fn update_settings_patches_the_twins_desired_properties_as_the_sdk_does() {
+    let fake = FakeHub::start().await;
+    let provider = AzureIotHubProvider::new(&crate::InstanceName::from("hub"), &config(&fake))
+        .expect("provider");
+    let id = DeviceId::parse("boiler-2").expect("id");
+    provider
+        .register(&DeviceSpec {
+            device_id: id.clone(),
+            name: "Boiler 2".into(),
+            category: None,
+            tags: BTreeMap::new(),
+            settings: None,
+        })
+        .await
+        .expect("registered");
+    let _ = fake.take();
+    let settings = json!({"setpoint": 21.5, "schedule": {"on": "06:00"}});
+    provider
+        .update_settings(&id, &settings)
+        .await
+        .expect("settings sent");
+    let ours = fake.take();
+    assert_eq!(ours.len(), 1, "one request: {ours:?}");
+    let patch = &ours[0];
+    assert_eq!(
+        (patch.method.as_str(), patch.path.as_str()),
+        ("PATCH", "/twins/boiler-2")
+    );
+    assert!(
+        patch.query.contains("api-version=2021-04-12"),
+        "{}",
+        patch.query
+    );
+    assert_eq!(patch.json(), json!({"properties": {"desired": settings}}));
+    let refused = provider
+        .update_settings(&id, &json!([1, 2]))
+        .await
+        .expect_err("not an object");
+    assert!(
+        refused.to_string().contains("msdyn_devicesettings"),
+        "{refused}"
+    );
+
+    let Some(sdk) = Sdk::find("update_settings_patches_the_twins_desired_properties") else {
+        return;
+    };
+    let _ = fake.take();
+    let results = sdk
+        .run(Some(&fake.connection_string()), None, &[json!(
+            {"op": "update_twin", "device_id": "boiler-2", "twin": {"properties": {"desired": settings}}}
+        )])
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_all_equivalent("update settings", &fake.take(), &ours);
+}

@@ -163,3 +163,40 @@ async fn a_command_to_a_missing_topic_fails_with_an_error_naming_the_key() {
         CommandOutcome::Published
     );
 }
+
+#[tokio::test]
+async fn settings_go_to_the_command_topic_marked_as_settings() {
+    let Some(emu) = emulator().await else {
+        return;
+    };
+    let config = GcpPubSubConfig {
+        command_subscriptions: true,
+        ..config(&emu, "settings")
+    };
+    let p = provider(&config).await;
+    let device = spec("boiler-3");
+    p.register(&device).await.expect("registered");
+    let settings = serde_json::json!({"setpoint": 20, "mode": "eco"});
+    p.update_settings(&device.device_id, &settings)
+        .await
+        .expect("published");
+
+    let subscriber = Bridge::new(&emu, &config).subscriber().await;
+    let mut stream = subscriber
+        .subscribe(p.command_subscription(&device.device_id))
+        .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+        .build();
+    let (msg, handler) = tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("the settings within the deadline")
+        .expect("the stream yields")
+        .expect("no stream error");
+    handler.ack();
+    let body: serde_json::Value = serde_json::from_slice(&msg.data).expect("JSON");
+    assert_eq!(body, settings);
+    assert_eq!(msg.ordering_key, "boiler-3");
+    let attr = |k: &str| msg.attributes.get(k).map(String::as_str);
+    assert_eq!(attr("iotgw_kind"), Some("settings"));
+    assert_eq!(attr("device_id"), Some("boiler-3"));
+    assert_eq!(attr("command_name"), None, "not a command");
+}

@@ -146,3 +146,65 @@ async fn a_command_before_run_started_is_a_transient_error() {
         .expect_err("not running");
     assert!(err.is_retryable(), "{err}");
 }
+
+#[tokio::test]
+async fn settings_are_published_retained_so_a_device_subscribing_later_gets_them() {
+    let Some(broker) = broker().await else {
+        return;
+    };
+    let run = Running::start_connected(provider(&config(&broker, "gw-settings"))).await;
+    let id = DeviceId::parse("boiler-1").expect("valid id");
+    // A device subscribed already: once it has the settings, the broker holds them.
+    let mut early = Device::connect(broker.port(), "boiler-1-early", DeviceOptions::default())
+        .await
+        .expect("device connects");
+    early
+        .client
+        .subscribe("devices/boiler-1/settings", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    early
+        .next("SUBACK", |p| matches!(p, Packet::SubAck(_)))
+        .await;
+    let settings = serde_json::json!({"setpoint": 21.5, "mode": "eco"});
+    run.provider
+        .update_settings(&id, &settings)
+        .await
+        .expect("settings published");
+    let too_big = serde_json::json!({"blob": "x".repeat(CFS_MAX_COMMAND_BYTES)});
+    let err = run
+        .provider
+        .update_settings(&id, &too_big)
+        .await
+        .expect_err("too big");
+    assert!(err.to_string().contains("msdyn_devicesettings"), "{err}");
+
+    let Packet::Publish(first) = early
+        .next("settings", |p| matches!(p, Packet::Publish(_)))
+        .await
+    else {
+        unreachable!("filtered above")
+    };
+    assert_eq!(first.topic.as_ref(), b"devices/boiler-1/settings");
+
+    // Subscribes only now: the broker hands over the retained settings.
+    let mut device = Device::connect(broker.port(), "boiler-1", DeviceOptions::default())
+        .await
+        .expect("device connects");
+    device
+        .client
+        .subscribe("devices/boiler-1/settings", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe queued");
+    let Packet::Publish(got) = device
+        .next("retained settings", |p| matches!(p, Packet::Publish(_)))
+        .await
+    else {
+        unreachable!("filtered above")
+    };
+    assert_eq!(got.topic.as_ref(), b"devices/boiler-1/settings");
+    assert!(got.retain, "delivered as retained");
+    assert_eq!(got.qos, QoS::AtLeastOnce);
+    let body: serde_json::Value = serde_json::from_slice(&got.payload).expect("json");
+    assert_eq!(body, settings);
+}

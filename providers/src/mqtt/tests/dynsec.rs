@@ -27,6 +27,7 @@ async fn gateway_config(broker: &Mosquitto, client_id: &str) -> MqttConfig {
                 acl("subscribePattern", "$share/#"),
                 acl("publishClientReceive", "devices/#"),
                 acl("publishClientSend", "devices/+/commands"),
+                acl("publishClientSend", "devices/+/settings"),
             ]}),
             json!({"command": "createClient", "username": "gateway", "password": GATEWAY_PASSWORD,
                    "roles": [{"rolename": "gateway"}]}),
