@@ -2,7 +2,7 @@
 //! response JSON Field Service sends and expects (Microsoft's "Configure IoT provider
 //! actions"): register devices, pull device data, query device readings, aggregated
 //! device readings, send command (to one device or to every connected one), send test
-//! alert, update device data, and the JSON getters.
+//! alert, register custom entity, update device data, and the JSON getters.
 //!
 //! Field Service names a device by its `msdyn_iotdeviceid` (the GUID of its record in
 //! Dataverse). A request's entity may carry `msdyn_deviceid` too; without it the GUID
