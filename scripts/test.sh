@@ -8,7 +8,8 @@
 #    package (scripts/install-test-deps.sh) when it is missing;
 # 2. installs what the tests need beside Docker: Microsoft's Python service SDK for the
 #    Azure differential tests from PyPI (scripts/install-azure-test-deps.sh) and
-#    schemathesis for the API fuzzing (scripts/install-api-fuzz-deps.sh); every broker
+#    schemathesis for the API fuzzing (scripts/install-api-fuzz-deps.sh), Chromium and
+#    Playwright for the console's browser test (scripts/install-browser-test-deps.sh); every broker
 #    and emulator is a container started by iotgw-testkit (testkit/);
 # 3. makes sure the emulator images exist in Docker under their public names
 #    (eclipse-mosquitto:2, motoserver/moto:5.1.4, postgres:15,
@@ -73,6 +74,8 @@ bash scripts/check-observability.sh
 
 say "installing the official Azure IoT Hub Python SDK the azure_iot_hub differential tests compare against (PyPI, venv under target/)"
 bash scripts/install-azure-test-deps.sh
+say "installing Chromium (Debian) and Playwright + axe-core (PyPI, venv under target/) for the console's browser test"
+bash scripts/install-browser-test-deps.sh
 say "installing schemathesis, which fuzzes the API from docs/openapi.yaml (PyPI, venv under target/)"
 bash scripts/install-api-fuzz-deps.sh
 

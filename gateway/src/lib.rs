@@ -19,7 +19,8 @@
 //! - [`pipeline`]: provider events -> committed effects -> ack.
 //! - [`sinks`]: outbox workers and the stdout, file and webhook sinks.
 //! - [`reload`]: configuration hot reload (SIGHUP, file changes, `POST /api/v1/config/reload`).
-//! - [`api`]: the HTTP API, `/live`, `/ready`, `/metrics`.
+//! - [`api`]: the HTTP API, `/live`, `/ready`, `/metrics`; [`console`]: the operator's
+//!   console at `/ui` (server-rendered HTML).
 //! - [`health`], [`metrics`]: readiness and Prometheus metrics.
 //! - [`internal_events`]: typed events (alert committed, event rejected, delivery
 //!   failed) whose one `emit` writes the log line and bumps the metric together.
@@ -34,6 +35,7 @@ pub mod broker;
 pub mod checkpoints;
 pub mod cli;
 pub mod commands;
+pub mod console;
 pub mod core;
 pub mod definitions;
 pub mod errors;

@@ -624,3 +624,106 @@ fn schemathesis_fuzzing_from_the_openapi_document_finds_no_5xx_and_every_400_nam
         gw.log_text()
     );
 }
+
+/// The console in a real browser: `iotgw run` with three simulated devices and a token,
+/// then `scripts/browser/console_check.py` drives Debian's Chromium through Playwright:
+/// login, the overview's device count, a parent alert with its child folded under it, the
+/// device page's readings chart, no console error, no critical axe-core violation.
+/// Screenshots land in `target/console-screenshots/` (the CI artifacts).
+#[test]
+fn the_console_works_in_a_real_browser_with_simulated_devices() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = repo.join("target/browser-venv/bin/python");
+    let chromium = std::path::Path::new("/usr/bin/chromium");
+    if !python.exists() || !chromium.exists() {
+        let why = format!(
+            "{} or {} is missing: run `bash scripts/install-browser-test-deps.sh` (scripts/test.sh does)",
+            python.display(),
+            chromium.display()
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = "console-browser-token-0123456789";
+    let (api, broker) = (free_port(), free_port());
+    let config = format!(
+        "[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{token}\"\n\
+         [store]\npath = \"{db}\"\n\
+         [embedded_broker]\nenabled = true\nport = {broker}\nv311_port = 0\n\
+         [routing]\ndefault = \"local\"\n\
+         [providers.local]\nkind = \"mqtt\"\nport = {broker}\nclient_id = \"iotgw-console-test\"\n\
+         shared_group = \"\"\ncommand_correlation = \"payload\"\n\
+         [rules.high_temperature]\npointer = \"/temperature\"\nop = \"gt\"\nvalue = 75.0\n\
+         description = \"Temperature {{value}} C above 75 C on {{device_id}}\"\n\
+         [simulate]\ndevices = 3\ninterval_ms = 200\n",
+        db = dir.path().join("iotgw.db").display()
+    );
+    std::fs::write(dir.path().join("gw.toml"), config).expect("write config");
+    let log = dir.path().join("gateway.log");
+    let _gateway = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_iotgw"))
+            .args(["run", "--config", "gw.toml"])
+            .current_dir(dir.path())
+            .env("IOTGW_LOG", "info,rumqttd=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("iotgw run starts"),
+    );
+    let url = format!("http://127.0.0.1:{api}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !iotgw(
+        &[
+            "healthcheck",
+            "--url",
+            &format!("{url}/ready"),
+            "--timeout-ms",
+            "500",
+        ],
+        dir.path(),
+    )
+    .status
+    .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready within 30 s:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let shots = repo.join("target/console-screenshots");
+    let out = Command::new(&python)
+        .arg(repo.join("scripts/browser/console_check.py"))
+        .args(["--url", &url, "--token", token, "--devices", "3"])
+        .arg("--out")
+        .arg(&shots)
+        .arg("--chromium")
+        .arg(chromium)
+        .current_dir(dir.path())
+        .output()
+        .expect("the browser check runs");
+    eprintln!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the console failed in the browser:\n{}\n--- gateway log ---\n{}",
+        text(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for page in [
+        "login",
+        "overview",
+        "devices",
+        "alerts",
+        "device",
+        "dead-letters",
+    ] {
+        assert!(
+            shots.join(format!("{page}.png")).exists(),
+            "{page}.png saved"
+        );
+    }
+}

@@ -2101,3 +2101,183 @@ async fn field_service_update_device_data_publishes_retained_settings_and_stores
     assert_eq!(status, 400, "unknown fields are refused: {unknown}");
     gw.stop().await;
 }
+
+/// The console at `/ui`, as a browser sees it over HTTP: the login (a wrong token refused,
+/// the right one set as a cookie), the overview's counts, the device list, a device page
+/// with its alert and the child folded under it and a readings chart, the alert list, and
+/// a dead letter replayed from its page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_logs_in_shows_the_fleet_a_device_page_and_replays_a_dead_letter() {
+    let token = "console-token-0123456789";
+    let gw = Gateway::start(GatewayOptions {
+        token: Some(token.into()),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+    for id in ["ui-1", "ui-2", "ui-3"] {
+        let (status, body) = api
+            .post(
+                "/api/v1/devices",
+                json!({"msdyn_deviceid": id, "msdyn_category": "chiller"}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let mut dev = Device::connect(gw.broker_port, "ui-1").await;
+    dev.publish_raw("devices/ui-1/status", b"online".to_vec())
+        .await;
+    let now = chrono::Utc::now();
+    // Two above the rule's 75: an alert and its child.
+    for (i, temperature) in [70, 72, 80, 74, 85].into_iter().enumerate() {
+        dev.publish_telemetry(json!({
+            "message_id": format!("ui-{i}"),
+            "timestamp": (now - chrono::Duration::minutes(10 - i as i64)).to_rfc3339(),
+            "temperature": temperature,
+        }))
+        .await;
+    }
+    // Telemetry of an unknown device: a dead letter.
+    dev.publish_raw(
+        "devices/ghost-9/telemetry",
+        br#"{"temperature": 1}"#.to_vec(),
+    )
+    .await;
+    wait_for("the alerts, the child and the dead letter", || async {
+        let (_, alerts) = api.get("/api/v1/alerts?device_id=ui-1").await;
+        let (_, letters) = api.get("/api/v1/dead-letters").await;
+        (alerts["items"].as_array()?.len() == 2 && !letters["items"].as_array()?.is_empty())
+            .then_some(())
+    })
+    .await;
+
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let url = |p: &str| format!("http://{}{p}", gw.api_addr());
+    let get = |path: &str, cookie: Option<&str>| {
+        let mut r = http.get(url(path));
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        async move {
+            let resp = r.send().await.expect("console reachable");
+            let status = resp.status().as_u16();
+            let location = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (status, location, resp.text().await.expect("body"))
+        }
+    };
+    // Without the cookie: to the login form.
+    let (status, location, _) = get("/ui", None).await;
+    assert_eq!((status, location.as_deref()), (303, Some("/ui/login")));
+    let login = |given: &str| {
+        http.post(url("/ui/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={given}"))
+            .send()
+    };
+    let wrong = login("nope").await.expect("login");
+    assert_eq!(wrong.status().as_u16(), 401);
+    let ok = login(token).await.expect("login");
+    assert_eq!(ok.status().as_u16(), 303);
+    let set = ok
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a cookie")
+        .to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().expect("name=value").to_owned();
+    let page = |path: &'static str| {
+        let cookie = cookie.clone();
+        let get = &get;
+        async move {
+            let (status, _, body) = get(path, Some(&cookie)).await;
+            assert_eq!(status, 200, "{path}: {body}");
+            body
+        }
+    };
+
+    let overview = page("/ui").await;
+    assert!(overview.contains("data-instance=\"local\""), "{overview}");
+    assert!(overview.contains("data-registered=\"3\""), "{overview}");
+    assert!(overview.contains("data-connected=\"1\""), "{overview}");
+
+    let devices = page("/ui/devices").await;
+    for id in ["ui-1", "ui-2", "ui-3"] {
+        assert!(
+            devices.contains(&format!("href=\"/ui/devices/{id}\"")),
+            "{devices}"
+        );
+    }
+    let (_, _, connected) = get("/ui/devices?connected=yes", Some(&cookie)).await;
+    assert!(connected.contains("/ui/devices/ui-1") && !connected.contains("/ui/devices/ui-2"));
+
+    let device = page("/ui/devices/ui-1").await;
+    let (_, alerts) = api.get("/api/v1/alerts?device_id=ui-1").await;
+    let parent = alerts["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["msdyn_parentalert"].is_null()))
+        .and_then(|a| a["msdyn_iotalertid"].as_str())
+        .expect("a parent alert")
+        .to_owned();
+    assert!(
+        device.contains(&format!("data-alert=\"{parent}\"")),
+        "{device}"
+    );
+    assert!(
+        device.contains(&format!("class=\"child\" data-parent=\"{parent}\"")),
+        "the child is folded under its parent: {device}"
+    );
+    let points: usize = device
+        .split("data-points=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a readings chart");
+    assert!(points > 0, "{device}");
+    let alerts_page = page("/ui/alerts").await;
+    assert!(
+        alerts_page.contains(&format!("data-parent=\"{parent}\"")),
+        "{alerts_page}"
+    );
+
+    let letters = page("/ui/dead-letters").await;
+    assert!(
+        letters.contains("ghost-9") && letters.contains("Replay"),
+        "{letters}"
+    );
+    let id: i64 = letters
+        .split("/ui/dead-letters/")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a replay form");
+    let replayed = http
+        .post(url(&format!("/ui/dead-letters/{id}/replay")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("replay");
+    assert_eq!(
+        replayed.status().as_u16(),
+        303,
+        "replayed, back to the list"
+    );
+    // Still unknown, so dead-lettered again under a new id.
+    let after = page("/ui/dead-letters").await;
+    assert!(
+        !after.contains(&format!("/ui/dead-letters/{id}/replay")),
+        "{after}"
+    );
+    assert!(after.contains("ghost-9"), "{after}");
+    gw.stop().await;
+}

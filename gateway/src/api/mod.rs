@@ -376,6 +376,7 @@ pub fn router(state: ApiState) -> Router {
         // endpoint checks its own shared secret.
         .route("/hooks/{instance}", post(push_hook).options(push_hook))
         .merge(api)
+        .merge(crate::console::router(state.clone()))
         .fallback(|| async { ApiError::not_found("no such route; see the README's API summary") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(axum::middleware::from_fn_with_state(
