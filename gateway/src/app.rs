@@ -201,6 +201,7 @@ async fn open_postgres(
 pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<RunningGateway> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
+    metrics.spawn_rate_sampler();
     // The API's port answers from the start: /live 200, /ready 503 with what the gateway
     // waits for (a database that is not up yet), until the real API takes the socket over.
     let listener = match opts.api_listener {

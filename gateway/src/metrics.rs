@@ -94,7 +94,17 @@ pub struct Metrics {
     batch_events: Histogram,
     batch_commit_seconds: Histogram,
     batch_store_seconds: Histogram,
+    /// Events acked, all providers (the rate the console shows).
+    acked_total: AtomicU64,
+    /// `acked_total` sampled every [`RATE_EVERY`], the last [`RATE_KEEP`] samples.
+    rate_samples:
+        std::sync::Mutex<std::collections::VecDeque<(chrono::DateTime<chrono::Utc>, u64)>>,
 }
+
+/// How often the acked total is sampled for [`Metrics::acked_rates`].
+pub const RATE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// Samples kept: five minutes.
+pub const RATE_KEEP: usize = 61;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -138,6 +148,8 @@ impl Metrics {
             batch_store_seconds: Histogram::new([
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0,
             ]),
+            acked_total: AtomicU64::new(0),
+            rate_samples: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -311,6 +323,8 @@ impl Metrics {
 
     /// An event was acknowledged.
     pub fn acked(&self, provider: &str) {
+        self.acked_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.acked
             .get_or_create(&ProviderLabel {
                 provider: provider.into(),
@@ -318,6 +332,49 @@ impl Metrics {
             .inc();
         self.in_flight.dec();
         self.provider_gauge(provider).dec();
+    }
+
+    /// Records the acked total now (kept: the last [`RATE_KEEP`] samples).
+    pub fn sample_rate(&self, now: chrono::DateTime<chrono::Utc>) {
+        let total = self.acked_total.load(std::sync::atomic::Ordering::Relaxed);
+        let mut samples = self
+            .rate_samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        samples.push_back((now, total));
+        while samples.len() > RATE_KEEP {
+            samples.pop_front();
+        }
+    }
+
+    /// Events acked per second between consecutive samples, each at its later sample's
+    /// time, oldest first (empty before two samples).
+    pub fn acked_rates(&self) -> Vec<(chrono::DateTime<chrono::Utc>, f64)> {
+        let samples = self
+            .rate_samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        samples
+            .iter()
+            .zip(samples.iter().skip(1))
+            .filter_map(|((t0, n0), (t1, n1))| {
+                let secs = (*t1 - *t0).num_milliseconds() as f64 / 1000.0;
+                (secs > 0.0).then(|| (*t1, n1.saturating_sub(*n0) as f64 / secs))
+            })
+            .collect()
+    }
+
+    /// Samples the acked total every [`RATE_EVERY`] until these metrics are dropped.
+    pub fn spawn_rate_sampler(self: &std::sync::Arc<Self>) {
+        let weak = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RATE_EVERY);
+            loop {
+                tick.tick().await;
+                let Some(m) = weak.upgrade() else { return };
+                m.sample_rate(chrono::Utc::now());
+            }
+        });
     }
 
     /// An event was left for redelivery.
@@ -496,6 +553,28 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acked_rates_are_per_second_between_samples_and_keep_five_minutes() {
+        let m = Metrics::new();
+        let t0 = chrono::Utc::now();
+        assert!(m.acked_rates().is_empty());
+        m.sample_rate(t0);
+        for _ in 0..50 {
+            m.acked("local");
+        }
+        m.sample_rate(t0 + chrono::Duration::seconds(5));
+        assert_eq!(
+            m.acked_rates(),
+            vec![(t0 + chrono::Duration::seconds(5), 10.0)]
+        );
+        for i in 2..200 {
+            m.sample_rate(t0 + chrono::Duration::seconds(5 * i));
+        }
+        let rates = m.acked_rates();
+        assert_eq!(rates.len(), RATE_KEEP - 1);
+        assert!(rates.iter().all(|(_, r)| *r == 0.0));
+    }
 
     #[test]
     fn exposition_names_every_family_with_the_iotgw_prefix() {

@@ -2,7 +2,8 @@
 an operator would, and checks what the page shows:
 
 - the console sends a visitor without the token to the login form, and logs in;
-- the overview shows the instance `local` with the expected number of devices;
+- the overview shows the instance `local` with the expected number of devices and the
+  events acked per second;
 - the alerts page folds a child alert under its parent; that parent's device page shows
   the alert with its child and a non-empty readings chart;
 - the devices and dead-letter pages open;
@@ -90,6 +91,13 @@ def main():
             )
             == str(a.devices),
         )
+        # The acked rate, sampled every 5 s: shown from the second sample on.
+        rate = until(
+            "the events-per-second rate",
+            lambda: page.locator("p[data-rate]").count() > 0
+            and page.locator("p[data-rate]").get_attribute("data-rate"),
+        )
+        print(f"console_check: the overview shows {rate} events/s", file=sys.stderr)
         check("overview")
 
         page.goto(f"{a.url}/ui/devices")

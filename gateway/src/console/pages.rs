@@ -147,6 +147,22 @@ pub(super) async fn overview(State(s): State<ApiState>) -> Response {
         sum.max(0.0).round() as u64
     };
     let ready = s.readiness.check(&s.core).await;
+    // The rates as one-sample buckets, so the readings chart draws them.
+    let rate_from = Utc::now() - Duration::minutes(5);
+    let rates: Vec<ReadingBucket> = s
+        .core
+        .metrics
+        .acked_rates()
+        .into_iter()
+        .map(|(at, r)| ReadingBucket {
+            measure: "events/s".into(),
+            start: at,
+            min: r,
+            max: r,
+            sum: r,
+            count: 1,
+        })
+        .collect();
     let body = html! {
         p {
             @if ready.ready { span class="good" { "Ready" } }
@@ -177,6 +193,16 @@ pub(super) async fn overview(State(s): State<ApiState>) -> Response {
                     }
                 }
             }
+        }
+        h2 { "Events acked per second, last five minutes" }
+        @if rates.is_empty() {
+            p class="muted" { "Measured every " (crate::metrics::RATE_EVERY.as_secs()) " s: shown from the second sample." }
+        } @else {
+            p data-rate=(format!("{:.1}", rates.last().map_or(0.0, |b| b.avg()))) {
+                "Now " strong { (format!("{:.1}", rates.last().map_or(0.0, |b| b.avg()))) } " events/s; "
+                "average " (format!("{:.1}", rates.iter().map(ReadingBucket::avg).sum::<f64>() / rates.len() as f64)) " events/s."
+            }
+            (chart::svg("events acked per second", &rates.iter().collect::<Vec<_>>(), rate_from.timestamp_millis(), Utc::now().timestamp_millis()))
         }
         h2 { "Events since start" }
         table {
