@@ -95,6 +95,9 @@ pub enum Command {
     /// Manage the devices of a running gateway through its API.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Work with a running gateway's dead letters through its API.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
     /// Show a running gateway at a glance: readiness, provider instances with their devices
     /// and events, outbox depth per sink, dead letters.
     #[command(long_about = STATUS_ABOUT, after_help = STATUS_AFTER)]
@@ -177,6 +180,66 @@ pub struct ManArgs {
     /// The command whose page to print, e.g. `status` or `devices import`; omit for iotgw's
     /// own page.
     pub command: Vec<String>,
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Replay the dead letters a filter selects (a reading goes through the pipeline again,
+    /// a sink's item is queued again), with a progress bar and a summary.
+    #[command(long_about = REPLAY_ABOUT, after_long_help = REPLAY_AFTER)]
+    Replay(ReplayArgs),
+}
+
+const REPLAY_ABOUT: &str = "\
+Replay the dead letters that --source, --reason-contains and --device select (all that are
+given must hold; none: every dead letter), at most --limit, through a running gateway's API
+(POST /api/v1/dead-letters/{id}/replay), one at a time. A reading goes through today's
+pipeline again: committed, or a dead letter again (under a new id) with today's reason. A
+sink's item is queued again. Fix the cause first (register the device, correct the sink),
+then replay.
+
+A progress bar with the rate and the time left is drawn on stderr (on a terminal); a
+summary is printed on stdout: committed, queued again, dead-lettered again by reason,
+failed.";
+
+const REPLAY_AFTER: &str = "\
+Examples:
+  iotgw dead-letters replay --reason-contains \"not in the registry\"
+  iotgw dead-letters replay --source sink:crm --url http://10.0.0.5:8080 --token \"$TOKEN\"
+  iotgw dead-letters replay --device pump-001 --limit 100
+
+Exit status: 0 when every selected dead letter was committed or queued again, 1 otherwise
+(or when the gateway could not be reached).";
+
+/// `dead-letters replay` options.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Only this source, e.g. telemetry:edge or sink:crm.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only dead letters whose reason contains this text.
+    #[arg(long)]
+    pub reason_contains: Option<String>,
+    /// Only this device's.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 10_000)]
+    pub limit: usize,
+    /// The gateway's API base URL, e.g. http://127.0.0.1:8080; overrides --config.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// TOML config file whose api.listen (and api.token) reach the gateway; omit for the
+    /// embedded default.
+    #[arg(short, long, env = "IOTGW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Bearer token of the API; defaults to api.token of the config.
+    #[arg(long, env = "IOTGW_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Give up on a request after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_secs: u64,
 }
 
 /// `devices` subcommands.
@@ -496,6 +559,7 @@ async fn dispatch(cmd: Command) -> ExitCode {
         Command::Healthcheck(a) => healthcheck(a).await,
         Command::Devices(DevicesCommand::Import(a)) => import(a).await,
         Command::Devices(DevicesCommand::Move(a)) => move_devices(a).await,
+        Command::DeadLetters(DeadLettersCommand::Replay(a)) => replay_dead_letters(a).await,
         Command::Status(a) => status(a).await,
         Command::Completions(a) => {
             let mut script = Vec::new();
@@ -699,6 +763,27 @@ fn api_target(
                 (probe_url(&fallback, ""), None)
             }
         },
+    }
+}
+
+async fn replay_dead_letters(a: ReplayArgs) -> ExitCode {
+    let (url, config_token) = api_target(a.url, a.config, "dead-letters replay");
+    let opts = crate::replay_cli::Options {
+        url,
+        token: a.token.or(config_token),
+        source: a.source,
+        reason_contains: a.reason_contains,
+        device_id: a.device,
+        limit: a.limit.max(1),
+        timeout: Duration::from_secs(a.timeout_secs.max(1)),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = crate::replay_cli::run(&opts).await;
+    print!("{}", summary.render());
+    if summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

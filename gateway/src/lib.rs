@@ -5,6 +5,7 @@
 //!   import`, a file of devices registered through a running gateway's batch route.
 //!   [`move_cli`]: `iotgw devices move`, through a running gateway's move route.
 //!   [`status`]: `iotgw status`, a running gateway's overview read from its API.
+//!   [`replay_cli`]: `iotgw dead-letters replay`, through the API, with a progress bar.
 //! - [`definitions`]: Field Service's command and property definitions (type checks).
 //! - [`app`]: composition and graceful shutdown; [`errors`]: an error's cause chain in words.
 //! - [`core`]: the operations the API, CLI and pipeline share (register, unregister, commands).
@@ -51,6 +52,7 @@ pub mod ownership;
 pub mod pipeline;
 pub mod reload;
 pub mod replay;
+pub mod replay_cli;
 pub mod retention;
 pub mod router;
 pub mod rules;

@@ -32,6 +32,7 @@ fn help_names_every_command_and_the_quick_start() {
         "config",
         "simulate",
         "devices",
+        "dead-letters",
         "status",
         "completions",
         "man",
@@ -726,4 +727,83 @@ fn the_console_works_in_a_real_browser_with_simulated_devices() {
             "{page}.png saved"
         );
     }
+}
+
+/// `iotgw dead-letters replay` through a running gateway: readings of a device that was not
+/// registered yet are committed once it is, a device still unknown is dead-lettered again
+/// and reported by reason, and the exit status says not everything went through.
+#[test]
+fn dead_letters_replay_commits_the_readings_of_a_device_registered_since_and_reports_the_rest() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = "cli-replay-test-token-0123456789";
+    let (gw, url) = RunningGateway::start(dir.path(), token);
+
+    // Three readings from devices the registry does not know: three dead letters.
+    let opts = rumqttc::v5::MqttOptions::new("replay-test-device", "127.0.0.1", gw.broker);
+    let (client, mut connection) = rumqttc::v5::Client::new(opts, 10);
+    // The connection is driven until its first error (the disconnect below ends it).
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            if event.is_err() {
+                return;
+            }
+        }
+    });
+    for (device, n) in [("late-1", 1), ("late-1", 2), ("ghost-2", 3)] {
+        client
+            .publish(
+                format!("devices/{device}/telemetry"),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"message_id":"m-{n}","temperature":20}}"#),
+            )
+            .expect("publish queued");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while get(&url, token, "/api/v1/dead-letters").1["items"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three dead letters within 30 s:\n{}",
+            gw.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = client.disconnect();
+
+    // The cause fixed for one of the two devices, then the replay.
+    std::fs::write(dir.path().join("late.csv"), "msdyn_deviceid\nlate-1\n").expect("csv");
+    let out = import(dir.path(), &["--url", &url, "--token", token, "late.csv"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let out = iotgw(
+        &["dead-letters", "replay", "--url", &url, "--token", token],
+        dir.path(),
+    );
+    let summary = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{summary}{}", text(&out.stderr));
+    assert!(
+        summary.starts_with(
+            "3 dead letter(s) selected: 2 committed, 0 queued again for their sink, 1 dead-lettered again, 0 failed"
+        ),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("ghost-2"),
+        "the reason names the device: {summary}"
+    );
+    let (_, letters) = get(&url, token, "/api/v1/dead-letters");
+    let left: Vec<&str> = letters["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|l| l["device_id"].as_str())
+        .collect();
+    assert_eq!(
+        left,
+        ["ghost-2"],
+        "only the unknown device's reading is left"
+    );
 }
