@@ -118,6 +118,7 @@ macro_rules! conformance_tests {
             service_work_is_recorded_children_close_and_a_request_groups_its_commands,
             entities_link_to_devices_once_and_are_found_both_ways,
             device_settings_are_replaced_and_bump_updated_at,
+            connection_changes_are_kept_newest_first_and_bounded,
         }
     };
     (@scenarios $($name:ident),+ $(,)?) => {
@@ -3959,6 +3960,47 @@ pub async fn device_settings_are_replaced_and_bump_updated_at(store: &dyn Store)
             .await,
         "device",
         "an unknown device",
+    );
+}
+
+/// Connection changes become the device's timeline, newest first; an older change than
+/// the stored one is ignored there too; at most [`CONNECTION_EVENTS_KEPT`] are kept.
+pub async fn connection_changes_are_kept_newest_first_and_bounded(store: &dyn Store) {
+    registered(store, "flappy-1", "local").await;
+    let id = did("flappy-1");
+    let t0 = base();
+    assert!(store
+        .connection_history(&id, 10)
+        .await
+        .expect("empty")
+        .is_empty());
+    store.set_connection_state(&id, true, t0).await.expect("on");
+    store
+        .set_connection_state(&id, false, t0 + Duration::seconds(10))
+        .await
+        .expect("off");
+    // Late: older than what is stored, so neither the record nor the timeline changes.
+    let applied = store
+        .set_connection_state(&id, true, t0 + Duration::seconds(5))
+        .await
+        .expect("late");
+    assert!(!applied);
+    assert_eq!(
+        store.connection_history(&id, 10).await.expect("history"),
+        vec![(t0 + Duration::seconds(10), false), (t0, true)]
+    );
+    for i in 0..150 {
+        store
+            .set_connection_state(&id, i % 2 == 0, t0 + Duration::seconds(20 + i))
+            .await
+            .expect("flap");
+    }
+    let all = store.connection_history(&id, 1000).await.expect("all");
+    assert_eq!(all.len(), CONNECTION_EVENTS_KEPT as usize, "bounded");
+    assert_eq!(all[0], (t0 + Duration::seconds(169), false), "newest first");
+    assert_eq!(
+        store.connection_history(&id, 3).await.expect("three").len(),
+        3
     );
 }
 

@@ -451,6 +451,9 @@ pub struct Alert {
     pub created_at: DateTime<Utc>,
 }
 
+/// Connection state changes kept per device (the oldest go as new ones arrive).
+pub const CONNECTION_EVENTS_KEPT: u32 = 100;
+
 /// The most entity links one listing answers.
 pub const MAX_ENTITY_LINKS: u32 = 1000;
 

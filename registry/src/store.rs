@@ -111,6 +111,14 @@ pub trait Store: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> StoreResult<bool>;
 
+    /// The device's connection state changes, newest first: (time, connected), at most
+    /// `limit` (and [`CONNECTION_EVENTS_KEPT`] are kept).
+    async fn connection_history(
+        &self,
+        id: &DeviceId,
+        limit: u32,
+    ) -> StoreResult<Vec<(DateTime<Utc>, bool)>>;
+
     /// Replaces the reported properties and bumps last activity.
     async fn set_reported_properties(
         &self,

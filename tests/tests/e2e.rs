@@ -2237,6 +2237,10 @@ async fn the_console_logs_in_shows_the_fleet_a_device_page_and_replays_a_dead_le
         device.contains(&format!("class=\"child\" data-parent=\"{parent}\"")),
         "the child is folded under its parent: {device}"
     );
+    assert!(
+        device.contains("data-timeline=\"1\"") && device.contains("connected"),
+        "the connection timeline shows ui-1 coming online: {device}"
+    );
     let points: usize = device
         .split("data-points=\"")
         .nth(1)

@@ -377,6 +377,7 @@ pub(super) async fn device(
     let interval_s = ((hours * 3600 / 300).max(60) / 60) * 60;
     let store = &s.core.store;
     let history = store.history(&id).await.unwrap_or_default();
+    let timeline = store.connection_history(&id, 20).await.unwrap_or_default();
     let commands = store
         .list_commands(
             &CommandFilter {
@@ -433,6 +434,18 @@ pub(super) async fn device(
                 tr { th { "Registration" } td { (d.registration_status.label()) @if let Some(m) = &d.registration_message { br; span class="muted" { (m) } } } }
                 tr { th { "Connected" } td { @if d.connection_state { span class="good" { "yes" } } @else { "no" } " since " (when(d.connection_state_updated_at)) } }
                 tr { th { "Last activity" } td { (when(d.last_activity_time)) } }
+            }
+        }
+        h2 { "Connection timeline" }
+        @if timeline.is_empty() { p class="muted" { "No connection change recorded yet." } }
+        @else {
+            table data-timeline=(timeline.len()) {
+                thead { tr { th { "When" } th { "State" } } }
+                tbody {
+                    @for (at, connected) in &timeline {
+                        tr { td { (when(Some(*at))) } td { @if *connected { span class="good" { "connected" } } @else { span class="bad" { "disconnected" } } } }
+                    }
+                }
             }
         }
         h2 { "Readings, last " (hours) " h" }

@@ -87,7 +87,46 @@ pub(super) async fn write_connection_state(
         .execute(&mut *conn)
         .await
         .map_err(db("writing a connection state"))?;
+    if applied {
+        sqlx::query(
+            "INSERT INTO connection_events (device_id, at, connected) VALUES ($1, $2, $3) \
+             ON CONFLICT (device_id, at) DO UPDATE SET connected = excluded.connected",
+        )
+        .bind(id.as_str())
+        .bind(at)
+        .bind(connected)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("recording a connection event"))?;
+        sqlx::query(
+            "DELETE FROM connection_events WHERE device_id = $1 AND at < (SELECT at FROM \
+             connection_events WHERE device_id = $1 ORDER BY at DESC LIMIT 1 OFFSET $2)",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(crate::model::CONNECTION_EVENTS_KEPT) - 1)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("trimming connection events"))?;
+    }
     Ok(Some(applied))
+}
+
+/// See [`crate::Store::connection_history`].
+pub(super) async fn connection_events(
+    pool: &sqlx::PgPool,
+    id: &DeviceId,
+    limit: u32,
+) -> StoreResult<Vec<(DateTime<Utc>, bool)>> {
+    let rows: Vec<(DateTime<Utc>, bool)> = sqlx::query_as(
+        "SELECT at, connected FROM connection_events WHERE device_id = $1 \
+         ORDER BY at DESC LIMIT $2",
+    )
+    .bind(id.as_str())
+    .bind(i64::from(limit.min(crate::model::CONNECTION_EVENTS_KEPT)))
+    .fetch_all(pool)
+    .await
+    .map_err(db("reading connection events"))?;
+    Ok(rows)
 }
 
 /// Replaces the reported properties; false for an unknown device.

@@ -115,6 +115,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "entity links",
         include_str!("../../migrations/postgres/0010_entity_links.sql"),
     ),
+    (
+        11,
+        "connection events",
+        include_str!("../../migrations/postgres/0011_connection_events.sql"),
+    ),
 ];
 
 /// How often a transaction aborted as a deadlock or serialization failure is tried.
@@ -592,6 +597,14 @@ impl Store for PostgresStore {
 
     async fn history(&self, id: &DeviceId) -> StoreResult<Vec<RegistrationHistory>> {
         self.device_history(id).await
+    }
+
+    async fn connection_history(
+        &self,
+        id: &DeviceId,
+        limit: u32,
+    ) -> StoreResult<Vec<(DateTime<Utc>, bool)>> {
+        devices::connection_events(&self.pool, id, limit).await
     }
 
     async fn set_connection_state(

@@ -104,7 +104,48 @@ pub(super) async fn write_connection_state(
         .execute(&mut *conn)
         .await
         .map_err(db("writing a connection state"))?;
+    if applied {
+        sqlx::query(
+            "INSERT INTO connection_events (device_id, at, connected) VALUES (?, ?, ?) \
+             ON CONFLICT DO UPDATE SET connected = excluded.connected",
+        )
+        .bind(id.as_str())
+        .bind(&at)
+        .bind(connected)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("recording a connection event"))?;
+        sqlx::query(
+            "DELETE FROM connection_events WHERE device_id = ?1 AND at < (SELECT at FROM \
+             connection_events WHERE device_id = ?1 ORDER BY at DESC LIMIT 1 OFFSET ?2)",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(crate::model::CONNECTION_EVENTS_KEPT) - 1)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("trimming connection events"))?;
+    }
     Ok(Some(applied))
+}
+
+/// See [`crate::Store::connection_history`].
+pub(super) async fn connection_events(
+    pool: &sqlx::SqlitePool,
+    id: &DeviceId,
+    limit: u32,
+) -> StoreResult<Vec<(DateTime<Utc>, bool)>> {
+    let rows = sqlx::query(
+        "SELECT at, connected FROM connection_events WHERE device_id = ? \
+         ORDER BY at DESC LIMIT ?",
+    )
+    .bind(id.as_str())
+    .bind(i64::from(limit.min(crate::model::CONNECTION_EVENTS_KEPT)))
+    .fetch_all(pool)
+    .await
+    .map_err(db("reading connection events"))?;
+    rows.iter()
+        .map(|r| Ok((get_ts(r, "at")?, get(r, "connected")?)))
+        .collect()
 }
 
 pub(super) async fn write_reported(

@@ -121,6 +121,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "entity links",
         include_str!("../../migrations/sqlite/0010_entity_links.sql"),
     ),
+    (
+        11,
+        "connection events",
+        include_str!("../../migrations/sqlite/0011_connection_events.sql"),
+    ),
 ];
 
 /// Connections in a file store's pool (readers run side by side under WAL).
@@ -544,6 +549,14 @@ impl Store for SqliteStore {
 
     async fn history(&self, id: &DeviceId) -> StoreResult<Vec<RegistrationHistory>> {
         self.device_history(id).await
+    }
+
+    async fn connection_history(
+        &self,
+        id: &DeviceId,
+        limit: u32,
+    ) -> StoreResult<Vec<(DateTime<Utc>, bool)>> {
+        devices::connection_events(&self.pool, id, limit).await
     }
 
     async fn set_connection_state(

@@ -1,0 +1,9 @@
+-- Each device's connection state changes, for its timeline (the console's device page):
+-- the last 100 per device are kept (older ones are deleted as new ones arrive), so a
+-- flapping device cannot grow the table.
+CREATE TABLE connection_events (
+    device_id text NOT NULL,
+    at timestamptz NOT NULL,
+    connected boolean NOT NULL,
+    PRIMARY KEY (device_id, at)
+);
