@@ -2276,6 +2276,15 @@ async fn the_console_logs_in_shows_the_fleet_a_device_page_and_replays_a_dead_le
         303,
         "replayed, back to the list"
     );
+    // The same form posted from another site's page is refused.
+    let forged = http
+        .post(url(&format!("/ui/dead-letters/{id}/replay")))
+        .header("cookie", &cookie)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .expect("forged replay");
+    assert_eq!(forged.status().as_u16(), 403);
     // Still unknown, so dead-lettered again under a new id.
     let after = page("/ui/dead-letters").await;
     assert!(

@@ -68,11 +68,63 @@ fn logged_in(state: &ApiState, headers: &HeaderMap) -> bool {
         })
 }
 
+/// Whether a form post comes from another site: its `Origin` names another host than the
+/// request's own `Host` (a page elsewhere cannot make the console replay a dead letter,
+/// even on a tokenless loopback console, where no cookie guards it).
+fn cross_site(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    origin_host.is_none() || origin_host != host
+}
+
 async fn require_login(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if req.method() != axum::http::Method::GET && cross_site(req.headers()) {
+        return (
+            StatusCode::FORBIDDEN,
+            page(
+                "Refused",
+                html! { p class="error" role="alert" { "A form from another site cannot act on this console." } },
+            ),
+        )
+            .into_response();
+    }
     if logged_in(&state, req.headers()) {
         next.run(req).await
     } else {
         Redirect::to("/ui/login").into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("a header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn a_post_from_another_site_is_cross_site_and_one_from_the_console_is_not() {
+        assert!(!cross_site(&headers(&[("host", "127.0.0.1:8080")])));
+        assert!(!cross_site(&headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "http://127.0.0.1:8080")
+        ])));
+        assert!(cross_site(&headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "https://evil.example")
+        ])));
+        assert!(cross_site(&headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("origin", "null")
+        ])));
     }
 }
 
@@ -94,7 +146,14 @@ async fn login_form() -> Html<String> {
     )
 }
 
-async fn login(State(state): State<ApiState>, form: Form<LoginForm>) -> Response {
+async fn login(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    form: Form<LoginForm>,
+) -> Response {
+    if cross_site(&headers) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
     let live = state.core.live();
     let ok = live.config.api.token.as_ref().is_none_or(|t| {
         bool::from(subtle::ConstantTimeEq::ct_eq(
