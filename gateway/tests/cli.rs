@@ -605,7 +605,10 @@ fn schemathesis_fuzzing_from_the_openapi_document_finds_no_5xx_and_every_400_nam
         .args(["--url", &url])
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--exclude-checks", "positive_data_acceptance"])
-        .args(["--max-examples", "30", "--workers", "2"])
+        // One worker: with two, Python 3.11's parser is not thread-safe under Hypothesis's
+        // lambda inspection ("AST constructor recursion depth mismatch", a schemathesis
+        // runtime error on an unchanged route, seen once in CI).
+        .args(["--max-examples", "30", "--workers", "1"])
         .args(["--request-timeout", "30"])
         .env("PYTHONPATH", repo.join("scripts/api-fuzz"))
         .env("SCHEMATHESIS_HOOKS", "iotgw_checks")
