@@ -497,6 +497,26 @@ impl Db {
         }
     }
 
+    /// How many readings of `measure` are stored: SQLite keys them by an integer series
+    /// (migration 0012), PostgreSQL by device and measure.
+    async fn readings_of(&self, measure: &str) -> i64 {
+        match self {
+            Self::Pg(_) => {
+                self.scalar(&format!(
+                    "SELECT count(*) FROM readings WHERE measure = '{measure}'"
+                ))
+                .await
+            }
+            Self::Lite(_) => {
+                self.scalar(&format!(
+                    "SELECT count(*) FROM readings JOIN reading_series AS s \
+                     ON s.id = readings.series WHERE s.measure = '{measure}'"
+                ))
+                .await
+            }
+        }
+    }
+
     /// The alerts' ids.
     async fn alert_ids(&self) -> BTreeSet<String> {
         const SQL: &str = "SELECT CAST(id AS TEXT) FROM alerts";
@@ -579,8 +599,7 @@ async fn assert_nothing_lost_or_doubled(db: &Db, hook: &Hook, devices: i64, roun
     // Every reading committed once: each message keeps its /temperature reading, keyed by
     // its message id, so a lost one is missing here and a doubled one is not counted twice.
     assert_eq!(
-        db.scalar("SELECT count(*) FROM readings WHERE measure = '/temperature'")
-            .await,
+        db.readings_of("/temperature").await,
         devices * rounds,
         "readings committed"
     );

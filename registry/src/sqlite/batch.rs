@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use sqlx::SqliteConnection;
 
+use super::readings::{SeriesCache, TxSeries};
 use super::{
     alerts_by_token, bump_activity, db, debounce_matches, insert_alert_rows, insert_command_row,
     insert_unknown_device, queue_outbox, require_device, write_connection_state, write_dead_letter,
@@ -39,8 +40,11 @@ impl SqliteStore {
         }
         apply::check(writes)?;
         let mut tx = self.write().await?;
-        let out = apply::apply(&mut Writer(&mut tx), writes).await?;
+        let mut w = Writer(&mut tx, &self.series, Default::default());
+        let out = apply::apply(&mut w, writes).await?;
+        let series = w.2;
         tx.commit().await.map_err(db("committing a batch"))?;
+        self.series.remember(series);
         Ok(out)
     }
 
@@ -53,14 +57,18 @@ impl SqliteStore {
         commit.check()?;
         let mut tx = self.write().await?;
         let device = require_device(&mut tx, &commit.device_id).await?;
-        let out = apply::telemetry(&mut Writer(&mut tx), &device, commit).await?;
+        let mut w = Writer(&mut tx, &self.series, Default::default());
+        let out = apply::telemetry(&mut w, &device, commit).await?;
+        let series = w.2;
         tx.commit().await.map_err(db("committing telemetry"))?;
+        self.series.remember(series);
         Ok(out)
     }
 }
 
-/// This backend's statements for [`apply::apply`], on the batch's transaction.
-struct Writer<'c>(&'c mut SqliteConnection);
+/// This backend's statements for [`apply::apply`], on the batch's transaction, with the
+/// store's reading series and those this transaction adds.
+struct Writer<'c>(&'c mut SqliteConnection, &'c SeriesCache, TxSeries);
 
 #[async_trait]
 impl BatchWriter for Writer<'_> {
@@ -132,17 +140,17 @@ impl BatchWriter for Writer<'_> {
         &mut self,
         rows: &[ReadingRow],
     ) -> StoreResult<HashSet<crate::readings::ReadingKey>> {
-        super::readings::stored_readings(self.0, rows).await
+        super::readings::stored_readings(self.0, self.1, &mut self.2, rows).await
     }
     async fn insert_readings(&mut self, rows: &[ReadingRow]) -> StoreResult<()> {
-        super::readings::insert_readings(self.0, rows)
+        super::readings::insert_readings(self.0, self.1, &mut self.2, rows)
             .await
             .map(drop)
     }
     async fn insert_readings_if_all_new(&mut self, rows: &[ReadingRow]) -> StoreResult<bool> {
-        super::readings::insert_if_all_new(self.0, rows).await
+        super::readings::insert_if_all_new(self.0, self.1, &mut self.2, rows).await
     }
     async fn add_rollups(&mut self, rows: &[RollupRow]) -> StoreResult<()> {
-        super::readings::add_rollups(self.0, rows).await
+        super::readings::add_rollups(self.0, self.1, &mut self.2, rows).await
     }
 }

@@ -337,8 +337,8 @@ impl SqliteStore {
         }
         if let Some(t) = before.readings {
             out.readings = sqlx::query(
-                "DELETE FROM readings WHERE (device_id, measure, at_ms, msg) IN \
-                 (SELECT device_id, measure, at_ms, msg FROM readings WHERE at_ms < ? ORDER BY at_ms LIMIT ?)",
+                "DELETE FROM readings WHERE (series, at_ms, msg) IN \
+                 (SELECT series, at_ms, msg FROM readings WHERE at_ms < ? ORDER BY at_ms LIMIT ?)",
             )
             .bind(t.timestamp_millis())
             .bind(limit)
@@ -350,8 +350,8 @@ impl SqliteStore {
         for (resolution_s, t) in [(60_i64, before.minute_rollups), (3600, before.hour_rollups)] {
             let Some(t) = t else { continue };
             out.rollups += sqlx::query(
-                "DELETE FROM reading_rollups WHERE (device_id, measure, resolution_s, bucket_ms) IN \
-                 (SELECT device_id, measure, resolution_s, bucket_ms FROM reading_rollups \
+                "DELETE FROM reading_rollups WHERE (series, resolution_s, bucket_ms) IN \
+                 (SELECT series, resolution_s, bucket_ms FROM reading_rollups \
                   WHERE resolution_s = ? AND bucket_ms < ? ORDER BY bucket_ms LIMIT ?)",
             )
             .bind(resolution_s)

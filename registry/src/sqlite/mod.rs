@@ -126,6 +126,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "connection events",
         include_str!("../../migrations/sqlite/0011_connection_events.sql"),
     ),
+    (
+        12,
+        "reading series",
+        include_str!("../../migrations/sqlite/0012_reading_series.sql"),
+    ),
 ];
 
 /// Connections in a file store's pool (readers run side by side under WAL).
@@ -144,6 +149,8 @@ pub struct SqliteStore {
     /// two batches in flight); queued here, the next one starts as soon as the previous
     /// one commits.
     registration_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The reading series ids committed so far (`readings::SeriesCache`).
+    series: std::sync::Arc<readings::SeriesCache>,
 }
 
 /// How a commit reaches the disk (SQLite's `synchronous` under WAL).
@@ -238,6 +245,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             registration_gate: Default::default(),
+            series: Default::default(),
         })
     }
 
