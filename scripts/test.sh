@@ -76,7 +76,7 @@ say "installing the official Azure IoT Hub Python SDK the azure_iot_hub differen
 bash scripts/install-azure-test-deps.sh
 say "installing Chromium (Debian) and Playwright + axe-core (PyPI, venv under target/) for the console's browser test"
 bash scripts/install-browser-test-deps.sh
-say "installing schemathesis, which fuzzes the API from docs/openapi.yaml (PyPI, venv under target/)"
+say "installing schemathesis, which fuzzes the API from its generated OpenAPI document, and openapi-spec-validator (PyPI, venv under target/)"
 bash scripts/install-api-fuzz-deps.sh
 
 images_secs=0

@@ -573,35 +573,130 @@ fn status_against_an_unused_port_exits_69_naming_the_url_and_what_to_check() {
     assert!(text(&out.stdout).is_empty(), "nothing on stdout");
 }
 
-/// The API fuzzed from its OpenAPI document (`docs/openapi.yaml`) by schemathesis, from
-/// PyPI, installed under `target/` by `scripts/install-api-fuzz-deps.sh` (which
-/// `scripts/test.sh` runs): generated and mutated requests for every operation, schema
-/// coverage, and stateful sequences, against the real binary with a token. Every
-/// schemathesis check runs (no 5xx, responses as documented, invalid input refused, no
-/// route that ignores the token...) but `positive_data_acceptance`: what the API accepts
-/// also depends on its running state (the configured instance names, the cursors earlier
-/// pages gave out), which a static document cannot express. Plus iotgw's own check
-/// (`scripts/api-fuzz/iotgw_checks.py`): every 4xx is the API's JSON error, and every 400
-/// names the field.
+/// The venv of `scripts/install-api-fuzz-deps.sh` (schemathesis, openapi-spec-validator):
+/// `bin/<tool>`, or `None` when it is missing, which fails under `CI=true` and skips
+/// elsewhere.
+fn api_fuzz_tool(tool: &str) -> Option<std::path::PathBuf> {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = repo.join("target/api-fuzz-venv/bin").join(tool);
+    if path.exists() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is missing: run `bash scripts/install-api-fuzz-deps.sh` (scripts/test.sh does)",
+        path.display()
+    );
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+/// GET `url` without a token: (status, `Content-Type`, body).
+fn get_untokened(url: &str) -> (u16, String, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(url)
+            .send()
+            .await
+            .expect("the API answers");
+        let status = r.status().as_u16();
+        let content_type = r
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (status, content_type, r.text().await.unwrap_or_default())
+    })
+}
+
+/// The OpenAPI document the running binary serves at `/api/openapi.json` (generated from
+/// the code, open without the token) is valid OpenAPI 3.1 by openapi-spec-validator (PyPI,
+/// installed under `target/` by `scripts/install-api-fuzz-deps.sh`), and is the document
+/// the build generates (`docs/openapi.json`, kept equal by a unit test).
+#[test]
+fn the_served_openapi_document_is_valid_openapi_3_1_by_openapi_spec_validator() {
+    let Some(validator) = api_fuzz_tool("openapi-spec-validator") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = "api-openapi-token-0123456789";
+    let (gw, url) = RunningGateway::start(dir.path(), token);
+    let (status, content_type, body) = get_untokened(&format!("{url}/api/openapi.json"));
+    assert_eq!(
+        status,
+        200,
+        "{body}\n--- gateway log ---\n{}",
+        gw.log_text()
+    );
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("the document is JSON");
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1.")),
+        "{}",
+        doc["openapi"]
+    );
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, &body).expect("write the document");
+    let out = Command::new(&validator)
+        .arg(&file)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("openapi-spec-validator runs");
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    eprintln!("{report}");
+    assert!(
+        out.status.success() && report.contains("OK"),
+        "openapi-spec-validator refused the document:\n{report}"
+    );
+    // An invalid document fails: the validator is really checking.
+    let mut broken = doc.clone();
+    broken["paths"]["/live"]["get"]["responses"] = serde_json::json!("none");
+    std::fs::write(&file, broken.to_string()).expect("write the broken document");
+    let out = Command::new(&validator)
+        .arg(&file)
+        .output()
+        .expect("openapi-spec-validator runs");
+    assert!(
+        !out.status.success(),
+        "openapi-spec-validator took a broken document:\n{}",
+        text(&out.stdout)
+    );
+    drop(gw);
+}
+
+/// The API fuzzed from its OpenAPI document (generated from the code, served at
+/// `/api/openapi.json`) by schemathesis, from PyPI, installed under `target/` by
+/// `scripts/install-api-fuzz-deps.sh` (which `scripts/test.sh` runs): generated and
+/// mutated requests for every operation, schema coverage, and stateful sequences, against
+/// the real binary with a token. Every schemathesis check runs (no 5xx, responses as
+/// documented, invalid input refused, no route that ignores the token...) but
+/// `positive_data_acceptance`: what the API accepts also depends on its running state (the
+/// configured instance names, the cursors earlier pages gave out), which a static document
+/// cannot express. Plus iotgw's own check (`scripts/api-fuzz/iotgw_checks.py`): every 4xx
+/// is the API's JSON error, and every 400 names the field.
 #[test]
 fn schemathesis_fuzzing_from_the_openapi_document_finds_no_5xx_and_every_400_names_the_field() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let schemathesis = repo.join("target/api-fuzz-venv/bin/schemathesis");
-    if !schemathesis.exists() {
-        let why = format!(
-            "{} is missing: run `bash scripts/install-api-fuzz-deps.sh` (scripts/test.sh does)",
-            schemathesis.display()
-        );
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        eprintln!("SKIPPED: {why}");
+    let Some(schemathesis) = api_fuzz_tool("schemathesis") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().expect("tmp");
     let token = "api-fuzz-token-0123456789";
     let (gw, url) = RunningGateway::start(dir.path(), token);
     let out = Command::new(&schemathesis)
         .arg("run")
-        .arg(repo.join("docs/openapi.yaml"))
+        .arg(format!("{url}/api/openapi.json"))
         .args(["--url", &url])
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--exclude-checks", "positive_data_acceptance"])

@@ -22,6 +22,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::readings::iso8601_seconds;
+use super::schemas::{
+    self, BadRequest, BadRequestOrProviderInvalid, Conflict, MisdirectedRequest, NotFound,
+    PayloadTooLarge, ProviderFailed, StoreUnavailable, Throttled, Unauthorized, Unsupported,
+};
 use super::{ApiError, ApiState};
 use crate::core::{GatewayError, RegisterRequest};
 
@@ -36,12 +40,14 @@ const MAX_SEND_TO_ALL: usize = 10_000;
 const AGGREGATES: [&str; 6] = ["min", "max", "avg", "average", "sum", "count"];
 
 /// One entity of an `EntityCollection`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(super) struct Entity {
+    /// The device record's GUID in Dataverse; the device's id here unless msdyn_deviceid is
+    /// given.
     msdyn_iotdeviceid: String,
     #[serde(default)]
     msdyn_name: Option<String>,
-    /// The device's id at the provider, when the caller knows it.
+    /// The device's id at the provider, when known.
     #[serde(default)]
     msdyn_deviceid: Option<String>,
     #[serde(rename = "@odata.type", default)]
@@ -57,9 +63,12 @@ impl Entity {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The entities of a Register Device or Pull Device Data request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(super) struct EntityCollection {
+    /// At most 1,000 entities.
     #[serde(rename = "EntityCollection")]
+    #[schema(max_items = 1000)]
     entities: Vec<Entity>,
 }
 
@@ -109,17 +118,41 @@ fn registration_result(
 /// Register Custom Entity's input: records of one entity, each with its device (an empty
 /// or missing one: a new device whose id is the record's id) and the name for a new
 /// device.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CustomEntities {
+    /// The records' ids, at most 1,000, each 1 to 100 bytes and not blank.
     #[serde(rename = "EntityIds")]
+    #[schema(max_items = 1000, schema_with = entity_ids)]
     entity_ids: Vec<String>,
+    /// The entity's logical name, e.g. msdyn_customerasset.
     #[serde(rename = "EntityLogicalName")]
+    #[schema(pattern = "^[a-z0-9_]{1,100}$")]
     logical_name: String,
+    /// One per record, or none.
     #[serde(rename = "DeviceIds", default)]
     device_ids: Vec<String>,
+    /// One per record (the name of a new device), or none.
     #[serde(rename = "Names", default)]
     names: Vec<String>,
+}
+
+/// `EntityIds`: at most 1,000 record ids of 1 to 100 characters.
+fn entity_ids() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .description(Some(
+            "The records' ids: at most 1,000, each not blank and at most 100 bytes.",
+        ))
+        .max_items(Some(MAX_ENTITIES))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(MAX_ENTITY_KEY))
+                .pattern(Some(r"\S")),
+        )
+        .into()
 }
 
 /// The longest entity logical name or record id kept.
@@ -185,6 +218,22 @@ impl CustomEntities {
 /// Register Custom Entity: registers each record's device (as Register Device does, a
 /// device already Registered stays as it is) and links the record to it. One result per
 /// record, in order, shaped as Register Device's.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/register-custom-entity",
+    tag = "field-service",
+    operation_id = "cfs_register_custom_entity",
+    summary = "Field Service's \"IoT – Register Custom Entity\" action.",
+    description = "Registers each record's device as Register Device does (a device already \
+Registered stays as it is) and links the record to it: `DeviceIds[i]` (empty or missing: a new \
+device whose id is the record's id, named `Names[i]`). One result per record, in order, shaped \
+as Register Device's. The links are listed by `GET /api/v1/entity-links`.",
+    request_body = CustomEntities,
+    responses(
+        (status = 200, description = "`RegistrationResultsJSON`, one per record.", body = schemas::RegistrationResults),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn register_custom_entity(
     State(s): State<ApiState>,
     b: Result<Json<CustomEntities>, JsonRejection>,
@@ -237,6 +286,21 @@ pub(super) async fn register_custom_entity(
 }
 
 /// Register Device: `RegistrationResultsJSON`, one result per entity, in order.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/register-devices",
+    tag = "field-service",
+    operation_id = "cfs_register_devices",
+    summary = "Field Service's \"Register Device\" action.",
+    description = "Registers each entity's device with its provider instance (routed as \
+`POST /api/v1/devices` routes it). One result per entity, in order; a device already Registered \
+answers Registered with why nothing changed; a refusal answers Error with the reason.",
+    request_body = EntityCollection,
+    responses(
+        (status = 200, description = "`RegistrationResultsJSON`.", body = schemas::RegistrationResults),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn register_devices(
     State(s): State<ApiState>,
     b: Result<Json<EntityCollection>, JsonRejection>,
@@ -267,6 +331,21 @@ pub(super) async fn register_devices(
 /// Pull Device Data: `PullDeviceDataResultsJSON`, from the registry (what the providers
 /// reported and the gateway committed, so it survives a restart). A device not stored is
 /// left out.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/pull-device-data",
+    tag = "field-service",
+    operation_id = "cfs_pull_device_data",
+    summary = "Field Service's \"Pull Device Data\" action, from the registry.",
+    description = "Each stored device's connection state, reported properties and last activity, \
+as the providers reported them and the gateway committed them (so they survive a restart). An \
+entity naming no stored device is left out.",
+    request_body = EntityCollection,
+    responses(
+        (status = 200, description = "`PullDeviceDataResultsJSON`.", body = schemas::PullDeviceDataResults),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn pull_device_data(
     State(s): State<ApiState>,
     b: Result<Json<EntityCollection>, JsonRejection>,
@@ -297,7 +376,7 @@ pub(super) async fn pull_device_data(
 }
 
 /// Query Device Readings' input.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct QueryReadings {
     #[serde(rename = "From")]
@@ -306,6 +385,8 @@ pub(super) struct QueryReadings {
     to: DateTime<Utc>,
     #[serde(rename = "IoTDeviceId")]
     device: String,
+    /// Bucket width, an ISO-8601 duration of whole seconds (a month is 30 days, a year
+    /// 365).
     #[serde(rename = "Interval")]
     interval: String,
 }
@@ -324,6 +405,21 @@ async fn buckets(s: &ApiState, q: ReadingQuery) -> Result<Vec<ReadingBucket>, Ap
 
 /// Query Device Readings: `AggregatedDeviceReadings` = `{device: {measure: {start: {min,
 /// max, avg, sum, count}}}}`.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/query-device-readings",
+    tag = "field-service",
+    operation_id = "cfs_query_device_readings",
+    summary = "Field Service's \"Query Device Readings\" action.",
+    description = "The device's readings in buckets of `Interval` (ISO-8601, whole seconds; a \
+month is 30 days, a year 365), each measure under its JSON pointer without the leading `/`. See \
+`GET /api/v1/devices/{id}/readings` for the bucket rules.",
+    request_body = QueryReadings,
+    responses(
+        (status = 200, description = "`AggregatedDeviceReadings`: `{device: {measure: {bucket start: {min, max, avg, sum, count}}}}`.", body = schemas::AggregatedDeviceReadings),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn query_device_readings(
     State(s): State<ApiState>,
     b: Result<Json<QueryReadings>, JsonRejection>,
@@ -355,15 +451,18 @@ pub(super) async fn query_device_readings(
 }
 
 /// One measure of an Aggregated Device Readings request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AggregateMeasure {
     #[serde(rename = "Measure")]
     measure: String,
+    /// Min, Max, Avg (or Average), Sum or Count, in any case.
     #[serde(rename = "Aggregate")]
     aggregate: String,
+    /// Minutes, Hours, Days, Weeks, Months (of 30 days) or Years (of 365), in any case.
     #[serde(rename = "TimeRangeType")]
     range_type: String,
+    /// How many of them, 1 to 36,500.
     #[serde(rename = "TimeRangeValue")]
     range_value: i64,
     #[serde(rename = "Unit", default)]
@@ -372,12 +471,30 @@ pub(super) struct AggregateMeasure {
 
 /// Aggregated Device Readings' input; `measures` is the list, or the list as a JSON string
 /// (as Field Service passes it).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AggregatedReadings {
     #[serde(rename = "deviceId")]
     device: String,
+    #[schema(schema_with = aggregate_measures)]
     measures: Value,
+}
+
+/// `measures`: the list, or the list as JSON text.
+fn aggregate_measures() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    use utoipa::openapi::Ref;
+    OneOfBuilder::new()
+        .description(Some(
+            "The measures (at most 100), or the same list as JSON text (as Field Service passes it).",
+        ))
+        .item(
+            ArrayBuilder::new()
+                .max_items(Some(MAX_AGGREGATES))
+                .items(Ref::from_schema_name("AggregateMeasure")),
+        )
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .into()
 }
 
 /// Seconds in `value` units of `range_type` (a month is 30 days, a year 365).
@@ -403,6 +520,22 @@ fn range_seconds(range_type: &str, value: i64) -> Result<i64, String> {
 
 /// Aggregated Device Readings: per measure, its aggregate over the last range, `Value` as
 /// a string (empty when there is no reading in the range).
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/aggregated-device-readings",
+    tag = "field-service",
+    operation_id = "cfs_aggregated_device_readings",
+    summary = "Field Service's \"Aggregated device readings\" action.",
+    description = "Per measure, its aggregate (Min, Max, Avg, Sum, Count) over the last \
+`TimeRangeValue` `TimeRangeType`s (Minutes, Hours, Days, Weeks, Months of 30 days, Years of \
+365). `measures` is the list, or the list as a JSON string. `Value` is a string, empty when the \
+range holds no reading.",
+    request_body = AggregatedReadings,
+    responses(
+        (status = 200, description = "`measuresOutput`, one per measure, in order.", body = Vec<schemas::MeasureOutput>),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn aggregated_device_readings(
     State(s): State<ApiState>,
     b: Result<Json<AggregatedReadings>, JsonRejection>,
@@ -483,7 +616,7 @@ pub(super) async fn aggregated_device_readings(
 }
 
 /// Send Command's input: the `msdyn_iotdevicecommand` record Field Service creates.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SendCommand {
     /// The record's GUID in Dataverse, echoed back.
@@ -493,6 +626,7 @@ pub(super) struct SendCommand {
     msdyn_name: Option<String>,
     /// `{"CommandName": "...", "Parameters": {...}}` as JSON text (or as an object).
     #[serde(default)]
+    #[schema(schema_with = command_message)]
     msdyn_message: Option<Value>,
     /// The target device's id (leave out with send-to-all).
     #[serde(default)]
@@ -500,6 +634,7 @@ pub(super) struct SendCommand {
     /// The command definition (`[definitions.commands.NAME]`) to check the parameters by.
     #[serde(default)]
     msdyn_command: Option<String>,
+    /// One command to every Registered, connected device (at most 10,000).
     #[serde(default)]
     msdyn_sendtoallconnecteddevices: bool,
     /// Send-to-all only to this provider instance's devices.
@@ -510,6 +645,12 @@ pub(super) struct SendCommand {
     msdyn_category: Option<String>,
     #[serde(rename = "@odata.type", default)]
     _odata_type: Option<String>,
+}
+
+fn command_message() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    super::schemas::any_json(
+        "`{\"CommandName\": \"...\", \"Parameters\": {...}}`, as JSON text or as an object.",
+    )
 }
 
 /// The command name and parameters of a Send Command request: `msdyn_message`'s
@@ -549,6 +690,29 @@ fn name_and_parameters(c: &SendCommand) -> Result<(String, Value), ApiError> {
 /// `msdyn_sendtoallconnecteddevices` one command per connected, registered device (all of
 /// one request, `iotgw_requestid`). A command by definition (`msdyn_command`) is checked
 /// against its parameters' types first; a wrong one is a 400 naming the parameter.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/send-command",
+    tag = "field-service",
+    operation_id = "cfs_send_command",
+    summary = "Field Service's \"Send Command\" action, to one device or to every connected one.",
+    description = "Takes the `msdyn_iotdevicecommand` record. The command name and parameters come \
+from `msdyn_message` (`{\"CommandName\": \"...\", \"Parameters\": {...}}`, as JSON text or an \
+object), the name falling back on `msdyn_command`, then `msdyn_name`. With `msdyn_command` the \
+parameters are checked against that command definition (`[definitions.commands.NAME]`): every \
+parameter's type, the required ones, and the device's category; a wrong one is a 400 naming the \
+parameter (`invalid Parameters.settings.threshold: \"hot\" is not a Decimal`). With \
+`msdyn_sendtoallconnecteddevices` one command goes to every Registered, connected device (of \
+`msdyn_iotproviderinstance` and `msdyn_category` when given; at most 10,000), all of one request \
+(`RequestId`, each command's `iotgw_requestid`); every device is checked before any command is \
+stored. Commands are sent in the background: each starts In Progress.",
+    request_body = SendCommand,
+    responses(
+        (status = 202, description = "The commands, In Progress.", body = schemas::SentCommands),
+        BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge, MisdirectedRequest,
+        StoreUnavailable,
+    )
+)]
 pub(super) async fn send_command(
     State(s): State<ApiState>,
     b: Result<Json<SendCommand>, JsonRejection>,
@@ -658,21 +822,44 @@ pub(super) async fn send_command(
 }
 
 /// Send Test Alert's input.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TestAlert {
+    #[schema(value_type = super::schemas::DeviceId)]
     msdyn_deviceid: String,
     /// The alert's description (default "Test alert from DEVICE").
     #[serde(default)]
     msdyn_description: Option<String>,
     /// The data it carries, any JSON (default `{"test": true}`).
     #[serde(default)]
+    #[schema(schema_with = alert_data)]
     msdyn_alertdata: Option<Value>,
+}
+
+fn alert_data() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    super::schemas::any_json("Any JSON, stored as text (default {\"test\": true}).")
 }
 
 /// Send Test Alert: an alert of type Test (192350003) from a Registered device, stored as
 /// a rule's alert is (debounced per device as `DEVICE/test`, queued for every sink), so a
 /// Field Service flow can be tried end to end without a device.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/send-test-alert",
+    tag = "field-service",
+    operation_id = "cfs_send_test_alert",
+    summary = "Field Service's \"IoT – Send Test Alert\" action.",
+    description = "An alert of type Test (192350003) from a Registered device, stored as a rule's \
+alert is: debounced per device (`DEVICE/test`: a second test alert inside the window is a child \
+of the first) and queued for every sink. The device's last activity moves to now, as with any \
+alert from it.",
+    request_body = TestAlert,
+    responses(
+        (status = 201, description = "The alert.", body = schemas::Alert),
+        BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge, MisdirectedRequest,
+        StoreUnavailable,
+    )
+)]
 pub(super) async fn send_test_alert(
     State(s): State<ApiState>,
     b: Result<Json<TestAlert>, JsonRejection>,
@@ -746,18 +933,51 @@ pub(super) async fn send_test_alert(
 
 /// Update Device Data's input: the device and its settings, a JSON object or the same
 /// object as JSON text (as Dataverse keeps `msdyn_devicesettings`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct UpdateDeviceData {
+    #[schema(value_type = super::schemas::DeviceId)]
     msdyn_deviceid: String,
+    #[schema(schema_with = device_settings)]
     msdyn_devicesettings: Value,
     #[serde(rename = "@odata.type", default)]
     _odata_type: Option<String>,
 }
 
+fn device_settings() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .description(Some(
+            "A JSON object of settings, or the same object as JSON text; at most 8 KiB (8192 bytes of compact JSON).",
+        ))
+        .item(ObjectBuilder::new().schema_type(Type::Object))
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .into()
+}
+
 /// Update Device Data: the device's provider hands it the settings (IoT Hub twin desired
 /// properties, the AWS shadow's desired state, a retained MQTT settings message, a Pub/Sub
 /// settings message), then they are stored as the device's `msdyn_devicesettings`.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/update-device-data",
+    tag = "field-service",
+    operation_id = "cfs_update_device_data",
+    summary = "Field Service's \"Update Device Data\" action.",
+    description = "The device's provider hands it the settings, then they are stored as the \
+device's `msdyn_devicesettings`: Azure IoT Hub twin desired properties, the AWS IoT Core \
+shadow's desired state, a retained QoS 1 message on the mqtt instance's `settings_topic` \
+(default `devices/{device_id}/settings`), a message with attribute `iotgw_kind=settings` on the \
+Pub/Sub command topic. The device must be Registered. The settings are a JSON object (or the \
+same object as JSON text) of at most 8 KiB (8192 bytes of compact JSON). A provider that cannot \
+take settings answers 501; nothing is stored when the provider fails.",
+    request_body = UpdateDeviceData,
+    responses(
+        (status = 200, description = "The settings were handed to the device and stored.", body = schemas::UpdatedDeviceData),
+        BadRequestOrProviderInvalid, Unauthorized, NotFound, Conflict, PayloadTooLarge,
+        MisdirectedRequest, Throttled, Unsupported, ProviderFailed, StoreUnavailable,
+    )
+)]
 pub(super) async fn update_device_data(
     State(s): State<ApiState>,
     b: Result<Json<UpdateDeviceData>, JsonRejection>,
@@ -788,11 +1008,13 @@ pub(super) async fn update_device_data(
 
 /// The JSON getters' input: `Json` (a JSON document as text) and `Path` (a JSON pointer,
 /// or a dotted path such as `engine.temp`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct JsonGet {
+    /// A JSON document, as text.
     #[serde(rename = "Json")]
     json: String,
+    /// A JSON pointer (`/engine/temp`) or dotted keys with indexes (`axes[1].x`).
     #[serde(rename = "Path")]
     path: String,
 }
@@ -838,6 +1060,21 @@ fn json_get(kind: &str, b: Result<Json<JsonGet>, JsonRejection>) -> Result<Json<
 }
 
 /// `JsonGetBoolean`.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/json-get-boolean",
+    tag = "field-service",
+    operation_id = "cfs_json_get_boolean",
+    summary = "Field Service's \"JSON-based Field Value – Get Boolean\" action.",
+    description = "The value at `Path` in the JSON document `Json`: `Path` is a JSON pointer \
+(`/engine/temp`) or dotted keys with indexes (`axes[1].x`). `Value` is null when the path leads \
+nowhere or to another type.",
+    request_body = JsonGet,
+    responses(
+        (status = 200, description = "`{\"Value\": ...}`.", body = schemas::JsonBoolean),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest,
+    )
+)]
 pub(super) async fn json_get_boolean(
     b: Result<Json<JsonGet>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -845,6 +1082,21 @@ pub(super) async fn json_get_boolean(
 }
 
 /// `JsonGetNumber`.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/json-get-number",
+    tag = "field-service",
+    operation_id = "cfs_json_get_number",
+    summary = "Field Service's \"JSON-based Field Value – Get Number\" action.",
+    description = "The value at `Path` in the JSON document `Json`: `Path` is a JSON pointer \
+(`/engine/temp`) or dotted keys with indexes (`axes[1].x`). `Value` is null when the path leads \
+nowhere or to another type.",
+    request_body = JsonGet,
+    responses(
+        (status = 200, description = "`{\"Value\": ...}`.", body = schemas::JsonNumber),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest,
+    )
+)]
 pub(super) async fn json_get_number(
     b: Result<Json<JsonGet>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -852,6 +1104,21 @@ pub(super) async fn json_get_number(
 }
 
 /// `JsonGetString`.
+#[utoipa::path(
+    post,
+    path = "/api/cfs/v1/json-get-string",
+    tag = "field-service",
+    operation_id = "cfs_json_get_string",
+    summary = "Field Service's \"JSON-based Field Value – Get String\" action.",
+    description = "The value at `Path` in the JSON document `Json`: `Path` is a JSON pointer \
+(`/engine/temp`) or dotted keys with indexes (`axes[1].x`). `Value` is null when the path leads \
+nowhere; a number or boolean is given as its JSON text.",
+    request_body = JsonGet,
+    responses(
+        (status = 200, description = "`{\"Value\": ...}`.", body = schemas::JsonString),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest,
+    )
+)]
 pub(super) async fn json_get_string(
     b: Result<Json<JsonGet>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {

@@ -12,6 +12,11 @@ use iotgw_registry::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::schemas::{
+    self, BadRequest, BadRequestOrProviderInvalid, Conflict, MisdirectedRequest, NotFound,
+    PayloadTooLarge, ProviderFailed, RegisterConflict, StoreUnavailable, Throttled, Unauthorized,
+    Unsupported,
+};
 use super::{ApiError, ApiState};
 use crate::core::{RegisterRequest, Registered};
 
@@ -69,6 +74,23 @@ fn page(
 /// Liveness: 200 while every long-running task of the gateway is alive; 503 naming the
 /// ones that ended before their time (a restart is the remedy). Why they ended (a panic's
 /// message may quote input) only with the token when one is configured, as for `/ready`.
+#[utoipa::path(
+    get,
+    path = "/live",
+    tag = "operations",
+    operation_id = "get_live",
+    summary = "Liveness - whether the gateway's long-running tasks are all alive.",
+    description = "Open to probes: no token needed. 503 names the gateway tasks that ended before \
+their time (a restart is the remedy); why they ended only when the caller is authorized (no \
+`api.token` configured, or the right bearer token sent): `ended` is then a map of task to \
+reason, else a list of task names with `details`.",
+    security(()),
+    responses(
+        (status = 200, description = "Every long-running task is alive.", body = schemas::Live),
+        MisdirectedRequest,
+        (status = 503, description = "Some task ended before its time.", body = schemas::Live),
+    )
+)]
 pub(super) async fn live(
     State(s): State<ApiState>,
     headers: axum::http::HeaderMap,
@@ -91,6 +113,22 @@ pub(super) async fn live(
 
 /// The readiness verdict; its reasons (store errors, provider errors) only with the token
 /// when one is configured, since `/ready` is open to probes.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    operation_id = "get_ready",
+    summary = "Readiness - store answers and takes writes, required providers connected.",
+    description = "Open to probes: no token needed. An authorized caller (no `api.token` \
+configured, or the right bearer token sent) gets the full report (`store`, `providers`, \
+`reasons`, `degraded`); any other caller only `ready` and `details`.",
+    security(()),
+    responses(
+        (status = 200, description = "Ready.", body = schemas::Ready),
+        MisdirectedRequest,
+        (status = 503, description = "Not ready.", body = schemas::Ready),
+    )
+)]
 pub(super) async fn ready(
     State(s): State<ApiState>,
     headers: axum::http::HeaderMap,
@@ -117,14 +155,63 @@ pub(super) async fn ready(
     }
 }
 
-/// The API's OpenAPI document (`docs/openapi.yaml`, compiled in).
-pub(super) async fn openapi() -> impl IntoResponse {
+/// `GET /api/openapi.json`: the API's OpenAPI document, generated from the code.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "operations",
+    operation_id = "openapi_json",
+    summary = "This document (OpenAPI 3.1, JSON).",
+    description = "Generated from the code: the operations of the routes the API router serves. \
+Open like `/live` and `/ready`: no token needed.",
+    security(()),
+    responses(
+        (status = 200, description = "The OpenAPI document of this gateway's version.", body = schemas::OpenApiDocument),
+        MisdirectedRequest,
+    )
+)]
+pub(super) async fn openapi_json_document() -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/yaml")],
-        super::OPENAPI_YAML,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        super::openapi_json(),
     )
 }
 
+/// `GET /api/v1/openapi.yaml`: the same document as YAML.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.yaml",
+    tag = "operations",
+    operation_id = "openapi_yaml",
+    summary = "This document (OpenAPI 3.1) as YAML.",
+    description = "The document `GET /api/openapi.json` serves, as YAML.",
+    responses(
+        (status = 200, description = "The OpenAPI document of this gateway's version.", body = schemas::OpenApiDocument, content_type = "application/yaml"),
+        Unauthorized,
+        MisdirectedRequest,
+    )
+)]
+pub(super) async fn openapi_yaml_document() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+        super::openapi_yaml(),
+    )
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "get_metrics",
+    summary = "Prometheus metrics (OpenMetrics text).",
+    description = "The metrics in the OpenMetrics text format; the response's `Content-Type` is \
+`application/openmetrics-text; version=1.0.0; charset=utf-8`.",
+    responses(
+        (status = 200, description = "The metrics.", body = String, content_type = "application/openmetrics-text"),
+        Unauthorized,
+        MisdirectedRequest,
+    )
+)]
 pub(super) async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     if let Ok(depths) = s.core.store.outbox_depth().await {
         for sink in &s.core.live().sinks {
@@ -147,6 +234,26 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices",
+    tag = "devices",
+    operation_id = "register_device",
+    summary = "Register a device with its provider instance.",
+    description = "Routes the device (the request's `msdyn_iotproviderinstance`, else the routing \
+rules, else `routing.default`), marks it In Progress, calls the provider, then stores it \
+Registered (with a Register history row) or Error (with the provider's message). A device that \
+is Unregistered, Unknown or Error is registered again; a Registered one is a 409 \
+`already_registered`, an In Progress one a 409 `conflict`. The category is created when it does \
+not exist. Credentials, when the provider hands some out, are in this answer only and never \
+stored.",
+    request_body = schemas::RegisterRequest,
+    responses(
+        (status = 201, description = "Registered. The record, and the credentials shown this once.", body = schemas::Registered),
+        BadRequestOrProviderInvalid, Unauthorized, NotFound, RegisterConflict, PayloadTooLarge,
+        MisdirectedRequest, Throttled, Unsupported, ProviderFailed, StoreUnavailable,
+    )
+)]
 pub(super) async fn register_device(
     State(s): State<ApiState>,
     b: Result<Json<RegisterRequest>, JsonRejection>,
@@ -163,32 +270,35 @@ pub const MAX_BATCH_DEVICES: usize = 1000;
 /// their 8000-byte limit.
 pub const MAX_BATCH_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = BatchRequest)]
 pub(super) struct BatchBody {
     /// Each item is read on its own, so a malformed one fails alone.
+    #[schema(schema_with = schemas::batch_items)]
     devices: Vec<serde_json::Value>,
 }
 
 /// The answer of `POST /api/v1/devices/batch`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct BatchAnswer {
     /// How many devices were registered.
     registered: usize,
-    /// The devices that were not, in request order.
+    /// The devices that were not registered, by index.
     failed: Vec<BatchFailure>,
-    /// The devices that were, in request order.
+    /// The devices that were registered, by index.
     devices: Vec<BatchRegistered>,
 }
 
 /// One device of a batch that was not registered: what the single route would have said.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct BatchFailure {
     /// Position in the request's `devices`.
     index: usize,
-    /// The id as given (absent when the item had none).
+    /// The id as given (null when the item had no string id).
+    #[schema(required = true)]
     msdyn_deviceid: Option<String>,
-    /// The status the single route would answer (400, 409, 502, ...).
+    /// The status the single route would answer (400, 404, 409, 429, 501, 502, 503).
     status: u16,
     /// The error code (`invalid_input`, `already_registered`, `conflict`, ...).
     code: &'static str,
@@ -197,15 +307,35 @@ pub(super) struct BatchFailure {
 }
 
 /// One device of a batch that was registered.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct BatchRegistered {
     /// Position in the request's `devices`.
     index: usize,
     /// The record and the credentials shown this once.
     #[serde(flatten)]
+    #[schema(value_type = schemas::Registered)]
     registered: Registered,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/batch",
+    tag = "devices",
+    operation_id = "register_devices_batch",
+    summary = "Register 1 to 1,000 devices in one request.",
+    description = "Each device is registered as `POST /api/v1/devices` would register it, with \
+the store work in two transactions and at most 32 provider calls in flight. One device's failure \
+never fails the others: the answer is 200 whenever the request itself is well formed, and each \
+device is reported by its `index` in `devices`, under `devices` (registered) or `failed` (with \
+the status and code the single route would have answered). Each item is read on its own, so an \
+item that is not a valid registration (any JSON value) fails alone with status 400 in `failed`. \
+An empty list, or more than 1,000 items, is a 400 naming `devices`. Bodies may be up to 16 MiB.",
+    request_body = BatchBody,
+    responses(
+        (status = 200, description = "One result per device, in request order within each list.", body = BatchAnswer),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest,
+    )
+)]
 pub(super) async fn register_batch(
     State(s): State<ApiState>,
     b: Result<Json<BatchBody>, JsonRejection>,
@@ -277,6 +407,18 @@ pub(super) async fn register_batch(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices",
+    tag = "devices",
+    operation_id = "list_devices",
+    summary = "List devices, filtered and paged by device id.",
+    params(schemas::DeviceFilterParams, schemas::PageParams),
+    responses(
+        (status = 200, description = "A page of devices, in device id order.", body = schemas::DevicePage),
+        BadRequest, Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn list_devices(
     State(s): State<ApiState>,
     f: Result<Query<DeviceFilter>, axum::extract::rejection::QueryRejection>,
@@ -286,6 +428,18 @@ pub(super) async fn list_devices(
     Ok(Json(s.core.store.list_devices(&f, &page(p)?).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}",
+    tag = "devices",
+    operation_id = "get_device",
+    summary = "Get one device.",
+    params(schemas::DeviceIdPath),
+    responses(
+        (status = 200, description = "The device.", body = schemas::Device),
+        BadRequest, Unauthorized, NotFound, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn get_device(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -295,6 +449,19 @@ pub(super) async fn get_device(
 
 /// `GET /api/v1/devices/batch`: the device whose id is `batch` (the batch route is POST
 /// only; without this the static path would hide that device).
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/batch",
+    tag = "devices",
+    operation_id = "get_device_named_batch",
+    summary = "Get the device whose id is `batch`.",
+    description = "`GET /api/v1/devices/{id}` for the id `batch`, which the static batch route \
+would otherwise hide.",
+    responses(
+        (status = 200, description = "The device.", body = schemas::Device),
+        Unauthorized, NotFound, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn get_device_named_batch(
     State(s): State<ApiState>,
 ) -> ApiResult<impl IntoResponse> {
@@ -302,6 +469,20 @@ pub(super) async fn get_device_named_batch(
 }
 
 /// `DELETE /api/v1/devices/batch`: unregisters the device whose id is `batch`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices/batch",
+    tag = "devices",
+    operation_id = "unregister_device_named_batch",
+    summary = "Unregister the device whose id is `batch`.",
+    description = "`DELETE /api/v1/devices/{id}` for the id `batch`, which the static batch route \
+would otherwise hide.",
+    responses(
+        (status = 200, description = "The device, now Unregistered.", body = schemas::Device),
+        BadRequestOrProviderInvalid, Unauthorized, NotFound, Conflict, MisdirectedRequest,
+        Throttled, Unsupported, ProviderFailed, StoreUnavailable,
+    )
+)]
 pub(super) async fn unregister_device_named_batch(
     State(s): State<ApiState>,
 ) -> ApiResult<impl IntoResponse> {
@@ -319,6 +500,22 @@ async fn device_by_id(s: &ApiState, id: &str) -> ApiResult<Json<iotgw_registry::
     Ok(Json(d))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices/{id}",
+    tag = "devices",
+    operation_id = "unregister_device",
+    summary = "Unregister a device (its provider removes it; a history row is written).",
+    description = "The provider removes what registration created (a device the provider no \
+longer knows is still unregistered here), then the record becomes Unregistered with an \
+Unregister history row. 404 for a device never stored, 409 for one already Unregistered.",
+    params(schemas::DeviceIdPath),
+    responses(
+        (status = 200, description = "The device, now Unregistered.", body = schemas::Device),
+        BadRequestOrProviderInvalid, Unauthorized, NotFound, Conflict, MisdirectedRequest,
+        Throttled, Unsupported, ProviderFailed, StoreUnavailable,
+    )
+)]
 pub(super) async fn unregister_device(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -326,12 +523,34 @@ pub(super) async fn unregister_device(
     Ok(Json(s.core.unregister(&id).await?))
 }
 
-#[derive(Deserialize)]
+/// `POST /api/v1/devices/{id}/move`'s body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = MoveRequest)]
 pub(super) struct MoveBody {
+    /// The target provider instance (a configured one, else a 400 naming `to`).
     to: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{id}/move",
+    tag = "devices",
+    operation_id = "move_device",
+    summary = "Move a device to another provider instance.",
+    description = "The target registers the device first (if that fails nothing changed), the \
+cut-over is one store transaction (commands still In Progress end in Error), then the source \
+unregisters it (a failure there is reported in `source_error` and retried in the background; \
+the move stands). An invalid id is a 400 naming `id`, an unconfigured target a 400 naming `to`; \
+a device that is not Registered (or Unknown), or is already on `to`, is a 409.",
+    params(schemas::DeviceIdPath),
+    request_body = MoveBody,
+    responses(
+        (status = 200, description = "Moved.", body = schemas::Moved),
+        BadRequestOrProviderInvalid, Unauthorized, NotFound, Conflict, PayloadTooLarge,
+        MisdirectedRequest, Throttled, Unsupported, ProviderFailed, StoreUnavailable,
+    )
+)]
 pub(super) async fn move_device(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -341,6 +560,18 @@ pub(super) async fn move_device(
     Ok(Json(crate::moves::move_device(&s.core, &id, &b.to).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}/history",
+    tag = "devices",
+    operation_id = "get_device_history",
+    summary = "The device's registration history (not paged).",
+    params(schemas::DeviceIdPath),
+    responses(
+        (status = 200, description = "Every history row of the device.", body = schemas::HistoryList),
+        BadRequest, Unauthorized, NotFound, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn device_history(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -354,6 +585,22 @@ pub(super) async fn device_history(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}/state",
+    tag = "devices",
+    operation_id = "get_device_state",
+    summary = "What the device's provider reports for it now.",
+    description = "Field Service's \"pull device data\". 404 for a device not stored (or one the \
+provider does not know); a device whose provider instance is no longer configured is a 400 \
+naming `msdyn_iotproviderinstance`.",
+    params(schemas::DeviceIdPath),
+    responses(
+        (status = 200, description = "The provider's view of the device.", body = schemas::DeviceState),
+        BadRequestOrProviderInvalid, Unauthorized, NotFound, Conflict, MisdirectedRequest,
+        Throttled, Unsupported, ProviderFailed, StoreUnavailable,
+    )
+)]
 pub(super) async fn device_state(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -361,19 +608,49 @@ pub(super) async fn device_state(
     Ok(Json(s.core.device_state(&id).await?))
 }
 
-#[derive(Deserialize)]
+/// `POST /api/v1/categories`'s body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CategoryRequest)]
 pub(super) struct CategoryBody {
+    /// 1 to 100 characters, not all whitespace (else a 400 naming `msdyn_name`).
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     msdyn_name: String,
+    /// Free text; null or absent keeps an existing category's description.
     msdyn_description: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/categories",
+    tag = "categories",
+    operation_id = "list_categories",
+    summary = "List every device category (not paged), by name.",
+    responses(
+        (status = 200, description = "All categories.", body = schemas::CategoryList),
+        Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn list_categories(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(
         serde_json::json!({"items": s.core.store.list_categories().await?}),
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/categories",
+    tag = "categories",
+    operation_id = "upsert_category",
+    summary = "Create a category, or update its description.",
+    description = "Creates the category, or, when one of that name exists, sets its description \
+(a null or absent description keeps the old one). Answers 201 either way.",
+    request_body = CategoryBody,
+    responses(
+        (status = 201, description = "The category as stored.", body = schemas::Category),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn upsert_category(
     State(s): State<ApiState>,
     b: Result<Json<CategoryBody>, JsonRejection>,
@@ -393,15 +670,42 @@ pub(super) async fn upsert_category(
     ))
 }
 
-#[derive(Deserialize)]
+/// `POST /api/v1/commands`'s body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CommandRequest)]
 pub(super) struct CommandBody {
+    #[schema(value_type = schemas::DeviceId)]
     msdyn_deviceid: String,
+    /// The command name the device expects (not blank, else a 400 naming `msdyn_name`).
+    #[schema(pattern = r"\S")]
     msdyn_name: String,
+    /// The command's parameters, any JSON (default null). The whole message must fit the
+    /// provider's limit and 8192 bytes, else a 400 naming `msdyn_message`.
     #[serde(default)]
+    #[schema(schema_with = schemas::command_parameters)]
     parameters: serde_json::Value,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/commands",
+    tag = "commands",
+    operation_id = "send_command",
+    summary = "Send a command to a device (answered before it is delivered).",
+    description = "Creates the command In Progress, with the message \
+`{\"<CommandName>\": name, \"<Parameters>\": parameters}` (property names from the rules \
+configuration; at most the provider's limit and 8192 bytes, else a 400 naming \
+`msdyn_message`), and sends it in the background: `iotgw_publishedon` is set once the provider \
+took it, and its status (Sent, or Error with the reason) follows on the record. 404 for an \
+unknown device, 409 for a device that is Unregistered, Error or In Progress.",
+    request_body = CommandBody,
+    responses(
+        (status = 202, description = "The command, In Progress.", body = schemas::Command),
+        BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge, MisdirectedRequest,
+        StoreUnavailable,
+    )
+)]
 pub(super) async fn send_command(
     State(s): State<ApiState>,
     b: Result<Json<CommandBody>, JsonRejection>,
@@ -414,6 +718,18 @@ pub(super) async fn send_command(
     Ok((StatusCode::ACCEPTED, Json(cmd)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands/{id}",
+    tag = "commands",
+    operation_id = "get_command",
+    summary = "Get one command.",
+    params(schemas::CommandIdPath),
+    responses(
+        (status = 200, description = "The command.", body = schemas::Command),
+        BadRequest, Unauthorized, NotFound, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn get_command(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -424,6 +740,18 @@ pub(super) async fn get_command(
     )?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands",
+    tag = "commands",
+    operation_id = "list_commands",
+    summary = "List commands, newest first, filtered and paged.",
+    params(schemas::CommandFilterParams, schemas::PageParams),
+    responses(
+        (status = 200, description = "A page of commands.", body = schemas::CommandPage),
+        BadRequest, Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn list_commands(
     State(s): State<ApiState>,
     f: Result<Query<CommandFilter>, axum::extract::rejection::QueryRejection>,
@@ -433,6 +761,18 @@ pub(super) async fn list_commands(
     Ok(Json(s.core.store.list_commands(&f, &page(p)?).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/alerts",
+    tag = "alerts",
+    operation_id = "list_alerts",
+    summary = "List alerts, newest first, filtered and paged.",
+    params(schemas::AlertFilterParams, schemas::PageParams),
+    responses(
+        (status = 200, description = "A page of alerts.", body = schemas::AlertPage),
+        BadRequest, Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn list_alerts(
     State(s): State<ApiState>,
     f: Result<Query<AlertFilter>, axum::extract::rejection::QueryRejection>,
@@ -442,6 +782,18 @@ pub(super) async fn list_alerts(
     Ok(Json(s.core.store.list_alerts(&f, &page(p)?).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/alerts/{id}",
+    tag = "alerts",
+    operation_id = "get_alert",
+    summary = "Get one alert.",
+    params(schemas::AlertIdPath),
+    responses(
+        (status = 200, description = "The alert.", body = schemas::Alert),
+        BadRequest, Unauthorized, NotFound, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn get_alert(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -452,6 +804,21 @@ pub(super) async fn get_alert(
     )?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/alerts/{id}/close",
+    tag = "alerts",
+    operation_id = "close_alert",
+    summary = "Close an alert (statecode 3, statuscode 6).",
+    description = "Takes no body (any body is ignored). Closing a closed alert answers it again. \
+Closing a parent closes its children too, unless `alerts.close_children_with_parent` is false in \
+the config.",
+    params(schemas::AlertIdPath),
+    responses(
+        (status = 200, description = "The alert, now Closed.", body = schemas::Alert),
+        BadRequest, Unauthorized, NotFound, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn close_alert(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -472,16 +839,22 @@ pub(super) async fn close_alert(
 }
 
 /// `POST /api/v1/alerts/{id}/case`'s body: the case Field Service created.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CaseRequest)]
 pub(super) struct CaseBody {
+    /// The case's record id in Dataverse.
+    #[schema(format = Uuid)]
     msdyn_case: String,
 }
 
 /// `POST /api/v1/alerts/{id}/work-order`'s body: the work order Field Service created.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = WorkOrderRequest)]
 pub(super) struct WorkOrderBody {
+    /// The work order's record id in Dataverse.
+    #[schema(format = Uuid)]
     msdyn_workorder: String,
 }
 
@@ -494,6 +867,19 @@ async fn service_work(s: &ApiState, id: &str, work: ServiceWork) -> ApiResult<Js
 }
 
 /// Records the case created from an alert: statuscode 3 (In Progress – Case Created).
+#[utoipa::path(
+    post,
+    path = "/api/v1/alerts/{id}/case",
+    tag = "alerts",
+    operation_id = "alert_case",
+    summary = "Record the case Field Service created from an alert (statecode 2, statuscode 3).",
+    params(schemas::AlertIdPath),
+    request_body = CaseBody,
+    responses(
+        (status = 200, description = "The alert, with the case and its new status.", body = schemas::Alert),
+        BadRequest, Unauthorized, NotFound, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn alert_case(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -505,6 +891,19 @@ pub(super) async fn alert_case(
 
 /// Records the work order created from an alert: statuscode 4 (In Progress – Work Order
 /// Created).
+#[utoipa::path(
+    post,
+    path = "/api/v1/alerts/{id}/work-order",
+    tag = "alerts",
+    operation_id = "alert_work_order",
+    summary = "Record the work order Field Service created from an alert (statecode 2, statuscode 4).",
+    params(schemas::AlertIdPath),
+    request_body = WorkOrderBody,
+    responses(
+        (status = 200, description = "The alert, with the work order and its new status.", body = schemas::Alert),
+        BadRequest, Unauthorized, NotFound, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn alert_work_order(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -516,6 +915,18 @@ pub(super) async fn alert_work_order(
 
 /// The Field Service records linked to devices (Register Custom Entity), by entity or by
 /// device, at most 1,000.
+#[utoipa::path(
+    get,
+    path = "/api/v1/entity-links",
+    tag = "devices",
+    operation_id = "list_entity_links",
+    summary = "Field Service records linked to devices (Register Custom Entity), at most 1,000.",
+    params(schemas::EntityLinkFilterParams),
+    responses(
+        (status = 200, description = "The links, by entity then device.", body = schemas::EntityLinkList),
+        BadRequest, Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn list_entity_links(
     State(s): State<ApiState>,
     f: Result<Query<iotgw_registry::EntityLinkFilter>, axum::extract::rejection::QueryRejection>,
@@ -528,6 +939,22 @@ pub(super) async fn list_entity_links(
 
 /// A device's reported properties read through the property definitions
 /// (`[definitions.properties]`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}/properties",
+    tag = "devices",
+    operation_id = "get_device_properties",
+    summary = "The device's reported properties, read through the property definitions.",
+    description = "One item per `[definitions.properties.NAME]` of the config, in name order: \
+where it sits in the reported properties (a property with a parent sits inside its parent's \
+object), its type and unit, the reported value (null when not reported), and why the value does \
+not have the defined type, if it does not.",
+    params(schemas::DeviceIdPath),
+    responses(
+        (status = 200, description = "The properties.", body = schemas::DeviceProperties),
+        BadRequest, Unauthorized, NotFound, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn device_properties(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -549,6 +976,24 @@ pub(super) async fn device_properties(
     })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/dead-letters/{id}/replay",
+    tag = "dead-letters",
+    operation_id = "replay_dead_letter",
+    summary = "Replay one dead letter, then delete it.",
+    description = "A refused reading (`telemetry:<instance>`) goes through the pipeline again as \
+it was (same instance, device, message id and time): it commits, or becomes a dead letter again \
+with today's reason. A sink's item (`sink:<name>`) is queued for that sink again with its \
+idempotency key. The old dead letter is then deleted. 409 for a dead letter whose payload was \
+cut at 64 KiB, one of another source, or a sink's item whose sink is no longer configured. \
+Takes no body (any body is ignored).",
+    params(schemas::DeadLetterIdPath),
+    responses(
+        (status = 200, description = "What the replay came to.", body = schemas::Replayed),
+        BadRequest, Unauthorized, NotFound, Conflict, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn replay_dead_letter(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
@@ -562,6 +1007,22 @@ pub(super) async fn replay_dead_letter(
     Ok(Json(crate::replay::replay(&s.core, id).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/dead-letters/replay",
+    tag = "dead-letters",
+    operation_id = "replay_dead_letters",
+    summary = "Replay every dead letter a filter selects, oldest first.",
+    description = "Each selected dead letter is replayed as \
+`POST /api/v1/dead-letters/{id}/replay` would replay it; one that cannot be replayed is listed \
+in `failed` and does not fail the others. All conditions given must hold; `{}` selects every \
+dead letter (at most `limit`, default and most 10,000; 0 counts as 1).",
+    request_body = schemas::ReplayFilter,
+    responses(
+        (status = 200, description = "What the replay did.", body = schemas::BulkReplay),
+        BadRequest, Unauthorized, PayloadTooLarge, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn replay_dead_letters(
     State(s): State<ApiState>,
     b: Result<Json<crate::replay::ReplayFilter>, JsonRejection>,
@@ -570,6 +1031,18 @@ pub(super) async fn replay_dead_letters(
     Ok(Json(crate::replay::replay_many(&s.core, &filter).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/dead-letters",
+    tag = "dead-letters",
+    operation_id = "list_dead_letters",
+    summary = "List dead letters (refused telemetry, undeliverable outbox items), newest first.",
+    params(schemas::PageParams),
+    responses(
+        (status = 200, description = "A page of dead letters.", body = schemas::DeadLetterPage),
+        BadRequest, Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn list_dead_letters(
     State(s): State<ApiState>,
     p: Result<Query<PageRequest>, axum::extract::rejection::QueryRejection>,
@@ -577,12 +1050,39 @@ pub(super) async fn list_dead_letters(
     Ok(Json(s.core.store.list_dead_letters(&page(p)?).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/config/version",
+    tag = "operations",
+    operation_id = "get_config_version",
+    summary = "The live configuration's version and the last reload.",
+    responses(
+        (status = 200, description = "The live configuration's version.", body = schemas::ConfigVersion),
+        Unauthorized, MisdirectedRequest,
+    )
+)]
 pub(super) async fn config_version(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.reloader.version())
 }
 
 /// `POST /api/v1/config/reload`: what SIGHUP does, answered with the outcome (200 when
 /// applied or unchanged, 422 with the problems when refused).
+#[utoipa::path(
+    post,
+    path = "/api/v1/config/reload",
+    tag = "operations",
+    operation_id = "reload_config",
+    summary = "Reload the configuration file now (what SIGHUP does).",
+    description = "200 when the file was applied or meant what is live already (`outcome` \
+`applied` or `unchanged`); 422 when it was refused (it does not load or validate, changes what \
+only a restart can, or there is no config file), with the problems (`outcome` `refused`). The \
+running configuration stays on a refusal. Takes no body (any body is ignored).",
+    responses(
+        (status = 200, description = "Applied, or unchanged.", body = schemas::ReloadDone),
+        Unauthorized, MisdirectedRequest,
+        (status = 422, description = "Refused; the running configuration stays.", body = schemas::ReloadRefused),
+    )
+)]
 pub(super) async fn config_reload(State(s): State<ApiState>) -> impl IntoResponse {
     let done = s.reloader.reload("API").await;
     let status = if done.outcome == "refused" {
@@ -593,6 +1093,17 @@ pub(super) async fn config_reload(State(s): State<ApiState>) -> impl IntoRespons
     (status, Json(done))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/providers",
+    tag = "operations",
+    operation_id = "list_providers",
+    summary = "Each configured provider instance with its health, limits and device count.",
+    responses(
+        (status = 200, description = "Every configured provider instance, by name.", body = schemas::ProviderList),
+        Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn providers(State(s): State<ApiState>) -> ApiResult<impl IntoResponse> {
     let counts = s.core.store.device_counts().await?;
     let now = chrono::Utc::now();

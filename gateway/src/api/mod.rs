@@ -16,6 +16,7 @@
 mod cfs;
 mod handlers;
 mod readings;
+mod schemas;
 pub mod starting;
 
 pub use handlers::{MAX_BATCH_BODY_BYTES, MAX_BATCH_DEVICES};
@@ -36,9 +37,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
 use iotgw_providers::ProviderError;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::core::{Core, GatewayError};
 use crate::health::Readiness;
@@ -294,87 +297,205 @@ async fn guard_host(State(state): State<ApiState>, req: Request, next: Next) -> 
     }
 }
 
-/// The API's OpenAPI document; a test keeps it and [`router`] describing the same routes.
-pub const OPENAPI_YAML: &str = include_str!("../../../docs/openapi.yaml");
+/// The API's OpenAPI document, as `derive(OpenApi)` starts it: what is not an operation.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    servers((url = "/")),
+    security(("bearerAuth" = [])),
+    tags(
+        (name = "devices", description = "Devices, their registration, state, readings and linked records."),
+        (name = "categories", description = "Device categories."),
+        (name = "commands", description = "Commands to devices."),
+        (name = "alerts", description = "Alerts and what Field Service made of them."),
+        (name = "dead-letters", description = "Refused telemetry and undeliverable outbox items."),
+        (name = "operations", description = "Health, metrics, configuration and this document."),
+        (name = "field-service", description = "Field Service's IoT provider actions."),
+    ),
+    components(
+        // What only parameters and hand-built schemas refer to (an operation's bodies
+        // bring in their own schemas).
+        schemas(
+            schemas::Error,
+            schemas::DeviceId,
+            schemas::RegistrationStatus,
+            schemas::RegistrationStatusFilter,
+            schemas::CommandStatus,
+            schemas::CommandStatusFilter,
+            schemas::AlertType,
+            schemas::AlertTypeFilter,
+            cfs::AggregateMeasure,
+            schemas::Reload,
+        ),
+        responses(
+            schemas::BadRequest,
+            schemas::BadRequestOrProviderInvalid,
+            schemas::Unauthorized,
+            schemas::NotFound,
+            schemas::Conflict,
+            schemas::RegisterConflict,
+            schemas::PayloadTooLarge,
+            schemas::MisdirectedRequest,
+            schemas::Throttled,
+            schemas::Unsupported,
+            schemas::ProviderFailed,
+            schemas::StoreUnavailable,
+        ),
+    ),
+    modifiers(&BearerAuth),
+)]
+struct ApiDoc;
+
+/// The `bearerAuth` security scheme.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearerAuth",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(
+                            "`Authorization: Bearer <api.token>` (the scheme in any case). Needed on every \
+                             route but `/live`, `/ready` and `/api/openapi.json` when `api.token` is \
+                             configured; without `api.token` configured no token is needed (and the API \
+                             answers only loopback `Host` names).",
+                        ))
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// The document's description.
+const OPENAPI_DESCRIPTION: &str = include_str!("openapi_description.md");
+
+/// Routes outside the bearer token, each with its OpenAPI operation.
+fn open_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(handlers::live))
+        .routes(routes!(handlers::ready))
+        .routes(routes!(handlers::openapi_json_document))
+}
+
+/// Routes behind the bearer token, each with its OpenAPI operation: the router and the
+/// document come from these same registrations.
+fn token_routes() -> OpenApiRouter<ApiState> {
+    use handlers::*;
+    use utoipa_axum::router::UtoipaMethodRouterExt;
+    OpenApiRouter::new()
+        .routes(routes!(register_device, list_devices))
+        .routes(
+            routes!(register_batch)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
+        )
+        .routes(routes!(
+            get_device_named_batch,
+            unregister_device_named_batch
+        ))
+        .routes(routes!(get_device, unregister_device))
+        .routes(routes!(move_device))
+        .routes(routes!(device_history))
+        .routes(routes!(device_state))
+        .routes(routes!(device_properties))
+        .routes(routes!(readings::device_readings))
+        .routes(routes!(list_categories, upsert_category))
+        .routes(routes!(send_command, list_commands))
+        .routes(routes!(get_command))
+        .routes(routes!(list_entity_links))
+        .routes(routes!(list_alerts))
+        .routes(routes!(get_alert))
+        .routes(routes!(close_alert))
+        .routes(routes!(alert_case))
+        .routes(routes!(alert_work_order))
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(replay_dead_letters))
+        .routes(routes!(replay_dead_letter))
+        .routes(routes!(providers))
+        .routes(routes!(config_version))
+        .routes(routes!(config_reload))
+        .routes(routes!(openapi_yaml_document))
+        .routes(routes!(cfs::register_devices))
+        .routes(routes!(cfs::pull_device_data))
+        .routes(routes!(cfs::send_command))
+        .routes(routes!(cfs::send_test_alert))
+        .routes(routes!(cfs::update_device_data))
+        .routes(routes!(cfs::register_custom_entity))
+        .routes(routes!(cfs::json_get_boolean))
+        .routes(routes!(cfs::json_get_number))
+        .routes(routes!(cfs::json_get_string))
+        .routes(routes!(cfs::query_device_readings))
+        .routes(routes!(cfs::aggregated_device_readings))
+        .routes(routes!(metrics))
+}
+
+/// The API's OpenAPI 3.1 document, generated from the handlers' `#[utoipa::path]`
+/// annotations and the types they name, for the routes [`router`] serves (the cloud
+/// webhooks and the console are not part of it).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi as _;
+    let mut doc = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(open_routes())
+        .merge(token_routes())
+        .into_openapi();
+    doc.info.title = "iotgw".into();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    doc.info.description = Some(OPENAPI_DESCRIPTION.into());
+    // The open routes take no token: `security: []`, not the document's bearerAuth.
+    for item in doc.paths.paths.values_mut() {
+        for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+            if op
+                .security
+                .as_ref()
+                .is_some_and(|s| s.iter().all(|r| r == &Default::default()))
+            {
+                op.security = Some(Vec::new());
+            }
+        }
+    }
+    doc
+}
+
+/// [`openapi`] as JSON, built once.
+pub fn openapi_json() -> &'static str {
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JSON.get_or_init(|| {
+        let mut text = openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        text.push('\n');
+        text
+    })
+}
+
+/// [`openapi`] as YAML, built once.
+pub fn openapi_yaml() -> &'static str {
+    static YAML: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    YAML.get_or_init(|| {
+        openapi()
+            .to_yaml()
+            .unwrap_or_else(|e| format!("error: {e}\n"))
+    })
+}
 
 /// The API router.
 pub fn router(state: ApiState) -> Router {
-    use handlers::*;
-    let api = Router::new()
-        .route("/api/v1/devices", post(register_device).get(list_devices))
-        .route(
-            "/api/v1/devices/batch",
-            post(register_batch)
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES))
-                .get(get_device_named_batch)
-                .delete(unregister_device_named_batch),
-        )
-        .route(
-            "/api/v1/devices/{id}",
-            get(get_device).delete(unregister_device),
-        )
-        .route("/api/v1/devices/{id}/move", post(move_device))
-        .route("/api/v1/devices/{id}/history", get(device_history))
-        .route("/api/v1/devices/{id}/state", get(device_state))
-        .route("/api/v1/devices/{id}/properties", get(device_properties))
-        .route(
-            "/api/v1/devices/{id}/readings",
-            get(readings::device_readings),
-        )
-        .route(
-            "/api/v1/categories",
-            get(list_categories).post(upsert_category),
-        )
-        .route("/api/v1/commands", post(send_command).get(list_commands))
-        .route("/api/v1/commands/{id}", get(get_command))
-        .route("/api/v1/entity-links", get(list_entity_links))
-        .route("/api/v1/alerts", get(list_alerts))
-        .route("/api/v1/alerts/{id}", get(get_alert))
-        .route("/api/v1/alerts/{id}/close", post(close_alert))
-        .route("/api/v1/alerts/{id}/case", post(alert_case))
-        .route("/api/v1/alerts/{id}/work-order", post(alert_work_order))
-        .route("/api/v1/dead-letters", get(list_dead_letters))
-        .route("/api/v1/dead-letters/replay", post(replay_dead_letters))
-        .route("/api/v1/dead-letters/{id}/replay", post(replay_dead_letter))
-        .route("/api/v1/providers", get(providers))
-        .route("/api/v1/config/version", get(config_version))
-        .route("/api/v1/config/reload", post(config_reload))
-        .route("/api/v1/openapi.yaml", get(openapi))
-        .route("/api/cfs/v1/register-devices", post(cfs::register_devices))
-        .route("/api/cfs/v1/pull-device-data", post(cfs::pull_device_data))
-        .route("/api/cfs/v1/send-command", post(cfs::send_command))
-        .route("/api/cfs/v1/send-test-alert", post(cfs::send_test_alert))
-        .route(
-            "/api/cfs/v1/update-device-data",
-            post(cfs::update_device_data),
-        )
-        .route(
-            "/api/cfs/v1/register-custom-entity",
-            post(cfs::register_custom_entity),
-        )
-        .route("/api/cfs/v1/json-get-boolean", post(cfs::json_get_boolean))
-        .route("/api/cfs/v1/json-get-number", post(cfs::json_get_number))
-        .route("/api/cfs/v1/json-get-string", post(cfs::json_get_string))
-        .route(
-            "/api/cfs/v1/query-device-readings",
-            post(cfs::query_device_readings),
-        )
-        .route(
-            "/api/cfs/v1/aggregated-device-readings",
-            post(cfs::aggregated_device_readings),
-        )
-        .route("/metrics", get(metrics))
+    let (api, _) = token_routes()
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
-        ));
+        ))
+        .split_for_parts();
+    let (open, _) = open_routes().split_for_parts();
     Router::new()
-        .route("/live", get(live))
-        .route("/ready", get(ready))
         // Cloud webhooks (Azure Event Grid): outside the bearer token; each provider's
-        // endpoint checks its own shared secret.
+        // endpoint checks its own shared secret. Not part of the API's document.
         .route("/hooks/{instance}", post(push_hook).options(push_hook))
+        .merge(open)
         .merge(api)
         .merge(crate::console::router(state.clone()))
         .fallback(|| async { ApiError::not_found("no such route; see the README's API summary") })
@@ -395,70 +516,248 @@ pub fn router(state: ApiState) -> Router {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::{Method, Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::ApiState;
 
     const METHODS: [&str; 6] = ["get", "post", "put", "patch", "delete", "options"];
 
-    /// Every (path, method) [`super::router`] registers, read from this file's source (axum
-    /// cannot list a router's routes). The cloud webhooks are not part of the API.
-    fn routed() -> BTreeSet<(String, String)> {
-        let src = include_str!("mod.rs");
-        let start = src.find("pub fn router(").expect("the router");
-        let body = &src[start..];
-        let body = &body[..body.find("\n}\n").expect("its end")];
-        let mut routes = BTreeSet::new();
-        for chunk in body.split(".route(").skip(1) {
-            let path = chunk.split('"').nth(1).expect("a route's path");
-            if path.starts_with("/hooks/") {
-                continue;
-            }
-            for (i, _) in chunk.match_indices('(') {
-                let before = &chunk[..i];
-                let word = before
-                    .rsplit(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-                    .next()
-                    .unwrap_or_default();
-                if METHODS.contains(&word) {
-                    routes.insert((path.to_owned(), word.to_owned()));
-                }
-            }
-        }
-        routes
-    }
-
+    /// Every (path, method) of the generated document.
     fn documented() -> BTreeSet<(String, String)> {
-        let docs = yaml_rust2::YamlLoader::load_from_str(super::OPENAPI_YAML).expect("YAML");
-        let paths = docs[0]["paths"].as_hash().expect("paths");
+        let doc: serde_json::Value =
+            serde_json::from_str(super::openapi_json()).expect("the document is JSON");
         let mut routes = BTreeSet::new();
-        for (path, ops) in paths {
-            for method in ops.as_hash().expect("operations").keys() {
-                let method = method.as_str().expect("a method");
-                if METHODS.contains(&method) {
-                    routes.insert((path.as_str().expect("a path").to_owned(), method.to_owned()));
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("a path item").keys() {
+                if METHODS.contains(&method.as_str()) {
+                    routes.insert((path.clone(), method.clone()));
                 }
             }
         }
         routes
     }
 
-    #[test]
-    fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
-        let (routed, documented) = (routed(), documented());
-        assert!(routed.len() > 20, "the source scan found {routed:?}");
-        let undocumented: Vec<_> = routed.difference(&documented).collect();
-        let unrouted: Vec<_> = documented.difference(&routed).collect();
+    /// A gateway's API state on an in-memory store, with no provider, no sink and no token.
+    async fn state() -> ApiState {
+        let mut config = iotgw_config::Config::embedded_default();
+        config.sinks.clear();
+        let store: Arc<dyn iotgw_registry::Store> = Arc::new(
+            iotgw_registry::SqliteStore::memory()
+                .await
+                .expect("in-memory store"),
+        );
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let core = Arc::new(crate::core::Core::new(
+            store.clone(),
+            metrics.clone(),
+            Arc::new(tokio::sync::Notify::new()),
+            "test".into(),
+            crate::live::Live::new(1, Arc::new(config), BTreeMap::new()),
+        ));
+        let (events, _) = tokio::sync::mpsc::channel(1);
+        let instances = Arc::new(crate::instances::Instances::new(
+            events,
+            store.clone(),
+            "test".into(),
+            metrics.clone(),
+        ));
+        let (_, drain) = tokio::sync::watch::channel(None);
+        let outbox = crate::sinks::spawn_workers(
+            store,
+            Vec::new(),
+            Arc::new(tokio::sync::Notify::new()),
+            metrics,
+            tokio_util::sync::CancellationToken::new(),
+            drain,
+            crate::sinks::Leasing {
+                holder: "test".into(),
+                lease: Duration::from_secs(30),
+            },
+        );
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            core.clone(),
+            None,
+            Arc::new(tokio::sync::Mutex::new(outbox)),
+            instances,
+        ));
+        ApiState {
+            core,
+            readiness: Arc::new(crate::health::Readiness::new(Duration::from_secs(0))),
+            reloader,
+        }
+    }
+
+    /// What the real router answers `method path` (an empty body, a loopback `Host`): the
+    /// status, and whether it is the router's own "no such route" 404.
+    async fn probe(app: &axum::Router, method: &str, path: &str) -> (StatusCode, bool) {
+        let uri = path.replace("{id}", "probe-1");
+        let req = Request::builder()
+            .method(Method::from_bytes(method.to_ascii_uppercase().as_bytes()).expect("method"))
+            .uri(&uri)
+            .header("host", "localhost")
+            .body(Body::empty())
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("an answer");
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let unrouted = status == StatusCode::NOT_FOUND
+            && String::from_utf8_lossy(&body).contains("no such route");
+        (status, unrouted)
+    }
+
+    /// The router side is the real router, asked: every documented (path, method) is served
+    /// (not the router's 404, not 405), and every other method on a documented path is a
+    /// 405. And no route reaches the router but through `routes!` (which documents it),
+    /// apart from the cloud webhooks, which are not part of the API: so a path the document
+    /// lacks cannot be served either.
+    #[tokio::test]
+    async fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
+        let documented = documented();
+        assert!(documented.len() > 40, "{documented:?}");
+        let app = super::router(state().await);
+        let mut wrong = Vec::new();
+        let paths: BTreeSet<&String> = documented.iter().map(|(p, _)| p).collect();
+        for path in paths {
+            for method in METHODS {
+                let (status, unrouted) = probe(&app, method, path).await;
+                let served = !unrouted && status != StatusCode::METHOD_NOT_ALLOWED;
+                if served != documented.contains(&(path.clone(), method.to_owned())) {
+                    wrong.push(format!(
+                        "{method} {path}: {status} (documented: {})",
+                        !served
+                    ));
+                }
+            }
+        }
         assert!(
-            undocumented.is_empty() && unrouted.is_empty(),
-            "served but not in docs/openapi.yaml: {undocumented:?}; in docs/openapi.yaml but not served: {unrouted:?}"
+            wrong.is_empty(),
+            "the router and the document disagree:\n{}",
+            wrong.join("\n")
+        );
+
+        // The batch route keeps its own body limit (16 MiB), the others 1 MiB.
+        let padded = format!("{{\"devices\": []{}}}", " ".repeat(2 << 20));
+        for (path, want) in [
+            ("/api/v1/devices/batch", StatusCode::BAD_REQUEST),
+            ("/api/v1/devices", StatusCode::PAYLOAD_TOO_LARGE),
+        ] {
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .body(Body::from(padded.clone()))
+                .expect("request");
+            let resp = app.clone().oneshot(req).await.expect("an answer");
+            assert_eq!(resp.status(), want, "a 2 MiB body to {path}");
+        }
+
+        // Every route but the webhooks goes through `routes!`: a plain `.route(` would be
+        // served without an operation in the document.
+        let src = include_str!("mod.rs");
+        let start = src.find("fn open_routes(").expect("the routes");
+        let end = src.find("#[cfg(test)]").expect("the tests");
+        let plain: Vec<&str> = src[start..end]
+            .split(".route(")
+            .skip(1)
+            .map(|chunk| chunk.split('"').nth(1).unwrap_or_default())
+            .collect();
+        assert_eq!(
+            plain,
+            ["/hooks/{instance}"],
+            "routes served outside `routes!`"
         );
     }
 
     #[test]
-    fn the_openapi_document_names_the_workspace_version() {
-        let docs = yaml_rust2::YamlLoader::load_from_str(super::OPENAPI_YAML).expect("YAML");
+    fn the_openapi_document_is_openapi_3_1_and_names_the_workspace_version() {
+        let doc: serde_json::Value =
+            serde_json::from_str(super::openapi_json()).expect("the document is JSON");
+        assert!(
+            doc["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3.1.")),
+            "{}",
+            doc["openapi"]
+        );
+        assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(doc["info"]["title"], "iotgw");
+        // The YAML route serves the same document.
+        let yaml = yaml_rust2::YamlLoader::load_from_str(super::openapi_yaml()).expect("YAML");
+        assert_eq!(yaml[0]["openapi"].as_str(), doc["openapi"].as_str());
         assert_eq!(
-            docs[0]["info"]["version"].as_str(),
-            Some(env!("CARGO_PKG_VERSION"))
+            yaml[0]["paths"].as_hash().map(|p| p.len()),
+            doc["paths"].as_object().map(|p| p.len())
+        );
+    }
+
+    /// Every `$ref` names a component the document has, and every operation has an id,
+    /// a tag and a summary.
+    #[test]
+    fn every_reference_of_the_openapi_document_resolves_and_every_operation_is_described() {
+        fn refs<'v>(v: &'v serde_json::Value, out: &mut Vec<&'v str>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        match (k.as_str(), v) {
+                            ("$ref", serde_json::Value::String(r)) => out.push(r),
+                            _ => refs(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc: serde_json::Value =
+            serde_json::from_str(super::openapi_json()).expect("the document is JSON");
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        let dangling: Vec<_> = found
+            .into_iter()
+            .filter(|r| {
+                let pointer = r.strip_prefix('#').unwrap_or(r);
+                doc.pointer(pointer).is_none()
+            })
+            .collect();
+        assert!(dangling.is_empty(), "unresolved references: {dangling:?}");
+        let mut ids = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("a path item") {
+                let id = op["operationId"].as_str().unwrap_or_default();
+                assert!(
+                    ids.insert(id.to_owned()),
+                    "{method} {path}: id {id:?} twice"
+                );
+                assert!(op["tags"][0].is_string(), "{method} {path} has no tag");
+                assert!(op["summary"].is_string(), "{method} {path} has no summary");
+            }
+        }
+    }
+
+    /// `docs/openapi.json` is the generated document, for readers of the repository;
+    /// `OPENAPI_UPDATE=1 cargo test -p iotgw --lib api::` rewrites it.
+    #[test]
+    fn docs_openapi_json_is_the_generated_document() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+        let generated = super::openapi_json();
+        if std::env::var("OPENAPI_UPDATE").as_deref() == Ok("1") {
+            std::fs::write(&path, generated).expect("write docs/openapi.json");
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/openapi.json differs from the document the code generates: run \
+             `OPENAPI_UPDATE=1 cargo test -p iotgw --lib api::` and commit the result"
         );
     }
 }

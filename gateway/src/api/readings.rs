@@ -10,18 +10,25 @@ use iotgw_registry::{DeviceId, ReadingQuery};
 use serde::Deserialize;
 
 use super::handlers::IdPath;
+use super::schemas::{self, BadRequest, MisdirectedRequest, StoreUnavailable, Unauthorized};
 use super::{ApiError, ApiState};
 
 /// The query string.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ReadingsParams {
     /// First instant (RFC 3339); default: an hour before `to`.
+    #[param(value_type = Option<DateTime<Utc>>)]
     from: Option<String>,
     /// End, excluded (RFC 3339); default: now.
+    #[param(value_type = Option<DateTime<Utc>>)]
     to: Option<String>,
     /// Bucket width, an ISO-8601 duration of whole seconds (`PT1M`, `PT5M`, `PT1H`, `P1D`,
     /// `PT30S`; a month is 30 days, a year 365); default `PT1M`.
+    #[param(
+        pattern = "^P([0-9]+Y)?([0-9]+M)?([0-9]+W)?([0-9]+D)?(T([0-9]+H)?([0-9]+M)?([0-9]+S)?)?$"
+    )]
     interval: Option<String>,
     /// Only these measures, comma-separated JSON pointers (`/temp,/engine/rpm`).
     measures: Option<String>,
@@ -97,6 +104,23 @@ fn time(field: &str, raw: &str) -> Result<DateTime<Utc>, ApiError> {
         })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}/readings",
+    tag = "devices",
+    operation_id = "get_device_readings",
+    summary = "The device's readings in buckets (Field Service's \"query device readings\").",
+    description = "Every number and boolean of the device's accepted telemetry, by JSON pointer, \
+in buckets of `interval` aligned on the Unix epoch; a bucket is answered when its start lies in \
+`from` (included) to `to` (excluded), and an empty bucket is left out. Whole minutes and hours \
+are read from the rollups, other intervals from the readings themselves. A device with no \
+readings (or none stored) answers an empty object under its id.",
+    params(schemas::DeviceIdPath, ReadingsParams),
+    responses(
+        (status = 200, description = "`{device id: {measure: {bucket start: {min, max, avg, sum, count}}}}`.", body = schemas::DeviceReadings),
+        BadRequest, Unauthorized, MisdirectedRequest, StoreUnavailable,
+    )
+)]
 pub(super) async fn device_readings(
     State(s): State<ApiState>,
     IdPath(id): IdPath,
