@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use iotgw_config::{Config, LoadOptions, ProviderConfig};
-use tokio_util::sync::CancellationToken;
 
 use crate::app;
 
@@ -84,8 +83,10 @@ pub enum Command {
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Run simulated devices against an MQTT broker (telemetry that sometimes crosses the
-    /// sample rule, retained status with a last will, replies to commands).
+    /// Run simulated devices on the cloud of a provider instance (mqtt, aws_iot_core,
+    /// gcp_pubsub) or a plain MQTT broker: telemetry that sometimes crosses the sample rule,
+    /// reported properties, answers to commands, and a summary at the end.
+    #[command(long_about = SIMULATE_ABOUT, after_help = SIMULATE_AFTER)]
     Simulate(SimulateArgs),
     /// Probe a running gateway's `/live` (or `/ready`) endpoint: exit 0 when it answers
     /// 200, 1 otherwise. For container HEALTHCHECKs and Kubernetes exec probes, where there
@@ -444,14 +445,17 @@ pub enum ShowFormat {
 /// `simulate` options.
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
-    /// Broker host.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Broker port.
-    #[arg(long, default_value_t = 1883)]
-    pub port: u16,
+    /// The provider instance (of --config) whose cloud the devices go to; its kind picks
+    /// how they connect. Without it: plain MQTT on --host/--port.
+    #[arg(short, long)]
+    pub instance: Option<String>,
+    /// The gateway's TOML config: it defines --instance, and its api.listen / api.token
+    /// reach the gateway for --register and the alert count. Without --instance, the
+    /// topics of its first mqtt instance.
+    #[arg(short, long, env = "IOTGW_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Number of devices.
-    #[arg(short = 'n', long, default_value_t = 3)]
+    #[arg(short = 'n', long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub devices: u32,
     /// Milliseconds between readings of one device.
     #[arg(long, default_value_t = 1000)]
@@ -459,19 +463,89 @@ pub struct SimulateArgs {
     /// Device id prefix (ids are PREFIX-001, PREFIX-002, ...).
     #[arg(long, default_value = "sim")]
     pub prefix: String,
-    /// Take topic templates from the first mqtt provider of this config file.
-    #[arg(short, long)]
-    pub config: Option<PathBuf>,
-    /// Register the devices first through this gateway API base URL (e.g. http://127.0.0.1:8080).
-    #[arg(long)]
+    /// MQTT version of mqtt devices (aws_iot_core devices speak 5).
+    #[arg(long, value_enum, default_value_t = crate::simulate::Protocol::V5)]
+    pub protocol: crate::simulate::Protocol,
+    /// Share of commands a device refuses, with a reason (0 to 1), e.g. 0.1.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub refuse_rate: f64,
+    /// Register the devices through the gateway's API first (and use the credentials it
+    /// returns). The API is --url, else api.listen of --config; an older form names the
+    /// URL here: --register http://127.0.0.1:8080.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "URL")]
     pub register: Option<String>,
-    /// Bearer token for --register.
-    #[arg(long, env = "IOTGW_API_TOKEN")]
+    /// The gateway's API base URL, e.g. http://127.0.0.1:8080; overrides --config.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Bearer token of the API; defaults to api.token of --config.
+    #[arg(long, env = "IOTGW_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Broker host (plain MQTT); with an mqtt --instance, overrides its host (e.g. when
+    /// the gateway reaches the broker by another name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Broker port (plain MQTT); with an mqtt --instance, overrides its port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// PEM file of the CAs the devices check the broker against (AWS: the data endpoint),
+    /// instead of the instance's (ca_cert_path, tls.ca_file) or the system's roots.
+    #[arg(long)]
+    pub ca_file: Option<String>,
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     pub duration_secs: Option<u64>,
 }
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a share from 0 to 1 (e.g. 0.1)")),
+    }
+}
+
+const SIMULATE_ABOUT: &str = "\
+Run simulated devices on the cloud of one provider instance: each publishes a reading every
+--interval-ms (a temperature that drifts and spikes over 75 C twice in a row early on, so the
+sample rule raises an alert and its debounced child within seconds), reports its properties,
+and answers commands: ok, or a refusal with a reason at --refuse-rate.
+
+--instance NAME picks the instance of --config; its kind decides how the devices connect:
+  mqtt           MQTT 3.1.1 or 5 (--protocol) to the instance's broker, on its topics (telemetry,
+                 status with a last will, commands, replies, reported). With dynsec the devices
+                 use the user, password and topics registration returns (needs --register).
+                 3.1.1 devices read the correlation id from the command's payload: the instance
+                 needs command_correlation = \"payload\" or \"both\".
+  aws_iot_core   MQTT 5 over mutual TLS to the instance's data endpoint, with the certificate and
+                 key registration returns once (needs --register); telemetry on the first
+                 telemetry topic, replies on the reply topic, properties to the thing's shadow.
+                 The endpoint is checked against --ca-file, else ca_cert_path, else the system's
+                 roots (which hold Amazon Root CA 1).
+  gcp_pubsub     the device's bridge to Pub/Sub: readings to telemetry_topic with the device id
+                 and message_id attributes, connection events and properties to lifecycle_topic
+                 (if set), commands pulled from the device's own subscription (the instance needs
+                 command_subscriptions = true) and answered on reply_topic. Credentials: the
+                 instance's emulator_host, else credentials_file, else Application Default
+                 Credentials; the account needs pubsub.publisher and pubsub.subscriber.
+  azure_iot_hub  not simulated by this build.
+
+Without --instance the devices speak plain MQTT to --host/--port (default 127.0.0.1:1883), on
+the topics of the first mqtt instance of --config, else the default ones.
+
+--register registers the devices first through the gateway's API (--url, else api.listen of
+--config; token --token, IOTGW_API_TOKEN or api.token). A progress line shows devices
+connecting and what they sent; Ctrl-C or --duration-secs stops them and prints a summary:
+readings sent, alerts the gateway raised for them (GET /api/v1/alerts), commands answered and
+refused, errors.";
+
+const SIMULATE_AFTER: &str = "\
+Examples:
+  iotgw simulate                                   3 MQTT 5 devices on 127.0.0.1:1883 (iotgw run's broker)
+  iotgw simulate -c gateway.toml --instance plant -n 10 --register --protocol 3.1.1
+  iotgw simulate -c gateway.toml --instance aws --register --refuse-rate 0.1
+  iotgw simulate -c gateway.toml --instance gcp -n 5 --register --duration-secs 60
+
+Exit status: 0 when every device connected, 1 when some did not or the gateway or cloud could
+not be reached, 64 when the instance cannot be simulated (unknown, not built, azure_iot_hub).";
 
 fn load(file: Option<PathBuf>, env: bool) -> Result<Config, iotgw_config::ConfigError> {
     iotgw_config::load(&LoadOptions {
@@ -909,85 +983,119 @@ async fn run(a: RunArgs) -> ExitCode {
 }
 
 async fn simulate(a: SimulateArgs) -> ExitCode {
-    let topics = match &a.config {
-        None => iotgw_config::MqttConfig::default(),
+    use crate::simulate::{Failure, Target};
+    let config = match &a.config {
+        None => None,
         Some(path) => match load(Some(path.clone()), true) {
-            Ok(c) => match c.providers.values().find_map(|p| match p {
-                ProviderConfig::Mqtt(m) => Some(m.clone()),
-                _ => None,
-            }) {
-                Some(m) => m,
-                None => {
-                    eprintln!(
-                        "iotgw: {} has no mqtt provider to take topics from",
-                        path.display()
-                    );
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
-            },
+            Ok(c) => Some(c),
             Err(e) => {
                 eprint!("{e}");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
         },
     };
-    let ids = crate::simulate::device_ids(&a.prefix, a.devices);
-    if let Some(base) = &a.register {
-        // The simulator registers against a gateway the operator names; it never had
-        // timeouts, and adding them would change what `simulate` does.
-        #[allow(
-            clippy::disallowed_methods,
-            reason = "simulate --register keeps its default client (behaviour unchanged)"
-        )]
-        let client = reqwest::Client::new();
-        for id in &ids {
-            let mut req = client.post(format!("{}/api/v1/devices", base.trim_end_matches('/'))).json(&serde_json::json!({"msdyn_deviceid": id, "msdyn_issimulated": true, "msdyn_category": "simulated-chiller"}));
-            if let Some(t) = &a.token {
-                req = req.bearer_auth(t);
+    let target = match (&a.instance, &config) {
+        (Some(name), None) => {
+            eprintln!("iotgw simulate: --instance {name} needs --config FILE, the gateway config that defines it");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        (Some(name), Some(c)) => match c.providers.get(name) {
+            Some(ProviderConfig::Mqtt(m)) => {
+                let mut m = m.clone();
+                m.host = a.host.clone().unwrap_or(m.host);
+                m.port = a.port.unwrap_or(m.port);
+                Target::Instance {
+                    name: name.clone(),
+                    provider: ProviderConfig::Mqtt(m),
+                }
             }
-            match req.send().await {
-                Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT => {
-                    eprintln!("registered {id} ({})", r.status())
-                }
-                Ok(r) => eprintln!(
-                    "registering {id} failed: {} {}",
-                    r.status(),
-                    r.text().await.unwrap_or_default()
-                ),
-                Err(e) => {
-                    eprintln!("iotgw: cannot reach {base}: {e}; is the gateway running?");
-                    return ExitCode::FAILURE;
-                }
+            Some(p) => Target::Instance {
+                name: name.clone(),
+                provider: p.clone(),
+            },
+            None => {
+                let known: Vec<&str> = c.providers.keys().map(String::as_str).collect();
+                eprintln!(
+                    "iotgw simulate: {} has no provider instance `{name}`; it has: {}",
+                    a.config
+                        .as_deref()
+                        .map_or_else(String::new, |p| p.display().to_string()),
+                    known.join(", ")
+                );
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
+        (None, c) => {
+            let mut topics = c
+                .as_ref()
+                .and_then(|c| {
+                    c.providers.values().find_map(|p| match p {
+                        ProviderConfig::Mqtt(m) => Some(m.clone()),
+                        _ => None,
+                    })
+                })
+                .unwrap_or_default();
+            topics.host = a.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+            topics.port = a.port.unwrap_or(1883);
+            topics.tls = None;
+            Target::Broker(topics)
+        }
+    };
+    // The API: --register URL (the older form), --url, else api.listen of --config.
+    let from_config = config.as_ref().map(|c| {
+        (
+            probe_url(&c.api.listen, ""),
+            c.api.token.as_ref().map(|t| t.expose().to_owned()),
+        )
+    });
+    let url = a
+        .register
+        .clone()
+        .filter(|u| !u.is_empty())
+        .or(a.url.clone())
+        .or_else(|| from_config.as_ref().map(|(u, _)| u.clone()))
+        .or_else(|| {
+            a.register
+                .is_some()
+                .then(|| probe_url(&iotgw_config::ApiConfig::default().listen, ""))
+        });
+    let api = url.map(|url| crate::simulate::Api {
+        url: url.trim_end_matches('/').to_owned(),
+        token: a
+            .token
+            .clone()
+            .or_else(|| from_config.as_ref().and_then(|(_, t)| t.clone())),
+    });
+    let opts = crate::simulate::Options {
+        target,
+        device_ids: crate::simulate::device_ids(&a.prefix, a.devices),
+        interval: Duration::from_millis(a.interval_ms.max(10)),
+        protocol: a.protocol,
+        refuse_rate: a.refuse_rate,
+        ca_file: a.ca_file.clone(),
+        api,
+        register: a.register.is_some(),
+        duration: a.duration_secs.map(Duration::from_secs),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    match crate::simulate::run(opts, shutdown_signal()).await {
+        Ok(summary) => {
+            print!("{}", summary.render());
+            if summary.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
+        Err(Failure::Usage(why)) => {
+            eprintln!("iotgw simulate: {why}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(Failure::Unavailable(why)) => {
+            eprintln!("iotgw simulate: {why}");
+            ExitCode::FAILURE
+        }
     }
-    eprintln!(
-        "simulating {} device(s) against {}:{} every {} ms; Ctrl-C stops",
-        ids.len(),
-        a.host,
-        a.port,
-        a.interval_ms
-    );
-    let stop = CancellationToken::new();
-    let fleet = crate::simulate::FleetConfig {
-        host: a.host,
-        port: a.port,
-        topics,
-        device_ids: ids,
-        interval: Duration::from_millis(a.interval_ms.max(10)),
-        credentials: None,
-    };
-    let task = tokio::spawn(crate::simulate::run_fleet(fleet, stop.clone()));
-    match a.duration_secs {
-        Some(s) => tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(s)) => {}
-            () = shutdown_signal() => {}
-        },
-        None => shutdown_signal().await,
-    }
-    stop.cancel();
-    let _ = task.await;
-    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //!   its TTL.
 //! - A command inserted but never published when the gateway is killed (`kill -9`) is sent
 //!   after the restart with its original correlation id.
+//! - `iotgw simulate --instance NAME --register` on each cloud ([`simulate`]).
 #![allow(
     clippy::disallowed_methods,
     reason = "test code: plain-HTTP clients against local processes and containers"
@@ -30,6 +31,10 @@ use iotgw_testkit::wait_for;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+
+/// `iotgw simulate` on each cloud's emulator, against this file's gateway.
+#[path = "hybrid/simulate.rs"]
+mod simulate;
 
 /// One `iotgw run` process with its own API port and log file.
 struct Gateway {
