@@ -19,7 +19,8 @@
 #    second run builds nothing;
 # 4. removes test containers left behind by runs that are gone (label org.iotgw.test=1);
 # 5. runs the whole workspace's tests with `cargo test`, with every provider that has a
-#    conformance fixture (tests/src/conformance/fixtures/<kind>.rs) turned on;
+#    conformance fixture (tests/src/conformance/fixtures/<kind>.rs) turned on (and, with
+#    azure_iot_hub, the gateway's Azure device simulator, feature azure_device_sim);
 # 6. prints the conformance matrix (scenario x provider) and the timings.
 #
 # cargo test, not cargo nextest: nextest runs every test in a process of its own, so each
@@ -124,6 +125,11 @@ features=""
 for kind in $providers; do
     features="$features iotgw-tests/$kind"
 done
+# With azure_iot_hub, the gateway also builds its Azure device simulator (the azure_iot_sdk
+# client), whose test checks what the SDK sends against a stand-in for the hub.
+case " $providers " in
+    *" azure_iot_hub "*) features="$features iotgw/azure_device_sim" ;;
+esac
 features="${features# }"
 
 target_dir="${CARGO_TARGET_DIR:-target}"

@@ -494,6 +494,11 @@ pub struct SimulateArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     pub duration_secs: Option<u64>,
+    /// An azure_iot_hub device registered elsewhere, by its connection string
+    /// (HostName=...;DeviceId=...;SharedAccessKey=...); repeat for more devices. Their
+    /// DeviceIds are the devices simulated (-n and --prefix do not apply).
+    #[arg(long = "connection-string", value_name = "CONNECTION_STRING")]
+    pub connection_strings: Vec<String>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -526,7 +531,14 @@ and answers commands: ok, or a refusal with a reason at --refuse-rate.
                  command_subscriptions = true) and answered on reply_topic. Credentials: the
                  instance's emulator_host, else credentials_file, else Application Default
                  Credentials; the account needs pubsub.publisher and pubsub.subscriber.
-  azure_iot_hub  not simulated by this build.
+  azure_iot_hub  the azure_iot_sdk device client (a build with --features azure_device_sim):
+                 MQTT on the hub's port 8883 with a SAS token signed by the device key, from the
+                 connection string registration returns (--register) or --connection-string
+                 for devices registered elsewhere; telemetry as device-to-cloud messages, direct
+                 methods answered (200, or 400 with the refusal's reason), cloud-to-device
+                 messages and desired-property patches answered with reported properties. TLS
+                 is the system's OpenSSL: SSL_CERT_FILE names other CAs. The gateway itself
+                 reads the hub's telemetry through Event Hubs or Event Grid.
 
 Without --instance the devices speak plain MQTT to --host/--port (default 127.0.0.1:1883), on
 the topics of the first mqtt instance of --config, else the default ones.
@@ -543,9 +555,10 @@ Examples:
   iotgw simulate -c gateway.toml --instance plant -n 10 --register --protocol 3.1.1
   iotgw simulate -c gateway.toml --instance aws --register --refuse-rate 0.1
   iotgw simulate -c gateway.toml --instance gcp -n 5 --register --duration-secs 60
+  iotgw simulate -c gateway.toml --instance hub --register   (build with --features azure_device_sim)
 
 Exit status: 0 when every device connected, 1 when some did not or the gateway or cloud could
-not be reached, 64 when the instance cannot be simulated (unknown, not built, azure_iot_hub).";
+not be reached, 64 when the instance cannot be simulated (unknown, or its kind not built).";
 
 fn load(file: Option<PathBuf>, env: bool) -> Result<Config, iotgw_config::ConfigError> {
     iotgw_config::load(&LoadOptions {
@@ -1066,13 +1079,32 @@ async fn simulate(a: SimulateArgs) -> ExitCode {
             .clone()
             .or_else(|| from_config.as_ref().and_then(|(_, t)| t.clone())),
     });
+    // Devices named by their connection strings are the ones simulated.
+    let mut device_ids = crate::simulate::device_ids(&a.prefix, a.devices);
+    if !a.connection_strings.is_empty() {
+        device_ids.clear();
+        for cs in &a.connection_strings {
+            match cs
+                .split(';')
+                .find_map(|p| p.trim().strip_prefix("DeviceId="))
+                .filter(|id| !id.is_empty())
+            {
+                Some(id) => device_ids.push(id.to_owned()),
+                None => {
+                    eprintln!("iotgw simulate: --connection-string has no DeviceId=... (expected HostName=...;DeviceId=...;SharedAccessKey=...)");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            }
+        }
+    }
     let opts = crate::simulate::Options {
         target,
-        device_ids: crate::simulate::device_ids(&a.prefix, a.devices),
+        device_ids,
         interval: Duration::from_millis(a.interval_ms.max(10)),
         protocol: a.protocol,
         refuse_rate: a.refuse_rate,
         ca_file: a.ca_file.clone(),
+        connection_strings: a.connection_strings.clone(),
         api,
         register: a.register.is_some(),
         duration: a.duration_secs.map(Duration::from_secs),

@@ -13,7 +13,8 @@
 //!   its TTL.
 //! - A command inserted but never published when the gateway is killed (`kill -9`) is sent
 //!   after the restart with its original correlation id.
-//! - `iotgw simulate --instance NAME --register` on each cloud ([`simulate`]).
+//! - `iotgw simulate --instance NAME --register` on each cloud ([`simulate`]), and the
+//!   Azure device SDK's simulator against a stand-in for the hub (`simulate_azure`).
 #![allow(
     clippy::disallowed_methods,
     reason = "test code: plain-HTTP clients against local processes and containers"
@@ -35,6 +36,12 @@ use tokio::sync::mpsc;
 /// `iotgw simulate` on each cloud's emulator, against this file's gateway.
 #[path = "hybrid/simulate.rs"]
 mod simulate;
+
+/// `iotgw simulate` on an azure_iot_hub instance: what the Azure device SDK sends, checked
+/// against a TLS stand-in for the hub's MQTT endpoint.
+#[cfg(feature = "azure_device_sim")]
+#[path = "hybrid/simulate_azure.rs"]
+mod simulate_azure;
 
 /// One `iotgw run` process with its own API port and log file.
 struct Gateway {

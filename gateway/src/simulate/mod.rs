@@ -9,11 +9,13 @@
 //! - [`mqtt`]: devices on MQTT 3.1.1 or 5 (the `mqtt` kind, and the transport of
 //!   `aws_iot_core` devices); [`aws`] (feature `aws_iot_core`): mutual TLS with the
 //!   registration's certificate; [`gcp`] (feature `gcp_pubsub`): the device's bridge to
-//!   Pub/Sub; [`azure`]: not simulated yet, with a clear error.
+//!   Pub/Sub; `azure` (feature `azure_device_sim`): the `azure_iot_sdk` device client;
+//!   a build without it refuses an `azure_iot_hub` instance with [`AZURE_NOT_BUILT`].
 //! - [`api`]: registration and alert counts through the gateway's HTTP API.
 //! - this file: the run (register, connect with a progress line, wait, summary).
 
 pub mod api;
+#[cfg(feature = "azure_device_sim")]
 pub mod azure;
 pub mod device;
 pub mod mqtt;
@@ -96,6 +98,8 @@ pub struct Options {
     /// CA file the devices check the broker (AWS: the data endpoint) against, overriding
     /// the instance's.
     pub ca_file: Option<String>,
+    /// Device connection strings of azure_iot_hub devices registered elsewhere.
+    pub connection_strings: Vec<String>,
     /// The gateway's API: registration, and alert counts for the summary.
     pub api: Option<Api>,
     /// Register the devices first (needs `api`).
@@ -194,8 +198,14 @@ impl Summary {
     }
 }
 
+/// The error for an `azure_iot_hub` instance in a build without its device client.
+pub const AZURE_NOT_BUILT: &str =
+    "simulating azure_iot_hub devices needs a build with --features azure_device_sim";
+
 /// The devices of one run, ready to start.
 enum Fleet {
+    #[cfg(feature = "azure_device_sim")]
+    Azure(Vec<(usize, azure::DeviceIdentity)>),
     Mqtt(Vec<(usize, String, mqtt::Link)>),
     #[cfg(feature = "gcp_pubsub")]
     Gcp(Arc<gcp::Clients>, Vec<(usize, String)>),
@@ -271,9 +281,55 @@ async fn fleet(
                     Err(not_built("gcp_pubsub"))
                 }
             }
-            ProviderConfig::AzureIotHub(_) => Err(Failure::Usage(azure::UNSUPPORTED.into())),
+            ProviderConfig::AzureIotHub(_) => {
+                #[cfg(feature = "azure_device_sim")]
+                {
+                    azure_fleet(opts, &cred, counters)
+                }
+                #[cfg(not(feature = "azure_device_sim"))]
+                {
+                    Err(Failure::Usage(AZURE_NOT_BUILT.into()))
+                }
+            }
         },
     }
+}
+
+/// The Azure devices: each from the connection string registration returned, else from
+/// `--connection-string`.
+#[cfg(feature = "azure_device_sim")]
+fn azure_fleet<'a>(
+    opts: &Options,
+    cred: &impl Fn(&str) -> Option<&'a Value>,
+    counters: &Counters,
+) -> Result<Fleet, Failure> {
+    let given: HashMap<String, azure::DeviceIdentity> = opts
+        .connection_strings
+        .iter()
+        .map(|cs| {
+            azure::DeviceIdentity::parse(cs)
+                .map(|who| (who.device_id.clone(), who))
+                .map_err(|e| Failure::Usage(format!("--connection-string: {e:#}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (i, id) in opts.device_ids.iter().enumerate() {
+        let registered = cred(id)
+            .and_then(|c| c["connection_string"].as_str())
+            .map(azure::DeviceIdentity::parse);
+        match (registered, given.get(id)) {
+            (Some(Ok(who)), _) => out.push((i, who)),
+            (Some(Err(e)), _) => counters.error(id, format!("its registration's connection string: {e:#}")),
+            (None, Some(who)) => out.push((i, who.clone())),
+            (None, None) => counters.error(
+                id,
+                "no connection string: run with --register (registration returns it once), or give \
+                 --connection-string for a device registered elsewhere \
+                 (az iot hub device-identity connection-string show)",
+            ),
+        }
+    }
+    Ok(Fleet::Azure(out))
 }
 
 #[cfg(any(feature = "mqtt", feature = "aws_iot_core"))]
@@ -393,8 +449,8 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<Summar
         }
         (Target::Instance { name, .. }, k) => format!("instance {name} ({k})"),
     };
-    if kind == "azure_iot_hub" {
-        return Err(Failure::Usage(azure::UNSUPPORTED.into()));
+    if kind == "azure_iot_hub" && cfg!(not(feature = "azure_device_sim")) {
+        return Err(Failure::Usage(AZURE_NOT_BUILT.into()));
     }
     let http = match &opts.api {
         Some(_) => Some(api::client().map_err(Failure::Unavailable)?),
@@ -457,6 +513,20 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Result<Summar
                 );
                 let interval = opts.interval;
                 set.spawn(mqtt::run_device(link, b, interval, c, s));
+                started_devices += 1;
+            }
+        }
+        #[cfg(feature = "azure_device_sim")]
+        Fleet::Azure(devices) => {
+            for (i, who) in devices {
+                set.spawn(azure::run_device(
+                    who,
+                    i,
+                    opts.refuse_rate,
+                    opts.interval,
+                    counters.clone(),
+                    shutdown.clone(),
+                ));
                 started_devices += 1;
             }
         }
@@ -612,6 +682,7 @@ mod tests {
         assert!(!Summary { connected: 2, ..s }.success());
     }
 
+    #[cfg(not(feature = "azure_device_sim"))]
     #[tokio::test]
     async fn an_azure_instance_is_refused_with_the_feature_it_needs() {
         let opts = Options {
@@ -624,13 +695,14 @@ mod tests {
             protocol: Protocol::V5,
             refuse_rate: 0.0,
             ca_file: None,
+            connection_strings: Vec::new(),
             api: None,
             register: false,
             duration: None,
             progress: false,
         };
         match run(opts, std::future::pending()).await {
-            Err(Failure::Usage(m)) => assert_eq!(m, azure::UNSUPPORTED),
+            Err(Failure::Usage(m)) => assert_eq!(m, AZURE_NOT_BUILT),
             other => panic!("{other:?}"),
         }
     }
