@@ -9,12 +9,12 @@
 #   mosquitto-clients  mosquitto_pub/mosquitto_sub, its publishers and subscriber
 #   prometheus         ships promtool; skipped when a promtool is already on PATH (a
 #                      Prometheus release tarball, say)
-#   libssl-dev         OpenSSL's headers, with pkg-config: the Azure device simulator
-#   pkg-config         (feature azure_device_sim, built by test.sh and by CI's clippy
-#                      --all-features) links the system's OpenSSL through native-tls
+#   perl, make         build OpenSSL from source (the openssl crate, vendored) for the Azure
+#                      device simulator (feature azure_device_sim, built by test.sh and by
+#                      CI's clippy --all-features), so its binary needs no libssl at run time
 set -euo pipefail
 
-packages=(mosquitto mosquitto-clients libssl-dev pkg-config)
+packages=(mosquitto mosquitto-clients perl make)
 
 missing=()
 for p in "${packages[@]}"; do

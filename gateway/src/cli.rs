@@ -537,8 +537,8 @@ and answers commands: ok, or a refusal with a reason at --refuse-rate.
                  for devices registered elsewhere; telemetry as device-to-cloud messages, direct
                  methods answered (200, or 400 with the refusal's reason), cloud-to-device
                  messages and desired-property patches answered with reported properties. TLS
-                 is the system's OpenSSL: SSL_CERT_FILE names other CAs. The gateway itself
-                 reads the hub's telemetry through Event Hubs or Event Grid.
+                 is OpenSSL (built in) with the system's CAs; SSL_CERT_FILE names others. The
+                 gateway itself reads the hub's telemetry through Event Hubs or Event Grid.
 
 Without --instance the devices speak plain MQTT to --host/--port (default 127.0.0.1:1883), on
 the topics of the first mqtt instance of --config, else the default ones.

@@ -1,5 +1,5 @@
 //! Simulated Azure IoT Hub devices, with the `azure_iot_sdk` device client (crates.io,
-//! feature `azure_device_sim`, so a default build does not carry its OpenSSL-based TLS):
+//! feature `azure_device_sim`, so a default build does not carry its TLS, OpenSSL built in):
 //! device-to-cloud telemetry, a direct-method handler, cloud-to-device messages and twin
 //! reported properties, over MQTT to the hub's port 8883 with a SAS token signed by the
 //! device's key.
