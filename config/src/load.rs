@@ -176,6 +176,7 @@ fn refine(tree: &Dict, err: figment::Error) -> Vec<figment::Error> {
         ("sinks", "stdout") => errors_of::<crate::StdoutSinkConfig>(&table),
         ("sinks", "file") => errors_of::<crate::FileSinkConfig>(&table),
         ("sinks", "webhook") => errors_of::<crate::WebhookSinkConfig>(&table),
+        ("sinks", "dataverse") => errors_of::<crate::DataverseSinkConfig>(&table),
         _ => Vec::new(),
     };
     if precise.is_empty() {

@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::base::Secret;
 pub use crate::mqtt::{CommandCorrelation, DynsecConfig, MqttConfig, MqttTlsConfig};
-pub use crate::sinks::{FileSinkConfig, SinkConfig, StdoutSinkConfig, WebhookSinkConfig};
+pub use crate::sinks::{
+    DataverseDeviceBinding, DataverseSinkConfig, FileSinkConfig, SinkConfig, StdoutSinkConfig,
+    WebhookSinkConfig,
+};
 pub use crate::store::{SqliteSynchronous, StoreConfig, StoreKind};
 
 /// The whole configuration.

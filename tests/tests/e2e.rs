@@ -2294,3 +2294,97 @@ async fn the_console_logs_in_shows_the_fleet_a_device_page_and_replays_a_dead_le
     assert!(after.contains("ghost-9"), "{after}");
     gw.stop().await;
 }
+
+/// The dataverse sink through the whole gateway: readings become alerts, the outbox hands
+/// them to the sink, and each is one PATCH of its own record with the lookups bound; a
+/// Dataverse 400 becomes a sink dead letter naming Dataverse's error code and message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_dataverse_as_msdyn_iotalert_records_and_a_refusal_names_its_code() {
+    let dv = FakeDataverse::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        dataverse: Some(dv.url()),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+    let (status, reg) = api
+        .post("/api/v1/devices", json!({"msdyn_deviceid": "dv-pump-1"}))
+        .await;
+    assert_eq!(status, 201, "{reg}");
+    let device = reg["device"]["msdyn_iotdeviceid"]
+        .as_str()
+        .expect("device record id")
+        .to_owned();
+    let mut dev = Device::connect(gw.broker_port, "dv-pump-1").await;
+    dev.publish_telemetry(json!({"message_id": "d-1", "temperature": 90}))
+        .await;
+    dev.publish_telemetry(json!({"message_id": "d-2", "temperature": 91}))
+        .await;
+    let patches = wait_for("two alerts written to Dataverse", || async {
+        let p = dv.patches();
+        (p.len() >= 2).then_some(p)
+    })
+    .await;
+    let (_, alerts) = api.get("/api/v1/alerts?device_id=dv-pump-1").await;
+    let alerts = alerts["items"].as_array().cloned().unwrap_or_default();
+    let primary = alerts
+        .iter()
+        .find(|a| a["msdyn_parentalert"].is_null())
+        .expect("a primary alert");
+    let child = alerts
+        .iter()
+        .find(|a| !a["msdyn_parentalert"].is_null())
+        .expect("a child alert");
+    let id = |a: &Value| a["msdyn_iotalertid"].as_str().expect("id").to_owned();
+    let body = |p: &DataverseRequest| -> Value { serde_json::from_str(&p.body).expect("JSON") };
+    // Outbox order: the primary is written before the child that binds it.
+    assert_eq!(
+        patches[0].uri,
+        format!("/api/data/v9.2/msdyn_iotalerts({})", id(primary))
+    );
+    assert_eq!(
+        patches[1].uri,
+        format!("/api/data/v9.2/msdyn_iotalerts({})", id(child))
+    );
+    let (p, c) = (body(&patches[0]), body(&patches[1]));
+    assert_eq!(p["msdyn_alerttoken"], "local/dv-pump-1/d-1");
+    assert_eq!(p["msdyn_alerttype"], 192_350_000);
+    assert_eq!(p["msdyn_deviceid"], "dv-pump-1");
+    assert_eq!(
+        p["msdyn_Device@odata.bind"],
+        format!("/msdyn_iotdevices({device})")
+    );
+    assert!(p.get("msdyn_ParentAlert@odata.bind").is_none(), "{p}");
+    assert_eq!(
+        c["msdyn_ParentAlert@odata.bind"],
+        format!("/msdyn_iotalerts({})", id(primary))
+    );
+    assert_eq!(c["msdyn_parentalerttoken"], "local/dv-pump-1/d-1");
+    let tokens = dv.requests().iter().filter(|r| r.method == "POST").count();
+    assert_eq!(tokens, 1, "one token serves both writes");
+    assert!(patches.iter().all(|p| p.authorization == "Bearer token-1"));
+
+    dv.refuse_with(Some((
+        axum::http::StatusCode::BAD_REQUEST,
+        r#"{"error":{"code":"0x80040217","message":"msdyn_iotdevice With Id = 1 Does Not Exist"}}"#,
+    )));
+    api.register("dv-pump-2").await;
+    let mut dev2 = Device::connect(gw.broker_port, "dv-pump-2").await;
+    dev2.publish_telemetry(json!({"message_id": "d-3", "temperature": 99}))
+        .await;
+    let letter = wait_for("the dataverse sink's dead letter", || async {
+        let (_, body) = api.get("/api/v1/dead-letters?limit=100").await;
+        body["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|l| l["source"] == "sink:d365").cloned())
+    })
+    .await;
+    assert!(
+        letter["reason"].as_str().is_some_and(|r| r.contains(
+            "400 Bad Request: Dataverse error 0x80040217: msdyn_iotdevice With Id = 1 Does Not Exist"
+        )),
+        "{letter}"
+    );
+    drop((dev, dev2));
+    gw.stop().await;
+}

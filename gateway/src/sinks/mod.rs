@@ -5,11 +5,13 @@
 //! sink that is down delays delivery (retries with backoff, forever); an item the sink can
 //! never accept goes to the dead letters with the reason.
 
+mod dataverse;
 mod file;
 mod outbox;
 mod stdout;
 mod webhook;
 
+pub use dataverse::DataverseSink;
 pub use file::FileSink;
 pub use outbox::{spawn_workers, Leasing, OutboxWorkers};
 pub use stdout::StdoutSink;
@@ -57,6 +59,7 @@ pub fn build(name: &str, cfg: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
         SinkConfig::Stdout(_) => Arc::new(StdoutSink::new(name)),
         SinkConfig::File(f) => Arc::new(FileSink::new(name, f.path.as_ref())),
         SinkConfig::Webhook(w) => Arc::new(WebhookSink::new(name, w)?),
+        SinkConfig::Dataverse(d) => Arc::new(DataverseSink::new(name, d)?),
     })
 }
 
