@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::base::Secret;
 pub use crate::mqtt::{CommandCorrelation, DynsecConfig, MqttConfig, MqttTlsConfig};
 pub use crate::sinks::{
-    DataverseDeviceBinding, DataverseSinkConfig, FileSinkConfig, SinkConfig, StdoutSinkConfig,
-    WebhookSinkConfig,
+    default_coalesce_connection, default_entities, DataverseDeviceBinding, DataverseSinkConfig,
+    FileSinkConfig, SinkConfig, StdoutSinkConfig, WebhookSinkConfig, CHANGE_FEED_ENTITIES,
 };
 pub use crate::store::{SqliteSynchronous, StoreConfig, StoreKind};
 
@@ -113,8 +113,10 @@ impl Config {
                 }),
             },
         );
-        c.sinks
-            .insert("stdout".into(), SinkConfig::Stdout(StdoutSinkConfig {}));
+        c.sinks.insert(
+            "stdout".into(),
+            SinkConfig::Stdout(StdoutSinkConfig::default()),
+        );
         c.simulate.devices = 3;
         c
     }

@@ -19,10 +19,29 @@ pub enum SinkConfig {
     Dataverse(DataverseSinkConfig),
 }
 
-/// Standard output sink (no settings).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Standard output sink.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StdoutSinkConfig {}
+pub struct StdoutSinkConfig {
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
+    /// `["msdyn_iotalert"]`, the new alerts only.
+    #[serde(default = "default_entities")]
+    pub entities: Vec<String>,
+    /// A device's connection-state changes are queued at most once per this many
+    /// milliseconds for this sink: a newer change replaces the one still waiting (last state
+    /// wins).
+    #[serde(default = "default_coalesce_connection")]
+    pub coalesce_connection_ms: u64,
+}
+
+impl Default for StdoutSinkConfig {
+    fn default() -> Self {
+        Self {
+            entities: default_entities(),
+            coalesce_connection_ms: default_coalesce_connection(),
+        }
+    }
+}
 
 /// File sink.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,6 +49,15 @@ pub struct StdoutSinkConfig {}
 pub struct FileSinkConfig {
     /// File to append JSON lines to (created with its directory).
     pub path: String,
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
+    /// `["msdyn_iotalert"]`, the new alerts only.
+    #[serde(default = "default_entities")]
+    pub entities: Vec<String>,
+    /// A device's connection-state changes are queued at most once per this many
+    /// milliseconds for this sink: a newer change replaces the one still waiting (last state
+    /// wins).
+    #[serde(default = "default_coalesce_connection")]
+    pub coalesce_connection_ms: u64,
 }
 
 /// Webhook sink.
@@ -60,6 +88,15 @@ pub struct WebhookSinkConfig {
     /// How long `retry_statuses` are retried, in seconds from when the alert was queued.
     #[serde(default = "default_retry_statuses_for")]
     pub retry_statuses_for_secs: u64,
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
+    /// `["msdyn_iotalert"]`, the new alerts only.
+    #[serde(default = "default_entities")]
+    pub entities: Vec<String>,
+    /// A device's connection-state changes are queued at most once per this many
+    /// milliseconds for this sink: a newer change replaces the one still waiting (last state
+    /// wins).
+    #[serde(default = "default_coalesce_connection")]
+    pub coalesce_connection_ms: u64,
 }
 
 /// Dataverse sink: each new alert becomes an `msdyn_iotalert` record through the Web API
@@ -104,6 +141,15 @@ pub struct DataverseSinkConfig {
     /// Longest retry delay in milliseconds.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
+    /// `["msdyn_iotalert"]`, the new alerts only.
+    #[serde(default = "default_entities")]
+    pub entities: Vec<String>,
+    /// A device's connection-state changes are queued at most once per this many
+    /// milliseconds for this sink: a newer change replaces the one still waiting (last state
+    /// wins).
+    #[serde(default = "default_coalesce_connection")]
+    pub coalesce_connection_ms: u64,
 }
 
 /// How the Dataverse sink binds an alert to its `msdyn_iotdevice`.
@@ -118,6 +164,48 @@ pub enum DataverseDeviceBinding {
     DeviceId,
     /// No `msdyn_Device` lookup; only the `msdyn_deviceid` text.
     None,
+}
+
+/// The entities a sink may subscribe to (`sinks.<name>.entities`): Field Service's logical
+/// names.
+pub const CHANGE_FEED_ENTITIES: [&str; 5] = [
+    "msdyn_iotalert",
+    "msdyn_iotdevice",
+    "msdyn_iotdevicecommand",
+    "msdyn_iotdeviceregistrationhistory",
+    "msdyn_iotdevicecategory",
+];
+
+/// `entities` when not given: the new alerts, as before the change feed.
+pub fn default_entities() -> Vec<String> {
+    vec!["msdyn_iotalert".to_owned()]
+}
+
+/// `coalesce_connection_ms` when not given.
+pub const fn default_coalesce_connection() -> u64 {
+    5_000
+}
+
+impl SinkConfig {
+    /// The entities the sink subscribes to.
+    pub fn entities(&self) -> &[String] {
+        match self {
+            Self::Stdout(c) => &c.entities,
+            Self::File(c) => &c.entities,
+            Self::Webhook(c) => &c.entities,
+            Self::Dataverse(c) => &c.entities,
+        }
+    }
+
+    /// The sink's connection-state coalescing interval, in milliseconds.
+    pub fn coalesce_connection_ms(&self) -> u64 {
+        match self {
+            Self::Stdout(c) => c.coalesce_connection_ms,
+            Self::File(c) => c.coalesce_connection_ms,
+            Self::Webhook(c) => c.coalesce_connection_ms,
+            Self::Dataverse(c) => c.coalesce_connection_ms,
+        }
+    }
 }
 
 const fn default_dataverse_timeout() -> u64 {
@@ -144,6 +232,7 @@ const fn default_backoff_max() -> u64 {
 /// The checks serde cannot express for the sink at `base` (its name is checked with the
 /// other names).
 pub(crate) fn validate(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
+    validate_entities(base, s, out);
     match s {
         SinkConfig::Stdout(_) => {}
         SinkConfig::File(f) if f.path.trim().is_empty() => out.push(Problem::new(
@@ -195,6 +284,34 @@ pub(crate) fn validate(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
             }
         }
         SinkConfig::Dataverse(d) => validate_dataverse(base, d, out),
+    }
+}
+
+/// `entities` names only change-feed entities, each once; the coalescing interval is at
+/// most an hour.
+fn validate_entities(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
+    let valid = CHANGE_FEED_ENTITIES.join(", ");
+    for (i, e) in s.entities().iter().enumerate() {
+        if !CHANGE_FEED_ENTITIES.contains(&e.as_str()) {
+            out.push(Problem::new(
+                format!("{base}.entities[{i}]"),
+                format!("`{e}` is not a change-feed entity"),
+                format!("use any of: {valid}"),
+            ));
+        } else if s.entities()[..i].contains(e) {
+            out.push(Problem::new(
+                format!("{base}.entities[{i}]"),
+                format!("`{e}` is listed twice"),
+                "list each entity once",
+            ));
+        }
+    }
+    if s.coalesce_connection_ms() > 3_600_000 {
+        out.push(Problem::new(
+            format!("{base}.coalesce_connection_ms"),
+            format!("{} is above an hour", s.coalesce_connection_ms()),
+            "use milliseconds up to 3600000; 5000 (default) is five seconds",
+        ));
     }
 }
 
@@ -331,6 +448,8 @@ mod tests {
             backoff_max_ms: 30_000,
             retry_statuses: default_retry_statuses(),
             retry_statuses_for_secs: default_retry_statuses_for(),
+            entities: default_entities(),
+            coalesce_connection_ms: default_coalesce_connection(),
         };
         let shown = [
             toml::to_string(&c).expect("config show serializes"),
@@ -362,6 +481,8 @@ mod tests {
             timeout_ms: 10_000,
             backoff_min_ms: 200,
             backoff_max_ms: 30_000,
+            entities: default_entities(),
+            coalesce_connection_ms: default_coalesce_connection(),
         }
     }
 
@@ -369,6 +490,36 @@ mod tests {
         let mut out = Vec::new();
         validate("sinks.d365", &SinkConfig::Dataverse(c.clone()), &mut out);
         out
+    }
+
+    #[test]
+    fn entities_default_to_alerts_and_unknown_ones_are_refused_with_the_valid_list() {
+        let c: SinkConfig = toml::from_str("kind = \"stdout\"\n").expect("stdout");
+        assert_eq!(c.entities(), ["msdyn_iotalert"]);
+        assert_eq!(c.coalesce_connection_ms(), 5_000);
+        let c: SinkConfig = toml::from_str(
+            "kind = \"file\"\npath = \"x\"\nentities = [\"msdyn_iotdevice\", \"msdyn_iotdevicez\", \"msdyn_iotdevice\"]\n",
+        )
+        .expect("file");
+        let mut out = Vec::new();
+        validate("sinks.f", &c, &mut out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(out[0].path, "sinks.f.entities[1]");
+        assert!(
+            out[0].fix.contains("msdyn_iotalert, msdyn_iotdevice"),
+            "{out:?}"
+        );
+        assert_eq!(out[1].path, "sinks.f.entities[2]");
+        let mut ok = SinkConfig::Dataverse(dataverse());
+        if let SinkConfig::Dataverse(d) = &mut ok {
+            d.entities = CHANGE_FEED_ENTITIES
+                .iter()
+                .map(|e| (*e).to_owned())
+                .collect();
+        }
+        let mut out = Vec::new();
+        validate("sinks.d", &ok, &mut out);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

@@ -175,6 +175,24 @@ pub(crate) fn parse_device_id(field: &str, raw: &str) -> Result<DeviceId, Gatewa
     })
 }
 
+/// What each configured sink takes from the change feed (`sinks.<name>.entities`), as the
+/// store is told it.
+fn subscriptions(config: &iotgw_config::Config) -> iotgw_registry::Subscriptions {
+    let mut subs = iotgw_registry::Subscriptions::default();
+    for (name, sink) in &config.sinks {
+        subs.insert(
+            name.clone(),
+            iotgw_registry::Subscription {
+                entities: sink.entities().to_vec(),
+                coalesce_connection: chrono::Duration::milliseconds(
+                    i64::try_from(sink.coalesce_connection_ms().min(3_600_000)).unwrap_or(0),
+                ),
+            },
+        );
+    }
+    subs
+}
+
 impl Core {
     /// The composed state, starting at `live`.
     pub fn new(
@@ -184,6 +202,7 @@ impl Core {
         replica: String,
         live: Live,
     ) -> Self {
+        store.set_subscriptions(subscriptions(&live.config));
         Self {
             store,
             metrics,
@@ -203,6 +222,7 @@ impl Core {
 
     /// Replaces the reloadable state (a configuration reload).
     pub fn swap(&self, live: Live) {
+        self.store.set_subscriptions(subscriptions(&live.config));
         self.live.store(Arc::new(live));
     }
 

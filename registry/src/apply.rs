@@ -36,7 +36,7 @@ use crate::error::{StoreError, StoreResult};
 use crate::fold::{self, Fate, Pending, Probe};
 use crate::model::{
     Alert, Command, CommittedAlert, Device, NewAlert, NewAlertCommand, NewDeadLetter,
-    RegistrationStatus, TelemetryCommit,
+    RegistrationStatus, Subscriptions, TelemetryCommit, ENTITY_ALERT,
 };
 use crate::readings::{self, ReadingRow, RollupRow};
 use crate::DeviceId;
@@ -122,6 +122,14 @@ pub(crate) trait BatchWriter: Send {
     ) -> StoreResult<Command>;
     /// Queues outbox items (an item already queued for its sink and alert is kept as is).
     async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()>;
+    /// Queues the device's change event for each sink in `subs` taking devices, bumping its
+    /// change version (`connection`: a connection-state change, coalesced per sink).
+    async fn device_changed(
+        &mut self,
+        id: &DeviceId,
+        connection: bool,
+        subs: &Subscriptions,
+    ) -> StoreResult<()>;
     /// Moves each device's last activity to its time unless it is already later.
     async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()>;
     /// The keys among these rows' that are stored already (a message delivered again);
@@ -162,6 +170,7 @@ struct Reading<'a> {
 pub(crate) async fn apply<W: BatchWriter + ?Sized>(
     w: &mut W,
     writes: &[BatchWrite],
+    subs: &Subscriptions,
 ) -> StoreResult<Vec<BatchOutcome>> {
     let mut ids: Vec<&DeviceId> = Vec::new();
     let mut seen = HashSet::new();
@@ -238,6 +247,7 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
                 if !devices.contains_key(id) {
                     // Unknown, under `IfUnknown::Register` (`DeadLetter` ended above).
                     w.insert_unknown_device(id, &from.instance).await?;
+                    w.device_changed(id, false, subs).await?;
                     let device = w.fetch_devices(&[id]).await?.remove(id).ok_or_else(|| {
                         StoreError::Database(format!(
                             "device {id} was inserted but cannot be read back"
@@ -273,7 +283,12 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
                 connected,
                 at,
             } => match w.write_connection_state(device_id, *connected, *at).await? {
-                Some(applied) => BatchOutcome::Connection { applied },
+                Some(applied) => {
+                    if applied {
+                        w.device_changed(device_id, true, subs).await?;
+                    }
+                    BatchOutcome::Connection { applied }
+                }
                 None => BatchOutcome::UnknownDevice,
             },
             BatchWrite::Reported {
@@ -293,6 +308,7 @@ pub(crate) async fn apply<W: BatchWriter + ?Sized>(
 
     let committed = commit_alerts(
         w,
+        subs,
         &readings
             .iter()
             .map(|r| (&r.device, r.commit))
@@ -398,6 +414,7 @@ pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
     w: &mut W,
     device: &Device,
     commit: &TelemetryCommit,
+    subs: &Subscriptions,
 ) -> StoreResult<Vec<CommittedAlert>> {
     let stored = stored_alerts(w, std::iter::once(commit)).await?;
     if let Some((token, owner)) = token_owner(w, commit, &stored, &HashMap::new()) {
@@ -406,7 +423,7 @@ pub(crate) async fn telemetry<W: BatchWriter + ?Sized>(
             commit.device_id
         )));
     }
-    let alerts = commit_alerts(w, &[(device, commit)], stored)
+    let alerts = commit_alerts(w, subs, &[(device, commit)], stored)
         .await?
         .pop()
         .unwrap_or_default();
@@ -458,6 +475,7 @@ async fn bump<W: BatchWriter + ?Sized>(
 /// commands, the outbox. One list of committed alerts per reading.
 async fn commit_alerts<W: BatchWriter + ?Sized>(
     w: &mut W,
+    subs: &Subscriptions,
     readings: &[(&Device, &TelemetryCommit)],
     stored: HashMap<String, Alert>,
 ) -> StoreResult<Vec<Vec<CommittedAlert>>> {
@@ -553,7 +571,10 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
         .iter()
         .flat_map(|row| {
             let alert = &inserted[&row.id];
-            row.sinks.iter().map(move |sink| OutboxRow { sink, alert })
+            row.sinks
+                .iter()
+                .filter(|sink| subs.takes(sink, ENTITY_ALERT))
+                .map(move |sink| OutboxRow { sink, alert })
         })
         .collect();
     if !outbox.is_empty() {

@@ -119,6 +119,8 @@ macro_rules! conformance_tests {
             entities_link_to_devices_once_and_are_found_both_ways,
             device_settings_are_replaced_and_bump_updated_at,
             connection_changes_are_kept_newest_first_and_bounded,
+            device_changes_reach_subscribed_sinks_in_version_order,
+            connection_churn_is_coalesced_per_sink_and_the_last_state_wins,
         }
     };
     (@scenarios $($name:ident),+ $(,)?) => {
@@ -4001,6 +4003,179 @@ pub async fn connection_changes_are_kept_newest_first_and_bounded(store: &dyn St
     assert_eq!(
         store.connection_history(&id, 3).await.expect("three").len(),
         3
+    );
+}
+
+/// `sink` takes these entities, coalescing connection states over `coalesce`.
+fn subscribe(subs: &mut Subscriptions, sink: &str, entities: &[&str], coalesce: Duration) {
+    subs.insert(
+        sink,
+        Subscription {
+            entities: entities.iter().map(|e| (*e).to_owned()).collect(),
+            coalesce_connection: coalesce,
+        },
+    );
+}
+
+/// Claims every item waiting for `sink` and marks them delivered; returns them in order.
+async fn drain(store: &dyn Store, sink: &str) -> Vec<OutboxItem> {
+    let now = Utc::now();
+    let items = store
+        .claim_outbox(sink, "replica-1", now, now + Duration::seconds(30), 1000)
+        .await
+        .expect("claim_outbox");
+    for item in &items {
+        assert!(store
+            .outbox_delivered(item.lease())
+            .await
+            .expect("delivered"));
+    }
+    items
+}
+
+/// Registration, connection states and unregistration of a device each queue one change
+/// event (`msdyn_iotdevice`, its device id, versions 1..n in order, the record as stored)
+/// for a sink taking devices, and nothing for a sink that takes alerts only; alerts still go
+/// to the sinks taking alerts, and only to them.
+pub async fn device_changes_reach_subscribed_sinks_in_version_order(store: &dyn Store) {
+    // Registered before any sink takes devices: no change events for it.
+    registered(store, "feed-2", "mqtt").await;
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "feed", &[ENTITY_DEVICE], Duration::zero());
+    subscribe(&mut subs, "alerts", &[ENTITY_ALERT], Duration::zero());
+    store.set_subscriptions(subs);
+    registered(store, "feed-1", "mqtt").await;
+    assert!(store
+        .set_connection_state(&did("feed-1"), true, at(10))
+        .await
+        .expect("connect"));
+    assert!(store
+        .set_connection_state(&did("feed-1"), false, at(20))
+        .await
+        .expect("disconnect"));
+    let last = store
+        .mark_unregistered(&did("feed-1"), Some("retired".into()))
+        .await
+        .expect("unregister");
+    let alert = one(
+        store,
+        commit(
+            "feed-2",
+            vec![new_alert("t-feed", "k", at(1))],
+            60,
+            &["feed", "alerts", "legacy"],
+        ),
+    )
+    .await
+    .id;
+
+    let items = drain(store, "feed").await;
+    let versions: Vec<i64> = items
+        .iter()
+        .map(|i| i.payload["version"].as_i64().expect("a version"))
+        .collect();
+    assert_eq!(versions, [1, 2, 3, 4, 5], "{items:?}");
+    for (item, version) in items.iter().zip(1..) {
+        assert_eq!(item.payload["entity"], ENTITY_DEVICE);
+        assert_eq!(item.payload["key"], "feed-1");
+        assert_eq!(
+            item.idempotency_key,
+            format!("msdyn_iotdevice:feed-1:{version}")
+        );
+        assert_eq!(item.payload["state"]["msdyn_deviceid"], "feed-1");
+    }
+    assert_eq!(items[2].payload["state"]["msdyn_connectionstate"], true);
+    assert_eq!(items[3].payload["state"]["msdyn_connectionstate"], false);
+    assert_eq!(
+        items[4].payload["state"],
+        serde_json::to_value(&last).expect("device json"),
+        "the last event carries the record as stored"
+    );
+    let alerts = drain(store, "alerts").await;
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].idempotency_key, alert.to_string());
+    let legacy = drain(store, "legacy").await;
+    assert_eq!(
+        legacy.len(),
+        1,
+        "a sink never subscribed takes alerts, as before"
+    );
+    assert!(depth(store).await.iter().all(|(_, d)| *d == 0));
+}
+
+/// A flapping device's connection states are queued once per coalescing interval and
+/// sink: a newer state replaces the item still waiting (new state, version and key), a
+/// leased item is left alone (the newer state is queued after it), and the last state is
+/// always what is delivered last. Group commit's connection writes coalesce the same way.
+pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(store: &dyn Store) {
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "feed", &[ENTITY_DEVICE], Duration::hours(1));
+    subscribe(&mut subs, "every", &[ENTITY_DEVICE], Duration::zero());
+    store.set_subscriptions(subs);
+    registered(store, "flap-1", "mqtt").await;
+    let id = did("flap-1");
+    for i in 0..100 {
+        store
+            .set_connection_state(&id, true, at(10 + 2 * i))
+            .await
+            .expect("connect");
+        store
+            .set_connection_state(&id, false, at(11 + 2 * i))
+            .await
+            .expect("disconnect");
+    }
+    let every = drain(store, "every").await;
+    assert_eq!(every.len(), 202, "no coalescing at a zero interval");
+
+    let now = Utc::now();
+    let leased = store
+        .claim_outbox("feed", "replica-1", now, now + Duration::seconds(30), 1000)
+        .await
+        .expect("claim");
+    assert!(leased.len() <= 5, "{} items for 200 changes", leased.len());
+    let last = leased.last().expect("an item");
+    assert_eq!(last.payload["version"], 202);
+    assert_eq!(last.idempotency_key, "msdyn_iotdevice:flap-1:202");
+    assert_eq!(last.payload["state"]["msdyn_connectionstate"], false);
+
+    // The waiting item is leased: a newer state is queued after it, not into it.
+    let out = store
+        .commit_batch(&[
+            BatchWrite::Connection {
+                device_id: id.clone(),
+                connected: true,
+                at: at(300),
+            },
+            BatchWrite::Connection {
+                device_id: id.clone(),
+                connected: false,
+                at: at(301),
+            },
+            BatchWrite::Connection {
+                device_id: id.clone(),
+                connected: true,
+                at: at(302),
+            },
+        ])
+        .await
+        .expect("batch");
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, BatchOutcome::Connection { applied: true })));
+    for item in &leased {
+        assert!(store
+            .outbox_delivered(item.lease())
+            .await
+            .expect("delivered"));
+    }
+    let rest = drain(store, "feed").await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0].payload["version"], 205);
+    assert_eq!(rest[0].payload["state"]["msdyn_connectionstate"], true);
+    assert_eq!(
+        rest[0].payload["state"],
+        serde_json::to_value(store.get_device(&id).await.expect("get").expect("device"))
+            .expect("json")
     );
 }
 

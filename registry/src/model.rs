@@ -565,6 +565,75 @@ pub struct TelemetryCommit {
     pub readings: Box<crate::readings::Readings>,
 }
 
+/// The change-feed entity of a device record.
+pub const ENTITY_DEVICE: &str = "msdyn_iotdevice";
+/// The change-feed entity of an alert record.
+pub const ENTITY_ALERT: &str = "msdyn_iotalert";
+
+/// What one sink takes from the change feed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Subscription {
+    /// Field Service logical names (`msdyn_iotalert`, `msdyn_iotdevice`, ...).
+    pub entities: Vec<String>,
+    /// A device's connection-state change is queued at most once per this interval: a
+    /// newer one replaces the item still waiting (not leased) for the sink.
+    pub coalesce_connection: chrono::Duration,
+}
+
+/// Which sinks take which entities' change events, by sink name. The store is told once at
+/// start-up and after each reload ([`crate::Store::set_subscriptions`]); a sink it was
+/// never told about takes the new alerts only (the behaviour before the change feed).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Subscriptions {
+    sinks: std::collections::BTreeMap<String, Subscription>,
+}
+
+impl Subscriptions {
+    /// `sink` takes `subscription`'s entities (replacing what it took before).
+    pub fn insert(&mut self, sink: impl Into<String>, subscription: Subscription) {
+        self.sinks.insert(sink.into(), subscription);
+    }
+
+    /// Whether `sink` takes `entity`'s change events.
+    pub fn takes(&self, sink: &str, entity: &str) -> bool {
+        match self.sinks.get(sink) {
+            Some(s) => s.entities.iter().any(|e| e == entity),
+            None => entity == ENTITY_ALERT,
+        }
+    }
+
+    /// The sinks that take `entity`, with their subscriptions, by name.
+    pub fn sinks_taking<'a>(
+        &'a self,
+        entity: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Subscription)> + 'a {
+        self.sinks
+            .iter()
+            .filter(move |(_, s)| s.entities.iter().any(|e| e == entity))
+            .map(|(n, s)| (n.as_str(), s))
+    }
+}
+
+/// The outbox idempotency key of a change event: `<entity>:<key>:<version>`.
+pub fn change_key(entity: &str, key: &str, version: i64) -> String {
+    format!("{entity}:{key}:{version}")
+}
+
+/// The outbox payload of a device's change event: the entity, its key (`msdyn_deviceid`),
+/// its change version and the record as the API shows it.
+pub fn device_change_payload(
+    device: &Device,
+    version: i64,
+) -> crate::StoreResult<serde_json::Value> {
+    Ok(serde_json::json!({
+        "entity": ENTITY_DEVICE,
+        "key": device.device_id.as_str(),
+        "version": version,
+        "state": serde_json::to_value(device)
+            .map_err(|e| crate::StoreError::Database(format!("serializing a device: {e}")))?,
+    }))
+}
+
 /// One alert after commit.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CommittedAlert {

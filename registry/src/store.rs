@@ -22,6 +22,11 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap check that the database answers (for `/ready`).
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Which sinks take which entities' change events from now on (set at start-up and
+    /// after each reload): every write that commits a change queues, in its transaction,
+    /// one outbox item per sink taking the changed entity.
+    fn set_subscriptions(&self, subscriptions: Subscriptions);
+
     // --- devices -------------------------------------------------------------------------
 
     /// Starts a registration: inserts the device as In Progress, or moves an Unregistered,

@@ -730,6 +730,93 @@ async fn connection_state_follows_event_time_not_arrival() {
     gw.stop().await;
 }
 
+/// A webhook taking `msdyn_iotdevice` gets the device's change events as they are (its
+/// key and version in `Idempotency-Key`, versions in order, the record in `state`) next to
+/// the alerts it already took, in their envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_taking_devices_gets_their_change_events_in_version_order() {
+    let hook = Webhook::start().await;
+    let gw = Gateway::start(GatewayOptions {
+        webhook: Some(hook.url()),
+        webhook_entities: Some(vec!["msdyn_iotalert".into(), "msdyn_iotdevice".into()]),
+        ..Default::default()
+    })
+    .await;
+    let api = gw.api();
+    api.register("feed-1").await;
+    let mut raw = Device::connect(gw.broker_port, "raw-feed").await;
+    raw.publish_raw(
+        "devices/feed-1/status",
+        br#"{"connected": true, "at": "2026-01-01T10:00:05Z"}"#.to_vec(),
+    )
+    .await;
+    raw.publish_raw(
+        "devices/feed-1/telemetry",
+        br#"{"message_id": "f-1", "temperature": 90}"#.to_vec(),
+    )
+    .await;
+    wait_for("the alert at the webhook", || async {
+        hook.accepted()
+            .iter()
+            .any(|p| p.body["type"] == "msdyn_iotalert")
+            .then_some(())
+    })
+    .await;
+    let (status, d) = api.delete("/api/v1/devices/feed-1").await;
+    assert_eq!(status, 200, "{d}");
+    let events = wait_for("the unregistration's change event", || async {
+        let events: Vec<Post> = hook
+            .accepted()
+            .into_iter()
+            .filter(|p| p.body["entity"] == "msdyn_iotdevice")
+            .collect();
+        events
+            .iter()
+            .any(|p| p.body["state"]["msdyn_registrationstatus"] == 192350001)
+            .then_some(events)
+    })
+    .await;
+    let mut versions: Vec<i64> = events
+        .iter()
+        .map(|p| p.body["version"].as_i64().expect("a version"))
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(
+        versions.len(),
+        events.len(),
+        "each version once: {events:?}"
+    );
+    assert_eq!(versions[0], 1, "{events:?}");
+    for p in &events {
+        assert_eq!(p.body["key"], "feed-1");
+        assert_eq!(
+            p.idempotency_key,
+            format!("msdyn_iotdevice:feed-1:{}", p.body["version"])
+        );
+        assert!(p.signature_valid);
+        assert_eq!(p.body["state"]["msdyn_deviceid"], "feed-1");
+    }
+    let newest = events
+        .iter()
+        .max_by_key(|p| p.body["version"].as_i64())
+        .expect("an event");
+    assert_eq!(newest.body["state"]["msdyn_registrationstatus"], 192350001);
+    assert!(
+        events
+            .iter()
+            .any(|p| p.body["state"]["msdyn_connectionstate"] == Value::Bool(true)),
+        "the connection state's event: {events:?}"
+    );
+    let alerts: Vec<Post> = hook
+        .accepted()
+        .into_iter()
+        .filter(|p| p.body["type"] == "msdyn_iotalert")
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    gw.stop().await;
+}
+
 /// C2D delivery feedback names a command by its message id, which is the command's id, not
 /// its correlation id: such a reply settles the command too, and a reply from another
 /// device does not.

@@ -423,6 +423,12 @@ impl Sink for DataverseSink {
                 after: Some(wait),
             });
         }
+        if let Some(entity) = super::change_entity(item) {
+            return Err(DeliveryError::Permanent(format!(
+                "the dataverse sink writes new msdyn_iotalert records only; {entity} change events are not written to Dataverse yet: remove {entity} from sinks.{}.entities",
+                self.name
+            )));
+        }
         let alert: Alert = serde_json::from_value(item.payload.clone()).map_err(|e| {
             DeliveryError::Permanent(format!("the outbox payload is not an msdyn_iotalert: {e}"))
         })?;

@@ -82,5 +82,36 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["idempotency_key"], "k2");
         assert_eq!(lines[0]["data"]["msdyn_description"], "a1");
+        assert_eq!(lines[0]["type"], "msdyn_iotalert");
+    }
+
+    #[tokio::test]
+    async fn a_change_event_line_names_its_entity() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("feed.jsonl");
+        let sink = FileSink::new("f", &path);
+        let event = serde_json::json!({
+            "entity": "msdyn_iotdevice",
+            "key": "pump-1",
+            "version": 3,
+            "state": {"msdyn_deviceid": "pump-1", "msdyn_connectionstate": true},
+        });
+        let item = OutboxItem {
+            id: 1,
+            sink: "f".into(),
+            payload: event.clone(),
+            idempotency_key: "msdyn_iotdevice:pump-1:3".into(),
+            attempts: 0,
+            last_error: None,
+            created_at: chrono::Utc::now(),
+            lease_token: 1,
+        };
+        sink.deliver(&item).await.expect("deliver");
+        let line: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&path).expect("read").trim())
+                .expect("json");
+        assert_eq!(line["type"], "msdyn_iotdevice");
+        assert_eq!(line["idempotency_key"], "msdyn_iotdevice:pump-1:3");
+        assert_eq!(line["data"], event);
     }
 }

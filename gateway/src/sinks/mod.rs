@@ -1,6 +1,8 @@
-//! Alert sinks and the outbox workers that feed them.
+//! Alert and change-feed sinks and the outbox workers that feed them.
 //!
-//! Items are written to the outbox in the same transaction as their alert; a worker per
+//! Items are written to the outbox in the same transaction as their alert or change (a
+//! change event: `{"entity", "key", "version", "state"}`, for the sinks whose `entities`
+//! take it); a worker per
 //! sink leases due items, delivers them and removes them only after the sink accepted. A
 //! sink that is down delays delivery (retries with backoff, forever); an item the sink can
 //! never accept goes to the dead letters with the reason.
@@ -40,7 +42,7 @@ pub enum DeliveryError {
     Permanent(String),
 }
 
-/// A place alerts are delivered to.
+/// A place alerts and change events are delivered to.
 #[async_trait]
 pub trait Sink: Send + Sync {
     /// The configured name.
@@ -63,10 +65,28 @@ pub fn build(name: &str, cfg: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
     })
 }
 
-/// The line a JSON-lines sink writes for an item: the payload with the idempotency key.
+/// The entity an item is about: a change event names it (`{"entity", "key", "version",
+/// "state"}`); any other payload is a new alert (`msdyn_iotalert`), as queued before the
+/// change feed.
+pub(crate) fn entity_of(item: &OutboxItem) -> &str {
+    change_entity(item).unwrap_or(iotgw_registry::ENTITY_ALERT)
+}
+
+/// The entity of a change event; `None` for an alert's payload.
+pub(crate) fn change_entity(item: &OutboxItem) -> Option<&str> {
+    let p = &item.payload;
+    if p.get("state").is_some() && p.get("version").is_some_and(serde_json::Value::is_i64) {
+        p.get("entity").and_then(serde_json::Value::as_str)
+    } else {
+        None
+    }
+}
+
+/// The line a JSON-lines sink writes for an item: the payload with the idempotency key,
+/// `type` naming its entity.
 pub(crate) fn json_line(item: &OutboxItem) -> String {
     serde_json::json!({
-        "type": "msdyn_iotalert",
+        "type": entity_of(item),
         "idempotency_key": item.idempotency_key,
         "data": item.payload,
     })

@@ -1,5 +1,9 @@
 //! HTTP POST with retries, an idempotency key and an HMAC signature.
 //!
+//! Body: an alert as `{"type": "msdyn_iotalert", "idempotency_key", "data": <alert>}`; a
+//! change event as it is queued, `{"entity", "key", "version", "state"}`, whose
+//! `Idempotency-Key` is `<entity>:<key>:<version>`.
+//!
 //! Headers: `Idempotency-Key` (the same on every retry of one item, so the receiver can drop
 //! duplicates) and, with a secret, `X-Iotgw-Signature: sha256=<hex HMAC-SHA256 of the body>`.
 //! 2xx is delivered; 408, 425, 429 and 5xx and network errors are retried (honouring
@@ -76,11 +80,16 @@ impl Sink for WebhookSink {
     }
 
     async fn deliver(&self, item: &OutboxItem) -> Result<(), DeliveryError> {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "type": "msdyn_iotalert",
-            "idempotency_key": item.idempotency_key,
-            "data": item.payload,
-        }))
+        // A change event goes as it is; an alert in its envelope, as before the change feed.
+        let body = if super::change_entity(item).is_some() {
+            serde_json::to_vec(&item.payload)
+        } else {
+            serde_json::to_vec(&serde_json::json!({
+                "type": "msdyn_iotalert",
+                "idempotency_key": item.idempotency_key,
+                "data": item.payload,
+            }))
+        }
         .map_err(|e| DeliveryError::Permanent(format!("payload cannot be encoded: {e}")))?;
         let mut req = self
             .client
@@ -181,6 +190,8 @@ mod tests {
                 backoff_max_ms: 30_000,
                 retry_statuses: vec![401, 403, 404],
                 retry_statuses_for_secs: 3600,
+                entities: iotgw_config::default_entities(),
+                coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
             },
         )
         .expect("sink");

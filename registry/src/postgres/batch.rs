@@ -56,11 +56,12 @@ impl PostgresStore {
         commit.check()?;
         let mut keys = Vec::new();
         commit_locks(commit, &mut keys);
+        let subs = self.subs();
         retrying(|| async {
             let mut tx = self.write().await?;
             lock_all(&mut tx, keys.clone()).await?;
             let device = require_device(&mut tx, &commit.device_id).await?;
-            let out = apply::telemetry(&mut Writer(&mut tx), &device, commit).await?;
+            let out = apply::telemetry(&mut Writer(&mut tx), &device, commit, &subs).await?;
             tx.commit().await.map_err(db("committing telemetry"))?;
             Ok(out)
         })
@@ -70,7 +71,7 @@ impl PostgresStore {
     async fn apply_batch_once(&self, writes: &[BatchWrite]) -> StoreResult<Vec<BatchOutcome>> {
         let mut tx = self.write().await?;
         lock_all(&mut tx, telemetry_locks(writes)).await?;
-        let out = apply::apply(&mut Writer(&mut tx), writes).await?;
+        let out = apply::apply(&mut Writer(&mut tx), writes, &self.subs()).await?;
         tx.commit().await.map_err(db("committing a batch"))?;
         Ok(out)
     }
@@ -92,7 +93,17 @@ impl BatchWriter for Writer<'_> {
         id: &DeviceId,
         provider_instance: &str,
     ) -> StoreResult<()> {
-        insert_unknown_device(self.0, id, provider_instance).await
+        insert_unknown_device(self.0, id, provider_instance)
+            .await
+            .map(drop)
+    }
+    async fn device_changed(
+        &mut self,
+        id: &DeviceId,
+        connection: bool,
+        subs: &crate::model::Subscriptions,
+    ) -> StoreResult<()> {
+        super::devices::device_changed(self.0, id, connection, subs).await
     }
     async fn write_dead_letter(&mut self, letter: &NewDeadLetter) -> StoreResult<()> {
         write_dead_letter(self.0, letter).await.map(drop)

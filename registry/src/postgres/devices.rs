@@ -176,9 +176,9 @@ pub(super) async fn insert_unknown_device(
     conn: &mut PgConnection,
     id: &DeviceId,
     provider_instance: &str,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     let at = now();
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO devices (id, device_id, name, provider_instance, connection_state, tags, \
          registration_status, is_simulated, created_at, updated_at) \
          VALUES ($1, $2, $2, $3, FALSE, '{}', $4, $5, $6, $6) ON CONFLICT (device_id) DO NOTHING",
@@ -191,8 +191,9 @@ pub(super) async fn insert_unknown_device(
     .bind(at)
     .execute(&mut *conn)
     .await
-    .map_err(db("inserting an unknown device"))?;
-    Ok(())
+    .map_err(db("inserting an unknown device"))?
+    .rows_affected();
+    Ok(inserted > 0)
 }
 
 /// Moves each device's last activity to its time unless a later one is stored; one
@@ -245,6 +246,7 @@ impl PostgresStore {
         let device = device_from_row(&row)?;
         registration::insert_history(&mut tx, &[(&device, RegistrationAction::Unregister)], at)
             .await?;
+        device_changed(&mut tx, id, false, &self.subs()).await?;
         tx.commit()
             .await
             .map_err(db("committing an unregistration"))?;
@@ -297,6 +299,7 @@ impl PostgresStore {
         .await
         .map_err(db("ending the commands of a moved device"))?
         .rows_affected();
+        device_changed(&mut tx, id, false, &self.subs()).await?;
         tx.commit().await.map_err(db("committing a move"))?;
         Ok((device, failed))
     }
@@ -369,4 +372,79 @@ impl PostgresStore {
         .map_err(db("listing categories"))?;
         rows.iter().map(category_from_row).collect()
     }
+}
+
+/// The change feed of a device, as `crate::sqlite`'s `device_changed` does it: bumps its
+/// change version and queues (or, for a connection state, coalesces) its change event for
+/// each sink in `subs` taking devices, in the caller's transaction.
+pub(super) async fn device_changed(
+    conn: &mut PgConnection,
+    id: &DeviceId,
+    connection: bool,
+    subs: &Subscriptions,
+) -> StoreResult<()> {
+    // Without a sink taking devices there is nothing to queue and the version stays: it
+    // only has to grow from one queued event to the next, and the hot paths (a batch of
+    // registrations, connection changes) pay no statement for a feed nobody reads.
+    let sinks: Vec<_> = subs.sinks_taking(ENTITY_DEVICE).collect();
+    if sinks.is_empty() {
+        return Ok(());
+    }
+    let Some(row) = sqlx::query(&format!(
+        "UPDATE devices SET change_version = change_version + 1 WHERE device_id = $1 \
+         RETURNING {DEVICE_COLS}, change_version"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("bumping a device's change version"))?
+    else {
+        return Ok(());
+    };
+    let device = device_from_row(&row)?;
+    let version: i64 = sqlx::Row::try_get(&row, "change_version")
+        .map_err(db("reading a device's change version"))?;
+    let payload = jsonb(&device_change_payload(&device, version)?);
+    let key = change_key(ENTITY_DEVICE, device.device_id.as_str(), version);
+    let change_of = format!("{ENTITY_DEVICE}:{}", device.device_id.as_str());
+    let at = now();
+    for (sink, sub) in sinks {
+        if connection {
+            let replaced = sqlx::query(
+                "UPDATE outbox SET payload = $1, idempotency_key = $2, lease_token = lease_token + 1 \
+                 WHERE id = (SELECT id FROM outbox WHERE sink = $3 AND change_of = $4 \
+                 ORDER BY id DESC LIMIT 1) \
+                 AND connection_only AND (leased_until IS NULL OR leased_until <= $5) \
+                 AND created_at > $6",
+            )
+            .bind(&payload)
+            .bind(&key)
+            .bind(text(sink).as_ref())
+            .bind(&change_of)
+            .bind(at)
+            .bind(at - sub.coalesce_connection)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("coalescing a connection-state change"))?
+            .rows_affected();
+            if replaced > 0 {
+                continue;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+             created_at, change_of, connection_only) VALUES ($1, $2, $3, 0, $4, $4, $5, $6) \
+             ON CONFLICT (sink, idempotency_key) DO NOTHING",
+        )
+        .bind(text(sink).as_ref())
+        .bind(&payload)
+        .bind(&key)
+        .bind(at)
+        .bind(&change_of)
+        .bind(connection)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("queueing a device change event"))?;
+    }
+    Ok(())
 }

@@ -120,6 +120,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "connection events",
         include_str!("../../migrations/postgres/0011_connection_events.sql"),
     ),
+    (
+        12,
+        "change feed",
+        include_str!("../../migrations/postgres/0012_change_feed.sql"),
+    ),
 ];
 
 /// How often a transaction aborted as a deadlock or serialization failure is tried.
@@ -233,6 +238,8 @@ fn describe(o: &PgConnectOptions) -> String {
 #[derive(Clone, Debug)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Which sinks take which entities' change events.
+    subs: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Subscriptions>>>,
 }
 
 impl PostgresStore {
@@ -296,7 +303,18 @@ impl PostgresStore {
                 options.scrub(&e.to_string())
             ))
         })?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            subs: Default::default(),
+        })
+    }
+
+    /// The subscriptions in force.
+    fn subs(&self) -> std::sync::Arc<Subscriptions> {
+        self.subs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The connection pool, for diagnostics and tests.
@@ -517,6 +535,14 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    fn set_subscriptions(&self, subscriptions: Subscriptions) {
+        *self
+            .subs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            std::sync::Arc::new(subscriptions);
+    }
+
     // --- devices -------------------------------------------------------------------------
 
     async fn begin_registration(&self, device: &NewDevice) -> StoreResult<Device> {
@@ -577,9 +603,19 @@ impl Store for PostgresStore {
         id: &DeviceId,
         provider_instance: &str,
     ) -> StoreResult<Device> {
-        let mut conn = self.conn().await?;
-        devices::insert_unknown_device(&mut conn, id, provider_instance).await?;
-        devices::require_device(&mut conn, id).await
+        let subs = self.subs();
+        retrying(|| async {
+            let mut tx = self.write().await?;
+            if devices::insert_unknown_device(&mut tx, id, provider_instance).await? {
+                devices::device_changed(&mut tx, id, false, &subs).await?;
+            }
+            let device = devices::require_device(&mut tx, id).await?;
+            tx.commit()
+                .await
+                .map_err(db("committing an unknown device"))?;
+            Ok(device)
+        })
+        .await
     }
 
     async fn get_device(&self, id: &DeviceId) -> StoreResult<Option<Device>> {
@@ -621,6 +657,9 @@ impl Store for PostgresStore {
                     entity: "device",
                     key: id.to_string(),
                 })?;
+            if applied {
+                devices::device_changed(&mut tx, id, true, &self.subs()).await?;
+            }
             tx.commit()
                 .await
                 .map_err(db("committing a connection state"))?;
@@ -650,13 +689,21 @@ impl Store for PostgresStore {
         id: &DeviceId,
         settings: &serde_json::Value,
     ) -> StoreResult<Device> {
-        let mut conn = self.conn().await?;
-        devices::write_settings(&mut conn, id, settings)
-            .await?
-            .ok_or_else(|| StoreError::NotFound {
-                entity: "device",
-                key: id.to_string(),
-            })
+        retrying(|| async {
+            let mut tx = self.write().await?;
+            let device = devices::write_settings(&mut tx, id, settings)
+                .await?
+                .ok_or_else(|| StoreError::NotFound {
+                    entity: "device",
+                    key: id.to_string(),
+                })?;
+            devices::device_changed(&mut tx, id, false, &self.subs()).await?;
+            tx.commit()
+                .await
+                .map_err(db("committing device settings"))?;
+            Ok(device)
+        })
+        .await
     }
 
     // --- categories ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::devices::device_changed;
 use super::rows::{category_from_row, device_from_row, CATEGORY_COLS, DEVICE_COLS};
 use super::{db, is_unique_violation, jsonb, lock_key, now, retrying, text, PostgresStore};
 use crate::decide::{self, BeginPlan};
@@ -304,6 +305,18 @@ fn only(results: Vec<StoreResult<Device>>) -> StoreResult<Device> {
         .unwrap_or_else(|| Err(StoreError::Database("a batch of one gave no result".into())))
 }
 
+/// The change feed of every device a batch changed.
+async fn changed_all(
+    conn: &mut PgConnection,
+    results: &[StoreResult<Device>],
+    subs: &Subscriptions,
+) -> StoreResult<()> {
+    for device in results.iter().flatten() {
+        super::devices::device_changed(conn, &device.device_id, false, subs).await?;
+    }
+    Ok(())
+}
+
 impl PostgresStore {
     /// See [`crate::Store::begin_registration`]: a batch of one, without categories.
     pub(super) async fn begin_single(&self, device: &NewDevice) -> StoreResult<Device> {
@@ -311,6 +324,7 @@ impl PostgresStore {
             let mut tx = self.write().await?;
             take_turn(&mut tx).await?;
             let begun = only(begin_on(&mut tx, &[device], now()).await?)?;
+            device_changed(&mut tx, &begun.device_id, false, &self.subs()).await?;
             tx.commit().await.map_err(db("committing a registration"))?;
             Ok(begun)
         })
@@ -328,6 +342,7 @@ impl PostgresStore {
             let mut tx = self.write().await?;
             take_turn(&mut tx).await?;
             let device = only(finish_on(&mut tx, &outcomes, now()).await?)?;
+            device_changed(&mut tx, id, false, &self.subs()).await?;
             tx.commit().await.map_err(db("committing a registration"))?;
             Ok(device)
         })
@@ -382,6 +397,7 @@ impl PostgresStore {
                 }),
             });
         }
+        changed_all(&mut tx, &out, &self.subs()).await?;
         tx.commit()
             .await
             .map_err(db("committing a batch of registrations"))?;
@@ -400,6 +416,7 @@ impl PostgresStore {
             let mut tx = self.write().await?;
             take_turn(&mut tx).await?;
             let out = finish_on(&mut tx, outcomes, now()).await?;
+            changed_all(&mut tx, &out, &self.subs()).await?;
             tx.commit()
                 .await
                 .map_err(db("committing a batch of registrations"))?;

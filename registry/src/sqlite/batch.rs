@@ -23,7 +23,8 @@ use crate::batch::{BatchOutcome, BatchWrite};
 use crate::decide::DebounceMatch;
 use crate::fold::Probe;
 use crate::model::{
-    Alert, Command, CommittedAlert, Device, NewAlertCommand, NewDeadLetter, TelemetryCommit,
+    Alert, Command, CommittedAlert, Device, NewAlertCommand, NewDeadLetter, Subscriptions,
+    TelemetryCommit,
 };
 use crate::readings::{ReadingRow, RollupRow};
 use crate::store::StoreResult;
@@ -40,8 +41,9 @@ impl SqliteStore {
         }
         apply::check(writes)?;
         let mut tx = self.write().await?;
+        let subs = self.subs();
         let mut w = Writer(&mut tx, &self.series, Default::default());
-        let out = apply::apply(&mut w, writes).await?;
+        let out = apply::apply(&mut w, writes, &subs).await?;
         let series = w.2;
         tx.commit().await.map_err(db("committing a batch"))?;
         self.series.remember(series);
@@ -58,7 +60,7 @@ impl SqliteStore {
         let mut tx = self.write().await?;
         let device = require_device(&mut tx, &commit.device_id).await?;
         let mut w = Writer(&mut tx, &self.series, Default::default());
-        let out = apply::telemetry(&mut w, &device, commit).await?;
+        let out = apply::telemetry(&mut w, &device, commit, &self.subs()).await?;
         let series = w.2;
         tx.commit().await.map_err(db("committing telemetry"))?;
         self.series.remember(series);
@@ -80,7 +82,9 @@ impl BatchWriter for Writer<'_> {
         id: &DeviceId,
         provider_instance: &str,
     ) -> StoreResult<()> {
-        insert_unknown_device(self.0, id, provider_instance).await
+        insert_unknown_device(self.0, id, provider_instance)
+            .await
+            .map(drop)
     }
     async fn write_dead_letter(&mut self, letter: &NewDeadLetter) -> StoreResult<()> {
         write_dead_letter(self.0, letter).await.map(drop)
@@ -132,6 +136,14 @@ impl BatchWriter for Writer<'_> {
     }
     async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()> {
         queue_outbox(self.0, items).await
+    }
+    async fn device_changed(
+        &mut self,
+        id: &DeviceId,
+        connection: bool,
+        subs: &Subscriptions,
+    ) -> StoreResult<()> {
+        super::devices::device_changed(self.0, id, connection, subs).await
     }
     async fn bump_activity(&mut self, devices: &[(Uuid, DateTime<Utc>)]) -> StoreResult<()> {
         bump_activity(self.0, devices).await

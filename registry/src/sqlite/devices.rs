@@ -196,9 +196,9 @@ pub(super) async fn insert_unknown_device(
     conn: &mut SqliteConnection,
     id: &DeviceId,
     provider_instance: &str,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     let at = now();
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO devices (id, device_id, name, provider_instance, connection_state, tags, \
          registration_status, is_simulated, created_at, updated_at) \
          VALUES (?, ?, ?, ?, FALSE, '{}', ?, ?, ?, ?) ON CONFLICT (device_id) DO NOTHING",
@@ -213,8 +213,9 @@ pub(super) async fn insert_unknown_device(
     .bind(&at)
     .execute(&mut *conn)
     .await
-    .map_err(db("inserting an unknown device"))?;
-    Ok(())
+    .map_err(db("inserting an unknown device"))?
+    .rows_affected();
+    Ok(inserted > 0)
 }
 
 /// Moves each device's last activity to its time unless a later one is stored; one
@@ -270,6 +271,7 @@ impl SqliteStore {
         let device = device_from_row(&row)?;
         registration::insert_history(&mut tx, &[(&device, RegistrationAction::Unregister)], &at)
             .await?;
+        device_changed(&mut tx, id, false, &self.subs()).await?;
         tx.commit()
             .await
             .map_err(db("committing an unregistration"))?;
@@ -321,6 +323,7 @@ impl SqliteStore {
         .await
         .map_err(db("ending the commands of a moved device"))?
         .rows_affected();
+        device_changed(&mut tx, id, false, &self.subs()).await?;
         tx.commit().await.map_err(db("committing a move"))?;
         Ok((device, failed))
     }
@@ -394,4 +397,83 @@ impl SqliteStore {
     }
 
     // --- telemetry and alerts ------------------------------------------------------------
+}
+
+/// The change feed of a device: bumps its change version and queues its change event for
+/// each sink in `subs` taking devices, in the caller's transaction. A connection-state
+/// change (`connection`) replaces the sink's item of the same device still waiting (not
+/// leased, queued less than the sink's coalescing interval ago, the device's latest item)
+/// instead of queueing another; the replaced item's lease token moves on, so a holder whose
+/// lease ran out cannot mark the new state delivered. Nothing happens for an unknown device.
+pub(super) async fn device_changed(
+    conn: &mut SqliteConnection,
+    id: &DeviceId,
+    connection: bool,
+    subs: &Subscriptions,
+) -> StoreResult<()> {
+    // Without a sink taking devices there is nothing to queue and the version stays: it
+    // only has to grow from one queued event to the next, and the hot paths (a batch of
+    // registrations, connection changes) pay no statement for a feed nobody reads.
+    let sinks: Vec<_> = subs.sinks_taking(ENTITY_DEVICE).collect();
+    if sinks.is_empty() {
+        return Ok(());
+    }
+    let Some(row) = sqlx::query(&format!(
+        "UPDATE devices SET change_version = change_version + 1 WHERE device_id = ? \
+         RETURNING {DEVICE_COLS}, change_version"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("bumping a device's change version"))?
+    else {
+        return Ok(());
+    };
+    let device = device_from_row(&row)?;
+    let version: i64 = get(&row, "change_version")?;
+    let payload = json_text(&device_change_payload(&device, version)?, "change event")?;
+    let key = change_key(ENTITY_DEVICE, device.device_id.as_str(), version);
+    let change_of = format!("{ENTITY_DEVICE}:{}", device.device_id.as_str());
+    let now_at = Utc::now();
+    for (sink, sub) in sinks {
+        if connection {
+            let replaced = sqlx::query(
+                "UPDATE outbox SET payload = ?, idempotency_key = ?, lease_token = lease_token + 1 \
+                 WHERE id = (SELECT id FROM outbox WHERE sink = ? AND change_of = ? \
+                 ORDER BY id DESC LIMIT 1) \
+                 AND connection_only = 1 AND (leased_until IS NULL OR leased_until <= ?) \
+                 AND created_at > ?",
+            )
+            .bind(&payload)
+            .bind(&key)
+            .bind(sink)
+            .bind(&change_of)
+            .bind(ts(now_at))
+            .bind(ts(now_at - sub.coalesce_connection))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("coalescing a connection-state change"))?
+            .rows_affected();
+            if replaced > 0 {
+                continue;
+            }
+        }
+        let at = ts(now_at);
+        sqlx::query(
+            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+             created_at, change_of, connection_only) VALUES (?, ?, ?, 0, ?, ?, ?, ?) \
+             ON CONFLICT (sink, idempotency_key) DO NOTHING",
+        )
+        .bind(sink)
+        .bind(&payload)
+        .bind(&key)
+        .bind(&at)
+        .bind(&at)
+        .bind(&change_of)
+        .bind(connection)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("queueing a device change event"))?;
+    }
+    Ok(())
 }

@@ -131,6 +131,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "reading series",
         include_str!("../../migrations/sqlite/0012_reading_series.sql"),
     ),
+    (
+        13,
+        "change feed",
+        include_str!("../../migrations/sqlite/0013_change_feed.sql"),
+    ),
 ];
 
 /// Connections in a file store's pool (readers run side by side under WAL).
@@ -151,6 +156,8 @@ pub struct SqliteStore {
     registration_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// The reading series ids committed so far (`readings::SeriesCache`).
     series: std::sync::Arc<readings::SeriesCache>,
+    /// Which sinks take which entities' change events.
+    subs: std::sync::Arc<std::sync::RwLock<std::sync::Arc<Subscriptions>>>,
 }
 
 /// How a commit reaches the disk (SQLite's `synchronous` under WAL).
@@ -246,7 +253,16 @@ impl SqliteStore {
             pool,
             registration_gate: Default::default(),
             series: Default::default(),
+            subs: Default::default(),
         })
+    }
+
+    /// The subscriptions in force.
+    fn subs(&self) -> std::sync::Arc<Subscriptions> {
+        self.subs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The connection pool, for diagnostics and tests.
@@ -477,6 +493,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_subscriptions(&self, subscriptions: Subscriptions) {
+        *self
+            .subs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            std::sync::Arc::new(subscriptions);
+    }
+
     // --- devices -------------------------------------------------------------------------
 
     async fn begin_registration(&self, device: &NewDevice) -> StoreResult<Device> {
@@ -537,9 +561,15 @@ impl Store for SqliteStore {
         id: &DeviceId,
         provider_instance: &str,
     ) -> StoreResult<Device> {
-        let mut conn = self.conn().await?;
-        insert_unknown_device(&mut conn, id, provider_instance).await?;
-        require_device(&mut conn, id).await
+        let mut tx = self.write().await?;
+        if insert_unknown_device(&mut tx, id, provider_instance).await? {
+            device_changed(&mut tx, id, false, &self.subs()).await?;
+        }
+        let device = require_device(&mut tx, id).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing an unknown device"))?;
+        Ok(device)
     }
 
     async fn get_device(&self, id: &DeviceId) -> StoreResult<Option<Device>> {
@@ -580,6 +610,9 @@ impl Store for SqliteStore {
                 entity: "device",
                 key: id.to_string(),
             })?;
+        if applied {
+            device_changed(&mut tx, id, true, &self.subs()).await?;
+        }
         tx.commit()
             .await
             .map_err(db("committing a connection state"))?;
@@ -607,13 +640,18 @@ impl Store for SqliteStore {
         id: &DeviceId,
         settings: &serde_json::Value,
     ) -> StoreResult<Device> {
-        let mut conn = self.conn().await?;
-        write_settings(&mut conn, id, settings)
+        let mut tx = self.write().await?;
+        let device = write_settings(&mut tx, id, settings)
             .await?
             .ok_or_else(|| StoreError::NotFound {
                 entity: "device",
                 key: id.to_string(),
-            })
+            })?;
+        device_changed(&mut tx, id, false, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing device settings"))?;
+        Ok(device)
     }
 
     // --- categories ----------------------------------------------------------------------

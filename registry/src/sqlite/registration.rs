@@ -30,8 +30,8 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
-    db, device_from_row, is_unique_violation, json_text, now, parse_ts, write_category,
-    SqliteStore, DEVICE_COLS,
+    db, device_from_row, devices::device_changed, is_unique_violation, json_text, now, parse_ts,
+    write_category, SqliteStore, DEVICE_COLS,
 };
 use crate::decide::BeginPlan;
 use crate::model::*;
@@ -342,6 +342,18 @@ fn per_device<T>(result: StoreResult<T>) -> StoreResult<StoreResult<T>> {
     }
 }
 
+/// The change feed of every device a batch changed.
+async fn changed_all(
+    conn: &mut SqliteConnection,
+    results: &[StoreResult<Device>],
+    subs: &Subscriptions,
+) -> StoreResult<()> {
+    for device in results.iter().flatten() {
+        device_changed(conn, &device.device_id, false, subs).await?;
+    }
+    Ok(())
+}
+
 /// The one result of a batch of one.
 fn only(results: Vec<StoreResult<Device>>) -> StoreResult<Device> {
     results
@@ -356,6 +368,7 @@ impl SqliteStore {
         let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
         let begun = only(begin_on(&mut tx, &[device], &now()).await?)?;
+        device_changed(&mut tx, &begun.device_id, false, &self.subs()).await?;
         tx.commit().await.map_err(db("committing a registration"))?;
         Ok(begun)
     }
@@ -369,6 +382,7 @@ impl SqliteStore {
         let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
         let device = only(finish_on(&mut tx, &[(id.clone(), outcome)], &now()).await?)?;
+        device_changed(&mut tx, id, false, &self.subs()).await?;
         tx.commit().await.map_err(db("committing a registration"))?;
         Ok(device)
     }
@@ -414,6 +428,7 @@ impl SqliteStore {
                 }),
             });
         }
+        changed_all(&mut tx, &out, &self.subs()).await?;
         tx.commit()
             .await
             .map_err(db("committing a batch of registrations"))?;
@@ -431,6 +446,7 @@ impl SqliteStore {
         let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
         let out = finish_on(&mut tx, outcomes, &now()).await?;
+        changed_all(&mut tx, &out, &self.subs()).await?;
         tx.commit()
             .await
             .map_err(db("committing a batch of registrations"))?;

@@ -35,6 +35,8 @@ pub const HOOK_SECRET: &str = "s3cret-for-tests";
 pub struct GatewayOptions {
     /// Webhook sink URL (sink name `hook`).
     pub webhook: Option<String>,
+    /// The webhook sink's `entities` (default: the config's default, alerts only).
+    pub webhook_entities: Option<Vec<String>>,
     /// Base URL of a fake Dataverse environment and token endpoint (sink name `d365`).
     pub dataverse: Option<String>,
     /// Keep the SQLite file here (to restart on it).
@@ -139,6 +141,11 @@ pub fn test_config(
                 backoff_max_ms: 300,
                 retry_statuses: vec![401, 403, 404],
                 retry_statuses_for_secs: 3600,
+                entities: opts
+                    .webhook_entities
+                    .clone()
+                    .unwrap_or_else(iotgw_config::default_entities),
+                coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
             }),
         );
     }
@@ -156,6 +163,8 @@ pub fn test_config(
                 timeout_ms: 2_000,
                 backoff_min_ms: 50,
                 backoff_max_ms: 300,
+                entities: iotgw_config::default_entities(),
+                coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
             }),
         );
     }

@@ -404,6 +404,8 @@ impl Fake {
             timeout_ms: 5_000,
             backoff_min_ms: 200,
             backoff_max_ms: 30_000,
+            entities: iotgw_config::default_entities(),
+            coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
         }
     }
 
