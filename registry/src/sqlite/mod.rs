@@ -206,7 +206,8 @@ impl SqliteStore {
             })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
-            .pragma("wal_autocheckpoint", "0");
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
         let pool = SqlitePoolOptions::new()
             .max_connections(FILE_POOL_SIZE)
             // No ping before handing a connection out: a local file connection does not go
@@ -322,6 +323,12 @@ async fn settled_after_release(conn: &mut SqliteConnection) -> Result<bool, sqlx
     }
     Ok(clean)
 }
+
+/// Bytes the WAL file keeps once a checkpoint has emptied it (`journal_size_limit`): a
+/// burst (an import of a million devices left a 1.1 GB WAL) no longer holds its disk space
+/// until the gateway stops; SQLite truncates the file to this size when it starts the WAL
+/// over. Below it the file keeps its size, so steady writing does not grow and truncate it.
+pub const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// How often the background task checkpoints the WAL of a file store.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -1001,6 +1008,11 @@ mod tests {
             "0",
             "no commit pays for a checkpoint: the background task does them"
         );
+        assert_eq!(
+            pragma(&reopened, "journal_size_limit").await,
+            WAL_SIZE_LIMIT.to_string(),
+            "a WAL grown by a burst is truncated when it starts over"
+        );
         let versions: Vec<i64> =
             sqlx::query("SELECT version FROM _sqlx_migrations ORDER BY version")
                 .fetch_all(reopened.pool())
@@ -1047,6 +1059,51 @@ mod tests {
 
     /// Several tasks on several threads writing to one file at once: `BEGIN IMMEDIATE` plus
     /// the busy timeout serialize them without a single "database is locked".
+    /// A WAL grown past [`WAL_SIZE_LIMIT`] by a burst shrinks back to the limit once a
+    /// checkpoint has emptied it and the next commit starts it over.
+    #[tokio::test]
+    async fn a_wal_grown_by_a_burst_is_truncated_to_the_limit_after_a_checkpoint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("registry.db");
+        let store = SqliteStore::open(&path).await.expect("open");
+        let wal = || {
+            std::fs::metadata(dir.path().join("registry.db-wal"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
+        sqlx::query("CREATE TABLE burst (b BLOB)")
+            .execute(store.pool())
+            .await
+            .expect("scratch table");
+        let mut tx = store.pool().begin().await.expect("begin");
+        let mb = WAL_SIZE_LIMIT / (1024 * 1024);
+        for _ in 0..mb + 16 {
+            sqlx::query("INSERT INTO burst VALUES (zeroblob(1048576))")
+                .execute(&mut *tx)
+                .await
+                .expect("a MiB");
+        }
+        tx.commit().await.expect("the burst commits");
+        assert!(
+            wal() > WAL_SIZE_LIMIT as u64,
+            "the burst grew the WAL: {}",
+            wal()
+        );
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(store.pool())
+            .await
+            .expect("checkpoint");
+        sqlx::query("DELETE FROM burst WHERE rowid = 1")
+            .execute(store.pool())
+            .await
+            .expect("a small commit starts the WAL over");
+        assert!(
+            wal() <= WAL_SIZE_LIMIT as u64,
+            "truncated to journal_size_limit: {} bytes",
+            wal()
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn parallel_writers_on_a_file_never_see_busy() {
         let dir = tempfile::tempdir().expect("temp dir");
