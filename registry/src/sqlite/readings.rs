@@ -194,7 +194,17 @@ pub(super) async fn insert_readings(
     rows: &[ReadingRow],
 ) -> StoreResult<u64> {
     let series = series_of(conn, cache, tx, rows).await?;
-    let keyed: Vec<(i64, &ReadingRow)> = series.into_iter().zip(rows).collect();
+    insert_keyed(conn, &series, rows).await
+}
+
+/// Inserts the rows under their series ids (`series[i]` is `rows[i]`'s), a row whose key is
+/// stored already left out; how many went in.
+async fn insert_keyed(
+    conn: &mut SqliteConnection,
+    series: &[i64],
+    rows: &[ReadingRow],
+) -> StoreResult<u64> {
+    let keyed: Vec<(i64, &ReadingRow)> = series.iter().copied().zip(rows).collect();
     let mut inserted = 0;
     for chunk in keyed.chunks(INSERT_CHUNK) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
@@ -227,13 +237,13 @@ pub(super) async fn insert_if_all_new(
 ) -> StoreResult<bool> {
     // Series first, outside the savepoint: a series created here stays whichever way the
     // insert goes.
-    series_of(conn, cache, tx, rows).await?;
+    let series = series_of(conn, cache, tx, rows).await?;
     let run = |sql: &'static str| sqlx::query(sql);
     run("SAVEPOINT iotgw_readings")
         .execute(&mut *conn)
         .await
         .map_err(db("opening a savepoint for readings"))?;
-    let all = insert_readings(conn, cache, tx, rows).await? == rows.len() as u64;
+    let all = insert_keyed(conn, &series, rows).await? == rows.len() as u64;
     if !all {
         run("ROLLBACK TO iotgw_readings")
             .execute(&mut *conn)
