@@ -432,8 +432,25 @@ pub struct ReplayFilter {
     /// Exactly this device id (as received; not validated).
     device_id: Option<String>,
     /// At most this many (default and most 10,000; 0 counts as 1).
-    #[schema(minimum = 0, maximum = 18446744073709551615u64)]
+    #[schema(schema_with = replay_limit)]
     limit: Option<u64>,
+}
+
+/// `limit` of a bulk replay: any 64-bit unsigned number or null (clamped into 1..10,000).
+/// Built by hand: the derived schema says `format: int64`, which bounds it at 2^63 - 1,
+/// while the handler takes every `u64` (schemathesis sent 2^63 and saw it accepted).
+fn replay_limit() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::Integer,
+            Type::Null,
+        ]))
+        .minimum(Some(0))
+        .maximum(Some(18446744073709551615u64))
+        .description(Some(
+            "At most this many (default and most 10,000; 0 counts as 1).",
+        ))
+        .into()
 }
 
 // Records.
