@@ -286,25 +286,38 @@ impl Gateway {
             .data_dir
             .clone()
             .unwrap_or_else(|| tmp.as_ref().expect("tmp").path().to_owned());
-        let broker_port = free_port();
-        let v311_port = std::iter::repeat_with(free_port)
-            .find(|p| *p != broker_port)
-            .expect("a second free port");
-        let config = test_config(&opts, &dir, broker_port, v311_port);
-        let problems = iotgw_config::validate::validate(&config, &app::built_kinds());
-        assert!(problems.is_empty(), "test config invalid: {problems:?}");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        // The broker's ports are found free and released before the gateway binds them, so
+        // a test running beside this one can take one in between: start again on new
+        // ports then (a few times), as a user would after "is another broker running".
+        let mut attempt = 0;
+        let (running, broker_port, v311_port) = loop {
+            attempt += 1;
+            let broker_port = free_port();
+            let v311_port = std::iter::repeat_with(free_port)
+                .find(|p| *p != broker_port)
+                .expect("a second free port");
+            let config = test_config(&opts, &dir, broker_port, v311_port);
+            let problems = iotgw_config::validate::validate(&config, &app::built_kinds());
+            assert!(problems.is_empty(), "test config invalid: {problems:?}");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            match app::start(
+                config,
+                StartOptions {
+                    api_listener: Some(listener),
+                    ..StartOptions::default()
+                },
+            )
             .await
-            .expect("bind");
-        let running = app::start(
-            config,
-            StartOptions {
-                api_listener: Some(listener),
-                ..StartOptions::default()
-            },
-        )
-        .await
-        .expect("gateway starts");
+            {
+                Ok(running) => break (running, broker_port, v311_port),
+                Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("gateway start, attempt {attempt}: {e:#}; new ports");
+                }
+                Err(e) => panic!("gateway starts: {e:?}"),
+            }
+        };
         let gw = Self {
             running: Some(running),
             broker_port,
