@@ -665,6 +665,10 @@ pub struct OutboxItem {
     /// The fencing token of the claim that handed this item out: every claim increments
     /// it, and only the holder of the newest claim can mark the item.
     pub lease_token: i64,
+    /// The record a change event (or a new alert) is about, `<entity>:<key>`: a sink gets
+    /// one record's items in outbox order, none claimed while an earlier one of the same
+    /// record waits for its retry or is leased ([`crate::Store::claim_outbox`]).
+    pub change_of: Option<String>,
 }
 
 impl OutboxItem {

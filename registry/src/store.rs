@@ -291,7 +291,9 @@ pub trait Store: Send + Sync + 'static {
     /// Leases up to `limit` due items of one sink, oldest first, to `holder` (a replica id,
     /// kept for operators) until `lease_until`, so another replica does not take them
     /// meanwhile. Each claim gives the item a new, larger fencing token
-    /// ([`OutboxItem::lease_token`]).
+    /// ([`OutboxItem::lease_token`]). An item of a record ([`OutboxItem::change_of`]) is not
+    /// claimed while an earlier item of the same record and sink waits for its retry or is
+    /// leased, so each record's changes reach a sink in order.
     async fn claim_outbox(
         &self,
         sink: &str,

@@ -71,6 +71,7 @@ mod tests {
                 last_error: None,
                 created_at: chrono::Utc::now(),
                 lease_token: 1,
+                change_of: None,
             };
             sink.deliver(&item).await.expect("deliver");
         }
@@ -105,6 +106,7 @@ mod tests {
             last_error: None,
             created_at: chrono::Utc::now(),
             lease_token: 1,
+            change_of: Some("msdyn_iotdevice:pump-1".into()),
         };
         sink.deliver(&item).await.expect("deliver");
         let line: serde_json::Value =

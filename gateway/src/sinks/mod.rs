@@ -49,6 +49,19 @@ pub trait Sink: Send + Sync {
     fn name(&self) -> &str;
     /// Delivers one item; Ok only once the receiver has it.
     async fn deliver(&self, item: &OutboxItem) -> Result<(), DeliveryError>;
+    /// The most items [`Sink::deliver_batch`] is given at once.
+    fn batch_size(&self) -> usize {
+        1
+    }
+    /// Delivers items in order (never two of one record), one result per item in the same
+    /// order; by default one [`Sink::deliver`] after the other.
+    async fn deliver_batch(&self, items: &[OutboxItem]) -> Vec<Result<(), DeliveryError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            out.push(self.deliver(item).await);
+        }
+        out
+    }
     /// Retry backoff bounds (min, max).
     fn backoff(&self) -> (Duration, Duration) {
         (Duration::from_millis(200), Duration::from_secs(30))

@@ -208,19 +208,46 @@ impl Worker {
         Utc::now() + chrono::Duration::from_std(self.leasing.lease).unwrap_or_default()
     }
 
-    /// Delivers one claimed round in order, renewing the leases of what is not finished
-    /// every third of the lease, and skipping items whose lease was taken over.
+    /// Delivers one claimed round in order, in chunks of the sink's batch size holding at
+    /// most one item per record, renewing the leases of what is not finished every third
+    /// of the lease, and skipping items whose lease was taken over. Once an item of a
+    /// record failed, the round's later items of that record are handed back unsent, so a
+    /// record's changes never overtake each other.
     async fn deliver_round(&self, name: &str, items: Vec<iotgw_registry::OutboxItem>) {
         let mut held: Vec<OutboxLease> = items.iter().map(|i| i.lease()).collect();
         let renew_every = self.leasing.lease / 3;
         let mut next_renewal = tokio::time::Instant::now() + renew_every;
-        for item in items {
-            if !held.contains(&item.lease()) {
-                self.lost(name, item.id, "before delivery");
+        let batch = self.sink.batch_size().max(1);
+        let mut failed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut queue = items.into_iter().peekable();
+        while queue.peek().is_some() {
+            let mut chunk = Vec::with_capacity(batch);
+            let mut records = std::collections::HashSet::new();
+            while chunk.len() < batch {
+                let Some(next) = queue.peek() else { break };
+                if next.change_of.as_ref().is_some_and(|r| records.contains(r)) {
+                    break;
+                }
+                let item = queue.next().expect("peeked");
+                if !held.contains(&item.lease()) {
+                    self.lost(name, item.id, "before delivery");
+                    continue;
+                }
+                if let Some(record) = item.change_of.as_ref().filter(|r| failed.contains(*r)) {
+                    held.retain(|l| l.id != item.id);
+                    self.hand_back(name, &item, record).await;
+                    continue;
+                }
+                if let Some(record) = &item.change_of {
+                    records.insert(record.clone());
+                }
+                chunk.push(item);
+            }
+            if chunk.is_empty() {
                 continue;
             }
-            let result = {
-                let deliver = self.sink.deliver(&item);
+            let results = {
+                let deliver = self.sink.deliver_batch(&chunk);
                 tokio::pin!(deliver);
                 loop {
                     tokio::select! {
@@ -232,8 +259,30 @@ impl Worker {
                     }
                 }
             };
-            held.retain(|l| l.id != item.id);
-            self.settle(name, &item, result).await;
+            for (i, item) in chunk.iter().enumerate() {
+                let result = results.get(i).cloned().unwrap_or_else(|| {
+                    Err(DeliveryError::Retry {
+                        message: format!("sink {name} gave no result for this item"),
+                        after: None,
+                    })
+                });
+                held.retain(|l| l.id != item.id);
+                if result.is_err() {
+                    if let Some(record) = &item.change_of {
+                        failed.insert(record.clone());
+                    }
+                }
+                self.settle(name, item, result).await;
+            }
+        }
+    }
+
+    /// Hands an item back unsent, due at once: an earlier change of its record failed in
+    /// this round, and the claim holds it until that one is delivered or dead-lettered.
+    async fn hand_back(&self, name: &str, item: &iotgw_registry::OutboxItem, record: &str) {
+        let message = format!("held: an earlier change of {record} is waiting for its retry");
+        if let Err(e) = self.store.outbox_retry(item.lease(), Utc::now(), &message).await {
+            tracing::warn!(sink = %name, item = item.id, error = %e, "handing an item back failed; its lease will run out");
         }
     }
 

@@ -1,13 +1,14 @@
 //! The outbox and the dead letters on PostgreSQL. A claim takes due, unleased items with
-//! `FOR UPDATE SKIP LOCKED`, so two replicas claiming at once never lease the same item.
+//! `FOR UPDATE SKIP LOCKED`, so two replicas claiming at once never lease the same item, and
+//! claims of one sink take turns so one record's items go out in order.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use super::rows::*;
 use super::{
-    bad_cursor, db, finish_page, get, now, page_size, parse_time_cursor, text, time_cursor, ts,
-    PostgresStore, MAX_PAGE,
+    bad_cursor, db, finish_page, get, lock_key, now, page_size, parse_time_cursor, text,
+    time_cursor, ts, PostgresStore, MAX_PAGE,
 };
 use crate::model::*;
 use crate::store::{StoreError, StoreResult};
@@ -45,12 +46,24 @@ impl PostgresStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Claims of one sink take turns across replicas (a transaction-scoped advisory
+        // lock): the hold on a record's later items reads the leases of its earlier ones,
+        // which a concurrent claim has not committed yet and SKIP LOCKED would skip.
+        let mut tx = self.pool.begin().await.map_err(db("claiming outbox items"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key("outbox", sink))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("waiting for the outbox claim lock"))?;
         let rows = sqlx::query(&format!(
             "UPDATE outbox SET leased_until = $1, lease_token = lease_token + 1, \
              lease_holder = $5 WHERE id IN (\
-                SELECT id FROM outbox WHERE sink = $2 AND next_attempt_at <= $3 \
-                AND (leased_until IS NULL OR leased_until <= $3) ORDER BY id LIMIT $4 \
-                FOR UPDATE SKIP LOCKED) \
+                SELECT id FROM outbox o WHERE sink = $2 AND next_attempt_at <= $3 \
+                AND (leased_until IS NULL OR leased_until <= $3) \
+                AND (change_of IS NULL OR NOT EXISTS (SELECT 1 FROM outbox e \
+                    WHERE e.sink = o.sink AND e.change_of = o.change_of AND e.id < o.id \
+                    AND (e.next_attempt_at > $3 OR e.leased_until > $3))) \
+                ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) \
              RETURNING {OUTBOX_COLS}"
         ))
         .bind(ts(lease_until))
@@ -58,9 +71,10 @@ impl PostgresStore {
         .bind(ts(now))
         .bind(i64::from(limit.min(MAX_PAGE)))
         .bind(text(holder).as_ref())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("claiming outbox items"))?;
+        tx.commit().await.map_err(db("claiming outbox items"))?;
         let mut items = rows
             .iter()
             .map(outbox_from_row)

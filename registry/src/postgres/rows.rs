@@ -24,7 +24,7 @@ pub(super) const COMMAND_COLS: &str =
      parent_alert, correlation_id, provider_instance, created_at, updated_at, published_at, \
      request_id";
 pub(super) const OUTBOX_COLS: &str =
-    "id, sink, payload, idempotency_key, attempts, last_error, created_at, lease_token";
+    "id, sink, payload, idempotency_key, attempts, last_error, created_at, lease_token, change_of";
 pub(super) const DEAD_LETTER_COLS: &str =
     "id, source, reason, device_id, message_id, payload, created_at";
 
@@ -143,6 +143,7 @@ pub(super) fn outbox_from_row(row: &PgRow) -> StoreResult<OutboxItem> {
         last_error: get(row, "last_error")?,
         created_at: get(row, "created_at")?,
         lease_token: get(row, "lease_token")?,
+        change_of: get(row, "change_of")?,
     })
 }
 

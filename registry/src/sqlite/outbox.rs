@@ -37,17 +37,26 @@ impl SqliteStore {
             return Ok(Vec::new());
         }
         let now = ts(now);
-        // One statement, so two replicas can never lease the same item.
+        // One statement, so two replicas can never lease the same item. An item of a record
+        // (`change_of`) is held while an earlier one of the same record waits for its retry
+        // or is leased: a sink gets each record's changes in order, so an older state can
+        // never land after a newer one.
         let rows = sqlx::query(&format!(
             "UPDATE outbox SET leased_until = ?, lease_token = lease_token + 1, lease_holder = ? \
              WHERE id IN (\
-                SELECT id FROM outbox WHERE sink = ? AND next_attempt_at <= ? \
-                AND (leased_until IS NULL OR leased_until <= ?) ORDER BY id LIMIT ?) \
+                SELECT id FROM outbox o WHERE sink = ? AND next_attempt_at <= ? \
+                AND (leased_until IS NULL OR leased_until <= ?) \
+                AND (change_of IS NULL OR NOT EXISTS (SELECT 1 FROM outbox e \
+                    WHERE e.sink = o.sink AND e.change_of = o.change_of AND e.id < o.id \
+                    AND (e.next_attempt_at > ? OR e.leased_until > ?))) \
+                ORDER BY id LIMIT ?) \
              RETURNING {OUTBOX_COLS}"
         ))
         .bind(ts(lease_until))
         .bind(holder)
         .bind(sink)
+        .bind(&now)
+        .bind(&now)
         .bind(&now)
         .bind(&now)
         .bind(i64::from(limit.min(MAX_PAGE)))

@@ -115,6 +115,7 @@ fn item(a: &Alert) -> OutboxItem {
         last_error: None,
         created_at: a.created_at,
         lease_token: 1,
+        change_of: Some(format!("msdyn_iotalert:{}", a.id)),
     }
 }
 
