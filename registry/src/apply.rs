@@ -113,14 +113,18 @@ pub(crate) trait BatchWriter: Send {
     /// Inserts the rows (no token of them is stored) and returns them as stored, in any
     /// order.
     async fn insert_alerts(&mut self, rows: &[AlertRow<'_>]) -> StoreResult<Vec<Alert>>;
-    /// Creates the command a primary alert's rule asks for.
+    /// Creates the command a primary alert's rule asks for, queueing its change event for
+    /// each sink in `subs` taking commands.
     async fn insert_alert_command(
         &mut self,
         device: &Device,
         command: &NewAlertCommand,
         alert: Uuid,
+        subs: &Subscriptions,
     ) -> StoreResult<Command>;
-    /// Queues outbox items (an item already queued for its sink and alert is kept as is).
+    /// Queues outbox items, each naming its alert's record (`msdyn_iotalert:<id>`) so the
+    /// alert's later change events follow it (an item already queued for its sink and alert
+    /// is kept as is).
     async fn queue_outbox(&mut self, items: &[OutboxRow<'_>]) -> StoreResult<()>;
     /// Queues the device's change event for each sink in `subs` taking devices, bumping its
     /// change version (`connection`: a connection-state change, coalesced per sink).
@@ -563,7 +567,9 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
     let mut commands: HashMap<Uuid, Command> = HashMap::new();
     for row in &rows {
         if let (None, Some(command)) = (row.parent, &row.new.command) {
-            let created = w.insert_alert_command(row.device, command, row.id).await?;
+            let created = w
+                .insert_alert_command(row.device, command, row.id, subs)
+                .await?;
             commands.insert(row.id, created);
         }
     }

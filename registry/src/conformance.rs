@@ -121,6 +121,12 @@ macro_rules! conformance_tests {
             connection_changes_are_kept_newest_first_and_bounded,
             device_changes_reach_subscribed_sinks_in_version_order,
             connection_churn_is_coalesced_per_sink_and_the_last_state_wins,
+            command_changes_reach_subscribed_sinks_in_version_order,
+            registration_history_rows_reach_subscribed_sinks_once,
+            category_changes_reach_subscribed_sinks,
+            alert_updates_follow_the_new_alert_in_order_for_sinks_taking_alerts,
+            device_change_events_name_their_category_id,
+            a_sink_gets_only_the_entities_it_takes,
         }
     };
     (@scenarios $($name:ident),+ $(,)?) => {
@@ -4177,6 +4183,446 @@ pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(stor
         serde_json::to_value(store.get_device(&id).await.expect("get").expect("device"))
             .expect("json")
     );
+}
+
+/// The change events among `items` about `record` (`<entity>:<key>`), in queue order.
+fn of_record<'a>(items: &'a [OutboxItem], record: &str) -> Vec<&'a OutboxItem> {
+    items
+        .iter()
+        .filter(|i| i.change_of.as_deref() == Some(record))
+        .collect()
+}
+
+/// Checks that `item` is version `version` of the change event of `entity`'s record `key`.
+fn assert_change(item: &OutboxItem, entity: &str, key: &str, version: i64) {
+    assert_eq!(item.payload["entity"], entity, "{item:?}");
+    assert_eq!(item.payload["key"], key, "{item:?}");
+    assert_eq!(item.payload["version"], version, "{item:?}");
+    assert_eq!(item.idempotency_key, format!("{entity}:{key}:{version}"));
+    assert_eq!(
+        item.change_of.as_deref(),
+        Some(format!("{entity}:{key}").as_str())
+    );
+}
+
+/// A command's creation and each change of what it shows (status, status reason,
+/// publication) queue one change event (`msdyn_iotdevicecommand`, its id, versions 1..n in
+/// order, the record as stored) for a sink taking commands, whatever created it (the API or
+/// an alert's rule); a claim alone queues nothing, and a sink not taking commands gets none.
+pub async fn command_changes_reach_subscribed_sinks_in_version_order(store: &dyn Store) {
+    registered(store, "cmdfeed-1", "mqtt").await;
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "feed", &[ENTITY_COMMAND], Duration::zero());
+    subscribe(&mut subs, "devices", &[ENTITY_DEVICE], Duration::zero());
+    store.set_subscriptions(subs);
+    let made = store
+        .insert_command(&NewCommand {
+            request_id: None,
+            name: "reboot".into(),
+            message: "{}".into(),
+            device_id: did("cmdfeed-1"),
+            parent_alert: None,
+            correlation_id: "corr-feed-1".into(),
+        })
+        .await
+        .expect("insert");
+    let sent = store
+        .set_command_status(made.id, CommandStatus::Sent, None)
+        .await
+        .expect("sent");
+    let mut a = new_alert("t-cmdfeed", "k", at(1));
+    a.command = Some(NewAlertCommand {
+        name: "reset".into(),
+        message: "{}".into(),
+        correlation_id: "corr-feed-2".into(),
+    });
+    let out = store
+        .commit_telemetry(&commit("cmdfeed-1", vec![a], 60, &["feed", "devices"]))
+        .await
+        .expect("commit");
+    let by_rule = out[0].command.clone().expect("a command");
+
+    let items = drain(store, "feed").await;
+    let key = made.id.to_string();
+    let mine = of_record(&items, &format!("{ENTITY_COMMAND}:{key}"));
+    assert_eq!(mine.len(), 2, "{items:?}");
+    assert_change(mine[0], ENTITY_COMMAND, &key, 1);
+    assert_change(mine[1], ENTITY_COMMAND, &key, 2);
+    assert_eq!(mine[0].payload["state"]["msdyn_commandstatus"], 192350000);
+    assert_eq!(mine[1].payload["state"]["msdyn_commandstatus"], 192350001);
+    assert_eq!(
+        mine[0].payload["state"],
+        serde_json::to_value(&made).expect("json")
+    );
+    assert_eq!(
+        mine[1].payload["state"],
+        serde_json::to_value(&sent).expect("json")
+    );
+    let rule_key = by_rule.id.to_string();
+    let ruled = of_record(&items, &format!("{ENTITY_COMMAND}:{rule_key}"));
+    assert_eq!(ruled.len(), 1, "{items:?}");
+    assert_change(ruled[0], ENTITY_COMMAND, &rule_key, 1);
+    assert_eq!(items.len(), 3, "commands only: {items:?}");
+
+    // A claim is lease bookkeeping: nothing to queue. Publishing shows on the record.
+    let now = Utc::now();
+    store
+        .claim_command(by_rule.id, "r1", now, now + Duration::seconds(60))
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert!(
+        drain(store, "feed").await.is_empty(),
+        "a claim queues nothing"
+    );
+    assert!(store
+        .command_published(by_rule.id, "r1")
+        .await
+        .expect("published"));
+    let published = drain(store, "feed").await;
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_change(&published[0], ENTITY_COMMAND, &rule_key, 2);
+    assert_eq!(
+        published[0].payload["state"],
+        serde_json::to_value(store.get_command(by_rule.id).await.expect("get")).expect("json")
+    );
+    let devices = drain(store, "devices").await;
+    assert!(
+        devices.iter().all(|i| i.payload["entity"] == ENTITY_DEVICE),
+        "{devices:?}"
+    );
+}
+
+/// Every registration history row (single and batch registration, unregistering, a move)
+/// reaches a sink taking history once: `msdyn_iotdeviceregistrationhistory`, its id,
+/// version 1, the row as `history` reads it; a sink not taking history gets none.
+pub async fn registration_history_rows_reach_subscribed_sinks_once(store: &dyn Store) {
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "feed", &[ENTITY_HISTORY], Duration::zero());
+    subscribe(&mut subs, "devices", &[ENTITY_DEVICE], Duration::zero());
+    store.set_subscriptions(subs);
+    registered(store, "hist-1", "mqtt").await;
+    store
+        .mark_unregistered(&did("hist-1"), None)
+        .await
+        .expect("unregister");
+    let batch = [new_device("hist-2", "mqtt"), new_device("hist-3", "mqtt")];
+    store.begin_registrations(&batch).await.expect("begin");
+    let finished = store
+        .finish_registrations(&[(did("hist-2"), Ok(None)), (did("hist-3"), Ok(None))])
+        .await
+        .expect("finish");
+    assert!(finished.iter().all(Result::is_ok));
+    registered(store, "hist-4", "mqtt").await;
+    store
+        .move_device(&did("hist-4"), "mqtt", "edge")
+        .await
+        .expect("move");
+
+    let items = drain(store, "feed").await;
+    let mut rows = Vec::new();
+    for id in ["hist-1", "hist-2", "hist-3", "hist-4"] {
+        rows.extend(store.history(&did(id)).await.expect("history"));
+    }
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    assert_eq!(items.len(), rows.len(), "one event per row: {items:?}");
+    for row in &rows {
+        let key = row.id.to_string();
+        let events = of_record(&items, &format!("{ENTITY_HISTORY}:{key}"));
+        assert_eq!(events.len(), 1, "{row:?} in {items:?}");
+        assert_change(events[0], ENTITY_HISTORY, &key, 1);
+        assert_eq!(
+            events[0].payload["state"],
+            serde_json::to_value(row).expect("json")
+        );
+    }
+    let devices = drain(store, "devices").await;
+    assert!(
+        devices.iter().all(|i| i.payload["entity"] == ENTITY_DEVICE),
+        "{devices:?}"
+    );
+}
+
+/// A category's creation (by `upsert_category` or by a registration batch naming it) and
+/// each change of its description queue one change event (`msdyn_iotdevicecategory`, its
+/// id, versions 1..n, the record as listed); an upsert changing nothing queues nothing.
+pub async fn category_changes_reach_subscribed_sinks(store: &dyn Store) {
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "feed", &[ENTITY_CATEGORY], Duration::zero());
+    subscribe(&mut subs, "devices", &[ENTITY_DEVICE], Duration::zero());
+    store.set_subscriptions(subs);
+    let created = store
+        .upsert_category("pumps", Some("Pumps"))
+        .await
+        .expect("create");
+    let same = store
+        .upsert_category("pumps", Some("Pumps"))
+        .await
+        .expect("same again");
+    assert_eq!(same, created, "nothing changed");
+    let kept = store
+        .upsert_category("pumps", None)
+        .await
+        .expect("no description");
+    assert_eq!(kept, created, "a missing description keeps the stored one");
+    let changed = store
+        .upsert_category("pumps", Some("All pumps"))
+        .await
+        .expect("change");
+    assert_eq!(changed.description.as_deref(), Some("All pumps"));
+    let mut valve = new_device("catfeed-1", "mqtt");
+    valve.category = Some("valves".into());
+    let mut pump = new_device("catfeed-2", "mqtt");
+    pump.category = Some("pumps".into());
+    store
+        .begin_registrations(&[valve, pump])
+        .await
+        .expect("begin");
+
+    let items = drain(store, "feed").await;
+    assert_eq!(items.len(), 3, "{items:?}");
+    let key = created.id.to_string();
+    assert_change(&items[0], ENTITY_CATEGORY, &key, 1);
+    assert_eq!(
+        items[0].payload["state"],
+        serde_json::to_value(&created).expect("json")
+    );
+    assert_change(&items[1], ENTITY_CATEGORY, &key, 2);
+    assert_eq!(
+        items[1].payload["state"],
+        serde_json::to_value(&changed).expect("json")
+    );
+    let listed = store.list_categories().await.expect("list");
+    let valves = listed
+        .iter()
+        .find(|c| c.name == "valves")
+        .expect("valves created by the batch");
+    assert_change(&items[2], ENTITY_CATEGORY, &valves.id.to_string(), 1);
+    assert_eq!(
+        items[2].payload["state"],
+        serde_json::to_value(valves).expect("json")
+    );
+    let devices = drain(store, "devices").await;
+    assert!(
+        devices.iter().all(|i| i.payload["entity"] == ENTITY_DEVICE),
+        "{devices:?}"
+    );
+}
+
+/// A new alert goes to a sink taking alerts as it always did (the alert, keyed by its id)
+/// but names its record (`msdyn_iotalert:<id>`), and each later change of the alert
+/// (status and last command, service work, closing as a child) follows it as a change
+/// event, versions 2..n; a sink never subscribed still gets the new alerts only, and a
+/// sink not taking alerts gets none of them.
+pub async fn alert_updates_follow_the_new_alert_in_order_for_sinks_taking_alerts(
+    store: &dyn Store,
+) {
+    registered(store, "alfeed-1", "mqtt").await;
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "feed", &[ENTITY_ALERT], Duration::zero());
+    subscribe(&mut subs, "devices", &[ENTITY_DEVICE], Duration::zero());
+    store.set_subscriptions(subs);
+    let sinks = ["feed", "devices", "legacy"];
+    let parent = one(
+        store,
+        commit(
+            "alfeed-1",
+            vec![new_alert("t-al-1", "k", at(1))],
+            60,
+            &sinks,
+        ),
+    )
+    .await;
+    let child = one(
+        store,
+        commit(
+            "alfeed-1",
+            vec![new_alert("t-al-2", "k", at(2))],
+            60,
+            &sinks,
+        ),
+    )
+    .await;
+    assert_eq!(child.parent_alert, Some(parent.id), "debounced");
+    let command = Uuid::now_v7();
+    let sent = store
+        .set_alert_status(parent.id, AlertStatus::CommandSent, Some((command, at(5))))
+        .await
+        .expect("status");
+    let case = store
+        .set_alert_service_work(parent.id, ServiceWork::Case(Uuid::now_v7()))
+        .await
+        .expect("case");
+    assert_eq!(store.close_child_alerts(parent.id).await.expect("close"), 1);
+
+    let items = drain(store, "feed").await;
+    assert_eq!(items.len(), 5, "{items:?}");
+    let key = parent.id.to_string();
+    let mine = of_record(&items, &format!("{ENTITY_ALERT}:{key}"));
+    assert_eq!(mine.len(), 3, "{items:?}");
+    assert_eq!(mine[0].idempotency_key, key, "the new alert keeps its key");
+    assert_eq!(
+        mine[0].payload,
+        serde_json::to_value(&parent).expect("json"),
+        "and its payload"
+    );
+    assert_change(mine[1], ENTITY_ALERT, &key, 2);
+    assert_eq!(
+        mine[1].payload["state"],
+        serde_json::to_value(&sent).expect("json")
+    );
+    assert_eq!(
+        mine[1].payload["state"]["msdyn_lastcommandsent"],
+        command.to_string()
+    );
+    assert_change(mine[2], ENTITY_ALERT, &key, 3);
+    assert_eq!(
+        mine[2].payload["state"],
+        serde_json::to_value(&case).expect("json")
+    );
+    let child_key = child.id.to_string();
+    let theirs = of_record(&items, &format!("{ENTITY_ALERT}:{child_key}"));
+    assert_eq!(theirs.len(), 2, "{items:?}");
+    assert_eq!(theirs[0].idempotency_key, child_key);
+    assert_change(theirs[1], ENTITY_ALERT, &child_key, 2);
+    assert_eq!(
+        theirs[1].payload["state"],
+        serde_json::to_value(store.get_alert(child.id).await.expect("get")).expect("json")
+    );
+    assert_eq!(theirs[1].payload["state"]["statecode"], 3, "closed");
+
+    let legacy = drain(store, "legacy").await;
+    assert_eq!(legacy.len(), 2, "new alerts only: {legacy:?}");
+    assert!(legacy
+        .iter()
+        .all(|i| i.change_of.as_deref() == Some(&format!("{ENTITY_ALERT}:{}", i.idempotency_key))));
+    let devices = drain(store, "devices").await;
+    assert!(
+        devices.iter().all(|i| i.payload["entity"] == ENTITY_DEVICE),
+        "{devices:?}"
+    );
+}
+
+/// A device's change event names the id of its category (`refs.msdyn_category`) once a
+/// category of that name exists, and has no `refs` while it does not or when the device
+/// has no category.
+pub async fn device_change_events_name_their_category_id(store: &dyn Store) {
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "feed", &[ENTITY_DEVICE], Duration::zero());
+    store.set_subscriptions(subs);
+    registered(store, "refs-1", "mqtt").await;
+    let mut bare = new_device("refs-2", "mqtt");
+    bare.category = None;
+    store.begin_registration(&bare).await.expect("begin");
+    let before = drain(store, "feed").await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert!(
+        before.iter().all(|i| i.payload.get("refs").is_none()),
+        "no category stored yet, or none named: {before:?}"
+    );
+
+    let pumps = store
+        .upsert_category("pumps", None)
+        .await
+        .expect("category");
+    assert!(store
+        .set_connection_state(&did("refs-1"), true, at(10))
+        .await
+        .expect("connect"));
+    assert!(store
+        .set_connection_state(&did("refs-2"), true, at(10))
+        .await
+        .expect("connect"));
+    let after = drain(store, "feed").await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(after[0].payload["key"], "refs-1");
+    assert_eq!(
+        after[0].payload["refs"],
+        serde_json::json!({"msdyn_category": pumps.id.to_string()})
+    );
+    assert_eq!(after[0].payload["state"]["msdyn_category"], "pumps");
+    assert_eq!(after[1].payload["key"], "refs-2");
+    assert!(after[1].payload.get("refs").is_none(), "{after:?}");
+}
+
+/// Without a sink taking them, commands, history, categories and alert updates queue
+/// nothing (a sink never subscribed gets the new alerts only), and a sink gets the
+/// entities it takes and no other.
+pub async fn a_sink_gets_only_the_entities_it_takes(store: &dyn Store) {
+    async fn churn(store: &dyn Store, n: u32) {
+        let id = format!("only-{n}");
+        let device = registered(store, &id, "mqtt").await;
+        store
+            .upsert_category(&format!("cat-{n}"), Some("c"))
+            .await
+            .expect("category");
+        let command = store
+            .insert_command(&NewCommand {
+                request_id: None,
+                name: "reboot".into(),
+                message: "{}".into(),
+                device_id: device.device_id.clone(),
+                parent_alert: None,
+                correlation_id: format!("corr-only-{n}"),
+            })
+            .await
+            .expect("insert");
+        store
+            .set_command_status(command.id, CommandStatus::Sent, None)
+            .await
+            .expect("sent");
+        let alert = one(
+            store,
+            commit(
+                &id,
+                vec![new_alert(&format!("t-only-{n}"), "k", at(1))],
+                60,
+                &["legacy", "devices", "commands"],
+            ),
+        )
+        .await;
+        store
+            .set_alert_status(alert.id, AlertStatus::Inactive, None)
+            .await
+            .expect("status");
+        store
+            .mark_unregistered(&device.device_id, None)
+            .await
+            .expect("unregister");
+    }
+    churn(store, 1).await;
+    let waiting = depth(store).await;
+    let total: u64 = waiting.iter().map(|(_, d)| *d).sum();
+    let legacy = drain(store, "legacy").await;
+    assert_eq!(legacy.len(), 1, "the new alert only: {legacy:?}");
+    assert_eq!(
+        total, 3,
+        "the new alert for each sink, nothing else: {waiting:?}"
+    );
+    drain(store, "devices").await;
+    drain(store, "commands").await;
+
+    let mut subs = Subscriptions::default();
+    subscribe(&mut subs, "devices", &[ENTITY_DEVICE], Duration::zero());
+    subscribe(&mut subs, "commands", &[ENTITY_COMMAND], Duration::zero());
+    store.set_subscriptions(subs);
+    churn(store, 2).await;
+    let devices = drain(store, "devices").await;
+    assert!(!devices.is_empty());
+    assert!(
+        devices.iter().all(|i| i.payload["entity"] == ENTITY_DEVICE),
+        "{devices:?}"
+    );
+    let commands = drain(store, "commands").await;
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    assert!(
+        commands
+            .iter()
+            .all(|i| i.payload["entity"] == ENTITY_COMMAND),
+        "{commands:?}"
+    );
+    let legacy = drain(store, "legacy").await;
+    assert_eq!(legacy.len(), 1, "the new alert only: {legacy:?}");
 }
 
 #[cfg(test)]

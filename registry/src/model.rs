@@ -569,6 +569,12 @@ pub struct TelemetryCommit {
 pub const ENTITY_DEVICE: &str = "msdyn_iotdevice";
 /// The change-feed entity of an alert record.
 pub const ENTITY_ALERT: &str = "msdyn_iotalert";
+/// The change-feed entity of a device command record.
+pub const ENTITY_COMMAND: &str = "msdyn_iotdevicecommand";
+/// The change-feed entity of a registration history record (immutable: one event each).
+pub const ENTITY_HISTORY: &str = "msdyn_iotdeviceregistrationhistory";
+/// The change-feed entity of a device category record.
+pub const ENTITY_CATEGORY: &str = "msdyn_iotdevicecategory";
 
 /// What one sink takes from the change feed.
 #[derive(Clone, Debug, PartialEq)]
@@ -612,6 +618,11 @@ impl Subscriptions {
             .filter(move |(_, s)| s.entities.iter().any(|e| e == entity))
             .map(|(n, s)| (n.as_str(), s))
     }
+
+    /// The names of the sinks that take `entity`, in name order.
+    pub fn sink_names<'a>(&'a self, entity: &'a str) -> Vec<&'a str> {
+        self.sinks_taking(entity).map(|(n, _)| n).collect()
+    }
 }
 
 /// The outbox idempotency key of a change event: `<entity>:<key>:<version>`.
@@ -619,19 +630,68 @@ pub fn change_key(entity: &str, key: &str, version: i64) -> String {
     format!("{entity}:{key}:{version}")
 }
 
+/// The outbox payload of a change event: `{"entity", "key", "version", "state"}`, the state
+/// being the record as the API shows it (serialized with serde).
+pub fn change_payload(
+    entity: &str,
+    key: &str,
+    version: i64,
+    state: &impl Serialize,
+) -> crate::StoreResult<serde_json::Value> {
+    Ok(serde_json::json!({
+        "entity": entity,
+        "key": key,
+        "version": version,
+        "state": serde_json::to_value(state).map_err(|e| {
+            crate::StoreError::Database(format!("serializing a {entity} record: {e}"))
+        })?,
+    }))
+}
+
 /// The outbox payload of a device's change event: the entity, its key (`msdyn_deviceid`),
-/// its change version and the record as the API shows it.
+/// its change version and the record as the API shows it, plus `"refs": {"msdyn_category":
+/// <id>}` when the device names a category that exists (`category_id`; no `refs` otherwise).
 pub fn device_change_payload(
     device: &Device,
     version: i64,
+    category_id: Option<Uuid>,
 ) -> crate::StoreResult<serde_json::Value> {
-    Ok(serde_json::json!({
-        "entity": ENTITY_DEVICE,
-        "key": device.device_id.as_str(),
-        "version": version,
-        "state": serde_json::to_value(device)
-            .map_err(|e| crate::StoreError::Database(format!("serializing a device: {e}")))?,
-    }))
+    let mut payload = change_payload(ENTITY_DEVICE, device.device_id.as_str(), version, device)?;
+    if let (Some(id), Some(fields)) = (category_id, payload.as_object_mut()) {
+        fields.insert(
+            "refs".into(),
+            serde_json::json!({ "msdyn_category": id.to_string() }),
+        );
+    }
+    Ok(payload)
+}
+
+/// One change event to queue for every sink taking its entity (see `change_payload`).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ChangeEvent {
+    /// The record, `<entity>:<key>` (the outbox `change_of`).
+    pub change_of: String,
+    /// The idempotency key, `<entity>:<key>:<version>` ([`change_key`]).
+    pub key: String,
+    /// The payload.
+    pub payload: serde_json::Value,
+}
+
+impl ChangeEvent {
+    /// The change event of version `version` of record `key` of `entity`, whose state is
+    /// `state`.
+    pub(crate) fn new(
+        entity: &str,
+        key: &str,
+        version: i64,
+        state: &impl Serialize,
+    ) -> crate::StoreResult<Self> {
+        Ok(Self {
+            change_of: format!("{entity}:{key}"),
+            key: change_key(entity, key, version),
+            payload: change_payload(entity, key, version, state)?,
+        })
+    }
 }
 
 /// One alert after commit.

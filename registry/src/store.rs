@@ -23,8 +23,10 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
 
     /// Which sinks take which entities' change events from now on (set at start-up and
-    /// after each reload): every write that commits a change queues, in its transaction,
-    /// one outbox item per sink taking the changed entity.
+    /// after each reload): every write that commits a change of a device, command,
+    /// registration history row, category or stored alert queues, in its transaction, one
+    /// change event per sink taking the changed entity (a new alert keeps its own item, for
+    /// the sinks of its commit that take alerts).
     fn set_subscriptions(&self, subscriptions: Subscriptions);
 
     // --- devices -------------------------------------------------------------------------

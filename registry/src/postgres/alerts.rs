@@ -9,6 +9,7 @@
 //! one's primary and becomes its child.
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Postgres, QueryBuilder};
 use uuid::Uuid;
 
@@ -168,6 +169,9 @@ pub(super) async fn insert_alert_rows(
     .collect()
 }
 
+/// Queues each new alert for its sink: the alert as the payload, its id as the idempotency
+/// key, and `msdyn_iotalert:<id>` as the record it is about, so the alert's later change
+/// events (version 2 on, [`alerts_changed`]) reach the sink after it.
 pub(super) async fn queue_outbox(
     conn: &mut PgConnection,
     items: &[OutboxRow<'_>],
@@ -175,6 +179,7 @@ pub(super) async fn queue_outbox(
     let mut sinks = Vec::with_capacity(items.len());
     let mut payloads = Vec::with_capacity(items.len());
     let mut keys = Vec::with_capacity(items.len());
+    let mut records = Vec::with_capacity(items.len());
     for item in items {
         let payload = serde_json::to_value(item.alert).map_err(|e| {
             StoreError::Database(format!("serializing alert {}: {e}", item.alert.id))
@@ -182,21 +187,69 @@ pub(super) async fn queue_outbox(
         sinks.push(item.sink.to_owned());
         payloads.push(super::jsonb(&payload).0.to_string());
         keys.push(item.alert.id.to_string());
+        records.push(format!("{ENTITY_ALERT}:{}", item.alert.id));
     }
     sqlx::query(
-        "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at) \
-         SELECT s, p::jsonb, k, 0, $4, $4 FROM unnest($1::text[], $2::text[], $3::text[]) \
-         WITH ORDINALITY AS v (s, p, k, n) ORDER BY n \
+        "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, created_at, \
+         change_of) \
+         SELECT s, p::jsonb, k, 0, $5, $5, c \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+         WITH ORDINALITY AS v (s, p, k, c, n) ORDER BY n \
          ON CONFLICT (sink, idempotency_key) DO NOTHING",
     )
     .bind(sinks)
     .bind(payloads)
     .bind(keys)
+    .bind(records)
     .bind(now())
     .execute(&mut *conn)
     .await
     .map_err(db("queueing outbox items"))?;
     Ok(())
+}
+
+/// The alerts of these rows (read with [`ALERT_COLS`] and `change_version`), after queueing
+/// each one's change event for each sink in `subs` taking alerts, in the caller's
+/// transaction. Every statement changing a stored alert bumps its change version in the
+/// same statement (1 is its creation, queued as the new alert itself).
+pub(super) async fn alerts_changed(
+    conn: &mut PgConnection,
+    rows: &[PgRow],
+    subs: &Subscriptions,
+) -> StoreResult<Vec<Alert>> {
+    let alerts = rows
+        .iter()
+        .map(alert_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let sinks = subs.sink_names(ENTITY_ALERT);
+    if !sinks.is_empty() {
+        let events = alerts
+            .iter()
+            .zip(rows)
+            .map(|(a, row)| {
+                ChangeEvent::new(
+                    ENTITY_ALERT,
+                    &a.id.to_string(),
+                    get(row, "change_version")?,
+                    a,
+                )
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        super::outbox::queue_changes(conn, &sinks, &events, false).await?;
+    }
+    Ok(alerts)
+}
+
+/// The one alert a statement changed (`row`), after queueing its change event.
+async fn alert_changed(
+    conn: &mut PgConnection,
+    row: PgRow,
+    subs: &Subscriptions,
+) -> StoreResult<Alert> {
+    alerts_changed(conn, std::slice::from_ref(&row), subs)
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Database("an updated alert was not read back".into()))
 }
 
 impl PostgresStore {
@@ -278,25 +331,31 @@ impl PostgresStore {
             Some((command, at)) => (Some(command), Some(ts(at))),
             None => (None, None),
         };
+        let mut tx = self.write().await?;
         let row = sqlx::query(&format!(
             "UPDATE alerts SET statecode = $1, statuscode = $2, \
              last_command_sent = COALESCE($3, last_command_sent), \
-             last_command_sent_time = COALESCE($4, last_command_sent_time) \
-             WHERE id = $5 RETURNING {ALERT_COLS}"
+             last_command_sent_time = COALESCE($4, last_command_sent_time), \
+             change_version = change_version + 1 \
+             WHERE id = $5 RETURNING {ALERT_COLS}, change_version"
         ))
         .bind(status.statecode())
         .bind(status.statuscode())
         .bind(command)
         .bind(sent)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db("setting an alert status"))?
         .ok_or_else(|| StoreError::NotFound {
             entity: "alert",
             key: id.to_string(),
         })?;
-        alert_from_row(&row)
+        let alert = alert_changed(&mut tx, row, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing an alert status"))?;
+        Ok(alert)
     }
 
     /// See [`crate::Store::set_alert_service_work`].
@@ -310,39 +369,50 @@ impl PostgresStore {
             ServiceWork::Case(c) => (Some(c), None),
             ServiceWork::WorkOrder(w) => (None, Some(w)),
         };
+        let mut tx = self.write().await?;
         let row = sqlx::query(&format!(
             "UPDATE alerts SET statecode = $1, statuscode = $2, \
-             case_id = COALESCE($3, case_id), workorder_id = COALESCE($4, workorder_id) \
-             WHERE id = $5 RETURNING {ALERT_COLS}"
+             case_id = COALESCE($3, case_id), workorder_id = COALESCE($4, workorder_id), \
+             change_version = change_version + 1 \
+             WHERE id = $5 RETURNING {ALERT_COLS}, change_version"
         ))
         .bind(status.statecode())
         .bind(status.statuscode())
         .bind(case)
         .bind(order)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db("recording an alert's case or work order"))?
         .ok_or_else(|| StoreError::NotFound {
             entity: "alert",
             key: id.to_string(),
         })?;
-        alert_from_row(&row)
+        let alert = alert_changed(&mut tx, row, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing an alert's case or work order"))?;
+        Ok(alert)
     }
 
     /// See [`crate::Store::close_child_alerts`].
     pub(super) async fn close_children(&self, parent: Uuid) -> StoreResult<u64> {
         let closed = AlertStatus::Closed;
-        Ok(sqlx::query(
-            "UPDATE alerts SET statecode = $1, statuscode = $2 \
-             WHERE parent_alert = $3 AND statecode <> $1",
-        )
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE alerts SET statecode = $1, statuscode = $2, change_version = change_version + 1 \
+             WHERE parent_alert = $3 AND statecode <> $1 RETURNING {ALERT_COLS}, change_version"
+        ))
         .bind(closed.statecode())
         .bind(closed.statuscode())
         .bind(parent)
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(db("closing child alerts"))?
-        .rows_affected())
+        .map_err(db("closing child alerts"))?;
+        let closed = alerts_changed(&mut tx, &rows, &self.subs()).await?.len();
+        tx.commit()
+            .await
+            .map_err(db("committing closed child alerts"))?;
+        Ok(closed as u64)
     }
 }

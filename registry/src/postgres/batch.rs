@@ -141,6 +141,7 @@ impl BatchWriter for Writer<'_> {
         device: &Device,
         command: &NewAlertCommand,
         alert: Uuid,
+        subs: &crate::model::Subscriptions,
     ) -> StoreResult<Command> {
         insert_command_row(
             self.0,
@@ -150,6 +151,7 @@ impl BatchWriter for Writer<'_> {
             Some(alert),
             &command.correlation_id,
             None,
+            subs,
         )
         .await
     }

@@ -5,15 +5,63 @@ use uuid::Uuid;
 
 use super::rows::*;
 use super::{
-    db, devices, finish_page, is_unique_violation, now, page_size, parse_uuid_cursor, text,
+    db, devices, finish_page, get, is_unique_violation, now, page_size, parse_uuid_cursor, text,
     time_cursor, ts, PostgresStore, MAX_PAGE,
 };
 use crate::batch::check_command_message;
 use crate::model::*;
 use crate::store::{StoreError, StoreResult};
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
 
-/// Inserts a command (In Progress) for a known device.
+/// The commands of these rows (read with [`COMMAND_COLS`] and `change_version`), after
+/// queueing each one's change event for each sink in `subs` taking commands, in the
+/// caller's transaction. Every statement that changes what a command shows (creation,
+/// status, status reason, publication) bumps its change version in the same statement, so
+/// versions count its changes from 1 at creation; lease bookkeeping alone does not.
+pub(super) async fn commands_changed(
+    conn: &mut PgConnection,
+    rows: &[PgRow],
+    subs: &Subscriptions,
+) -> StoreResult<Vec<Command>> {
+    let commands = rows
+        .iter()
+        .map(command_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let sinks = subs.sink_names(ENTITY_COMMAND);
+    if !sinks.is_empty() {
+        let events = commands
+            .iter()
+            .zip(rows)
+            .map(|(c, row)| {
+                ChangeEvent::new(
+                    ENTITY_COMMAND,
+                    &c.id.to_string(),
+                    get(row, "change_version")?,
+                    c,
+                )
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        super::outbox::queue_changes(conn, &sinks, &events, false).await?;
+    }
+    Ok(commands)
+}
+
+/// The one command a statement changed (`row`), after queueing its change event.
+async fn command_changed(
+    conn: &mut PgConnection,
+    row: PgRow,
+    subs: &Subscriptions,
+) -> StoreResult<Command> {
+    commands_changed(conn, std::slice::from_ref(&row), subs)
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Database("a written command was not read back".into()))
+}
+
+/// Inserts a command (In Progress, change version 1) for a known device and queues its
+/// change event for the sinks in `subs` taking commands.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn insert_command_row(
     conn: &mut PgConnection,
     device: &Device,
@@ -22,11 +70,14 @@ pub(super) async fn insert_command_row(
     parent_alert: Option<Uuid>,
     correlation_id: &str,
     request_id: Option<Uuid>,
+    subs: &Subscriptions,
 ) -> StoreResult<Command> {
     let row = sqlx::query(&format!(
         "INSERT INTO commands (id, name, message, status, status_reason, device, device_id, \
-         parent_alert, correlation_id, provider_instance, created_at, updated_at, request_id) \
-         VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING {COMMAND_COLS}"
+         parent_alert, correlation_id, provider_instance, created_at, updated_at, request_id, \
+         change_version) \
+         VALUES ($1, $2, $3, $4, NULL, $5, $6, $7, $8, $9, $10, $10, $11, 1) \
+         RETURNING {COMMAND_COLS}, change_version"
     ))
     .bind(Uuid::now_v7())
     .bind(text(name).as_ref())
@@ -50,7 +101,7 @@ pub(super) async fn insert_command_row(
             db("inserting a command")(e)
         }
     })?;
-    command_from_row(&row)
+    command_changed(conn, row, subs).await
 }
 
 impl PostgresStore {
@@ -80,6 +131,7 @@ impl PostgresStore {
             command.parent_alert,
             &command.correlation_id,
             command.request_id,
+            &self.subs(),
         )
         .await?;
         tx.commit().await.map_err(db("committing a command"))?;
@@ -93,21 +145,28 @@ impl PostgresStore {
         status: CommandStatus,
         reason: Option<String>,
     ) -> StoreResult<Command> {
+        let mut tx = self.write().await?;
         let row = sqlx::query(&format!(
-            "UPDATE commands SET status = $1, status_reason = $2, updated_at = $3 WHERE id = $4 RETURNING {COMMAND_COLS}"
+            "UPDATE commands SET status = $1, status_reason = $2, updated_at = $3, \
+             change_version = change_version + 1 WHERE id = $4 \
+             RETURNING {COMMAND_COLS}, change_version"
         ))
         .bind(status.value())
         .bind(reason.as_deref().map(text).as_deref())
         .bind(now())
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db("setting a command status"))?
         .ok_or_else(|| StoreError::NotFound {
             entity: "command",
             key: id.to_string(),
         })?;
-        command_from_row(&row)
+        let command = command_changed(&mut tx, row, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing a command status"))?;
+        Ok(command)
     }
 
     /// See [`crate::Store::get_command`].
@@ -229,19 +288,25 @@ impl PostgresStore {
 
     /// See [`crate::Store::command_published`].
     pub(super) async fn published(&self, id: Uuid, holder: &str) -> StoreResult<bool> {
-        let done = sqlx::query(
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
             "UPDATE commands SET published_at = $1, updated_at = $1, claim_holder = NULL, \
-             claimed_until = NULL, status_reason = NULL \
-             WHERE id = $2 AND claim_holder = $3 AND status = $4 AND published_at IS NULL",
-        )
+             claimed_until = NULL, status_reason = NULL, change_version = change_version + 1 \
+             WHERE id = $2 AND claim_holder = $3 AND status = $4 AND published_at IS NULL \
+             RETURNING {COMMAND_COLS}, change_version"
+        ))
         .bind(now())
         .bind(id)
         .bind(text(holder).as_ref())
         .bind(CommandStatus::InProgress.value())
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("recording a published command"))?;
-        Ok(done.rows_affected() == 1)
+        commands_changed(&mut tx, &rows, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing a published command"))?;
+        Ok(rows.len() == 1)
     }
 
     /// See [`crate::Store::defer_command`].
@@ -252,20 +317,27 @@ impl PostgresStore {
         retry_at: DateTime<Utc>,
         reason: &str,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE commands SET claimed_until = $1, status_reason = $2, updated_at = $3 \
-             WHERE id = $4 AND claim_holder = $5 AND status = $6 AND published_at IS NULL",
-        )
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE commands SET claimed_until = $1, status_reason = $2, updated_at = $3, \
+             change_version = change_version + 1 \
+             WHERE id = $4 AND claim_holder = $5 AND status = $6 AND published_at IS NULL \
+             RETURNING {COMMAND_COLS}, change_version"
+        ))
         .bind(ts(retry_at))
         .bind(text(reason).as_ref())
         .bind(now())
         .bind(id)
         .bind(text(holder).as_ref())
         .bind(CommandStatus::InProgress.value())
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("deferring a command"))?;
-        Ok(done.rows_affected() == 1)
+        commands_changed(&mut tx, &rows, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing a deferred command"))?;
+        Ok(rows.len() == 1)
     }
 
     /// See [`crate::Store::release_command_claims`].

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::rows::*;
 use super::{
-    bad_cursor, db, finish_page, jsonb, now, page_size, registration, text, ts, PostgresStore,
+    bad_cursor, db, finish_page, get, jsonb, now, page_size, registration, text, ts, PostgresStore,
 };
 use crate::decide;
 use crate::model::*;
@@ -244,9 +244,15 @@ impl PostgresStore {
         .await
         .map_err(db("unregistering a device"))?;
         let device = device_from_row(&row)?;
-        registration::insert_history(&mut tx, &[(&device, RegistrationAction::Unregister)], at)
-            .await?;
-        device_changed(&mut tx, id, false, &self.subs()).await?;
+        let subs = self.subs();
+        registration::insert_history(
+            &mut tx,
+            &[(&device, RegistrationAction::Unregister)],
+            at,
+            &subs,
+        )
+        .await?;
+        device_changed(&mut tx, id, false, &subs).await?;
         tx.commit()
             .await
             .map_err(db("committing an unregistration"))?;
@@ -277,6 +283,7 @@ impl PostgresStore {
         .await
         .map_err(db("moving a device"))?;
         let device = device_from_row(&row)?;
+        let subs = self.subs();
         registration::insert_history(
             &mut tx,
             &[
@@ -284,22 +291,26 @@ impl PostgresStore {
                 (&device, RegistrationAction::Register),
             ],
             at,
+            &subs,
         )
         .await?;
-        let failed = sqlx::query(
+        let failed = sqlx::query(&format!(
             "UPDATE commands SET status = $1, status_reason = $2, updated_at = $3, \
-             claim_holder = NULL, claimed_until = NULL WHERE device = $4 AND status = $5",
-        )
+             claim_holder = NULL, claimed_until = NULL, change_version = change_version + 1 \
+             WHERE device = $4 AND status = $5 RETURNING {COMMAND_COLS}, change_version"
+        ))
         .bind(CommandStatus::Error.value())
         .bind(decide::moved_command_reason(from, to))
         .bind(at)
         .bind(existing.id)
         .bind(CommandStatus::InProgress.value())
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(db("ending the commands of a moved device"))?
-        .rows_affected();
-        device_changed(&mut tx, id, false, &self.subs()).await?;
+        .map_err(db("ending the commands of a moved device"))?;
+        let failed = super::commands::commands_changed(&mut tx, &failed, &subs)
+            .await?
+            .len() as u64;
+        device_changed(&mut tx, id, false, &subs).await?;
         tx.commit().await.map_err(db("committing a move"))?;
         Ok((device, failed))
     }
@@ -374,9 +385,14 @@ impl PostgresStore {
     }
 }
 
-/// The change feed of a device, as `crate::sqlite`'s `device_changed` does it: bumps its
-/// change version and queues (or, for a connection state, coalesces) its change event for
-/// each sink in `subs` taking devices, in the caller's transaction.
+/// The change feed of a device: bumps its change version and queues its change event for
+/// each sink in `subs` taking devices, in the caller's transaction. The event names the id
+/// of the device's category when that category exists (`refs.msdyn_category`, read in the
+/// same statement). A connection-state change (`connection`) replaces the sink's item of
+/// the same device still waiting (not leased, queued less than the sink's coalescing
+/// interval ago, the device's latest item) instead of queueing another; the replaced item's
+/// lease token moves on, so a holder whose lease ran out cannot mark the new state
+/// delivered. Nothing happens for an unknown device.
 pub(super) async fn device_changed(
     conn: &mut PgConnection,
     id: &DeviceId,
@@ -392,7 +408,8 @@ pub(super) async fn device_changed(
     }
     let Some(row) = sqlx::query(&format!(
         "UPDATE devices SET change_version = change_version + 1 WHERE device_id = $1 \
-         RETURNING {DEVICE_COLS}, change_version"
+         RETURNING {DEVICE_COLS}, change_version, \
+         (SELECT c.id FROM categories c WHERE c.name = devices.category) AS category_ref"
     ))
     .bind(id.as_str())
     .fetch_optional(&mut *conn)
@@ -402,12 +419,17 @@ pub(super) async fn device_changed(
         return Ok(());
     };
     let device = device_from_row(&row)?;
-    let version: i64 = sqlx::Row::try_get(&row, "change_version")
-        .map_err(db("reading a device's change version"))?;
-    let payload = jsonb(&device_change_payload(&device, version)?);
-    let key = change_key(ENTITY_DEVICE, device.device_id.as_str(), version);
-    let change_of = format!("{ENTITY_DEVICE}:{}", device.device_id.as_str());
+    let version: i64 = get(&row, "change_version")?;
+    let category: Option<Uuid> = get(&row, "category_ref")?;
+    let key = device.device_id.as_str();
+    let event = ChangeEvent {
+        change_of: format!("{ENTITY_DEVICE}:{key}"),
+        key: change_key(ENTITY_DEVICE, key, version),
+        payload: device_change_payload(&device, version, category)?,
+    };
+    let payload = jsonb(&event.payload);
     let at = now();
+    let mut queue = Vec::with_capacity(sinks.len());
     for (sink, sub) in sinks {
         if connection {
             let replaced = sqlx::query(
@@ -418,9 +440,9 @@ pub(super) async fn device_changed(
                  AND created_at > $6",
             )
             .bind(&payload)
-            .bind(&key)
+            .bind(&event.key)
             .bind(text(sink).as_ref())
-            .bind(&change_of)
+            .bind(&event.change_of)
             .bind(at)
             .bind(at - sub.coalesce_connection)
             .execute(&mut *conn)
@@ -431,20 +453,7 @@ pub(super) async fn device_changed(
                 continue;
             }
         }
-        sqlx::query(
-            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
-             created_at, change_of, connection_only) VALUES ($1, $2, $3, 0, $4, $4, $5, $6) \
-             ON CONFLICT (sink, idempotency_key) DO NOTHING",
-        )
-        .bind(text(sink).as_ref())
-        .bind(&payload)
-        .bind(&key)
-        .bind(at)
-        .bind(&change_of)
-        .bind(connection)
-        .execute(&mut *conn)
-        .await
-        .map_err(db("queueing a device change event"))?;
+        queue.push(sink);
     }
-    Ok(())
+    super::outbox::queue_changes(conn, &queue, &[event], connection).await
 }

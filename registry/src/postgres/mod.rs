@@ -125,6 +125,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "change feed",
         include_str!("../../migrations/postgres/0012_change_feed.sql"),
     ),
+    (
+        13,
+        "change feed entities",
+        include_str!("../../migrations/postgres/0013_change_feed_entities.sql"),
+    ),
 ];
 
 /// How often a transaction aborted as a deadlock or serialization failure is tried.
@@ -713,8 +718,14 @@ impl Store for PostgresStore {
         name: &str,
         description: Option<&str>,
     ) -> StoreResult<Category> {
-        let mut conn = self.conn().await?;
-        registration::write_category(&mut conn, name, description).await
+        retrying(|| async {
+            let mut tx = self.write().await?;
+            let category =
+                registration::write_category(&mut tx, name, description, &self.subs()).await?;
+            tx.commit().await.map_err(db("committing a category"))?;
+            Ok(category)
+        })
+        .await
     }
 
     async fn list_categories(&self) -> StoreResult<Vec<Category>> {

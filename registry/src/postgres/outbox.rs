@@ -49,7 +49,11 @@ impl PostgresStore {
         // Claims of one sink take turns across replicas (a transaction-scoped advisory
         // lock): the hold on a record's later items reads the leases of its earlier ones,
         // which a concurrent claim has not committed yet and SKIP LOCKED would skip.
-        let mut tx = self.pool.begin().await.map_err(db("claiming outbox items"))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("claiming outbox items"))?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(lock_key("outbox", sink))
             .execute(&mut *tx)
@@ -291,4 +295,52 @@ impl PostgresStore {
         .map_err(db("queueing an outbox item again"))?;
         Ok(done.rows_affected() == 1)
     }
+}
+
+/// Change-event rows per `INSERT` (6 bound values each).
+const CHANGES_PER_STATEMENT: usize = 1000;
+
+/// Queues each of `events` for each of `sinks` (change events of the change feed), in the
+/// caller's transaction, in order: event by event, the sinks of one event together. An item
+/// already queued for its sink and idempotency key is kept as is. `connection_only` marks
+/// items a newer connection state may replace (see `devices::device_changed`). No sink or
+/// no event: no statement.
+pub(super) async fn queue_changes(
+    conn: &mut PgConnection,
+    sinks: &[&str],
+    events: &[ChangeEvent],
+    connection_only: bool,
+) -> StoreResult<()> {
+    if sinks.is_empty() || events.is_empty() {
+        return Ok(());
+    }
+    let payloads: Vec<_> = events.iter().map(|e| super::jsonb(&e.payload)).collect();
+    let rows: Vec<(&str, &ChangeEvent, &sqlx::types::Json<serde_json::Value>)> = events
+        .iter()
+        .zip(&payloads)
+        .flat_map(|(e, p)| sinks.iter().map(move |s| (*s, e, p)))
+        .collect();
+    let at = now();
+    for chunk in rows.chunks(CHANGES_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+             created_at, change_of, connection_only) ",
+        );
+        qb.push_values(chunk, |mut b, (sink, event, payload)| {
+            b.push_bind(text(sink).into_owned())
+                .push_bind(*payload)
+                .push_bind(text(&event.key).into_owned())
+                .push_unseparated(", 0")
+                .push_bind(at)
+                .push_bind(at)
+                .push_bind(text(&event.change_of).into_owned())
+                .push_bind(connection_only);
+        });
+        qb.push(" ON CONFLICT (sink, idempotency_key) DO NOTHING");
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db("queueing change events"))?;
+    }
+    Ok(())
 }

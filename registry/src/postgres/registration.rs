@@ -39,21 +39,26 @@ pub(super) async fn take_turn(conn: &mut PgConnection) -> StoreResult<()> {
     Ok(())
 }
 
-/// Writes Register/Unregister history rows for these devices.
+/// Writes Register/Unregister history rows for these devices, and queues each row's one
+/// change event (version 1: a history row never changes) for each sink in `subs` taking
+/// registration history.
 pub(super) async fn insert_history(
     conn: &mut PgConnection,
     rows: &[(&Device, RegistrationAction)],
     at: DateTime<Utc>,
+    subs: &Subscriptions,
 ) -> StoreResult<()> {
+    let sinks = subs.sink_names(ENTITY_HISTORY);
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
         let mut qb = QueryBuilder::<Postgres>::new(
             "INSERT INTO registration_history (id, device, device_id, name, action, provider_instance, created_at) ",
         );
-        qb.push_values(chunk, |mut b, (device, action)| {
-            b.push_bind(Uuid::now_v7())
+        qb.push_values(chunk.iter().zip(&ids), |mut b, ((device, action), id)| {
+            b.push_bind(*id)
                 .push_bind(device.id)
                 .push_bind(device.device_id.as_str().to_owned())
-                .push_bind(format!("{} {}", action.label(), device.device_id))
+                .push_bind(history_name(device, *action))
                 .push_bind(action.value())
                 .push_bind(device.provider_instance.clone())
                 .push_bind(at);
@@ -62,8 +67,32 @@ pub(super) async fn insert_history(
             .execute(&mut *conn)
             .await
             .map_err(db("writing registration history"))?;
+        if !sinks.is_empty() {
+            let events = chunk
+                .iter()
+                .zip(&ids)
+                .map(|((device, action), id)| {
+                    let row = RegistrationHistory {
+                        id: *id,
+                        device: device.id,
+                        device_id: device.device_id.clone(),
+                        name: history_name(device, *action),
+                        action: *action,
+                        provider_instance: device.provider_instance.clone(),
+                        created_at: at,
+                    };
+                    ChangeEvent::new(ENTITY_HISTORY, &id.to_string(), 1, &row)
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            super::outbox::queue_changes(conn, &sinks, &events, false).await?;
+        }
     }
     Ok(())
+}
+
+/// The name of a history row: the action's label and the device id.
+fn history_name(device: &Device, action: RegistrationAction) -> String {
+    format!("{} {}", action.label(), device.device_id)
 }
 
 /// The stored devices among `ids`, by id.
@@ -214,6 +243,7 @@ async fn finish_on(
     conn: &mut PgConnection,
     outcomes: &[Outcome],
     at: DateTime<Utc>,
+    subs: &Subscriptions,
 ) -> StoreResult<Vec<StoreResult<Device>>> {
     let mut out: Vec<Option<StoreResult<Device>>> = vec![None; outcomes.len()];
     for round in decide::finish_rounds(outcomes) {
@@ -240,7 +270,7 @@ async fn finish_on(
                 .filter_map(|&i| out[i].as_ref()?.as_ref().ok())
                 .map(|d| (d, RegistrationAction::Register))
                 .collect();
-            insert_history(conn, &rows, at).await?;
+            insert_history(conn, &rows, at, subs).await?;
         }
     }
     Ok(out
@@ -341,8 +371,9 @@ impl PostgresStore {
         retrying(|| async {
             let mut tx = self.write().await?;
             take_turn(&mut tx).await?;
-            let device = only(finish_on(&mut tx, &outcomes, now()).await?)?;
-            device_changed(&mut tx, id, false, &self.subs()).await?;
+            let subs = self.subs();
+            let device = only(finish_on(&mut tx, &outcomes, now(), &subs).await?)?;
+            device_changed(&mut tx, id, false, &subs).await?;
             tx.commit().await.map_err(db("committing a registration"))?;
             Ok(device)
         })
@@ -372,8 +403,9 @@ impl PostgresStore {
             .filter_map(|d| d.category.as_deref())
             .map(|c| (c, None))
             .collect();
+        let subs = self.subs();
         for (name, refused) in &mut categories {
-            if let Err(e) = per_device(write_category(&mut tx, name, None).await)? {
+            if let Err(e) = per_device(write_category(&mut tx, name, None, &subs).await)? {
                 *refused = Some(e);
             }
         }
@@ -397,7 +429,7 @@ impl PostgresStore {
                 }),
             });
         }
-        changed_all(&mut tx, &out, &self.subs()).await?;
+        changed_all(&mut tx, &out, &subs).await?;
         tx.commit()
             .await
             .map_err(db("committing a batch of registrations"))?;
@@ -415,8 +447,9 @@ impl PostgresStore {
         retrying(|| async {
             let mut tx = self.write().await?;
             take_turn(&mut tx).await?;
-            let out = finish_on(&mut tx, outcomes, now()).await?;
-            changed_all(&mut tx, &out, &self.subs()).await?;
+            let subs = self.subs();
+            let out = finish_on(&mut tx, outcomes, now(), &subs).await?;
+            changed_all(&mut tx, &out, &subs).await?;
             tx.commit()
                 .await
                 .map_err(db("committing a batch of registrations"))?;
@@ -427,10 +460,14 @@ impl PostgresStore {
 }
 
 /// Creates the category or updates its description (a missing one keeps the stored one).
+/// A creation or a description change bumps its change version (1 at creation) and queues
+/// its change event for each sink in `subs` taking categories; while none does, this is the
+/// one upsert it always was.
 pub(super) async fn write_category(
     conn: &mut PgConnection,
     name: &str,
     description: Option<&str>,
+    subs: &Subscriptions,
 ) -> StoreResult<Category> {
     if name.trim().is_empty() {
         return Err(StoreError::Invalid {
@@ -438,17 +475,55 @@ pub(super) async fn write_category(
             message: "a category needs a name: give one".into(),
         });
     }
-    let row = sqlx::query(&format!(
-        "INSERT INTO categories (id, name, description, created_at) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, categories.description) \
-         RETURNING {CATEGORY_COLS}"
-    ))
-    .bind(Uuid::now_v7())
-    .bind(super::text(name).as_ref())
-    .bind(description.map(super::text).as_deref())
-    .bind(now())
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db("writing a category"))?;
-    category_from_row(&row)
+    let sinks = subs.sink_names(ENTITY_CATEGORY);
+    let changed = "excluded.description IS NOT NULL \
+                   AND excluded.description IS DISTINCT FROM categories.description";
+    let sql = if sinks.is_empty() {
+        format!(
+            "INSERT INTO categories (id, name, description, created_at, change_version) \
+             VALUES ($1, $2, $3, $4, 1) ON CONFLICT (name) DO UPDATE SET \
+             description = COALESCE(excluded.description, categories.description), \
+             change_version = categories.change_version + CASE WHEN {changed} THEN 1 ELSE 0 END \
+             RETURNING {CATEGORY_COLS}, change_version"
+        )
+    } else {
+        // No row back: the category is stored as asked already, nothing changed.
+        format!(
+            "INSERT INTO categories (id, name, description, created_at, change_version) \
+             VALUES ($1, $2, $3, $4, 1) ON CONFLICT (name) DO UPDATE SET \
+             description = excluded.description, change_version = categories.change_version + 1 \
+             WHERE {changed} RETURNING {CATEGORY_COLS}, change_version"
+        )
+    };
+    let name = text(name);
+    let row = sqlx::query(&sql)
+        .bind(Uuid::now_v7())
+        .bind(name.as_ref())
+        .bind(description.map(text).as_deref())
+        .bind(now())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db("writing a category"))?;
+    let Some(row) = row else {
+        let row = sqlx::query(&format!(
+            "SELECT {CATEGORY_COLS} FROM categories WHERE name = $1"
+        ))
+        .bind(name.as_ref())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db("reading a category"))?;
+        return category_from_row(&row);
+    };
+    let category = category_from_row(&row)?;
+    if !sinks.is_empty() {
+        let version: i64 = super::get(&row, "change_version")?;
+        let event = ChangeEvent::new(
+            ENTITY_CATEGORY,
+            &category.id.to_string(),
+            version,
+            &category,
+        )?;
+        super::outbox::queue_changes(conn, &sinks, &[event], false).await?;
+    }
+    Ok(category)
 }

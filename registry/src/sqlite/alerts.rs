@@ -131,6 +131,9 @@ pub(super) async fn insert_alert_rows(
     Ok(out)
 }
 
+/// Queues each new alert for its sink: the alert as the payload, its id as the idempotency
+/// key, and `msdyn_iotalert:<id>` as the record it is about, so the alert's later change
+/// events (version 2 on, [`alerts_changed`]) reach the sink after it.
 pub(super) async fn queue_outbox(
     conn: &mut SqliteConnection,
     items: &[OutboxRow<'_>],
@@ -150,7 +153,7 @@ pub(super) async fn queue_outbox(
     {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
-             created_at) ",
+             created_at, change_of) ",
         );
         qb.push_values(chunk.iter().zip(payloads), |mut b, (item, payload)| {
             b.push_bind(item.sink)
@@ -158,7 +161,8 @@ pub(super) async fn queue_outbox(
                 .push_bind(item.alert.id.to_string())
                 .push_bind(0_i64)
                 .push_bind(&at)
-                .push_bind(&at);
+                .push_bind(&at)
+                .push_bind(format!("{ENTITY_ALERT}:{}", item.alert.id));
         });
         qb.push(" ON CONFLICT (sink, idempotency_key) DO NOTHING");
         qb.build()
@@ -167,6 +171,50 @@ pub(super) async fn queue_outbox(
             .map_err(db("queueing outbox items"))?;
     }
     Ok(())
+}
+
+/// The alerts of these rows (read with [`ALERT_COLS`] and `change_version`), after queueing
+/// each one's change event for each sink in `subs` taking alerts, in the caller's
+/// transaction. Every statement changing a stored alert bumps its change version in the
+/// same statement (1 is its creation, queued as the new alert itself).
+pub(super) async fn alerts_changed(
+    conn: &mut SqliteConnection,
+    rows: &[SqliteRow],
+    subs: &Subscriptions,
+) -> StoreResult<Vec<Alert>> {
+    let alerts = rows
+        .iter()
+        .map(alert_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let sinks = subs.sink_names(ENTITY_ALERT);
+    if !sinks.is_empty() {
+        let events = alerts
+            .iter()
+            .zip(rows)
+            .map(|(a, row)| {
+                ChangeEvent::new(
+                    ENTITY_ALERT,
+                    &a.id.to_string(),
+                    get(row, "change_version")?,
+                    a,
+                )
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        queue_changes(conn, &sinks, &events, false).await?;
+    }
+    Ok(alerts)
+}
+
+/// The one alert a statement changed (`row`), after queueing its change event.
+async fn alert_changed(
+    conn: &mut SqliteConnection,
+    row: SqliteRow,
+    subs: &Subscriptions,
+) -> StoreResult<Alert> {
+    alerts_changed(conn, std::slice::from_ref(&row), subs)
+        .await?
+        .pop()
+        .ok_or_else(|| StoreError::Database("an updated alert was not read back".into()))
 }
 
 impl SqliteStore {
@@ -248,25 +296,31 @@ impl SqliteStore {
             Some((command, at)) => (Some(command.to_string()), Some(ts(at))),
             None => (None, None),
         };
+        let mut tx = self.write().await?;
         let row = sqlx::query(&format!(
             "UPDATE alerts SET statecode = ?, statuscode = ?, \
              last_command_sent = COALESCE(?, last_command_sent), \
-             last_command_sent_time = COALESCE(?, last_command_sent_time) \
-             WHERE id = ? RETURNING {ALERT_COLS}"
+             last_command_sent_time = COALESCE(?, last_command_sent_time), \
+             change_version = change_version + 1 \
+             WHERE id = ? RETURNING {ALERT_COLS}, change_version"
         ))
         .bind(status.statecode())
         .bind(status.statuscode())
         .bind(&command)
         .bind(&sent)
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db("setting an alert status"))?
         .ok_or_else(|| StoreError::NotFound {
             entity: "alert",
             key: id.to_string(),
         })?;
-        alert_from_row(&row)
+        let alert = alert_changed(&mut tx, row, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing an alert status"))?;
+        Ok(alert)
     }
 
     /// See [`crate::Store::set_alert_service_work`].
@@ -280,41 +334,52 @@ impl SqliteStore {
             ServiceWork::Case(c) => (Some(c.to_string()), None),
             ServiceWork::WorkOrder(w) => (None, Some(w.to_string())),
         };
+        let mut tx = self.write().await?;
         let row = sqlx::query(&format!(
             "UPDATE alerts SET statecode = ?, statuscode = ?, \
-             case_id = COALESCE(?, case_id), workorder_id = COALESCE(?, workorder_id) \
-             WHERE id = ? RETURNING {ALERT_COLS}"
+             case_id = COALESCE(?, case_id), workorder_id = COALESCE(?, workorder_id), \
+             change_version = change_version + 1 \
+             WHERE id = ? RETURNING {ALERT_COLS}, change_version"
         ))
         .bind(status.statecode())
         .bind(status.statuscode())
         .bind(case)
         .bind(order)
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db("recording an alert's case or work order"))?
         .ok_or_else(|| StoreError::NotFound {
             entity: "alert",
             key: id.to_string(),
         })?;
-        alert_from_row(&row)
+        let alert = alert_changed(&mut tx, row, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing an alert's case or work order"))?;
+        Ok(alert)
     }
 
     /// See [`crate::Store::close_child_alerts`].
     pub(super) async fn close_children(&self, parent: Uuid) -> StoreResult<u64> {
         let closed = AlertStatus::Closed;
-        Ok(sqlx::query(
-            "UPDATE alerts SET statecode = ?, statuscode = ? \
-             WHERE parent_alert = ? AND statecode <> ?",
-        )
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE alerts SET statecode = ?, statuscode = ?, change_version = change_version + 1 \
+             WHERE parent_alert = ? AND statecode <> ? RETURNING {ALERT_COLS}, change_version"
+        ))
         .bind(closed.statecode())
         .bind(closed.statuscode())
         .bind(parent.to_string())
         .bind(closed.statecode())
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(db("closing child alerts"))?
-        .rows_affected())
+        .map_err(db("closing child alerts"))?;
+        let closed = alerts_changed(&mut tx, &rows, &self.subs()).await?.len();
+        tx.commit()
+            .await
+            .map_err(db("committing closed child alerts"))?;
+        Ok(closed as u64)
     }
 
     // --- commands ------------------------------------------------------------------------

@@ -122,6 +122,7 @@ impl BatchWriter for Writer<'_> {
         device: &Device,
         command: &NewAlertCommand,
         alert: Uuid,
+        subs: &Subscriptions,
     ) -> StoreResult<Command> {
         insert_command_row(
             self.0,
@@ -131,6 +132,7 @@ impl BatchWriter for Writer<'_> {
             Some(alert),
             &command.correlation_id,
             None,
+            subs,
         )
         .await
     }

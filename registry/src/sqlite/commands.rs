@@ -2,6 +2,42 @@
 
 use super::*;
 
+/// The commands of these rows (read with [`COMMAND_COLS`] and `change_version`), after
+/// queueing each one's change event for each sink in `subs` taking commands, in the
+/// caller's transaction. Every statement that changes what a command shows (creation,
+/// status, status reason, publication) bumps its change version in the same statement, so
+/// versions count its changes from 1 at creation; lease bookkeeping alone does not.
+pub(super) async fn commands_changed(
+    conn: &mut SqliteConnection,
+    rows: &[SqliteRow],
+    subs: &Subscriptions,
+) -> StoreResult<Vec<Command>> {
+    let commands = rows
+        .iter()
+        .map(command_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let sinks = subs.sink_names(ENTITY_COMMAND);
+    if !sinks.is_empty() {
+        let events = commands
+            .iter()
+            .zip(rows)
+            .map(|(c, row)| {
+                ChangeEvent::new(
+                    ENTITY_COMMAND,
+                    &c.id.to_string(),
+                    get(row, "change_version")?,
+                    c,
+                )
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        queue_changes(conn, &sinks, &events, false).await?;
+    }
+    Ok(commands)
+}
+
+/// Inserts a command (In Progress, change version 1) for a known device and queues its
+/// change event for the sinks in `subs` taking commands.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn insert_command_row(
     conn: &mut SqliteConnection,
     device: &Device,
@@ -10,12 +46,15 @@ pub(super) async fn insert_command_row(
     parent_alert: Option<Uuid>,
     correlation_id: &str,
     request_id: Option<Uuid>,
+    subs: &Subscriptions,
 ) -> StoreResult<Command> {
     let at = now();
     let row = sqlx::query(&format!(
         "INSERT INTO commands (id, name, message, status, status_reason, device, device_id, \
-         parent_alert, correlation_id, provider_instance, created_at, updated_at, request_id) \
-         VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COMMAND_COLS}"
+         parent_alert, correlation_id, provider_instance, created_at, updated_at, request_id, \
+         change_version) \
+         VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, 1) \
+         RETURNING {COMMAND_COLS}, change_version"
     ))
     .bind(Uuid::now_v7().to_string())
     .bind(name)
@@ -40,7 +79,10 @@ pub(super) async fn insert_command_row(
             db("inserting a command")(e)
         }
     })?;
-    command_from_row(&row)
+    let mut commands = commands_changed(conn, std::slice::from_ref(&row), subs).await?;
+    commands
+        .pop()
+        .ok_or_else(|| StoreError::Database("an inserted command was not read back".into()))
 }
 
 impl SqliteStore {
@@ -70,6 +112,7 @@ impl SqliteStore {
             command.parent_alert,
             &command.correlation_id,
             command.request_id,
+            &self.subs(),
         )
         .await?;
         tx.commit().await.map_err(db("committing a command"))?;
@@ -83,21 +126,30 @@ impl SqliteStore {
         status: CommandStatus,
         reason: Option<String>,
     ) -> StoreResult<Command> {
+        let mut tx = self.write().await?;
         let row = sqlx::query(&format!(
-            "UPDATE commands SET status = ?, status_reason = ?, updated_at = ? WHERE id = ? RETURNING {COMMAND_COLS}"
+            "UPDATE commands SET status = ?, status_reason = ?, updated_at = ?, \
+             change_version = change_version + 1 WHERE id = ? \
+             RETURNING {COMMAND_COLS}, change_version"
         ))
         .bind(status.value())
         .bind(&reason)
         .bind(now())
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db("setting a command status"))?
         .ok_or_else(|| StoreError::NotFound {
             entity: "command",
             key: id.to_string(),
         })?;
-        command_from_row(&row)
+        let command = commands_changed(&mut tx, std::slice::from_ref(&row), &self.subs())
+            .await?
+            .pop();
+        tx.commit()
+            .await
+            .map_err(db("committing a command status"))?;
+        command.ok_or_else(|| StoreError::Database("an updated command was not read back".into()))
     }
 
     /// See [`crate::Store::get_command`].
@@ -217,20 +269,26 @@ impl SqliteStore {
     /// See [`crate::Store::command_published`].
     pub(super) async fn published(&self, id: Uuid, holder: &str) -> StoreResult<bool> {
         let at = now();
-        let done = sqlx::query(
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
             "UPDATE commands SET published_at = ?, updated_at = ?, claim_holder = NULL, \
-             claimed_until = NULL, status_reason = NULL \
-             WHERE id = ? AND claim_holder = ? AND status = ? AND published_at IS NULL",
-        )
+             claimed_until = NULL, status_reason = NULL, change_version = change_version + 1 \
+             WHERE id = ? AND claim_holder = ? AND status = ? AND published_at IS NULL \
+             RETURNING {COMMAND_COLS}, change_version"
+        ))
         .bind(&at)
         .bind(&at)
         .bind(id.to_string())
         .bind(holder)
         .bind(CommandStatus::InProgress.value())
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("recording a published command"))?;
-        Ok(done.rows_affected() == 1)
+        commands_changed(&mut tx, &rows, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing a published command"))?;
+        Ok(rows.len() == 1)
     }
 
     /// See [`crate::Store::defer_command`].
@@ -241,20 +299,27 @@ impl SqliteStore {
         retry_at: DateTime<Utc>,
         reason: &str,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE commands SET claimed_until = ?, status_reason = ?, updated_at = ? \
-             WHERE id = ? AND claim_holder = ? AND status = ? AND published_at IS NULL",
-        )
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE commands SET claimed_until = ?, status_reason = ?, updated_at = ?, \
+             change_version = change_version + 1 \
+             WHERE id = ? AND claim_holder = ? AND status = ? AND published_at IS NULL \
+             RETURNING {COMMAND_COLS}, change_version"
+        ))
         .bind(ts(retry_at))
         .bind(reason)
         .bind(now())
         .bind(id.to_string())
         .bind(holder)
         .bind(CommandStatus::InProgress.value())
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("deferring a command"))?;
-        Ok(done.rows_affected() == 1)
+        commands_changed(&mut tx, &rows, &self.subs()).await?;
+        tx.commit()
+            .await
+            .map_err(db("committing a deferred command"))?;
+        Ok(rows.len() == 1)
     }
 
     /// See [`crate::Store::release_command_claims`].

@@ -36,10 +36,15 @@ pub(super) async fn require_device(
         })
 }
 
+/// Creates the category or updates its description (a missing one keeps the stored one).
+/// A creation or a description change bumps its change version (1 at creation) and queues
+/// its change event for each sink in `subs` taking categories; while none does, this is the
+/// one upsert it always was.
 pub(super) async fn write_category(
     conn: &mut SqliteConnection,
     name: &str,
     description: Option<&str>,
+    subs: &Subscriptions,
 ) -> StoreResult<Category> {
     if name.trim().is_empty() {
         return Err(StoreError::Invalid {
@@ -47,19 +52,56 @@ pub(super) async fn write_category(
             message: "a category needs a name: give one".into(),
         });
     }
-    let row = sqlx::query(&format!(
-        "INSERT INTO categories (id, name, description, created_at) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, categories.description) \
-         RETURNING {CATEGORY_COLS}"
-    ))
-    .bind(Uuid::now_v7().to_string())
-    .bind(name)
-    .bind(description)
-    .bind(now())
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db("writing a category"))?;
-    category_from_row(&row)
+    let sinks = subs.sink_names(ENTITY_CATEGORY);
+    let changed =
+        "excluded.description IS NOT NULL AND excluded.description IS NOT categories.description";
+    let sql = if sinks.is_empty() {
+        format!(
+            "INSERT INTO categories (id, name, description, created_at, change_version) \
+             VALUES (?, ?, ?, ?, 1) ON CONFLICT (name) DO UPDATE SET \
+             description = COALESCE(excluded.description, categories.description), \
+             change_version = categories.change_version + CASE WHEN {changed} THEN 1 ELSE 0 END \
+             RETURNING {CATEGORY_COLS}, change_version"
+        )
+    } else {
+        // No row back: the category is stored as asked already, nothing changed.
+        format!(
+            "INSERT INTO categories (id, name, description, created_at, change_version) \
+             VALUES (?, ?, ?, ?, 1) ON CONFLICT (name) DO UPDATE SET \
+             description = excluded.description, change_version = categories.change_version + 1 \
+             WHERE {changed} RETURNING {CATEGORY_COLS}, change_version"
+        )
+    };
+    let row = sqlx::query(&sql)
+        .bind(Uuid::now_v7().to_string())
+        .bind(name)
+        .bind(description)
+        .bind(now())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db("writing a category"))?;
+    let Some(row) = row else {
+        let row = sqlx::query(&format!(
+            "SELECT {CATEGORY_COLS} FROM categories WHERE name = ?"
+        ))
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db("reading a category"))?;
+        return category_from_row(&row);
+    };
+    let category = category_from_row(&row)?;
+    if !sinks.is_empty() {
+        let version: i64 = get(&row, "change_version")?;
+        let event = ChangeEvent::new(
+            ENTITY_CATEGORY,
+            &category.id.to_string(),
+            version,
+            &category,
+        )?;
+        queue_changes(conn, &sinks, &[event], false).await?;
+    }
+    Ok(category)
 }
 
 pub(super) async fn write_connection_state(
@@ -269,9 +311,15 @@ impl SqliteStore {
         .await
         .map_err(db("unregistering a device"))?;
         let device = device_from_row(&row)?;
-        registration::insert_history(&mut tx, &[(&device, RegistrationAction::Unregister)], &at)
-            .await?;
-        device_changed(&mut tx, id, false, &self.subs()).await?;
+        let subs = self.subs();
+        registration::insert_history(
+            &mut tx,
+            &[(&device, RegistrationAction::Unregister)],
+            &at,
+            &subs,
+        )
+        .await?;
+        device_changed(&mut tx, id, false, &subs).await?;
         tx.commit()
             .await
             .map_err(db("committing an unregistration"))?;
@@ -301,6 +349,7 @@ impl SqliteStore {
         .await
         .map_err(db("moving a device"))?;
         let device = device_from_row(&row)?;
+        let subs = self.subs();
         registration::insert_history(
             &mut tx,
             &[
@@ -308,22 +357,24 @@ impl SqliteStore {
                 (&device, RegistrationAction::Register),
             ],
             &at,
+            &subs,
         )
         .await?;
-        let failed = sqlx::query(
+        let failed = sqlx::query(&format!(
             "UPDATE commands SET status = ?, status_reason = ?, updated_at = ?, \
-             claim_holder = NULL, claimed_until = NULL WHERE device = ? AND status = ?",
-        )
+             claim_holder = NULL, claimed_until = NULL, change_version = change_version + 1 \
+             WHERE device = ? AND status = ? RETURNING {COMMAND_COLS}, change_version"
+        ))
         .bind(CommandStatus::Error.value())
         .bind(crate::decide::moved_command_reason(from, to))
         .bind(&at)
         .bind(existing.id.to_string())
         .bind(CommandStatus::InProgress.value())
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(db("ending the commands of a moved device"))?
-        .rows_affected();
-        device_changed(&mut tx, id, false, &self.subs()).await?;
+        .map_err(db("ending the commands of a moved device"))?;
+        let failed = commands_changed(&mut tx, &failed, &subs).await?.len() as u64;
+        device_changed(&mut tx, id, false, &subs).await?;
         tx.commit().await.map_err(db("committing a move"))?;
         Ok((device, failed))
     }
@@ -400,11 +451,13 @@ impl SqliteStore {
 }
 
 /// The change feed of a device: bumps its change version and queues its change event for
-/// each sink in `subs` taking devices, in the caller's transaction. A connection-state
-/// change (`connection`) replaces the sink's item of the same device still waiting (not
-/// leased, queued less than the sink's coalescing interval ago, the device's latest item)
-/// instead of queueing another; the replaced item's lease token moves on, so a holder whose
-/// lease ran out cannot mark the new state delivered. Nothing happens for an unknown device.
+/// each sink in `subs` taking devices, in the caller's transaction. The event names the id
+/// of the device's category when that category exists (`refs.msdyn_category`, read in the
+/// same statement). A connection-state change (`connection`) replaces the sink's item of
+/// the same device still waiting (not leased, queued less than the sink's coalescing
+/// interval ago, the device's latest item) instead of queueing another; the replaced item's
+/// lease token moves on, so a holder whose lease ran out cannot mark the new state
+/// delivered. Nothing happens for an unknown device.
 pub(super) async fn device_changed(
     conn: &mut SqliteConnection,
     id: &DeviceId,
@@ -420,7 +473,8 @@ pub(super) async fn device_changed(
     }
     let Some(row) = sqlx::query(&format!(
         "UPDATE devices SET change_version = change_version + 1 WHERE device_id = ? \
-         RETURNING {DEVICE_COLS}, change_version"
+         RETURNING {DEVICE_COLS}, change_version, \
+         (SELECT c.id FROM categories c WHERE c.name = devices.category) AS category_ref"
     ))
     .bind(id.as_str())
     .fetch_optional(&mut *conn)
@@ -431,10 +485,16 @@ pub(super) async fn device_changed(
     };
     let device = device_from_row(&row)?;
     let version: i64 = get(&row, "change_version")?;
-    let payload = json_text(&device_change_payload(&device, version)?, "change event")?;
-    let key = change_key(ENTITY_DEVICE, device.device_id.as_str(), version);
-    let change_of = format!("{ENTITY_DEVICE}:{}", device.device_id.as_str());
+    let category = get_opt_uuid(&row, "category_ref")?;
+    let key = device.device_id.as_str();
+    let event = ChangeEvent {
+        change_of: format!("{ENTITY_DEVICE}:{key}"),
+        key: change_key(ENTITY_DEVICE, key, version),
+        payload: device_change_payload(&device, version, category)?,
+    };
+    let payload = json_text(&event.payload, "change event")?;
     let now_at = Utc::now();
+    let mut queue = Vec::with_capacity(sinks.len());
     for (sink, sub) in sinks {
         if connection {
             let replaced = sqlx::query(
@@ -445,9 +505,9 @@ pub(super) async fn device_changed(
                  AND created_at > ?",
             )
             .bind(&payload)
-            .bind(&key)
+            .bind(&event.key)
             .bind(sink)
-            .bind(&change_of)
+            .bind(&event.change_of)
             .bind(ts(now_at))
             .bind(ts(now_at - sub.coalesce_connection))
             .execute(&mut *conn)
@@ -458,22 +518,7 @@ pub(super) async fn device_changed(
                 continue;
             }
         }
-        let at = ts(now_at);
-        sqlx::query(
-            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
-             created_at, change_of, connection_only) VALUES (?, ?, ?, 0, ?, ?, ?, ?) \
-             ON CONFLICT (sink, idempotency_key) DO NOTHING",
-        )
-        .bind(sink)
-        .bind(&payload)
-        .bind(&key)
-        .bind(&at)
-        .bind(&at)
-        .bind(&change_of)
-        .bind(connection)
-        .execute(&mut *conn)
-        .await
-        .map_err(db("queueing a device change event"))?;
+        queue.push(sink);
     }
-    Ok(())
+    queue_changes(conn, &queue, &[event], connection).await
 }

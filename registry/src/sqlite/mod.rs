@@ -136,6 +136,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "change feed",
         include_str!("../../migrations/sqlite/0013_change_feed.sql"),
     ),
+    (
+        14,
+        "change feed entities",
+        include_str!("../../migrations/sqlite/0014_change_feed_entities.sql"),
+    ),
 ];
 
 /// Connections in a file store's pool (readers run side by side under WAL).
@@ -668,8 +673,10 @@ impl Store for SqliteStore {
         name: &str,
         description: Option<&str>,
     ) -> StoreResult<Category> {
-        let mut conn = self.conn().await?;
-        write_category(&mut conn, name, description).await
+        let mut tx = self.write().await?;
+        let category = write_category(&mut tx, name, description, &self.subs()).await?;
+        tx.commit().await.map_err(db("committing a category"))?;
+        Ok(category)
     }
 
     async fn list_categories(&self) -> StoreResult<Vec<Category>> {

@@ -293,3 +293,54 @@ impl SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 }
+
+/// Change-event rows per `INSERT` (8 bound values each).
+const CHANGES_PER_STATEMENT: usize = 500;
+
+/// Queues each of `events` for each of `sinks` (change events of the change feed), in the
+/// caller's transaction, in order: event by event, the sinks of one event together. An item
+/// already queued for its sink and idempotency key is kept as is. `connection_only` marks
+/// items a newer connection state may replace (see `devices::device_changed`). No sink or
+/// no event: no statement.
+pub(super) async fn queue_changes(
+    conn: &mut SqliteConnection,
+    sinks: &[&str],
+    events: &[ChangeEvent],
+    connection_only: bool,
+) -> StoreResult<()> {
+    if sinks.is_empty() || events.is_empty() {
+        return Ok(());
+    }
+    let payloads = events
+        .iter()
+        .map(|e| json_text(&e.payload, "change event"))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let rows: Vec<(&str, &ChangeEvent, &str)> = events
+        .iter()
+        .zip(&payloads)
+        .flat_map(|(e, p)| sinks.iter().map(move |s| (*s, e, p.as_str())))
+        .collect();
+    let at = now();
+    for chunk in rows.chunks(CHANGES_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+             created_at, change_of, connection_only) ",
+        );
+        qb.push_values(chunk, |mut b, (sink, event, payload)| {
+            b.push_bind(*sink)
+                .push_bind(*payload)
+                .push_bind(event.key.as_str())
+                .push_bind(0_i64)
+                .push_bind(at.as_str())
+                .push_bind(at.as_str())
+                .push_bind(event.change_of.as_str())
+                .push_bind(connection_only);
+        });
+        qb.push(" ON CONFLICT (sink, idempotency_key) DO NOTHING");
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(db("queueing change events"))?;
+    }
+    Ok(())
+}

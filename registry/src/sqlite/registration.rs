@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use super::{
     db, device_from_row, devices::device_changed, is_unique_violation, json_text, now, parse_ts,
-    write_category, SqliteStore, DEVICE_COLS,
+    queue_changes, write_category, SqliteStore, DEVICE_COLS,
 };
 use crate::decide::BeginPlan;
 use crate::model::*;
@@ -46,22 +46,25 @@ const ROWS_PER_STATEMENT: usize = 500;
 pub(crate) type Outcome = (DeviceId, Result<Option<String>, String>);
 
 /// Writes Register/Unregister history rows for these devices (one statement per
-/// [`ROWS_PER_STATEMENT`] rows).
+/// [`ROWS_PER_STATEMENT`] rows), and queues each row's one change event (version 1: a
+/// history row never changes) for each sink in `subs` taking registration history.
 pub(super) async fn insert_history(
     conn: &mut SqliteConnection,
     rows: &[(&Device, RegistrationAction)],
     at: &str,
+    subs: &Subscriptions,
 ) -> StoreResult<()> {
+    let sinks = subs.sink_names(ENTITY_HISTORY);
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let ids: Vec<String> = chunk.iter().map(|_| Uuid::now_v7().to_string()).collect();
+        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO registration_history (id, device, device_id, name, action, provider_instance, created_at) ",
         );
         qb.push_values(chunk.iter().zip(&ids), |mut b, ((device, action), id)| {
-            b.push_bind(id.as_str())
+            b.push_bind(id.to_string())
                 .push_bind(device.id.to_string())
                 .push_bind(device.device_id.as_str())
-                .push_bind(format!("{} {}", action.label(), device.device_id))
+                .push_bind(history_name(device, *action))
                 .push_bind(action.value())
                 .push_bind(device.provider_instance.as_str())
                 .push_bind(at);
@@ -70,8 +73,33 @@ pub(super) async fn insert_history(
             .execute(&mut *conn)
             .await
             .map_err(db("writing registration history"))?;
+        if !sinks.is_empty() {
+            let created_at = parse_ts(at, "created_at")?;
+            let events = chunk
+                .iter()
+                .zip(&ids)
+                .map(|((device, action), id)| {
+                    let row = RegistrationHistory {
+                        id: *id,
+                        device: device.id,
+                        device_id: device.device_id.clone(),
+                        name: history_name(device, *action),
+                        action: *action,
+                        provider_instance: device.provider_instance.clone(),
+                        created_at,
+                    };
+                    ChangeEvent::new(ENTITY_HISTORY, &id.to_string(), 1, &row)
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            queue_changes(conn, &sinks, &events, false).await?;
+        }
     }
     Ok(())
+}
+
+/// The name of a history row: the action's label and the device id.
+fn history_name(device: &Device, action: RegistrationAction) -> String {
+    format!("{} {}", action.label(), device.device_id)
 }
 
 /// The stored devices among `ids`, by id.
@@ -262,6 +290,7 @@ async fn finish_on(
     conn: &mut SqliteConnection,
     outcomes: &[Outcome],
     at: &str,
+    subs: &Subscriptions,
 ) -> StoreResult<Vec<StoreResult<Device>>> {
     let mut out: Vec<Option<StoreResult<Device>>> = vec![None; outcomes.len()];
     // Rounds of distinct ids: an id repeated in the batch is applied after its first one.
@@ -289,7 +318,7 @@ async fn finish_on(
                 .filter_map(|&i| out[i].as_ref()?.as_ref().ok())
                 .map(|d| (d, RegistrationAction::Register))
                 .collect();
-            insert_history(conn, &rows, at).await?;
+            insert_history(conn, &rows, at, subs).await?;
         }
     }
     Ok(out
@@ -381,8 +410,9 @@ impl SqliteStore {
     ) -> StoreResult<Device> {
         let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
-        let device = only(finish_on(&mut tx, &[(id.clone(), outcome)], &now()).await?)?;
-        device_changed(&mut tx, id, false, &self.subs()).await?;
+        let subs = self.subs();
+        let device = only(finish_on(&mut tx, &[(id.clone(), outcome)], &now(), &subs).await?)?;
+        device_changed(&mut tx, id, false, &subs).await?;
         tx.commit().await.map_err(db("committing a registration"))?;
         Ok(device)
     }
@@ -403,8 +433,9 @@ impl SqliteStore {
             .filter_map(|d| d.category.as_deref())
             .map(|c| (c, None))
             .collect();
+        let subs = self.subs();
         for (name, refused) in &mut categories {
-            if let Err(e) = per_device(write_category(&mut tx, name, None).await)? {
+            if let Err(e) = per_device(write_category(&mut tx, name, None, &subs).await)? {
                 *refused = Some(e);
             }
         }
@@ -445,8 +476,9 @@ impl SqliteStore {
         }
         let _turn = self.registration_gate.lock().await;
         let mut tx = self.write().await?;
-        let out = finish_on(&mut tx, outcomes, &now()).await?;
-        changed_all(&mut tx, &out, &self.subs()).await?;
+        let subs = self.subs();
+        let out = finish_on(&mut tx, outcomes, &now(), &subs).await?;
+        changed_all(&mut tx, &out, &subs).await?;
         tx.commit()
             .await
             .map_err(db("committing a batch of registrations"))?;
