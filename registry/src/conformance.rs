@@ -4110,15 +4110,19 @@ pub async fn device_changes_reach_subscribed_sinks_in_version_order(store: &dyn 
 }
 
 /// A flapping device's connection states are queued once per coalescing interval and
-/// sink: a newer state replaces the item still waiting (new state, version and key), a
-/// leased item is left alone (the newer state is queued after it), and the last state is
-/// always what is delivered last. Group commit's connection writes coalesce the same way.
+/// sink: a connection state waits out the interval, and every newer state replaces the
+/// item still waiting (new state, version and key); a leased item is left alone (the newer
+/// state is queued after it); a change other than a connection state takes the waiting
+/// item's place and makes it due at once; the last state is always what is delivered last.
+/// Group commit's connection writes coalesce the same way.
 pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(store: &dyn Store) {
     let mut subs = Subscriptions::default();
     subscribe(&mut subs, "feed", &[ENTITY_DEVICE], Duration::hours(1));
     subscribe(&mut subs, "every", &[ENTITY_DEVICE], Duration::zero());
     store.set_subscriptions(subs);
     registered(store, "flap-1", "mqtt").await;
+    let registration = drain(store, "feed").await;
+    assert_eq!(registration.len(), 2, "begun and finished, due at once");
     let id = did("flap-1");
     for i in 0..100 {
         store
@@ -4132,14 +4136,18 @@ pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(stor
     }
     let every = drain(store, "every").await;
     assert_eq!(every.len(), 202, "no coalescing at a zero interval");
+    assert!(
+        drain(store, "feed").await.is_empty(),
+        "the connection state waits out the interval"
+    );
 
-    let now = Utc::now();
+    let later = Utc::now() + Duration::hours(2);
     let leased = store
-        .claim_outbox("feed", "replica-1", now, now + Duration::seconds(30), 1000)
+        .claim_outbox("feed", "replica-1", later, later + Duration::seconds(30), 1000)
         .await
         .expect("claim");
-    assert!(leased.len() <= 5, "{} items for 200 changes", leased.len());
-    let last = leased.last().expect("an item");
+    assert_eq!(leased.len(), 1, "one item for 200 changes: {leased:?}");
+    let last = &leased[0];
     assert_eq!(last.payload["version"], 202);
     assert_eq!(last.idempotency_key, "msdyn_iotdevice:flap-1:202");
     assert_eq!(last.payload["state"]["msdyn_connectionstate"], false);
@@ -4168,13 +4176,14 @@ pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(stor
     assert!(out
         .iter()
         .all(|o| matches!(o, BatchOutcome::Connection { applied: true })));
-    for item in &leased {
-        assert!(store
-            .outbox_delivered(item.lease())
-            .await
-            .expect("delivered"));
-    }
-    let rest = drain(store, "feed").await;
+    assert!(store
+        .outbox_delivered(last.lease())
+        .await
+        .expect("delivered"));
+    let rest = store
+        .claim_outbox("feed", "replica-1", later, later + Duration::seconds(30), 1000)
+        .await
+        .expect("claim");
     assert_eq!(rest.len(), 1, "{rest:?}");
     assert_eq!(rest[0].payload["version"], 205);
     assert_eq!(rest[0].payload["state"]["msdyn_connectionstate"], true);
@@ -4183,6 +4192,29 @@ pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(stor
         serde_json::to_value(store.get_device(&id).await.expect("get").expect("device"))
             .expect("json")
     );
+    assert!(store
+        .outbox_delivered(rest[0].lease())
+        .await
+        .expect("delivered"));
+
+    // A connection state waiting, then an unregistration: one item, due at once, holding
+    // both (the state is the whole record).
+    store
+        .set_connection_state(&id, false, at(400))
+        .await
+        .expect("disconnect");
+    store
+        .mark_unregistered(&id, None)
+        .await
+        .expect("unregister");
+    let now_due = drain(store, "feed").await;
+    assert_eq!(now_due.len(), 1, "{now_due:?}");
+    assert_eq!(now_due[0].payload["version"], 207);
+    assert_eq!(
+        now_due[0].payload["state"]["msdyn_registrationstatus"],
+        192_350_001
+    );
+    assert_eq!(now_due[0].payload["state"]["msdyn_connectionstate"], false);
 }
 
 /// The change events among `items` about `record` (`<entity>:<key>`), in queue order.

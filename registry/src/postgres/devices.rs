@@ -388,11 +388,13 @@ impl PostgresStore {
 /// The change feed of a device: bumps its change version and queues its change event for
 /// each sink in `subs` taking devices, in the caller's transaction. The event names the id
 /// of the device's category when that category exists (`refs.msdyn_category`, read in the
-/// same statement). A connection-state change (`connection`) replaces the sink's item of
-/// the same device still waiting (not leased, queued less than the sink's coalescing
-/// interval ago, the device's latest item) instead of queueing another; the replaced item's
-/// lease token moves on, so a holder whose lease ran out cannot mark the new state
-/// delivered. Nothing happens for an unknown device.
+/// same statement). Connection churn is coalesced per sink (unless its interval is 0): a
+/// connection-state change is queued due only once the sink's interval has passed, and
+/// while that item waits (not leased, the device's latest item) every later change of the
+/// device takes its place (new state, version and key) instead of queueing another; a
+/// change other than a connection state makes it due at once. The replaced item's lease
+/// token moves on, so a holder whose lease ran out cannot mark the new state delivered.
+/// Nothing happens for an unknown device.
 pub(super) async fn device_changed(
     conn: &mut PgConnection,
     id: &DeviceId,
@@ -431,27 +433,48 @@ pub(super) async fn device_changed(
     let at = now();
     let mut queue = Vec::with_capacity(sinks.len());
     for (sink, sub) in sinks {
+        if sub.coalesce_connection <= chrono::Duration::zero() {
+            queue.push(sink);
+            continue;
+        }
+        // As on SQLite: a waiting connection state of the record takes the change in place.
+        let replaced = sqlx::query(
+            "UPDATE outbox SET payload = $1, idempotency_key = $2, lease_token = lease_token + 1, \
+             connection_only = $3, \
+             next_attempt_at = CASE WHEN $3 THEN next_attempt_at ELSE LEAST(next_attempt_at, $6) END \
+             WHERE id = (SELECT id FROM outbox WHERE sink = $4 AND change_of = $5 \
+             ORDER BY id DESC LIMIT 1) \
+             AND connection_only AND (leased_until IS NULL OR leased_until <= $6)",
+        )
+        .bind(&payload)
+        .bind(&event.key)
+        .bind(connection)
+        .bind(text(sink).as_ref())
+        .bind(&event.change_of)
+        .bind(at)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("coalescing a connection-state change"))?
+        .rows_affected();
+        if replaced > 0 {
+            continue;
+        }
         if connection {
-            let replaced = sqlx::query(
-                "UPDATE outbox SET payload = $1, idempotency_key = $2, lease_token = lease_token + 1 \
-                 WHERE id = (SELECT id FROM outbox WHERE sink = $3 AND change_of = $4 \
-                 ORDER BY id DESC LIMIT 1) \
-                 AND connection_only AND (leased_until IS NULL OR leased_until <= $5) \
-                 AND created_at > $6",
+            sqlx::query(
+                "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+                 created_at, change_of, connection_only) VALUES ($1, $2, $3, 0, $4, $5, $6, TRUE) \
+                 ON CONFLICT (sink, idempotency_key) DO NOTHING",
             )
+            .bind(text(sink).as_ref())
             .bind(&payload)
             .bind(&event.key)
-            .bind(text(sink).as_ref())
-            .bind(&event.change_of)
+            .bind(at + sub.coalesce_connection)
             .bind(at)
-            .bind(at - sub.coalesce_connection)
+            .bind(&event.change_of)
             .execute(&mut *conn)
             .await
-            .map_err(db("coalescing a connection-state change"))?
-            .rows_affected();
-            if replaced > 0 {
-                continue;
-            }
+            .map_err(db("queueing a connection-state change"))?;
+            continue;
         }
         queue.push(sink);
     }

@@ -453,11 +453,13 @@ impl SqliteStore {
 /// The change feed of a device: bumps its change version and queues its change event for
 /// each sink in `subs` taking devices, in the caller's transaction. The event names the id
 /// of the device's category when that category exists (`refs.msdyn_category`, read in the
-/// same statement). A connection-state change (`connection`) replaces the sink's item of
-/// the same device still waiting (not leased, queued less than the sink's coalescing
-/// interval ago, the device's latest item) instead of queueing another; the replaced item's
-/// lease token moves on, so a holder whose lease ran out cannot mark the new state
-/// delivered. Nothing happens for an unknown device.
+/// same statement). Connection churn is coalesced per sink (unless its interval is 0): a
+/// connection-state change is queued due only once the sink's interval has passed, and
+/// while that item waits (not leased, the device's latest item) every later change of the
+/// device takes its place (new state, version and key) instead of queueing another; a
+/// change other than a connection state makes it due at once. The replaced item's lease
+/// token moves on, so a holder whose lease ran out cannot mark the new state delivered.
+/// Nothing happens for an unknown device.
 pub(super) async fn device_changed(
     conn: &mut SqliteConnection,
     id: &DeviceId,
@@ -496,27 +498,54 @@ pub(super) async fn device_changed(
     let now_at = Utc::now();
     let mut queue = Vec::with_capacity(sinks.len());
     for (sink, sub) in sinks {
+        if sub.coalesce_connection <= chrono::Duration::zero() {
+            queue.push(sink);
+            continue;
+        }
+        // The record's newest item for the sink, when it is a connection state still
+        // waiting (not leased), takes this change in place: the state is the whole record,
+        // so nothing is lost. A change other than a connection state makes it due now.
+        let replaced = sqlx::query(
+            "UPDATE outbox SET payload = ?, idempotency_key = ?, lease_token = lease_token + 1, \
+             connection_only = ?, \
+             next_attempt_at = CASE WHEN ? THEN next_attempt_at ELSE MIN(next_attempt_at, ?) END \
+             WHERE id = (SELECT id FROM outbox WHERE sink = ? AND change_of = ? \
+             ORDER BY id DESC LIMIT 1) \
+             AND connection_only = 1 AND (leased_until IS NULL OR leased_until <= ?)",
+        )
+        .bind(&payload)
+        .bind(&event.key)
+        .bind(connection)
+        .bind(connection)
+        .bind(ts(now_at))
+        .bind(sink)
+        .bind(&event.change_of)
+        .bind(ts(now_at))
+        .execute(&mut *conn)
+        .await
+        .map_err(db("coalescing a connection-state change"))?
+        .rows_affected();
+        if replaced > 0 {
+            continue;
+        }
         if connection {
-            let replaced = sqlx::query(
-                "UPDATE outbox SET payload = ?, idempotency_key = ?, lease_token = lease_token + 1 \
-                 WHERE id = (SELECT id FROM outbox WHERE sink = ? AND change_of = ? \
-                 ORDER BY id DESC LIMIT 1) \
-                 AND connection_only = 1 AND (leased_until IS NULL OR leased_until <= ?) \
-                 AND created_at > ?",
+            // Held for the interval, gathering the changes that follow it.
+            let due = ts(now_at + sub.coalesce_connection);
+            sqlx::query(
+                "INSERT INTO outbox (sink, payload, idempotency_key, attempts, next_attempt_at, \
+                 created_at, change_of, connection_only) VALUES (?, ?, ?, 0, ?, ?, ?, 1) \
+                 ON CONFLICT (sink, idempotency_key) DO NOTHING",
             )
+            .bind(sink)
             .bind(&payload)
             .bind(&event.key)
-            .bind(sink)
-            .bind(&event.change_of)
+            .bind(&due)
             .bind(ts(now_at))
-            .bind(ts(now_at - sub.coalesce_connection))
+            .bind(&event.change_of)
             .execute(&mut *conn)
             .await
-            .map_err(db("coalescing a connection-state change"))?
-            .rows_affected();
-            if replaced > 0 {
-                continue;
-            }
+            .map_err(db("queueing a connection-state change"))?;
+            continue;
         }
         queue.push(sink);
     }
