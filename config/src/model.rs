@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 pub use crate::base::Secret;
 pub use crate::mqtt::{CommandCorrelation, DynsecConfig, MqttConfig, MqttTlsConfig};
 pub use crate::sinks::{
-    default_coalesce_connection, default_entities, DataverseDeviceBinding, DataverseSinkConfig,
-    FileSinkConfig, SinkConfig, StdoutSinkConfig, WebhookSinkConfig, CHANGE_FEED_ENTITIES,
+    default_coalesce_connection, default_dataverse_batch_size, default_entities,
+    DataverseDeviceBinding, DataverseSinkConfig, FileSinkConfig, SinkConfig, StdoutSinkConfig,
+    WebhookSinkConfig, CHANGE_FEED_ENTITIES, MAX_DATAVERSE_BATCH_SIZE,
 };
 pub use crate::store::{SqliteSynchronous, StoreConfig, StoreKind};
 

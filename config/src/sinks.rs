@@ -14,8 +14,8 @@ pub enum SinkConfig {
     File(FileSinkConfig),
     /// HTTP POST with retries, an idempotency key and an HMAC signature.
     Webhook(WebhookSinkConfig),
-    /// Dynamics 365 Field Service: each new alert written to Dataverse's Web API as an
-    /// `msdyn_iotalert` record (OAuth 2.0 client credentials).
+    /// Dynamics 365 Field Service: alerts and the other change-feed entities written to
+    /// Dataverse's Web API as Field Service records (OAuth 2.0 client credentials).
     Dataverse(DataverseSinkConfig),
 }
 
@@ -99,9 +99,12 @@ pub struct WebhookSinkConfig {
     pub coalesce_connection_ms: u64,
 }
 
-/// Dataverse sink: each new alert becomes an `msdyn_iotalert` record through the Web API
-/// (v9.2), authenticated with the OAuth 2.0 client-credentials flow of the Microsoft
-/// identity platform.
+/// Dataverse sink: the change feed written to Field Service's tables through the Web API
+/// (v9.2), one record per item: a new alert creates its `msdyn_iotalert` (and a later change
+/// of it updates the columns iotgw owns), devices, commands and categories are upserted by
+/// their ids, registration history rows are created once; up to `batch_size` items travel
+/// in one `$batch` change set. Authenticated with the OAuth 2.0 client-credentials flow of
+/// the Microsoft identity platform.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataverseSinkConfig {
@@ -114,8 +117,20 @@ pub struct DataverseSinkConfig {
     /// for it with a security role that may create IoT alerts.
     pub client_id: String,
     /// The app registration's client secret; set it via
-    /// `IOTGW_SINKS__<NAME>__CLIENT_SECRET`. Shown as `<redacted>` everywhere.
-    pub client_secret: Secret,
+    /// `IOTGW_SINKS__<NAME>__CLIENT_SECRET`. Shown as `<redacted>` everywhere. Give this or
+    /// `client_certificate`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Secret>,
+    /// Instead of `client_secret`: a PEM file with a certificate uploaded to the app
+    /// registration (its first `CERTIFICATE` block) and its unencrypted RSA private key
+    /// (`PRIVATE KEY` or `RSA PRIVATE KEY`, unless `client_certificate_key` names another
+    /// file). Each token request then carries a fresh client assertion signed with the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    /// The PEM file of `client_certificate`'s private key, when it is not in the
+    /// certificate's file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_key: Option<String>,
     /// Token endpoint; default
     /// `https://login.microsoftonline.com/{tenant_id}/oauth2/v2.0/token` (give another for
     /// a sovereign cloud, e.g. `https://login.microsoftonline.us/...`).
@@ -142,7 +157,12 @@ pub struct DataverseSinkConfig {
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
     /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
-    /// `["msdyn_iotalert"]`, the new alerts only.
+    /// `["msdyn_iotalert"]`, the new alerts only. `msdyn_iotdevice`,
+    /// `msdyn_iotdevicecommand` and `msdyn_iotdevicecategory` records are upserted,
+    /// `msdyn_iotdeviceregistrationhistory` rows created once. A lookup to another entity is
+    /// bound only when this sink writes that entity too: a device's `msdyn_Category` with
+    /// `msdyn_iotdevicecategory`, a command's `msdyn_ParentAlert` with `msdyn_iotalert`, an
+    /// alert's `msdyn_LastCommandSent` with `msdyn_iotdevicecommand`.
     #[serde(default = "default_entities")]
     pub entities: Vec<String>,
     /// A device's connection-state changes are queued at most once per this many
@@ -150,6 +170,18 @@ pub struct DataverseSinkConfig {
     /// wins).
     #[serde(default = "default_coalesce_connection")]
     pub coalesce_connection_ms: u64,
+    /// The most outbox items sent in one `POST {url}/api/data/v9.2/$batch` (one change set:
+    /// all of them are written or none), 1..=1000 (Dataverse takes at most 1000 requests per
+    /// batch); default 50. 1 sends every item as its own request.
+    #[serde(default = "default_dataverse_batch_size")]
+    pub batch_size: u32,
+    /// The `msdyn_iotproviderinstance` record (its GUID in Dataverse) of each provider
+    /// instance, by the instance's name in this config, e.g.
+    /// `{ plant = "00000000-0000-0000-0000-000000000001" }`: a device of a named instance is
+    /// bound to it (`msdyn_IoTProviderInstance@odata.bind`); a device of an instance not
+    /// named here is written without that lookup. Default: none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub provider_instances: std::collections::BTreeMap<String, String>,
 }
 
 /// How the Dataverse sink binds an alert to its `msdyn_iotdevice`.
@@ -211,6 +243,14 @@ impl SinkConfig {
 const fn default_dataverse_timeout() -> u64 {
     10_000
 }
+
+/// `batch_size` of a Dataverse sink when not given.
+pub const fn default_dataverse_batch_size() -> u32 {
+    50
+}
+
+/// Dataverse's limit of requests in one `$batch`.
+pub const MAX_DATAVERSE_BATCH_SIZE: u32 = 1000;
 
 fn default_retry_statuses() -> Vec<u16> {
     vec![401, 403, 404]
@@ -375,13 +415,7 @@ fn validate_dataverse(base: &str, d: &DataverseSinkConfig, out: &mut Vec<Problem
             ));
         }
     }
-    if d.client_secret.expose().trim().is_empty() {
-        out.push(Problem::new(
-            format!("{base}.client_secret"),
-            "empty client secret",
-            "set the app registration's client secret, e.g. via IOTGW_SINKS__<NAME>__CLIENT_SECRET",
-        ));
-    }
+    validate_dataverse_credential(base, d, out);
     if let Some(url) = &d.token_url {
         if let Some(why) = web_url_problem(url) {
             out.push(Problem::new(
@@ -412,6 +446,131 @@ fn validate_dataverse(base: &str, d: &DataverseSinkConfig, out: &mut Vec<Problem
             "use e.g. 10000",
         ));
     }
+    if !(1..=MAX_DATAVERSE_BATCH_SIZE).contains(&d.batch_size) {
+        out.push(Problem::new(
+            format!("{base}.batch_size"),
+            format!("{} is not in 1..={MAX_DATAVERSE_BATCH_SIZE}", d.batch_size),
+            "use 1 (no $batch) up to 1000 (Dataverse's limit per $batch); 50 is the default",
+        ));
+    }
+    for (name, guid) in &d.provider_instances {
+        if name.trim().is_empty() {
+            out.push(Problem::new(
+                format!("{base}.provider_instances"),
+                "an empty provider instance name",
+                "name an instance of [providers.*], e.g. plant = \"<its msdyn_iotproviderinstanceid>\"",
+            ));
+        } else if !is_guid(guid) {
+            out.push(Problem::new(
+                format!("{base}.provider_instances.{name}"),
+                format!("`{guid}` is not a GUID"),
+                "give the msdyn_iotproviderinstanceid of the instance's record in Dataverse, e.g. 00000000-0000-0000-0000-000000000001",
+            ));
+        }
+    }
+}
+
+/// Exactly one of `client_secret` and `client_certificate`; the certificate's file (and
+/// its key's) readable and holding PEM blocks of a certificate and an unencrypted key. (The
+/// sink parses them when it is built: the DER, the key's algorithm, that the key is the
+/// certificate's.)
+fn validate_dataverse_credential(base: &str, d: &DataverseSinkConfig, out: &mut Vec<Problem>) {
+    let key = |k: &str| format!("{base}.{k}");
+    match (&d.client_secret, &d.client_certificate) {
+        (Some(_), Some(_)) => {
+            out.push(Problem::new(
+                key("client_certificate"),
+                "both client_secret and client_certificate are given",
+                "give one: remove client_secret (or unset IOTGW_SINKS__<NAME>__CLIENT_SECRET) to authenticate with the certificate, or remove client_certificate to use the secret",
+            ));
+            return;
+        }
+        (None, None) => {
+            out.push(Problem::new(
+                key("client_secret"),
+                "no client credential: neither client_secret nor client_certificate is given",
+                "set the app registration's client secret, e.g. via IOTGW_SINKS__<NAME>__CLIENT_SECRET, or client_certificate = \"<PEM file with a certificate of the app registration and its private key>\"",
+            ));
+        }
+        (Some(secret), None) => {
+            if secret.expose().trim().is_empty() {
+                out.push(Problem::new(
+                    key("client_secret"),
+                    "empty client secret",
+                    "set the app registration's client secret, e.g. via IOTGW_SINKS__<NAME>__CLIENT_SECRET",
+                ));
+            }
+        }
+        (None, Some(_)) => {}
+    }
+    if d.client_certificate.is_none() {
+        if d.client_certificate_key.is_some() {
+            out.push(Problem::new(
+                key("client_certificate_key"),
+                "client_certificate_key is given without client_certificate",
+                "give client_certificate = \"<PEM file of the certificate>\" too, or remove client_certificate_key",
+            ));
+        }
+        return;
+    }
+    // Read as text (a PEM file); only the BEGIN lines are looked at here.
+    let read = |k: &str, path: &str| match std::fs::read(path) {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) => Err(Problem::new(
+            key(k),
+            format!("`{path}` cannot be read: {e}"),
+            "give the path of a readable PEM file",
+        )),
+    };
+    let cert_path = d.client_certificate.as_deref().unwrap_or_default();
+    let cert_pem = match read("client_certificate", cert_path) {
+        Ok(pem) => pem,
+        Err(p) => return out.push(p),
+    };
+    if !cert_pem.contains("-----BEGIN CERTIFICATE-----") {
+        out.push(Problem::new(
+            key("client_certificate"),
+            format!("`{cert_path}` holds no -----BEGIN CERTIFICATE----- block"),
+            "give a PEM file with the certificate uploaded to the app registration (convert a .pfx with `openssl pkcs12 -in app.pfx -nodes -out app.pem`)",
+        ));
+    }
+    let (key_name, key_path, key_pem) = match d.client_certificate_key.as_deref() {
+        Some(p) => match read("client_certificate_key", p) {
+            Ok(pem) => ("client_certificate_key", p, pem),
+            Err(p) => return out.push(p),
+        },
+        None => ("client_certificate", cert_path, cert_pem),
+    };
+    if key_pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        out.push(Problem::new(
+            key(key_name),
+            format!("the private key in `{key_path}` is encrypted"),
+            "decrypt it, e.g. `openssl pkey -in key.pem -out plain.pem`, and keep the file readable by the gateway only",
+        ));
+    } else if !key_pem.contains("-----BEGIN PRIVATE KEY-----")
+        && !key_pem.contains("-----BEGIN RSA PRIVATE KEY-----")
+    {
+        let fix = if d.client_certificate_key.is_some() {
+            "give the PEM file of the certificate's RSA private key (-----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)"
+        } else {
+            "append the certificate's RSA private key (-----BEGIN PRIVATE KEY-----) to the file, or name its PEM file in client_certificate_key"
+        };
+        out.push(Problem::new(
+            key(key_name),
+            format!("`{key_path}` holds no unencrypted RSA private key"),
+            fix,
+        ));
+    }
+}
+
+/// `8-4-4-4-12` hexadecimal digits (a Dataverse record id, without braces).
+fn is_guid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 impl DataverseSinkConfig {
@@ -474,7 +633,9 @@ mod tests {
             url: "https://contoso.crm.dynamics.com".into(),
             tenant_id: "contoso.onmicrosoft.com".into(),
             client_id: "11111111-1111-1111-1111-111111111111".into(),
-            client_secret: Secret::new("hunter2-secret"),
+            client_secret: Some(Secret::new("hunter2-secret")),
+            client_certificate: None,
+            client_certificate_key: None,
             token_url: None,
             scope: None,
             device_binding: DataverseDeviceBinding::Id,
@@ -483,6 +644,8 @@ mod tests {
             backoff_max_ms: 30_000,
             entities: default_entities(),
             coalesce_connection_ms: default_coalesce_connection(),
+            batch_size: default_dataverse_batch_size(),
+            provider_instances: std::collections::BTreeMap::new(),
         }
     }
 
@@ -576,7 +739,7 @@ mod tests {
             ("client_id", Box::new(|c| c.client_id = "a b".into())),
             (
                 "client_secret",
-                Box::new(|c| c.client_secret = Secret::new("")),
+                Box::new(|c| c.client_secret = Some(Secret::new(""))),
             ),
             (
                 "token_url",
@@ -585,6 +748,15 @@ mod tests {
             ("scope", Box::new(|c| c.scope = Some(String::new()))),
             ("backoff_min_ms", Box::new(|c| c.backoff_min_ms = 0)),
             ("timeout_ms", Box::new(|c| c.timeout_ms = 0)),
+            ("batch_size", Box::new(|c| c.batch_size = 0)),
+            ("batch_size", Box::new(|c| c.batch_size = 1001)),
+            (
+                "provider_instances.plant",
+                Box::new(|c| {
+                    c.provider_instances
+                        .insert("plant".into(), "{0000-not-a-guid}".into());
+                }),
+            ),
         ];
         for (key, break_it) in cases {
             let mut c = dataverse();
@@ -603,6 +775,124 @@ mod tests {
         assert_eq!(problems(&c).len(), 1);
     }
 
+    /// A PEM file in `dir` with `blocks` (only their BEGIN/END lines: what validation reads).
+    fn pem_file(dir: &tempfile::TempDir, name: &str, blocks: &[&str]) -> String {
+        let path = dir.path().join(name);
+        let text: String = blocks
+            .iter()
+            .map(|b| format!("-----BEGIN {b}-----\nAAAA\n-----END {b}-----\n"))
+            .collect();
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("a UTF-8 path").to_owned()
+    }
+
+    #[test]
+    fn a_dataverse_sink_needs_exactly_one_of_client_secret_and_client_certificate() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let both = pem_file(&dir, "app.pem", &["CERTIFICATE", "PRIVATE KEY"]);
+        let with_cert = |c: &mut DataverseSinkConfig| {
+            c.client_secret = None;
+            c.client_certificate = Some(both.clone());
+        };
+        let mut c = dataverse();
+        with_cert(&mut c);
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        // A PKCS#1 key in a file of its own.
+        c.client_certificate = Some(pem_file(&dir, "cert.pem", &["CERTIFICATE"]));
+        c.client_certificate_key = Some(pem_file(&dir, "key.pem", &["RSA PRIVATE KEY"]));
+        assert!(problems(&c).is_empty(), "{:?}", problems(&c));
+        // Shown (config show) as the paths it names.
+        let shown = toml::to_string(&SinkConfig::Dataverse(c.clone())).expect("toml");
+        assert!(
+            shown.contains("client_certificate = ") && !shown.contains("client_secret"),
+            "{shown}"
+        );
+
+        type Breaks<'a> = Box<dyn Fn(&mut DataverseSinkConfig) + 'a>;
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let cases: Vec<(&str, &str, Breaks)> = vec![
+            (
+                "client_certificate",
+                "both client_secret and client_certificate",
+                Box::new(|c| c.client_certificate = Some(both.clone())),
+            ),
+            (
+                "client_secret",
+                "neither client_secret nor client_certificate",
+                Box::new(|c| c.client_secret = None),
+            ),
+            (
+                "client_certificate",
+                "cannot be read",
+                Box::new(|c| {
+                    with_cert(c);
+                    c.client_certificate = Some(missing.clone());
+                }),
+            ),
+            (
+                "client_certificate_key",
+                "cannot be read",
+                Box::new(|c| {
+                    with_cert(c);
+                    c.client_certificate_key = Some(missing.clone());
+                }),
+            ),
+            (
+                "client_certificate",
+                "no -----BEGIN CERTIFICATE-----",
+                Box::new(|c| {
+                    with_cert(c);
+                    c.client_certificate = Some(pem_file(&dir, "k.pem", &["PRIVATE KEY"]));
+                }),
+            ),
+            (
+                "client_certificate",
+                "no unencrypted RSA private key",
+                Box::new(|c| {
+                    with_cert(c);
+                    c.client_certificate = Some(pem_file(&dir, "c.pem", &["CERTIFICATE"]));
+                }),
+            ),
+            (
+                "client_certificate_key",
+                "is encrypted",
+                Box::new(|c| {
+                    with_cert(c);
+                    c.client_certificate_key =
+                        Some(pem_file(&dir, "e.pem", &["ENCRYPTED PRIVATE KEY"]));
+                }),
+            ),
+            (
+                "client_certificate_key",
+                "without client_certificate",
+                Box::new(|c| c.client_certificate_key = Some(both.clone())),
+            ),
+        ];
+        for (key, what, break_it) in cases {
+            let mut c = dataverse();
+            break_it(&mut c);
+            let found = problems(&c);
+            assert_eq!(found.len(), 1, "{key}: {found:?}");
+            assert_eq!(found[0].path, format!("sinks.d365.{key}"), "{found:?}");
+            assert!(found[0].message.contains(what), "{what}: {found:?}");
+            assert!(
+                found[0].fix.contains("client_secret")
+                    || found[0].fix.contains("client_certificate")
+                    || found[0].fix.contains("PEM file")
+                    || found[0].fix.contains("openssl"),
+                "{found:?}"
+            );
+        }
+        // From a file: `client_certificate` alone is a complete credential.
+        let sink: SinkConfig = toml::from_str(&format!(
+            "kind = \"dataverse\"\nurl = \"https://c.crm.dynamics.com\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_certificate = {both:?}\n"
+        ))
+        .expect("a dataverse sink with a certificate");
+        let mut out = Vec::new();
+        validate("sinks.d365", &sink, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+
     #[test]
     fn a_dataverse_sink_rejects_unknown_keys_and_unknown_device_bindings() {
         let base = "kind = \"dataverse\"\nurl = \"https://c.crm.dynamics.com\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
@@ -612,6 +902,8 @@ mod tests {
         };
         assert_eq!(d.device_binding, DataverseDeviceBinding::Id);
         assert_eq!(d.timeout_ms, 10_000);
+        assert_eq!(d.batch_size, 50);
+        assert!(d.provider_instances.is_empty());
         let err = toml::from_str::<SinkConfig>(&format!("{base}secret = \"x\"\n"))
             .expect_err("unknown key");
         assert!(err.to_string().contains("secret"), "{err}");
@@ -642,8 +934,30 @@ mod tests {
         validate("sinks.d365", sink, &mut out);
         assert!(out.is_empty(), "{out:?}");
         assert!(
-            matches!(sink, SinkConfig::Dataverse(d) if d.url == "https://contoso.crm.dynamics.com")
+            matches!(sink, SinkConfig::Dataverse(d) if d.url == "https://contoso.crm.dynamics.com"
+                && d.batch_size == 50
+                && d.provider_instances.get("plant").map(String::as_str)
+                    == Some("22222222-2222-2222-2222-222222222222"))
         );
+    }
+
+    #[test]
+    fn dataverse_provider_instances_map_instance_names_to_record_guids() {
+        let c: SinkConfig = toml::from_str(
+            "kind = \"dataverse\"\nurl = \"https://c.crm.dynamics.com\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\nbatch_size = 1\nprovider_instances = { plant = \"0190A6F2-0000-7000-8000-0000000000AB\", lab = \"x\" }\n",
+        )
+        .expect("a dataverse sink");
+        let mut out = Vec::new();
+        validate("sinks.d365", &c, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].path, "sinks.d365.provider_instances.lab");
+        let SinkConfig::Dataverse(d) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(d.batch_size, 1);
+        // Shown (config show) only when given.
+        let shown = toml::to_string(&SinkConfig::Dataverse(dataverse())).expect("toml");
+        assert!(!shown.contains("provider_instances"), "{shown}");
     }
 
     #[test]

@@ -1,41 +1,74 @@
-//! Dynamics 365 Field Service through the Dataverse Web API: each new alert becomes an
-//! `msdyn_iotalert` record.
+//! Dynamics 365 Field Service through the Dataverse Web API: the change feed written to
+//! Field Service's IoT tables, one record per outbox item, up to `batch_size` items in one
+//! `$batch` change set.
 //!
 //! # Authentication
 //! OAuth 2.0 client credentials against the Microsoft identity platform: a form POST of
 //! `grant_type=client_credentials`, `client_id`, `client_secret` and `scope` to the token
-//! endpoint. The access token is cached and fetched again once less than 5 minutes (or,
+//! endpoint; with `client_certificate` instead of the secret,
+//! `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer` and
+//! `client_assertion`, a JWT made fresh for each request and signed `PS256` with the
+//! certificate's key (header `x5t#S256`, `x5c`; claims `aud` = the token endpoint, `iss` =
+//! `sub` = `client_id`, `jti`, `nbf`, `iat`, `exp` 10 minutes on: [`assertion`]). The access token is cached and fetched again once less than 5 minutes (or,
 //! for tokens living under 50 minutes, a tenth of their lifetime) are left; a 401 from
 //! Dataverse drops the cached token and the request is sent once more with a fresh one.
 //!
-//! # The write
-//! One request per outbox item (no `$batch` yet):
-//! `PATCH {url}/api/data/v9.2/msdyn_iotalerts(<msdyn_iotalertid>)` with `If-None-Match: *`.
-//! Field Service documents no alternate key for `msdyn_iotalert` (its entity reference lists
-//! the primary key `msdyn_iotalertid` only; `msdyn_alerttoken` is a plain string column), so
-//! the record is addressed by the alert's own id, which the gateway made and which is the
-//! outbox idempotency key: a PATCH on a primary key that does not exist creates the record
-//! with that id ("upsert"), and `If-None-Match: *` turns off the update half ("Prevent
-//! update in upsert"). A redelivery of an item whose first attempt reached Dataverse (the
-//! answer lost, a lease taken over) therefore gets `412 Precondition Failed`, which this sink
-//! counts as delivered, and never overwrites what Field Service changed on the record since
-//! (a case created, a status set).
+//! # The writes
+//! Each outbox item is one `PATCH {url}/api/data/v9.2/<entity set>(<key>)` ("upsert": a
+//! PATCH on a key that does not exist creates the record with that key), its body in
+//! Dataverse's logical names and option values (integers), lookups as
+//! `<navigation property>@odata.bind: /<entity set>(<id>)` ([`records`] quotes the entity
+//! references the names come from):
+//! - a new alert (the `Alert` JSON queued before the change feed, or an `msdyn_iotalert`
+//!   change event of version 1): `msdyn_iotalerts(<msdyn_iotalertid>)` with
+//!   `If-None-Match: *` ("Prevent update in upsert"). Field Service documents no alternate key
+//!   for `msdyn_iotalert` (its entity reference lists the primary key `msdyn_iotalertid`
+//!   only; `msdyn_alerttoken` is a plain string column), so the record is addressed by the
+//!   alert's own id, which the gateway made and which is the outbox idempotency key. A
+//!   redelivery of an item whose first attempt reached Dataverse (the answer lost, a lease
+//!   taken over) therefore gets `412 Precondition Failed`, which this sink counts as
+//!   delivered, and never overwrites what Field Service changed on the record since (a case
+//!   created, a status set). The device is bound as `msdyn_Device@odata.bind` (how:
+//!   [`iotgw_config::DataverseDeviceBinding`]), the primary alert as `msdyn_ParentAlert@odata.bind`
+//!   (delivered before, by this same sink, in outbox order).
+//! - a later change of an alert (`msdyn_iotalert` change event, version 2 and up):
+//!   `msdyn_iotalerts(<id>)` with `If-Match: *` ("Prevent create in upsert"), carrying only
+//!   what iotgw owns: `statecode` + `statuscode`, the parent (bind and
+//!   `msdyn_parentalerttoken`), `msdyn_LastCommandSent@odata.bind` (when the sink writes
+//!   `msdyn_iotdevicecommand`) and `msdyn_lastcommandsenttime`. Never `msdyn_case` or
+//!   `msdyn_workorder`: Field Service sets those. A record Field Service deleted is not
+//!   re-created: 404 (or 412) is a permanent error that says so.
+//! - a device: `msdyn_iotdevices(msdyn_deviceid='<id>')` (the alternate key, with
+//!   `device_binding = "device_id"`) or `msdyn_iotdevices(<msdyn_iotdeviceid>)`, a plain
+//!   upsert; `msdyn_Category` bound when the sink writes `msdyn_iotdevicecategory` (the
+//!   change event's `refs.msdyn_category`), `msdyn_IoTProviderInstance` when
+//!   `provider_instances` names the device's instance. A JSON or tags value longer than its
+//!   8000-character column is left out (the record keeps its previous value) with a warning.
+//! - a registration history row: `msdyn_iotdeviceregistrationhistories(<id>)`, create-only
+//!   like a new alert (rows never change).
+//! - a category: `msdyn_iotdevicecategories(<id>)`, upserted (`msdyn_name`).
+//! - a command: `msdyn_iotdevicecommands(<id>)`, upserted; `msdyn_ParentAlert` bound when the
+//!   sink writes `msdyn_iotalert`.
 //!
-//! The body holds Dataverse's logical names and option values, the device as
-//! `msdyn_Device@odata.bind` (how: [`DataverseDeviceBinding`]) and the primary alert as
-//! `msdyn_ParentAlert@odata.bind: /msdyn_iotalerts(<its id>)` (delivered before, by this same
-//! sink, in outbox order). Navigation properties from the `msdyn_iotalert` entity reference:
-//! `msdyn_Device` (relationship `msdyn_msdyn_iotdevice_msdyn_iotalert_Device`) and
-//! `msdyn_ParentAlert` (`msdyn_iotalert_msdyn_iotalert`).
+//! # `$batch`
+//! With `batch_size` above 1 the outbox worker hands the sink up to that many items (never
+//! two of one record); two or more go as one `POST {url}/api/data/v9.2/$batch` holding one
+//! change set, one part per item (`Content-ID` 1, 2, ... in item order) with the same
+//! request line, precondition header and body as alone ([`batch`]). A change set is atomic:
+//! all parts 2xx deliver every item; an error part names its item by `Content-ID`, and the
+//! other items, rolled back, are retried. That item's answer counts as it would alone (412
+//! on a create-only write: delivered, already there; another 4xx: dead-lettered with
+//! Dataverse's error). A 5xx or 429 (of the batch or of a part) retries every item; an error
+//! without a usable `Content-ID` retries every item of a batch of several.
 //!
 //! # Answers
-//! 2xx and 412 are delivered. 429 (a service protection limit) and 503 wait at least their
-//! `Retry-After`; after a 429 the sink sends nothing until that time has passed (every item
-//! is retried then). Other 5xx, 408 and network errors are retried. A token endpoint that
-//! refuses (a wrong or expired secret) and a 401 with a fresh token (no application user in
-//! the environment) are retried too: every alert would fail the same way until an operator
-//! fixes the app registration, so none is dead-lettered for it. Any other 4xx is permanent:
-//! the dead letter names Dataverse's `error.code` and `error.message`.
+//! 2xx is delivered, and 412 on a create-only write. 429 (a service protection limit) and
+//! 503 wait at least their `Retry-After`; after a 429 the sink sends nothing until that time
+//! has passed (every item is retried then). Other 5xx, 408 and network errors are retried. A
+//! token endpoint that refuses (a wrong or expired secret) and a 401 with a fresh token (no
+//! application user in the environment) are retried too: every item would fail the same way
+//! until an operator fixes the app registration, so none is dead-lettered for it. Any other
+//! 4xx is permanent: the dead letter names Dataverse's `error.code` and `error.message`.
 //! `x-ms-ratelimit-burst-remaining-xrm-requests` and
 //! `x-ms-ratelimit-time-remaining-xrm-requests` are logged (Microsoft: "intended for
 //! debugging purposes", so they steer nothing).
@@ -43,9 +76,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use iotgw_config::{DataverseDeviceBinding, DataverseSinkConfig, Secret};
-use iotgw_registry::{Alert, OutboxItem};
-use serde_json::{json, Map, Value};
+use iotgw_config::DataverseSinkConfig;
+use iotgw_registry::OutboxItem;
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{DeliveryError, Sink};
@@ -63,13 +96,18 @@ pub struct DataverseSink {
     api: String,
     token_url: String,
     client_id: String,
-    client_secret: Secret,
+    credential: assertion::Credential,
     scope: String,
-    device_binding: DataverseDeviceBinding,
     client: reqwest::Client,
     backoff: (Duration, Duration),
     token: tokio::sync::Mutex<Option<CachedToken>>,
     throttled_until: std::sync::Mutex<Option<Instant>>,
+    /// Rounds in a row that failed as a whole (the pause after the next one doubles).
+    failures: std::sync::atomic::AtomicU32,
+    /// How records point at each other (device binding, entities, provider instances).
+    binding: records::Binding,
+    /// The most items in one `$batch`.
+    batch_size: usize,
 }
 
 impl std::fmt::Debug for DataverseSink {
@@ -117,59 +155,9 @@ pub fn string_key(column: &str, value: &str) -> String {
     out
 }
 
-/// The `msdyn_iotalert` body for `alert`: logical names, option values, lookups bound.
-pub fn record(alert: &Alert, binding: DataverseDeviceBinding) -> Value {
-    let mut r = Map::new();
-    r.insert("msdyn_description".into(), json!(alert.description));
-    r.insert("msdyn_alertdata".into(), json!(alert.alert_data));
-    r.insert(
-        "msdyn_alerttime".into(),
-        json!(alert
-            .alert_time
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-    );
-    r.insert("msdyn_alerttoken".into(), json!(alert.alert_token));
-    r.insert("msdyn_alerttype".into(), json!(alert.alert_type.value()));
-    if let Some(score) = alert.priority_score {
-        r.insert("msdyn_alertpriorityscore".into(), json!(score));
-    }
-    r.insert("msdyn_deviceid".into(), json!(alert.device_id.as_str()));
-    match binding {
-        DataverseDeviceBinding::Id => {
-            r.insert(
-                "msdyn_Device@odata.bind".into(),
-                json!(format!("/msdyn_iotdevices({})", alert.device)),
-            );
-        }
-        DataverseDeviceBinding::DeviceId => {
-            r.insert(
-                "msdyn_Device@odata.bind".into(),
-                json!(format!(
-                    "/msdyn_iotdevices({})",
-                    string_key("msdyn_deviceid", alert.device_id.as_str())
-                )),
-            );
-        }
-        DataverseDeviceBinding::None => {}
-    }
-    if let Some(parent) = alert.parent_alert {
-        r.insert(
-            "msdyn_ParentAlert@odata.bind".into(),
-            json!(format!("/msdyn_iotalerts({parent})")),
-        );
-    }
-    if let Some(token) = &alert.parent_alert_token {
-        r.insert("msdyn_parentalerttoken".into(), json!(token));
-    }
-    // A new record is Active (0/1) by default; another state is sent with its status
-    // reason, as the docs ask ("when you update the statecode property, always set the
-    // desired statuscode").
-    if alert.statecode != 0 {
-        r.insert("statecode".into(), json!(alert.statecode));
-        r.insert("statuscode".into(), json!(alert.statuscode));
-    }
-    Value::Object(r)
-}
+#[cfg(test)]
+use records::record;
+use records::{Condition, Write};
 
 impl DataverseSink {
     /// Builds the sink and its HTTP client (the configured timeout, the public web roots).
@@ -178,19 +166,25 @@ impl DataverseSink {
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .user_agent(concat!("iotgw/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self::with_client(name, cfg, client))
+        Self::with_client(name, cfg, client)
     }
 
-    /// The sink with a given HTTP client (tests: one trusting a test CA).
-    pub fn with_client(name: &str, cfg: &DataverseSinkConfig, client: reqwest::Client) -> Self {
-        Self {
+    /// The sink with a given HTTP client (tests: one trusting a test CA). Fails when the
+    /// certificate of `client_certificate` (or its key) cannot be read or used.
+    pub fn with_client(
+        name: &str,
+        cfg: &DataverseSinkConfig,
+        client: reqwest::Client,
+    ) -> anyhow::Result<Self> {
+        let credential = assertion::Credential::from_config(cfg)
+            .map_err(|e| anyhow::anyhow!("sinks.{name}: {e:#}"))?;
+        Ok(Self {
             name: name.into(),
             api: format!("{}{API_PATH}", cfg.url.trim_end_matches('/')),
             token_url: cfg.token_endpoint(),
             client_id: cfg.client_id.trim().to_owned(),
-            client_secret: cfg.client_secret.clone(),
+            credential,
             scope: cfg.oauth_scope(),
-            device_binding: cfg.device_binding,
             client,
             backoff: (
                 Duration::from_millis(cfg.backoff_min_ms),
@@ -198,12 +192,25 @@ impl DataverseSink {
             ),
             token: tokio::sync::Mutex::new(None),
             throttled_until: std::sync::Mutex::new(None),
-        }
+            failures: std::sync::atomic::AtomicU32::new(0),
+            binding: records::Binding {
+                device: cfg.device_binding,
+                entities: cfg.entities.clone(),
+                provider_instances: cfg
+                    .provider_instances
+                    .iter()
+                    .filter_map(|(name, id)| {
+                        Some((name.clone(), uuid::Uuid::parse_str(id.trim()).ok()?))
+                    })
+                    .collect(),
+            },
+            batch_size: usize::try_from(cfg.batch_size).unwrap_or(1).max(1),
+        })
     }
 
-    /// The record's URL: `{url}/api/data/v9.2/msdyn_iotalerts(<id>)`.
-    pub fn alert_url(&self, id: uuid::Uuid) -> String {
-        format!("{}/msdyn_iotalerts({id})", self.api)
+    /// A record's URL: `{url}/api/data/v9.2/<path>`, e.g. `.../msdyn_iotalerts(<id>)`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{path}", self.api)
     }
 
     /// A valid access token: the cached one, or a new one.
@@ -235,16 +242,22 @@ impl DataverseSink {
             after: None,
         };
         let asked = Instant::now();
+        let mut form = vec![
+            ("grant_type", "client_credentials".to_owned()),
+            ("client_id", self.client_id.clone()),
+        ];
+        // client_secret, or a fresh client assertion.
+        form.extend(
+            self.credential
+                .form_fields(&self.token_url, &self.client_id)
+                .map_err(|e| retry(format!("{e:#}")))?,
+        );
+        form.push(("scope", self.scope.clone()));
         let resp = self
             .client
             .post(&self.token_url)
             .header(reqwest::header::ACCEPT, "application/json")
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", self.client_id.as_str()),
-                ("client_secret", self.client_secret.expose()),
-                ("scope", self.scope.as_str()),
-            ])
+            .form(&form)
             .send()
             .await
             .map_err(|e| {
@@ -266,8 +279,9 @@ impl DataverseSink {
                 .and_then(|d| d.lines().next())
                 .unwrap_or_default();
             return Err(retry(format!(
-                "token endpoint {} answered {status}: {error}: {description} (check tenant_id, client_id and client_secret of the app registration; retried until it answers)",
-                self.token_url
+                "token endpoint {} answered {status}: {error}: {description} (check tenant_id, client_id and {} of the app registration; retried until it answers)",
+                self.token_url,
+                self.credential.hint()
             )));
         }
         let Some(value) = body["access_token"].as_str().filter(|t| !t.is_empty()) else {
@@ -289,14 +303,35 @@ impl DataverseSink {
         })
     }
 
-    /// One PATCH of `body` to `url` with `token`.
+    /// The write for `item`, or why it can never be written (a permanent error). Columns
+    /// left out for their length are logged.
+    fn write_for(&self, item: &OutboxItem) -> Result<Write, DeliveryError> {
+        let write = records::for_payload(super::change_entity(item), &item.payload, &self.binding)
+            .map_err(DeliveryError::Permanent)?;
+        for (column, length) in &write.omitted {
+            tracing::warn!(
+                sink = %self.name,
+                entity = write.entity,
+                path = %write.path,
+                column,
+                length,
+                max = records::DEVICE_MEMO_MAX,
+                "value longer than its Dataverse column: left out, the record keeps its previous value"
+            );
+        }
+        Ok(write)
+    }
+
+    /// One PATCH of `body` to `url` with `token`, with the write's precondition header.
     async fn patch(
         &self,
         url: &str,
+        condition: Condition,
         body: &[u8],
         token: &str,
     ) -> Result<reqwest::Response, DeliveryError> {
-        self.client
+        let mut request = self
+            .client
             .patch(url)
             .bearer_auth(token)
             .header("OData-MaxVersion", "4.0")
@@ -305,8 +340,11 @@ impl DataverseSink {
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/json; charset=utf-8",
-            )
-            .header(reqwest::header::IF_NONE_MATCH, "*")
+            );
+        if let Some((name, value)) = condition.header() {
+            request = request.header(name, value);
+        }
+        request
             .body(body.to_vec())
             .send()
             .await
@@ -314,6 +352,188 @@ impl DataverseSink {
                 message: format!("PATCH {url}: {}", e.without_url()),
                 after: None,
             })
+    }
+
+    /// One `POST {url}/api/data/v9.2/$batch` of `body` (boundary `batch`) with `token`.
+    async fn post_batch(
+        &self,
+        url: &str,
+        batch: &str,
+        body: &[u8],
+        token: &str,
+    ) -> Result<reqwest::Response, DeliveryError> {
+        self.client
+            .post(url)
+            .bearer_auth(token)
+            .header("OData-MaxVersion", "4.0")
+            .header("OData-Version", "4.0")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/mixed; boundary={batch}"),
+            )
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| DeliveryError::Retry {
+                message: format!("POST {url}: {}", e.without_url()),
+                after: None,
+            })
+    }
+
+    /// One write alone: its PATCH (once more with a fresh token after a 401) and what the
+    /// answer means for its item.
+    async fn deliver_one(&self, write: &Write) -> Result<(), DeliveryError> {
+        let url = self.url(&write.path);
+        let body = write.body.to_string().into_bytes();
+        let token = self.access_token().await?;
+        let mut resp = self.patch(&url, write.condition, &body, &token).await?;
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+            // Expired or revoked before our refresh margin: once more with a new token.
+            tracing::info!(sink = %self.name, %url, "dataverse refused the access token (401); fetching a new one");
+            self.forget_token(&token).await;
+            let token = self.access_token().await?;
+            resp = self.patch(&url, write.condition, &body, &token).await?;
+        }
+        let answer = Answer::read(resp).await;
+        self.outcome(write, &format!("PATCH {url}"), &answer)
+    }
+
+    /// Two or more writes as one `$batch` change set; one result per write, in order.
+    async fn deliver_changeset(&self, writes: &[Write]) -> Vec<Result<(), DeliveryError>> {
+        let n = writes.len();
+        let url = format!("{}/$batch", self.api);
+        let batch = format!("batch_{}", uuid::Uuid::new_v4());
+        let changeset = format!("changeset_{}", uuid::Uuid::new_v4());
+        let parts: Vec<batch::Part<'_>> = writes
+            .iter()
+            .map(|w| batch::Part {
+                url: self.url(&w.path),
+                write: w,
+                body: w.body.to_string().into_bytes(),
+            })
+            .collect();
+        let body = batch::request_body(&batch, &changeset, &parts);
+        let sent = async {
+            let token = self.access_token().await?;
+            let mut resp = self.post_batch(&url, &batch, &body, &token).await?;
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+                tracing::info!(sink = %self.name, %url, "dataverse refused the access token (401); fetching a new one");
+                self.forget_token(&token).await;
+                let token = self.access_token().await?;
+                resp = self.post_batch(&url, &batch, &body, &token).await?;
+            }
+            Ok::<_, DeliveryError>(Answer::read(resp).await)
+        };
+        match sent.await {
+            Ok(answer) => self.batch_outcome(writes, &parts, &url, &answer),
+            Err(e) => vec![Err(e); n],
+        }
+    }
+
+    /// What a `$batch` answer means for each of its writes.
+    fn batch_outcome(
+        &self,
+        writes: &[Write],
+        parts: &[batch::Part<'_>],
+        url: &str,
+        answer: &Answer,
+    ) -> Vec<Result<(), DeliveryError>> {
+        let n = writes.len();
+        let responses = answer
+            .content_type
+            .as_deref()
+            .and_then(|ct| batch::parse_response(ct, &answer.body))
+            .unwrap_or_default();
+        let failed = responses.iter().find(|r| !(200..300).contains(&r.status));
+        let Some(failed) = failed else {
+            if (200..300).contains(&answer.status) {
+                tracing::debug!(sink = %self.name, %url, items = n, burst_remaining = ?answer.burst, time_remaining = ?answer.time, "$batch change set written to dataverse");
+                return vec![Ok(()); n];
+            }
+            // Refused as a whole, no part to tell which item.
+            let what = format!("POST {url} ({n} items in one change set)");
+            if n == 1 {
+                return vec![self.outcome(&writes[0], &what, answer)];
+            }
+            let err = match self.answer_error(writes[0].entity, &what, answer) {
+                DeliveryError::Permanent(message) => DeliveryError::Retry {
+                    message: format!(
+                        "{message}; the answer names no item (no Content-ID), so every item of the batch is retried"
+                    ),
+                    after: answer.retry_after,
+                },
+                retry => retry,
+            };
+            return vec![Err(err); n];
+        };
+        let part = Answer {
+            status: failed.status,
+            retry_after: failed
+                .header(reqwest::header::RETRY_AFTER.as_str())
+                .and_then(retry_after)
+                .or(answer.retry_after),
+            burst: answer.burst.clone(),
+            time: answer.time.clone(),
+            content_type: failed.header("content-type").map(str::to_owned),
+            body: failed.body.clone(),
+        };
+        let index = failed
+            .content_id
+            .as_deref()
+            .and_then(|id| id.trim().parse::<usize>().ok())
+            .filter(|i| (1..=n).contains(i))
+            .map(|i| i - 1)
+            .or((n == 1).then_some(0));
+        let code = part.status;
+        let whole = code == 429 || code == 401 || (500..600).contains(&code);
+        let Some(index) = index.filter(|_| !whole) else {
+            let what = match failed.content_id.as_deref() {
+                Some(id) => format!("POST {url}: the part with Content-ID {id}"),
+                None => format!("POST {url}: a part without a Content-ID"),
+            };
+            let mut err = self.answer_error(writes[0].entity, &what, &part);
+            if let DeliveryError::Permanent(message) = err {
+                err = DeliveryError::Retry {
+                    message: format!(
+                        "{message}; no item of the {n} in the change set has that Content-ID, so all are retried"
+                    ),
+                    after: part.retry_after,
+                };
+            }
+            return vec![Err(err); n];
+        };
+        let what = format!(
+            "PATCH {} (Content-ID {} of a $batch of {n})",
+            parts[index].url,
+            index + 1
+        );
+        let own = self.outcome(&writes[index], &what, &part);
+        let why = match &own {
+            Ok(()) => format!(
+                "{} {} was already in Dataverse (412 on its create-only write)",
+                writes[index].entity, writes[index].path
+            ),
+            Err(e) => format!(
+                "{} {} failed: {e}",
+                writes[index].entity, writes[index].path
+            ),
+        };
+        (0..n)
+            .map(|i| {
+                if i == index {
+                    own.clone()
+                } else {
+                    Err(DeliveryError::Retry {
+                        message: format!(
+                            "rolled back: the $batch change set is atomic and Content-ID {} ({why}); sent again",
+                            index + 1
+                        ),
+                        after: Some(Duration::ZERO),
+                    })
+                }
+            })
+            .collect()
     }
 
     /// The time left of a 429's `Retry-After`, if it has not passed.
@@ -330,62 +550,167 @@ impl DataverseSink {
         }
     }
 
-    /// What Dataverse's answer means for the item.
-    async fn outcome(&self, url: &str, resp: reqwest::Response) -> Result<(), DeliveryError> {
-        let status = resp.status();
+    /// Every item waits while the sink is paused (a 429's `Retry-After`, or a round that
+    /// failed as a whole).
+    fn held_back(&self) -> Option<DeliveryError> {
+        let wait = self.throttled_for()?;
+        Some(DeliveryError::Retry {
+            message: format!(
+                "not sent: the sink is paused {} s more (Dataverse throttled or failed the last round)",
+                wait.as_secs_f64().ceil()
+            ),
+            after: Some(wait),
+        })
+    }
+
+    /// After a round: a retry other than a rolled-back write (`after` zero: go again at
+    /// once) means Dataverse failed as a whole (throttled, 5xx, unreachable, token refused),
+    /// so the sink pauses: for the answer's `Retry-After`, else a backoff doubling per
+    /// round failed in a row. While it is paused every retried item is due again exactly
+    /// when the pause ends, so the waiting items go out again in outbox order, and a record
+    /// is written before the records naming it (a command's alert, a history row's device),
+    /// which a backoff grown per item would reorder.
+    fn settle_round(&self, results: &mut [Result<(), DeliveryError>]) {
+        use std::sync::atomic::Ordering;
+        let whole = results.iter().find_map(|r| match r {
+            Err(DeliveryError::Retry { after, .. }) if *after != Some(Duration::ZERO) => {
+                Some(*after)
+            }
+            _ => None,
+        });
+        match whole {
+            Some(after) => {
+                let k = self.failures.fetch_add(1, Ordering::Relaxed).min(20);
+                let grown = self
+                    .backoff
+                    .0
+                    .saturating_mul(2u32.saturating_pow(k))
+                    .min(self.backoff.1);
+                self.throttle(after.unwrap_or(grown));
+            }
+            None if results.iter().any(Result::is_ok) => {
+                self.failures.store(0, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        if let Some(wait) = self.throttled_for() {
+            for r in results.iter_mut() {
+                if let Err(DeliveryError::Retry { after, .. }) = r {
+                    *after = Some(wait);
+                }
+            }
+        }
+    }
+
+    /// What Dataverse's answer to `write` (sent as `what`) means for its item.
+    fn outcome(&self, write: &Write, what: &str, answer: &Answer) -> Result<(), DeliveryError> {
+        let status = answer.status;
+        if (200..300).contains(&status) {
+            tracing::debug!(sink = %self.name, %what, entity = write.entity, burst_remaining = ?answer.burst, time_remaining = ?answer.time, "written to dataverse");
+            return Ok(());
+        }
+        match (status, write.condition) {
+            (412, Condition::CreateOnly) => {
+                // If-None-Match: * refused an update: the record exists, created by an
+                // earlier attempt of this item (its id is the record's own).
+                tracing::debug!(sink = %self.name, %what, entity = write.entity, error = %dataverse_error(&answer.body), "record already in dataverse (412 on If-None-Match: *): delivered");
+                Ok(())
+            }
+            (404 | 412, Condition::UpdateOnly) => Err(DeliveryError::Permanent(format!(
+                "{what} answered {}: {}: the {} record is not in Dataverse (deleted there?); iotgw only updates it (If-Match: *) and never re-creates a record Field Service removed",
+                status_text(status),
+                dataverse_error(&answer.body),
+                write.entity
+            ))),
+            _ => Err(self.answer_error(write.entity, what, answer)),
+        }
+    }
+
+    /// The error for a non-2xx answer (429, 503: throttled; 5xx, 408: retried; 401: retried,
+    /// no application user; any other: permanent).
+    fn answer_error(&self, entity: &str, what: &str, answer: &Answer) -> DeliveryError {
+        let code = answer.status;
+        let after = answer.retry_after;
+        let error = dataverse_error(&answer.body);
+        let message = format!("{what} answered {}: {error}", status_text(code));
+        if code == 429 || code == 503 {
+            tracing::warn!(sink = %self.name, %what, status = code, retry_after = ?after, burst_remaining = ?answer.burst, time_remaining = ?answer.time, %error, "dataverse service protection limit");
+            if code == 429 {
+                self.throttle(after.unwrap_or(self.backoff.0));
+            }
+            return DeliveryError::Retry {
+                message: format!(
+                    "{message} (service protection limit; x-ms-ratelimit burst remaining {}, time remaining {})",
+                    answer.burst.as_deref().unwrap_or("-"),
+                    answer.time.as_deref().unwrap_or("-")
+                ),
+                after,
+            };
+        }
+        if (500..600).contains(&code) || code == 408 {
+            return DeliveryError::Retry { message, after };
+        }
+        if code == 401 {
+            return DeliveryError::Retry {
+                message: format!(
+                    "{message} with a freshly issued token: is there an application user for client_id {} in the environment, with a security role that may write {entity} records? (retried until there is)",
+                    self.client_id
+                ),
+                after,
+            };
+        }
+        DeliveryError::Permanent(message)
+    }
+}
+
+/// `412 Precondition Failed`: the code and its reason phrase.
+fn status_text(code: u16) -> String {
+    reqwest::StatusCode::from_u16(code).map_or_else(|_| code.to_string(), |s| s.to_string())
+}
+
+/// A `Retry-After` of seconds.
+fn retry_after(value: &str) -> Option<Duration> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// An answer of Dataverse, read whole: of a request, or of one part of a `$batch`.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    retry_after: Option<Duration>,
+    burst: Option<String>,
+    time: Option<String>,
+    content_type: Option<String>,
+    body: String,
+}
+
+impl Answer {
+    async fn read(resp: reqwest::Response) -> Self {
         let header = |name: &str| {
             resp.headers()
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        let status = resp.status().as_u16();
+        let retry = header(reqwest::header::RETRY_AFTER.as_str()).and_then(|v| retry_after(&v));
         let burst = header(BURST_REMAINING_HEADER);
         let time = header(TIME_REMAINING_HEADER);
-        let after = header(reqwest::header::RETRY_AFTER.as_str())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
-        if status.is_success() {
-            tracing::debug!(sink = %self.name, %url, burst_remaining = ?burst, time_remaining = ?time, "alert written to dataverse");
-            return Ok(());
+        let content_type = header(reqwest::header::CONTENT_TYPE.as_str());
+        let body = resp.text().await.unwrap_or_default();
+        Self {
+            status,
+            retry_after: retry,
+            burst,
+            time,
+            content_type,
+            body,
         }
-        let text = resp.text().await.unwrap_or_default();
-        let error = dataverse_error(&text);
-        if status == reqwest::StatusCode::PRECONDITION_FAILED {
-            // If-None-Match: * refused an update: the record exists, created by an earlier
-            // attempt of this item (its id is the alert's own).
-            tracing::debug!(sink = %self.name, %url, %error, "alert already in dataverse (412 on If-None-Match: *): delivered");
-            return Ok(());
-        }
-        let message = format!("PATCH {url} answered {status}: {error}");
-        let code = status.as_u16();
-        if code == 429 || code == 503 {
-            tracing::warn!(sink = %self.name, %url, status = code, retry_after = ?after, burst_remaining = ?burst, time_remaining = ?time, %error, "dataverse service protection limit");
-            if code == 429 {
-                self.throttle(after.unwrap_or(self.backoff.0));
-            }
-            return Err(DeliveryError::Retry {
-                message: format!(
-                    "{message} (service protection limit; x-ms-ratelimit burst remaining {}, time remaining {})",
-                    burst.as_deref().unwrap_or("-"),
-                    time.as_deref().unwrap_or("-")
-                ),
-                after,
-            });
-        }
-        if status.is_server_error() || code == 408 {
-            return Err(DeliveryError::Retry { message, after });
-        }
-        if code == 401 {
-            return Err(DeliveryError::Retry {
-                message: format!(
-                    "{message} with a freshly issued token: is there an application user for client_id {} in the environment, with a security role that may create IoT alerts? (retried until there is)",
-                    self.client_id
-                ),
-                after,
-            });
-        }
-        Err(DeliveryError::Permanent(message))
     }
 }
 
@@ -413,40 +738,64 @@ impl Sink for DataverseSink {
         self.backoff
     }
 
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
     async fn deliver(&self, item: &OutboxItem) -> Result<(), DeliveryError> {
-        if let Some(wait) = self.throttled_for() {
-            return Err(DeliveryError::Retry {
-                message: format!(
-                    "not sent: Dataverse asked to wait (429, Retry-After) {} s more",
-                    wait.as_secs_f64().ceil()
-                ),
-                after: Some(wait),
-            });
+        if let Some(held) = self.held_back() {
+            return Err(held);
         }
-        if let Some(entity) = super::change_entity(item) {
-            return Err(DeliveryError::Permanent(format!(
-                "the dataverse sink writes new msdyn_iotalert records only; {entity} change events are not written to Dataverse yet: remove {entity} from sinks.{}.entities",
-                self.name
-            )));
+        let write = self.write_for(item)?;
+        let mut result = [self.deliver_one(&write).await];
+        self.settle_round(&mut result);
+        let [result] = result;
+        result
+    }
+
+    async fn deliver_batch(&self, items: &[OutboxItem]) -> Vec<Result<(), DeliveryError>> {
+        if let Some(held) = self.held_back() {
+            return vec![Err(held); items.len()];
         }
-        let alert: Alert = serde_json::from_value(item.payload.clone()).map_err(|e| {
-            DeliveryError::Permanent(format!("the outbox payload is not an msdyn_iotalert: {e}"))
-        })?;
-        let url = self.alert_url(alert.id);
-        let body = serde_json::to_vec(&record(&alert, self.device_binding))
-            .map_err(|e| DeliveryError::Permanent(format!("record cannot be encoded: {e}")))?;
-        let token = self.access_token().await?;
-        let mut resp = self.patch(&url, &body, &token).await?;
-        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
-            // Expired or revoked before our refresh margin: once more with a new token.
-            tracing::info!(sink = %self.name, %url, "dataverse refused the access token (401); fetching a new one");
-            self.forget_token(&token).await;
-            let token = self.access_token().await?;
-            resp = self.patch(&url, &body, &token).await?;
+        let mut results: Vec<Option<Result<(), DeliveryError>>> = vec![None; items.len()];
+        let mut writes = Vec::with_capacity(items.len());
+        let mut at = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match self.write_for(item) {
+                Ok(w) => {
+                    writes.push(w);
+                    at.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
         }
-        self.outcome(&url, resp).await
+        let sent = match writes.as_slice() {
+            [] => Vec::new(),
+            [one] => vec![self.deliver_one(one).await],
+            _ => self.deliver_changeset(&writes).await,
+        };
+        for (i, r) in at.into_iter().zip(sent) {
+            results[i] = Some(r);
+        }
+        let mut results: Vec<_> = results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(DeliveryError::Retry {
+                        message: "the dataverse sink gave no result for this item".into(),
+                        after: None,
+                    })
+                })
+            })
+            .collect();
+        self.settle_round(&mut results);
+        results
     }
 }
+
+pub mod assertion;
+pub mod batch;
+pub mod records;
 
 #[cfg(test)]
 mod tests;

@@ -109,8 +109,11 @@ impl OutboxWorkers {
 }
 
 /// The delay before attempt `attempts + 1`: doubling from `min`, capped at `max`, with
-/// +-20 % jitter so many items do not retry in lock-step; never below the receiver's
-/// `Retry-After`.
+/// +-20 % jitter so many items do not retry in lock-step; or, when the receiver announced
+/// one, exactly its `Retry-After` (at least `min`). A throttled sink's items are then all
+/// due again at the moment it named, and are claimed in outbox order: a record's lookups
+/// (a command's alert, a history row's device) are written before the records naming them,
+/// which a backoff grown per item would reorder.
 pub fn backoff(
     attempts: u32,
     min: Duration,
@@ -121,7 +124,7 @@ pub fn backoff(
     let base = exp.min(max);
     let jitter = rand::thread_rng().gen_range(0.8..1.2);
     let d = base.mul_f64(jitter).min(max);
-    announced.map_or(d, |a| d.max(a))
+    announced.map_or(d, |a| a.max(min))
 }
 
 /// Starts one worker per sink. They run until `shutdown` fires; `drain_deadline` then
@@ -281,7 +284,11 @@ impl Worker {
     /// this round, and the claim holds it until that one is delivered or dead-lettered.
     async fn hand_back(&self, name: &str, item: &iotgw_registry::OutboxItem, record: &str) {
         let message = format!("held: an earlier change of {record} is waiting for its retry");
-        if let Err(e) = self.store.outbox_retry(item.lease(), Utc::now(), &message).await {
+        if let Err(e) = self
+            .store
+            .outbox_retry(item.lease(), Utc::now(), &message)
+            .await
+        {
             tracing::warn!(sink = %name, item = item.id, error = %e, "handing an item back failed; its lease will run out");
         }
     }
@@ -360,6 +367,160 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
+    use iotgw_registry::{
+        DeviceId, IsSimulated, NewDevice, OutboxItem, SqliteStore, Subscription, Subscriptions,
+        ENTITY_DEVICE,
+    };
+    use std::sync::Mutex;
+
+    /// A sink that refuses the first attempt of each item whose key is in `fail_once`, and
+    /// records what it accepted, in order.
+    struct FlakySink {
+        batch: usize,
+        fail_once: Mutex<Vec<String>>,
+        accepted: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Sink for FlakySink {
+        fn name(&self) -> &str {
+            "s"
+        }
+        fn backoff(&self) -> (Duration, Duration) {
+            (Duration::from_millis(100), Duration::from_millis(100))
+        }
+        fn batch_size(&self) -> usize {
+            self.batch
+        }
+        async fn deliver(&self, item: &OutboxItem) -> Result<(), DeliveryError> {
+            let mut fail = self.fail_once.lock().expect("lock");
+            if let Some(i) = fail.iter().position(|k| *k == item.idempotency_key) {
+                fail.remove(i);
+                return Err(DeliveryError::Retry {
+                    message: "refused once".into(),
+                    after: None,
+                });
+            }
+            self.accepted
+                .lock()
+                .expect("lock")
+                .push(item.idempotency_key.clone());
+            Ok(())
+        }
+    }
+
+    /// Two devices, each registered (versions 1 and 2) and unregistered (3), queued for a
+    /// sink taking devices.
+    async fn store_with_two_records() -> Arc<dyn Store> {
+        let store = SqliteStore::memory().await.expect("store");
+        let mut subs = Subscriptions::default();
+        subs.insert(
+            "s",
+            Subscription {
+                entities: vec![ENTITY_DEVICE.into()],
+                coalesce_connection: chrono::Duration::zero(),
+            },
+        );
+        store.set_subscriptions(subs);
+        for id in ["a", "b"] {
+            let device_id = DeviceId::parse(id).expect("id");
+            store
+                .begin_registration(&NewDevice {
+                    name: id.into(),
+                    device_id: device_id.clone(),
+                    provider_instance: "local".into(),
+                    category: None,
+                    account: None,
+                    settings: None,
+                    tags: Default::default(),
+                    is_simulated: IsSimulated::No,
+                })
+                .await
+                .expect("begin");
+            store
+                .finish_registration(&device_id, Ok(None))
+                .await
+                .expect("finish");
+            store
+                .mark_unregistered(&device_id, None)
+                .await
+                .expect("unregister");
+        }
+        Arc::new(store)
+    }
+
+    /// Runs one worker on `sink` until it accepted `n` items (or 10 s passed).
+    async fn run_until(store: Arc<dyn Store>, sink: Arc<FlakySink>, n: usize) -> Vec<String> {
+        let shutdown = CancellationToken::new();
+        let (_drain_tx, drain) = tokio::sync::watch::channel(None);
+        let workers = spawn_workers(
+            store,
+            vec![sink.clone() as Arc<dyn Sink>],
+            Arc::new(Notify::new()),
+            Arc::new(Metrics::new()),
+            shutdown.clone(),
+            drain,
+            Leasing {
+                holder: "test".into(),
+                lease: Duration::from_secs(30),
+            },
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sink.accepted.lock().expect("lock").len() < n
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        workers.join().await;
+        let accepted = sink.accepted.lock().expect("lock").clone();
+        accepted
+    }
+
+    #[tokio::test]
+    async fn a_records_later_changes_wait_for_its_earlier_one_that_failed_and_others_go_on() {
+        for batch in [1, 64] {
+            let store = store_with_two_records().await;
+            let sink = Arc::new(FlakySink {
+                batch,
+                fail_once: Mutex::new(vec!["msdyn_iotdevice:a:1".into()]),
+                accepted: Mutex::new(Vec::new()),
+            });
+            let accepted = run_until(store, sink, 6).await;
+            assert_eq!(accepted.len(), 6, "batch {batch}: {accepted:?}");
+            let of = |dev: &str| -> Vec<String> {
+                accepted
+                    .iter()
+                    .filter(|k| k.starts_with(&format!("msdyn_iotdevice:{dev}:")))
+                    .cloned()
+                    .collect()
+            };
+            assert_eq!(
+                of("a"),
+                [
+                    "msdyn_iotdevice:a:1",
+                    "msdyn_iotdevice:a:2",
+                    "msdyn_iotdevice:a:3"
+                ],
+                "batch {batch}: a's versions in order after its first one failed"
+            );
+            assert_eq!(
+                of("b"),
+                [
+                    "msdyn_iotdevice:b:1",
+                    "msdyn_iotdevice:b:2",
+                    "msdyn_iotdevice:b:3"
+                ]
+            );
+            let first_a = accepted.iter().position(|k| k == "msdyn_iotdevice:a:1");
+            let last_b = accepted.iter().position(|k| k == "msdyn_iotdevice:b:3");
+            assert!(
+                last_b < first_a,
+                "batch {batch}: b was not held behind a's retry: {accepted:?}"
+            );
+        }
+    }
 
     #[test]
     fn backoff_doubles_caps_and_respects_retry_after() {
@@ -379,5 +540,11 @@ mod tests {
             backoff(0, min, max, Some(Duration::from_secs(5))),
             Duration::from_secs(5)
         );
+        assert_eq!(
+            backoff(6, min, max, Some(Duration::from_secs(1))),
+            Duration::from_secs(1),
+            "the receiver's Retry-After, not a backoff grown per item"
+        );
+        assert_eq!(backoff(0, min, max, Some(Duration::ZERO)), min);
     }
 }
