@@ -563,16 +563,8 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
         )));
     }
 
-    // A debounced child does not repeat its parent's command.
-    let mut commands: HashMap<Uuid, Command> = HashMap::new();
-    for row in &rows {
-        if let (None, Some(command)) = (row.parent, &row.new.command) {
-            let created = w
-                .insert_alert_command(row.device, command, row.id, subs)
-                .await?;
-            commands.insert(row.id, created);
-        }
-    }
+    // The new alerts are queued before their commands' change events: a sink writing
+    // records (Dataverse) gets an alert before the command that names it as its parent.
     let outbox: Vec<OutboxRow<'_>> = rows
         .iter()
         .flat_map(|row| {
@@ -587,6 +579,16 @@ async fn commit_alerts<W: BatchWriter + ?Sized>(
         w.queue_outbox(&outbox).await?;
     }
 
+    // A debounced child does not repeat its parent's command.
+    let mut commands: HashMap<Uuid, Command> = HashMap::new();
+    for row in &rows {
+        if let (None, Some(command)) = (row.parent, &row.new.command) {
+            let created = w
+                .insert_alert_command(row.device, command, row.id, subs)
+                .await?;
+            commands.insert(row.id, created);
+        }
+    }
     let mut out = vec![Vec::new(); readings.len()];
     for ((fate, p), &r) in fates.iter().zip(&pending).zip(&owner) {
         let committed = match fate {

@@ -4143,7 +4143,13 @@ pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(stor
 
     let later = Utc::now() + Duration::hours(2);
     let leased = store
-        .claim_outbox("feed", "replica-1", later, later + Duration::seconds(30), 1000)
+        .claim_outbox(
+            "feed",
+            "replica-1",
+            later,
+            later + Duration::seconds(30),
+            1000,
+        )
         .await
         .expect("claim");
     assert_eq!(leased.len(), 1, "one item for 200 changes: {leased:?}");
@@ -4181,7 +4187,13 @@ pub async fn connection_churn_is_coalesced_per_sink_and_the_last_state_wins(stor
         .await
         .expect("delivered"));
     let rest = store
-        .claim_outbox("feed", "replica-1", later, later + Duration::seconds(30), 1000)
+        .claim_outbox(
+            "feed",
+            "replica-1",
+            later,
+            later + Duration::seconds(30),
+            1000,
+        )
         .await
         .expect("claim");
     assert_eq!(rest.len(), 1, "{rest:?}");

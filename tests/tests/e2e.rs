@@ -8,6 +8,9 @@
 
 mod support;
 
+#[path = "e2e/field_sync.rs"]
+mod field_sync;
+
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -2407,9 +2410,9 @@ async fn alerts_reach_dataverse_as_msdyn_iotalert_records_and_a_refusal_names_it
         .await;
     dev.publish_telemetry(json!({"message_id": "d-2", "temperature": 91}))
         .await;
-    let patches = wait_for("two alerts written to Dataverse", || async {
-        let p = dv.patches();
-        (p.len() >= 2).then_some(p)
+    let writes = wait_for("two alerts written to Dataverse", || async {
+        let w = dv.applied();
+        (w.len() >= 2).then_some(w)
     })
     .await;
     let (_, alerts) = api.get("/api/v1/alerts?device_id=dv-pump-1").await;
@@ -2423,17 +2426,17 @@ async fn alerts_reach_dataverse_as_msdyn_iotalert_records_and_a_refusal_names_it
         .find(|a| !a["msdyn_parentalert"].is_null())
         .expect("a child alert");
     let id = |a: &Value| a["msdyn_iotalertid"].as_str().expect("id").to_owned();
-    let body = |p: &DataverseRequest| -> Value { serde_json::from_str(&p.body).expect("JSON") };
-    // Outbox order: the primary is written before the child that binds it.
+    // Outbox order: the primary is written before the child that binds it (alone or in
+    // one $batch change set).
     assert_eq!(
-        patches[0].uri,
-        format!("/api/data/v9.2/msdyn_iotalerts({})", id(primary))
+        (writes[0].set.as_str(), writes[0].key.clone()),
+        ("msdyn_iotalerts", id(primary))
     );
     assert_eq!(
-        patches[1].uri,
-        format!("/api/data/v9.2/msdyn_iotalerts({})", id(child))
+        (writes[1].set.as_str(), writes[1].key.clone()),
+        ("msdyn_iotalerts", id(child))
     );
-    let (p, c) = (body(&patches[0]), body(&patches[1]));
+    let (p, c) = (&writes[0].body, &writes[1].body);
     assert_eq!(p["msdyn_alerttoken"], "local/dv-pump-1/d-1");
     assert_eq!(p["msdyn_alerttype"], 192_350_000);
     assert_eq!(p["msdyn_deviceid"], "dv-pump-1");
@@ -2447,9 +2450,16 @@ async fn alerts_reach_dataverse_as_msdyn_iotalert_records_and_a_refusal_names_it
         format!("/msdyn_iotalerts({})", id(primary))
     );
     assert_eq!(c["msdyn_parentalerttoken"], "local/dv-pump-1/d-1");
-    let tokens = dv.requests().iter().filter(|r| r.method == "POST").count();
+    let requests = dv.requests();
+    let tokens = requests
+        .iter()
+        .filter(|r| r.uri == DATAVERSE_TOKEN_PATH)
+        .count();
     assert_eq!(tokens, 1, "one token serves both writes");
-    assert!(patches.iter().all(|p| p.authorization == "Bearer token-1"));
+    assert!(requests
+        .iter()
+        .filter(|r| r.uri != DATAVERSE_TOKEN_PATH)
+        .all(|r| r.authorization == "Bearer token-1"));
 
     dv.refuse_with(Some((
         axum::http::StatusCode::BAD_REQUEST,

@@ -24,6 +24,9 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+mod dataverse;
+
+pub use dataverse::{FakeDataverse, DATAVERSE_TOKEN_PATH};
 pub use iotgw_tests::api::{metric, Api};
 pub use iotgw_tests::wait::{free_port, wait_for, DEADLINE};
 
@@ -39,6 +42,8 @@ pub struct GatewayOptions {
     pub webhook_entities: Option<Vec<String>>,
     /// Base URL of a fake Dataverse environment and token endpoint (sink name `d365`).
     pub dataverse: Option<String>,
+    /// The dataverse sink's `entities` (default: the config's default, alerts only).
+    pub dataverse_entities: Option<Vec<String>>,
     /// Keep the SQLite file here (to restart on it).
     pub data_dir: Option<PathBuf>,
     /// API bearer token.
@@ -156,122 +161,27 @@ pub fn test_config(
                 url: base.clone(),
                 tenant_id: "contoso.onmicrosoft.com".into(),
                 client_id: "11111111-2222-3333-4444-555555555555".into(),
-                client_secret: Secret::new("dataverse-test-secret"),
+                client_secret: Some(Secret::new("dataverse-test-secret")),
+                client_certificate: None,
+                client_certificate_key: None,
                 token_url: Some(format!("{base}{DATAVERSE_TOKEN_PATH}")),
                 scope: None,
                 device_binding: DataverseDeviceBinding::Id,
                 timeout_ms: 2_000,
                 backoff_min_ms: 50,
                 backoff_max_ms: 300,
-                entities: iotgw_config::default_entities(),
+                entities: opts
+                    .dataverse_entities
+                    .clone()
+                    .unwrap_or_else(iotgw_config::default_entities),
                 coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
+                batch_size: iotgw_config::default_dataverse_batch_size(),
+                provider_instances: Default::default(),
             }),
         );
     }
     c.api.token = opts.token.clone().map(Secret::new);
     c
-}
-
-/// The token path of the fake Dataverse's identity platform.
-pub const DATAVERSE_TOKEN_PATH: &str = "/contoso.onmicrosoft.com/oauth2/v2.0/token";
-
-/// One request the fake Dataverse received.
-#[derive(Debug, Clone)]
-pub struct DataverseRequest {
-    /// `POST` or `PATCH`.
-    pub method: String,
-    /// Path and query.
-    pub uri: String,
-    /// The Authorization header.
-    pub authorization: String,
-    /// The body (a form for the token, JSON for the Web API).
-    pub body: String,
-}
-
-#[derive(Default)]
-struct DataverseState {
-    requests: Vec<DataverseRequest>,
-    refuse_with: Option<(StatusCode, &'static str)>,
-}
-
-/// A recording stand-in for a Dataverse environment and its token endpoint on loopback:
-/// issues `token-N`, answers every Web API PATCH 204 (or the refusal set).
-pub struct FakeDataverse {
-    addr: SocketAddr,
-    state: Arc<Mutex<DataverseState>>,
-}
-
-async fn dataverse_receive(
-    State(state): State<Arc<Mutex<DataverseState>>>,
-    req: axum::extract::Request,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let mut s = state.lock().expect("lock");
-    s.requests.push(DataverseRequest {
-        method: parts.method.to_string(),
-        uri: parts.uri.to_string(),
-        authorization: parts
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned(),
-        body: String::from_utf8_lossy(&body).into_owned(),
-    });
-    if parts.uri.path() == DATAVERSE_TOKEN_PATH {
-        let n = s.requests.iter().filter(|r| r.method == "POST").count();
-        return axum::Json(serde_json::json!({
-            "token_type": "Bearer", "expires_in": 3599, "access_token": format!("token-{n}"),
-        }))
-        .into_response();
-    }
-    if let Some((status, body)) = s.refuse_with {
-        return (status, body).into_response();
-    }
-    StatusCode::NO_CONTENT.into_response()
-}
-
-impl FakeDataverse {
-    /// Starts it.
-    pub async fn start() -> Self {
-        let state = Arc::new(Mutex::new(DataverseState::default()));
-        let app = axum::Router::new()
-            .fallback(dataverse_receive)
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await.expect("fake dataverse") });
-        Self { addr, state }
-    }
-
-    /// Its base URL (the environment's `url`).
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Answers every Web API request with `status` and `body` (`None`: 204 again).
-    pub fn refuse_with(&self, refusal: Option<(StatusCode, &'static str)>) {
-        self.state.lock().expect("lock").refuse_with = refusal;
-    }
-
-    /// Every request so far.
-    pub fn requests(&self) -> Vec<DataverseRequest> {
-        self.state.lock().expect("lock").requests.clone()
-    }
-
-    /// The Web API writes so far.
-    pub fn patches(&self) -> Vec<DataverseRequest> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.method == "PATCH")
-            .collect()
-    }
 }
 
 impl Gateway {
