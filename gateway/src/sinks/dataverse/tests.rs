@@ -1746,50 +1746,21 @@ async fn the_token_request_matches_what_msal_sends_for_client_credentials() {
     let fake = Fake::start(Some(&pki)).await;
     let cfg = fake.config(DataverseDeviceBinding::Id);
 
-    let out = tokio::process::Command::new(&python)
-        .args(["-c", MSAL_CLIENT_CREDENTIALS])
-        .env("REQUESTS_CA_BUNDLE", pki.ca_path())
-        .env("DV_CLIENT_ID", &cfg.client_id)
-        .env(
-            "DV_CLIENT_SECRET",
-            cfg.client_secret.as_ref().expect("a secret").expose(),
-        )
-        .env("DV_AUTHORITY", format!("{}/{TENANT}", fake.base))
-        .env("DV_SCOPE", cfg.oauth_scope())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("msal finishes within 60 s")
-        .expect("msal ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let result: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no result from msal; stdout:\n{stdout}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    assert_eq!(result["access_token"], "token-1", "{result}");
-    let msal_request = fake.token_requests().pop().expect("msal's token request");
-
-    // Our sink, trusting the same CA, against the same fake.
-    let client = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA PEM"),
-        )
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client");
-    let sink = DataverseSink::with_client("d365", &cfg, client).expect("sink");
-    assert_eq!(
-        sink.access_token().await.expect("a token from the fake"),
-        "token-2"
-    );
-    let ours = fake.token_requests().pop().expect("our token request");
+    let secret = cfg
+        .client_secret
+        .as_ref()
+        .expect("a secret")
+        .expose()
+        .to_owned();
+    let (result, msal_request, ours) = msal_then_ours(
+        &python,
+        MSAL_CLIENT_CREDENTIALS,
+        &[("DV_CLIENT_SECRET", secret)],
+        &pki,
+        &fake,
+        &cfg,
+    )
+    .await;
 
     println!(
         "msal {} sent form {:?}, headers {:?}",
@@ -1874,47 +1845,18 @@ async fn the_certificate_token_request_matches_what_msal_sends() {
     cfg.client_certificate = Some(cert_path.display().to_string());
     cfg.client_certificate_key = Some(key_path.display().to_string());
 
-    let out = tokio::process::Command::new(&python)
-        .args(["-c", MSAL_CERTIFICATE_CREDENTIALS])
-        .env("REQUESTS_CA_BUNDLE", pki.ca_path())
-        .env("DV_CLIENT_ID", &cfg.client_id)
-        .env("DV_KEY", &key_path)
-        .env("DV_CERT", &cert_path)
-        .env("DV_AUTHORITY", format!("{}/{TENANT}", fake.base))
-        .env("DV_SCOPE", cfg.oauth_scope())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("msal finishes within 60 s")
-        .expect("msal ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let result: Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no result from msal; stdout:\n{stdout}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    assert_eq!(result["access_token"], "token-1", "{result}");
-    let msal_request = fake.token_requests().pop().expect("msal's token request");
-
-    let client = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA PEM"),
-        )
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client");
-    let sink = DataverseSink::with_client("d365", &cfg, client).expect("sink");
-    assert_eq!(
-        sink.access_token().await.expect("a token from the fake"),
-        "token-2"
-    );
-    let ours = fake.token_requests().pop().expect("our token request");
+    let (result, msal_request, ours) = msal_then_ours(
+        &python,
+        MSAL_CERTIFICATE_CREDENTIALS,
+        &[
+            ("DV_KEY", key_path.display().to_string()),
+            ("DV_CERT", cert_path.display().to_string()),
+        ],
+        &pki,
+        &fake,
+        &cfg,
+    )
+    .await;
 
     // The request: method, endpoint, content type.
     assert_eq!(ours.method, msal_request.method);
@@ -2029,4 +1971,61 @@ async fn a_certificate_that_cannot_be_used_fails_the_sink_build_naming_the_key()
             .contains("sinks.d365: client_certificate `/nonexistent/iotgw-app.pem` cannot be read"),
         "{err}"
     );
+}
+
+/// Runs msal's `script` (with `env` besides the client id, authority, scope and the CA)
+/// and then our sink against `fake`, each fetching one token: msal's result and the two
+/// token requests, msal's first.
+async fn msal_then_ours(
+    python: &std::path::Path,
+    script: &str,
+    env: &[(&str, String)],
+    pki: &iotgw_testkit::pki::Pki,
+    fake: &Fake,
+    cfg: &DataverseSinkConfig,
+) -> (Value, Seen, Seen) {
+    let mut command = tokio::process::Command::new(python);
+    command
+        .args(["-c", script])
+        .env("REQUESTS_CA_BUNDLE", pki.ca_path())
+        .env("DV_CLIENT_ID", &cfg.client_id)
+        .env("DV_AUTHORITY", format!("{}/{TENANT}", fake.base))
+        .env("DV_SCOPE", cfg.oauth_scope())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("msal finishes within 60 s")
+        .expect("msal ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no result from msal; stdout:\n{stdout}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(result["access_token"], "token-1", "{result}");
+    let msal_request = fake.token_requests().pop().expect("msal's token request");
+
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).expect("CA PEM"),
+        )
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let sink = DataverseSink::with_client("d365", &cfg, client).expect("sink");
+    assert_eq!(
+        sink.access_token().await.expect("a token from the fake"),
+        "token-2"
+    );
+    let ours = fake.token_requests().pop().expect("our token request");
+    (result, msal_request, ours)
 }
