@@ -23,10 +23,11 @@ pub enum SinkConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StdoutSinkConfig {
-    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
-    /// `["msdyn_iotalert"]`, the new alerts only.
-    #[serde(default = "default_entities")]
-    pub entities: Vec<String>,
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]), every
+    /// change of each; when not given, the new alerts only (as before the change feed; see
+    /// [`SinkConfig::alert_changes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<String>>,
     /// A device's connection-state changes are queued at most once per this many
     /// milliseconds for this sink: a newer change replaces the one still waiting (last state
     /// wins).
@@ -37,7 +38,7 @@ pub struct StdoutSinkConfig {
 impl Default for StdoutSinkConfig {
     fn default() -> Self {
         Self {
-            entities: default_entities(),
+            entities: None,
             coalesce_connection_ms: default_coalesce_connection(),
         }
     }
@@ -49,10 +50,11 @@ impl Default for StdoutSinkConfig {
 pub struct FileSinkConfig {
     /// File to append JSON lines to (created with its directory).
     pub path: String,
-    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
-    /// `["msdyn_iotalert"]`, the new alerts only.
-    #[serde(default = "default_entities")]
-    pub entities: Vec<String>,
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]), every
+    /// change of each; when not given, the new alerts only (as before the change feed; see
+    /// [`SinkConfig::alert_changes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<String>>,
     /// A device's connection-state changes are queued at most once per this many
     /// milliseconds for this sink: a newer change replaces the one still waiting (last state
     /// wins).
@@ -88,10 +90,11 @@ pub struct WebhookSinkConfig {
     /// How long `retry_statuses` are retried, in seconds from when the alert was queued.
     #[serde(default = "default_retry_statuses_for")]
     pub retry_statuses_for_secs: u64,
-    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
-    /// `["msdyn_iotalert"]`, the new alerts only.
-    #[serde(default = "default_entities")]
-    pub entities: Vec<String>,
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]), every
+    /// change of each; when not given, the new alerts only (as before the change feed; see
+    /// [`SinkConfig::alert_changes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<String>>,
     /// A device's connection-state changes are queued at most once per this many
     /// milliseconds for this sink: a newer change replaces the one still waiting (last state
     /// wins).
@@ -156,15 +159,16 @@ pub struct DataverseSinkConfig {
     /// Longest retry delay in milliseconds.
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
-    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]); default
-    /// `["msdyn_iotalert"]`, the new alerts only. `msdyn_iotdevice`,
+    /// The change-feed entities this sink receives (see [`CHANGE_FEED_ENTITIES`]), every
+    /// change of each; when not given, the new alerts only (as before the change feed; see
+    /// [`SinkConfig::alert_changes`]). `msdyn_iotdevice`,
     /// `msdyn_iotdevicecommand` and `msdyn_iotdevicecategory` records are upserted,
     /// `msdyn_iotdeviceregistrationhistory` rows created once. A lookup to another entity is
     /// bound only when this sink writes that entity too: a device's `msdyn_Category` with
     /// `msdyn_iotdevicecategory`, a command's `msdyn_ParentAlert` with `msdyn_iotalert`, an
     /// alert's `msdyn_LastCommandSent` with `msdyn_iotdevicecommand`.
-    #[serde(default = "default_entities")]
-    pub entities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities: Option<Vec<String>>,
     /// A device's connection-state changes are queued at most once per this many
     /// milliseconds for this sink: a newer change replaces the one still waiting (last state
     /// wins).
@@ -219,14 +223,29 @@ pub const fn default_coalesce_connection() -> u64 {
 }
 
 impl SinkConfig {
-    /// The entities the sink subscribes to.
-    pub fn entities(&self) -> &[String] {
+    /// The entities the sink subscribes to: as given, else [`default_entities`].
+    pub fn entities(&self) -> Vec<String> {
+        self.given_entities()
+            .map_or_else(default_entities, <[String]>::to_vec)
+    }
+
+    /// `entities` as written in the config, if it was.
+    pub fn given_entities(&self) -> Option<&[String]> {
         match self {
-            Self::Stdout(c) => &c.entities,
-            Self::File(c) => &c.entities,
-            Self::Webhook(c) => &c.entities,
-            Self::Dataverse(c) => &c.entities,
+            Self::Stdout(c) => c.entities.as_deref(),
+            Self::File(c) => c.entities.as_deref(),
+            Self::Webhook(c) => c.entities.as_deref(),
+            Self::Dataverse(c) => c.entities.as_deref(),
         }
+    }
+
+    /// Whether the sink takes an alert's later changes too (status, last command sent, case
+    /// or work order, closed as a child): only when its `entities` are given and list
+    /// `msdyn_iotalert`. Without `entities` it takes the new alerts alone, exactly what every
+    /// sink took before the change feed.
+    pub fn alert_changes(&self) -> bool {
+        self.given_entities()
+            .is_some_and(|e| e.iter().any(|e| e == "msdyn_iotalert"))
     }
 
     /// The sink's connection-state coalescing interval, in milliseconds.
@@ -331,14 +350,15 @@ pub(crate) fn validate(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
 /// most an hour.
 fn validate_entities(base: &str, s: &SinkConfig, out: &mut Vec<Problem>) {
     let valid = CHANGE_FEED_ENTITIES.join(", ");
-    for (i, e) in s.entities().iter().enumerate() {
+    let entities = s.entities();
+    for (i, e) in entities.iter().enumerate() {
         if !CHANGE_FEED_ENTITIES.contains(&e.as_str()) {
             out.push(Problem::new(
                 format!("{base}.entities[{i}]"),
                 format!("`{e}` is not a change-feed entity"),
                 format!("use any of: {valid}"),
             ));
-        } else if s.entities()[..i].contains(e) {
+        } else if entities[..i].contains(e) {
             out.push(Problem::new(
                 format!("{base}.entities[{i}]"),
                 format!("`{e}` is listed twice"),
@@ -607,7 +627,7 @@ mod tests {
             backoff_max_ms: 30_000,
             retry_statuses: default_retry_statuses(),
             retry_statuses_for_secs: default_retry_statuses_for(),
-            entities: default_entities(),
+            entities: None,
             coalesce_connection_ms: default_coalesce_connection(),
         };
         let shown = [
@@ -642,7 +662,7 @@ mod tests {
             timeout_ms: 10_000,
             backoff_min_ms: 200,
             backoff_max_ms: 30_000,
-            entities: default_entities(),
+            entities: None,
             coalesce_connection_ms: default_coalesce_connection(),
             batch_size: default_dataverse_batch_size(),
             provider_instances: std::collections::BTreeMap::new(),
@@ -659,6 +679,13 @@ mod tests {
     fn entities_default_to_alerts_and_unknown_ones_are_refused_with_the_valid_list() {
         let c: SinkConfig = toml::from_str("kind = \"stdout\"\n").expect("stdout");
         assert_eq!(c.entities(), ["msdyn_iotalert"]);
+        assert!(
+            !c.alert_changes(),
+            "not given: the new alerts alone, as before"
+        );
+        let c: SinkConfig =
+            toml::from_str("kind = \"stdout\"\nentities = [\"msdyn_iotalert\"]\n").expect("stdout");
+        assert!(c.alert_changes(), "given: every change of an alert");
         assert_eq!(c.coalesce_connection_ms(), 5_000);
         let c: SinkConfig = toml::from_str(
             "kind = \"file\"\npath = \"x\"\nentities = [\"msdyn_iotdevice\", \"msdyn_iotdevicez\", \"msdyn_iotdevice\"]\n",
@@ -675,10 +702,12 @@ mod tests {
         assert_eq!(out[1].path, "sinks.f.entities[2]");
         let mut ok = SinkConfig::Dataverse(dataverse());
         if let SinkConfig::Dataverse(d) = &mut ok {
-            d.entities = CHANGE_FEED_ENTITIES
-                .iter()
-                .map(|e| (*e).to_owned())
-                .collect();
+            d.entities = Some(
+                CHANGE_FEED_ENTITIES
+                    .iter()
+                    .map(|e| (*e).to_owned())
+                    .collect(),
+            );
         }
         let mut out = Vec::new();
         validate("sinks.d", &ok, &mut out);

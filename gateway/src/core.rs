@@ -183,7 +183,8 @@ fn subscriptions(config: &iotgw_config::Config) -> iotgw_registry::Subscriptions
         subs.insert(
             name.clone(),
             iotgw_registry::Subscription {
-                entities: sink.entities().to_vec(),
+                entities: sink.entities(),
+                alert_changes: sink.alert_changes(),
                 coalesce_connection: chrono::Duration::milliseconds(
                     i64::try_from(sink.coalesce_connection_ms().min(3_600_000)).unwrap_or(0),
                 ),

@@ -4018,6 +4018,7 @@ fn subscribe(subs: &mut Subscriptions, sink: &str, entities: &[&str], coalesce: 
         sink,
         Subscription {
             entities: entities.iter().map(|e| (*e).to_owned()).collect(),
+            alert_changes: entities.contains(&ENTITY_ALERT),
             coalesce_connection: coalesce,
         },
     );

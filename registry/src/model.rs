@@ -584,6 +584,9 @@ pub struct Subscription {
     /// A device's connection-state change is queued at most once per this interval: a
     /// newer one replaces the item still waiting (not leased) for the sink.
     pub coalesce_connection: chrono::Duration,
+    /// Whether the sink takes an alert's changes after its creation (when `entities` lists
+    /// `msdyn_iotalert`, a sink configured without `entities` takes the new alerts alone).
+    pub alert_changes: bool,
 }
 
 /// Which sinks take which entities' change events, by sink name. The store is told once at
@@ -622,6 +625,14 @@ impl Subscriptions {
     /// The names of the sinks that take `entity`, in name order.
     pub fn sink_names<'a>(&'a self, entity: &'a str) -> Vec<&'a str> {
         self.sinks_taking(entity).map(|(n, _)| n).collect()
+    }
+
+    /// The sinks that take alerts' changes after their creation, by name.
+    pub fn alert_change_sinks(&self) -> Vec<&str> {
+        self.sinks_taking(ENTITY_ALERT)
+            .filter(|(_, s)| s.alert_changes)
+            .map(|(n, _)| n)
+            .collect()
     }
 }
 

@@ -195,7 +195,10 @@ impl DataverseSink {
             failures: std::sync::atomic::AtomicU32::new(0),
             binding: records::Binding {
                 device: cfg.device_binding,
-                entities: cfg.entities.clone(),
+                entities: cfg
+                    .entities
+                    .clone()
+                    .unwrap_or_else(iotgw_config::default_entities),
                 provider_instances: cfg
                     .provider_instances
                     .iter()

@@ -419,6 +419,7 @@ mod tests {
             "s",
             Subscription {
                 entities: vec![ENTITY_DEVICE.into()],
+                alert_changes: false,
                 coalesce_connection: chrono::Duration::zero(),
             },
         );

@@ -190,7 +190,7 @@ mod tests {
                 backoff_max_ms: 30_000,
                 retry_statuses: vec![401, 403, 404],
                 retry_statuses_for_secs: 3600,
-                entities: iotgw_config::default_entities(),
+                entities: None,
                 coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
             },
         )

@@ -186,7 +186,7 @@ pub(super) async fn alerts_changed(
         .iter()
         .map(alert_from_row)
         .collect::<StoreResult<Vec<_>>>()?;
-    let sinks = subs.sink_names(ENTITY_ALERT);
+    let sinks = subs.alert_change_sinks();
     if !sinks.is_empty() {
         let events = alerts
             .iter()

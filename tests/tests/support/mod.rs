@@ -38,11 +38,11 @@ pub const HOOK_SECRET: &str = "s3cret-for-tests";
 pub struct GatewayOptions {
     /// Webhook sink URL (sink name `hook`).
     pub webhook: Option<String>,
-    /// The webhook sink's `entities` (default: the config's default, alerts only).
+    /// The webhook sink's `entities` (not given: the new alerts only).
     pub webhook_entities: Option<Vec<String>>,
     /// Base URL of a fake Dataverse environment and token endpoint (sink name `d365`).
     pub dataverse: Option<String>,
-    /// The dataverse sink's `entities` (default: the config's default, alerts only).
+    /// The dataverse sink's `entities` (not given: the new alerts only).
     pub dataverse_entities: Option<Vec<String>>,
     /// Keep the SQLite file here (to restart on it).
     pub data_dir: Option<PathBuf>,
@@ -146,10 +146,7 @@ pub fn test_config(
                 backoff_max_ms: 300,
                 retry_statuses: vec![401, 403, 404],
                 retry_statuses_for_secs: 3600,
-                entities: opts
-                    .webhook_entities
-                    .clone()
-                    .unwrap_or_else(iotgw_config::default_entities),
+                entities: opts.webhook_entities.clone(),
                 coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
             }),
         );
@@ -170,10 +167,7 @@ pub fn test_config(
                 timeout_ms: 2_000,
                 backoff_min_ms: 50,
                 backoff_max_ms: 300,
-                entities: opts
-                    .dataverse_entities
-                    .clone()
-                    .unwrap_or_else(iotgw_config::default_entities),
+                entities: opts.dataverse_entities.clone(),
                 coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
                 batch_size: iotgw_config::default_dataverse_batch_size(),
                 provider_instances: Default::default(),

@@ -40,15 +40,15 @@ use uuid::Uuid;
 use super::string_key;
 
 /// `msdyn_iotalert`'s logical name.
-pub const ALERT: &str = "msdyn_iotalert";
+pub const ALERT: &str = iotgw_registry::ENTITY_ALERT;
 /// `msdyn_iotdevice`'s logical name.
-pub const DEVICE: &str = "msdyn_iotdevice";
+pub const DEVICE: &str = iotgw_registry::ENTITY_DEVICE;
 /// `msdyn_iotdevicecommand`'s logical name.
-pub const COMMAND: &str = "msdyn_iotdevicecommand";
+pub const COMMAND: &str = iotgw_registry::ENTITY_COMMAND;
 /// `msdyn_iotdeviceregistrationhistory`'s logical name.
-pub const REGISTRATION_HISTORY: &str = "msdyn_iotdeviceregistrationhistory";
+pub const REGISTRATION_HISTORY: &str = iotgw_registry::ENTITY_HISTORY;
 /// `msdyn_iotdevicecategory`'s logical name.
-pub const CATEGORY: &str = "msdyn_iotdevicecategory";
+pub const CATEGORY: &str = iotgw_registry::ENTITY_CATEGORY;
 
 /// MaxLength of the JSON and tag memo columns of `msdyn_iotdevice`.
 pub const DEVICE_MEMO_MAX: usize = 8000;

@@ -475,7 +475,7 @@ impl Fake {
             timeout_ms: 5_000,
             backoff_min_ms: 200,
             backoff_max_ms: 30_000,
-            entities: iotgw_config::default_entities(),
+            entities: None,
             coalesce_connection_ms: iotgw_config::default_coalesce_connection(),
             batch_size: iotgw_config::default_dataverse_batch_size(),
             provider_instances: BTreeMap::new(),
@@ -1052,7 +1052,10 @@ async fn a_device_binds_its_category_and_provider_instance_only_when_the_sink_kn
     );
 
     let sink = fake.sink_with(DataverseDeviceBinding::Id, |c| {
-        c.entities = vec!["msdyn_iotdevice".into(), "msdyn_iotdevicecategory".into()];
+        c.entities = Some(vec![
+            "msdyn_iotdevice".into(),
+            "msdyn_iotdevicecategory".into(),
+        ]);
         c.provider_instances = BTreeMap::from([("plant".into(), PROVIDER_INSTANCE_RECORD.into())]);
     });
     sink.deliver(&device_change(&device(), refs.clone()))
@@ -1232,7 +1235,7 @@ async fn a_command_is_upserted_with_its_device_and_its_parent_alert_only_when_th
         })
     );
     fake.sink_with(DataverseDeviceBinding::Id, |c| {
-        c.entities = vec!["msdyn_iotdevicecommand".into()];
+        c.entities = Some(vec!["msdyn_iotdevicecommand".into()]);
     })
     .deliver(&item)
     .await
@@ -1262,7 +1265,7 @@ fn alert_change(entities: &[&str]) -> (OutboxItem, Vec<String>) {
 async fn an_alert_change_updates_only_what_iotgw_owns_and_never_creates_the_record() {
     let fake = Fake::start(None).await;
     let (item, entities) = alert_change(&["msdyn_iotalert", "msdyn_iotdevicecommand"]);
-    fake.sink_with(DataverseDeviceBinding::Id, |c| c.entities = entities)
+    fake.sink_with(DataverseDeviceBinding::Id, |c| c.entities = Some(entities))
         .deliver(&item)
         .await
         .expect("delivered");
@@ -1293,7 +1296,7 @@ async fn an_alert_change_updates_only_what_iotgw_owns_and_never_creates_the_reco
     // Without msdyn_iotdevicecommand among the entities the command is not in Dataverse:
     // no bind to it.
     let (item, entities) = alert_change(&["msdyn_iotalert"]);
-    fake.sink_with(DataverseDeviceBinding::Id, |c| c.entities = entities)
+    fake.sink_with(DataverseDeviceBinding::Id, |c| c.entities = Some(entities))
         .deliver(&item)
         .await
         .expect("delivered");
@@ -2021,7 +2024,7 @@ async fn msal_then_ours(
         .timeout(Duration::from_secs(5))
         .build()
         .expect("client");
-    let sink = DataverseSink::with_client("d365", &cfg, client).expect("sink");
+    let sink = DataverseSink::with_client("d365", cfg, client).expect("sink");
     assert_eq!(
         sink.access_token().await.expect("a token from the fake"),
         "token-2"
