@@ -281,7 +281,8 @@ impl Worker {
     }
 
     /// Hands an item back unsent, due at once: an earlier change of its record failed in
-    /// this round, and the claim holds it until that one is delivered or dead-lettered.
+    /// this round, and the claim holds it until that one is delivered or dead-lettered. (It
+    /// is recorded as a retry, so its attempts count one more.)
     async fn hand_back(&self, name: &str, item: &iotgw_registry::OutboxItem, record: &str) {
         let message = format!("held: an earlier change of {record} is waiting for its retry");
         if let Err(e) = self
